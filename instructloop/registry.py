@@ -1,0 +1,266 @@
+"""The policy registry: one folder per version, a manifest with sha256 per file, and the *current* pointer.
+
+Layout (same on a local disk or a Kubernetes PVC)::
+
+    <root>/policies/<version>/      model *.safetensors, config.json, tokenizer files, manifest.json
+    <root>/CURRENT                  the current version (written atomically)
+
+With Redis configured the current version is also the key ``<prefix>:policy:current``; changing it
+publishes the version on ``<prefix>:policy:changed`` and appends a ``PolicyEvent`` to the policies stream.
+Readers prefer Redis and fall back to the ``CURRENT`` file.
+
+A version folder is written under a staging name and renamed into place, so a reader never sees half a
+checkpoint. ``load_state_dict`` refuses anything whose hashes, shapes or values are wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from instructloop.events import PolicyEvent, PolicyStatus, validate_version_name
+from instructloop.streams import DEFAULT_PREFIX, Stream, current_policy_key, policy_channel, stream_key
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CURRENT_FILE = "CURRENT"
+
+
+class InvalidCheckpoint(ValueError):
+    """A version folder that must not be served: missing, tampered, wrong shapes or non-finite values."""
+
+
+class Manifest(BaseModel):
+    version: str
+    parent: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    status: PolicyStatus = PolicyStatus.candidate
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+    sha256: str = Field(default="", description="sha256 over the sorted (name, sha256) pairs of all files")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    base_model: str | None = None
+    reason: str | None = None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def combined_sha256(files: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name]}\n".encode())
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class Registry:
+    def __init__(self, root: str | Path, redis: Any | None = None, prefix: str = DEFAULT_PREFIX):
+        self.root = Path(root)
+        self.redis = redis
+        self.prefix = prefix
+        self.policies_dir = self.root / "policies"
+
+    # ---- versions -------------------------------------------------------------------------------
+    def version_dir(self, version: str) -> Path:
+        validate_version_name(version)
+        return self.policies_dir / version
+
+    def exists(self, version: str) -> bool:
+        return (self.version_dir(version) / MANIFEST).exists()
+
+    def write_version(
+        self,
+        version: str,
+        save: Any,
+        *,
+        parent: str | None = None,
+        metrics: dict[str, float] | None = None,
+        status: PolicyStatus = PolicyStatus.candidate,
+        base_model: str | None = None,
+    ) -> Manifest:
+        """Create a version folder. ``save(folder)`` writes the files (e.g. ``model.save_pretrained``
+        then ``tokenizer.save_pretrained``); then the manifest is computed and the folder renamed into
+        place. Raises ``FileExistsError`` if the version exists."""
+        target = self.version_dir(version)
+        if target.exists():
+            raise FileExistsError(f"policy version {version} already exists in {self.policies_dir}")
+        self.policies_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=self.policies_dir))
+        try:
+            save(staging)
+            files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
+            if not any(name.endswith(".safetensors") for name in files):
+                raise InvalidCheckpoint(f"version {version}: save() wrote no .safetensors file")
+            manifest = Manifest(
+                version=version,
+                parent=parent,
+                status=status,
+                files=files,
+                sha256=combined_sha256(files),
+                metrics=dict(metrics or {}),
+                base_model=base_model,
+            )
+            _atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=2))
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("policy version written", extra={"version": version, "sha256": manifest.sha256, "status": status.value})
+        self._announce(manifest, status)
+        return manifest
+
+    def write_pretrained(self, version: str, model: Any, tokenizer: Any = None, **kwargs: Any) -> Manifest:
+        """``write_version`` for a transformers model (+ tokenizer), saved as safetensors."""
+
+        def save(folder: Path) -> None:
+            model.save_pretrained(folder, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+
+        return self.write_version(version, save, **kwargs)
+
+    def manifest(self, version: str) -> Manifest:
+        path = self.version_dir(version) / MANIFEST
+        if not path.exists():
+            raise InvalidCheckpoint(f"policy version {version} not found in {self.policies_dir}")
+        try:
+            return Manifest.model_validate_json(path.read_text())
+        except ValueError as exc:
+            raise InvalidCheckpoint(f"policy version {version}: unreadable manifest ({exc})") from exc
+
+    def list_versions(self) -> list[Manifest]:
+        if not self.policies_dir.exists():
+            return []
+        manifests = []
+        for folder in self.policies_dir.iterdir():
+            if folder.is_dir() and not folder.name.startswith(".") and (folder / MANIFEST).exists():
+                try:
+                    manifests.append(self.manifest(folder.name))
+                except InvalidCheckpoint as exc:
+                    log.warning("skipping unreadable version", extra={"version": folder.name, "error": str(exc)})
+        return sorted(manifests, key=lambda m: (m.created_at, m.version))
+
+    def next_version(self) -> str:
+        numbers = [int(m.group(1)) for f in (self.policies_dir.iterdir() if self.policies_dir.exists() else [])
+                   if (m := re.fullmatch(r"v(\d+)", f.name))]
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    def set_status(self, version: str, status: PolicyStatus, *, metrics: dict[str, float] | None = None,
+                   reason: str | None = None) -> Manifest:
+        manifest = self.manifest(version)
+        manifest.status = status
+        if metrics:
+            manifest.metrics.update(metrics)
+        if reason:
+            manifest.reason = reason
+        _atomic_write(self.version_dir(version) / MANIFEST, manifest.model_dump_json(indent=2))
+        self._announce(manifest, status, reason=reason)
+        return manifest
+
+    # ---- validation -----------------------------------------------------------------------------
+    def verify(self, version: str) -> Manifest:
+        """Check every file against the manifest's sha256. Returns the manifest or raises InvalidCheckpoint."""
+        manifest = self.manifest(version)
+        folder = self.version_dir(version)
+        if combined_sha256(manifest.files) != manifest.sha256:
+            raise InvalidCheckpoint(f"policy version {version}: manifest sha256 does not match its file list")
+        for name, expected in manifest.files.items():
+            path = folder / name
+            if not path.exists():
+                raise InvalidCheckpoint(f"policy version {version}: {name} is missing")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise InvalidCheckpoint(f"policy version {version}: {name} sha256 {actual[:12]}… != manifest {expected[:12]}…")
+        return manifest
+
+    def load_state_dict(self, version: str, expected_shapes: dict[str, tuple[int, ...]] | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
+        """Verified, finite, shape-checked weights of a version (safetensors only, never pickle)."""
+        import torch
+        from safetensors.torch import load_file
+
+        manifest = self.verify(version)
+        folder = self.version_dir(version)
+        state: dict[str, Any] = {}
+        for name in sorted(manifest.files):
+            if name.endswith(".safetensors"):
+                state.update(load_file(folder / name, device=device))
+        for key, tensor in state.items():
+            if expected_shapes is not None:
+                if key not in expected_shapes:
+                    raise InvalidCheckpoint(f"policy version {version}: unexpected tensor {key}")
+                if tuple(tensor.shape) != tuple(expected_shapes[key]):
+                    raise InvalidCheckpoint(
+                        f"policy version {version}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected_shapes[key])}"
+                    )
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise InvalidCheckpoint(f"policy version {version}: {key} has non-finite values")
+        return state
+
+    # ---- current pointer ------------------------------------------------------------------------
+    def current(self) -> str | None:
+        if self.redis is not None:
+            try:
+                value = self.redis.get(current_policy_key(self.prefix))
+                if value:
+                    return value.decode() if isinstance(value, bytes) else value
+            except Exception as exc:  # Redis down: the file is the fallback
+                log.warning("registry: redis unavailable, reading CURRENT file", extra={"error": str(exc)})
+        path = self.root / CURRENT_FILE
+        return path.read_text().strip() or None if path.exists() else None
+
+    def set_current(self, version: str, *, status: PolicyStatus = PolicyStatus.promoted,
+                    reason: str | None = None) -> Manifest:
+        """Make ``version`` the served one (after verifying it). Writes the file, then Redis + notify."""
+        manifest = self.verify(version)
+        self.root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.root / CURRENT_FILE, version + "\n")
+        manifest = self.set_status(version, status, reason=reason)
+        if self.redis is not None:
+            self.redis.set(current_policy_key(self.prefix), version)
+            self.redis.publish(policy_channel(self.prefix), version)
+        log.info("current policy set", extra={"version": version, "status": status.value, "reason": reason})
+        return manifest
+
+    def _announce(self, manifest: Manifest, status: PolicyStatus, reason: str | None = None) -> None:
+        if self.redis is None:
+            return
+        event = PolicyEvent(
+            version=manifest.version,
+            parent=manifest.parent,
+            path=str(self.version_dir(manifest.version)),
+            sha256=manifest.sha256,
+            metrics=manifest.metrics,
+            status=status,
+            reason=reason,
+        )
+        try:
+            self.redis.xadd(stream_key(Stream.policies, self.prefix), event.to_fields())
+        except Exception as exc:
+            log.warning("policies stream write failed", extra={"version": manifest.version, "error": str(exc)})
+
+    def manifest_dict(self, version: str) -> dict[str, Any]:
+        return json.loads(self.manifest(version).model_dump_json())

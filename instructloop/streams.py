@@ -1,0 +1,35 @@
+"""Stream names and the wire form of a stream entry.
+
+Each entry has one field, ``event``, holding the event's JSON, so every entry is self-contained and
+versioned by its schema. Stream keys share a configurable prefix so several deployments can share a Redis.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+EVENT_FIELD = "event"
+DEFAULT_PREFIX = "instructloop"
+
+
+class Stream(str, Enum):
+    completions = "completions"
+    comparisons = "comparisons"
+    demonstrations = "demonstrations"
+    policies = "policies"
+    dead_letter = "dead-letter"
+
+
+def stream_key(stream: Stream | str, prefix: str = DEFAULT_PREFIX) -> str:
+    name = stream.value if isinstance(stream, Stream) else stream
+    return f"{prefix}:stream:{name}"
+
+
+def current_policy_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """The Redis key holding the current policy version (a plain string)."""
+    return f"{prefix}:policy:current"
+
+
+def policy_channel(prefix: str = DEFAULT_PREFIX) -> str:
+    """Pub/sub channel announcing a change of the current policy (message = the version)."""
+    return f"{prefix}:policy:changed"

@@ -1,0 +1,139 @@
+"""Shared fixtures: a throwaway redis-server on a free port, the real tokenizer, a tiny random-init model.
+
+Tests mirror the package tree (tests/serve, tests/gateway, tests/learner, tests/instructloop).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server process owned by a test. ``stop``/``start`` simulate an outage."""
+
+    def __init__(self, workdir: Path, appendonly: bool = False):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed: run `make install` (apt-get install redis-server)")
+        self.port = free_port()
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--dir", str(self.workdir), "--daemonize", "no", "--loglevel", "warning"]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server_aof(tmp_path_factory) -> Iterator[RedisServer]:
+    """A redis-server with AOF (fsync always): for tests about durability across a restart."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-aof"), appendonly=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real default tokenizer (fixed special tokens), loaded from the shipped GGUF."""
+    from instructloop.model import load_default_tokenizer
+
+    return load_default_tokenizer()
+
+
+def build_tiny_model_dir(path: Path, tokenizer, seed: int = 0, **config_overrides) -> Path:
+    """Save a tiny random-init Llama (same vocab as the real tokenizer) plus the tokenizer to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config_overrides,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A folder with a tiny random-init causal LM and the real tokenizer (loads in well under a second)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real default model, prepared once (about 30 s the first time on 2 cores)."""
+    from instructloop.model import prepare_default_model
+
+    return prepare_default_model()
