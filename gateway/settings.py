@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     json_logs: bool = True
 
+    @field_validator("keys_file", "redis_url", "dev_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("backends", mode="before")
     @classmethod
     def _split_backends(cls, value):
