@@ -250,7 +250,12 @@ class GatewayClient:
         self.close()
 
     def _post(self, path: str, payload: dict[str, Any]) -> Any:
-        response = self._http.post(path, json=payload)
+        import httpx
+
+        try:
+            response = self._http.post(path, json=payload)
+        except httpx.TransportError as exc:
+            raise LabelerError(f"cannot reach the gateway at {self.base_url} ({exc!r}): is it running?") from exc
         if response.status_code >= 400:
             raise LabelerError(f"POST {self.base_url}{path} -> {response.status_code}: {response.text[:500]}")
         return response
@@ -281,6 +286,7 @@ class GatewayClient:
 class SimulationSummary:
     rounds: int = 0
     rankings_posted: int = 0
+    all_tied: int = 0  # completions whose K responses all scored the same: nothing to post
     errors: int = 0
     seconds: float = 0.0
     versions: list[str] = field(default_factory=list)  # policy versions in the order first seen
@@ -295,11 +301,33 @@ class SimulationSummary:
         return {
             "rounds": self.rounds,
             "rankings_posted": self.rankings_posted,
+            "all_tied": self.all_tied,
             "errors": self.errors,
             "seconds": round(self.seconds, 2),
             "versions": self.versions,
             "mean_score_by_version": {v: self.mean_score(v) for v in self.versions},
         }
+
+
+@dataclass
+class Labeled:
+    """One labeled completion: its responses' scores and the ranking posted (None when all tied)."""
+
+    completion: Completion
+    scores: list[float]
+    ranking: list[list[int]] | None
+
+
+def label_one(client: GatewayClient, prompt: str, preference: PreferenceFunction, *, k: int, max_tokens: int,
+              temperature: float, seed: int | None) -> Labeled:
+    """Ask for ``k`` completions of ``prompt``, rank them, post the ranking (unless all tied)."""
+    completion = client.complete(prompt, k, max_tokens, temperature, seed)
+    scores = score_texts(completion.texts, preference)
+    ranking = rank(scores)
+    if len(ranking) < 2:  # all tied: no preference to report (the gateway refuses it too)
+        return Labeled(completion, scores, None)
+    client.feedback(completion, ranking)
+    return Labeled(completion, scores, ranking)
 
 
 def simulate(
@@ -312,53 +340,70 @@ def simulate(
     max_tokens: int = 32,
     temperature: float = 1.0,
     seed: int | None = None,
+    concurrency: int = 4,
     stop_on_new_version: bool = False,
     max_errors: int = 10,
     progress: Callable[[str], None] | None = None,
 ) -> SimulationSummary:
-    """Rank ``k`` completions per prompt for ``rounds`` passes over ``prompts`` and post every ranking.
+    """Rank ``k`` completions per prompt for ``rounds`` passes over ``prompts`` and post the rankings.
 
-    With ``stop_on_new_version`` it stops as soon as a completion comes from a policy version other
-    than the first one seen (the loop has promoted something). Gateway errors are counted and reported;
-    more than ``max_errors`` of them stops the run with ``LabelerError``.
+    ``concurrency`` prompts are in flight at once (like that many labelers; serve batches them). A
+    completion whose responses all score the same carries no preference and is not posted (counted in
+    ``all_tied``). With ``seed``, request i of round r gets a fixed seed, so a run is repeatable.
+
+    With ``stop_on_new_version`` it stops after the round in which a completion came from a policy
+    version other than the first one seen (the loop promoted something). Gateway errors are counted and
+    reported; more than ``max_errors`` of them stops the run with ``LabelerError``.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     if k < 2:
         raise ValueError("k must be at least 2: a ranking needs two responses")
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
     summary = SimulationSummary()
     started = time.monotonic()
-    for round_index in range(rounds):
-        posted_before = summary.rankings_posted
-        for prompt_index, prompt in enumerate(prompts):
-            # choice i of a request gets seed + i at the gateway: space request seeds k apart
-            request_seed = None if seed is None else seed + (round_index * len(prompts) + prompt_index) * k
-            try:
-                completion = client.complete(prompt, k, max_tokens, temperature, request_seed)
-                scores = score_texts(completion.texts, preference)
-                client.feedback(completion, rank(scores))
-            except LabelerError as exc:
-                summary.errors += 1
-                if progress:
-                    progress(f"error: {exc}")
-                if summary.errors > max_errors:
-                    raise LabelerError(f"more than {max_errors} gateway errors; last: {exc}") from exc
-                continue
-            version = completion.policy_version
-            if version not in summary.versions:
-                summary.versions.append(version)
-            summary.score_sum[version] += sum(scores)
-            summary.score_count[version] += len(scores)
-            summary.rankings_posted += 1
-        summary.rounds = round_index + 1
-        summary.seconds = time.monotonic() - started
-        if progress:
-            means = ", ".join(f"{v}: {summary.mean_score(v):.3g}" for v in summary.versions)
-            progress(
-                f"round {summary.rounds}/{rounds}: {summary.rankings_posted - posted_before} rankings posted "
-                f"({summary.rankings_posted} total, {summary.errors} errors, {summary.seconds:.1f}s); "
-                f"mean score by version: {means}"
-            )
-        if stop_on_new_version and len(summary.versions) > 1:
-            break
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="labeler") as pool:
+        for round_index in range(rounds):
+            posted_before = summary.rankings_posted
+            futures = []
+            for prompt_index, prompt in enumerate(prompts):
+                # choice i of a request gets seed + i at the gateway: space request seeds k apart
+                request_seed = None if seed is None else seed + (round_index * len(prompts) + prompt_index) * k
+                futures.append(pool.submit(label_one, client, prompt, preference, k=k, max_tokens=max_tokens,
+                                           temperature=temperature, seed=request_seed))
+            for future in futures:  # in prompt order, whatever order they finished in
+                try:
+                    labeled = future.result()
+                except LabelerError as exc:
+                    summary.errors += 1
+                    if progress:
+                        progress(f"error: {exc}")
+                    if summary.errors > max_errors:
+                        for pending in futures:
+                            pending.cancel()
+                        raise LabelerError(f"more than {max_errors} gateway errors; last: {exc}") from exc
+                    continue
+                version = labeled.completion.policy_version
+                if version not in summary.versions:
+                    summary.versions.append(version)
+                summary.score_sum[version] += sum(labeled.scores)
+                summary.score_count[version] += len(labeled.scores)
+                if labeled.ranking is None:
+                    summary.all_tied += 1
+                else:
+                    summary.rankings_posted += 1
+            summary.rounds = round_index + 1
+            summary.seconds = time.monotonic() - started
+            if progress:
+                means = ", ".join(f"{v}: {summary.mean_score(v):.3g}" for v in summary.versions)
+                progress(
+                    f"round {summary.rounds}/{rounds}: {summary.rankings_posted - posted_before} rankings posted "
+                    f"({summary.rankings_posted} total, {summary.all_tied} all-tied skipped, {summary.errors} errors, "
+                    f"{summary.seconds:.1f}s); mean score by version: {means}"
+                )
+            if stop_on_new_version and len(summary.versions) > 1:
+                break
     return summary
 
 
@@ -370,16 +415,24 @@ def record(
     max_tokens: int = 32,
     temperature: float = 1.0,
     seed: int | None = None,
+    concurrency: int = 4,
 ) -> dict[str, Any]:
     """Responses of the version served now: ``{"policy_versions": [...], "responses": {prompt: [texts]}}``."""
-    responses: dict[str, list[str]] = {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = list(prompts)
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="record") as pool:
+        completions = list(pool.map(
+            lambda item: client.complete(item[1], n, max_tokens, temperature,
+                                         None if seed is None else seed + item[0] * n),
+            enumerate(prompts),
+        ))
     versions: list[str] = []
-    for index, prompt in enumerate(prompts):
-        completion = client.complete(prompt, n, max_tokens, temperature, None if seed is None else seed + index * n)
-        responses[prompt] = completion.texts
+    for completion in completions:
         if completion.policy_version not in versions:
             versions.append(completion.policy_version)
-    return {"policy_versions": versions, "responses": responses,
+    return {"policy_versions": versions,
+            "responses": {prompt: c.texts for prompt, c in zip(prompts, completions, strict=True)},
             "sampling": {"n": n, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}}
 
 
@@ -429,6 +482,7 @@ def simulate_command(
     max_tokens: int = typer.Option(32, min=1),
     temperature: float = typer.Option(1.0, min=0.0),
     seed: int | None = typer.Option(None, help="Base sampling seed (one per request) for repeatable runs."),
+    concurrency: int = typer.Option(4, min=1, help="Prompts in flight at once (like that many labelers)."),
     stop_on_new_version: bool = typer.Option(False, help="Stop once a newly promoted version answers."),
     gateway_url: str | None = typer.Option(None, help=f"Gateway base URL (or {GATEWAY_URL_ENV})."),
     api_key: str | None = typer.Option(None, help=f"A labeler API key (or {API_KEY_ENV})."),
@@ -443,7 +497,8 @@ def simulate_command(
     with GatewayClient(url, key, model=model) as client:
         try:
             summary = simulate(client, prompt_list, preference_fn, rounds=rounds, k=k, max_tokens=max_tokens,
-                               temperature=temperature, seed=seed, stop_on_new_version=stop_on_new_version,
+                               temperature=temperature, seed=seed, concurrency=concurrency,
+                               stop_on_new_version=stop_on_new_version,
                                progress=typer.echo)
         except LabelerError as exc:
             typer.echo(f"error: {exc}", err=True)

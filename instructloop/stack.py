@@ -28,6 +28,10 @@ itself is killed with SIGKILL.
 Learner knobs pass through the environment: every ``INSTRUCTLOOP_LEARNER_*`` (and ``*_SERVE_*``,
 ``*_GATEWAY_*``) variable set when ``up`` starts reaches its component, except the wiring ``up`` owns
 (ports, Redis URL, registry and state folders, model, keys file).
+
+CPU threads: serve and the learner are both torch processes; each using every core makes both several
+times slower. Unless set, serve gets ``INSTRUCTLOOP_SERVE_TORCH_THREADS`` = half the cores and the
+learner ``OMP_NUM_THREADS`` = the other half (the gateway: 1).
 """
 
 from __future__ import annotations
@@ -76,6 +80,18 @@ class ComponentFailed(RuntimeError):
         return f"error: {self.name} {self.reason}\n  log: {self.log_path}\n  last {len(tail)} log lines:\n{body}"
 
 
+def describe_exit(code: int | None) -> str:
+    """``exit code 3`` or ``killed by SIGKILL`` (subprocess reports a signal as a negative code)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 def tail_lines(path: Path, count: int = TAIL_LINES) -> list[str]:
     """The last ``count`` lines of a (possibly large) text file; [] when it does not exist."""
     try:
@@ -120,7 +136,9 @@ def redis_health(url: str, timeout: float = 1.0) -> HealthCheck:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a server could listen on ``port`` (SO_REUSEADDR like uvicorn: TIME_WAIT is no obstacle)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -208,7 +226,7 @@ class Component:
         """Raise ``ComponentFailed`` if the process exited; else run the health check (once healthy, stays)."""
         code = self.exit_code()
         if code is not None:
-            raise ComponentFailed(self.name, f"exited with code {code}", self.spec.log_path, exit_code=code)
+            raise ComponentFailed(self.name, f"exited ({describe_exit(code)})", self.spec.log_path, exit_code=code)
         if not self.healthy:
             self.healthy = self.spec.health()
         return self.healthy
@@ -335,8 +353,8 @@ class Supervisor:
             for component in self.started_order:
                 code = component.exit_code()
                 if code is not None:
-                    return ComponentFailed(component.name, f"exited with code {code}", component.spec.log_path,
-                                           exit_code=code)
+                    return ComponentFailed(component.name, f"exited ({describe_exit(code)})",
+                                           component.spec.log_path, exit_code=code)
             self.wake.wait(1.0)
             self.wake.clear()
         return None
@@ -350,7 +368,7 @@ class Supervisor:
             grace = 0.0 if self._signals >= 2 else self.stop_timeout_s
             code = component.stop(grace)
             if was_running:
-                self.echo(f"stopped {component.name} (exit code {code})")
+                self.echo(f"stopped {component.name} ({describe_exit(code)})")
 
 
 # ---- the stack ----------------------------------------------------------------------------------------
@@ -396,11 +414,14 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "instructloop.cli", *args]
 
 
-def _child_env(project_root: Path, overrides: dict[str, str]) -> dict[str, str]:
+def _child_env(project_root: Path, overrides: dict[str, str], defaults: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment (knobs pass through), ``defaults`` where unset, then ``up``'s wiring."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(project_root), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    for key, value in (defaults or {}).items():
+        env.setdefault(key, value)
     env.update(overrides)
     return env
 
@@ -408,6 +429,17 @@ def _child_env(project_root: Path, overrides: dict[str, str]) -> dict[str, str]:
 def project_root() -> Path:
     """The folder holding the ``instructloop`` package (a checkout, or site-packages when installed)."""
     return Path(__file__).resolve().parent.parent
+
+
+def thread_budget(cpus: int | None = None) -> tuple[int, int]:
+    """(serve, learner) torch threads: the cores split between the two, so they never oversubscribe.
+
+    Two torch processes each using every core slow each other down several times over (spinning
+    OpenMP workers); serve and the learner each get about half of the cores instead.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    serve = max(1, cpus // 2)
+    return serve, max(1, cpus - serve)
 
 
 def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str]]:
@@ -444,6 +476,7 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
     needs_redis = ["redis"] if config.redis_url is None else []
 
     shared = {"MODEL": config.model, "REDIS_URL": redis_url, "REGISTRY_DIR": str(run_dir / "registry")}
+    serve_threads, learner_threads = thread_budget()
 
     serve_port = pick_port(config.serve_port or 8080, host)
     serve_url = f"http://{host}:{serve_port}"
@@ -454,7 +487,9 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
         health=http_health(f"{serve_url}/health"),
         log_path=config.log_path("serve").resolve(),
         env=_child_env(root, {f"INSTRUCTLOOP_SERVE_{k}": v for k, v in
-                              {**shared, "HOST": host, "PORT": str(serve_port)}.items()}),
+                              {**shared, "HOST": host, "PORT": str(serve_port)}.items()},
+                       defaults={"INSTRUCTLOOP_SERVE_TORCH_THREADS": str(serve_threads),
+                                 "OMP_NUM_THREADS": str(serve_threads)}),
         after=needs_redis,
         url=serve_url,
         startup_timeout_s=config.startup_timeout_s,
@@ -471,7 +506,8 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
             log_path=config.log_path("learner").resolve(),
             env=_child_env(root, {f"INSTRUCTLOOP_LEARNER_{k}": v for k, v in
                                   {**shared, "STATE_DIR": str(run_dir / "learner"),
-                                   "METRICS_PORT": str(metrics_port), "CONSUMER_NAME": "learner-0"}.items()}),
+                                   "METRICS_PORT": str(metrics_port), "CONSUMER_NAME": "learner-0"}.items()},
+                           defaults={"OMP_NUM_THREADS": str(learner_threads)}),
             after=needs_redis,
             url=metrics_url,
             startup_timeout_s=config.startup_timeout_s,
@@ -486,7 +522,8 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
         log_path=config.log_path("gateway").resolve(),
         env=_child_env(root, {f"INSTRUCTLOOP_GATEWAY_{k}": v for k, v in
                               {**shared, "HOST": host, "PORT": str(config.port), "BACKENDS": serve_url,
-                               "KEYS_FILE": str(config.gateway_keys_file.resolve()), "DEV_MODE": "false"}.items()}),
+                               "KEYS_FILE": str(config.gateway_keys_file.resolve()), "DEV_MODE": "false"}.items()},
+                       defaults={"OMP_NUM_THREADS": "1"}),
         after=["serve"],
         url=gateway_url,
         startup_timeout_s=config.startup_timeout_s,
@@ -632,7 +669,7 @@ def _prepare_default_model(config: StackConfig, supervisor: Supervisor, echo: Ca
         supervisor.wake.wait(1.0)
         supervisor.wake.clear()
     if component.proc.returncode != 0:
-        raise ComponentFailed("model-prepare", f"exited with code {component.proc.returncode}", spec.log_path,
+        raise ComponentFailed("model-prepare", f"exited ({describe_exit(component.proc.returncode)})", spec.log_path,
                               exit_code=component.proc.returncode)
 
 
