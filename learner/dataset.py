@@ -228,9 +228,13 @@ class Dataset:
             args.append(limit)
         return [DemonstrationEvent.model_validate_json(row[0]) for row in self._all(sql, tuple(args))]
 
-    def count_prompts(self, *, heldout: bool = False) -> int:
-        """Distinct prompt texts of one split."""
-        return self._one("SELECT COUNT(DISTINCT prompt) FROM prompts WHERE heldout = ?", (int(heldout),))
+    def count_prompts(self, *, heldout: bool = False, after_seq: int = 0) -> int:
+        """Distinct prompt texts of one split (among rows past ``after_seq``)."""
+        return self._one("SELECT COUNT(DISTINCT prompt) FROM prompts WHERE heldout = ? AND seq > ?",
+                         (int(heldout), after_seq))
+
+    def max_prompt_seq(self) -> int:
+        return self._one("SELECT MAX(seq) FROM prompts")
 
     def sample_prompts(self, n: int, *, heldout: bool = False, seed: int = 0) -> list[str]:
         """Up to ``n`` distinct prompts of one split, a seeded sample (the same seed gives the same prompts)."""

@@ -51,6 +51,8 @@ class LearnerState(BaseModel):
     reference_model: str | None = Field(None, description="The reference (SFT) model folder; None = settings.model.")
     ppo_rounds: int = 0
     ppo_prompts: int = Field(0, description="Prompts used by PPO rounds, in total.")
+    ppo_prompt_cursor: int = Field(0, description="prompts.seq of the newest prompt when the last PPO round ran.")
+    ppo_rm_update: int = Field(0, description="rm_updates when the last PPO round ran.")
     incumbent: str | None = Field(None, description="The current version when the gate last ran.")
     pending_candidate: str | None = Field(
         None, description="Version reserved for the policy of the last PPO round, not gated yet.")
