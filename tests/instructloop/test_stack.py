@@ -80,7 +80,7 @@ def test_component_that_fails_to_start_is_reported_with_exit_code_and_log(tmp_pa
     failure = failed.value
     assert (failure.name, failure.exit_code, failure.log_path) == ("serve", 3, log_path)
     report = failure.report()
-    assert "serve exited with code 3" in report
+    assert "serve exited (exit code 3)" in report
     assert str(log_path) in report
     assert "ModelNotAvailable: /nowhere is not a Hugging Face model folder" in report  # the log tail
 
