@@ -15,7 +15,9 @@ The gate only decides what is served.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -99,6 +101,8 @@ class Learner:
             return
         import torch
 
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
         torch.manual_seed(self.settings.seed + self.state.step)
         random.seed(self.settings.seed + self.state.step)
         self.ingestor.ensure_groups()
@@ -191,26 +195,32 @@ class Learner:
         return stats
 
     def maybe_run_sft(self) -> str | None:
-        """SFT once, before the first PPO round, when enough demonstrations exist (then it is the reference)."""
-        threshold = self.settings.sft_min_demonstrations
-        if not threshold or self.state.sft_done or self.state.ppo_rounds or self.store.model_dir("policy"):
-            return None
-        demonstrations = self.dataset.demonstrations(heldout=False)
-        if len(demonstrations) < threshold:
+        """SFT once, before the first PPO round, when enabled and enough demonstrations exist; the SFT model
+        then is the reference (and the start of the policy)."""
+        if not self.settings.sft_on_start or self.state.sft_done or self.state.ppo_rounds or self.store.model_dir("policy"):
             return None
         from learner.config import SFTConfig
+
+        config = SFTConfig(**{"seed": self.settings.seed, **self.settings.sft})
+        demonstrations = self.dataset.demonstrations(heldout=False)
+        if len(demonstrations) < config.min_demonstrations:
+            return None
         from learner.sft import run_sft
 
-        output = self.settings.state_dir / "sft" / f"sft-{self.state.step + 1:06d}"
+        output = self.settings.state_dir / "sft" / "model"
+        staging = output.with_name(".staging-model")
+        shutil.rmtree(staging, ignore_errors=True)
         log.info("sft started", extra={"demonstrations": len(demonstrations), "output": str(output)})
         with self.metrics.step_seconds.labels("sft").time():
-            config = SFTConfig(**{"seed": self.settings.seed, **self.settings.sft})
-            path = run_sft(self.base_path, demonstrations, output, config)
+            run_sft(self.base_path, demonstrations, staging, config, progress=self.progress)
+        shutil.rmtree(output, ignore_errors=True)  # a previous SFT that finished but was never checkpointed
+        os.rename(staging, output)
         self.state.sft_done = True
-        self.state.reference_model = str(path)
+        self.state.reference_model = str(output)
         self._reference = self._tokenizer = None
+        self.state.record({"kind": "sft", "demonstrations": len(demonstrations), "path": str(output)})
         self.store.save(self.state)
-        return str(path)
+        return str(output)
 
     def maybe_update_reward_model(self) -> dict[str, float] | None:
         """Train the RM on the training comparisons it has not seen, when there are enough of them."""

@@ -76,13 +76,18 @@ class Settings(BaseSettings):
     sft: dict[str, Any] = Field(default_factory=dict, description="Overrides for SFTConfig (JSON).")
     ppo: dict[str, Any] = Field(default_factory=dict, description="Overrides for PPOConfig (JSON).")
     evaluation: dict[str, Any] = Field(default_factory=dict, description="Overrides for EvalConfig (JSON).")
-    sft_min_demonstrations: int = Field(
-        0, ge=0, description="Run SFT once, before the first PPO round, when at least this many demonstrations exist (0 = never)."
+    sft_on_start: bool = Field(
+        False,
+        description="Run SFT once, before the first PPO round, when SFTConfig.min_demonstrations training "
+        "demonstrations exist; the SFT model then is the reference and the policy's start.",
     )
 
     # ---- runtime ---------------------------------------------------------------------------------
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'…")
     seed: int = 0
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (None = torch's default). 1 avoids spin-wait thrashing on "
+        "a CPU shared with other processes.")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics port (0 = off).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in state_dir (older ones are deleted).")
     log_level: str = "INFO"

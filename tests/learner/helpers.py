@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
+
 from instructloop.events import Choice, ComparisonEvent, CompletionEvent, DemonstrationEvent
 from instructloop.streams import Stream, stream_key
 
 PREFIX = "t"
+
+
+@pytest.fixture
+def single_thread_torch():
+    """One torch thread: on a CPU shared with other test processes, 2 threads spin-wait and run ~20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def comparison(i: int, **overrides) -> ComparisonEvent:
@@ -89,6 +102,7 @@ def learner_env(redis_url: str, model_dir, state_dir, registry_dir, ptx_corpus, 
         "EVALUATION": json.dumps(TINY_EVAL),
         "METRICS_PORT": "0",
         "DEVICE": "cpu",
+        "TORCH_THREADS": "1",
     }
     env.update({k.upper(): str(v) for k, v in overrides.items()})
     return {f"INSTRUCTLOOP_LEARNER_{k}": v for k, v in env.items()}

@@ -12,9 +12,14 @@ from instructloop.registry import Registry
 from instructloop.streams import Stream, current_policy_key, stream_key
 from learner.gate import GateConfig, GateResult, gate_decision
 from learner.publish import publish_candidate
-from tests.learner.helpers import PREFIX
+from tests.learner.helpers import (
+    PREFIX,
+    single_thread_torch,  # noqa: F401  (fixture)
+)
 
 CONFIG = GateConfig(min_reward_gain=0.05, kl_ceiling=2.0, min_live_comparisons=10, min_win_rate=0.5)
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def test_better_candidate_under_the_kl_ceiling_is_promoted():
@@ -94,4 +99,74 @@ def test_publish_promotes_and_rejected_never_becomes_current(redis_server, tmp_p
         ("v0002", PolicyStatus.rejected),
     ]
     assert _policy_events(client)[3].metrics == {"candidate_reward_mean": -1.0}
+    client.close()
+
+
+# ---- a genuinely worse candidate: real tiny policies scored by a trained reward model ---------------
+
+GOOD = "Sure, here is a careful answer."
+BAD = "no no no no no"
+PROMPTS = [f"Please explain topic {i}." for i in range(4)]
+
+
+def _teach(model_dir, tokenizer, response: str, steps: int = 25):
+    """A tiny policy fine-tuned to answer every prompt with ``response`` (then EOS)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from learner.reward import encode_sequence
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sequences = [torch.tensor([encode_sequence(tokenizer, p, response, 64)]) for p in PROMPTS]
+    for _ in range(steps):
+        for ids in sequences:
+            loss = model(input_ids=ids, labels=ids).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def test_gate_on_real_models_rejects_the_worse_policy_and_keeps_the_incumbent(redis_server, tmp_path,
+                                                                               tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructloop.events import ComparisonEvent
+    from learner.config import EvalConfig, RewardConfig
+    from learner.evaluate import evaluate_policy
+    from learner.reward import build_reward_model, train_reward_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    comparisons = [ComparisonEvent(prompt=p, responses=[BAD, GOOD], ranking=[[1], [0]], labeler_id="l")
+                   for p in PROMPTS]
+    reward_model = build_reward_model(str(tiny_model_dir))
+    stats = train_reward_model(reward_model, tokenizer, comparisons * 4,
+                               RewardConfig(lr=3e-3, epochs=3, rankings_per_batch=4, max_length=64), comparisons)
+    assert stats["heldout_accuracy"] == 1.0
+    good, bad = _teach(tiny_model_dir, tokenizer, GOOD), _teach(tiny_model_dir, tokenizer, BAD)
+
+    config = EvalConfig(max_new_tokens=12, batch_size=4, max_prompt_tokens=64)
+    evaluations = {name: evaluate_policy(policy, reference, reward_model, tokenizer, PROMPTS, config)
+                   for name, policy in (("reference", reference), ("good", good), ("bad", bad))}
+    assert evaluations["good"]["reward_mean"] > evaluations["bad"]["reward_mean"]
+    gate = GateConfig(min_reward_gain=0.0, kl_ceiling=1000.0)
+
+    client = redis_lib.Redis.from_url(redis_server.url)
+    registry = Registry(tmp_path / "registry", redis=client, prefix=PREFIX)
+    first = gate_decision(evaluations["good"], evaluations["reference"], gate)
+    assert first.promote, first.reasons
+    publish_candidate(registry, "v0001", good, tokenizer, first, parent=None)
+
+    worse = gate_decision(evaluations["bad"], evaluations["good"], gate)
+    assert not worse.promote and "does not beat" in worse.reasons[0]
+    publish_candidate(registry, "v0002", bad, tokenizer, worse, parent="v0001")
+
+    assert registry.current() == "v0001" and client.get(current_policy_key(PREFIX)) == b"v0001"
+    assert registry.manifest("v0002").status == PolicyStatus.rejected
+    rejected = [e for e in _policy_events(client) if e.status == PolicyStatus.rejected]
+    assert [e.version for e in rejected] == ["v0002"]
+    assert rejected[0].metrics["reward_gain"] < 0 and "does not beat" in rejected[0].reason
     client.close()

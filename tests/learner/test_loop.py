@@ -19,9 +19,20 @@ from learner.loop import Learner
 from learner.metrics import LearnerMetrics
 from learner.settings import Settings
 from tests.conftest import free_port
-from tests.learner.helpers import PREFIX, PTX_TEXT, comparison, completion, learner_env, pending, xadd
+from tests.learner.helpers import (
+    PREFIX,
+    PTX_TEXT,
+    comparison,
+    completion,
+    learner_env,
+    pending,
+    single_thread_torch,  # noqa: F401  (fixture)
+    xadd,
+)
 
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 @pytest.fixture

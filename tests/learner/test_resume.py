@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
+import pytest
+import redis as redis_lib
 import torch
 
+from instructloop.events import PolicyEvent, PolicyStatus
+from instructloop.registry import Registry
+from instructloop.streams import Stream, stream_key
+from learner.dataset import Dataset
 from learner.state import CheckpointStore, LearnerState
+from tests.learner.helpers import (
+    PREFIX,
+    PTX_TEXT,
+    comparison,
+    completion,
+    demonstration,
+    learner_env,
+    pending,
+    single_thread_torch,  # noqa: F401  (fixture)
+    xadd,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def test_checkpoint_is_atomic_carries_parts_over_and_prunes(tmp_path, tiny_model_dir):
@@ -46,32 +73,6 @@ def test_checkpoint_is_atomic_carries_parts_over_and_prunes(tmp_path, tiny_model
 
 
 # ---- SIGKILL a running learner, several times, at different points ----------------------------------
-
-import json  # noqa: E402
-import queue  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import redis as redis_lib  # noqa: E402
-
-from instructloop.events import PolicyEvent, PolicyStatus  # noqa: E402
-from instructloop.registry import Registry  # noqa: E402
-from instructloop.streams import Stream, stream_key  # noqa: E402
-from learner.dataset import Dataset  # noqa: E402
-from tests.learner.helpers import (  # noqa: E402
-    PREFIX,
-    PTX_TEXT,
-    comparison,
-    completion,
-    demonstration,
-    learner_env,
-    pending,
-    xadd,
-)
 
 REPO = Path(__file__).resolve().parents[2]
 
