@@ -239,6 +239,10 @@ class Learner:
             model = self.reward_model
             if model is None:
                 model = build_reward_model(self.reference_path).to(self.device)
+            else:  # the PPO trainer froze the RM it scores with; train it again (its bias stays a constant)
+                model.requires_grad_(True)
+                if getattr(model, "score", None) is not None and model.score.bias is not None:
+                    model.score.bias.requires_grad_(False)
             config = RewardConfig(**{"seed": self.settings.seed + self.state.rm_updates, **self.settings.reward})
             stats = _numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
                                                 progress=self.progress))
