@@ -28,6 +28,7 @@ import json
 import math
 import re
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -231,11 +232,13 @@ class Completion:
 class GatewayClient:
     """The few gateway calls the labeler makes (httpx, bearer key, OpenAI error JSON surfaced)."""
 
-    def __init__(self, base_url: str, api_key: str, timeout: float = 120.0, model: str = DEFAULT_MODEL_NAME):
+    def __init__(self, base_url: str, api_key: str, timeout: float = 120.0, model: str = DEFAULT_MODEL_NAME,
+                 retries: int = 2):
         import httpx
 
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.retries = retries
         self._http = httpx.Client(
             base_url=self.base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
         )
@@ -249,13 +252,20 @@ class GatewayClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _post(self, path: str, payload: dict[str, Any]) -> Any:
+    def _post(self, path: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+        """POST with up to ``retries`` retries on transport errors (e.g. a keep-alive connection the server
+        closed just as it was reused). Only safe calls are retried: a completion is simply asked again,
+        feedback carries an ``Idempotency-Key`` so a retried ranking is stored once."""
         import httpx
 
-        try:
-            response = self._http.post(path, json=payload)
-        except httpx.TransportError as exc:
-            raise LabelerError(f"cannot reach the gateway at {self.base_url} ({exc!r}): is it running?") from exc
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.post(path, json=payload, headers=headers)
+                break
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise LabelerError(
+                        f"cannot reach the gateway at {self.base_url} ({exc!r}): is it running?") from exc
         if response.status_code >= 400:
             raise LabelerError(f"POST {self.base_url}{path} -> {response.status_code}: {response.text[:500]}")
         return response
@@ -276,7 +286,7 @@ class GatewayClient:
         payload: dict[str, Any] = {"type": "ranking", "completion_id": completion.id, "ranking": ranking}
         if rationale:
             payload["rationale"] = rationale
-        return self._post("/v1/feedback", payload).json()
+        return self._post("/v1/feedback", payload, headers={"Idempotency-Key": uuid.uuid4().hex}).json()
 
 
 # ---- simulate / record ----------------------------------------------------------------------------

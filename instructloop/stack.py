@@ -507,7 +507,8 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
             env=_child_env(root, {f"INSTRUCTLOOP_LEARNER_{k}": v for k, v in
                                   {**shared, "STATE_DIR": str(run_dir / "learner"),
                                    "METRICS_PORT": str(metrics_port), "CONSUMER_NAME": "learner-0"}.items()},
-                           defaults={"OMP_NUM_THREADS": str(learner_threads)}),
+                           defaults={"INSTRUCTLOOP_LEARNER_TORCH_THREADS": str(learner_threads),
+                                     "OMP_NUM_THREADS": str(learner_threads)}),
             after=needs_redis,
             url=metrics_url,
             startup_timeout_s=config.startup_timeout_s,
