@@ -547,16 +547,20 @@ def ensure_api_keys(config: StackConfig, echo: Callable[[str], None] = print) ->
     gateway_keys.unlink(missing_ok=True)  # keys the user cannot read any more must not stay valid
     keys: dict[str, str] = {}
     env = _child_env(project_root(), {"INSTRUCTLOOP_GATEWAY_KEYS_FILE": str(gateway_keys.resolve())})
-    for role in KEY_ROLES:
-        result = subprocess.run(
+    creating = {  # the three run side by side; each appends one line (O_APPEND) to the keys file
+        role: subprocess.Popen(
             _cli("gateway", "keys", "create", "--role", role, "--name", f"up-{role}",
                  "--keys-file", str(gateway_keys.resolve())),
-            env=env, capture_output=True, text=True, timeout=120,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        if result.returncode != 0:
-            raise RuntimeError(f"`instructloop gateway keys create --role {role}` failed ({result.returncode}): "
-                               f"{(result.stderr or result.stdout).strip()[-2000:]}")
-        keys[role] = _parse_created_key(result.stdout)
+        for role in KEY_ROLES
+    }
+    for role, proc in creating.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"`instructloop gateway keys create --role {role}` failed ({proc.returncode}): "
+                               f"{(stderr or stdout).strip()[-2000:]}")
+        keys[role] = _parse_created_key(stdout)
     fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         os.fchmod(handle.fileno(), 0o600)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -202,3 +204,44 @@ def test_tail_lines_reads_the_end_of_a_log(tmp_path: Path):
     log_file.write_text("".join(f"line {i}\n" for i in range(1000)))
     assert tail_lines(log_file, 3) == ["line 997", "line 998", "line 999"]
     assert tail_lines(tmp_path / "missing.log") == []
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_up(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "instructloop.cli", "up", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_reports_a_component_that_fails_to_start_and_stops_the_rest(tmp_path: Path):
+    """A model folder serve cannot load: `up` names serve, its exit code and log, shows the log's end,
+    stops Redis (already started) and exits 1."""
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    run_dir, redis_port = tmp_path / "run", free_port()
+    result = _run_up("--run-dir", str(run_dir), "--model", str(not_a_model), "--port", str(free_port()),
+                     "--redis-port", str(redis_port), "--no-learner", "--startup-timeout", "120")
+    output = result.stdout + result.stderr
+    serve_log = run_dir / "logs" / "serve" / "serve.log"
+    assert result.returncode == 1, output
+    assert "error: serve exited (exit code 2)" in output
+    assert f"log: {serve_log}" in output
+    assert "is not a Hugging Face model folder (no config.json)" in output  # the tail of serve's log
+    assert "stopped redis" in output
+    assert "starting gateway" not in output  # the gateway waits for a healthy serve
+    assert not (run_dir / "stack.json").exists()
+    assert redis_health(f"redis://127.0.0.1:{redis_port}/0", timeout=0.2)() is False  # nothing left running
+    keys = run_dir / "api-keys.json"
+    assert (keys.stat().st_mode & 0o777) == 0o600
+
+
+def test_up_refuses_a_busy_gateway_port_with_the_fix(tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _run_up("--run-dir", str(tmp_path / "run"), "--port", str(port), timeout=60)
+    assert result.returncode == 2
+    assert f"port {port} on 127.0.0.1 is in use: pass --port N" in result.stdout + result.stderr
