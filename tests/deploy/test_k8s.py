@@ -553,3 +553,51 @@ def test_network_policies_allow_exactly_the_documented_flows(rendered, name):
             target = next(cp["containerPort"] for c in pod_spec(workload(docs, component))["containers"]
                           for cp in c["ports"] if cp["name"] == port["targetPort"])
             assert connection_allowed(policies, prometheus, pods[component], target), monitor["metadata"]["name"]
+
+
+# ---- the Redis config, on a real redis-server ----------------------------------------------------
+def test_rendered_redis_conf_runs_on_a_real_redis_server_with_aof_everysec(rendered, tmp_path):
+    """The shipped redis.conf is loaded by redis-server as is (only dir/port/bind moved to this machine)."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    from tests.conftest import free_port
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: run `make install` (apt-get install redis-server)")
+    (conf_map,) = [c for c in objects(rendered["base"], "ConfigMap") if "redis.conf" in c.get("data", {})]
+    port = free_port()
+    overrides = {"dir": str(tmp_path), "port": str(port), "bind": "127.0.0.1"}
+    lines = [f"{key} {overrides[key]}" if (key := line.split(" ", 1)[0]) in overrides else line
+             for line in conf_map["data"]["redis.conf"].splitlines()]
+    conf = tmp_path / "redis.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    process = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert process.poll() is None, process.stdout.read().decode()
+                assert time.monotonic() < deadline, "redis-server did not start with the shipped config"
+                time.sleep(0.05)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        client.xadd("instructloop:stream:comparisons", {"event": '{"event_id": "deploy-test"}'})
+        aof_dir = tmp_path / client.config_get("appenddirname")["appenddirname"]
+        deadline = time.monotonic() + 5  # everysec: on disk within about a second
+        while b"deploy-test" not in b"".join(p.read_bytes() for p in aof_dir.glob("*.aof")):
+            assert time.monotonic() < deadline, "the XADD never reached the AOF"
+            time.sleep(0.1)
+        client.close()
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=10)
