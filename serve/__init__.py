@@ -1,0 +1,1 @@
+"""instructloop's inference server: TGI protocol, continuous batching, policy hot-swap."""

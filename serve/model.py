@@ -1,0 +1,152 @@
+"""One loaded policy version and the decode step: ``generate_token(batch) -> (generations, next_batch)``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from serve.batch import Batch
+
+log = logging.getLogger(__name__)
+
+
+class FinishReason(str, Enum):
+    length = "length"
+    eos_token = "eos_token"
+    stop_sequence = "stop_sequence"
+
+
+@dataclass
+class Generation:
+    """What one decode step produced for one request."""
+
+    request_id: int
+    token_id: int
+    token_text: str
+    logprob: float
+    special: bool
+    policy_version: str
+    finish_reason: FinishReason | None = None
+    """Set on the request's last token."""
+    generated_text: str | None = None
+    """The whole generated text (special tokens skipped), on the last token only."""
+    generated_tokens: int = 0
+    seed: int | None = None
+    """The request's seed when it samples (TGI reports it), else None."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+class PolicyModel:
+    """A causal LM holding one policy version's weights, plus the tokenizer it shares with all versions."""
+
+    def __init__(self, version: str, model: Any, tokenizer: Any, device: torch.device):
+        self.version = version
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.eos_token_ids = self._eos_ids(model, tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    @staticmethod
+    def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+        ids = getattr(model.generation_config, "eos_token_id", None)
+        if ids is None:
+            ids = tokenizer.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        return [int(i) for i in ids if i is not None]
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+
+    # ---- the decode step -----------------------------------------------------------------------
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, DynamicCache]:
+        """Last-position logits (B, V) in float32 and the updated cache."""
+        cache = batch.past_key_values if batch.past_key_values is not None else DynamicCache()
+        out = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float(), out.past_key_values  # (B, V)
+
+    def generate_token(self, batch: Batch) -> tuple[list[Generation], Batch | None]:
+        """One forward for the whole batch, one token per sequence; finished sequences leave the batch."""
+        logits, cache = self.forward(batch)  # (B, V)
+        greedy = torch.argmax(logits, dim=-1).tolist()  # CPU/GPU sync point
+        greedy_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+        generations: list[Generation] = []
+        next_ids: list[int] = []
+        keep: list[int] = []
+        for row, seq in enumerate(batch.sequences):
+            chooser = seq.chooser
+            if chooser.sampling or (chooser.params.repetition_penalty not in (None, 1.0)):
+                token, logprob = chooser.choose(logits[row], seq.token_ids(logits.device))
+            else:
+                token, logprob = greedy[row], float(greedy_logprobs[row, greedy[row]].item())
+            previous_length = len(seq.text)
+            seq.generated_ids.append(token)
+            seq.logprobs.append(logprob)
+            text = self.tokenizer.decode(seq.generated_ids, skip_special_tokens=False)
+            # An incomplete UTF-8 character decodes to U+FFFD: hold its text back until it completes.
+            token_text = "" if text.endswith("\ufffd") else text[previous_length:]
+            if token_text or not text.endswith("\ufffd"):
+                seq.text = text
+            finish = None
+            if token in self.eos_token_ids:
+                finish = FinishReason.eos_token
+            elif seq.stop.hit(seq.text, previous_length):
+                finish = FinishReason.stop_sequence
+            elif len(seq.generated_ids) >= seq.max_new_tokens:
+                finish = FinishReason.length
+            generation = Generation(
+                request_id=seq.request_id,
+                token_id=token,
+                token_text=token_text,
+                logprob=logprob,
+                special=token in self.special_ids,
+                policy_version=batch.policy_version,
+                finish_reason=finish,
+                generated_tokens=len(seq.generated_ids),
+                seed=chooser.seed if chooser.sampling else None,
+            )
+            if finish is not None:
+                generation.generated_text = self.tokenizer.decode(seq.generated_ids, skip_special_tokens=True)
+            else:
+                keep.append(seq.request_id)
+            generations.append(generation)
+            next_ids.append(token)
+        if not keep:
+            return generations, None
+        device = batch.input_ids.device
+        next_batch = Batch(
+            policy_version=batch.policy_version,
+            sequences=batch.sequences,
+            input_ids=torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1),  # (B, 1)
+            attention_mask=torch.cat(
+                [batch.attention_mask, torch.ones((len(batch), 1), dtype=batch.attention_mask.dtype, device=device)],
+                dim=1,
+            ),  # (B, T_past + T_in + 1)
+            position_ids=batch.position_ids[:, -1:] + 1,  # (B, 1)
+            past_key_values=cache,
+        )
+        return generations, next_batch.filter(keep)

@@ -1,0 +1,225 @@
+"""The serving layer between the HTTP routes and the engine.
+
+Turns a ``GenerateRequest`` into an engine request (tokenize, truncate, check the token limits), waits for
+the engine's generations, builds TGI responses and stream events, cancels the request when the client goes
+away, and raises ``TGIError`` (status + TGI ``error_type``) for everything that is not a success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from serve.engine import Engine, GenerationFailed, GenerationRequest, Overloaded, RequestHandle
+from serve.metrics import ServeMetrics
+from serve.model import Generation
+from serve.protocol import (
+    Details,
+    ErrorType,
+    FinishReason,
+    GenerateRequest,
+    GenerateResponse,
+    StreamDetails,
+    StreamResponse,
+    Token,
+)
+from serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Disconnected = Callable[[], Awaitable[None]]
+"""An awaitable that returns once the client has gone away."""
+
+
+class TGIError(Exception):
+    """An error answer in TGI's format: ``{"error": message, "error_type": ...}`` with an HTTP status."""
+
+    def __init__(self, status_code: int, error_type: ErrorType, message: str):
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = error_type
+        self.message = message
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.message, "error_type": self.error_type.value}
+
+
+def validation_error(field: str, message: str) -> TGIError:
+    return TGIError(422, ErrorType.validation, f"Input validation error: `{field}`: {message}")
+
+
+class ClientGone(Exception):
+    """The client disconnected while we waited for the engine."""
+
+
+class GenerateServing:
+    def __init__(self, engine: Engine, tokenizer: Any, settings: Settings, metrics: ServeMetrics):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.metrics = metrics
+
+    # ---- request -> engine request -------------------------------------------------------------
+    def to_engine_request(self, request: GenerateRequest) -> tuple[GenerationRequest, list[int]]:
+        params = request.parameters
+        settings = self.settings
+        if len(params.stop) > settings.max_stop_sequences:
+            raise validation_error("stop", f"at most {settings.max_stop_sequences} stop sequences are allowed, "
+                                           f"got {len(params.stop)}")
+        if params.truncate is not None and params.truncate > settings.max_input_tokens:
+            raise validation_error("truncate", f"must be <= max_input_tokens = {settings.max_input_tokens}")
+        prompt_ids: list[int] = self.tokenizer(request.inputs)["input_ids"]
+        if params.truncate is not None:
+            prompt_ids = prompt_ids[-params.truncate:]
+        if not prompt_ids:
+            raise validation_error("inputs", "tokenizes to no tokens")
+        if len(prompt_ids) > settings.max_input_tokens:
+            raise validation_error("inputs", f"must have at most {settings.max_input_tokens} tokens, got "
+                                             f"{len(prompt_ids)} (set `truncate` to keep the last tokens)")
+        room = settings.max_total_tokens - len(prompt_ids)
+        if params.max_new_tokens is None:
+            max_new_tokens = min(settings.default_max_new_tokens, room)
+        elif params.max_new_tokens > room:
+            raise validation_error("max_new_tokens", f"inputs tokens + max_new_tokens must be <= "
+                                                     f"{settings.max_total_tokens}; given {len(prompt_ids)} input "
+                                                     f"tokens and {params.max_new_tokens} max_new_tokens")
+        else:
+            max_new_tokens = params.max_new_tokens
+        engine_request = GenerationRequest(
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=params.to_sampling_params(),
+            stop=list(params.stop),
+        )
+        return engine_request, prompt_ids
+
+    def submit(self, request: GenerateRequest) -> tuple[RequestHandle, list[int]]:
+        self.metrics.request_count.inc()
+        try:
+            engine_request, prompt_ids = self.to_engine_request(request)
+            return self.engine.submit(engine_request), prompt_ids
+        except TGIError:
+            self.metrics.request_failure.labels(err="validation").inc()
+            raise
+        except Overloaded as exc:
+            self.metrics.request_failure.labels(err="overloaded").inc()
+            raise TGIError(429, ErrorType.overloaded, str(exc)) from exc
+
+    # ---- non-streaming -------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest, disconnected: Disconnected) -> GenerateResponse:
+        started = time.monotonic()
+        handle, prompt_ids = self.submit(request)
+        generations: list[Generation] = []
+        try:
+            await _until_disconnect(self._collect(handle, generations), disconnected)
+        except ClientGone:
+            handle.cancel()
+            raise
+        except GenerationFailed as exc:
+            raise TGIError(424, ErrorType.generation, str(exc)) from exc
+        finally:
+            handle.cancel()  # no-op when finished
+        last = generations[-1]
+        self._observe_success(started)
+        params = request.parameters
+        text = last.generated_text or ""
+        if params.return_full_text:
+            text = request.inputs + text
+        details = None
+        if params.details:
+            details = Details(
+                finish_reason=FinishReason(last.finish_reason.value),
+                generated_tokens=last.generated_tokens,
+                seed=last.seed,
+                prefill=[],
+                tokens=[_token(g) for g in generations],
+            )
+        return GenerateResponse(generated_text=text, details=details, policy_version=last.policy_version)
+
+    async def _collect(self, handle: RequestHandle, generations: list[Generation]) -> None:
+        async for generation in handle.events():
+            generations.append(generation)
+
+    # ---- streaming -----------------------------------------------------------------------------
+    async def generate_stream(self, request: GenerateRequest,
+                              disconnected: Disconnected) -> tuple[str, AsyncIterator[str]]:
+        """Wait for the first token (so errors before it are plain HTTP errors and the version header is
+        known), then return (policy_version, SSE lines)."""
+        started = time.monotonic()
+        handle, prompt_ids = self.submit(request)
+        events = handle.events()
+        try:
+            first = await _until_disconnect(events.__anext__(), disconnected)
+        except ClientGone:
+            handle.cancel()
+            raise
+        except GenerationFailed as exc:
+            raise TGIError(424, ErrorType.generation, str(exc)) from exc
+        return first.policy_version, self._sse(request, handle, events, first, len(prompt_ids), started)
+
+    async def _sse(self, request: GenerateRequest, handle: RequestHandle, events: AsyncIterator[Generation],
+                   first: Generation, input_length: int, started: float) -> AsyncIterator[str]:
+        params = request.parameters
+        index = 0
+        generation: Generation | None = first
+        try:
+            while generation is not None:
+                index += 1
+                event = StreamResponse(index=index, token=_token(generation), policy_version=generation.policy_version)
+                if generation.finish_reason is not None:
+                    text = generation.generated_text or ""
+                    event.generated_text = request.inputs + text if params.return_full_text else text
+                    if params.details:
+                        event.details = StreamDetails(
+                            finish_reason=FinishReason(generation.finish_reason.value),
+                            generated_tokens=generation.generated_tokens,
+                            seed=generation.seed,
+                            input_length=input_length,
+                        )
+                    self._observe_success(started)
+                yield f"data:{event.model_dump_json()}\n\n"
+                if generation.finish_reason is not None:
+                    return
+                try:
+                    generation = await events.__anext__()
+                except StopAsyncIteration:
+                    generation = None
+        except GenerationFailed as exc:
+            body = TGIError(424, ErrorType.generation, str(exc)).body()
+            yield f"data:{_json(body)}\n\n"
+        finally:
+            handle.cancel()  # the client went away mid-stream (or we are done: no-op)
+
+    def _observe_success(self, started: float) -> None:
+        self.metrics.request_success.inc()
+        self.metrics.request_duration.observe(time.monotonic() - started)
+
+
+def _token(generation: Generation) -> Token:
+    return Token(id=generation.token_id, text=generation.token_text, logprob=generation.logprob,
+                 special=generation.special)
+
+
+def _json(body: dict[str, str]) -> str:
+    import json
+
+    return json.dumps(body)
+
+
+async def _until_disconnect(work: Awaitable[Any], disconnected: Disconnected) -> Any:
+    """Await ``work``; raise ``ClientGone`` (and cancel it) if the client disconnects first."""
+    work_task = asyncio.ensure_future(work)
+    gone_task = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        if work_task in done:
+            return work_task.result()
+        work_task.cancel()
+        raise ClientGone()
+    finally:
+        gone_task.cancel()
+        if not work_task.done():
+            work_task.cancel()

@@ -1,0 +1,53 @@
+"""serve's one Settings object (env prefix ``INSTRUCTLOOP_SERVE_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings
+
+from instructloop.settings import DEFAULT_MODEL, settings_config
+from instructloop.streams import DEFAULT_PREFIX
+
+
+class Settings(BaseSettings):
+    model_config = settings_config("INSTRUCTLOOP_SERVE_")
+
+    model: str = Field(DEFAULT_MODEL, description="`default` (embedded SmolLM2-135M-Instruct), an HF folder or hub id")
+    device: str = Field("auto", description="`auto` (cuda if present, else cpu), `cpu`, `cuda`, `cuda:1`…")
+    dtype: str = Field("auto", description="`auto` (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_batch_size: int = Field(16, description="Sequences decoded together (all versions)")
+    max_queue: int = Field(64, description="Requests waiting to join the batch; more are refused with 429")
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048
+    default_max_new_tokens: int = Field(100, description="Used when a request sets no max_new_tokens")
+    max_stop_sequences: int = 4
+    registry_dir: Path | None = Field(None, description="Policy registry root; unset = serve the base model only")
+    redis_url: str | None = Field(None, description="Redis holding the current-policy key and channel")
+    stream_prefix: str = DEFAULT_PREFIX
+    poll_interval_s: float = Field(1.0, description="How often the current pointer is read (also with Redis)")
+    swap_retry_s: float = Field(60.0, description="A version that failed to load is retried after this (doubling)")
+    torch_threads: int | None = Field(None, description="torch.set_num_threads on CPU (None = torch's default)")
+    log_level: str = "INFO"
+    json_logs: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1 (INSTRUCTLOOP_SERVE_MAX_BATCH_SIZE)")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be >= 0 (INSTRUCTLOOP_SERVE_MAX_QUEUE)")
+        if not 0 < self.max_input_tokens < self.max_total_tokens:
+            raise ValueError("need 0 < max_input_tokens < max_total_tokens "
+                             "(INSTRUCTLOOP_SERVE_MAX_INPUT_TOKENS / _MAX_TOTAL_TOKENS)")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if self.redis_url and self.registry_dir is None:
+            raise ValueError("redis_url is set but registry_dir is not: set INSTRUCTLOOP_SERVE_REGISTRY_DIR to "
+                             "the registry the current-policy pointer refers to")
+        if self.poll_interval_s <= 0:
+            raise ValueError("poll_interval_s must be > 0")
+        return self

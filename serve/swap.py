@@ -1,0 +1,173 @@
+"""Policy versions: loading a registry version beside the served one, and watching the current pointer.
+
+``PolicyLoader.load(version)`` verifies the version through ``Registry.load_state_dict`` (sha256 of every
+file, finite values, shapes equal to the served architecture), checks that no weight is missing (a tied
+``lm_head`` may be absent from the file; if present it must equal the embedding), and builds a new model
+beside the old one. Nothing is switched until all of that passed, so a bad checkpoint is never served.
+
+``PolicyWatcher`` is a thread that follows the registry's current pointer: Redis pub/sub on
+``<prefix>:policy:changed`` when Redis is configured (plus a periodic read of the key, in case a message is
+missed), otherwise the registry's ``CURRENT`` file, polled. A version that failed to load is not retried
+until ``retry_after_s`` has passed (doubling each time), and every failure is counted and logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from instructloop.registry import InvalidCheckpoint, Registry
+from instructloop.streams import policy_channel
+from serve.engine import Engine
+from serve.metrics import ServeMetrics
+from serve.model import PolicyModel
+
+log = logging.getLogger(__name__)
+
+
+def _alias_groups(model: torch.nn.Module) -> list[set[str]]:
+    """Names in the state dict that share storage (tied weights, e.g. lm_head.weight = embed_tokens.weight)."""
+    groups: dict[tuple[int, tuple[int, ...]], set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), set()).add(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+class PolicyLoader:
+    """Builds a ``PolicyModel`` for a registry version from the served model's architecture."""
+
+    def __init__(self, registry: Registry, template: PolicyModel):
+        self.registry = registry
+        self.template = template
+        self.expected_shapes = template.expected_shapes()
+        self.aliases = _alias_groups(template.model)
+
+    def load(self, version: str) -> PolicyModel:
+        state = self.registry.load_state_dict(version, expected_shapes=self.expected_shapes, device="cpu")
+        present = set(state)
+        missing = set(self.expected_shapes) - present
+        for group in self.aliases:
+            in_file = sorted(group & present)
+            if in_file and missing & group:
+                missing -= group  # the file holds one name of a tied group: the others follow it
+            for name in in_file[1:]:
+                if not torch.equal(state[name], state[in_file[0]]):
+                    raise InvalidCheckpoint(f"policy version {version}: {name} and {in_file[0]} are tied in the "
+                                            "served architecture but differ in the checkpoint")
+        # Non-persistent buffers (rotary inv_freq) are not in the state dict at all; anything else must be.
+        if missing:
+            raise InvalidCheckpoint(f"policy version {version}: missing tensors {sorted(missing)[:5]}")
+        model = copy.deepcopy(self.template.model)
+        model.load_state_dict(state, strict=False)
+        model.eval()
+        return PolicyModel(version, model, self.template.tokenizer, self.template.device)
+
+
+class PolicyWatcher:
+    """Follows the registry's current pointer and hot-swaps the engine to each new valid version."""
+
+    def __init__(self, registry: Registry, engine: Engine, loader: PolicyLoader, *, metrics: ServeMetrics,
+                 poll_interval_s: float = 1.0, retry_after_s: float = 60.0, redis: Any | None = None,
+                 prefix: str = "instructloop"):
+        self.registry = registry
+        self.engine = engine
+        self.loader = loader
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self.retry_after_s = retry_after_s
+        self.redis = redis
+        self.prefix = prefix
+        self.failed: dict[str, tuple[float, float]] = {}
+        """version -> (retry not before, current backoff) for versions whose load failed."""
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pubsub: Any | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="serve-policy-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._close_pubsub()
+
+    # ---- one check -----------------------------------------------------------------------------
+    def check(self) -> str | None:
+        """Read the current pointer once and swap if it names a new version. Returns the version swapped to."""
+        try:
+            target = self.registry.current()
+        except Exception as exc:
+            log.warning("reading the current policy failed", extra={"error": str(exc)})
+            return None
+        if not target or target == self.engine.active_version:
+            return None
+        retry = self.failed.get(target)
+        if retry is not None and time.monotonic() < retry[0]:
+            return None
+        return self.swap_to(target)
+
+    def swap_to(self, version: str) -> str | None:
+        started = time.monotonic()
+        log.info("loading policy version", extra={"policy_version": version,
+                                                  "serving": self.engine.active_version})
+        try:
+            policy = self.loader.load(version)
+        except Exception as exc:  # InvalidCheckpoint and anything else: the old version keeps serving
+            backoff = self.failed.get(version, (0.0, self.retry_after_s / 2))[1] * 2
+            self.failed[version] = (time.monotonic() + backoff, backoff)
+            self.last_error = f"{version}: {exc}"
+            self.metrics.policy_swap_failures.inc()
+            log.error("policy version refused; the current version keeps serving", extra={
+                "policy_version": version, "serving": self.engine.active_version, "error": str(exc),
+                "retry_in_s": backoff})
+            return None
+        self.failed.pop(version, None)
+        self.engine.install(policy)
+        elapsed = time.monotonic() - started
+        self.metrics.policy_swaps.inc()
+        self.metrics.policy_swap_duration.observe(elapsed)
+        log.info("policy version installed", extra={"policy_version": version, "load_s": round(elapsed, 3)})
+        return version
+
+    # ---- the thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_poll = 0.0
+        while not self._stop.is_set():
+            woke_by_message = self._wait_for_message(self.poll_interval_s)
+            now = time.monotonic()
+            if woke_by_message or now >= next_poll:
+                self.check()
+                next_poll = time.monotonic() + self.poll_interval_s
+
+    def _wait_for_message(self, timeout: float) -> bool:
+        if self.redis is None:
+            self._stop.wait(timeout)
+            return False
+        try:
+            if self._pubsub is None:
+                self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                self._pubsub.subscribe(policy_channel(self.prefix))
+            message = self._pubsub.get_message(timeout=timeout)
+            return message is not None and message.get("type") == "message"
+        except Exception as exc:  # Redis down: poll (the registry falls back to the CURRENT file)
+            log.warning("policy channel unavailable; polling", extra={"error": str(exc)})
+            self._close_pubsub()
+            self._stop.wait(timeout)
+            return False
+
+    def _close_pubsub(self) -> None:
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except Exception:
+                pass
+            self._pubsub = None
