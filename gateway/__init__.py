@@ -1,0 +1,1 @@
+"""instructloop's gateway: OpenAI-compatible completions, preference feedback, demonstrations, admin."""

@@ -1,0 +1,182 @@
+"""``create_app(settings)``: the gateway's FastAPI app.
+
+Every error leaves in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): ``APIError``
+values from the serving classes, validation errors (422), unknown routes (404), oversized bodies (413)
+and unexpected failures (500). A pure ASGI middleware limits the body size and records per-route
+request counts and latency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.auth import KeyStore
+from gateway.backend import Backend
+from gateway.deps import GatewayState
+from gateway.metrics import GatewayMetrics
+from gateway.protocol import APIError
+from gateway.routes import admin, chat, completions, demonstrations, error_response, feedback, health, models
+from gateway.serving_admin import PolicyAdminServing
+from gateway.serving_completions import CompletionServing
+from gateway.serving_feedback import DemonstrationServing, FeedbackServing
+from gateway.settings import Settings
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model: str) -> Any:
+    """The tokenizer for chat templates and token counts (no weights are loaded)."""
+    from instructloop.settings import DEFAULT_MODEL
+
+    if model == DEFAULT_MODEL:
+        from instructloop.model import load_default_tokenizer
+
+        return load_default_tokenizer()
+    from transformers import AutoTokenizer
+
+    from instructloop.model import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GatewayMiddleware:
+    """Body size limit + request metrics, as plain ASGI (no buffering, streaming untouched)."""
+
+    def __init__(self, app, metrics: GatewayMetrics, max_body_bytes: int):
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500, "sent": False}
+        limit = self.max_body_bytes
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["sent"] = True
+            await send(message)
+
+        too_large = APIError(413, f"request body is larger than {limit} bytes", param=None, code="body_too_large")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await error_response(too_large)(scope, receive, send_wrapper)
+        else:
+            received = 0
+
+            async def receive_wrapper():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise _BodyTooLarge()
+                return message
+
+            try:
+                await self.app(scope, receive_wrapper, send_wrapper)
+            except _BodyTooLarge:
+                if not status["sent"]:
+                    await error_response(too_large)(scope, receive, send_wrapper)
+        route = scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(path, scope["method"], str(status["code"])).inc()
+        self.metrics.latency.labels(path, scope["method"]).observe(time.perf_counter() - started)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+
+
+def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = GatewayMetrics()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
+    backend = Backend(settings.backends, metrics, timeout_s=settings.backend_timeout_s,
+                      connect_timeout_s=settings.backend_connect_timeout_s, health_interval_s=settings.health_interval_s)
+    store = Store(settings.redis_url, settings.stream_prefix, metrics, completion_ttl_s=settings.completion_ttl_s,
+                  idempotency_ttl_s=settings.idempotency_ttl_s, timeout_s=settings.redis_timeout_s)
+    state = GatewayState(
+        settings=settings, metrics=metrics,
+        keys=KeyStore(settings.keys_file, dev_key=settings.effective_dev_key),
+        backend=backend, store=store, tokenizer=tokenizer,
+        completions=CompletionServing(settings, backend, store, tokenizer, metrics),
+        feedback=FeedbackServing(settings, store, metrics),
+        demonstrations=DemonstrationServing(settings, store, metrics),
+        admin=PolicyAdminServing(settings),
+        started=int(time.time()),
+    )
+    if settings.dev_mode:
+        log.warning("gateway in DEV MODE: the dev admin key is accepted; never expose this gateway")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await backend.start()
+        log.info("gateway started", extra={"backends": settings.backends, "redis": bool(settings.redis_url),
+                                           "keys": len(state.keys), "dev_mode": settings.dev_mode})
+        try:
+            yield
+        finally:
+            await backend.close()
+            await store.close()
+            state.admin.close()
+
+    app = FastAPI(title="instructloop gateway", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions, preference feedback, demonstrations and policy admin.")
+    app.state.gateway = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(APIError(422, message, param=param, code="validation_error"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(APIError(exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error",
+                                       code="not_found" if exc.status_code == 404 else None,
+                                       headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", extra={"path": request.url.path})
+        return error_response(APIError(500, "The gateway hit an unexpected error; it has been logged.", "server_error",
+                                       code="internal_error"))
+
+    for module in (completions, chat, models, feedback, demonstrations, admin, health):
+        app.include_router(module.router)
+    app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,311 @@
+"""The one module that talks to inference servers (serve replicas or real TGI).
+
+``PolicyAwareClient`` subclasses ``text_generation.AsyncClient``: same request and response types, but
+it keeps one aiohttp session per replica (no TCP handshake per call), posts to the TGI routes
+``/generate`` and ``/generate_stream``, and reads the policy version each response carries (the
+``X-Policy-Version`` header, else the body's ``policy_version``). Real TGI reports none: its version is
+``unknown``.
+
+``Backend`` balances over replicas by least outstanding requests (ties rotate), health-checks them in
+the background (``GET /health``), retries a connect failure on another replica, and raises
+``NoHealthyBackend`` when none is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from text_generation import AsyncClient
+from text_generation.errors import parse_error
+from text_generation.types import Parameters, Request, Response, StreamResponse
+
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+POLICY_HEADER = "X-Policy-Version"
+UNKNOWN_VERSION = "unknown"
+
+
+class BackendError(Exception):
+    """A backend call failed; ``status`` is what the gateway answers."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+class NoHealthyBackend(BackendError):
+    def __init__(self, message: str = "no healthy inference backend; retry shortly"):
+        super().__init__(503, message, "backend_unavailable")
+
+
+@dataclass
+class Generation:
+    """One generated choice as the backend returned it."""
+
+    text: str
+    finish_reason: str  # TGI's: length | eos_token | stop_sequence
+    generated_tokens: int
+    tokens: list[Any] = field(default_factory=list)  # text_generation.types.Token
+    top_tokens: list[list[Any]] | None = None
+    policy_version: str = UNKNOWN_VERSION
+    backend: str = ""
+
+
+@dataclass
+class StreamEvent:
+    """One streamed token (``final`` on the last one, with the finish reason)."""
+
+    response: StreamResponse
+    policy_version: str
+    backend: str
+
+
+def _version(headers: Any, payload: Any) -> str:
+    version = headers.get(POLICY_HEADER)
+    if not version and isinstance(payload, dict):
+        version = payload.get("policy_version")
+    return str(version) if version else UNKNOWN_VERSION
+
+
+def _parse_generate(payload: Any) -> Response:
+    if isinstance(payload, list):  # TGI's POST / answers a list
+        payload = payload[0]
+    details = payload.get("details") or {}
+    details.setdefault("prefill", [])
+    details.setdefault("tokens", [])
+    payload["details"] = details
+    return Response(**{k: v for k, v in payload.items() if k in ("generated_text", "details")})
+
+
+class PolicyAwareClient(AsyncClient):
+    """``AsyncClient`` with a persistent session that also returns the policy version of each response."""
+
+    def __init__(self, base_url: str, timeout_s: float = 120.0, connect_timeout_s: float = 2.0,
+                 headers: dict[str, str] | None = None):
+        super().__init__(base_url, headers=headers)
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self.headers, cookies=self.cookies, timeout=self.timeout,
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @staticmethod
+    def _request(prompt: str, stream: bool, **params: Any) -> dict[str, Any]:
+        stop = params.pop("stop_sequences", None) or []
+        parameters = Parameters(details=True, stop=stop, **params)
+        return Request(inputs=prompt, stream=stream, parameters=parameters).model_dump(exclude_none=True)
+
+    async def generate_versioned(self, prompt: str, **params: Any) -> tuple[Response, str]:
+        body = self._request(prompt, False, **params)
+        async with self.session().post(f"{self.base_url}/generate", json=body) as resp:
+            payload = await resp.json(content_type=None)
+            if resp.status != 200:
+                raise parse_error(resp.status, payload if isinstance(payload, dict) and "error" in payload
+                                  else {"error": str(payload)})
+            return _parse_generate(payload), _version(resp.headers, payload)
+
+    async def generate_stream_versioned(self, prompt: str, **params: Any) -> AsyncIterator[tuple[StreamResponse, str]]:
+        body = self._request(prompt, True, **params)
+        async with self.session().post(f"{self.base_url}/generate_stream", json=body) as resp:
+            header_version = resp.headers.get(POLICY_HEADER)
+            if resp.status != 200:
+                payload = await resp.json(content_type=None)
+                raise parse_error(resp.status, payload if isinstance(payload, dict) and "error" in payload
+                                  else {"error": str(payload)})
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue
+                payload = json.loads(line[5:].strip() or b"null")
+                if not isinstance(payload, dict):
+                    continue
+                if "error" in payload and "token" not in payload:
+                    raise parse_error(resp.status, payload)
+                version = payload.get("policy_version") or header_version or UNKNOWN_VERSION
+                yield StreamResponse(**{k: v for k, v in payload.items() if k in StreamResponse.model_fields}), str(version)
+
+    async def health(self, timeout_s: float = 2.0) -> tuple[bool, str | None]:
+        try:
+            async with self.session().get(f"{self.base_url}/health",
+                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                await resp.read()
+                return resp.status == 200, resp.headers.get(POLICY_HEADER)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False, None
+
+
+@dataclass
+class Replica:
+    url: str
+    client: PolicyAwareClient
+    outstanding: int = 0
+    healthy: bool = False
+    checked: bool = False
+    policy_version: str | None = None
+    last_error: str | None = None
+
+
+def _translate(exc: Exception) -> BackendError:
+    """Map a text_generation / aiohttp error to what the gateway answers."""
+    from text_generation import errors
+
+    message = str(exc) or exc.__class__.__name__
+    if isinstance(exc, (errors.ValidationError, errors.BadRequestError)):
+        return BackendError(400, f"the inference backend refused the request: {message}", "invalid_generation_params")
+    if isinstance(exc, (errors.OverloadedError, errors.RateLimitExceededError)):
+        return BackendError(503, f"the inference backend is overloaded: {message}", "backend_overloaded")
+    if isinstance(exc, (asyncio.TimeoutError, errors.ShardTimeoutError)):
+        return BackendError(504, "the inference backend timed out", "backend_timeout")
+    return BackendError(502, f"the inference backend failed: {message}", "backend_error")
+
+
+class Backend:
+    """Least-outstanding-requests balancing over health-checked replicas."""
+
+    def __init__(self, urls: list[str], metrics: GatewayMetrics, *, timeout_s: float = 120.0,
+                 connect_timeout_s: float = 2.0, health_interval_s: float = 2.0):
+        self.replicas = [Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s)) for url in urls]
+        self.metrics = metrics
+        self.health_interval_s = health_interval_s
+        self._rotation = itertools.count()
+        self._health_task: asyncio.Task | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.check_health()
+        self._health_task = asyncio.create_task(self._health_loop(), name="backend-health")
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            try:
+                await self._health_task
+            except asyncio.CancelledError:
+                pass
+        for replica in self.replicas:
+            await replica.client.close()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                await self.check_health()
+            except Exception:  # a bug here must not stop health checking
+                log.exception("health check failed")
+
+    async def check_health(self) -> None:
+        results = await asyncio.gather(*(r.client.health() for r in self.replicas))
+        for replica, (ok, version) in zip(self.replicas, results, strict=True):
+            if ok != replica.healthy or not replica.checked:
+                log.info("backend health", extra={"backend": replica.url, "healthy": ok})
+            replica.healthy, replica.checked = ok, True
+            if version:
+                replica.policy_version = version
+            self.metrics.backend_healthy.labels(replica.url).set(1 if ok else 0)
+
+    # ---- balancing ----------------------------------------------------------------------------------
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy]
+
+    def pick(self, exclude: set[str] = frozenset(), prefer: set[str] | None = None) -> Replica:
+        candidates = [r for r in self.replicas if r.healthy and r.url not in exclude]
+        if prefer:
+            preferred = [r for r in candidates if r.url in prefer]
+            candidates = preferred or candidates
+        if not candidates:
+            raise NoHealthyBackend()
+        fewest = min(r.outstanding for r in candidates)
+        tied = [r for r in candidates if r.outstanding == fewest]
+        return tied[next(self._rotation) % len(tied)]
+
+    def _mark_down(self, replica: Replica, exc: Exception) -> None:
+        replica.healthy = False
+        replica.last_error = str(exc)
+        self.metrics.backend_healthy.labels(replica.url).set(0)
+        self.metrics.backend_requests.labels(replica.url, "connect_error").inc()
+        log.warning("backend connect failed; trying another replica", extra={"backend": replica.url, "error": str(exc)})
+
+    # ---- calls --------------------------------------------------------------------------------------
+    async def generate(self, prompt: str, params: dict[str, Any], prefer: set[str] | None = None) -> Generation:
+        tried: set[str] = set()
+        while True:
+            replica = self.pick(tried, prefer)
+            tried.add(replica.url)
+            replica.outstanding += 1
+            self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)
+            started = time.perf_counter()
+            try:
+                response, version = await replica.client.generate_versioned(prompt, **dict(params))
+            except aiohttp.ClientConnectorError as exc:
+                self._mark_down(replica, exc)
+                continue
+            except Exception as exc:
+                self.metrics.backend_requests.labels(replica.url, "error").inc()
+                raise _translate(exc) from exc
+            finally:
+                replica.outstanding -= 1
+                self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)
+            self.metrics.backend_requests.labels(replica.url, "ok").inc()
+            self.metrics.backend_latency.labels(replica.url).observe(time.perf_counter() - started)
+            replica.policy_version = version
+            details = response.details
+            return Generation(
+                text=response.generated_text,
+                finish_reason=details.finish_reason.value if details.finish_reason is not None else "length",
+                generated_tokens=details.generated_tokens,
+                tokens=list(details.tokens or []),
+                top_tokens=details.top_tokens,
+                policy_version=version,
+                backend=replica.url,
+            )
+
+    async def stream(self, prompt: str, params: dict[str, Any], prefer: set[str] | None = None) -> AsyncIterator[StreamEvent]:
+        """Tokens of one choice; a connect failure before the first token moves to another replica."""
+        tried: set[str] = set()
+        while True:
+            replica = self.pick(tried, prefer)
+            tried.add(replica.url)
+            replica.outstanding += 1
+            self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)
+            started = False
+            try:
+                async for response, version in replica.client.generate_stream_versioned(prompt, **dict(params)):
+                    started = True
+                    replica.policy_version = version
+                    yield StreamEvent(response, version, replica.url)
+                self.metrics.backend_requests.labels(replica.url, "ok").inc()
+                return
+            except aiohttp.ClientConnectorError as exc:
+                if started:
+                    raise _translate(exc) from exc
+                self._mark_down(replica, exc)
+                continue
+            except (BackendError, GeneratorExit, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                self.metrics.backend_requests.labels(replica.url, "error").inc()
+                raise _translate(exc) from exc
+            finally:
+                replica.outstanding -= 1
+                self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)

@@ -1,0 +1,343 @@
+"""The gateway's wire protocol: pydantic models for every route, OpenAI field order.
+
+Request models own their conversions (``CompletionRequest.to_generate_params``). Serving logic lives in
+``gateway/serving_*.py``; routers only translate HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# ---- errors (OpenAI's shape, for every error the gateway answers) ----------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """An error value a serving class returns (or raises from deep inside); rendered as ``ErrorResponse``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *,
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def to_response_model(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+
+
+def new_completion_id(prefix: str = "cmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---- completions ------------------------------------------------------------------------------------
+
+StopSequences = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None
+
+
+def normalize_stop(value: StopSequences) -> list[str]:
+    """OpenAI's ``stop`` (a string, up to 4 strings, or null) as a list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("stop must not be an empty string")
+        return [value]
+    return list(value)
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions`` (OpenAI legacy completions)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    max_tokens: int = Field(default=16, ge=1)
+    n: int = Field(default=1, ge=1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: StopSequences = None
+    stream: bool = False
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: StopSequences) -> list[str]:
+        return normalize_stop(value)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def to_generate_params(self, choice_index: int = 0) -> dict[str, Any]:
+        """Keyword arguments for ``text_generation.AsyncClient.generate`` for choice ``choice_index``.
+
+        temperature 0 is greedy (TGI refuses temperature 0); top_p 1 means no nucleus filtering (TGI
+        refuses top_p 1); a seed gives choice i the seed ``seed + i`` so the n choices differ but are
+        reproducible.
+        """
+        greedy = self.temperature == 0.0
+        params: dict[str, Any] = {
+            "do_sample": not greedy,
+            "max_new_tokens": self.max_tokens,
+            "stop_sequences": list(self.stop or []),
+        }
+        if not greedy:
+            params["temperature"] = self.temperature
+            if self.top_p < 1.0:
+                params["top_p"] = self.top_p
+            if self.seed is not None:
+                params["seed"] = (self.seed + choice_index) % (2**63)
+        if self.logprobs:
+            params["top_n_tokens"] = self.logprobs
+        return params
+
+    def sampling(self) -> dict[str, Any]:
+        """What the completions stream records about how the choices were sampled."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                "n": self.n, "seed": self.seed, "stop": list(self.stop or []), "user": self.user}
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    policy_version: str
+
+
+# ---- chat ---------------------------------------------------------------------------------------------
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``; the messages go through the model's chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    model: str = Field(min_length=1)
+    logprobs: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: StopSequences = None
+    stream: bool = False
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: StopSequences) -> list[str]:
+        return normalize_stop(value)
+
+    def to_completion_request(self, prompt: str, default_max_tokens: int) -> CompletionRequest:
+        """The equivalent completion request once the chat template has rendered ``prompt``."""
+        return CompletionRequest(
+            model=self.model, prompt=prompt, logprobs=None,
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            n=self.n, seed=self.seed, stop=list(self.stop or []) or None, stream=self.stream,
+            temperature=self.temperature, top_p=self.top_p, user=self.user,
+        )
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    policy_version: str
+
+
+# ---- models -------------------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "instructloop"
+    policy_version: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- feedback -----------------------------------------------------------------------------------------
+
+Rationale = Annotated[str, Field(max_length=4000)]
+
+
+class RankingFeedback(BaseModel):
+    """A ranking of the choices of one completion, best first; indices in one group are tied."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["ranking"]
+    completion_id: str = Field(min_length=1, max_length=128)
+    ranking: Annotated[list[Annotated[list[int], Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=64)]
+    rationale: Rationale | None = None
+
+
+class PairwiseFeedback(BaseModel):
+    """One choice of a completion preferred over another choice of the same completion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["pairwise"]
+    completion_id: str = Field(min_length=1, max_length=128)
+    chosen: int
+    rejected: int
+    rationale: Rationale | None = None
+
+
+class ABChoiceRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    completion_id: str = Field(min_length=1, max_length=128)
+    index: int = 0
+
+
+class ABFeedback(BaseModel):
+    """A vote between two completions of the same prompt (e.g. from two policy versions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["ab"]
+    a: ABChoiceRef
+    b: ABChoiceRef
+    preferred: Literal["a", "b", "tie"]
+    rationale: Rationale | None = None
+
+
+FeedbackRequest = Annotated[RankingFeedback | PairwiseFeedback | ABFeedback, Field(discriminator="type")]
+
+
+class FeedbackAccepted(BaseModel):
+    id: str = Field(description="event_id of the ComparisonEvent written to the comparisons stream")
+    object: Literal["feedback"] = "feedback"
+    status: Literal["accepted"] = "accepted"
+    duplicate: bool = Field(default=False, description="True when an Idempotency-Key replay returned an earlier id")
+
+
+# ---- demonstrations -----------------------------------------------------------------------------------
+
+
+class DemonstrationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    response: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _not_blank(self) -> DemonstrationRequest:
+        if not self.prompt.strip() or not self.response.strip():
+            raise ValueError("prompt and response must contain non-whitespace text")
+        return self
+
+
+class DemonstrationAccepted(BaseModel):
+    id: str
+    object: Literal["demonstration"] = "demonstration"
+    status: Literal["accepted"] = "accepted"
+    duplicate: bool = False
+
+
+# ---- admin --------------------------------------------------------------------------------------------
+
+
+class PolicyInfo(BaseModel):
+    version: str
+    status: str
+    current: bool
+    parent: str | None = None
+    created_at: float
+    sha256: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    reason: str | None = None
+
+
+class PolicyList(BaseModel):
+    object: Literal["list"] = "list"
+    current: str | None
+    data: list[PolicyInfo]
+
+
+class PolicyAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str | None = Field(default=None, description="Version to roll back to; default: the previous promoted one.")
+    reason: str | None = Field(default=None, max_length=1000)

@@ -1,0 +1,33 @@
+"""One thin router per resource: translate HTTP to a serving call and its result back to HTTP."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from gateway.backend import POLICY_HEADER
+from gateway.protocol import APIError, ErrorResponse
+from gateway.serving_completions import CompletionStream
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.to_response_model().model_dump(), status_code=error.status, headers=error.headers)
+
+
+def render(result: BaseModel | CompletionStream | APIError | None, status_code: int = 200):
+    """A serving result as an HTTP response (``None``: the client went away, nobody reads the answer)."""
+    if result is None:
+        return JSONResponse({}, status_code=499)
+    if isinstance(result, APIError):
+        return error_response(result)
+    if isinstance(result, CompletionStream):
+        return StreamingResponse(result.body, media_type="text/event-stream",
+                                 headers={POLICY_HEADER: result.policy_version, "Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no", **result.headers})
+    headers = {}
+    version = getattr(result, "policy_version", None)
+    if version:
+        headers[POLICY_HEADER] = version
+    return JSONResponse(result.model_dump(mode="json"), status_code=status_code, headers=headers)

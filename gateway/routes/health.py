@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.deps import State
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: State):
+    """Ready when at least one backend is healthy; Redis is reported (it does not gate completions)."""
+    backends = {r.url: {"healthy": r.healthy, "outstanding": r.outstanding, "policy_version": r.policy_version}
+                for r in state.backend.replicas}
+    ready = any(r.healthy for r in state.backend.replicas)
+    body = {"status": "ready" if ready else "not_ready", "backends": backends, "redis": await state.store.ping()}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

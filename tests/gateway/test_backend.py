@@ -1,0 +1,66 @@
+"""Backend balancing and failure handling with real serve replicas over loopback."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import free_port
+from tests.gateway.conftest import MODEL_NAME
+
+
+def test_connect_failure_is_retried_on_another_replica(start_gateway, serve, redis_server):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    gateway = start_gateway([dead, serve.url], redis_server.url, health_interval_s=3600)
+    replicas = {r.url: r for r in gateway.state.backend.replicas}
+    assert replicas[dead].healthy is False and replicas[serve.url].healthy is True
+    # a replica that died after its last health check: the checker has not noticed yet
+    replicas[dead].healthy = True
+    client = gateway.openai("alice")
+    for _ in range(4):
+        assert len(client.completions.create(model=MODEL_NAME, prompt="retry", max_tokens=2, n=2).choices) == 2
+    assert replicas[dead].healthy is False
+    assert gateway.metric("gateway_backend_requests_total", f'{{backend="{dead}",outcome="connect_error"}}') == 1
+    assert gateway.metric("gateway_backend_requests_total", f'{{backend="{serve.url}",outcome="ok"}}') >= 8
+    assert gateway.metric("gateway_backend_healthy", f'{{backend="{dead}"}}') == 0
+
+
+def test_no_healthy_backend_answers_503(start_gateway, redis_server):
+    dead = f"http://127.0.0.1:{free_port()}"
+    gateway = start_gateway([dead], redis_server.url)
+    with pytest.raises(openai.InternalServerError) as raised:
+        gateway.openai("alice").completions.create(model=MODEL_NAME, prompt="anyone?", max_tokens=2)
+    assert raised.value.status_code == 503
+    assert raised.value.response.headers["Retry-After"]
+    assert raised.value.body["code"] == "backend_unavailable"
+    with gateway.http() as http:
+        ready = http.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["backends"][dead]["healthy"] is False
+
+
+def test_least_outstanding_balancing_spreads_concurrent_choices(start_gateway, serve, redis_server):
+    # the same serve twice under two names: both healthy, so the n=6 choices must be spread 3/3
+    alias = serve.url.replace("127.0.0.1", "localhost")
+    gateway = start_gateway([serve.url, alias], redis_server.url)
+    gateway.openai("alice").completions.create(model=MODEL_NAME, prompt="spread", max_tokens=2, n=6)
+    ok = [gateway.metric("gateway_backend_requests_total", f'{{backend="{u}",outcome="ok"}}') for u in (serve.url, alias)]
+    assert ok == [3, 3]
+
+
+def test_client_gone_mid_stream_is_counted(gateway):
+    body = {"model": MODEL_NAME, "prompt": "A long story:", "max_tokens": 400, "stream": True, "temperature": 1.0}
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers("alice"), timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    break  # one token, then hang up
+    deadline = time.monotonic() + 20
+    while gateway.metric("gateway_stream_write_failures_total") < 1:
+        assert time.monotonic() < deadline, "the dropped stream was not noticed"
+        time.sleep(0.1)
+    # nothing half-done is logged as a served completion
+    assert gateway.metric("gateway_completions_logged_total") == 0
