@@ -1,0 +1,1 @@
+"""instructloop's learner: reward model, SFT, PPO-ptx, gate, publish."""

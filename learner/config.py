@@ -1,0 +1,189 @@
+"""Hyperparameters of the learner's algorithms: one dataclass per component, a docstring per field.
+
+``__post_init__`` checks fields against each other and raises ``ValueError`` naming the field to fix.
+The service side (learner/settings.py) builds these from its Settings; algorithms only read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+def _positive(owner: str, **fields: float) -> None:
+    for name, value in fields.items():
+        if not value > 0:
+            raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model training on K-wise rankings (paper eq. 1)."""
+
+    lr: float = 1e-5
+    """AdamW learning rate (the paper used 9e-6 for its 6B RM; a 135M model tolerates about the same)."""
+    epochs: int = 1
+    """Passes over the comparisons. The paper trains one epoch: more overfits the RM quickly."""
+    rankings_per_batch: int = 8
+    """Rankings per optimizer step; all K responses of a ranking go into the same forward pass."""
+    max_length: int = 512
+    """Tokens per (prompt, response) sequence; the prompt is cut from the left to fit."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    score_batch_size: int = 16
+    """Sequences per forward pass when only scoring (held-out accuracy, bias normalisation)."""
+    seed: int = 0
+    """Seed of the shuffle."""
+
+    def __post_init__(self) -> None:
+        _positive("RewardConfig", lr=self.lr, epochs=self.epochs, rankings_per_batch=self.rankings_per_batch,
+                  max_length=self.max_length, max_grad_norm=self.max_grad_norm,
+                  score_batch_size=self.score_batch_size)
+        if self.weight_decay < 0:
+            raise ValueError(f"RewardConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_length < 8:
+            raise ValueError(f"RewardConfig.max_length={self.max_length} leaves no room for a prompt and response")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations (TRL SFTTrainer, loss on the completion only)."""
+
+    lr: float = 2e-5
+    """Learning rate."""
+    epochs: float = 1.0
+    """Passes over the demonstrations (the paper trained 16 epochs on 13k demonstrations; online we see
+    far fewer, so one pass per round avoids memorising them)."""
+    batch_size: int = 4
+    """Demonstrations per device step."""
+    gradient_accumulation_steps: int = 1
+    """Steps accumulated per optimizer step."""
+    max_length: int = 512
+    """Tokens per prompt+completion; longer ones are truncated."""
+    min_demonstrations: int = 16
+    """Below this many demonstrations the service should skip SFT and keep the already-instruct-tuned model
+    (DESIGN: "SFT when there are enough of them"). ``run_sft`` refuses fewer than one."""
+    warmup_ratio: float = 0.0
+    """Fraction of steps of linear warm-up."""
+    seed: int = 0
+    """Seed of the trainer."""
+    logging_steps: int = 10
+    """Log every this many optimizer steps."""
+
+    def __post_init__(self) -> None:
+        _positive("SFTConfig", lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
+                  gradient_accumulation_steps=self.gradient_accumulation_steps, max_length=self.max_length,
+                  min_demonstrations=self.min_demonstrations, logging_steps=self.logging_steps)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"SFTConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class PPOConfig:
+    """One PPO-ptx round: the objective of paper eq. (2), optimised with clipped PPO."""
+
+    rollout_batch_size: int = 16
+    """Prompts sampled (one response each) per round."""
+    mini_batch_size: int = 4
+    """Rollouts per PPO optimizer step; must divide ``rollout_batch_size``."""
+    ppo_epochs: int = 2
+    """Passes over the round's rollouts (each pass: shuffled minibatches)."""
+    lr: float = 3e-6
+    """AdamW learning rate of the policy (and of the value model)."""
+    value_lr: float | None = None
+    """Learning rate of the value model; None = ``lr``."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm, per model."""
+    kl_coef: float = 0.02
+    """β of eq. (2): per-token penalty on log(π/π_ref). 0.02 is the paper's value."""
+    adaptive_kl: bool = False
+    """Adapt β toward ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed."""
+    kl_target: float = 6.0
+    """Target per-sequence KL (nats) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (rollouts) of the adaptive controller."""
+    ptx_coef: float = 1.0
+    """γ of eq. (2): weight of the pretraining log-likelihood; 0 = plain PPO. The paper's 27.8 came with its
+    loss normalisation and 8× more pretraining than RL samples per step. Here both the PPO loss and the ptx
+    NLL are per-token means and advantages are whitened (unit scale), so γ≈1 weighs one pretraining token
+    like one RL token; 27.8 would swamp the RL gradient of our small online batches."""
+    ptx_batch_size: int = 4
+    """Pretraining sequences per ptx step."""
+    ptx_seq_len: int = 128
+    """Tokens per pretraining sequence."""
+    ptx_steps: int = 1
+    """ptx optimizer steps per round (after the PPO epochs, on the same optimizer)."""
+    cliprange: float = 0.2
+    """ε of the clipped ratio."""
+    cliprange_value: float = 0.2
+    """ε_v of the clipped value loss."""
+    gamma: float = 1.0
+    """GAE discount (1: the episode is one response)."""
+    lam: float = 0.95
+    """GAE λ."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (keeping their mean) before GAE."""
+    temperature: float = 0.7
+    """Sampling temperature; logits are divided by it before every logprob (policy, reference, old and new)."""
+    max_new_tokens: int = 64
+    """Response length cap; a response that reaches it without EOS is penalised."""
+    max_prompt_tokens: int = 256
+    """Query tokens (chat template included) kept, from the right."""
+    missing_eos_penalty: float | None = 1.0
+    """Subtracted from the RM score of a response with no EOS (Huang et al.: penalise incomplete
+    responses so the policy does not learn to ramble). None disables it."""
+    forward_batch_size: int = 8
+    """Sequences per no-grad forward pass (reference logprobs, values, scores)."""
+    seed: int = 0
+    """Seed of prompt order, sampling and minibatch shuffles."""
+
+    def __post_init__(self) -> None:
+        _positive("PPOConfig", rollout_batch_size=self.rollout_batch_size, mini_batch_size=self.mini_batch_size,
+                  ppo_epochs=self.ppo_epochs, lr=self.lr, max_grad_norm=self.max_grad_norm,
+                  kl_target=self.kl_target, kl_horizon=self.kl_horizon, ptx_batch_size=self.ptx_batch_size,
+                  ptx_seq_len=self.ptx_seq_len, cliprange=self.cliprange, cliprange_value=self.cliprange_value,
+                  temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                  max_prompt_tokens=self.max_prompt_tokens, forward_batch_size=self.forward_batch_size)
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"PPOConfig.mini_batch_size={self.mini_batch_size} must divide "
+                f"rollout_batch_size={self.rollout_batch_size}"
+            )
+        if self.mini_batch_size < 2:
+            raise ValueError("PPOConfig.mini_batch_size must be >= 2 (advantages are whitened per round)")
+        if self.kl_coef < 0 or self.ptx_coef < 0:
+            raise ValueError("PPOConfig.kl_coef and PPOConfig.ptx_coef must be >= 0")
+        if self.ptx_steps < 0:
+            raise ValueError("PPOConfig.ptx_steps must be >= 0")
+        if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError(f"PPOConfig.gamma must be in (0, 1] and lam in [0, 1], got {self.gamma}, {self.lam}")
+        if self.value_lr is not None and not self.value_lr > 0:
+            raise ValueError(f"PPOConfig.value_lr must be > 0 or None, got {self.value_lr}")
+        if self.ptx_seq_len < 2:
+            raise ValueError("PPOConfig.ptx_seq_len must be >= 2 (one token predicts the next)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of a policy, for the promotion gate."""
+
+    max_new_tokens: int = 64
+    """Response length cap."""
+    do_sample: bool = False
+    """Greedy decoding when False (deterministic); seeded sampling at ``temperature`` when True."""
+    temperature: float = 1.0
+    """Sampling temperature (only with ``do_sample``); logprobs for the KL use the same temperature."""
+    batch_size: int = 8
+    """Prompts per generate/forward call."""
+    max_prompt_tokens: int = 256
+    """Query tokens kept, from the right."""
+    seed: int = 0
+    """Seed of sampling (with ``do_sample``)."""
+
+    def __post_init__(self) -> None:
+        _positive("EvalConfig", max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                  batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens)

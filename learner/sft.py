@@ -1,0 +1,103 @@
+"""Supervised fine-tuning on labeler demonstrations (paper section 3.5, "SFT"), with TRL's ``SFTTrainer``.
+
+Each ``DemonstrationEvent`` becomes one conversational prompt-completion example
+(``prompt = [user turn]``, ``completion = [assistant turn]``), so the chat template renders exactly the
+query the policy sees in PPO (``learner.reward.format_query``) followed by the response and
+``<|im_end|>``; the loss is on the completion tokens only (``completion_only_loss=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from learner.config import SFTConfig
+from learner.reward import disable_dropout, encode_query, left_pad, position_ids_from_mask
+
+log = logging.getLogger(__name__)
+
+
+def demonstrations_dataset(demonstrations: list):
+    """A ``datasets.Dataset`` of conversational prompt-completion examples."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {
+            "prompt": [{"role": "user", "content": demo.prompt}],
+            "completion": [{"role": "assistant", "content": demo.response}],
+        }
+        for demo in demonstrations
+    ])
+
+
+def run_sft(model_path: str | Path, demonstrations: list, output_dir: str | Path, config: SFTConfig,
+            progress: bool = False) -> Path:
+    """Fine-tune the causal LM at ``model_path`` on ``demonstrations``; save model + tokenizer to
+    ``output_dir`` (plus ``sft_metrics.json``: train loss, steps, runtime) and return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    if not demonstrations:
+        raise ValueError("run_sft needs at least one demonstration")
+    output_dir = Path(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{model_path}: the tokenizer has no chat template; SFT renders demonstrations with it")
+    model = disable_dropout(AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32))
+    args = TRLSFTConfig(
+        output_dir=str(output_dir / "trainer-state"),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.lr,
+        warmup_ratio=config.warmup_ratio,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        fp16=False,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=demonstrations_dataset(demonstrations),
+                         processing_class=tokenizer)
+    result = trainer.train()
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    metrics = {"train_loss": float(result.training_loss), "steps": int(result.global_step),
+               "runtime_s": float(result.metrics.get("train_runtime", 0.0)), "demonstrations": len(demonstrations)}
+    (output_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("sft done", extra={"output_dir": str(output_dir), **metrics})
+    return output_dir
+
+
+@torch.no_grad()
+def completion_nll(model, tokenizer, demonstrations: list, max_length: int = 512, batch_size: int = 8) -> float:
+    """Mean per-token negative log-likelihood of the demonstrations' responses (+ ``<|im_end|>``) given
+    their queries: the quantity SFT minimises, measured independently of TRL."""
+    eos = tokenizer.eos_token_id
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    for start in range(0, len(demonstrations), batch_size):
+        sequences, response_lengths = [], []
+        for demo in demonstrations[start : start + batch_size]:
+            response = tokenizer(demo.response, add_special_tokens=False).input_ids[: max_length // 2] + [eos]
+            query = encode_query(tokenizer, demo.prompt, max_length - len(response))
+            sequences.append(query + response)
+            response_lengths.append(len(response))
+        input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)  # (b, T)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        width = input_ids.size(1)
+        for row, n in enumerate(response_lengths):
+            total_nll -= logp[row, width - 1 - n :].sum().item()
+            total_tokens += n
+    return total_nll / total_tokens

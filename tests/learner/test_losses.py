@@ -1,0 +1,216 @@
+"""Every loss, mask and advantage function of learner/losses.py against tiny hand-computed tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from learner.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    first_true_indices,
+    gae_advantages,
+    kl_from_logits,
+    kl_penalized_rewards,
+    kwise_ranking_loss,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ptx_loss,
+    ranking_pairs_flat,
+    response_lengths,
+    response_mask_from_lengths,
+    truncate_response,
+)
+
+
+def _nls(x: float) -> float:
+    """-log σ(x), by hand."""
+    return math.log1p(math.exp(-x))
+
+
+def test_masked_mean_and_var():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert_close(masked_mean(values, mask), torch.tensor(2.5))  # (1+2+3+4)/4
+    assert_close(masked_mean(values, mask, dim=1), torch.tensor([2.0, 4.0]))
+    # unbiased variance of [1,2,3,4]: mean 2.5, squared deviations 2.25+.25+.25+2.25 = 5, /3
+    assert_close(masked_var(values, mask), torch.tensor(5.0 / 3.0))
+    assert_close(masked_var(values, mask, unbiased=False), torch.tensor(5.0 / 4.0))
+    assert_close(masked_mean(values, torch.zeros_like(mask), dim=1), torch.tensor([0.0, 0.0]))
+    with pytest.raises(ValueError):
+        masked_var(values, torch.tensor([[True, False, False], [False, False, False]]))
+
+
+def test_masked_whiten():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    std = math.sqrt(5.0 / 3.0 + 1e-8)
+    expected = torch.tensor([[-1.5, -0.5, 0.5], [1.5, 97.5, 97.5]]) / std
+    assert_close(masked_whiten(values, mask), expected)
+    assert_close(masked_whiten(values, mask, shift_mean=False), expected + 2.5)
+    whitened = masked_whiten(values, mask)
+    assert_close(masked_mean(whitened, mask), torch.tensor(0.0), atol=1e-6, rtol=0)
+    assert_close(masked_var(whitened, mask), torch.tensor(1.0), atol=1e-5, rtol=0)
+
+
+def test_first_true_indices():
+    bools = torch.tensor([[False, True, True], [False, False, False], [True, False, True]])
+    assert first_true_indices(bools).tolist() == [1, 3, 0]
+
+
+def test_truncate_response_and_lengths():
+    eos, pad = 2, 0
+    responses = torch.tensor([[5, 2, 7, 8], [5, 6, 7, 8], [2, 9, 2, 9], [5, 6, 7, 2]])
+    truncated = truncate_response(responses, eos, pad)
+    assert truncated.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [5, 6, 7, 2]]
+    last = response_lengths(truncated, pad)
+    assert last.tolist() == [1, 3, 0, 3]
+    assert response_mask_from_lengths(last, 4).tolist() == [
+        [True, True, False, False],
+        [True, True, True, True],
+        [True, False, False, False],
+        [True, True, True, True],
+    ]
+
+
+def test_kwise_loss_hand_computed():
+    # one ranking of K=3, fully ordered: 0 > 1 > 2; pairs (0,1), (0,2), (1,2), C(3,2) = 3
+    scores = torch.tensor([2.0, 1.0, -1.0])
+    pairs = ranking_pairs_flat([[[0], [1], [2]]], [3])
+    loss, accuracy = kwise_ranking_loss(scores, pairs)
+    expected = (_nls(1.0) + _nls(3.0) + _nls(2.0)) / 3
+    assert_close(loss, torch.tensor(expected))
+    assert accuracy.item() == 1.0
+
+
+def test_kwise_loss_with_ties_equals_mean_of_pairwise():
+    # ranking A (K=4): [1] > [0, 3] (tied) > [2]: pairs (1,0), (1,3), (1,2), (0,2), (3,2) — 5, not C(4,2)=6
+    # ranking B (K=2): [1] > [0]: one pair; it is offset by 4 in the flattened batch
+    scores = torch.tensor([0.5, 1.5, -0.25, 3.0, 0.1, -0.7], requires_grad=True)
+    pairs = ranking_pairs_flat([[[1], [0, 3], [2]], [[1], [0]]], [4, 2])
+    assert list(zip(pairs.winners.tolist(), pairs.losers.tolist(), strict=True)) == [
+        (1, 0), (1, 3), (1, 2), (0, 2), (3, 2), (5, 4)
+    ]
+    loss, accuracy = kwise_ranking_loss(scores, pairs)
+    s = scores.tolist()
+    pairwise_a = [_nls(s[w] - s[lo]) for w, lo in [(1, 0), (1, 3), (1, 2), (0, 2), (3, 2)]]
+    pairwise_b = [_nls(s[5] - s[4])]
+    # each ranking is the mean of the pairwise losses it stands for; the batch is the mean over rankings
+    expected = (sum(pairwise_a) / 5 + sum(pairwise_b) / 1) / 2
+    assert_close(loss, torch.tensor(expected))
+    # accuracy over pairs: (1,3) wrong (1.5 < 3.0), (5,4) wrong (-0.7 < 0.1): 4 of 6 right
+    assert_close(accuracy, torch.tensor(4 / 6))
+    loss.backward()
+    assert scores.grad is not None and torch.isfinite(scores.grad).all()
+    with pytest.raises(ValueError):
+        ranking_pairs_flat([[[0, 1]]], [2])
+
+
+def test_logprobs_and_entropy():
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]])  # (1, 2, 2)
+    tokens = torch.tensor([[1, 0]])
+    assert_close(logprobs_from_logits(logits, tokens), torch.tensor([[math.log(0.5), math.log(0.75)]]))
+    expected_entropy = [math.log(2.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
+    assert_close(entropy_from_logits(logits), torch.tensor([expected_entropy]))
+
+
+def test_kl_penalized_rewards():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, -0.25, -1.0]])
+    last = torch.tensor([2, 1])
+    mask = response_mask_from_lengths(last, 3)
+    scores = torch.tensor([10.0, -4.0])
+    rewards, non_score, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores, last, mask, kl_coef=0.1)
+    assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [0.5, -0.25, 0.0]]))
+    assert_close(non_score, torch.tensor([[-0.05, 0.1, 0.0], [-0.05, 0.025, 0.0]]))
+    assert_close(rewards, torch.tensor([[-0.05, 0.1, 10.0], [-0.05, -3.975, 0.0]]))
+
+
+def test_gae_hand_computed():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 7.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [2.0, 3.0, 99.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    gamma, lam = 1.0, 0.95
+    advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
+    # row 0: δ2 = 2 - 1.5 = 0.5; δ1 = 0 + 1.5 - 1 = 0.5; δ0 = 1 + 1 - 0.5 = 1.5
+    a2 = 0.5
+    a1 = 0.5 + 0.95 * a2
+    a0 = 1.5 + 0.95 * a1
+    # row 1 ends at t=1: δ1 = 1 + 0 - 3 = -2; δ0 = 0.5 + 3 - 2 = 1.5
+    b1 = -2.0
+    b0 = 1.5 + 0.95 * b1
+    assert_close(advantages, torch.tensor([[a0, a1, a2], [b0, b1, 0.0]]))
+    assert_close(returns, torch.tensor([[a0 + 0.5, a1 + 1.0, a2 + 1.5], [b0 + 2.0, b1 + 3.0, 0.0]]))
+    # γ=0.5, λ=1 on one row: A_t = Σ_k γ^k δ_{t+k}
+    adv, _ = gae_advantages(torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[True, True]]), 0.5, 1.0)
+    assert_close(adv, torch.tensor([[1.5, 1.0]]))
+
+
+def test_clipped_policy_loss():
+    old = torch.zeros(1, 3)
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    advantages = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.tensor([[True, True, True]])
+    loss, clip_fraction, approx_kl = clipped_policy_loss(logprobs, old, advantages, mask, cliprange=0.2)
+    # token 0: A=1, r=1.5 → max(-1.5, -1.2) = -1.2 (clipped); token 1: A=1, r=0.5 → max(-0.5, -0.8) = -0.5;
+    # token 2: A=-2, r=1.1 → max(2.2, 2.2) = 2.2 (inside the range)
+    assert_close(loss, torch.tensor((-1.2 - 0.5 + 2.2) / 3))
+    assert_close(clip_fraction, torch.tensor(1 / 3))
+    expected_kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3
+    assert_close(approx_kl, torch.tensor(expected_kl))
+    # a masked token does not count
+    loss_masked, _, _ = clipped_policy_loss(logprobs, old, advantages, torch.tensor([[True, True, False]]), 0.2)
+    assert_close(loss_masked, torch.tensor((-1.2 - 0.5) / 2))
+
+
+def test_clipped_value_loss():
+    old_values = torch.tensor([[0.0, 0.0]])
+    values = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[2.0, -1.0]])
+    loss, clip_fraction = clipped_value_loss(values, old_values, returns, torch.tensor([[True, True]]), 0.2)
+    # token 0: unclipped (1-2)² = 1, clipped (0.2-2)² = 3.24 → 3.24; token 1: (0.1+1)² = 1.21, same clipped → 1.21
+    assert_close(loss, torch.tensor(0.5 * (3.24 + 1.21) / 2))
+    assert_close(clip_fraction, torch.tensor(0.5))
+
+
+def test_ptx_loss():
+    # vocab 2, uniform logits except position 1 favouring token 0 (p = 0.75)
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]])
+    input_ids = torch.tensor([[1, 1, 0]])
+    attention_mask = torch.tensor([[1, 1, 1]])
+    loss, nll = ptx_loss(logits, input_ids, attention_mask, ptx_coef=2.0)
+    # predicted: token 1 from position 0 (p=.5), token 0 from position 1 (p=.75)
+    expected_nll = (math.log(2.0) - math.log(0.75)) / 2
+    assert_close(nll, torch.tensor(expected_nll))
+    assert_close(loss, torch.tensor(2.0 * expected_nll))
+    _, nll_padded = ptx_loss(logits, input_ids, torch.tensor([[1, 1, 0]]), ptx_coef=1.0)
+    assert_close(nll_padded, torch.tensor(math.log(2.0)))
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.05)
+    fixed.update(current_kl=100.0, n_steps=64)
+    assert fixed.value == 0.05
+    adaptive = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    adaptive.update(current_kl=12.0, n_steps=1000)  # error clipped to +0.2 → ×1.02
+    assert adaptive.value == pytest.approx(0.102)
+    adaptive.update(current_kl=5.4, n_steps=1000)  # error -0.1 → ×0.99
+    assert adaptive.value == pytest.approx(0.102 * 0.99)
+    restored = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.value == adaptive.value
+
+
+def test_kl_from_logits():
+    logits = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # p = (.75, .25), (.5, .5)
+    ref_logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])  # q = (.5, .5)
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert_close(kl_from_logits(logits, ref_logits), torch.tensor([[expected, 0.0]]))

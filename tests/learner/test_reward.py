@@ -1,0 +1,92 @@
+"""Reward model on a tiny random-init Llama: parity with a plain HF forward, K-wise training learns a
+synthetic preference, bias normalisation survives a save/load."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from instructloop.events import ComparisonEvent
+from learner.config import RewardConfig
+from learner.reward import (
+    build_reward_model,
+    encode_sequence,
+    left_pad,
+    normalize_reward_bias,
+    pairwise_accuracy,
+    reward_scores,
+    sequence_scores,
+    train_reward_model,
+)
+from tests.conftest import build_tiny_model_dir
+
+WORDS = ["river", "stone", "cloud", "paper", "green", "quiet", "north", "table", "light", "music"]
+TARGET = " wonderful"
+PROMPTS = ["Describe your day.", "Say something.", "Write a short line.", "Tell me a thing.", "Any news?"]
+
+
+def synthetic_comparison(rng: random.Random, k: int = 4) -> ComparisonEvent:
+    """K responses of random words; each carries the target word 0, 1 or 2 times. The ranking is by that
+    count, best first, and responses with the same count are tied (no pair between them)."""
+    counts = [rng.choice([0, 1, 2]) for _ in range(k)]
+    while len(set(counts)) < 2:
+        counts = [rng.choice([0, 1, 2]) for _ in range(k)]
+    responses = []
+    for count in counts:
+        words = [" " + rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+        for _ in range(count):
+            words.insert(rng.randint(0, len(words)), TARGET)
+        responses.append("".join(words).strip())
+    ranking = [[i for i in range(k) if counts[i] == c] for c in sorted(set(counts), reverse=True)]
+    return ComparisonEvent(prompt=rng.choice(PROMPTS), responses=responses, ranking=ranking, labeler_id="synthetic")
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory, tokenizer):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-rm"), tokenizer, seed=1)
+
+
+def test_scores_match_plain_hf_forward_with_left_padding(rm_dir, tokenizer):
+    model = build_reward_model(str(rm_dir))
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    sequences = [encode_sequence(tokenizer, p, r, 128) for p, r in [("Hi", "Hello there, friend."), ("A much longer prompt here", "ok")]]
+    input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = sequence_scores(model, input_ids, attention_mask)
+        theirs = torch.stack([model(input_ids=torch.tensor([s])).logits[0, 0] for s in sequences])
+    assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_kwise_training_learns_synthetic_preference_and_bias_normalisation(rm_dir, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    train = [synthetic_comparison(rng) for _ in range(192)]
+    heldout = [synthetic_comparison(rng) for _ in range(48)]
+    model = build_reward_model(str(rm_dir))
+    before = pairwise_accuracy(model, tokenizer, heldout)
+    config = RewardConfig(lr=2e-3, epochs=2, rankings_per_batch=8, max_length=96)
+    stats = train_reward_model(model, tokenizer, train, config, heldout=heldout)
+    assert stats["steps"] == 48 and stats["rankings"] == 384
+    assert stats["heldout_accuracy"] >= 0.9, (before, stats)
+    assert stats["heldout_loss"] < 0.5
+
+    # normalise: these (prompt, response) pairs now score mean 0, and a saved RM keeps its bias
+    prompts = [c.prompt for c in heldout]
+    responses = [c.responses[0] for c in heldout]
+    bias = normalize_reward_bias(model, tokenizer, prompts, responses)
+    scores = reward_scores(model, tokenizer, prompts, responses)
+    assert abs(scores.mean().item()) < 1e-4
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    reloaded = build_reward_model(str(tmp_path / "rm"))
+    assert reloaded.score.bias.item() == pytest.approx(bias)
+    assert_close(reward_scores(reloaded, tokenizer, prompts, responses), scores, atol=1e-5, rtol=1e-4)
+
+
+def test_reward_scores_refuses_mismatched_lengths(rm_dir, tokenizer):
+    model = build_reward_model(str(rm_dir))
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        reward_scores(model, tokenizer, ["a", "b"], ["x"])
