@@ -1,0 +1,117 @@
+"""``instructloop learner run|once|status`` (settings from ``INSTRUCTLOOP_LEARNER_*``; heavy imports inside)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+log = logging.getLogger("learner")
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from learner.settings import Settings
+
+    try:
+        settings = Settings()
+        settings.require_redis()
+    except (ValidationError, ValueError) as exc:
+        typer.echo(f"error: invalid learner settings (INSTRUCTLOOP_LEARNER_*): {exc}", err=True)
+        raise typer.Exit(2) from exc
+    return settings
+
+
+def _learner(settings, serve_metrics: bool):
+    import redis
+
+    from instructloop.logs import configure_logging
+    from instructloop.model import ModelNotAvailable
+    from learner.loop import Learner
+    from learner.metrics import LearnerMetrics
+
+    configure_logging(settings.log_level, json_logs=settings.json_logs)
+    metrics = LearnerMetrics()
+    if serve_metrics and settings.metrics_port:
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as exc:
+            typer.echo(f"error: cannot serve metrics on port {settings.metrics_port} ({exc}); set "
+                       "INSTRUCTLOOP_LEARNER_METRICS_PORT to a free port or 0", err=True)
+            raise typer.Exit(2) from exc
+    learner = Learner(settings, metrics=metrics, progress=sys.stderr.isatty())
+    try:
+        learner.redis.ping()
+    except redis.ConnectionError as exc:
+        typer.echo(f"error: cannot reach Redis at {settings.redis_url} ({exc}); start it or fix "
+                   "INSTRUCTLOOP_LEARNER_REDIS_URL", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        learner.start()
+    except ModelNotAvailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    return learner
+
+
+@app.command("run")
+def run(
+    max_rounds: int = typer.Option(None, help="Stop after this many training rounds (default: run until SIGTERM)."),
+) -> None:
+    """Ingest the streams and learn forever: RM updates, PPO-ptx rounds, gate, publish."""
+    settings = _settings()
+    learner = _learner(settings, serve_metrics=True)
+    learner.install_signal_handlers()
+    try:
+        learner.run(max_rounds=max_rounds if max_rounds is not None else settings.max_rounds)
+    finally:
+        learner.close()
+
+
+@app.command("once")
+def once() -> None:
+    """One round: ingest → RM update if enough new comparisons → PPO-ptx round if enough prompts → gate → publish."""
+    settings = _settings()
+    learner = _learner(settings, serve_metrics=False)
+    learner.install_signal_handlers()
+    try:
+        report = learner.round()
+    finally:
+        learner.close()
+    summary = {
+        "ingested": report.ingest.inserted,
+        "duplicates": report.ingest.duplicates,
+        "dead_lettered": report.ingest.dead_lettered,
+        "sft": report.sft,
+        "reward": report.reward,
+        "ppo": report.ppo,
+        "version": report.version,
+        "promoted": None if report.gate is None else report.gate.promote,
+        "reasons": None if report.gate is None else report.gate.reasons,
+        "duration_s": round(report.duration_s, 3),
+    }
+    typer.echo(json.dumps(summary))
+
+
+@app.command("status")
+def status() -> None:
+    """Print the learner's state (counters, incumbent), dataset sizes and consumer lag as JSON."""
+    settings = _settings()
+    from learner.loop import Learner
+
+    learner = Learner(settings, progress=False)
+    try:
+        learner.ingestor.ensure_groups()
+        out = {
+            "state": learner.state.model_dump(exclude={"history"}),
+            "dataset": learner.dataset.counts(),
+            "lag": learner.ingestor.update_lag(),
+            "current": learner.registry.current(),
+        }
+    finally:
+        learner.close()
+    typer.echo(json.dumps(out, indent=2))

@@ -1,0 +1,268 @@
+"""The learner's own durable dataset: SQLite (stdlib), WAL, ``synchronous=FULL``.
+
+One table per kind of event, ``event_id`` unique in each, so a re-delivered event is dropped by the
+database itself. Every row gets an increasing ``seq`` (the dataset cursor: the checkpoint remembers up to
+which ``seq`` the reward model has trained) and a fixed ``heldout`` flag derived from a hash of the
+``event_id``, so the train / held-out split never changes across restarts.
+
+Tables:
+    comparisons      a ``ComparisonEvent`` per row (prompt, K responses, ranking, policy versions)
+    demonstrations   a ``DemonstrationEvent`` per row
+    prompts          the prompt of a ``CompletionEvent`` per row (PPO and the gate sample from these)
+    dead_letters     (stream, entry_id) of every malformed entry sent to the dead-letter stream, with the reason
+
+Writes happen in one transaction per ingested batch; the ingestor acknowledges the Redis entries only
+after ``commit`` returned (see ``learner/ingest.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from instructloop.events import ComparisonEvent, CompletionEvent, DemonstrationEvent, Event
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS comparisons (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL UNIQUE,
+    entry_id    TEXT NOT NULL,
+    prompt      TEXT NOT NULL,
+    heldout     INTEGER NOT NULL,
+    created_at  REAL NOT NULL,
+    ingested_at REAL NOT NULL,
+    event       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS demonstrations (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL UNIQUE,
+    entry_id    TEXT NOT NULL,
+    prompt      TEXT NOT NULL,
+    heldout     INTEGER NOT NULL,
+    created_at  REAL NOT NULL,
+    ingested_at REAL NOT NULL,
+    event       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS prompts (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id       TEXT NOT NULL UNIQUE,
+    entry_id       TEXT NOT NULL,
+    prompt         TEXT NOT NULL,
+    heldout        INTEGER NOT NULL,
+    policy_version TEXT NOT NULL,
+    chat           INTEGER NOT NULL,
+    created_at     REAL NOT NULL,
+    ingested_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    stream      TEXT NOT NULL,
+    entry_id    TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    ingested_at REAL NOT NULL,
+    PRIMARY KEY (stream, entry_id)
+);
+CREATE INDEX IF NOT EXISTS prompts_split ON prompts (heldout, prompt);
+CREATE INDEX IF NOT EXISTS comparisons_split ON comparisons (heldout, seq);
+"""
+
+TABLE_OF = {ComparisonEvent: "comparisons", DemonstrationEvent: "demonstrations", CompletionEvent: "prompts"}
+
+
+def is_heldout(event_id: str, fraction: float) -> bool:
+    """Deterministic split: the first 8 bytes of sha256(event_id) as a number in [0, 1) below ``fraction``."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(event_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclass(frozen=True)
+class IngestedEntry:
+    """One stream entry that parsed: where it came from and the event."""
+
+    stream: str
+    entry_id: str
+    event: Event
+
+
+@dataclass
+class AddResult:
+    """Outcome of one ``Dataset.add``: per stream, events stored and events dropped as duplicates."""
+
+    inserted: dict[str, int] = field(default_factory=dict)
+    duplicates: dict[str, int] = field(default_factory=dict)
+    dead_letters: int = 0
+
+
+@dataclass(frozen=True)
+class StoredComparison:
+    seq: int
+    comparison: ComparisonEvent
+
+
+class Dataset:
+    """The learner's dataset. One connection, guarded by a lock (the metrics thread reads counts)."""
+
+    def __init__(self, path: str | Path, heldout_fraction: float = 0.1):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.heldout_fraction = heldout_fraction
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ---- writes ----------------------------------------------------------------------------------
+    def add(self, entries: Iterable[IngestedEntry], dead_letters: Iterable[tuple[str, str, str]] = ()) -> AddResult:
+        """Store parsed entries and dead-letter records ``(stream, entry_id, reason)`` in ONE transaction.
+
+        When this returns the rows are committed and on disk (WAL + synchronous=FULL).
+        """
+        now = time.time()
+        result = AddResult()
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                for entry in entries:
+                    outcome = result.inserted if self._insert(cur, entry, now) else result.duplicates
+                    outcome[entry.stream] = outcome.get(entry.stream, 0) + 1
+                for stream, entry_id, reason in dead_letters:
+                    cur.execute(
+                        "INSERT OR IGNORE INTO dead_letters (stream, entry_id, reason, ingested_at) VALUES (?, ?, ?, ?)",
+                        (stream, entry_id, reason, now),
+                    )
+                    result.dead_letters += cur.rowcount
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return result
+
+    def _insert(self, cur: sqlite3.Cursor, entry: IngestedEntry, now: float) -> bool:
+        event = entry.event
+        heldout = int(is_heldout(event.event_id, self.heldout_fraction))
+        if isinstance(event, CompletionEvent):
+            cur.execute(
+                "INSERT OR IGNORE INTO prompts (event_id, entry_id, prompt, heldout, policy_version, chat, created_at,"
+                " ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (event.event_id, entry.entry_id, event.prompt, heldout, event.policy_version, int(event.chat),
+                 event.created_at, now),
+            )
+        elif isinstance(event, ComparisonEvent | DemonstrationEvent):
+            table = TABLE_OF[type(event)]
+            cur.execute(
+                f"INSERT OR IGNORE INTO {table} (event_id, entry_id, prompt, heldout, created_at, ingested_at, event)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (event.event_id, entry.entry_id, event.prompt, heldout, event.created_at, now, event.model_dump_json()),
+            )
+        else:
+            raise TypeError(f"the dataset stores no {type(event).__name__}")
+        return cur.rowcount == 1
+
+    def has_dead_letter(self, stream: str, entry_id: str) -> bool:
+        return self._one("SELECT COUNT(*) FROM dead_letters WHERE stream = ? AND entry_id = ?", (stream, entry_id)) > 0
+
+    # ---- reads -----------------------------------------------------------------------------------
+    def _one(self, sql: str, args: tuple = ()) -> int:
+        with self._lock:
+            row = self._conn.execute(sql, args).fetchone()
+        return int(row[0] or 0)
+
+    def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table (the ``dataset_rows`` metric)."""
+        return {table: self._one(f"SELECT COUNT(*) FROM {table}")
+                for table in ("comparisons", "demonstrations", "prompts", "dead_letters")}
+
+    def event_ids(self, table: str) -> list[str]:
+        if table not in ("comparisons", "demonstrations", "prompts"):
+            raise ValueError(f"unknown table {table}")
+        return [row[0] for row in self._all(f"SELECT event_id FROM {table} ORDER BY seq")]
+
+    def max_comparison_seq(self) -> int:
+        return self._one("SELECT MAX(seq) FROM comparisons")
+
+    def count_new_comparisons(self, after_seq: int) -> int:
+        """Training comparisons the reward model has not seen (``seq`` past the checkpoint's cursor)."""
+        return self._one("SELECT COUNT(*) FROM comparisons WHERE heldout = 0 AND seq > ?", (after_seq,))
+
+    def comparisons(self, *, after_seq: int = 0, up_to_seq: int | None = None, heldout: bool = False,
+                    limit: int | None = None) -> list[StoredComparison]:
+        """Comparisons of one split in ``seq`` order, ``after_seq < seq <= up_to_seq``."""
+        sql = "SELECT seq, event FROM comparisons WHERE heldout = ? AND seq > ?"
+        args: list = [int(heldout), after_seq]
+        if up_to_seq is not None:
+            sql += " AND seq <= ?"
+            args.append(up_to_seq)
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [StoredComparison(seq, ComparisonEvent.model_validate_json(event)) for seq, event in self._all(sql, tuple(args))]
+
+    def demonstrations(self, *, heldout: bool | None = None, limit: int | None = None) -> list[DemonstrationEvent]:
+        sql = "SELECT event FROM demonstrations"
+        args: list = []
+        if heldout is not None:
+            sql += " WHERE heldout = ?"
+            args.append(int(heldout))
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [DemonstrationEvent.model_validate_json(row[0]) for row in self._all(sql, tuple(args))]
+
+    def count_prompts(self, *, heldout: bool = False, after_seq: int = 0) -> int:
+        """Distinct prompt texts of one split (among rows past ``after_seq``)."""
+        return self._one("SELECT COUNT(DISTINCT prompt) FROM prompts WHERE heldout = ? AND seq > ?",
+                         (int(heldout), after_seq))
+
+    def max_prompt_seq(self) -> int:
+        return self._one("SELECT MAX(seq) FROM prompts")
+
+    def sample_prompts(self, n: int, *, heldout: bool = False, seed: int = 0) -> list[str]:
+        """Up to ``n`` distinct prompts of one split, a seeded sample (the same seed gives the same prompts)."""
+        prompts = [row[0] for row in self._all(
+            "SELECT DISTINCT prompt FROM prompts WHERE heldout = ? ORDER BY prompt", (int(heldout),))]
+        if len(prompts) <= n:
+            return prompts
+        return random.Random(seed).sample(prompts, n)
+
+    def live_win_rate(self, version: str, against: str) -> tuple[float, int]:
+        """Win-rate of ``version`` over ``against`` in live comparisons that ranked responses of both.
+
+        Every (winner, loser) pair of a ranking whose two responses came from these two versions counts
+        once; returns (win rate, number of pairs) — (0.5, 0) when there are none.
+        """
+        wins = total = 0
+        rows = self._all("SELECT event FROM comparisons WHERE event LIKE ? AND event LIKE ?",
+                         (f"%{json.dumps(version)}%", f"%{json.dumps(against)}%"))
+        for (raw,) in rows:
+            comparison = ComparisonEvent.model_validate_json(raw)
+            versions = comparison.policy_versions
+            if len(versions) != len(comparison.responses):
+                continue
+            for winner, loser in comparison.pairs():
+                pair = (versions[winner], versions[loser])
+                if pair == (version, against):
+                    wins += 1
+                    total += 1
+                elif pair == (against, version):
+                    total += 1
+        return (wins / total, total) if total else (0.5, 0)

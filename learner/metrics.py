@@ -1,0 +1,43 @@
+"""Prometheus metrics of the learner (one registry per ``LearnerMetrics``, served on ``metrics_port``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class LearnerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events_ingested = Counter("learner_events_ingested_total", "Events written to the dataset.", ["stream"], registry=r)
+        self.events_duplicate = Counter(
+            "learner_events_duplicate_total", "Re-delivered events dropped by event_id.", ["stream"], registry=r)
+        self.events_dead_lettered = Counter(
+            "learner_events_dead_lettered_total", "Malformed entries sent to the dead-letter stream.", ["stream"], registry=r)
+        self.entries_reclaimed = Counter(
+            "learner_entries_reclaimed_total", "Pending entries of another consumer reclaimed (XAUTOCLAIM).", ["stream"],
+            registry=r)
+        self.consumer_lag = Gauge(
+            "learner_consumer_lag", "Entries in the stream not yet delivered to the group (XINFO GROUPS lag).", ["stream"],
+            registry=r)
+        self.consumer_pending = Gauge(
+            "learner_consumer_pending", "Entries delivered to the group but not acknowledged.", ["stream"], registry=r)
+        self.dataset_rows = Gauge("learner_dataset_rows", "Rows in the learner's dataset.", ["table"], registry=r)
+        self.rm_heldout_accuracy = Gauge(
+            "learner_rm_heldout_accuracy", "Reward model pairwise accuracy on held-out comparisons.", registry=r)
+        self.rm_updates = Counter("learner_rm_updates_total", "Reward model updates.", registry=r)
+        self.reward = Gauge("learner_reward_mean", "Mean RM score on held-out prompts.", ["policy"], registry=r)
+        self.kl = Gauge("learner_kl", "KL to the reference policy on held-out prompts (nats per response).", ["policy"],
+                        registry=r)
+        self.ptx_loss = Gauge("learner_ptx_loss", "Pretraining (ptx) loss of the last PPO-ptx round.", registry=r)
+        self.ppo_rounds = Counter("learner_ppo_rounds_total", "PPO-ptx rounds.", registry=r)
+        self.step_seconds = Histogram(
+            "learner_step_duration_seconds", "Duration of a learner step.", ["step"], buckets=STEP_BUCKETS, registry=r)
+        self.promotions = Counter("learner_promotions_total", "Candidates promoted to current.", registry=r)
+        self.rejections = Counter("learner_rejections_total", "Candidates rejected by the gate.", registry=r)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Expose ``/metrics`` on ``port`` (a daemon thread)."""
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,115 @@
+"""The learner's one ``Settings`` object (env prefix ``INSTRUCTLOOP_LEARNER_``).
+
+Service knobs (Redis, folders, thresholds, gate, metrics) are flat fields. The headline hyperparameters
+(``kl_coef`` = β, ``ptx_coef`` = γ, ``ptx_corpus``) are flat too; every other hyperparameter of the
+algorithm dataclasses (``RewardConfig``, ``SFTConfig``, ``PPOConfig``, ``EvalConfig`` in
+``learner/config.py``) can be overridden with a JSON object, e.g.
+``INSTRUCTLOOP_LEARNER_PPO='{"learning_rate": 1e-6, "ppo_epochs": 2}'``.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings
+
+from instructloop.settings import DEFAULT_MODEL, home_dir, settings_config
+from instructloop.streams import DEFAULT_PREFIX
+
+
+class Settings(BaseSettings):
+    model_config = settings_config("INSTRUCTLOOP_LEARNER_")
+
+    # ---- shared by name with the other deployables ------------------------------------------------
+    model: str = Field(DEFAULT_MODEL, description="Base (SFT) model: 'default' or an HF causal-LM folder / hub id.")
+    redis_url: str | None = Field(None, description="Redis holding the streams. The learner needs it.")
+    stream_prefix: str = DEFAULT_PREFIX
+    registry_dir: Path = Field(default_factory=lambda: home_dir() / "registry")
+
+    # ---- the learner's own folders ---------------------------------------------------------------
+    state_dir: Path = Field(
+        default_factory=lambda: home_dir() / "learner",
+        description="Dataset (SQLite) and checkpoints (policy / value / RM weights, optimizer, counters).",
+    )
+
+    # ---- ingestion -------------------------------------------------------------------------------
+    consumer_group: str = "learner"
+    consumer_name: str = Field(
+        default_factory=socket.gethostname,
+        description="Stable per replica (a StatefulSet pod name): a restarted learner re-reads its own pending entries.",
+    )
+    claim_min_idle_ms: int = Field(
+        60_000, ge=0, description="Pending entries of another consumer idle this long are reclaimed (XAUTOCLAIM)."
+    )
+    read_count: int = Field(256, ge=1, description="Entries per XREADGROUP call (per stream).")
+    read_block_ms: int = Field(1000, ge=0, description="How long one read waits for new entries.")
+    heldout_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of events (by a hash of event_id) kept out of training for evaluation."
+    )
+
+    # ---- the loop --------------------------------------------------------------------------------
+    min_new_comparisons: int = Field(64, ge=1, description="New (training) comparisons needed for an RM update.")
+    min_prompts: int = Field(64, ge=1, description="Training prompts needed for a PPO-ptx round.")
+    prompts_per_round: int = Field(64, ge=1, description="Prompts sampled (at most) for one PPO-ptx round.")
+    eval_prompts: int = Field(64, ge=1, description="Held-out prompts used by the gate (at most).")
+    poll_interval_s: float = Field(5.0, gt=0, description="Pause between rounds when there was nothing to do.")
+    max_rounds: int | None = Field(None, ge=1, description="`learner run` stops after this many rounds (None = forever).")
+
+    # ---- gate ------------------------------------------------------------------------------------
+    gate_min_reward_gain: float = Field(
+        0.0, description="Candidate mean RM score must exceed the incumbent's by more than this."
+    )
+    gate_kl_ceiling: float = Field(5.0, gt=0, description="Candidate KL to the reference (nats/response) must stay below.")
+    gate_min_live_comparisons: int = Field(
+        20, ge=1, description="Live comparisons between the two versions needed before their win-rate counts."
+    )
+    gate_min_win_rate: float = Field(0.5, ge=0, le=1, description="Candidate live win-rate against the incumbent must reach this.")
+
+    # ---- hyperparameters -------------------------------------------------------------------------
+    kl_coef: float = Field(0.02, ge=0, description="β: per-token KL penalty to the reference policy.")
+    ptx_coef: float = Field(27.8, ge=0, description="γ: weight of the pretraining log-likelihood (0 = plain PPO).")
+    ptx_corpus: str | None = Field(None, description="Text corpus for ptx (file, folder, HF dataset path); None = the shipped default.")
+    reward: dict[str, Any] = Field(default_factory=dict, description="Overrides for RewardConfig (JSON).")
+    sft: dict[str, Any] = Field(default_factory=dict, description="Overrides for SFTConfig (JSON).")
+    ppo: dict[str, Any] = Field(default_factory=dict, description="Overrides for PPOConfig (JSON).")
+    evaluation: dict[str, Any] = Field(default_factory=dict, description="Overrides for EvalConfig (JSON).")
+    sft_on_start: bool = Field(
+        False,
+        description="Run SFT once, before the first PPO round, when SFTConfig.min_demonstrations training "
+        "demonstrations exist; the SFT model then is the reference and the policy's start.",
+    )
+
+    # ---- runtime ---------------------------------------------------------------------------------
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'…")
+    seed: int = 0
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (None = torch's default). 1 avoids spin-wait thrashing on "
+        "a CPU shared with other processes.")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics port (0 = off).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in state_dir (older ones are deleted).")
+    log_level: str = "INFO"
+    json_logs: bool = True
+
+    @field_validator("stream_prefix", "consumer_group", "consumer_name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise ValueError(
+                "the learner needs Redis: set INSTRUCTLOOP_LEARNER_REDIS_URL (e.g. redis://localhost:6379/0)"
+            )
+        return self.redis_url
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,80 @@
+"""The SQLite dataset: split, cursor, sampling, atomic batches, live win-rate."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from instructloop.events import PolicyEvent
+from learner.dataset import Dataset, IngestedEntry, is_heldout
+from tests.learner.helpers import comparison, completion
+
+
+def entries(events, stream):
+    return [IngestedEntry(stream, f"{i}-0", event) for i, event in enumerate(events)]
+
+
+def test_heldout_split_is_a_fixed_function_of_event_id(tmp_path):
+    ids = [f"event-{i}" for i in range(2000)]
+    share = sum(is_heldout(i, 0.1) for i in ids) / len(ids)
+    assert 0.07 < share < 0.13
+    assert [is_heldout(i, 0.1) for i in ids] == [is_heldout(i, 0.1) for i in ids]
+    assert not any(is_heldout(i, 0.0) for i in ids)
+
+    dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.3)
+    events = [comparison(i) for i in range(40)]
+    dataset.add(entries(events, "comparisons"))
+    heldout = {s.comparison.event_id for s in dataset.comparisons(heldout=True)}
+    train = {s.comparison.event_id for s in dataset.comparisons(heldout=False)}
+    assert heldout == {e.event_id for e in events if is_heldout(e.event_id, 0.3)}
+    assert heldout.isdisjoint(train) and len(heldout | train) == 40
+
+
+def test_comparison_cursor_counts_only_new_training_rows(tmp_path):
+    dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.0)
+    dataset.add(entries([comparison(i) for i in range(5)], "comparisons"))
+    assert dataset.count_new_comparisons(after_seq=0) == 5
+    cursor = dataset.max_comparison_seq()
+    dataset.add(entries([comparison(i) for i in range(5, 8)], "comparisons"))
+    assert dataset.count_new_comparisons(after_seq=cursor) == 3
+    assert [s.comparison.event_id for s in dataset.comparisons(after_seq=cursor)] == ["cmp-5", "cmp-6", "cmp-7"]
+    assert [s.seq for s in dataset.comparisons(after_seq=0, up_to_seq=2)] == [1, 2]
+
+
+def test_prompt_sampling_is_distinct_and_seeded(tmp_path):
+    dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.0)
+    events = [completion(i) for i in range(30)] + [completion(100 + i, prompt=completion(i).prompt) for i in range(5)]
+    dataset.add(entries(events, "completions"))
+    assert dataset.count_prompts() == 30
+    first = dataset.sample_prompts(8, seed=3)
+    assert len(set(first)) == 8
+    assert dataset.sample_prompts(8, seed=3) == first
+    assert dataset.sample_prompts(8, seed=4) != first
+    assert len(dataset.sample_prompts(100)) == 30
+
+
+def test_a_failed_batch_stores_nothing(tmp_path):
+    dataset = Dataset(tmp_path / "d.sqlite3")
+    dataset.add(entries([comparison(0)], "comparisons"))
+    batch = entries([comparison(1), comparison(2)], "comparisons") + [IngestedEntry("policies", "9-0", PolicyEvent(version="v1", status="promoted"))]
+    with pytest.raises(TypeError):
+        dataset.add(batch)
+    assert dataset.event_ids("comparisons") == ["cmp-0"]
+    with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_live_win_rate_between_two_versions(tmp_path):
+    dataset = Dataset(tmp_path / "d.sqlite3")
+    events = [
+        comparison(0, policy_versions=["v2", "v1"]),  # v2 beats v1
+        comparison(1, policy_versions=["v2", "v1"]),  # v2 beats v1
+        comparison(2, policy_versions=["v1", "v2"]),  # v1 beats v2
+        comparison(3, policy_versions=["v2", "v2"]),  # same version: no information
+        comparison(4, responses=["a", "b", "c"], ranking=[[0], [1, 2]], policy_versions=["v1", "v2", "v3"]),
+    ]
+    dataset.add(entries(events, "comparisons"))
+    rate, pairs = dataset.live_win_rate("v2", against="v1")
+    assert pairs == 4 and rate == pytest.approx(2 / 4)
+    assert dataset.live_win_rate("v9", against="v1") == (0.5, 0)

@@ -1,0 +1,124 @@
+"""The loop end to end on a tiny model: events in Redis → RM → PPO-ptx → gate → registry (+ metrics, CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from instructloop.events import PolicyEvent, PolicyStatus
+from instructloop.registry import Registry
+from instructloop.streams import Stream, current_policy_key, stream_key
+from learner.loop import Learner
+from learner.metrics import LearnerMetrics
+from learner.settings import Settings
+from tests.conftest import free_port
+from tests.learner.helpers import (
+    PREFIX,
+    PTX_TEXT,
+    comparison,
+    completion,
+    learner_env,
+    pending,
+    single_thread_torch,  # noqa: F401  (fixture)
+    xadd,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+
+@pytest.fixture
+def ptx_corpus(tmp_path) -> Path:
+    path = tmp_path / "ptx.txt"
+    path.write_text(PTX_TEXT)
+    return path
+
+
+def push_round_of_events(client, n: int = 24, offset: int = 0) -> None:
+    for i in range(offset, offset + n):
+        xadd(client, Stream.comparisons, comparison(i))
+        xadd(client, Stream.completions, completion(i))
+
+
+def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_dir, ptx_corpus):
+    client = redis_lib.Redis.from_url(redis_server.url)
+    push_round_of_events(client)
+    xadd(client, Stream.comparisons, comparison(0))  # a duplicate delivery
+    client.xadd(stream_key(Stream.comparisons, PREFIX), {"event": "garbage"})
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           **learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus)}
+
+    done = subprocess.run([sys.executable, "-m", "instructloop.cli", "learner", "once"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["ingested"] == 48 and summary["duplicates"] == 1 and summary["dead_lettered"] == 1
+    assert summary["reward"]["rankings"] > 0 and 0.0 <= summary["reward"]["heldout_accuracy"] <= 1.0
+    assert summary["ppo"]["round"] == 1.0
+    version = summary["version"]
+    assert version == "v0001" and isinstance(summary["promoted"], bool)
+
+    registry = Registry(tmp_path / "registry", redis=client, prefix=PREFIX)
+    manifest = registry.verify(version)
+    assert {"candidate_reward_mean", "incumbent_reward_mean", "candidate_kl", "reward_gain"} <= set(manifest.metrics)
+    events = [PolicyEvent.from_fields(f) for _, f in client.xrange(stream_key(Stream.policies, PREFIX))]
+    statuses = [(e.version, e.status) for e in events]
+    if summary["promoted"]:
+        assert statuses == [(version, PolicyStatus.candidate), (version, PolicyStatus.promoted)]
+        assert client.get(current_policy_key(PREFIX)) == version.encode()
+    else:
+        assert statuses == [(version, PolicyStatus.candidate), (version, PolicyStatus.rejected)]
+        assert registry.current() is None
+    assert events[-1].metrics == manifest.metrics
+    # Every entry was acknowledged; the JSON log lines are structured.
+    assert pending(client, Stream.comparisons) == 0 and pending(client, Stream.completions) == 0
+    logs = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert any(entry["msg"] == "gate done" for entry in logs)
+    client.close()
+
+
+def test_learner_thresholds_metrics_and_graceful_stop(redis_server, tmp_path, tiny_model_dir, ptx_corpus,
+                                                      monkeypatch):
+    """In process: nothing trains below the thresholds; a round above them trains; metrics are served."""
+    env = learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus,
+                      min_new_comparisons=20, min_prompts=30)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    metrics = LearnerMetrics()
+    port = free_port()
+    metrics.serve(port, addr="127.0.0.1")
+    learner = Learner(settings, metrics=metrics, progress=False)
+    client = redis_lib.Redis.from_url(redis_server.url)
+    try:
+        push_round_of_events(client, n=10)
+        report = learner.round()
+        assert report.ingest.inserted == 20 and not report.trained  # 10 comparisons < 20, no RM yet
+
+        push_round_of_events(client, n=20, offset=10)  # ~22 training comparisons, but < 30 prompts
+        report = learner.round()
+        assert report.reward is not None and report.ppo is None and report.gate is None
+        assert learner.state.rm_updates == 1 and learner.store.model_dir("reward") is not None
+        assert learner.state.rm_comparisons_trained == learner.dataset.count_new_comparisons(0)
+
+        learner.request_stop()  # SIGTERM: the next round does nothing but ingest
+        push_round_of_events(client, n=30, offset=30)
+        report = learner.round()
+        assert not report.trained and learner.state.ppo_rounds == 0
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'learner_events_ingested_total{stream="comparisons"} 60.0' in body
+        assert "learner_rm_heldout_accuracy" in body and "learner_consumer_lag" in body
+        assert 'learner_step_duration_seconds_count{step="reward_model"} 1.0' in body
+    finally:
+        learner.close()
+        client.close()
