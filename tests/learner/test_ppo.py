@@ -200,3 +200,20 @@ def test_config_and_trainer_refuse_bad_setups(experiment, tokenizer):
     with pytest.raises(ValueError, match="needs a ptx_source"):
         PPOPtxTrainer(experiment["policy"], experiment["reference"], experiment["reward_model"],
                       experiment["reward_model"], tokenizer, ppo_config(1.0), ptx_source=None)
+
+
+def test_ptx_source_reads_file_folder_dataset_and_the_shipped_default(tmp_path, tokenizer):
+    import datasets
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("The first document.\n\nThe second one, a little longer than the first.")
+    (tmp_path / "docs" / "b.txt").write_text("A third document in another file.")
+    datasets.Dataset.from_dict({"text": ["One row of text.", "Another row of text here."]}).save_to_disk(tmp_path / "hf")
+    for path in (tmp_path / "docs" / "a.txt", tmp_path / "docs", tmp_path / "hf"):
+        source = PtxSource(tokenizer, path, seq_len=4, batch_size=2, seed=0)
+        input_ids, attention_mask = source.next_batch()
+        assert input_ids.shape == (2, 4) and attention_mask.all()
+    shipped = PtxSource(tokenizer, None, seq_len=128, batch_size=2)
+    assert shipped.num_tokens >= 3000
+    with pytest.raises(ValueError, match="cannot load the ptx corpus"):
+        PtxSource(tokenizer, tmp_path / "missing", seq_len=4)
