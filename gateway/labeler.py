@@ -254,18 +254,24 @@ class GatewayClient:
 
     def _post(self, path: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
         """POST with up to ``retries`` retries on transport errors (e.g. a keep-alive connection the server
-        closed just as it was reused). Only safe calls are retried: a completion is simply asked again,
-        feedback carries an ``Idempotency-Key`` so a retried ranking is stored once."""
+        closed just as it was reused) and on 429/503 (after the gateway's Retry-After, at most 5 s). Both
+        calls are safe to retry: a completion is simply asked again, feedback carries an
+        ``Idempotency-Key`` so a retried ranking is stored once."""
         import httpx
 
         for attempt in range(self.retries + 1):
             try:
                 response = self._http.post(path, json=payload, headers=headers)
-                break
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise LabelerError(
                         f"cannot reach the gateway at {self.base_url} ({exc!r}): is it running?") from exc
+                continue
+            if response.status_code in (429, 503) and attempt < self.retries:
+                # overloaded, or serve swapped versions mid-request: back off as the gateway asks (capped)
+                time.sleep(min(float(response.headers.get("retry-after", "1") or 1), 5.0))
+                continue
+            break
         if response.status_code >= 400:
             raise LabelerError(f"POST {self.base_url}{path} -> {response.status_code}: {response.text[:500]}")
         return response
