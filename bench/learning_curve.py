@@ -14,7 +14,7 @@ against every base answer of the same prompt, ties half; the same version has th
 it is measured once per version). The base version's win-rate against its own recording is measured
 first: the in-run baseline (≈ 0.5).
 
-Writes ``<out>/learning_curve.json`` (every row) and ``<out>/learning_curve.png`` (four panels against
+Writes ``<out>/<name>.json`` (every row) and ``<out>/<name>.png`` (name: ``learning_curve``) (four panels against
 rankings posted, with wall time on a secondary axis). Learner settings are small so that several RM
 updates and PPO-ptx rounds fit in ~10 minutes on 2 CPU cores; they are printed and stored with the rows.
 """
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--run-dir", type=Path, default=None, help="Default: a temporary folder.")
+    parser.add_argument("--name", default="learning_curve", help="Base name of the JSON and PNG written to --out.")
     parser.add_argument("--replot", type=Path, default=None, help="Only redraw the PNG from a learning_curve.json.")
     args = parser.parse_args()
     if args.replot is not None:
@@ -231,9 +232,9 @@ def main() -> None:
               "model": args.model, "preference": args.preference, "k": K, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
               "startup_s": round(startup_s, 1), "baseline_win_rate": baseline_rate, "learner_env": LEARNER_ENV,
               "cpus": os.cpu_count(), "rows": rows}
-    (args.out / "learning_curve.json").write_text(json.dumps(result, indent=1))
-    plot(rows, baseline_rate, args.preference, args.out / "learning_curve.png", args.model)
-    print(f"wrote {args.out / 'learning_curve.json'} and {args.out / 'learning_curve.png'}")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    plot(rows, baseline_rate, args.preference, args.out / f"{args.name}.png", args.model)
+    print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
 
 
 if __name__ == "__main__":
