@@ -130,10 +130,15 @@ def plot(rows: list[dict], baseline_rate: float, preference: str, path: Path, mo
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (title, series) in zip(axes.flat, panels, strict=True):
+        drawn = False
         for key, label in series:
             points = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
+                drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "no value yet in this run\n(the learner had not reached this step)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9, color="grey")
         if title.startswith("win-rate"):
             ax.axhline(baseline_rate, color="grey", linestyle="--", label=f"base vs itself ({baseline_rate:.2f})")
             for r in rows:

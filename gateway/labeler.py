@@ -254,7 +254,7 @@ class GatewayClient:
 
     def _post(self, path: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
         """POST with up to ``retries`` retries on transport errors (e.g. a keep-alive connection the server
-        closed just as it was reused) and on 429/503 (after the gateway's Retry-After, at most 5 s). Both
+        closed just as it was reused) and on 429/502/503 (after the gateway's Retry-After, at most 5 s). Both
         calls are safe to retry: a completion is simply asked again, feedback carries an
         ``Idempotency-Key`` so a retried ranking is stored once."""
         import httpx
@@ -267,8 +267,9 @@ class GatewayClient:
                     raise LabelerError(
                         f"cannot reach the gateway at {self.base_url} ({exc!r}): is it running?") from exc
                 continue
-            if response.status_code in (429, 503) and attempt < self.retries:
-                # overloaded, or serve swapped versions mid-request: back off as the gateway asks (capped)
+            if response.status_code in (429, 502, 503) and attempt < self.retries:
+                # overloaded, a backend failed, or serve swapped versions mid-request: back off as the
+                # gateway asks (capped)
                 time.sleep(min(float(response.headers.get("retry-after", "1") or 1), 5.0))
                 continue
             break
