@@ -618,6 +618,8 @@ def run_stack(config: StackConfig, echo: Callable[[str], None] = print) -> int:
     """Start the stack, wait for Ctrl-C/SIGTERM or a crash, stop everything. Returns the exit status."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
     config.run_dir = config.run_dir.resolve()
+    if config.model != DEFAULT_MODEL and Path(config.model).expanduser().exists():
+        config.model = str(Path(config.model).expanduser().resolve())  # children may resolve paths elsewhere
     if not port_is_free(config.port, config.host):
         echo(f"error: port {config.port} on {config.host} is in use: pass --port N (another free port)")
         return 2
