@@ -140,6 +140,7 @@ def plot(rows: list[dict], baseline_rate: float, preference: str, path: Path, mo
             ax.text(0.5, 0.5, "no value yet in this run\n(the learner had not reached this step)",
                     ha="center", va="center", transform=ax.transAxes, fontsize=9, color="grey")
         if title.startswith("win-rate"):
+            ax.set_ylim(0.0, 1.0)  # a full scale: noise of a few points must not look like a trend
             ax.axhline(baseline_rate, color="grey", linestyle="--", label=f"base vs itself ({baseline_rate:.2f})")
             for r in rows:
                 if r.get("new_version"):
