@@ -120,7 +120,7 @@ LEARNER_ENV = {
     "INSTRUCTLOOP_LEARNER_KL_COEF": "0.02",
     "INSTRUCTLOOP_LEARNER_PTX_COEF": "0",
     "INSTRUCTLOOP_LEARNER_GATE_KL_CEILING": "20",
-    "INSTRUCTLOOP_LEARNER_GATE_MIN_REWARD_GAIN": "1.0",
+    "INSTRUCTLOOP_LEARNER_GATE_MIN_REWARD_GAIN": "2.0",
     "INSTRUCTLOOP_LEARNER_REWARD": json.dumps({"lr": 3e-3, "epochs": 2, "rankings_per_batch": 8, "max_length": 96}),
     "INSTRUCTLOOP_LEARNER_PPO": json.dumps({
         "lr": 5e-3, "rollout_batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 2, "temperature": TEMPERATURE,
