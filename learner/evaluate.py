@@ -11,7 +11,7 @@ import time
 import torch
 
 from learner.config import EvalConfig
-from learner.ppo import generate_rollouts, response_logprobs, rollout_scores
+from learner.ppo import generate_rollouts, response_kl, rollout_scores
 
 
 @torch.no_grad()
@@ -19,8 +19,9 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[st
     """Score ``policy`` on ``prompts``.
 
     Returns a dict of floats: ``reward_mean`` / ``reward_std`` (RM score at the last real token; no EOS
-    penalty, see ``eos_rate``), ``kl`` (mean over prompts of the per-sequence Σ_t log π(y_t) − log π_ref(y_t)
-    on the evaluated responses, logits divided by the temperature when sampling), ``eos_rate`` (share of
+    penalty, see ``eos_rate``), ``kl`` (mean over prompts of Σ_t KL(π(·|x, y_<t) || π_ref(·|x, y_<t)), the exact
+    next-token KL summed along the evaluated response: ≥ 0 and without sampling noise, unlike the k1
+    estimate PPO uses as its reward penalty; logits divided by the temperature when sampling), ``eos_rate`` (share of
     responses that ended with EOS), ``length_mean`` (response tokens, EOS included), ``n`` and
     ``duration_s``. With ``policy is reference`` (or equal weights) ``kl`` is exactly 0.
     """
@@ -35,9 +36,7 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[st
         rollouts = generate_rollouts(policy, tokenizer, prompts[start : start + config.batch_size],
                                      config.max_prompt_tokens, config.max_new_tokens, config.do_sample, temperature)
         mask = rollouts.response_mask  # (b, Tr)
-        logprobs = response_logprobs(policy, rollouts, temperature, config.batch_size)  # (b, Tr)
-        ref_logprobs = response_logprobs(reference, rollouts, temperature, config.batch_size)
-        kls.append(((logprobs - ref_logprobs) * mask).sum(1))  # (b,)
+        kls.append(response_kl(policy, reference, rollouts, temperature, config.batch_size).sum(1))  # (b,)
         scores.append(rollout_scores(reward_model, rollouts, config.batch_size))
         eos.append(rollouts.has_eos.float())
         lengths.append(mask.sum(1).float())

@@ -192,6 +192,16 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
+def kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(π || π_ref) of the next-token distributions at each position (≥ 0, no sampling noise).
+
+    logits, ref_logits: (B, T, V), already divided by the temperature. Returns (B, T).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
 def kl_penalized_rewards(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,

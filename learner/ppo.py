@@ -36,6 +36,7 @@ from learner.losses import (
     entropy_from_logits,
     first_true_indices,
     gae_advantages,
+    kl_from_logits,
     kl_penalized_rewards,
     logprobs_from_logits,
     masked_mean,
@@ -154,6 +155,23 @@ def response_logprobs(model, rollouts: Rollouts, temperature: float, batch_size:
                                      rollouts.context_length, temperature)
             out.append(logprobs_from_logits(logits, query_responses[:, rollouts.context_length :]).cpu())
     return torch.cat(out)
+
+
+def response_kl(policy, reference, rollouts: Rollouts, temperature: float, batch_size: int) -> torch.Tensor:
+    """Exact per-token KL(π || π_ref) of the next-token distributions along each response, no grad.
+    Returns (B, Tr), zero at masked positions."""
+    device = next(policy.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, rollouts.query_responses.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            query_responses = rollouts.query_responses[rows].to(device)
+            attention_mask = rollouts.attention_mask[rows].to(device)
+            logits = response_logits(policy, query_responses, attention_mask, rollouts.context_length, temperature)
+            ref_logits = response_logits(reference, query_responses, attention_mask, rollouts.context_length,
+                                         temperature)
+            out.append(kl_from_logits(logits, ref_logits).cpu())
+    return torch.cat(out) * rollouts.response_mask
 
 
 def response_values(value_model, rollouts: Rollouts, batch_size: int) -> torch.Tensor:

@@ -129,14 +129,16 @@ def _install_bias(model: nn.Module, bias: float) -> None:
     setattr(model.config, REWARD_BIAS_KEY, float(bias))
 
 
-def build_reward_model(model_path: str, dtype: torch.dtype = torch.float32):
+def build_reward_model(model_path: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """The RM (or the value model): ``AutoModelForSequenceClassification(num_labels=1)`` from a causal-LM
-    folder (a fresh zero-mean head) or from a saved RM folder (head and bias restored); pad token id set
-    from the tokenizer, dropout off."""
+    folder (a fresh head, initialised from ``seed`` so a build is reproducible) or from a saved RM folder
+    (head and bias restored); pad token id set from the tokenizer, dropout off."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=dtype)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(
             f"{model_path}: the tokenizer needs a pad token distinct from EOS (set tokenizer.pad_token, "

@@ -16,6 +16,7 @@ from learner.losses import (
     entropy_from_logits,
     first_true_indices,
     gae_advantages,
+    kl_from_logits,
     kl_penalized_rewards,
     kwise_ranking_loss,
     logprobs_from_logits,
@@ -206,3 +207,10 @@ def test_kl_controllers():
     restored = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.value == adaptive.value
+
+
+def test_kl_from_logits():
+    logits = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # p = (.75, .25), (.5, .5)
+    ref_logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])  # q = (.5, .5)
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert_close(kl_from_logits(logits, ref_logits), torch.tensor([[expected, 0.0]]))
