@@ -101,11 +101,18 @@ def once() -> None:
 def status() -> None:
     """Print the learner's state (counters, incumbent), dataset sizes and consumer lag as JSON."""
     settings = _settings()
+    import redis
+
     from learner.loop import Learner
 
     learner = Learner(settings, progress=False)
     try:
-        learner.ingestor.ensure_groups()
+        try:
+            learner.ingestor.ensure_groups()
+        except redis.ConnectionError as exc:
+            typer.echo(f"error: cannot reach Redis at {settings.redis_url} ({exc}); start it or fix "
+                       "INSTRUCTLOOP_LEARNER_REDIS_URL", err=True)
+            raise typer.Exit(2) from exc
         out = {
             "state": learner.state.model_dump(exclude={"history"}),
             "dataset": learner.dataset.counts(),
