@@ -87,7 +87,8 @@ class LearnerProcess:
         )
         self.lines: queue.Queue = queue.Queue()
         self.tail: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stderr:
@@ -111,7 +112,7 @@ class LearnerProcess:
 
     def remaining(self) -> list[dict]:
         """The log lines not consumed yet (call after the process exited)."""
-        time.sleep(0.2)  # the reader thread drains the closed pipe
+        self.reader.join(timeout=10)  # the process exited: the reader drains the closed pipe and ends
         out = []
         while not self.lines.empty():
             out.append(self.lines.get())
