@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     gate_min_reward_gain: float = Field(
         0.0, description="Candidate mean RM score must exceed the incumbent's by more than this."
     )
-    gate_kl_ceiling: float = Field(5.0, gt=0, description="Candidate KL to the reference (nats/response) must stay below.")
+    gate_kl_ceiling: float = Field(
+        10.0, gt=0, description="Candidate KL to the reference (nats per response, summed over tokens) must stay below."
+    )
     gate_min_live_comparisons: int = Field(
         20, ge=1, description="Live comparisons between the two versions needed before their win-rate counts."
     )
