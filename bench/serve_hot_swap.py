@@ -97,7 +97,7 @@ async def load_and_swap(url: str, registry, versions: list[str], clients: int, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="default")
     args = parser.parse_args()
 
