@@ -43,6 +43,7 @@ async def load_and_swap(url: str, registry, versions: list[str], clients: int, s
     stop = asyncio.Event()
     first_token: dict[str, float] = {}
     first_response: dict[str, float] = {}
+    switched: dict[str, float] = {}
     counts = {"ok": 0, "failed": 0}
 
     async def client(k: int) -> None:
@@ -76,13 +77,17 @@ async def load_and_swap(url: str, registry, versions: list[str], clients: int, s
         before = dict(counts)
         published = time.monotonic()
         await asyncio.to_thread(registry.set_current, version)
-        while version not in first_response:
-            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient() as http:
+            while version not in first_response:
+                if version not in switched and (await http.get(f"{url}/info")).json()["policy_version"] == version:
+                    switched[version] = time.monotonic()  # /info names it: loaded, validated, installed
+                await asyncio.sleep(0.01)
         await asyncio.sleep(settle_s)
         metrics = httpx.get(f"{url}/metrics").text
         results.append({
             "version": version,
             "publish_to_first_token_s": first_token[version] - published,
+            "switched_after_s": switched[version] - published if version in switched else float("nan"),
             "publish_to_first_response_s": first_response[version] - published,
             "completed_during": counts["ok"] - before["ok"],
             "failed_during": counts["failed"] - before["failed"],
@@ -123,12 +128,13 @@ def main() -> None:
             server.stop()
         redis_server.stop()
     print(f"{args.clients} streaming clients, {args.threads} torch threads, model {model_dir}, logs in {work}")
-    print("| swap | publish → first token (s) | publish → first full response (s) | completed during | failed |")
-    print("|---|---|---|---|---|")
+    print("| swap | publish → installed (s) | publish → first token (s) | publish → first full response (s) "
+          "| completed during | failed |")
+    print("|---|---|---|---|---|---|")
     previous_load = 0.0
     for r in results[:-1]:
-        print(f"| base/previous → {r['version']} | {r['publish_to_first_token_s']:.2f} | "
-              f"{r['publish_to_first_response_s']:.2f} | {r['completed_during']} | {r['failed_during']} |")
+        print(f"| → {r['version']} | {r['switched_after_s']:.2f} | {r['publish_to_first_token_s']:.3f} | "
+              f"{r['publish_to_first_response_s']:.3f} | {r['completed_during']} | {r['failed_during']} |")
         print(f"  load + validation inside serve: {r['load_s_sum'] - previous_load:.2f} s")
         previous_load = r["load_s_sum"]
     print(f"total completed {results[-1]['total_ok']}, total failed {results[-1]['total_failed']}")
