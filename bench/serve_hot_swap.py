@@ -41,6 +41,25 @@ def write_version(registry, model_dir: str, version: str, seed: int) -> None:
     registry.write_pretrained(version, model, tokenizer, parent="base")
 
 
+async def watch_switch(url: str, version: str, switched: dict[str, float]) -> None:
+    async with httpx.AsyncClient(timeout=600) as http:
+        while (await http.get(f"{url}/info")).json()["policy_version"] != version:
+            await asyncio.sleep(0.01)
+        switched[version] = time.monotonic()  # /info names it: loaded, validated, installed
+
+
+async def probe(url: str, version: str) -> float:
+    """A fresh client that asks right after the publish, again and again until the answer comes from
+    ``version``: returns the time its first token from ``version`` arrived."""
+    body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 1}}
+    async with httpx.AsyncClient(timeout=600) as http:
+        while True:
+            async with http.stream("POST", f"{url}/generate_stream", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data:") and json.loads(line[5:]).get("policy_version") == version:
+                        return time.monotonic()
+
+
 def prefetches(url: str) -> float:
     match = re.search(r"^instructloop_serve_policy_prefetches_total (\S+)", httpx.get(f"{url}/metrics").text, re.M)
     return float(match.group(1)) if match else 0.0
@@ -92,17 +111,18 @@ async def load_and_swap(url: str, registry, model_dir: str, scenarios: list[tupl
         # is published when it returns
         await asyncio.to_thread(registry.set_current, version)
         published = time.monotonic()
-        async with httpx.AsyncClient() as http:
-            while version not in first_response:
-                if version not in switched and (await http.get(f"{url}/info")).json()["policy_version"] == version:
-                    switched[version] = time.monotonic()  # /info names it: loaded, validated, installed
-                await asyncio.sleep(0.01)
+        switch_task = asyncio.create_task(watch_switch(url, version, switched))
+        probe_first_token = await probe(url, version)
+        await switch_task
+        while version not in first_response:
+            await asyncio.sleep(0.01)
         await asyncio.sleep(settle_s)
         metrics = httpx.get(f"{url}/metrics").text
         results.append({
             "version": version,
             "prefetched": wait_for_prefetch,
             "set_current_s": published - calling,
+            "probe_first_token_s": probe_first_token - published,
             "publish_to_first_token_s": first_token[version] - published,
             "switched_after_s": switched[version] - published if version in switched else float("nan"),
             "publish_to_first_response_s": first_response[version] - published,
@@ -152,13 +172,14 @@ def main() -> None:
             server.stop()
         redis_server.stop()
     print(f"{args.clients} streaming clients, {args.threads} torch threads, model {model_dir}, logs in {work}")
-    print("| swap | publish → installed (s) | publish → first token (s) | publish → first full response (s) "
-          "| completed during | failed |")
-    print("|---|---|---|---|---|---|")
+    print("| swap | publish → installed (s) | publish → first token, fresh request (s) | publish → first token, "
+          "load clients (s) | publish → first full response, load clients (s) | completed during | failed |")
+    print("|---|---|---|---|---|---|---|")
     previous_load = 0.0
     for r in results[:-1]:
-        print(f"| → {r['version']} ({'prefetched' if r['prefetched'] else 'published right after writing'}) | {r['switched_after_s']:.2f} | {r['publish_to_first_token_s']:.3f} | "
-              f"{r['publish_to_first_response_s']:.3f} | {r['completed_during']} | {r['failed_during']} |")
+        print(f"| → {r['version']} ({'prefetched' if r['prefetched'] else 'published right after writing'}) | "
+              f"{r['switched_after_s']:.2f} | {r['probe_first_token_s']:.2f} | {r['publish_to_first_token_s']:.2f} | "
+              f"{r['publish_to_first_response_s']:.2f} | {r['completed_during']} | {r['failed_during']} |")
         print(f"  load + validation inside serve (before the publish when prefetched): {r['load_s_sum'] - previous_load:.2f} s")
         print(f"  registry.set_current (sha256 check + pointer + publish) took {r['set_current_s']:.2f} s")
         previous_load = r["load_s_sum"]
