@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -171,6 +172,7 @@ def main() -> None:
         if server is not None:
             server.stop()
         redis_server.stop()
+        shutil.rmtree(work / "registry", ignore_errors=True)  # two 540 MB versions; server.log stays
     print(f"{args.clients} streaming clients, {args.threads} torch threads, model {model_dir}, logs in {work}")
     print("| swap | publish → installed (s) | publish → first token, fresh request (s) | publish → first token, "
           "load clients (s) | publish → first full response, load clients (s) | completed during | failed |")
