@@ -180,3 +180,12 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
         app.include_router(module.router)
     app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app factory uvicorn's worker processes call (``gateway run --workers N``)."""
+    from instructloop.logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.json_logs)
+    return create_app(settings)
