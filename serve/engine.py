@@ -246,20 +246,27 @@ class Engine:
             handle.policy_version = policy.version
             self.metrics.request_queue_duration.observe(now - handle.enqueued_at)
         batch = Batch.prefill(policy.version, [h.state for h in handles], policy.pad_token_id, policy.device)
-        self._run_step(policy, batch, "prefill")
+        joined = self._run_step(policy, batch, "prefill")
+        if joined is not None:
+            running = self._batches.get(policy.version)
+            self._batches[policy.version] = joined if running is None else Batch.concatenate([running, joined])
 
     def _decode(self, version: str) -> None:
-        batch = self._batches.pop(version)
+        batch: Batch | None = self._batches[version]
         cancelled = [seq for seq in batch.sequences if seq.cancelled]
         if cancelled:
             self.metrics.request_cancelled.inc(len(cancelled))
             log.info("cancelled sequences leave the batch", extra={"request_ids": [s.request_id for s in cancelled]})
             batch = batch.filter([seq.request_id for seq in batch.sequences if not seq.cancelled])
-            if batch is None:
-                return
-        self._run_step(self._policies[version], batch, "decode")
+        if batch is not None:
+            batch = self._run_step(self._policies[version], batch, "decode")
+        if batch is None:
+            del self._batches[version]
+        else:
+            self._batches[version] = batch
 
-    def _run_step(self, policy: PolicyModel, batch: Batch, method: str) -> None:
+    def _run_step(self, policy: PolicyModel, batch: Batch, method: str) -> Batch | None:
+        """One ``generate_token`` with delivery; returns the batch of still-running sequences."""
         started = time.monotonic()
         try:
             generations, next_batch = policy.generate_token(batch)
@@ -269,7 +276,7 @@ class Engine:
             for seq in batch.sequences:
                 seq.sink.deliver(GenerationFailed(f"generation failed: {exc}"))
                 self.metrics.request_failure.labels(err="generation").inc()
-            return
+            return None
         self.metrics.batch_forward_duration.labels(method=method).observe(time.monotonic() - started)
         self.metrics.batch_size.observe(len(batch))
         by_id = {seq.request_id: seq for seq in batch.sequences}
@@ -278,9 +285,7 @@ class Engine:
             seq.sink.deliver(generation)
             if generation.finish_reason is not None:
                 self._observe_finished(seq.sink, generation)
-        if next_batch is not None:
-            running = self._batches.get(policy.version)
-            self._batches[policy.version] = next_batch if running is None else Batch.concatenate([running, next_batch])
+        return next_batch
 
     def _observe_finished(self, handle: RequestHandle, generation: Generation) -> None:
         now = time.monotonic()

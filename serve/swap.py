@@ -62,10 +62,38 @@ class PolicyLoader:
         # Non-persistent buffers (rotary inv_freq) are not in the state dict at all; anything else must be.
         if missing:
             raise InvalidCheckpoint(f"policy version {version}: missing tensors {sorted(missing)[:5]}")
-        model = copy.deepcopy(self.template.model)
-        model.load_state_dict(state, strict=False)
-        model.eval()
+        model = self._build(state)
         return PolicyModel(version, model, self.template.tokenizer, self.template.device)
+
+    def _build(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A model of the served architecture holding ``state``, without copying the served weights.
+
+        The skeleton is built on the meta device and the checkpoint tensors are *assigned* (converted to the
+        served dtype/device), so a swap costs one read of the checkpoint and no extra copy. Tensors that are
+        not in checkpoints (rotary ``inv_freq`` buffers and attributes) come from the served model.
+        """
+        template = self.template.model
+        reference = template.state_dict()
+        state = {k: v.to(device=reference[k].device, dtype=reference[k].dtype) for k, v in state.items()}
+        with torch.device("meta"):
+            model = type(template)(copy.deepcopy(template.config))
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        served_modules = dict(template.named_modules())
+        for name, module in model.named_modules():
+            source = served_modules[name]
+            for attr, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor) and value.is_meta:  # plain tensor attributes
+                    setattr(module, attr, getattr(source, attr))
+            for buffer_name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer.is_meta:
+                    module.register_buffer(buffer_name, getattr(source, buffer_name),
+                                           persistent=buffer_name not in module._non_persistent_buffers_set)
+        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if leftover:
+            raise InvalidCheckpoint(f"tensors not provided by the checkpoint: {leftover[:5]}")
+        model.generation_config = copy.deepcopy(template.generation_config)
+        return model.eval()
 
 
 class PolicyWatcher:

@@ -1,0 +1,180 @@
+"""Serve throughput: 16 concurrent streaming clients vs HF static padded-batch ``generate`` (batches of 8).
+
+Same requests (mixed prompt and output lengths, greedy), same model, same CPU threads, same run. Reports
+useful generated tokens/s (tokens up to EOS or each request's max_new_tokens), time to first token and
+inter-token latency p50/p95. TTFT is measured from the moment a request is sent (serve: each client sends
+its next request when the previous one ends; HF static: every request is there at t=0 and waits for the
+batches before its own, which is what a static-batching server does to it).
+
+    python bench/serve_throughput.py [--requests 32] [--clients 16] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+
+from bench._serve_common import ServeProcess, percentile  # noqa: E402
+
+TOPICS = ["the ocean", "a small robot", "winter mornings", "prime numbers", "a busy market", "the moon landing",
+          "learning to cook", "old libraries", "mountain trains", "honey bees", "city parks", "thunderstorms"]
+
+
+def make_requests(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    requests = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        length = rng.choice([1, 2, 4, 8])
+        prompt = f"Write about {topic}. " + " ".join(f"Include detail number {j} about {topic}." for j in range(length))
+        requests.append((prompt, rng.choice([16, 32, 48, 64])))
+    return requests
+
+
+async def run_serve(url: str, requests: list[tuple[str, int]], clients: int) -> dict:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(requests)):
+        queue.put_nowait(i)
+    ttft, itl, tokens = [], [], 0
+    start = time.monotonic()
+
+    async def client() -> None:
+        nonlocal tokens
+        async with httpx.AsyncClient(timeout=600) as http:
+            while not queue.empty():
+                i = queue.get_nowait()
+                prompt, max_new = requests[i]
+                body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new, "details": True}}
+                last = None
+                sent = time.monotonic()
+                async with http.stream("POST", f"{url}/generate_stream", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        event = json.loads(line[5:])
+                        if "error" in event:
+                            raise RuntimeError(f"request {i} failed: {event}")
+                        now = time.monotonic()
+                        if last is None:
+                            ttft.append(now - sent)
+                        else:
+                            itl.append(now - last)
+                        last = now
+                        tokens += 1
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.monotonic() - start
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft": ttft, "itl": itl}
+
+
+def load_hf(model_dir: str, threads: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def run_hf_static(tokenizer, model, requests: list[tuple[str, int]], batch_size: int) -> dict:
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    eos = model.generation_config.eos_token_id
+
+    class StepClock(StoppingCriteria):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.monotonic())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ttft, itl, tokens = [], [], 0
+    start = time.monotonic()
+    with torch.inference_mode():
+        for b in range(0, len(requests), batch_size):
+            chunk = requests[b:b + batch_size]
+            inputs = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True)
+            clock = StepClock()
+            out = model.generate(**inputs, max_new_tokens=max(n for _, n in chunk), do_sample=False,
+                                 stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=tokenizer.pad_token_id)
+            generated = out[:, inputs["input_ids"].shape[1]:]
+            for row, (_, max_new) in enumerate(chunk):
+                ids = generated[row, :max_new].tolist()
+                useful = ids.index(eos) + 1 if eos in ids else len(ids)
+                tokens += useful
+                # as if static batching streamed: first token when its batch's first step ends
+                ttft.append(clock.times[0] - start)
+                itl.extend(b - a for a, b in zip(clock.times[:useful - 1], clock.times[1:useful], strict=True))
+    wall = time.monotonic() - start
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft": ttft, "itl": itl}
+
+
+def merge(results: list[dict]) -> dict:
+    tokens = sum(r["tokens"] for r in results)
+    wall = sum(r["wall_s"] for r in results)
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "ttft": [x for r in results for x in r["ttft"]], "itl": [x for r in results for x in r["itl"]]}
+
+
+def summary(name: str, result: dict) -> str:
+    return (f"| {name} | {result['tokens']} | {result['wall_s']:.1f} | {result['tok_s']:.1f} | "
+            f"{percentile(result['ttft'], 50):.2f} / {percentile(result['ttft'], 95):.2f} | "
+            f"{1000 * percentile(result['itl'], 50):.0f} / {1000 * percentile(result['itl'], 95):.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--rounds", type=int, default=2, help="serve and HF alternate, to share the machine's noise")
+    args = parser.parse_args()
+
+    from instructloop.model import resolve_model
+
+    model_dir = resolve_model(args.model)
+    requests = make_requests(args.requests)
+    log_path = Path(tempfile.gettempdir()) / "serve_throughput_server.log"
+    server = ServeProcess("--model", model_dir, "--max-batch-size", str(args.max_batch_size), threads=args.threads,
+                          log_path=log_path, INSTRUCTLOOP_SERVE_JSON_LOGS="true")
+    serve_rounds, hf_rounds = [], []
+    try:
+        tokenizer, model = load_hf(model_dir, args.threads)
+        server.wait_healthy()
+        asyncio.run(run_serve(server.url, make_requests(4, seed=1), 4))  # warm-up
+        run_hf_static(tokenizer, model, make_requests(4, seed=1), batch_size=4)
+        for r in range(args.rounds):
+            serve_rounds.append(asyncio.run(run_serve(server.url, requests, args.clients)))
+            hf_rounds.append(run_hf_static(tokenizer, model, requests, batch_size=8))
+            print(f"round {r + 1}: serve {serve_rounds[-1]['tok_s']:.1f} tok/s, HF static {hf_rounds[-1]['tok_s']:.1f} "
+                  f"tok/s, ratio {serve_rounds[-1]['tok_s'] / hf_rounds[-1]['tok_s']:.2f}x", flush=True)
+    finally:
+        server.stop()
+    serve, hf = merge(serve_rounds), merge(hf_rounds)
+    print(f"{args.rounds} rounds of {args.requests} requests, {args.clients} clients, {args.threads} torch threads, model {model_dir}")
+    print("| engine | useful tokens | wall s | tokens/s | TTFT p50 / p95 s | inter-token p50 / p95 ms |")
+    print("|---|---|---|---|---|---|")
+    print(summary("serve (continuous batching, 16 clients)", serve))
+    print(summary("HF generate, static padded batches of 8", hf))
+    print(f"ratio serve / HF static: {serve['tok_s'] / hf['tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
