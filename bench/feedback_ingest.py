@@ -4,6 +4,9 @@ Starts redis-server, serve and the gateway as processes, creates some completion
 ranking feedback on them from an asyncio load generator (aiohttp, persistent connections) and checks that
 every accepted event is on the comparisons stream. Baseline in the same run: the rate of ``GET /healthz``
 on the same gateway (the HTTP floor of the stack), so the ratio says what validation + auth + Redis cost.
+It also measures the CPU seconds the gateway (all workers) and redis-server spent per accepted event, and
+projects the rate 2 dedicated cores would sustain (2 / CPU per event): on a shared machine the wall-clock
+rate mostly measures the neighbours.
 
     python bench/feedback_ingest.py --events 20000 --concurrency 64 --workers 1
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -80,7 +84,9 @@ def main() -> None:
         before = r.xlen("instructloop:stream:comparisons")
         base_s, base_lat, base_status = asyncio.run(hammer(stack.gateway_url, stack.keys["user"], [None] * args.events,
                                                            args.concurrency))
+        gateway_cpu, redis_cpu = stack.cpu_seconds("gateway"), stack.cpu_seconds("redis")
         feed_s, feed_lat, feed_status = asyncio.run(hammer(stack.gateway_url, stack.keys["user"], bodies, args.concurrency))
+        gateway_cpu, redis_cpu = stack.cpu_seconds("gateway") - gateway_cpu, stack.cpu_seconds("redis") - redis_cpu
         written = r.xlen("instructloop:stream:comparisons") - before
     accepted = feed_status.get(202, 0)
     result = {
@@ -91,6 +97,10 @@ def main() -> None:
         "ratio_feedback_to_healthz": round((accepted / feed_s) / (args.events / base_s), 3),
         "statuses": feed_status, "baseline_statuses": base_status,
         "accepted": accepted, "on_stream": written, "lost": accepted - written,
+        "gateway_cpu_ms_per_event": round(gateway_cpu / max(accepted, 1) * 1000, 3),
+        "redis_cpu_ms_per_event": round(redis_cpu / max(accepted, 1) * 1000, 3),
+        "projected_events_per_s_on_2_cores": round(2 / max((gateway_cpu + redis_cpu) / max(accepted, 1), 1e-9), 1),
+        "load_average_1m": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))
 

@@ -43,6 +43,7 @@ class Stack:
                  serve_threads: int = 1):
         self.workdir = Path(tempfile.mkdtemp(prefix="instructloop-bench-"))
         self.procs: list[subprocess.Popen] = []
+        self.named: dict[str, subprocess.Popen] = {}
         self.model = model
         self.env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
         self.redis_port = free_port()
@@ -70,6 +71,7 @@ class Stack:
         log = open(self.workdir / f"{name}.log", "wb")
         proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
+        self.named[name] = proc
         return proc
 
     def _start_redis(self) -> None:
@@ -107,6 +109,20 @@ class Stack:
                             "--backends", self.serve_url, "--redis-url", self.redis_url, "--keys-file",
                             str(self.keys_file), "--workers", str(workers)], "gateway", env)
         wait_http(f"{self.gateway_url}/healthz", proc, "gateway")
+
+    def cpu_seconds(self, name: str) -> float:
+        """User + system CPU time of one child process and its own children (gateway workers)."""
+        import psutil
+
+        root = psutil.Process(self.named[name].pid)
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
 
     def close(self) -> None:
         for proc in reversed(self.procs):

@@ -107,7 +107,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
