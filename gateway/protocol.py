@@ -63,6 +63,9 @@ def normalize_stop(value: StopSequences) -> list[str]:
     return list(value)
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily: their limit is greedy, and logits / 1e-300 overflow to inf."""
+
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "echo": (False,), "frequency_penalty": (0.0,), "logit_bias": (None, {}),
     "presence_penalty": (0.0,), "suffix": (None, ""),
@@ -112,11 +115,12 @@ class CompletionRequest(BaseModel):
     def to_generate_params(self, choice_index: int = 0) -> dict[str, Any]:
         """Keyword arguments for ``text_generation.AsyncClient.generate`` for choice ``choice_index``.
 
-        temperature 0 is greedy (TGI refuses temperature 0); top_p 1 means no nucleus filtering (TGI
+        temperature 0 (or below ``GREEDY_BELOW``, where dividing the logits by it would overflow) is greedy
+        (TGI refuses temperature 0); top_p 1 means no nucleus filtering (TGI
         refuses top_p 1); a seed gives choice i the seed ``seed + i`` so the n choices differ but are
         reproducible.
         """
-        greedy = self.temperature == 0.0
+        greedy = self.temperature < GREEDY_BELOW
         params: dict[str, Any] = {
             "do_sample": not greedy,
             "max_new_tokens": self.max_tokens,

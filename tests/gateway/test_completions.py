@@ -201,3 +201,11 @@ def test_redis_down_never_fails_a_completion(gateway, redis_server):
     chunks = list(client.completions.create(model=MODEL_NAME, prompt="Still up?", max_tokens=3, stream=True))
     assert chunks[-1].choices[0].finish_reason == "length"
     assert gateway.metric("gateway_redis_failures_total") >= before + 2
+
+
+def test_a_vanishing_temperature_decodes_greedily(gateway):
+    """Found by the schemathesis run: temperature 5e-273 made serve's logits / temperature overflow."""
+    client = gateway.openai("alice")
+    tiny = client.completions.create(model=MODEL_NAME, prompt="Tiny", max_tokens=5, temperature=5e-273)
+    greedy = client.completions.create(model=MODEL_NAME, prompt="Tiny", max_tokens=5, temperature=0)
+    assert tiny.choices[0].text == greedy.choices[0].text
