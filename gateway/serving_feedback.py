@@ -158,7 +158,7 @@ class FeedbackServing:
             event = event.model_copy(update={"labeler_id": principal.key_id, "rationale": feedback.rationale})
             event_id, duplicate = await self.store.append_event(
                 Stream.comparisons, event, idempotency_key=idempotency_key, caller=principal.key_id,
-                request_fingerprint=fingerprint(feedback.model_dump()))
+                request_fingerprint=fingerprint(feedback.model_dump()) if idempotency_key else "")
         except StoreUnavailable as exc:
             log.warning("feedback refused: redis unavailable", extra={"error": str(exc)})
             return self._unavailable("redis unavailable")
@@ -189,7 +189,7 @@ class DemonstrationServing:
         try:
             event_id, duplicate = await self.store.append_event(
                 Stream.demonstrations, event, idempotency_key=idempotency_key, caller=principal.key_id,
-                request_fingerprint=fingerprint(request.model_dump()))
+                request_fingerprint=fingerprint(request.model_dump()) if idempotency_key else "")
         except StoreUnavailable as exc:
             self.metrics.demonstrations.labels("unavailable").inc()
             log.warning("demonstration refused: redis unavailable", extra={"error": str(exc)})

@@ -218,3 +218,15 @@ def test_demonstrations(gateway, redis_server):
     assert post(gateway, "alice", body, path="/v1/demonstrations").status_code == 403
     blank = post(gateway, "lara", {"prompt": "  ", "response": "x"}, path="/v1/demonstrations")
     assert blank.status_code == 422 and blank.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_feedback_through_the_openai_client_as_in_the_readme(gateway, redis_server):
+    client = gateway.openai("alice")
+    completion = client.completions.create(model=MODEL_NAME, prompt="Write a haiku about autumn.", max_tokens=4, n=4,
+                                           temperature=0.8)
+    accepted = client.post("/feedback", cast_to=object, body={"type": "pairwise", "completion_id": completion.id,
+                                                              "chosen": 2, "rejected": 0})
+    assert accepted["status"] == "accepted"
+    [event] = comparisons(redis_server)
+    assert event.event_id == accepted["id"]
+    assert event.responses[event.ranking[0][0]] == completion.choices[2].text
