@@ -232,6 +232,10 @@ class Learner:
 
         up_to = self.dataset.max_comparison_seq()
         comparisons = [s.comparison for s in self.dataset.comparisons(after_seq=self.state.rm_cursor, up_to_seq=up_to)]
+        if not any(c.pairs() for c in comparisons):  # only ties: nothing to learn, move past them
+            self.state.rm_cursor = up_to
+            self.store.save(self.state)
+            return None
         heldout = [s.comparison for s in self.dataset.comparisons(heldout=True, limit=HELDOUT_COMPARISONS_MAX)]
         log.info("reward model update started", extra={"comparisons": len(comparisons), "heldout": len(heldout),
                                                         "rm_update": self.state.rm_updates + 1})

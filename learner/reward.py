@@ -241,8 +241,10 @@ def train_reward_model(
     training), heldout_accuracy / heldout_loss (when ``heldout`` is given), steps, rankings, pairs,
     sequences, duration_s and sequences_per_s.
     """
+    comparisons = [c for c in comparisons if c.pairs()]  # a tie ([[0, 1]]) implies no pair
+    heldout = [c for c in heldout if c.pairs()] if heldout else heldout
     if not comparisons:
-        raise ValueError("train_reward_model needs at least one comparison")
+        raise ValueError("train_reward_model needs at least one comparison that implies a (winner, loser) pair")
     disable_dropout(model)
     model.train()
     optimizer = torch.optim.AdamW(

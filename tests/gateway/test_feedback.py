@@ -84,6 +84,14 @@ def test_list_prompt_ranking_uses_the_choices_of_one_prompt(gateway, redis_serve
     assert event.responses == [completion["choices"][2]["text"], completion["choices"][3]["text"]]
 
 
+def test_an_all_tied_ranking_is_recorded_without_pairs(gateway, redis_server):
+    completion = make_completion(gateway)
+    response = post(gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[0, 1]]})
+    assert response.status_code == 202, response.text
+    [event] = comparisons(redis_server)
+    assert event.ranking == [[0, 1]] and event.pairs() == []
+
+
 @pytest.mark.parametrize(
     ("feedback", "status", "code"),
     [
@@ -92,7 +100,6 @@ def test_list_prompt_ranking_uses_the_choices_of_one_prompt(gateway, redis_serve
         ({"type": "ranking", "ranking": [[0], [0]]}, 422, "invalid_feedback"),  # repeated
         ({"type": "ranking", "ranking": [[1], [2, 1]]}, 422, "invalid_feedback"),
         ({"type": "ranking", "ranking": [[0]]}, 422, "invalid_feedback"),  # one response
-        ({"type": "ranking", "ranking": [[0, 1]]}, 422, "invalid_feedback"),  # a tie only: no preference
         ({"type": "ranking", "ranking": []}, 422, "validation_error"),
         ({"type": "ranking", "ranking": [[0], []]}, 422, "validation_error"),
         ({"type": "pairwise", "chosen": 1, "rejected": 1}, 422, "invalid_feedback"),
@@ -122,14 +129,17 @@ def test_ab_refusals(gateway, redis_server):
     assert different.status_code == 422 and different.json()["error"]["code"] == "different_prompts"
     tie = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]}, "b": {"completion_id": same["id"]},
                                   "preferred": "tie"})
-    assert tie.status_code == 422 and tie.json()["error"]["code"] == "tie_not_recorded"
+    assert tie.status_code == 202, tie.text
+    recorded = comparisons(redis_server)
+    assert len(recorded) == 1 and recorded[0].ranking == [[0, 1]] and recorded[0].source == "ab"
+    assert recorded[0].pairs() == []
     itself = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]}, "b": {"completion_id": a["id"]},
                                      "preferred": "a"})
     assert itself.status_code == 422
     out_of_range = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]},
                                            "b": {"completion_id": same["id"], "index": 3}, "preferred": "a"})
     assert out_of_range.status_code == 422 and out_of_range.json()["error"]["param"] == "b.index"
-    assert comparisons(redis_server) == []
+    assert len(comparisons(redis_server)) == 1  # only the tie was recorded
 
 
 def test_who_may_rate_which_completion(gateway, redis_server):
