@@ -12,6 +12,7 @@ import importlib.util
 import typer
 
 from instructloop.logs import configure_logging
+from instructloop.stack import up
 
 app = typer.Typer(
     name="instructloop",
@@ -19,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.command("up")(up)
 model_app = typer.Typer(help="The default model and model folders.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
@@ -44,6 +46,7 @@ _ROOMS = [
     ("serve.cli", "serve", "The inference server (TGI protocol, continuous batching, hot-swap)."),
     ("gateway.cli", "gateway", "The OpenAI-compatible gateway (completions, feedback, admin)."),
     ("learner.cli", "learner", "The learner (reward model, PPO-ptx, gate, publish)."),
+    ("gateway.labeler", "labeler", "A scripted labeler: ranks completions over the gateway API, measures win-rate."),
 ]
 
 for module_name, name, help_text in _ROOMS:

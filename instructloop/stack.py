@@ -1,0 +1,722 @@
+"""``instructloop up``: the whole loop on one machine, in one command.
+
+Starts, as subprocesses of this one and in dependency order,
+
+1. ``redis-server`` (AOF on, data in ``<run-dir>/redis``) unless a Redis URL is given,
+2. one serve replica (``instructloop serve run``) on the chosen model,
+3. the learner (``instructloop learner run``; skipped with ``--no-learner``), started beside serve,
+4. the gateway (``instructloop gateway run``), once serve is healthy,
+
+waits until each one answers its health check (``/health``, ``/metrics``, ``/readyz``, Redis ``PING``;
+polled with httpx, never a fixed sleep), writes ``<run-dir>/api-keys.json`` (mode 0600: a user, a labeler
+and an admin key, created with ``instructloop gateway keys create``) and ``<run-dir>/stack.json`` (URLs,
+ports, pids, log files), and prints how to call the gateway.
+
+Logs: ``<run-dir>/logs/<component>/<component>.log`` (stdout and stderr of the process, appended).
+
+Failure policy: a component that exits, at start-up or later, is reported (name, exit code, log file,
+last log lines) and then **everything is stopped** and ``up`` exits with status 1: a loop with a dead
+part silently loses feedback or never learns, so it is better to fail loudly and be restarted (by a
+person, systemd, or Kubernetes with the per-component manifests). A component that does not become
+healthy within ``--startup-timeout`` is reported the same way.
+
+Stopping: Ctrl-C or SIGTERM stops the components in reverse order (gateway first, Redis last): SIGTERM
+to the component's process group, wait ``--stop-timeout`` seconds, then SIGKILL. A second Ctrl-C
+skips the wait. Components are also asked by the kernel (``PR_SET_PDEATHSIG``) to stop if ``up``
+itself is killed with SIGKILL.
+
+Learner knobs pass through the environment: every ``INSTRUCTLOOP_LEARNER_*`` (and ``*_SERVE_*``,
+``*_GATEWAY_*``) variable set when ``up`` starts reaches its component, except the wiring ``up`` owns
+(ports, Redis URL, registry and state folders, model, keys file).
+
+CPU threads: serve and the learner are both torch processes; each using every core makes both several
+times slower. Unless set, serve gets ``INSTRUCTLOOP_SERVE_TORCH_THREADS`` = half the cores and the
+learner ``OMP_NUM_THREADS`` = the other half (the gateway: 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from instructloop.settings import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+HealthCheck = Callable[[], bool]
+"""Returns True when the component is ready; must return (not hang) within about a second."""
+
+KEY_ROLES = ("user", "labeler", "admin")
+TAIL_LINES = 20
+
+
+class ComponentFailed(RuntimeError):
+    """A component exited or never became healthy. ``report()`` is what ``up`` prints."""
+
+    def __init__(self, name: str, reason: str, log_path: Path, exit_code: int | None = None):
+        self.name = name
+        self.reason = reason
+        self.log_path = log_path
+        self.exit_code = exit_code
+        super().__init__(f"{name} {reason} (log: {log_path})")
+
+    def report(self, lines: int = TAIL_LINES) -> str:
+        tail = tail_lines(self.log_path, lines)
+        body = "\n".join(f"  | {line}" for line in tail) if tail else "  | (the log is empty)"
+        return f"error: {self.name} {self.reason}\n  log: {self.log_path}\n  last {len(tail)} log lines:\n{body}"
+
+
+def describe_exit(code: int | None) -> str:
+    """``exit code 3`` or ``killed by SIGKILL`` (subprocess reports a signal as a negative code)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def tail_lines(path: Path, count: int = TAIL_LINES) -> list[str]:
+    """The last ``count`` lines of a (possibly large) text file; [] when it does not exist."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 64 * 1024))
+            data = handle.read()
+    except FileNotFoundError:
+        return []
+    return data.decode("utf-8", errors="replace").splitlines()[-count:]
+
+
+def http_health(url: str, timeout: float = 1.0) -> HealthCheck:
+    """Healthy when ``GET url`` answers 200."""
+    import httpx
+
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+def redis_health(url: str, timeout: float = 1.0) -> HealthCheck:
+    """Healthy when the Redis at ``url`` answers PING."""
+
+    def check() -> bool:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    return check
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a server could listen on ``port`` (SO_REUSEADDR like uvicorn: TIME_WAIT is no obstacle)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def pick_port(preferred: int | None, host: str = "127.0.0.1") -> int:
+    """``preferred`` if it is free, else any free port (for ports nobody outside ``up`` needs to know)."""
+    if preferred and port_is_free(preferred, host):
+        return preferred
+    return free_port(host)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to SIGTERM the child when ``up`` dies (even by SIGKILL); a no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+# ---- one component ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComponentSpec:
+    """How to start one component and how to know it is ready."""
+
+    name: str
+    argv: list[str]
+    health: HealthCheck
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    after: list[str] = field(default_factory=list)  # components that must be healthy before this one starts
+    url: str | None = None  # shown to the user and written to stack.json
+    startup_timeout_s: float = 600.0
+
+
+class Component:
+    """A running component: its process (own process group) and its log file."""
+
+    def __init__(self, spec: ComponentSpec):
+        self.spec = spec
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.healthy = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def start(self) -> None:
+        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spec.log_path, "ab") as log_file:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            log_file.write(f"==== instructloop up: starting {self.name} at {stamp}: {' '.join(self.spec.argv)}\n".encode())
+            log_file.flush()
+            try:
+                self.proc = subprocess.Popen(
+                    self.spec.argv,
+                    env=self.spec.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # Ctrl-C reaches `up` only; `up` stops components in order
+                    preexec_fn=_die_with_parent,
+                )
+            except OSError as exc:
+                log_file.write(f"cannot start {self.name}: {exc}\n".encode())
+                raise ComponentFailed(self.name, f"could not be started ({exc})", self.spec.log_path) from exc
+        self.started_at = time.monotonic()
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def check_health(self) -> bool:
+        """Raise ``ComponentFailed`` if the process exited; else run the health check (once healthy, stays)."""
+        code = self.exit_code()
+        if code is not None:
+            raise ComponentFailed(self.name, f"exited ({describe_exit(code)})", self.spec.log_path, exit_code=code)
+        if not self.healthy:
+            self.healthy = self.spec.health()
+        return self.healthy
+
+    def stop(self, timeout_s: float) -> int | None:
+        """SIGTERM the process group, wait up to ``timeout_s``, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs: SIGKILL", self.name, timeout_s)
+                self._signal(signal.SIGKILL)
+                self.proc.wait()
+        else:
+            self._signal(signal.SIGKILL)  # the leader is gone; make sure nothing of its group is left
+        return self.proc.returncode
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # pragma: no cover - the group was recycled by another user
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+
+# ---- the supervisor -----------------------------------------------------------------------------------
+
+
+class Supervisor:
+    """Starts components in dependency order, waits for their health, watches them, stops them in reverse.
+
+    Wake-ups come from SIGCHLD (a component exited), SIGINT/SIGTERM (stop) or the poll interval (the
+    next health check); nothing waits a fixed time to "let something start".
+    """
+
+    def __init__(self, specs: list[ComponentSpec], *, stop_timeout_s: float = 20.0, poll_interval_s: float = 0.25,
+                 echo: Callable[[str], None] = print):
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate component names: {names}")
+        for spec in specs:
+            unknown = set(spec.after) - set(names)
+            if unknown:
+                raise ValueError(f"{spec.name} waits for unknown components {sorted(unknown)}")
+        self.components = [Component(s) for s in specs]
+        self.stop_timeout_s = stop_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.echo = echo
+        self.stop_requested = threading.Event()
+        self.wake = threading.Event()
+        self.started_order: list[Component] = []
+        self._signals = 0
+        self._previous_handlers: dict[int, object] = {}
+
+    # -- signals --
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_stop_signal)
+        self._previous_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_child)
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous_handlers.clear()
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        self._signals += 1
+        self.stop_requested.set()
+        self.wake.set()
+
+    def _on_child(self, signum: int, frame: object) -> None:
+        self.wake.set()
+
+    def _sleep(self) -> None:
+        self.wake.wait(self.poll_interval_s)
+        self.wake.clear()
+
+    # -- lifecycle --
+    def component(self, name: str) -> Component:
+        return next(c for c in self.components if c.name == name)
+
+    def start_all(self) -> bool:
+        """Start everything and wait until all are healthy. False if a stop was requested meanwhile.
+
+        Raises ``ComponentFailed`` when one exits or times out (the caller then calls ``stop_all``)."""
+        waiting = list(self.components)
+        while waiting:
+            if self.stop_requested.is_set():
+                return False
+            healthy = {c.name for c in self.components if c.healthy}
+            for component in waiting:
+                if component.proc is None and set(component.spec.after) <= healthy:
+                    self.echo(f"starting {component.name} (log: {component.spec.log_path})")
+                    component.start()
+                    self.started_order.append(component)
+            for component in list(waiting):
+                if component.proc is None:
+                    continue
+                if component.check_health():
+                    took = time.monotonic() - component.started_at
+                    self.echo(f"{component.name} is healthy after {took:.1f}s"
+                              + (f" at {component.spec.url}" if component.spec.url else ""))
+                    waiting.remove(component)
+                elif time.monotonic() - component.started_at > component.spec.startup_timeout_s:
+                    raise ComponentFailed(
+                        component.name,
+                        f"did not become healthy within {component.spec.startup_timeout_s:g}s "
+                        "(raise --startup-timeout if it is only slow)",
+                        component.spec.log_path,
+                    )
+            if waiting:
+                self._sleep()
+        return True
+
+    def watch(self) -> ComponentFailed | None:
+        """Block until a stop is requested (None) or a component exits (its failure)."""
+        while not self.stop_requested.is_set():
+            for component in self.started_order:
+                code = component.exit_code()
+                if code is not None:
+                    return ComponentFailed(component.name, f"exited ({describe_exit(code)})",
+                                           component.spec.log_path, exit_code=code)
+            self.wake.wait(1.0)
+            self.wake.clear()
+        return None
+
+    def stop_all(self) -> None:
+        """Stop started components in reverse start order (a second Ctrl-C/SIGTERM skips the grace time)."""
+        for component in reversed(self.started_order):
+            if component.proc is None:
+                continue
+            was_running = component.exit_code() is None
+            grace = 0.0 if self._signals >= 2 else self.stop_timeout_s
+            code = component.stop(grace)
+            if was_running:
+                self.echo(f"stopped {component.name} ({describe_exit(code)})")
+
+
+# ---- the stack ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class StackConfig:
+    run_dir: Path = Path("run")
+    model: str = DEFAULT_MODEL
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    serve_port: int | None = None
+    learner_metrics_port: int | None = None
+    redis_port: int | None = None
+    learner: bool = True
+    startup_timeout_s: float = 600.0
+    stop_timeout_s: float = 20.0
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def keys_file(self) -> Path:
+        """The plain keys for people (0600)."""
+        return self.run_dir / "api-keys.json"
+
+    @property
+    def gateway_keys_file(self) -> Path:
+        """The gateway's hashed keys (``INSTRUCTLOOP_GATEWAY_KEYS_FILE``)."""
+        return self.run_dir / "gateway" / "keys.jsonl"
+
+    @property
+    def stack_file(self) -> Path:
+        return self.run_dir / "stack.json"
+
+    def log_path(self, component: str) -> Path:
+        return self.logs_dir / component / f"{component}.log"
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "instructloop.cli", *args]
+
+
+def _child_env(project_root: Path, overrides: dict[str, str], defaults: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment (knobs pass through), ``defaults`` where unset, then ``up``'s wiring."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(project_root), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    for key, value in (defaults or {}).items():
+        env.setdefault(key, value)
+    env.update(overrides)
+    return env
+
+
+def project_root() -> Path:
+    """The folder holding the ``instructloop`` package (a checkout, or site-packages when installed)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def thread_budget(cpus: int | None = None) -> tuple[int, int]:
+    """(serve, learner) torch threads: the cores split between the two, so they never oversubscribe.
+
+    Two torch processes each using every core slow each other down several times over (spinning
+    OpenMP workers); serve and the learner each get about half of the cores instead.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    serve = max(1, cpus // 2)
+    return serve, max(1, cpus - serve)
+
+
+def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str]]:
+    """The components of the stack and the URLs they will answer on."""
+    root = project_root()
+    run_dir = config.run_dir.resolve()
+    host = config.host
+    specs: list[ComponentSpec] = []
+    urls: dict[str, str] = {}
+
+    redis_url = config.redis_url
+    if redis_url is None:
+        if shutil.which("redis-server") is None:
+            raise typer.BadParameter(
+                "redis-server is not installed: run `make install` (or `sudo apt-get install -y redis-server`), "
+                "or point at a running Redis with --redis-url redis://HOST:PORT/0"
+            )
+        redis_port = pick_port(config.redis_port)
+        redis_dir = run_dir / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        specs.append(ComponentSpec(
+            name="redis",
+            argv=["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
+                  "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+                  "--protected-mode", "yes"],
+            health=redis_health(redis_url),
+            log_path=config.log_path("redis").resolve(),
+            env=dict(os.environ),
+            url=redis_url,
+            startup_timeout_s=min(config.startup_timeout_s, 60.0),
+        ))
+    urls["redis"] = redis_url
+    needs_redis = ["redis"] if config.redis_url is None else []
+
+    shared = {"MODEL": config.model, "REDIS_URL": redis_url, "REGISTRY_DIR": str(run_dir / "registry")}
+    serve_threads, learner_threads = thread_budget()
+
+    serve_port = pick_port(config.serve_port or 8080, host)
+    serve_url = f"http://{host}:{serve_port}"
+    urls["serve"] = serve_url
+    specs.append(ComponentSpec(
+        name="serve",
+        argv=_cli("serve", "run"),
+        health=http_health(f"{serve_url}/health"),
+        log_path=config.log_path("serve").resolve(),
+        env=_child_env(root, {f"INSTRUCTLOOP_SERVE_{k}": v for k, v in
+                              {**shared, "HOST": host, "PORT": str(serve_port)}.items()},
+                       defaults={"INSTRUCTLOOP_SERVE_TORCH_THREADS": str(serve_threads),
+                                 "OMP_NUM_THREADS": str(serve_threads)}),
+        after=needs_redis,
+        url=serve_url,
+        startup_timeout_s=config.startup_timeout_s,
+    ))
+
+    if config.learner:
+        metrics_port = pick_port(config.learner_metrics_port or 9100)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        urls["learner"] = metrics_url
+        specs.append(ComponentSpec(
+            name="learner",
+            argv=_cli("learner", "run"),
+            health=http_health(metrics_url),
+            log_path=config.log_path("learner").resolve(),
+            env=_child_env(root, {f"INSTRUCTLOOP_LEARNER_{k}": v for k, v in
+                                  {**shared, "STATE_DIR": str(run_dir / "learner"),
+                                   "METRICS_PORT": str(metrics_port), "CONSUMER_NAME": "learner-0"}.items()},
+                           defaults={"INSTRUCTLOOP_LEARNER_TORCH_THREADS": str(learner_threads),
+                                     "OMP_NUM_THREADS": str(learner_threads)}),
+            after=needs_redis,
+            url=metrics_url,
+            startup_timeout_s=config.startup_timeout_s,
+        ))
+
+    gateway_url = f"http://{host}:{config.port}"
+    urls["gateway"] = gateway_url
+    specs.append(ComponentSpec(
+        name="gateway",
+        argv=_cli("gateway", "run"),
+        health=http_health(f"{gateway_url}/readyz"),
+        log_path=config.log_path("gateway").resolve(),
+        env=_child_env(root, {f"INSTRUCTLOOP_GATEWAY_{k}": v for k, v in
+                              {**shared, "HOST": host, "PORT": str(config.port), "BACKENDS": serve_url,
+                               "KEYS_FILE": str(config.gateway_keys_file.resolve()), "DEV_MODE": "false"}.items()},
+                       defaults={"OMP_NUM_THREADS": "1"}),
+        after=["serve"],
+        url=gateway_url,
+        startup_timeout_s=config.startup_timeout_s,
+    ))
+    return specs, urls
+
+
+def ensure_api_keys(config: StackConfig, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """One key per role in ``<run-dir>/api-keys.json`` (0600), registered (hashed) in the gateway's keys file.
+
+    Kept across restarts: existing keys are reused while both files exist. Keys are created with the
+    gateway's own command, ``instructloop gateway keys create``.
+    """
+    keys_file, gateway_keys = config.keys_file, config.gateway_keys_file
+    if keys_file.exists() and gateway_keys.exists():
+        keys = json.loads(keys_file.read_text())
+        if all(keys.get(role) for role in KEY_ROLES):
+            return keys
+    gateway_keys.parent.mkdir(parents=True, exist_ok=True)
+    gateway_keys.unlink(missing_ok=True)  # keys the user cannot read any more must not stay valid
+    keys: dict[str, str] = {}
+    env = _child_env(project_root(), {"INSTRUCTLOOP_GATEWAY_KEYS_FILE": str(gateway_keys.resolve())})
+    creating = {  # the three run side by side; each appends one line (O_APPEND) to the keys file
+        role: subprocess.Popen(
+            _cli("gateway", "keys", "create", "--role", role, "--name", f"up-{role}",
+                 "--keys-file", str(gateway_keys.resolve())),
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for role in KEY_ROLES
+    }
+    for role, proc in creating.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"`instructloop gateway keys create --role {role}` failed ({proc.returncode}): "
+                               f"{(stderr or stdout).strip()[-2000:]}")
+        keys[role] = _parse_created_key(stdout)
+    fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        json.dump(keys, handle, indent=2)
+        handle.write("\n")
+    echo(f"created API keys ({', '.join(KEY_ROLES)}) in {keys_file}")
+    return keys
+
+
+def _parse_created_key(stdout: str) -> str:
+    """The key printed by ``gateway keys create`` (the only token with the ``il-`` key prefix)."""
+    for token in stdout.replace('"', " ").replace("'", " ").split():
+        if token.startswith("il-") and len(token) > 20:
+            return token
+    raise RuntimeError(f"could not find the new key in the output of `gateway keys create`: {stdout[:500]!r}")
+
+
+def usage_text(gateway_url: str, keys_file: Path) -> str:
+    """Copy-paste examples printed once the stack is up."""
+    keys = str(keys_file)
+    return f"""
+instructloop is up.
+  gateway:  {gateway_url}   (OpenAI-compatible; /v1/completions, /v1/feedback, /readyz, /metrics)
+  API keys: {keys}   (0600; roles user, labeler, admin)
+
+A completion with curl (4 choices to rank):
+  USER_KEY=$(python3 -c 'import json;print(json.load(open("{keys}"))["user"])')
+  curl -s {gateway_url}/v1/completions -H "Authorization: Bearer $USER_KEY" -H 'Content-Type: application/json' \\
+    -d '{{"model": "instructloop", "prompt": "Tell me about cats.", "n": 4, "max_tokens": 32}}'
+
+Rank its choices (best first; [1, 3] are tied) with the labeler key:
+  LABELER_KEY=$(python3 -c 'import json;print(json.load(open("{keys}"))["labeler"])')
+  curl -s {gateway_url}/v1/feedback -H "Authorization: Bearer $LABELER_KEY" -H 'Content-Type: application/json' \\
+    -d '{{"type": "ranking", "completion_id": "<the id from above>", "ranking": [[2], [1, 3], [0]]}}'
+
+The same with the openai client:
+  python3 - <<'EOF'
+  import json, httpx, openai
+  keys = json.load(open("{keys}"))
+  client = openai.OpenAI(base_url="{gateway_url}/v1", api_key=keys["user"])
+  completion = client.completions.create(model="instructloop", prompt="Tell me about cats.", n=4, max_tokens=32)
+  print(completion.policy_version, [c.text for c in completion.choices])
+  httpx.post("{gateway_url}/v1/feedback", headers={{"Authorization": "Bearer " + keys["labeler"]}},
+             json={{"type": "ranking", "completion_id": completion.id, "ranking": [[2], [1, 3], [0]]}}).raise_for_status()
+  EOF
+
+Or let the scripted labeler rank for you (prefers answers without the word "the"):
+  instructloop labeler simulate --run-dir {keys_file.parent} --preference without:the --rounds 5
+
+Ctrl-C stops everything.
+"""
+
+
+def run_stack(config: StackConfig, echo: Callable[[str], None] = print) -> int:
+    """Start the stack, wait for Ctrl-C/SIGTERM or a crash, stop everything. Returns the exit status."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    config.run_dir = config.run_dir.resolve()
+    if config.model != DEFAULT_MODEL and Path(config.model).expanduser().exists():
+        config.model = str(Path(config.model).expanduser().resolve())  # children may resolve paths elsewhere
+    if not port_is_free(config.port, config.host):
+        echo(f"error: port {config.port} on {config.host} is in use: pass --port N (another free port)")
+        return 2
+    config.stack_file.unlink(missing_ok=True)
+    specs, urls = build_specs(config)
+    supervisor = Supervisor(specs, stop_timeout_s=config.stop_timeout_s, echo=echo)
+    supervisor.install_signal_handlers()
+    status = 0
+    try:
+        if config.model == DEFAULT_MODEL:
+            _prepare_default_model(config, supervisor, echo)
+        keys = ensure_api_keys(config, echo)
+        assert set(keys) == set(KEY_ROLES)
+        if not supervisor.start_all():
+            echo("stop requested during start-up")
+            return 0
+        _write_stack_file(config, supervisor, urls)
+        echo(usage_text(urls["gateway"], config.keys_file))
+        failure = supervisor.watch()
+        if failure is not None:
+            echo(failure.report())
+            echo("a component died: stopping everything (see docs: `instructloop up` fails as a whole)")
+            status = 1
+    except ComponentFailed as failure:
+        echo(failure.report())
+        status = 1
+    except RuntimeError as exc:
+        echo(f"error: {exc}")
+        status = 1
+    finally:
+        supervisor.stop_all()
+        supervisor.restore_signal_handlers()
+        config.stack_file.unlink(missing_ok=True)
+    return status
+
+
+def _prepare_default_model(config: StackConfig, supervisor: Supervisor, echo: Callable[[str], None]) -> None:
+    """Convert the embedded model once, before serve and learner both want it (a child process)."""
+    from instructloop.model import default_model_dir, is_prepared
+
+    if is_prepared(default_model_dir()):
+        return
+    echo("preparing the default model once (about 30 s)…")
+    spec = ComponentSpec(name="model-prepare", argv=_cli("model", "prepare"), health=lambda: False,
+                         log_path=config.log_path("model-prepare").resolve(),
+                         env=_child_env(project_root(), {}))
+    component = Component(spec)
+    component.start()
+    assert component.proc is not None
+    while component.proc.poll() is None:
+        if supervisor.stop_requested.is_set():
+            component.stop(config.stop_timeout_s)
+            raise RuntimeError("stop requested while preparing the default model")
+        supervisor.wake.wait(1.0)
+        supervisor.wake.clear()
+    if component.proc.returncode != 0:
+        raise ComponentFailed("model-prepare", f"exited ({describe_exit(component.proc.returncode)})", spec.log_path,
+                              exit_code=component.proc.returncode)
+
+
+def _write_stack_file(config: StackConfig, supervisor: Supervisor, urls: dict[str, str]) -> None:
+    state = {
+        "gateway_url": urls["gateway"],
+        "keys_file": str(config.keys_file),
+        "run_dir": str(config.run_dir),
+        "up_pid": os.getpid(),
+        "components": {
+            c.name: {"pid": c.proc.pid if c.proc else None, "url": c.spec.url, "log": str(c.spec.log_path)}
+            for c in supervisor.components
+        },
+    }
+    tmp = config.stack_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, config.stack_file)
+
+
+def up(
+    run_dir: Path = typer.Option(Path("run"), help="Folder for logs, Redis data, registry, learner state, keys."),
+    model: str = typer.Option(DEFAULT_MODEL, help="'default' (embedded SmolLM2-135M-Instruct) or an HF model folder."),
+    redis_url: str | None = typer.Option(None, envvar="INSTRUCTLOOP_REDIS_URL",
+                                         help="Use this Redis instead of starting redis-server."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Gateway port."),
+    host: str = typer.Option("127.0.0.1", help="Interface the gateway and serve listen on."),
+    serve_port: int | None = typer.Option(None, help="Serve port (default 8080, or a free one if taken)."),
+    learner_metrics_port: int | None = typer.Option(None, help="Learner /metrics port (default 9100, or a free one)."),
+    redis_port: int | None = typer.Option(None, help="Port of the redis-server `up` starts (default: a free one)."),
+    learner: bool = typer.Option(True, "--learner/--no-learner", help="Run the learner (off: serve + gateway only)."),
+    startup_timeout: float = typer.Option(600.0, min=1.0, help="Seconds each component may take to become healthy."),
+    stop_timeout: float = typer.Option(20.0, min=0.0, help="Seconds between SIGTERM and SIGKILL when stopping."),
+) -> None:
+    """Start Redis, serve, the learner and the gateway; print how to use them; Ctrl-C stops all.
+
+    Learner knobs pass through the environment (INSTRUCTLOOP_LEARNER_KL_COEF, ..._PTX_COEF,
+    ..._MIN_NEW_COMPARISONS, ...). If any component dies, `up` reports it and stops everything.
+    """
+    config = StackConfig(run_dir=run_dir, model=model, redis_url=redis_url, host=host, port=port,
+                         serve_port=serve_port, learner_metrics_port=learner_metrics_port, redis_port=redis_port,
+                         learner=learner, startup_timeout_s=startup_timeout, stop_timeout_s=stop_timeout)
+    status = run_stack(config, echo=lambda message: typer.echo(message, err=message.startswith("error")))
+    raise typer.Exit(status)

@@ -1,0 +1,122 @@
+"""The scripted labeler's pure logic: preference functions, rankings with ties, plug-ins, win-rate."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from gateway.labeler import (
+    DEFAULT_HELDOUT_PROMPTS,
+    DEFAULT_PROMPTS,
+    PreferenceError,
+    app,
+    load_preference,
+    rank,
+    rank_texts,
+    read_prompts,
+    score_texts,
+    win_rate,
+)
+
+
+def test_rank_is_best_first_and_groups_ties():
+    assert rank([0.0, 2.0, 0.0, 1.0]) == [[1], [3], [0, 2]]
+    assert rank([5.0, 5.0, 5.0]) == [[0, 1, 2]]
+    assert rank([-3.0, -1.0]) == [[1], [0]]
+    assert rank([1.0, 2.0, 1.0, 2.0]) == [[1, 3], [0, 2]]
+
+
+def test_rank_covers_every_index_once():
+    scores = [0.5, -1.0, 0.5, 3.0, -1.0, 0.0]
+    ranking = rank(scores)
+    assert sorted(i for group in ranking for i in group) == list(range(len(scores)))
+    group_scores = [scores[group[0]] for group in ranking]
+    assert group_scores == sorted(set(scores), reverse=True)
+
+
+def test_builtin_preferences():
+    shorter = load_preference("shorter")
+    assert rank_texts(["a long answer", "short", "mid answer"], shorter) == [[1], [2], [0]]
+
+    without = load_preference("without:cat")
+    assert score_texts(["the cat sat", "Cat and cat", "concatenate", "a dog"], without) == [-1.0, -2.0, 0.0, 0.0]
+    assert rank_texts(["the cat sat", "Cat and cat", "concatenate", "a dog"], without) == [[2, 3], [0], [1]]
+
+    with_word = load_preference("with:sea")
+    assert score_texts(["the sea", "SEA sea", "season"], with_word) == [1.0, 1.0, 0.0]
+
+
+def test_punctuation_word_matches_as_substring():
+    without_bang = load_preference("without:!")
+    assert score_texts(["hi!!", "hi"], without_bang) == [-2.0, 0.0]
+
+
+def test_plugin_preference_is_loaded_from_module_function(tmp_path, monkeypatch):
+    (tmp_path / "my_prefs.py").write_text(textwrap.dedent("""
+        def vowels(text):
+            return float(sum(c in "aeiou" for c in text))
+
+        NOT_A_FUNCTION = 3
+
+        def broken(text):
+            return "high"
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    vowels = load_preference("my_prefs:vowels")
+    assert rank_texts(["xyz", "aaa", "ab"], vowels) == [[1], [2], [0]]
+
+    with pytest.raises(PreferenceError, match="not callable"):
+        load_preference("my_prefs:NOT_A_FUNCTION")
+    with pytest.raises(PreferenceError, match="no attribute 'missing'"):
+        load_preference("my_prefs:missing")
+    with pytest.raises(PreferenceError, match="finite float"):
+        score_texts(["x"], load_preference("my_prefs:broken"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("longest", "unknown preference 'longest'"),
+        ("without:", "must not be empty"),
+        ("no_such_module_xyz:score", "cannot import module 'no_such_module_xyz'"),
+        (":score", "unknown preference"),
+    ],
+)
+def test_bad_preference_names_the_accepted_forms(spec, message):
+    with pytest.raises(PreferenceError, match=message):
+        load_preference(spec)
+
+
+def test_bad_preference_on_the_cli_is_a_clear_usage_error():
+    result = CliRunner().invoke(app, ["simulate", "--preference", "nope", "--gateway-url", "http://127.0.0.1:9",
+                                      "--api-key", "k"])
+    assert result.exit_code == 2
+    assert "unknown preference 'nope'" in result.output
+    assert "module:function" in result.output
+
+
+def test_labeler_is_mounted_on_the_instructloop_cli():
+    from instructloop.cli import app as root
+
+    result = CliRunner().invoke(root, ["labeler", "--help"])
+    assert result.exit_code == 0
+    for command in ("simulate", "record", "winrate"):
+        assert command in result.output
+
+
+def test_win_rate_counts_ties_half():
+    prefer_short = load_preference("shorter")
+    new = {"p1": ["a", "bbb"], "p2": ["cc"], "only-new": ["x"]}
+    baseline = {"p1": ["bb"], "p2": ["cc", "d"], "only-old": ["y"]}
+    result = win_rate(new, baseline, prefer_short)
+    # p1: "a" beats "bb", "bbb" loses to "bb"; p2: "cc" ties "cc", loses to "d"
+    assert (result.wins, result.ties, result.losses) == (1, 1, 2)
+    assert result.rate == pytest.approx((1 + 0.5) / 4)
+
+
+def test_shipped_prompt_sets_are_disjoint():
+    train, heldout = read_prompts(DEFAULT_PROMPTS), read_prompts(DEFAULT_HELDOUT_PROMPTS)
+    assert len(train) >= 8 and len(heldout) >= 4
+    assert not set(train) & set(heldout)
