@@ -248,10 +248,6 @@ class Learner:
             model.requires_grad_(True)
             if score_head(model).bias is not None:
                 score_head(model).bias.requires_grad_(False)
-            else:  # the PPO trainer froze the RM it scores with; train it again (its bias stays a constant)
-                model.requires_grad_(True)
-                if getattr(model, "score", None) is not None and model.score.bias is not None:
-                    model.score.bias.requires_grad_(False)
             config = RewardConfig(**{"seed": self.settings.seed + self.state.rm_updates, **self.settings.reward})
             stats = _numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
                                                 progress=self.progress))
