@@ -16,15 +16,6 @@ from tests.conftest import build_tiny_model_dir
 PROMPTS = ["Say hello.", "What is the capital of France?", "Write a haiku about rain.", "Count to three."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster than two fighting over a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_model_dir, tokenizer):
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

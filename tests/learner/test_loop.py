@@ -28,13 +28,11 @@ from tests.learner.helpers import (
     completion,
     learner_env,
     pending,
-    single_thread_torch,  # noqa: F401  (fixture)
     xadd,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 @pytest.fixture

@@ -49,15 +49,6 @@ def target_count(policy, tokenizer, prompts: list[str]) -> float:
     return ((rollouts.responses == target_id) & rollouts.response_mask).sum().item() / len(prompts)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster than two fighting over a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, tokenizer):
     return run_experiment(tmp_path_factory, tokenizer)

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import redis as redis_lib
 import torch
 
@@ -29,11 +28,8 @@ from tests.learner.helpers import (
     demonstration,
     learner_env,
     pending,
-    single_thread_torch,  # noqa: F401  (fixture)
     xadd,
 )
-
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def test_checkpoint_is_atomic_carries_parts_over_and_prunes(tmp_path, tiny_model_dir):

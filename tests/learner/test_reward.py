@@ -28,15 +28,6 @@ TARGET = " wonderful"
 PROMPTS = ["Describe your day.", "Say something.", "Write a short line.", "Tell me a thing.", "Any news?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster than two fighting over a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def synthetic_comparison(rng: random.Random, k: int = 4) -> ComparisonEvent:
     """K responses of random words; each carries the target word 0, 1 or 2 times. The ranking is by that
     count, best first, and responses with the same count are tied (no pair between them)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructloop.events import DemonstrationEvent
@@ -16,15 +15,6 @@ DEMOS = [
     DemonstrationEvent(prompt=f"What is {a} plus {b}?", response=f"{a} plus {b} is {a + b}.", labeler_id="l1")
     for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (6, 3), (4, 4), (7, 2), (1, 1)]
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster than two fighting over a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_run_sft_lowers_completion_loss(tiny_model_dir, tmp_path):
