@@ -100,11 +100,11 @@ def run_trl(model_dir: Path, tokenizer, train: list[ComparisonEvent], k: int, lr
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rankings", type=int, default=48, help="training rankings per K")
-    parser.add_argument("--heldout", type=int, default=32, help="held-out rankings per K")
+    parser.add_argument("--rankings", type=int, default=24, help="training rankings per K")
+    parser.add_argument("--heldout", type=int, default=24, help="held-out rankings per K")
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 9])
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer = load_default_tokenizer()
@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir = build_small_model(workdir / "small", tokenizer)
+        # warm-up (untimed): the first forward/backward of a process pays one-off allocation costs, which
+        # would otherwise be charged to whichever trainer runs first
+        warm = build_reward_model(str(model_dir))
+        train_reward_model(warm, tokenizer, [synthetic_ranking(random.Random(-1), 4) for _ in range(4)],
+                           RewardConfig(lr=args.lr, rankings_per_batch=2, max_length=128))
+        del warm
         for k in args.ks:
             rng = random.Random(k)
             train = [synthetic_ranking(rng, k) for _ in range(args.rankings)]

@@ -1,8 +1,11 @@
 """Hot-swap under load: time from publishing a new policy version to the first token and the first complete
 response produced by it, and failed requests during the swap (default model, CPU).
 
-8 streaming clients keep requests in flight; the registry publishes v0001, then v0002 (the default weights
-plus small Gaussian noise, so they are real, different checkpoints) through Redis (key + pub/sub).
+8 streaming clients keep requests in flight (chat-formatted prompts, 32 new tokens). During the load the
+registry writes v0001 and publishes it at once (serve must load + validate it after the publish), then
+writes v0002 and publishes it once serve has prefetched it (what happens when the learner's gate runs
+between writing a candidate and promoting it). Versions are the default weights plus small Gaussian noise:
+real, different checkpoints, published through Redis (key + pub/sub).
 
     python bench/serve_hot_swap.py [--clients 8] [--threads 2]
 """
@@ -13,6 +16,7 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -25,30 +29,55 @@ import httpx  # noqa: E402
 from bench._serve_common import RedisProcess, ServeProcess  # noqa: E402
 
 
-def write_versions(registry, model_dir: str, versions: list[str]) -> None:
+def write_version(registry, model_dir: str, version: str, seed: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    for i, version in enumerate(versions):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        generator = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 1e-3)
-        registry.write_pretrained(version, model, tokenizer, parent="base")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 1e-3)
+    registry.write_pretrained(version, model, tokenizer, parent="base")
 
 
-async def load_and_swap(url: str, registry, versions: list[str], clients: int, settle_s: float) -> list[dict]:
+async def watch_switch(url: str, version: str, switched: dict[str, float]) -> None:
+    async with httpx.AsyncClient(timeout=600) as http:
+        while (await http.get(f"{url}/info")).json()["policy_version"] != version:
+            await asyncio.sleep(0.01)
+        switched[version] = time.monotonic()  # /info names it: loaded, validated, installed
+
+
+async def probe(url: str, version: str) -> float:
+    """A fresh client that asks right after the publish, again and again until the answer comes from
+    ``version``: returns the time its first token from ``version`` arrived."""
+    body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 1}}
+    async with httpx.AsyncClient(timeout=600) as http:
+        while True:
+            async with http.stream("POST", f"{url}/generate_stream", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data:") and json.loads(line[5:]).get("policy_version") == version:
+                        return time.monotonic()
+
+
+def prefetches(url: str) -> float:
+    match = re.search(r"^instructloop_serve_policy_prefetches_total (\S+)", httpx.get(f"{url}/metrics").text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def load_and_swap(url: str, registry, model_dir: str, scenarios: list[tuple[str, bool]], clients: int,
+                        settle_s: float) -> list[dict]:
     stop = asyncio.Event()
     first_token: dict[str, float] = {}
     first_response: dict[str, float] = {}
+    switched: dict[str, float] = {}
     counts = {"ok": 0, "failed": 0}
 
     async def client(k: int) -> None:
         async with httpx.AsyncClient(timeout=600) as http:
             while not stop.is_set():
-                body = {"inputs": f"Tell me something about number {k}.", "parameters": {"max_new_tokens": 32}}
+                body = {"inputs": PROMPTS[k % len(PROMPTS)], "parameters": {"max_new_tokens": 32}}
                 try:
                     async with http.stream("POST", f"{url}/generate_stream", json=body) as response:
                         if response.status_code != 200:
@@ -72,17 +101,31 @@ async def load_and_swap(url: str, registry, versions: list[str], clients: int, s
     tasks = [asyncio.create_task(client(k)) for k in range(clients)]
     results = []
     await asyncio.sleep(settle_s)
-    for version in versions:
+    for seed, (version, wait_for_prefetch) in enumerate(scenarios):
+        already = prefetches(url)
+        await asyncio.to_thread(write_version, registry, model_dir, version, seed)
+        while wait_for_prefetch and prefetches(url) <= already:  # the learner's gate would take this long
+            await asyncio.sleep(0.1)
         before = dict(counts)
-        published = time.monotonic()
+        calling = time.monotonic()
+        # set_current verifies the sha256 of every file, then writes the pointer and publishes: the version
+        # is published when it returns
         await asyncio.to_thread(registry.set_current, version)
+        published = time.monotonic()
+        switch_task = asyncio.create_task(watch_switch(url, version, switched))
+        probe_first_token = await probe(url, version)
+        await switch_task
         while version not in first_response:
             await asyncio.sleep(0.01)
         await asyncio.sleep(settle_s)
         metrics = httpx.get(f"{url}/metrics").text
         results.append({
             "version": version,
+            "prefetched": wait_for_prefetch,
+            "set_current_s": published - calling,
+            "probe_first_token_s": probe_first_token - published,
             "publish_to_first_token_s": first_token[version] - published,
+            "switched_after_s": switched[version] - published if version in switched else float("nan"),
             "publish_to_first_response_s": first_response[version] - published,
             "completed_during": counts["ok"] - before["ok"],
             "failed_during": counts["failed"] - before["failed"],
@@ -94,10 +137,18 @@ async def load_and_swap(url: str, registry, versions: list[str], clients: int, s
     return results
 
 
+PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nGive me three tips for sleeping well.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWrite a short poem about rain.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nExplain what a neural network is.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="default")
     args = parser.parse_args()
 
@@ -112,24 +163,27 @@ def main() -> None:
     server = None
     try:
         registry = Registry(work / "registry", redis=redis.Redis.from_url(redis_server.url))
-        versions = ["v0001", "v0002"]
-        write_versions(registry, model_dir, versions)
         server = ServeProcess("--model", model_dir, "--registry-dir", str(work / "registry"), "--redis-url",
                               redis_server.url, threads=args.threads, log_path=work / "server.log")
         server.wait_healthy()
-        results = asyncio.run(load_and_swap(server.url, registry, versions, args.clients, settle_s=4.0))
+        scenarios = [("v0001", False), ("v0002", True)]  # published right after writing / after the prefetch
+        results = asyncio.run(load_and_swap(server.url, registry, model_dir, scenarios, args.clients, settle_s=4.0))
     finally:
         if server is not None:
             server.stop()
         redis_server.stop()
+        shutil.rmtree(work / "registry", ignore_errors=True)  # two 540 MB versions; server.log stays
     print(f"{args.clients} streaming clients, {args.threads} torch threads, model {model_dir}, logs in {work}")
-    print("| swap | publish → first token (s) | publish → first full response (s) | completed during | failed |")
-    print("|---|---|---|---|---|")
+    print("| swap | publish → installed (s) | publish → first token, fresh request (s) | publish → first token, "
+          "load clients (s) | publish → first full response, load clients (s) | completed during | failed |")
+    print("|---|---|---|---|---|---|---|")
     previous_load = 0.0
     for r in results[:-1]:
-        print(f"| base/previous → {r['version']} | {r['publish_to_first_token_s']:.2f} | "
+        print(f"| → {r['version']} ({'prefetched' if r['prefetched'] else 'published right after writing'}) | "
+              f"{r['switched_after_s']:.2f} | {r['probe_first_token_s']:.2f} | {r['publish_to_first_token_s']:.2f} | "
               f"{r['publish_to_first_response_s']:.2f} | {r['completed_during']} | {r['failed_during']} |")
-        print(f"  load + validation inside serve: {r['load_s_sum'] - previous_load:.2f} s")
+        print(f"  load + validation inside serve (before the publish when prefetched): {r['load_s_sum'] - previous_load:.2f} s")
+        print(f"  registry.set_current (sha256 check + pointer + publish) took {r['set_current_s']:.2f} s")
         previous_load = r["load_s_sum"]
     print(f"total completed {results[-1]['total_ok']}, total failed {results[-1]['total_failed']}")
 

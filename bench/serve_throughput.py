@@ -141,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--model", default="default")
     parser.add_argument("--rounds", type=int, default=2, help="serve and HF alternate, to share the machine's noise")

@@ -107,7 +107,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
@@ -180,3 +180,12 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
         app.include_router(module.router)
     app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app factory uvicorn's worker processes call (``gateway run --workers N``)."""
+    from instructloop.logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.json_logs)
+    return create_app(settings)

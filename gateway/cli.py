@@ -74,6 +74,7 @@ def run(
     redis_url: str | None = typer.Option(None, help="Redis for streams, completions, rate limits."),
     keys_file: Path | None = typer.Option(None, help="Keys file made with `instructloop gateway keys create`."),
     dev_mode: bool | None = typer.Option(None, "--dev-mode/--no-dev-mode", help="Accept the dev admin key (local only)."),
+    workers: int | None = typer.Option(None, help="Worker processes (default 1; each has its own /metrics)."),
 ) -> None:
     """Start the gateway."""
     import uvicorn
@@ -83,7 +84,7 @@ def run(
     from instructloop.logs import configure_logging
 
     overrides = {k: v for k, v in dict(port=port, host=host, backends=backends, redis_url=redis_url,
-                                        keys_file=keys_file, dev_mode=dev_mode).items() if v is not None}
+                                        keys_file=keys_file, dev_mode=dev_mode, workers=workers).items() if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -91,6 +92,17 @@ def run(
         typer.echo(f"error: invalid gateway settings:\n{messages}", err=True)
         raise typer.Exit(2) from exc
     configure_logging(settings.log_level, settings.json_logs)
+    if settings.workers > 1:
+        # each worker process builds its own app from the environment: hand the overrides down that way
+        import os
+
+        from gateway.settings import ENV_PREFIX
+
+        for name, value in overrides.items():
+            os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        uvicorn.run("gateway.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_config=None, timeout_graceful_shutdown=10)
+        return
     from gateway.app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,

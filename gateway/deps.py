@@ -35,7 +35,7 @@ class GatewayState:
     started: int
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:
     return request.app.state.gateway
 
 
@@ -44,7 +44,8 @@ State = Annotated[GatewayState, Depends(get_state)]
 bearer = HTTPBearer(auto_error=False, description="An API key made with `instructloop gateway keys create`.")
 
 
-async def get_principal(state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Principal:
+async def authenticate(state: GatewayState, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    """The caller behind the bearer key, after the per-key rate limit; raises 401 / 429 as ``APIError``."""
     if credentials is None or not credentials.credentials:
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                        code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -61,7 +62,12 @@ async def get_principal(state: State, credentials: Annotated[HTTPAuthorizationCr
 
 
 def require(role: Role):
-    async def dependency(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    """A dependency: the authenticated caller, with at least ``role`` (one flat function: this runs on
+    every request, and each nested FastAPI dependency costs time)."""
+
+    async def dependency(request: Request,
+                         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Principal:
+        principal = await authenticate(request.app.state.gateway, credentials)
         if not principal.role.allows(role):
             raise APIError(403, f"This route needs the {role.value} role; this key has the {principal.role.value} role.",
                            "permission_error", code="insufficient_role")
@@ -76,20 +82,20 @@ Labeler = Annotated[Principal, Depends(require(Role.labeler))]
 Admin = Annotated[Principal, Depends(require(Role.admin))]
 
 
-def _completions(state: State) -> CompletionServing:
-    return state.completions
+async def _completions(request: Request) -> CompletionServing:
+    return request.app.state.gateway.completions
 
 
-def _feedback(state: State) -> FeedbackServing:
-    return state.feedback
+async def _feedback(request: Request) -> FeedbackServing:
+    return request.app.state.gateway.feedback
 
 
-def _demonstrations(state: State) -> DemonstrationServing:
-    return state.demonstrations
+async def _demonstrations(request: Request) -> DemonstrationServing:
+    return request.app.state.gateway.demonstrations
 
 
-def _admin(state: State) -> PolicyAdminServing:
-    return state.admin
+async def _admin(request: Request) -> PolicyAdminServing:
+    return request.app.state.gateway.admin
 
 
 Completions = Annotated[CompletionServing, Depends(_completions)]

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # ---- errors (OpenAI's shape, for every error the gateway answers) ----------------------------------
 
@@ -63,6 +63,16 @@ def normalize_stop(value: StopSequences) -> list[str]:
     return list(value)
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily: their limit is greedy, and logits / 1e-300 overflow to inf."""
+
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1), "echo": (False,), "frequency_penalty": (0.0,), "logit_bias": (None, {}),
+    "presence_penalty": (0.0,), "suffix": (None, ""),
+}
+"""OpenAI fields the gateway accepts only at their neutral value (anything else is refused, not ignored)."""
+
+
 class CompletionRequest(BaseModel):
     """``POST /v1/completions`` (OpenAI legacy completions)."""
 
@@ -70,15 +80,28 @@ class CompletionRequest(BaseModel):
 
     model: str = Field(min_length=1)
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)]
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1, description="Not supported (only 1 / null).")
+    echo: bool = Field(default=False, description="Not supported (only false).")
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
+    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (only null / {}).")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="0: token logprobs (no top-n alternatives).")
     max_tokens: int = Field(default=16, ge=1)
     n: int = Field(default=1, ge=1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: StopSequences = None
     stream: bool = False
+    suffix: str | None = Field(default=None, description="Not supported (only null).")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("best_of", "echo", "frequency_penalty", "logit_bias", "presence_penalty", "suffix")
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in _NEUTRAL[info.field_name]:
+            raise ValueError(f"{info.field_name} is not supported by this gateway; leave it unset")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -92,11 +115,12 @@ class CompletionRequest(BaseModel):
     def to_generate_params(self, choice_index: int = 0) -> dict[str, Any]:
         """Keyword arguments for ``text_generation.AsyncClient.generate`` for choice ``choice_index``.
 
-        temperature 0 is greedy (TGI refuses temperature 0); top_p 1 means no nucleus filtering (TGI
+        temperature 0 (or below ``GREEDY_BELOW``, where dividing the logits by it would overflow) is greedy
+        (TGI refuses temperature 0); top_p 1 means no nucleus filtering (TGI
         refuses top_p 1); a seed gives choice i the seed ``seed + i`` so the n choices differ but are
         reproducible.
         """
-        greedy = self.temperature == 0.0
+        greedy = self.temperature < GREEDY_BELOW
         params: dict[str, Any] = {
             "do_sample": not greedy,
             "max_new_tokens": self.max_tokens,

@@ -286,6 +286,9 @@ class CompletionServing:
 
     async def create_chat_completion(self, request: ChatCompletionRequest, principal: Principal,
                                      raw_request: Request | None = None) -> ChatCompletionResponse | CompletionStream | APIError | None:
+        if request.logprobs:
+            return APIError(400, "logprobs are not available on chat completions; use /v1/completions with logprobs=0",
+                            param="logprobs", code="invalid_value")
         prompt = self.render_chat(request)
         if isinstance(prompt, APIError):
             return prompt

@@ -102,10 +102,6 @@ class FeedbackServing:
     async def _build(self, feedback: RankingFeedback | PairwiseFeedback | ABFeedback, principal: Principal
                      ) -> ComparisonEvent | APIError:
         if isinstance(feedback, ABFeedback):
-            if feedback.preferred == "tie":
-                return self._invalid("a tie between two responses carries no preference and is not recorded; "
-                                     "send preferred='a' or 'b' (rank three or more responses to express ties)",
-                                     "preferred", code="tie_not_recorded")
             if (feedback.a.completion_id, feedback.a.index) == (feedback.b.completion_id, feedback.b.index):
                 return self._invalid("a and b are the same response", "b")
             sides = []
@@ -122,8 +118,12 @@ class FeedbackServing:
             if prompt_a != prompt_b or ca.chat != cb.chat:
                 return self._invalid("an A/B vote compares two completions of the same prompt; these prompts differ", "b",
                                      code="different_prompts")
-            winner = 0 if feedback.preferred == "a" else 1
-            return ComparisonEvent(prompt=prompt_a, responses=[a.text, b.text], ranking=[[winner], [1 - winner]],
+            if feedback.preferred == "tie":
+                ranking = [[0, 1]]  # recorded; it implies no (winner, loser) pair
+            else:
+                winner = 0 if feedback.preferred == "a" else 1
+                ranking = [[winner], [1 - winner]]
+            return ComparisonEvent(prompt=prompt_a, responses=[a.text, b.text], ranking=ranking,
                                    labeler_id="", source="ab", completion_ids=[ca.id, cb.id],
                                    policy_versions=[ca.policy_version, cb.policy_version])
         completion = await self._completion(feedback.completion_id, principal, "completion_id")
@@ -158,7 +158,7 @@ class FeedbackServing:
             event = event.model_copy(update={"labeler_id": principal.key_id, "rationale": feedback.rationale})
             event_id, duplicate = await self.store.append_event(
                 Stream.comparisons, event, idempotency_key=idempotency_key, caller=principal.key_id,
-                request_fingerprint=fingerprint(feedback.model_dump()))
+                request_fingerprint=fingerprint(feedback.model_dump()) if idempotency_key else "")
         except StoreUnavailable as exc:
             log.warning("feedback refused: redis unavailable", extra={"error": str(exc)})
             return self._unavailable("redis unavailable")
@@ -189,7 +189,7 @@ class DemonstrationServing:
         try:
             event_id, duplicate = await self.store.append_event(
                 Stream.demonstrations, event, idempotency_key=idempotency_key, caller=principal.key_id,
-                request_fingerprint=fingerprint(request.model_dump()))
+                request_fingerprint=fingerprint(request.model_dump()) if idempotency_key else "")
         except StoreUnavailable as exc:
             self.metrics.demonstrations.labels("unavailable").inc()
             log.warning("demonstration refused: redis unavailable", extra={"error": str(exc)})

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     # ---- network ----------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Interface to listen on.")
     port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (`gateway run`).")
 
     # ---- backends (serve replicas or real TGI) ----------------------------------------------------
     backends: Annotated[list[str], NoDecode] = Field(

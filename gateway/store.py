@@ -6,7 +6,7 @@
 - feedback / demonstrations: one Lua script does "idempotency check, XADD, remember the key", so a retry
   with the same ``Idempotency-Key`` returns the same event id and never writes a second event, and a
   failure leaves nothing half-written.
-- per-key rate limit: a fixed one-minute window (INCR + EXPIRE NX).
+- per-key rate limit: a fixed one-minute window (INCR, EXPIRE on the first hit; one Lua call).
 """
 
 from __future__ import annotations
@@ -87,6 +87,14 @@ return {1, ARGV[2], ARGV[3]}
 """
 
 
+# KEYS[1] the window's counter; ARGV[1] window length in seconds. One round trip: count, set the expiry once.
+_COUNT_IN_WINDOW = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1])) end
+return count
+"""
+
+
 def fingerprint(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -106,6 +114,7 @@ class Store:
                 retry=Retry(NoBackoff(), 0), health_check_interval=0,
             )
             self._append_once = self.redis.register_script(_APPEND_ONCE)
+            self._count_in_window = self.redis.register_script(_COUNT_IN_WINDOW)
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -184,10 +193,7 @@ class Store:
         window = int(time.time() // 60)
         key = self._key("ratelimit", key_id, str(window))
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, 61, nx=True)
-                count, _ = await pipe.execute()
+            count = int(await self._count_in_window(keys=[key], args=[61], client=self.redis))
         except (RedisError, OSError):
             self.metrics.redis_failures.labels("rate_limit").inc()
             return None

@@ -72,7 +72,9 @@ Ranking = list[Annotated[list[int], Field(min_length=1)]]
 
 class ComparisonEvent(Event):
     """A preference over K responses to one prompt: ``ranking`` is best-first groups of indices into
-    ``responses``; indices in one group are tied. Responses not in the ranking carry no preference."""
+    ``responses``; indices in one group are tied. Responses not in the ranking carry no preference.
+    A single group (e.g. an A/B tie, ``[[0, 1]]``) is a valid, recorded judgement that implies no pair:
+    the reward model skips it, live win-rates can count it as half a win each."""
 
     kind: Literal["comparison"] = "comparison"
     prompt: str
@@ -141,8 +143,8 @@ def validate_ranking(ranking: list[list[int]], n_responses: int) -> None:
             if index in seen:
                 raise ValueError(f"ranking index {index} appears more than once")
             seen.add(index)
-    if len(ranking) < 2 or len(seen) < 2:
-        raise ValueError("a ranking needs at least two responses in at least two groups (ties give no preference)")
+    if len(seen) < 2:
+        raise ValueError("a ranking needs at least two responses")
 
 
 def ranking_pairs(ranking: list[list[int]]) -> list[tuple[int, int]]:

@@ -26,6 +26,12 @@ def _settings():
     return settings
 
 
+def _redis_unreachable(settings, exc: Exception) -> None:
+    typer.echo(f"error: cannot reach Redis at {settings.redis_url} ({exc}); start it or fix "
+               "INSTRUCTLOOP_LEARNER_REDIS_URL", err=True)
+    raise typer.Exit(2) from exc
+
+
 def _learner(settings, serve_metrics: bool):
     import redis
 
@@ -47,9 +53,7 @@ def _learner(settings, serve_metrics: bool):
     try:
         learner.redis.ping()
     except redis.ConnectionError as exc:
-        typer.echo(f"error: cannot reach Redis at {settings.redis_url} ({exc}); start it or fix "
-                   "INSTRUCTLOOP_LEARNER_REDIS_URL", err=True)
-        raise typer.Exit(2) from exc
+        _redis_unreachable(settings, exc)
     try:
         learner.start()
     except ModelNotAvailable as exc:
@@ -101,11 +105,16 @@ def once() -> None:
 def status() -> None:
     """Print the learner's state (counters, incumbent), dataset sizes and consumer lag as JSON."""
     settings = _settings()
+    import redis
+
     from learner.loop import Learner
 
     learner = Learner(settings, progress=False)
     try:
-        learner.ingestor.ensure_groups()
+        try:
+            learner.ingestor.ensure_groups()
+        except redis.ConnectionError as exc:
+            _redis_unreachable(settings, exc)
         out = {
             "state": learner.state.model_dump(exclude={"history"}),
             "dataset": learner.dataset.counts(),

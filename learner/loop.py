@@ -105,8 +105,7 @@ class Learner:
             torch.set_num_threads(self.settings.torch_threads)
         torch.manual_seed(self.settings.seed + self.state.step)
         random.seed(self.settings.seed + self.state.step)
-        self.ingestor.ensure_groups()
-        self.ingestor.recover()
+        self.ingestor.ensure_groups()  # pending entries are recovered by every ingest()
         self._started = True
         log.info("learner started", extra={"state": self.state.model_dump(exclude={"history"}),
                                             "dataset": self.dataset.counts()})
@@ -185,7 +184,8 @@ class Learner:
     # ---- steps -----------------------------------------------------------------------------------
     def ingest(self) -> IngestStats:
         with self.metrics.step_seconds.labels("ingest").time():
-            stats = self.ingestor.drain()
+            stats = self.ingestor.recover()  # entries of a peer that died since (cheap when there are none)
+            stats.add(self.ingestor.drain())
             self.ingestor.update_lag()
             for table, rows in self.dataset.counts().items():
                 self.metrics.dataset_rows.labels(table).set(rows)
@@ -228,10 +228,14 @@ class Learner:
         if new < self.settings.min_new_comparisons:
             return None
         from learner.config import RewardConfig
-        from learner.reward import build_reward_model, normalize_reward_bias, train_reward_model
+        from learner.reward import build_reward_model, normalize_reward_bias, score_head, train_reward_model
 
         up_to = self.dataset.max_comparison_seq()
         comparisons = [s.comparison for s in self.dataset.comparisons(after_seq=self.state.rm_cursor, up_to_seq=up_to)]
+        if not any(c.pairs() for c in comparisons):  # only ties: nothing to learn, move past them
+            self.state.rm_cursor = up_to
+            self.store.save(self.state)
+            return None
         heldout = [s.comparison for s in self.dataset.comparisons(heldout=True, limit=HELDOUT_COMPARISONS_MAX)]
         log.info("reward model update started", extra={"comparisons": len(comparisons), "heldout": len(heldout),
                                                         "rm_update": self.state.rm_updates + 1})
@@ -239,17 +243,18 @@ class Learner:
             model = self.reward_model
             if model is None:
                 model = build_reward_model(self.reference_path).to(self.device)
-            else:  # the PPO trainer froze the RM it scores with; train it again (its bias stays a constant)
-                model.requires_grad_(True)
-                if getattr(model, "score", None) is not None and model.score.bias is not None:
-                    model.score.bias.requires_grad_(False)
+            # The PPO trainer freezes the RM it scores with (the same object, so it sees this update):
+            # unfreeze for training, except the bias, which is a normalisation constant.
+            model.requires_grad_(True)
+            if score_head(model).bias is not None:
+                score_head(model).bias.requires_grad_(False)
             config = RewardConfig(**{"seed": self.settings.seed + self.state.rm_updates, **self.settings.reward})
             stats = _numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
                                                 progress=self.progress))
             prompts, responses = self._bias_samples()
             stats["bias"] = normalize_reward_bias(model, self.tokenizer, prompts, responses,
                                                   batch_size=config.score_batch_size, max_length=config.max_length)
-            model.eval()
+            model.eval().requires_grad_(False)
         self._reward = model
         self.state.rm_updates += 1
         self.state.rm_cursor = up_to
@@ -466,12 +471,24 @@ class Learner:
         return report
 
     def run(self, max_rounds: int | None = None) -> int:
-        """Rounds until a stop is requested (or ``max_rounds`` rounds trained). Returns rounds trained."""
+        """Rounds until a stop is requested (or ``max_rounds`` rounds trained). Returns rounds trained.
+
+        Redis being unreachable does not end the loop: the round's in-memory training state is dropped
+        (the newest checkpoint is the truth), and the round is retried after ``poll_interval_s``.
+        """
+        import redis
+
         self.start()
         trained = 0
         idle = False
         while not self.stop_requested:
-            report = self.round()
+            try:
+                report = self.round()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unavailable, retrying from the last checkpoint", extra={"error": str(exc)})
+                self.reload_from_checkpoint()
+                self._sleep(self.settings.poll_interval_s)
+                continue
             if report.trained:
                 trained += 1
                 idle = False
@@ -486,6 +503,16 @@ class Learner:
         log.info("learner stopped", extra={"rounds": trained, "state": self.state.model_dump(exclude={"history"})})
         return trained
 
+    def reload_from_checkpoint(self) -> None:
+        """Forget in-memory training state; models and counters come back from the newest checkpoint."""
+        self.state = self.store.load_state()
+        self._reward = self._trainer = self._reference = self._tokenizer = None
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stop_requested and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
     def _wait(self) -> None:
         """Idle until the poll interval passes or a stop is requested, ingesting whatever arrives."""
         deadline = time.monotonic() + self.settings.poll_interval_s
@@ -495,3 +522,4 @@ class Learner:
             if stats.read:
                 log.info("ingested", extra={"read": stats.read, "inserted": stats.inserted,
                                              "duplicates": stats.duplicates, "dead_lettered": stats.dead_lettered})
+        self.ingestor.update_lag()

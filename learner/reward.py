@@ -203,14 +203,18 @@ def _ranked_sequences(tokenizer, comparison, max_length: int) -> tuple[list[list
     return sequences, ranking
 
 
-def kwise_batch_loss(model, tokenizer, comparisons, max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def kwise_batch_loss(model, tokenizer, comparisons, max_length: int,
+                     encoded: list[tuple[list[list[int]], list[list[int]]]] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One forward over every response of every ranking in ``comparisons``; the K-wise loss of the batch.
 
+    ``encoded`` (optional) is ``_ranked_sequences`` of each comparison, already computed.
     Returns (loss, pair accuracy, number of sequences scored)."""
     flat: list[list[int]] = []
     rankings, sizes = [], []
-    for comparison in comparisons:
-        sequences, ranking = _ranked_sequences(tokenizer, comparison, max_length)
+    if encoded is None:
+        encoded = [_ranked_sequences(tokenizer, comparison, max_length) for comparison in comparisons]
+    for sequences, ranking in encoded:
         flat.extend(sequences)
         rankings.append(ranking)
         sizes.append(len(sequences))
@@ -237,26 +241,28 @@ def train_reward_model(
     training), heldout_accuracy / heldout_loss (when ``heldout`` is given), steps, rankings, pairs,
     sequences, duration_s and sequences_per_s.
     """
+    comparisons = [c for c in comparisons if c.pairs()]  # a tie ([[0, 1]]) implies no pair
+    heldout = [c for c in heldout if c.pairs()] if heldout else heldout
     if not comparisons:
-        raise ValueError("train_reward_model needs at least one comparison")
+        raise ValueError("train_reward_model needs at least one comparison that implies a (winner, loser) pair")
     disable_dropout(model)
     model.train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
+    started = time.perf_counter()
+    encoded = [_ranked_sequences(tokenizer, comparison, config.max_length) for comparison in comparisons]
     order_rng = random.Random(config.seed)
     batches = []
     for _ in range(config.epochs):
         order = list(range(len(comparisons)))
         order_rng.shuffle(order)
-        batches.extend(
-            [comparisons[i] for i in order[start : start + config.rankings_per_batch]]
-            for start in range(0, len(order), config.rankings_per_batch)
-        )
+        batches.extend(order[start : start + config.rankings_per_batch]
+                       for start in range(0, len(order), config.rankings_per_batch))
     losses, accuracies, sequences = [], [], 0
-    started = time.perf_counter()
     for batch in progress_iter(batches, len(batches), "reward model", progress):
-        loss, accuracy, n = kwise_batch_loss(model, tokenizer, batch, config.max_length)
+        loss, accuracy, n = kwise_batch_loss(model, tokenizer, [comparisons[i] for i in batch], config.max_length,
+                                             encoded=[encoded[i] for i in batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     gate_min_reward_gain: float = Field(
         0.0, description="Candidate mean RM score must exceed the incumbent's by more than this."
     )
-    gate_kl_ceiling: float = Field(5.0, gt=0, description="Candidate KL to the reference (nats/response) must stay below.")
+    gate_kl_ceiling: float = Field(
+        10.0, gt=0, description="Candidate KL to the reference (nats per response, summed over tokens) must stay below."
+    )
     gate_min_live_comparisons: int = Field(
         20, ge=1, description="Live comparisons between the two versions needed before their win-rate counts."
     )
@@ -70,7 +72,10 @@ class Settings(BaseSettings):
 
     # ---- hyperparameters -------------------------------------------------------------------------
     kl_coef: float = Field(0.02, ge=0, description="β: per-token KL penalty to the reference policy.")
-    ptx_coef: float = Field(27.8, ge=0, description="γ: weight of the pretraining log-likelihood (0 = plain PPO).")
+    ptx_coef: float = Field(
+        1.0, ge=0,
+        description="γ: weight of the pretraining log-likelihood (0 = plain PPO; 1.0, not the paper's 27.8: see PPOConfig).",
+    )
     ptx_corpus: str | None = Field(None, description="Text corpus for ptx (file, folder, HF dataset path); None = the shipped default.")
     reward: dict[str, Any] = Field(default_factory=dict, description="Overrides for RewardConfig (JSON).")
     sft: dict[str, Any] = Field(default_factory=dict, description="Overrides for SFTConfig (JSON).")

@@ -89,7 +89,8 @@ def build_runtime(settings: Settings) -> ServeRuntime:
         registry = Registry(settings.registry_dir, redis=redis, prefix=settings.stream_prefix)
         watcher = PolicyWatcher(registry, engine, PolicyLoader(registry, base), metrics=metrics,
                                 poll_interval_s=settings.poll_interval_s, retry_after_s=settings.swap_retry_s,
-                                redis=redis, prefix=settings.stream_prefix)
+                                redis=redis, prefix=settings.stream_prefix,
+                                prefetch_candidates=settings.prefetch_candidates)
     serving = GenerateServing(engine, base.tokenizer, settings, metrics)
     return ServeRuntime(settings, model_id, base, engine, metrics, watcher, serving)
 

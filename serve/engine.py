@@ -216,7 +216,7 @@ class Engine:
         self.metrics.set_version(pending.version)
         log.info("policy version switched", extra={
             "policy_version": pending.version, "previous": previous.version,
-            "previous_in_flight": len(self._batches.get(previous.version, [])) if previous.version in self._batches else 0,
+            "previous_in_flight": len(self._batches[previous.version]) if previous.version in self._batches else 0,
         })
 
     def _admit(self) -> list[RequestHandle]:

@@ -49,6 +49,8 @@ class ServeMetrics:
         self.policy_swap_failures = Counter("instructloop_serve_policy_swap_failures",
                                             "Policy versions that failed to load or validate (never served)",
                                             registry=r)
+        self.policy_prefetches = Counter("instructloop_serve_policy_prefetches",
+                                         "Candidate versions loaded and validated ahead of promotion", registry=r)
         self.policy_swap_duration = Histogram("instructloop_serve_policy_swap_duration",
                                               "Load + validation time of a new policy version (s)",
                                               buckets=_DURATION_BUCKETS, registry=r)

@@ -63,6 +63,8 @@ class PolicyModel:
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.special_ids = set(tokenizer.all_special_ids)
+        self.fingerprint: tuple | None = None
+        """What the registry files looked like when this policy was validated (None for the base model)."""
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

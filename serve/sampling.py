@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-4
+"""Temperatures below this are applied as this (the distribution is already one-hot in float32)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -61,7 +64,9 @@ class NextTokenChooser:
         if not self.sampling:
             return logits
         if params.temperature is not None and params.temperature != 1.0:
-            logits = logits / params.temperature
+            # A positive but tiny temperature (say 5e-273) would overflow the logits to ±inf and the
+            # softmax to NaN; below MIN_TEMPERATURE the distribution is numerically greedy anyway.
+            logits = logits / max(params.temperature, MIN_TEMPERATURE)
         if params.top_k is not None and params.top_k < logits.shape[-1]:
             kth = torch.topk(logits, params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

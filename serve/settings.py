@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     stream_prefix: str = DEFAULT_PREFIX
     poll_interval_s: float = Field(1.0, description="How often the current pointer is read (also with Redis)")
     swap_retry_s: float = Field(60.0, description="A version that failed to load is retried after this (doubling)")
+    prefetch_candidates: bool = Field(True, description="Load + validate the newest candidate version before it "
+                                      "is promoted, so promotion is a switch (one more model in memory)")
     torch_threads: int | None = Field(None, description="torch.set_num_threads on CPU (None = torch's default)")
     log_level: str = "INFO"
     json_logs: bool = True

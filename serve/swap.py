@@ -62,10 +62,55 @@ class PolicyLoader:
         # Non-persistent buffers (rotary inv_freq) are not in the state dict at all; anything else must be.
         if missing:
             raise InvalidCheckpoint(f"policy version {version}: missing tensors {sorted(missing)[:5]}")
-        model = copy.deepcopy(self.template.model)
-        model.load_state_dict(state, strict=False)
-        model.eval()
-        return PolicyModel(version, model, self.template.tokenizer, self.template.device)
+        fingerprint = self.fingerprint(version)
+        model = self._build(state)
+        policy = PolicyModel(version, model, self.template.tokenizer, self.template.device)
+        policy.fingerprint = fingerprint
+        return policy
+
+    def fingerprint(self, version: str) -> tuple:
+        """Manifest sha256 + (name, size, mtime) of every file: a cheap check that nothing changed on disk
+        between a prefetch (full sha256 verification) and the promotion."""
+        manifest = self.registry.manifest(version)
+        folder = self.registry.version_dir(version)
+        stats = []
+        for name in sorted(manifest.files):  # manifest.json itself changes on promotion (status)
+            try:
+                st = (folder / name).stat()
+                stats.append((name, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                stats.append((name, -1, -1))
+        return (manifest.sha256, tuple(stats))
+
+    def _build(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A model of the served architecture holding ``state``, without copying the served weights.
+
+        The skeleton is built on the meta device and the checkpoint tensors are *assigned* (converted to the
+        served dtype/device), so a swap costs one read of the checkpoint and no extra copy. Tensors that are
+        not in checkpoints (rotary ``inv_freq`` buffers and attributes) come from the served model.
+        """
+        template = self.template.model
+        reference = template.state_dict()
+        state = {k: v.to(device=reference[k].device, dtype=reference[k].dtype) for k, v in state.items()}
+        with torch.device("meta"):
+            model = type(template)(copy.deepcopy(template.config))
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        served_modules = dict(template.named_modules())
+        for name, module in model.named_modules():
+            source = served_modules[name]
+            for attr, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor) and value.is_meta:  # plain tensor attributes
+                    setattr(module, attr, getattr(source, attr))
+            for buffer_name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer.is_meta:
+                    module.register_buffer(buffer_name, getattr(source, buffer_name),
+                                           persistent=buffer_name not in module._non_persistent_buffers_set)
+        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if leftover:
+            raise InvalidCheckpoint(f"tensors not provided by the checkpoint: {leftover[:5]}")
+        model.generation_config = copy.deepcopy(template.generation_config)
+        return model.eval()
 
 
 class PolicyWatcher:
@@ -73,7 +118,7 @@ class PolicyWatcher:
 
     def __init__(self, registry: Registry, engine: Engine, loader: PolicyLoader, *, metrics: ServeMetrics,
                  poll_interval_s: float = 1.0, retry_after_s: float = 60.0, redis: Any | None = None,
-                 prefix: str = "instructloop"):
+                 prefix: str = "instructloop", prefetch_candidates: bool = True):
         self.registry = registry
         self.engine = engine
         self.loader = loader
@@ -85,6 +130,9 @@ class PolicyWatcher:
         self.failed: dict[str, tuple[float, float]] = {}
         """version -> (retry not before, current backoff) for versions whose load failed."""
         self.last_error: str | None = None
+        self.prefetch_candidates = prefetch_candidates
+        self.prefetched: PolicyModel | None = None
+        """A candidate version loaded and validated ahead of its promotion (swapped in without a load)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pubsub: Any | None = None
@@ -109,15 +157,40 @@ class PolicyWatcher:
             log.warning("reading the current policy failed", extra={"error": str(exc)})
             return None
         if not target or target == self.engine.active_version:
+            if self.prefetch_candidates:
+                self.prefetch()
             return None
         retry = self.failed.get(target)
         if retry is not None and time.monotonic() < retry[0]:
             return None
         return self.swap_to(target)
 
-    def swap_to(self, version: str) -> str | None:
+    def prefetch(self) -> str | None:
+        """Load and validate the newest *candidate* version before it is promoted, so that its promotion is
+        a switch, not a load. At most one is held; a candidate that fails is counted like a failed swap and
+        is never served."""
+        try:
+            candidates = [m for m in self.registry.list_versions() if m.status.value == "candidate"]
+        except Exception as exc:
+            log.warning("listing registry versions failed", extra={"error": str(exc)})
+            return None
+        if not candidates:
+            return None
+        newest = candidates[-1].version
+        if newest == self.engine.active_version or newest in self.failed:
+            return None
+        if self.prefetched is not None and self.prefetched.version == newest:
+            return None
+        self.prefetched = None  # drop an older prefetched candidate first (memory)
+        policy = self._load(newest, purpose="prefetch")
+        if policy is not None:
+            self.prefetched = policy
+            self.metrics.policy_prefetches.inc()
+        return newest if policy is not None else None
+
+    def _load(self, version: str, purpose: str) -> PolicyModel | None:
         started = time.monotonic()
-        log.info("loading policy version", extra={"policy_version": version,
+        log.info("loading policy version", extra={"policy_version": version, "purpose": purpose,
                                                   "serving": self.engine.active_version})
         try:
             policy = self.loader.load(version)
@@ -126,16 +199,32 @@ class PolicyWatcher:
             self.failed[version] = (time.monotonic() + backoff, backoff)
             self.last_error = f"{version}: {exc}"
             self.metrics.policy_swap_failures.inc()
-            log.error("policy version refused; the current version keeps serving", extra={
+            log.error("policy version refused; it is never served", extra={
                 "policy_version": version, "serving": self.engine.active_version, "error": str(exc),
-                "retry_in_s": backoff})
+                "retry_in_s": backoff, "purpose": purpose})
             return None
         self.failed.pop(version, None)
+        self.metrics.policy_swap_duration.observe(time.monotonic() - started)
+        return policy
+
+    def swap_to(self, version: str) -> str | None:
+        started = time.monotonic()
+        prefetched = self.prefetched
+        if prefetched is not None and prefetched.version == version:
+            # validated when prefetched; the files must still be the ones that were checked
+            if self.loader.fingerprint(version) == prefetched.fingerprint:
+                policy: PolicyModel | None = prefetched
+            else:
+                policy = self._load(version, purpose="swap")
+            self.prefetched = None
+        else:
+            policy = self._load(version, purpose="swap")
+        if policy is None:
+            return None
         self.engine.install(policy)
-        elapsed = time.monotonic() - started
         self.metrics.policy_swaps.inc()
-        self.metrics.policy_swap_duration.observe(elapsed)
-        log.info("policy version installed", extra={"policy_version": version, "load_s": round(elapsed, 3)})
+        log.info("policy version installed", extra={"policy_version": version, "prefetched": policy is prefetched,
+                                                    "swap_s": round(time.monotonic() - started, 3)})
         return version
 
     # ---- the thread ----------------------------------------------------------------------------

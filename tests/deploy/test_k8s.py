@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from tests.deploy.conftest import CRD_KINDS, OVERLAYS, find_tool, run_tool
+from tests.deploy.conftest import CRD_KINDS, OVERLAYS, REPO, find_tool, run_tool
 
 ALL = ("base", *OVERLAYS)
 NAMESPACE = "instructloop"
@@ -400,7 +400,7 @@ def test_settings_come_from_configmaps_with_each_components_prefix(rendered, nam
 def test_gateway_reads_hashed_api_keys_from_a_secret(rendered, name):
     docs = rendered[name]
     work = workload(docs, "gateway")
-    keys_file = config_data(docs, work)["INSTRUCTLOOP_GATEWAY_API_KEYS_FILE"]
+    keys_file = config_data(docs, work)["INSTRUCTLOOP_GATEWAY_KEYS_FILE"]
     secret_volumes = {v["name"]: v["secret"] for v in pod_spec(work)["volumes"] if "secret" in v}
     mounts = [m for m in container(work)["volumeMounts"] if m["name"] in secret_volumes]
     assert len(mounts) == 1 and mounts[0]["readOnly"] is True
@@ -601,3 +601,21 @@ def test_rendered_redis_conf_runs_on_a_real_redis_server_with_aof_everysec(rende
         if process.poll() is None:
             process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("component", "module"), [("serve", "serve.settings"), ("gateway", "gateway.settings"),
+                                                   ("learner", "learner.settings")])
+def test_every_configmap_variable_is_a_setting_of_its_deployable(component, module):
+    """A misspelt variable is silently ignored by pydantic-settings, so the pod would start on defaults
+    (or, for the gateway's keys file, refuse to start): every INSTRUCTLOOP_* variable we ship must name a
+    field of that deployable's Settings."""
+    import importlib
+
+    settings = importlib.import_module(module).Settings
+    prefix = settings.model_config["env_prefix"]
+    lines = (REPO / "k8s" / "base" / "config" / f"{component}.env").read_text().splitlines()
+    names = [line.split("=", 1)[0] for line in lines if line.strip() and not line.startswith("#")]
+    assert names, f"no variables in k8s/base/config/{component}.env"
+    fields = {name.upper() for name in settings.model_fields}
+    unknown = [n for n in names if not n.startswith(prefix) or n[len(prefix):] not in fields]
+    assert not unknown, f"{component}.env sets variables {unknown} that {module}.Settings does not read"

@@ -164,6 +164,8 @@ def test_models(gateway):
         ({"model": MODEL_NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
         ({"model": MODEL_NAME, "prompt": ""}, 400, "prompt"),
         ({"model": MODEL_NAME, "prompt": "word " * 7000}, 400, "prompt"),  # > max_prompt_chars
+        ({"model": MODEL_NAME, "prompt": "x", "echo": True}, 422, "echo"),  # refused, not silently ignored
+        ({"model": MODEL_NAME, "prompt": "x", "best_of": 3}, 422, "best_of"),
     ],
 )
 def test_bad_completion_requests_get_openai_errors(gateway, body, status, param):
@@ -173,6 +175,13 @@ def test_bad_completion_requests_get_openai_errors(gateway, body, status, param)
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"] and error["param"] is not None and error["param"].split(".")[0] == param
+
+
+def test_chat_logprobs_are_refused(gateway):
+    with gateway.http("alice") as http:
+        response = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "logprobs": True,
+                                                            "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
 
 
 def test_body_size_limit_and_unknown_route(gateway):
@@ -192,3 +201,11 @@ def test_redis_down_never_fails_a_completion(gateway, redis_server):
     chunks = list(client.completions.create(model=MODEL_NAME, prompt="Still up?", max_tokens=3, stream=True))
     assert chunks[-1].choices[0].finish_reason == "length"
     assert gateway.metric("gateway_redis_failures_total") >= before + 2
+
+
+def test_a_vanishing_temperature_decodes_greedily(gateway):
+    """Found by the schemathesis run: temperature 5e-273 made serve's logits / temperature overflow."""
+    client = gateway.openai("alice")
+    tiny = client.completions.create(model=MODEL_NAME, prompt="Tiny", max_tokens=5, temperature=5e-273)
+    greedy = client.completions.create(model=MODEL_NAME, prompt="Tiny", max_tokens=5, temperature=0)
+    assert tiny.choices[0].text == greedy.choices[0].text

@@ -84,6 +84,14 @@ def test_list_prompt_ranking_uses_the_choices_of_one_prompt(gateway, redis_serve
     assert event.responses == [completion["choices"][2]["text"], completion["choices"][3]["text"]]
 
 
+def test_an_all_tied_ranking_is_recorded_without_pairs(gateway, redis_server):
+    completion = make_completion(gateway)
+    response = post(gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[0, 1]]})
+    assert response.status_code == 202, response.text
+    [event] = comparisons(redis_server)
+    assert event.ranking == [[0, 1]] and event.pairs() == []
+
+
 @pytest.mark.parametrize(
     ("feedback", "status", "code"),
     [
@@ -92,7 +100,6 @@ def test_list_prompt_ranking_uses_the_choices_of_one_prompt(gateway, redis_serve
         ({"type": "ranking", "ranking": [[0], [0]]}, 422, "invalid_feedback"),  # repeated
         ({"type": "ranking", "ranking": [[1], [2, 1]]}, 422, "invalid_feedback"),
         ({"type": "ranking", "ranking": [[0]]}, 422, "invalid_feedback"),  # one response
-        ({"type": "ranking", "ranking": [[0, 1]]}, 422, "invalid_feedback"),  # a tie only: no preference
         ({"type": "ranking", "ranking": []}, 422, "validation_error"),
         ({"type": "ranking", "ranking": [[0], []]}, 422, "validation_error"),
         ({"type": "pairwise", "chosen": 1, "rejected": 1}, 422, "invalid_feedback"),
@@ -122,14 +129,17 @@ def test_ab_refusals(gateway, redis_server):
     assert different.status_code == 422 and different.json()["error"]["code"] == "different_prompts"
     tie = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]}, "b": {"completion_id": same["id"]},
                                   "preferred": "tie"})
-    assert tie.status_code == 422 and tie.json()["error"]["code"] == "tie_not_recorded"
+    assert tie.status_code == 202, tie.text
+    recorded = comparisons(redis_server)
+    assert len(recorded) == 1 and recorded[0].ranking == [[0, 1]] and recorded[0].source == "ab"
+    assert recorded[0].pairs() == []
     itself = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]}, "b": {"completion_id": a["id"]},
                                      "preferred": "a"})
     assert itself.status_code == 422
     out_of_range = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]},
                                            "b": {"completion_id": same["id"], "index": 3}, "preferred": "a"})
     assert out_of_range.status_code == 422 and out_of_range.json()["error"]["param"] == "b.index"
-    assert comparisons(redis_server) == []
+    assert len(comparisons(redis_server)) == 1  # only the tie was recorded
 
 
 def test_who_may_rate_which_completion(gateway, redis_server):
@@ -218,3 +228,15 @@ def test_demonstrations(gateway, redis_server):
     assert post(gateway, "alice", body, path="/v1/demonstrations").status_code == 403
     blank = post(gateway, "lara", {"prompt": "  ", "response": "x"}, path="/v1/demonstrations")
     assert blank.status_code == 422 and blank.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_feedback_through_the_openai_client_as_in_the_readme(gateway, redis_server):
+    client = gateway.openai("alice")
+    completion = client.completions.create(model=MODEL_NAME, prompt="Write a haiku about autumn.", max_tokens=4, n=4,
+                                           temperature=0.8)
+    accepted = client.post("/feedback", cast_to=object, body={"type": "pairwise", "completion_id": completion.id,
+                                                              "chosen": 2, "rejected": 0})
+    assert accepted["status"] == "accepted"
+    [event] = comparisons(redis_server)
+    assert event.event_id == accepted["id"]
+    assert event.responses[event.ranking[0][0]] == completion.choices[2].text

@@ -22,8 +22,8 @@ def test_comparison_roundtrip_through_stream_fields():
     [
         ([[0], [5]], "out of range"),
         ([[0], [0]], "more than once"),
-        ([[0, 1]], "at least two"),
         ([[1]], "at least two"),
+        ([[1], []], "at least 1 item"),
     ],
 )
 def test_bad_rankings_are_refused_with_the_reason(ranking, message):
@@ -39,3 +39,8 @@ def test_from_fields_rejects_entries_without_event():
 def test_policy_version_names_are_checked():
     with pytest.raises(ValidationError, match="invalid policy version"):
         PolicyEvent(version="../etc", status=PolicyStatus.promoted)
+
+
+def test_a_tie_is_a_valid_comparison_that_implies_no_pair():
+    tie = ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0, 1]], labeler_id="lab", source="ab")
+    assert tie.pairs() == []

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from instructloop.events import Choice, ComparisonEvent, CompletionEvent, DemonstrationEvent
 from instructloop.streams import Stream, stream_key
 
 PREFIX = "t"
-
-
-@pytest.fixture
-def single_thread_torch():
-    """One torch thread: on a CPU shared with other test processes, 2 threads spin-wait and run ~20x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def comparison(i: int, **overrides) -> ComparisonEvent:

@@ -14,12 +14,10 @@ from learner.gate import GateConfig, GateResult, gate_decision
 from learner.publish import publish_candidate
 from tests.learner.helpers import (
     PREFIX,
-    single_thread_torch,  # noqa: F401  (fixture)
 )
 
 CONFIG = GateConfig(min_reward_gain=0.05, kl_ceiling=2.0, min_live_comparisons=10, min_win_rate=0.5)
 
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def test_better_candidate_under_the_kl_ceiling_is_promoted():

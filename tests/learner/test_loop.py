@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from typer.testing import CliRunner
 
 from instructloop.events import PolicyEvent, PolicyStatus
 from instructloop.registry import Registry
 from instructloop.streams import Stream, current_policy_key, stream_key
+from learner.cli import app
 from learner.loop import Learner
 from learner.metrics import LearnerMetrics
 from learner.settings import Settings
@@ -26,13 +28,11 @@ from tests.learner.helpers import (
     completion,
     learner_env,
     pending,
-    single_thread_torch,  # noqa: F401  (fixture)
     xadd,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 @pytest.fixture
@@ -115,6 +115,12 @@ def test_learner_thresholds_metrics_and_graceful_stop(redis_server, tmp_path, ti
         report = learner.round()
         assert not report.trained and learner.state.ppo_rounds == 0
 
+        status = CliRunner().invoke(app, ["status"], env=env)
+        assert status.exit_code == 0, status.output
+        reported = json.loads(status.output)
+        assert reported["state"]["rm_updates"] == 1 and reported["dataset"]["comparisons"] == 60
+        assert reported["lag"]["comparisons"] == {"lag": 0, "pending": 0}
+
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'learner_events_ingested_total{stream="comparisons"} 60.0' in body
         assert "learner_rm_heldout_accuracy" in body and "learner_consumer_lag" in body
@@ -122,3 +128,18 @@ def test_learner_thresholds_metrics_and_graceful_stop(redis_server, tmp_path, ti
     finally:
         learner.close()
         client.close()
+
+
+def test_settings_parse_json_hyperparameters_and_refuse_bad_values(monkeypatch):
+    monkeypatch.setenv("INSTRUCTLOOP_LEARNER_PPO", '{"ppo_epochs": 3, "lr": 1e-6}')
+    monkeypatch.setenv("INSTRUCTLOOP_LEARNER_KL_COEF", "0.05")
+    settings = Settings()
+    assert settings.ppo == {"ppo_epochs": 3, "lr": 1e-6} and settings.kl_coef == 0.05
+    with pytest.raises(ValueError, match="INSTRUCTLOOP_LEARNER_REDIS_URL"):
+        settings.require_redis()
+    monkeypatch.setenv("INSTRUCTLOOP_LEARNER_HELDOUT_FRACTION", "1.5")
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        Settings()
+    monkeypatch.delenv("INSTRUCTLOOP_LEARNER_HELDOUT_FRACTION")
+    result = CliRunner().invoke(app, ["once"])
+    assert result.exit_code == 2 and "INSTRUCTLOOP_LEARNER_REDIS_URL" in result.output

@@ -51,12 +51,7 @@ def target_count(policy, tokenizer, prompts: list[str]) -> float:
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster than two fighting over a shared CPU
-    try:
-        yield run_experiment(tmp_path_factory, tokenizer)
-    finally:
-        torch.set_num_threads(threads)
+    return run_experiment(tmp_path_factory, tokenizer)
 
 
 def run_experiment(tmp_path_factory, tokenizer) -> dict:

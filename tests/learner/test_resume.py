@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import redis as redis_lib
 import torch
 
@@ -29,11 +28,8 @@ from tests.learner.helpers import (
     demonstration,
     learner_env,
     pending,
-    single_thread_torch,  # noqa: F401  (fixture)
     xadd,
 )
-
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def test_checkpoint_is_atomic_carries_parts_over_and_prunes(tmp_path, tiny_model_dir):
@@ -87,7 +83,8 @@ class LearnerProcess:
         )
         self.lines: queue.Queue = queue.Queue()
         self.tail: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stderr:
@@ -108,6 +105,14 @@ class LearnerProcess:
             if entry["msg"] == message:
                 return entry
         raise AssertionError(f"no {message!r} log within {timeout}s:\n" + "".join(self.tail))
+
+    def remaining(self) -> list[dict]:
+        """The log lines not consumed yet (call after the process exited)."""
+        self.reader.join(timeout=10)  # the process exited: the reader drains the closed pipe and ends
+        out = []
+        while not self.lines.empty():
+            out.append(self.lines.get())
+        return out
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -151,7 +156,7 @@ def test_sigkill_at_any_point_loses_and_duplicates_nothing(redis_server_aof, tmp
     malformed.add(client.xadd(stream_key(Stream.completions, PREFIX), {"event": '{"kind": "completion"}'}).decode())
     run = learner()
     run.wait_for("ppo round started")
-    time.sleep(1.0)
+    time.sleep(0.3)  # inside the round (building the trainer + the round take well over a second)
     run.kill()
 
     # 3. Killed while publishing the candidate (between the registry write and the state checkpoint).
@@ -159,15 +164,26 @@ def test_sigkill_at_any_point_loses_and_duplicates_nothing(redis_server_aof, tmp
     run.wait_for("policy version written")
     run.kill()
 
-    # 4. Killed right after a checkpoint, with a read-but-unacknowledged batch in flight for good measure.
-    push(18, 10)
+    # 4. SIGTERM during an RM update: the update and its checkpoint finish, no further step starts, exit 0.
+    push(18, 14)  # 10 of them training comparisons: an RM update is due
     xadd(client, Stream.demonstrations, demonstration(1))
     run = learner()
-    run.wait_for("checkpoint written")
+    run.wait_for("reward model update started")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=120) == 0, "".join(run.tail)
+    after = run.remaining()
+    assert [e["msg"] for e in after if e["msg"] in ("checkpoint written", "reward model updated")] == [
+        "checkpoint written", "reward model updated"]
+    assert not any(e["msg"] in ("ppo round started", "gate started") for e in after)
+    assert CheckpointStore(state_dir).load_state().ppo_rm_update < CheckpointStore(state_dir).load_state().rm_updates
+
+    # 5. Killed right after a checkpoint (the PPO round that the new RM made due).
+    run = learner()
+    run.wait_for("ppo round done")
     run.kill()
 
-    # 5. A last batch; this run catches up, goes idle and stops gracefully on SIGTERM.
-    push(28, 8)
+    # 6. A last batch; this run catches up, goes idle and stops gracefully on SIGTERM.
+    push(32, 8)  # 5 training comparisons: below the threshold, the learner ends idle
     malformed.add(client.xadd(stream_key(Stream.comparisons, PREFIX), {"event": b"\xff"}).decode())
     run = learner()
     run.wait_for("learner idle", timeout=300)

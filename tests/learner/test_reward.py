@@ -90,3 +90,14 @@ def test_reward_scores_refuses_mismatched_lengths(rm_dir, tokenizer):
     model = build_reward_model(str(rm_dir))
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         reward_scores(model, tokenizer, ["a", "b"], ["x"])
+
+
+def test_ties_are_skipped_and_a_batch_of_only_ties_is_refused(rm_dir, tokenizer):
+    model = build_reward_model(str(rm_dir))
+    tie = ComparisonEvent(prompt="Say hi", responses=["hi", "hello"], ranking=[[0, 1]], labeler_id="l", source="ab")
+    vote = ComparisonEvent(prompt="Say hi", responses=["hi", "go away"], ranking=[[0], [1]], labeler_id="l")
+    config = RewardConfig(epochs=1, rankings_per_batch=2)
+    stats = train_reward_model(model, tokenizer, [tie, vote], config, heldout=[tie, vote])
+    assert stats["pairs"] == 1.0 and stats["rankings"] == 1.0
+    with pytest.raises(ValueError, match="implies a"):
+        train_reward_model(model, tokenizer, [tie], config)

@@ -13,7 +13,15 @@ import torch
 
 from tests.conftest import build_tiny_model_dir, free_port
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """serve tests run servers in this process: one torch thread on the shared 2-core machine (restored after,
+    so other rooms' tests keep their own setting)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 class ServerThread:

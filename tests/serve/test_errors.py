@@ -132,3 +132,27 @@ def test_non_streaming_disconnect_cancels_the_sequence(start_server, varied_mode
     _wait_for(lambda: server.metric("instructloop_serve_request_cancelled_total") == 1)
     _wait_for(lambda: engine.batch_size() == 0)
     assert server.metric("tgi_request_success_total") == 0
+
+
+def test_generation_failure_is_424_and_the_loop_survives(start_server, varied_model_dir):
+    """A real failing forward (a weight of the wrong shape put into the served model) fails only the requests
+    of that step with TGI's 424 `generation` error; the model loop keeps serving."""
+    import torch
+
+    server = start_server(model=str(varied_model_dir), device="cpu")
+    model = server.runtime.base.model
+    original = model.model.norm.weight
+    model.model.norm.weight = torch.nn.Parameter(torch.ones(3))
+    try:
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}
+        response = httpx.post(f"{server.url}/generate", json=body)
+        assert response.status_code == 424 and response.json()["error_type"] == "generation"
+        streamed = httpx.post(f"{server.url}/generate_stream", json=body)
+        assert streamed.status_code == 424 and streamed.json()["error_type"] == "generation"
+        with pytest.raises(text_generation.errors.GenerationError):
+            text_generation.Client(server.url).generate(PROMPT, max_new_tokens=3)
+    finally:
+        model.model.norm.weight = original
+    assert httpx.post(f"{server.url}/generate", json=body).status_code == 200
+    assert server.metric("tgi_request_failure_total", '{err="generation"}') == 3
+    assert server.runtime.engine.alive

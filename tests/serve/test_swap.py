@@ -199,3 +199,25 @@ def test_missed_message_is_caught_by_polling_the_key(start_server, varied_model_
     while httpx.get(f"{server.url}/info").json()["policy_version"] != "v0001":
         assert time.monotonic() < deadline, "the key change was not noticed"
         time.sleep(0.05)
+
+
+def test_candidate_is_prefetched_and_promotion_is_a_switch(start_server, varied_model_dir, tokenizer, tmp_path):
+    registry = Registry(tmp_path / "registry")
+    server = start_server(model=str(varied_model_dir), device="cpu", registry_dir=str(tmp_path / "registry"),
+                          poll_interval_s=0.05)
+    new_dir = build_tiny_model_dir(tmp_path / "v1", tokenizer, seed=5, initializer_range=0.3)
+    _save_version(registry, "v0001", new_dir, tokenizer)  # a candidate: not served yet
+    deadline = time.monotonic() + 20
+    while server.metric("instructloop_serve_policy_prefetches_total") < 1:
+        assert time.monotonic() < deadline, "the candidate was not prefetched"
+        time.sleep(0.05)
+    assert httpx.get(f"{server.url}/info").json()["policy_version"] == "base"
+    loads_before = server.metric("instructloop_serve_policy_swap_duration_count")
+    registry.set_current("v0001")
+    while httpx.get(f"{server.url}/info").json()["policy_version"] != "v0001":
+        assert time.monotonic() < deadline, "the promoted candidate was not installed"
+        time.sleep(0.05)
+    assert server.metric("instructloop_serve_policy_swap_duration_count") == loads_before  # no second load
+    payload = httpx.post(f"{server.url}/generate",
+                         json={"inputs": "Hi", "parameters": {"max_new_tokens": 4, "details": True}}).json()
+    assert [t["id"] for t in payload["details"]["tokens"]] == hf_greedy(new_dir, ["Hi"], [4])[0]
