@@ -341,7 +341,7 @@ def label_one(client: GatewayClient, prompt: str, preference: PreferenceFunction
     completion = client.complete(prompt, k, max_tokens, temperature, seed)
     scores = score_texts(completion.texts, preference)
     ranking = rank(scores)
-    if len(ranking) < 2:  # all tied: no preference to report (the gateway refuses it too)
+    if len(ranking) < 2:  # all tied: nothing the reward model could learn from, so not posted
         return Labeled(completion, scores, None)
     client.feedback(completion, ranking)
     return Labeled(completion, scores, ranking)
