@@ -233,12 +233,13 @@ class GatewayClient:
     """The few gateway calls the labeler makes (httpx, bearer key, OpenAI error JSON surfaced)."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 120.0, model: str = DEFAULT_MODEL_NAME,
-                 retries: int = 2):
+                 retries: int = 2, rate_limit_wait_s: float = 180.0):
         import httpx
 
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.retries = retries
+        self.rate_limit_wait_s = rate_limit_wait_s
         self._http = httpx.Client(
             base_url=self.base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
         )
@@ -254,20 +255,33 @@ class GatewayClient:
 
     def _post(self, path: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
         """POST with up to ``retries`` retries on transport errors (e.g. a keep-alive connection the server
-        closed just as it was reused) and on 429/502/503 (after the gateway's Retry-After, at most 5 s). Both
-        calls are safe to retry: a completion is simply asked again, feedback carries an
+        closed just as it was reused) and on 502/503 (after the gateway's Retry-After, at most 5 s). A 429
+        (the key's rate limit) waits the full Retry-After (at most 60 s a time) and is retried until
+        ``rate_limit_wait_s`` of waiting is spent: a labeler that outpaces its limit slows down, it does not
+        drop rankings. Both calls are safe to retry: a completion is simply asked again, feedback carries an
         ``Idempotency-Key`` so a retried ranking is stored once."""
         import httpx
 
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        rate_limited_s = 0.0
+        while True:
             try:
                 response = self._http.post(path, json=payload, headers=headers)
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise LabelerError(
                         f"cannot reach the gateway at {self.base_url} ({exc!r}): is it running?") from exc
+                attempt += 1
                 continue
-            if response.status_code in (429, 502, 503) and attempt < self.retries:
+            if response.status_code == 429:
+                wait = min(max(float(response.headers.get("retry-after", "1") or 1), 0.5), 60.0)
+                if rate_limited_s + wait <= self.rate_limit_wait_s:
+                    rate_limited_s += wait
+                    time.sleep(wait)
+                    continue
+                break
+            if response.status_code in (502, 503) and attempt < self.retries:
+                attempt += 1
                 # overloaded, a backend failed, or serve swapped versions mid-request: back off as the
                 # gateway asks (capped)
                 time.sleep(min(float(response.headers.get("retry-after", "1") or 1), 5.0))

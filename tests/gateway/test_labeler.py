@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from gateway.labeler import (
     DEFAULT_HELDOUT_PROMPTS,
     DEFAULT_PROMPTS,
+    GatewayClient,
+    LabelerError,
     PreferenceError,
     app,
     load_preference,
@@ -120,3 +122,58 @@ def test_shipped_prompt_sets_are_disjoint():
     train, heldout = read_prompts(DEFAULT_PROMPTS), read_prompts(DEFAULT_HELDOUT_PROMPTS)
     assert len(train) >= 8 and len(heldout) >= 4
     assert not set(train) & set(heldout)
+
+
+class _RateLimitedGateway:
+    """A loopback HTTP server that answers 429 (Retry-After: 0) ``limited`` times, then 200."""
+
+    def __init__(self, limited: int):
+        import http.server
+        import threading
+
+        owner = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                owner.requests += 1
+                if owner.requests <= limited:
+                    body, status = b'{"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}', 429
+                else:
+                    body, status = b'{"id": "fb-1", "status": "accepted"}', 202
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_labeler_waits_out_the_rate_limit_instead_of_dropping_rankings():
+    with _RateLimitedGateway(limited=3) as gateway, GatewayClient(gateway.url, "key", retries=0) as client:
+        response = client._post("/v1/feedback", {"type": "ranking"})
+        assert response.status_code == 202 and gateway.requests == 4  # three 429s waited out, not retries
+
+
+def test_labeler_gives_up_on_the_rate_limit_after_its_wait_budget():
+    with _RateLimitedGateway(limited=100) as gateway, \
+            GatewayClient(gateway.url, "key", rate_limit_wait_s=0.6) as client:
+        with pytest.raises(LabelerError, match="429"):
+            client._post("/v1/feedback", {"type": "ranking"})
+        assert gateway.requests == 2  # one wait of 0.5 s fits the budget, a second does not
