@@ -41,6 +41,10 @@ class SequenceState:
     """Logprob of each generated token under the processed distribution."""
     text: str = ""
     """Decoded generated text so far (special tokens kept; used for stop strings and token texts)."""
+    prefix_offset: int = 0
+    """Start of the token window decoded for the next token's text (see ``serve.model.decode_next``)."""
+    read_offset: int = 0
+    """End of the tokens whose text is already in ``text``."""
     cancelled: bool = False
     """Set from the HTTP side when the client went away; the sequence is filtered out at the next step."""
     sink: Any = None

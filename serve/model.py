@@ -15,6 +15,21 @@ from serve.batch import Batch
 log = logging.getLogger(__name__)
 
 
+
+def decode_next(tokenizer, ids: list[int], prefix_offset: int, read_offset: int) -> tuple[str, int, int]:
+    """The text the newest token adds, decoding only a short window instead of the whole sequence.
+
+    ``ids[prefix_offset:read_offset]`` is already-emitted context decoded again so that a token's text is
+    the same as in a full decode (leading spaces, merges); ``ids[read_offset:]`` are the tokens not yet
+    emitted. An incomplete UTF-8 character decodes to U+FFFD: its text is held back (``""``, offsets kept)
+    until a later token completes it. Returns (text, new prefix_offset, new read_offset).
+    """
+    prefix_text = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=False)
+    new_text = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=False)
+    if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+        return new_text[len(prefix_text):], read_offset, len(ids)
+    return "", prefix_offset, read_offset
+
 class FinishReason(str, Enum):
     length = "length"
     eos_token = "eos_token"
@@ -108,11 +123,10 @@ class PolicyModel:
             previous_length = len(seq.text)
             seq.generated_ids.append(token)
             seq.logprobs.append(logprob)
-            text = self.tokenizer.decode(seq.generated_ids, skip_special_tokens=False)
-            # An incomplete UTF-8 character decodes to U+FFFD: hold its text back until it completes.
-            token_text = "" if text.endswith("\ufffd") else text[previous_length:]
-            if token_text or not text.endswith("\ufffd"):
-                seq.text = text
+            token_text, seq.prefix_offset, seq.read_offset = decode_next(
+                self.tokenizer, seq.generated_ids, seq.prefix_offset, seq.read_offset
+            )
+            seq.text += token_text
             finish = None
             if token in self.eos_token_ids:
                 finish = FinishReason.eos_token

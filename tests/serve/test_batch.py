@@ -170,3 +170,17 @@ def test_requests_joining_at_different_steps_match_hf_generate(varied_model_dir,
         assert got[i] == expected[i], f"prompt {i}"
     assert len(got[9]) == 5 and len(got[10]) == 30
     assert finished == {i: FinishReason.length for i in (0, 1, 2, 3, 9, 10)}
+
+
+def test_incremental_token_texts_join_to_the_full_decode(tokenizer):
+    from serve.model import decode_next
+
+    text = "Hello 🤗 wörld, naïve café — 漢字 <|im_end|> done."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    pieces, prefix_offset, read_offset = [], 0, 0
+    for end in range(1, len(ids) + 1):
+        piece, prefix_offset, read_offset = decode_next(tokenizer, ids[:end], prefix_offset, read_offset)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=False)
+    assert read_offset == len(ids) and read_offset - prefix_offset <= 4  # a short window, not the whole text
