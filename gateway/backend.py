@@ -239,6 +239,11 @@ class Backend:
         tied = [r for r in candidates if r.outstanding == fewest]
         return tied[next(self._rotation) % len(tied)]
 
+    def _count_outstanding(self, replica: Replica, delta: int) -> None:
+        """Requests in flight on ``replica`` (what least-outstanding balancing picks by), and its gauge."""
+        replica.outstanding += delta
+        self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)
+
     def _mark_down(self, replica: Replica, exc: Exception) -> None:
         replica.healthy = False
         replica.last_error = str(exc)
@@ -252,8 +257,7 @@ class Backend:
         while True:
             replica = self.pick(tried, prefer)
             tried.add(replica.url)
-            replica.outstanding += 1
-            self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)
+            self._count_outstanding(replica, +1)
             started = time.perf_counter()
             try:
                 response, version = await replica.client.generate_versioned(prompt, **dict(params))
@@ -264,8 +268,7 @@ class Backend:
                 self.metrics.backend_requests.labels(replica.url, "error").inc()
                 raise _translate(exc) from exc
             finally:
-                replica.outstanding -= 1
-                self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)
+                self._count_outstanding(replica, -1)
             self.metrics.backend_requests.labels(replica.url, "ok").inc()
             self.metrics.backend_latency.labels(replica.url).observe(time.perf_counter() - started)
             replica.policy_version = version
@@ -286,8 +289,7 @@ class Backend:
         while True:
             replica = self.pick(tried, prefer)
             tried.add(replica.url)
-            replica.outstanding += 1
-            self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)
+            self._count_outstanding(replica, +1)
             started = False
             try:
                 async for response, version in replica.client.generate_stream_versioned(prompt, **dict(params)):
@@ -307,5 +309,4 @@ class Backend:
                 self.metrics.backend_requests.labels(replica.url, "error").inc()
                 raise _translate(exc) from exc
             finally:
-                replica.outstanding -= 1
-                self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)
+                self._count_outstanding(replica, -1)
