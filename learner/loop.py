@@ -228,7 +228,7 @@ class Learner:
         if new < self.settings.min_new_comparisons:
             return None
         from learner.config import RewardConfig
-        from learner.reward import build_reward_model, normalize_reward_bias, score_head, train_reward_model
+        from learner.reward import build_reward_model, normalize_reward_bias, train_reward_model
 
         up_to = self.dataset.max_comparison_seq()
         comparisons = [s.comparison for s in self.dataset.comparisons(after_seq=self.state.rm_cursor, up_to_seq=up_to)]
@@ -243,11 +243,6 @@ class Learner:
             model = self.reward_model
             if model is None:
                 model = build_reward_model(self.reference_path).to(self.device)
-            # The PPO trainer freezes the RM it scores with (the same object, so it sees this update):
-            # unfreeze for training, except the bias, which is a normalisation constant.
-            model.requires_grad_(True)
-            if score_head(model).bias is not None:
-                score_head(model).bias.requires_grad_(False)
             config = RewardConfig(**{"seed": self.settings.seed + self.state.rm_updates, **self.settings.reward})
             stats = _numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
                                                 progress=self.progress))

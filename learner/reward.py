@@ -247,6 +247,11 @@ def train_reward_model(
         raise ValueError("train_reward_model needs at least one comparison that implies a (winner, loser) pair")
     disable_dropout(model)
     model.train()
+    # Train every weight but the normalisation bias, whatever froze the model before (the PPO trainer
+    # freezes the RM it scores with; it is the same object the learner updates next).
+    model.requires_grad_(True)
+    if score_head(model).bias is not None:
+        score_head(model).bias.requires_grad_(False)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )

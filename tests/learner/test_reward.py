@@ -18,6 +18,7 @@ from learner.reward import (
     normalize_reward_bias,
     pairwise_accuracy,
     reward_scores,
+    score_head,
     sequence_scores,
     train_reward_model,
 )
@@ -101,3 +102,15 @@ def test_ties_are_skipped_and_a_batch_of_only_ties_is_refused(rm_dir, tokenizer)
     assert stats["pairs"] == 1.0 and stats["rankings"] == 1.0
     with pytest.raises(ValueError, match="implies a"):
         train_reward_model(model, tokenizer, [tie], config)
+
+
+def test_training_a_frozen_reward_model_trains_it_but_keeps_the_bias(rm_dir, tokenizer):
+    model = build_reward_model(str(rm_dir))
+    normalize_reward_bias(model, tokenizer, ["Say hi"], ["hi"])
+    bias = score_head(model).bias.detach().clone()
+    weight = score_head(model).weight.detach().clone()
+    model.requires_grad_(False)  # as the PPO trainer leaves the RM it scores with
+    vote = ComparisonEvent(prompt="Say hi", responses=["hi", "go away"], ranking=[[0], [1]], labeler_id="l")
+    train_reward_model(model, tokenizer, [vote], RewardConfig(epochs=1, rankings_per_batch=1))
+    assert not torch.equal(score_head(model).weight, weight)
+    assert_close(score_head(model).bias, bias)
