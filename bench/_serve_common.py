@@ -28,7 +28,7 @@ class ServeProcess:
         full_env = dict(os.environ, PYTHONPATH=str(ROOT), INSTRUCTLOOP_SERVE_TORCH_THREADS=str(threads),
                         TOKENIZERS_PARALLELISM="false", **env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "instructloop.cli", "serve", "run", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "launcher.cli", "serve", "run", "--host", "127.0.0.1", "--port", str(self.port),
              "--device", "cpu", *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
 
     @property

@@ -90,7 +90,7 @@ class Stack:
 
     def _start_serve(self, threads: int) -> None:
         env = dict(self.env, INSTRUCTLOOP_SERVE_TORCH_THREADS=str(threads), INSTRUCTLOOP_SERVE_LOG_LEVEL="WARNING")
-        proc = self._spawn([sys.executable, "-m", "instructloop.cli", "serve", "run", "--model", self.model,
+        proc = self._spawn([sys.executable, "-m", "launcher.cli", "serve", "run", "--model", self.model,
                             "--host", "127.0.0.1", "--port", str(self.serve_port), "--device", "cpu",
                             "--max-batch-size", "16", "--max-queue", "256"], "serve", env)
         wait_http(f"{self.serve_url}/health", proc, "serve")
@@ -105,7 +105,7 @@ class Stack:
     def _start_gateway(self, workers: int, extra_env: dict) -> None:
         env = dict(self.env, INSTRUCTLOOP_GATEWAY_MODEL=self.model, INSTRUCTLOOP_GATEWAY_LOG_LEVEL="WARNING",
                    INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE="100000000", **extra_env)
-        proc = self._spawn([sys.executable, "-m", "instructloop.cli", "gateway", "run", "--port", str(self.gateway_port),
+        proc = self._spawn([sys.executable, "-m", "launcher.cli", "gateway", "run", "--port", str(self.gateway_port),
                             "--backends", self.serve_url, "--redis-url", self.redis_url, "--keys-file",
                             str(self.keys_file), "--workers", str(workers)], "gateway", env)
         wait_http(f"{self.gateway_url}/healthz", proc, "gateway")

@@ -37,14 +37,13 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.labeler import (  # noqa: E402
+from instructloop.stackfile import StackFile  # noqa: E402
+from labeler.client import GatewayClient, record, simulate  # noqa: E402
+from labeler.preferences import (  # noqa: E402
     DEFAULT_HELDOUT_PROMPTS,
     DEFAULT_PROMPTS,
-    GatewayClient,
     load_preference,
     read_prompts,
-    record,
-    simulate,
     win_rate,
 )
 
@@ -106,9 +105,9 @@ def wait_for_stack(proc: subprocess.Popen, run_dir: Path, timeout_s: float) -> d
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"instructloop up exited with {proc.returncode}; see {run_dir}/up.log")
-        stack_file = run_dir / "stack.json"
+        stack_file = StackFile.path(run_dir)
         if stack_file.exists():
-            return json.loads(stack_file.read_text())
+            return StackFile.read(run_dir)
         time.sleep(0.5)
     raise SystemExit(f"the stack was not up within {timeout_s}s; see {run_dir}/up.log")
 
@@ -187,7 +186,7 @@ def main() -> None:
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="instructloop-bench-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), **LEARNER_ENV}
-    argv = [sys.executable, "-m", "instructloop.cli", "up", "--run-dir", str(run_dir), "--model", args.model,
+    argv = [sys.executable, "-m", "launcher.cli", "up", "--run-dir", str(run_dir), "--model", args.model,
             "--port", str(free_port()), "--stop-timeout", "30"]
     print(f"run dir: {run_dir}\nlearner settings: {json.dumps(LEARNER_ENV, indent=1)}", flush=True)
     started = time.monotonic()
@@ -197,10 +196,10 @@ def main() -> None:
     try:
         stack = wait_for_stack(proc, run_dir, 900)
         startup_s = time.monotonic() - started
-        keys = json.loads(Path(stack["keys_file"]).read_text())
-        metrics_url = stack["components"]["learner"]["url"]
+        keys = json.loads(Path(stack.keys_file).read_text())
+        metrics_url = stack.components["learner"].url
         print(f"stack up in {startup_s:.0f}s", flush=True)
-        with GatewayClient(stack["gateway_url"], keys["labeler"], timeout=600) as client:
+        with GatewayClient(stack.gateway_url, keys["labeler"], timeout=600) as client:
             base = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=1)
             again = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=2)
             baseline_rate = win_rate(again["responses"], base["responses"], preference).rate

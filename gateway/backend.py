@@ -28,11 +28,9 @@ from text_generation.errors import parse_error
 from text_generation.types import Parameters, Request, Response, StreamResponse
 
 from gateway.metrics import GatewayMetrics
+from instructloop.wire import POLICY_VERSION_HEADER, UNKNOWN_VERSION
 
 log = logging.getLogger(__name__)
-
-POLICY_HEADER = "X-Policy-Version"
-UNKNOWN_VERSION = "unknown"
 
 
 class BackendError(Exception):
@@ -73,7 +71,7 @@ class StreamEvent:
 
 
 def _version(headers: Any, payload: Any) -> str:
-    version = headers.get(POLICY_HEADER)
+    version = headers.get(POLICY_VERSION_HEADER)
     if not version and isinstance(payload, dict):
         version = payload.get("policy_version")
     return str(version) if version else UNKNOWN_VERSION
@@ -129,7 +127,7 @@ class PolicyAwareClient(AsyncClient):
     async def generate_stream_versioned(self, prompt: str, **params: Any) -> AsyncIterator[tuple[StreamResponse, str]]:
         body = self._request(prompt, True, **params)
         async with self.session().post(f"{self.base_url}/generate_stream", json=body) as resp:
-            header_version = resp.headers.get(POLICY_HEADER)
+            header_version = resp.headers.get(POLICY_VERSION_HEADER)
             if resp.status != 200:
                 payload = await resp.json(content_type=None)
                 raise parse_error(resp.status, payload if isinstance(payload, dict) and "error" in payload
@@ -150,7 +148,7 @@ class PolicyAwareClient(AsyncClient):
             async with self.session().get(f"{self.base_url}/health",
                                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 await resp.read()
-                return resp.status == 200, resp.headers.get(POLICY_HEADER)
+                return resp.status == 200, resp.headers.get(POLICY_VERSION_HEADER)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False, None
 

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from instructloop.wire import GREEDY_TEMPERATURE, SERVED_MODEL_NAME
+
 # ---- errors (OpenAI's shape, for every error the gateway answers) ----------------------------------
 
 
@@ -63,9 +65,6 @@ def normalize_stop(value: StopSequences) -> list[str]:
     return list(value)
 
 
-GREEDY_BELOW = 1e-5
-"""Temperatures below this decode greedily: their limit is greedy, and logits / 1e-300 overflow to inf."""
-
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "echo": (False,), "frequency_penalty": (0.0,), "logit_bias": (None, {}),
     "presence_penalty": (0.0,), "suffix": (None, ""),
@@ -115,12 +114,12 @@ class CompletionRequest(BaseModel):
     def to_generate_params(self, choice_index: int = 0) -> dict[str, Any]:
         """Keyword arguments for ``text_generation.AsyncClient.generate`` for choice ``choice_index``.
 
-        temperature 0 (or below ``GREEDY_BELOW``, where dividing the logits by it would overflow) is greedy
+        temperature 0 (or below ``GREEDY_TEMPERATURE``, where dividing the logits by it would overflow) is greedy
         (TGI refuses temperature 0); top_p 1 means no nucleus filtering (TGI
         refuses top_p 1); a seed gives choice i the seed ``seed + i`` so the n choices differ but are
         reproducible.
         """
-        greedy = self.temperature < GREEDY_BELOW
+        greedy = self.temperature < GREEDY_TEMPERATURE
         params: dict[str, Any] = {
             "do_sample": not greedy,
             "max_new_tokens": self.max_tokens,
@@ -245,7 +244,7 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
-    owned_by: str = "instructloop"
+    owned_by: str = SERVED_MODEL_NAME
     policy_version: str | None = None
 
 

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode
 
 from instructloop.settings import DEFAULT_MODEL, home_dir, settings_config
 from instructloop.streams import DEFAULT_PREFIX
+from instructloop.wire import SERVED_MODEL_NAME
 
 ENV_PREFIX = "INSTRUCTLOOP_GATEWAY_"
 DEV_API_KEY = "instructloop-dev-admin-key"
@@ -49,7 +50,7 @@ class Settings(BaseSettings):
 
     # ---- model ------------------------------------------------------------------------------------
     model: str = Field(default=DEFAULT_MODEL, description="Tokenizer source: 'default' or an HF folder / hub id.")
-    served_model_name: str = Field(default="instructloop", min_length=1, description="The `model` clients name.")
+    served_model_name: str = Field(default=SERVED_MODEL_NAME, min_length=1, description="The `model` clients name.")
 
     # ---- redis, registry --------------------------------------------------------------------------
     redis_url: str | None = Field(default=None, description="Unset = no Redis: feedback answers 503.")

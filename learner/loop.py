@@ -27,6 +27,7 @@ from typing import Any
 from instructloop.events import validate_version_name
 from instructloop.model import resolve_model
 from instructloop.registry import InvalidCheckpoint, Registry
+from instructloop.wire import BASE_VERSION
 from learner.dataset import Dataset
 from learner.gate import GateConfig, GateResult, gate_decision
 from learner.ingest import Ingestor, IngestStats
@@ -37,7 +38,6 @@ from learner.state import CheckpointStore, LearnerState
 
 log = logging.getLogger(__name__)
 
-BASE_VERSION = "base"
 """What serve reports, and the gate compares against, while no version is current."""
 HELDOUT_COMPARISONS_MAX = 512
 BIAS_SAMPLES = 64

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import instructloop
+from instructloop.wire import BASE_VERSION, POLICY_VERSION_HEADER
 from serve.engine import Engine
 from serve.metrics import ServeMetrics
 from serve.model import PolicyModel, resolve_device, resolve_dtype
@@ -27,9 +28,6 @@ from serve.settings import Settings
 from serve.swap import PolicyLoader, PolicyWatcher
 
 log = logging.getLogger(__name__)
-
-POLICY_HEADER = "X-Policy-Version"
-BASE_VERSION = "base"
 
 
 @dataclass
@@ -96,7 +94,7 @@ def build_runtime(settings: Settings) -> ServeRuntime:
 
 
 def _error_response(error: TGIError, version: str | None = None) -> JSONResponse:
-    headers = {POLICY_HEADER: version} if version else None
+    headers = {POLICY_VERSION_HEADER: version} if version else None
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
 
@@ -157,7 +155,7 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
         except ClientGone:
             return Response(status_code=499)
         return StreamingResponse(lines, media_type="text/event-stream",
-                                 headers={POLICY_HEADER: version, "Cache-Control": "no-cache"})
+                                 headers={POLICY_VERSION_HEADER: version, "Cache-Control": "no-cache"})
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, request: Request) -> Response:
@@ -165,7 +163,7 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
         if result is None:
             return Response(status_code=499)
         return JSONResponse(result.model_dump(mode="json", exclude_none=False),
-                            headers={POLICY_HEADER: result.policy_version})
+                            headers={POLICY_VERSION_HEADER: result.policy_version})
 
     @app.post("/generate_stream")
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
@@ -178,7 +176,7 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
         result = await generate_json(body, request)
         if result is None:
             return Response(status_code=499)
-        return JSONResponse([result.model_dump(mode="json")], headers={POLICY_HEADER: result.policy_version})
+        return JSONResponse([result.model_dump(mode="json")], headers={POLICY_VERSION_HEADER: result.policy_version})
 
     @app.get("/info", response_model=Info)
     async def info() -> Info:
@@ -202,8 +200,8 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
         version = runtime.engine.active_version
         if not runtime.engine.alive:
             return JSONResponse({"status": "model loop not running", "policy_version": version}, status_code=503,
-                                headers={POLICY_HEADER: version})
-        return JSONResponse({"status": "ok", "policy_version": version}, headers={POLICY_HEADER: version})
+                                headers={POLICY_VERSION_HEADER: version})
+        return JSONResponse({"status": "ok", "policy_version": version}, headers={POLICY_VERSION_HEADER: version})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_TEMPERATURE = 1e-4
-"""Temperatures below this are applied as this (the distribution is already one-hot in float32)."""
+from instructloop.wire import GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,8 @@ class NextTokenChooser:
             return logits
         if params.temperature is not None and params.temperature != 1.0:
             # A positive but tiny temperature (say 5e-273) would overflow the logits to ±inf and the
-            # softmax to NaN; below MIN_TEMPERATURE the distribution is numerically greedy anyway.
-            logits = logits / max(params.temperature, MIN_TEMPERATURE)
+            # softmax to NaN; below GREEDY_TEMPERATURE the distribution is numerically greedy anyway.
+            logits = logits / max(params.temperature, GREEDY_TEMPERATURE)
         if params.top_k is not None and params.top_k < logits.shape[-1]:
             kth = torch.topk(logits, params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -2,7 +2,7 @@
 
 ``instructloop up`` runs as a real process and starts a real redis-server, serve, the gateway and the
 learner as real processes; everything below talks to them over loopback HTTP only. A scripted labeler
-(``gateway.labeler``) asks for K=4 completions per prompt and ranks them with the preference "answers
+(``labeler``) asks for K=4 completions per prompt and ranks them with the preference "answers
 without the word *banana*" (score = minus the number of occurrences); its rankings go to ``/v1/feedback``.
 The learner trains its reward model on them, runs PPO-ptx rounds, gates the candidates on held-out
 prompts and promotes one; serve hot-swaps to it. The test asserts that a version other than ``base``
@@ -44,17 +44,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.labeler import (
+from instructloop.registry import Registry
+from instructloop.stackfile import StackFile
+from labeler.client import GatewayClient, record, simulate
+from labeler.preferences import (
     DEFAULT_HELDOUT_PROMPTS,
     DEFAULT_PROMPTS,
-    GatewayClient,
     load_preference,
     read_prompts,
-    record,
-    simulate,
     win_rate,
 )
-from instructloop.registry import Registry
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,12 +133,12 @@ LEARNER_ENV = {
 
 def _wait_for_stack(proc: subprocess.Popen, run_dir: Path, log_path: Path) -> dict:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    stack_file = run_dir / "stack.json"
+    stack_file = StackFile.path(run_dir)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"`instructloop up` exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
         if stack_file.exists():
-            return json.loads(stack_file.read_text())
+            return StackFile.read(run_dir)
         time.sleep(0.2)
     pytest.fail(f"the stack was not up within {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
 
@@ -176,20 +175,20 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
            # this test is about learning, not throttling: on a quiet machine the labeler outpaces the
            # default 600 requests/min per key (it would then wait out the 429s, slowing the test down)
            "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "100000"}
-    argv = [sys.executable, "-m", "instructloop.cli", "up", "--run-dir", str(run_dir), "--model", str(model_dir),
+    argv = [sys.executable, "-m", "launcher.cli", "up", "--run-dir", str(run_dir), "--model", str(model_dir),
             "--port", str(port), "--startup-timeout", str(STARTUP_TIMEOUT_S), "--stop-timeout", "20"]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         stack = _wait_for_stack(proc, run_dir, log_path)
-        keys = json.loads(Path(stack["keys_file"]).read_text())
-        assert (Path(stack["keys_file"]).stat().st_mode & 0o777) == 0o600
+        keys = json.loads(Path(stack.keys_file).read_text())
+        assert (Path(stack.keys_file).stat().st_mode & 0o777) == 0o600
         preference = load_preference(PREFERENCE)
         heldout = read_prompts(DEFAULT_HELDOUT_PROMPTS)
         train = read_prompts(DEFAULT_PROMPTS)
 
-        with GatewayClient(stack["gateway_url"], keys["labeler"]) as labeler, \
-                GatewayClient(stack["gateway_url"], keys["user"]) as user:
+        with GatewayClient(stack.gateway_url, keys["labeler"]) as labeler, \
+                GatewayClient(stack.gateway_url, keys["user"]) as user:
             baseline = record(user, heldout, n=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=1000)
             assert baseline["policy_versions"] == ["base"]
 
@@ -209,7 +208,7 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
             assert new_versions, f"no version promoted after {rounds} rounds of feedback:\n{_learner_tail(run_dir)}"
 
             # serve hot-swapped: the answer and its header name the promoted version
-            response = httpx.post(f"{stack['gateway_url']}/v1/completions",
+            response = httpx.post(f"{stack.gateway_url}/v1/completions",
                                   headers={"Authorization": f"Bearer {keys['user']}"},
                                   json={"model": "instructloop", "prompt": heldout[0], "max_tokens": 4}, timeout=60)
             response.raise_for_status()
@@ -230,7 +229,7 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
     finally:
         status = _stop(proc)
     assert status == 0, log_path.read_text()[-4000:]
-    pids = [c["pid"] for c in stack["components"].values()]
+    pids = [c.pid for c in stack.components.values()]
     assert not any(_pid_alive(pid) for pid in pids)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from gateway.backend import POLICY_HEADER
 from gateway.protocol import APIError, ErrorResponse
 from gateway.serving_completions import CompletionStream
+from instructloop.wire import POLICY_VERSION_HEADER
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
 
@@ -24,10 +24,10 @@ def render(result: BaseModel | CompletionStream | APIError | None, status_code: 
         return error_response(result)
     if isinstance(result, CompletionStream):
         return StreamingResponse(result.body, media_type="text/event-stream",
-                                 headers={POLICY_HEADER: result.policy_version, "Cache-Control": "no-cache",
+                                 headers={POLICY_VERSION_HEADER: result.policy_version, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no", **result.headers})
     headers = {}
     version = getattr(result, "policy_version", None)
     if version:
-        headers[POLICY_HEADER] = version
+        headers[POLICY_VERSION_HEADER] = version
     return JSONResponse(result.model_dump(mode="json"), status_code=status_code, headers=headers)

@@ -34,7 +34,7 @@ class ServeProcess:
                    **env_overrides)
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "instructloop.cli", "serve", "run", "--model", str(model_dir), "--host", "127.0.0.1",
+            [sys.executable, "-m", "launcher.cli", "serve", "run", "--model", str(model_dir), "--host", "127.0.0.1",
              "--port", str(self.port), "--device", "cpu", "--max-batch-size", "16", "--max-queue", "64"],
             cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )

@@ -19,7 +19,7 @@ from tests.gateway.conftest import REPO_ROOT
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "instructloop.cli", "gateway", *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "launcher.cli", "gateway", *args], cwd=REPO_ROOT,
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), **(env or {})),
                           capture_output=True, text=True, timeout=120)
 
@@ -85,7 +85,7 @@ def test_gateway_run_smoke(tmp_path, serve, tiny_model_dir):
     assert refused.returncode == 2 and "keys create" in refused.stderr
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), INSTRUCTLOOP_GATEWAY_MODEL=str(tiny_model_dir),
                INSTRUCTLOOP_GATEWAY_SERVED_MODEL_NAME="tiny")
-    proc = subprocess.Popen([sys.executable, "-m", "instructloop.cli", "gateway", "run", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "gateway", "run", "--port", str(port),
                              "--backends", serve.url, "--keys-file", str(path)],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

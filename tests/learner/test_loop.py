@@ -56,7 +56,7 @@ def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_di
     env = {**os.environ, "PYTHONPATH": str(REPO),
            **learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus)}
 
-    done = subprocess.run([sys.executable, "-m", "instructloop.cli", "learner", "once"], env=env, cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "launcher.cli", "learner", "once"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
 
     assert done.returncode == 0, done.stderr[-3000:]

@@ -78,7 +78,7 @@ class LearnerProcess:
 
     def __init__(self, env: dict[str, str], cwd: Path):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "instructloop.cli", "learner", "run"], env=env, cwd=cwd,
+            [sys.executable, "-m", "launcher.cli", "learner", "run"], env=env, cwd=cwd,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         self.lines: queue.Queue = queue.Queue()

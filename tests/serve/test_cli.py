@@ -25,7 +25,7 @@ def _env(**extra: str) -> dict[str, str]:
 def test_serve_run_smoke(tiny_model_dir):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "instructloop.cli", "serve", "run", "--port", str(port), "--host", "127.0.0.1",
+        [sys.executable, "-m", "launcher.cli", "serve", "run", "--port", str(port), "--host", "127.0.0.1",
          "--model", str(tiny_model_dir), "--device", "cpu"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -53,7 +53,7 @@ def test_serve_run_smoke(tiny_model_dir):
 
 def test_serve_run_refuses_bad_settings():
     result = subprocess.run(
-        [sys.executable, "-m", "instructloop.cli", "serve", "run", "--max-batch-size", "0"],
+        [sys.executable, "-m", "launcher.cli", "serve", "run", "--max-batch-size", "0"],
         env=_env(), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2

@@ -7,13 +7,12 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from gateway.labeler import (
+from labeler.cli import app
+from labeler.client import GatewayClient, LabelerError
+from labeler.preferences import (
     DEFAULT_HELDOUT_PROMPTS,
     DEFAULT_PROMPTS,
-    GatewayClient,
-    LabelerError,
     PreferenceError,
-    app,
     load_preference,
     rank,
     rank_texts,
@@ -100,7 +99,7 @@ def test_bad_preference_on_the_cli_is_a_clear_usage_error():
 
 
 def test_labeler_is_mounted_on_the_instructloop_cli():
-    from instructloop.cli import app as root
+    from launcher.cli import app as root
 
     result = CliRunner().invoke(root, ["labeler", "--help"])
     assert result.exit_code == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from instructloop.stack import (
+from launcher.supervisor import (
     ComponentFailed,
     ComponentSpec,
     Supervisor,
@@ -211,7 +211,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run_up(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "instructloop.cli", "up", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "launcher.cli", "up", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,45 @@
+"""``<run-dir>/stack.json``: what ``instructloop up`` tells its clients (the labeler, tests, benchmarks).
+
+The launcher writes it once every component is healthy and removes it on stop; readers parse it with
+``StackFile.read``, so the keys are spelled once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+
+STACK_FILE_NAME = "stack.json"
+
+
+class ComponentInfo(BaseModel):
+    pid: int | None = None
+    url: str | None = None
+    log: str
+
+
+class StackFile(BaseModel):
+    gateway_url: str
+    keys_file: str
+    run_dir: str
+    up_pid: int
+    components: dict[str, ComponentInfo]
+
+    @staticmethod
+    def path(run_dir: Path) -> Path:
+        return Path(run_dir) / STACK_FILE_NAME
+
+    @classmethod
+    def read(cls, run_dir: Path) -> StackFile:
+        """Parse ``<run_dir>/stack.json``; FileNotFoundError when the stack is not up."""
+        return cls.model_validate_json(cls.path(run_dir).read_text())
+
+    def write(self, run_dir: Path) -> Path:
+        """Write atomically (a reader never sees half a file)."""
+        target = self.path(run_dir)
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        os.replace(tmp, target)
+        return target

@@ -1,0 +1,193 @@
+"""Preference functions and win-rates: how the scripted labeler ranks texts (no HTTP here).
+
+A preference function scores one response text, higher is better; equal scores are ties.
+
+==================  ========================================================================
+``shorter``         fewer characters is better (score = -len(text))
+``without:WORD``    fewer occurrences of WORD is better (score = -count; whole word, any case)
+``with:WORD``       answers containing WORD are better (score = 1 if present else 0)
+``module:function``  your own: an importable function ``text -> float`` (higher is better)
+==================  ========================================================================
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+PreferenceFunction = Callable[[str], float]
+"""Scores one response text; higher is better. Equal scores are ties."""
+
+DATA_DIR = Path(__file__).parent / "data"
+DEFAULT_PROMPTS = DATA_DIR / "prompts.txt"
+DEFAULT_HELDOUT_PROMPTS = DATA_DIR / "heldout_prompts.txt"
+
+
+class PreferenceError(ValueError):
+    """A ``--preference`` that cannot be used; the message says which forms are accepted."""
+
+
+# ---- preference functions -------------------------------------------------------------------------
+
+
+def _word_pattern(word: str) -> re.Pattern[str]:
+    word = word.strip()
+    if not word:
+        raise PreferenceError("the word in without:WORD / with:WORD must not be empty")
+    # \b only makes sense next to word characters; punctuation "words" match as plain substrings.
+    left = r"\b" if re.match(r"\w", word[0]) else ""
+    right = r"\b" if re.match(r"\w", word[-1]) else ""
+    return re.compile(left + re.escape(word) + right, re.IGNORECASE)
+
+
+def shorter(text: str) -> float:
+    """Fewer characters is better."""
+    return -float(len(text))
+
+
+def without_word(word: str) -> PreferenceFunction:
+    """Fewer occurrences of ``word`` (whole word, case-insensitive) is better: score = -count."""
+    pattern = _word_pattern(word)
+
+    def score(text: str) -> float:
+        return -float(len(pattern.findall(text)))
+
+    score.__name__ = f"without:{word}"
+    return score
+
+
+def with_word(word: str) -> PreferenceFunction:
+    """Answers that contain ``word`` (whole word, case-insensitive) are better: score = 1 or 0."""
+    pattern = _word_pattern(word)
+
+    def score(text: str) -> float:
+        return 1.0 if pattern.search(text) else 0.0
+
+    score.__name__ = f"with:{word}"
+    return score
+
+
+BUILTIN_PREFERENCES: dict[str, str] = {
+    "shorter": "fewer characters is better",
+    "without:WORD": "fewer occurrences of WORD is better",
+    "with:WORD": "answers containing WORD are better",
+}
+_ACCEPTED = "use shorter, without:WORD, with:WORD, or module:function (an importable function text -> float)"
+
+
+def load_preference(spec: str) -> PreferenceFunction:
+    """Turn a ``--preference`` value into a function. Raises ``PreferenceError`` with the fix."""
+    spec = spec.strip()
+    if spec == "shorter":
+        return shorter
+    head, sep, tail = spec.partition(":")
+    if sep and head == "without":
+        return without_word(tail)
+    if sep and head == "with":
+        return with_word(tail)
+    if not sep or not head or not tail:
+        raise PreferenceError(f"unknown preference {spec!r}: {_ACCEPTED}")
+    try:
+        module = importlib.import_module(head)
+    except ImportError as exc:
+        raise PreferenceError(
+            f"cannot import module {head!r} for preference {spec!r} ({exc}); make it importable "
+            f"(PYTHONPATH) or {_ACCEPTED}"
+        ) from exc
+    function = getattr(module, tail, None)
+    if function is None:
+        raise PreferenceError(f"module {head!r} has no attribute {tail!r} (preference {spec!r}); {_ACCEPTED}")
+    if not callable(function):
+        raise PreferenceError(f"{spec!r} is not callable: a preference must be a function text -> float")
+    return function
+
+
+def score_texts(texts: Sequence[str], preference: PreferenceFunction) -> list[float]:
+    """Scores of ``texts``; refuses a score that is not a finite real number, naming the function."""
+    scores = []
+    for text in texts:
+        value = preference(text)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            name = getattr(preference, "__name__", repr(preference))
+            raise PreferenceError(f"preference {name} returned {value!r} for {text[:40]!r}: it must return a finite float")
+        scores.append(float(value))
+    return scores
+
+
+def rank(scores: Sequence[float]) -> list[list[int]]:
+    """Best-first ranking of indices into ``scores``; equal scores share a group (a tie).
+
+    >>> rank([0.0, 2.0, 0.0, 1.0])
+    [[1], [3], [0, 2]]
+    """
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and scores[groups[-1][0]] == scores[index]:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def rank_texts(texts: Sequence[str], preference: PreferenceFunction) -> list[list[int]]:
+    return rank(score_texts(texts, preference))
+
+
+@dataclass
+class WinRate:
+    """Pairwise outcome of new responses against recorded ones (same prompt); a tie counts half."""
+
+    wins: int = 0
+    ties: int = 0
+    losses: int = 0
+
+    @property
+    def pairs(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def rate(self) -> float:
+        return (self.wins + 0.5 * self.ties) / self.pairs if self.pairs else float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"win_rate": self.rate, "wins": self.wins, "ties": self.ties, "losses": self.losses, "pairs": self.pairs}
+
+
+def win_rate(
+    new: dict[str, list[str]], baseline: dict[str, list[str]], preference: PreferenceFunction
+) -> WinRate:
+    """Every new response against every baseline response of the same prompt (prompts in both only)."""
+    result = WinRate()
+    for prompt, new_texts in new.items():
+        old_texts = baseline.get(prompt)
+        if not old_texts:
+            continue
+        new_scores = score_texts(new_texts, preference)
+        old_scores = score_texts(old_texts, preference)
+        for a in new_scores:
+            for b in old_scores:
+                if a > b:
+                    result.wins += 1
+                elif a == b:
+                    result.ties += 1
+                else:
+                    result.losses += 1
+    return result
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    if not path.exists():
+        raise typer.BadParameter(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise typer.BadParameter(f"prompt file {path} holds no prompts (one per line)")
+    return prompts

@@ -1,0 +1,5 @@
+"""``python -m launcher``: the ``instructloop`` command."""
+
+from launcher.cli import app
+
+app()
