@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.auth import KeyStore
@@ -23,8 +23,20 @@ from gateway.backend import Backend
 from gateway.deps import GatewayState
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import APIError
-from gateway.routes import admin, chat, completions, demonstrations, error_response, feedback, health, models
+from gateway.routes import (
+    admin,
+    chat,
+    client_gone,
+    completions,
+    demonstrations,
+    error_response,
+    feedback,
+    health,
+    models,
+)
 from gateway.serving_admin import PolicyAdminServing
+from gateway.serving_chat import ChatServing
+from gateway.serving_choices import ClientGone
 from gateway.serving_completions import CompletionServing
 from gateway.serving_feedback import DemonstrationServing, FeedbackServing
 from gateway.settings import Settings
@@ -120,11 +132,13 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
                       connect_timeout_s=settings.backend_connect_timeout_s, health_interval_s=settings.health_interval_s)
     store = Store(settings.redis_url, settings.stream_prefix, metrics, completion_ttl_s=settings.completion_ttl_s,
                   idempotency_ttl_s=settings.idempotency_ttl_s, timeout_s=settings.redis_timeout_s)
+    completion_serving = CompletionServing(settings, backend, store, tokenizer, metrics)
     state = GatewayState(
         settings=settings, metrics=metrics,
         keys=KeyStore(settings.keys_file, dev_key=settings.effective_dev_key),
         backend=backend, store=store, tokenizer=tokenizer,
-        completions=CompletionServing(settings, backend, store, tokenizer, metrics),
+        completions=completion_serving,
+        chat=ChatServing(completion_serving),
         feedback=FeedbackServing(settings, store, metrics),
         demonstrations=DemonstrationServing(settings, store, metrics),
         admin=PolicyAdminServing(settings),
@@ -152,6 +166,10 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return client_gone()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

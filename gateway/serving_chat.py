@@ -1,0 +1,69 @@
+"""Serving for ``/v1/chat/completions``.
+
+The messages go through the model's chat template into one prompt; from there a chat request is the
+equivalent completion request (``ChatCompletionRequest.to_completion_request``), checked, generated,
+streamed and recorded by ``CompletionServing``, and answered in chat's shape.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from gateway.auth import Principal
+from gateway.protocol import (
+    APIError,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+)
+from gateway.serving_choices import until_disconnected
+from gateway.serving_completions import CompletionServing
+from gateway.serving_stream import ChatChunks, CompletionStream, openai_finish_reason
+
+
+class ChatServing:
+    def __init__(self, completions: CompletionServing):
+        self.completions = completions
+        self.settings = completions.settings
+        self.tokenizer = completions.tokenizer
+
+    def render_chat(self, request: ChatCompletionRequest) -> str | APIError:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template refuses some message orders
+            return APIError(400, f"messages cannot be rendered with the model's chat template: {exc}", param="messages",
+                            code="invalid_messages")
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, principal: Principal,
+                                     raw_request: Request | None = None) -> ChatCompletionResponse | CompletionStream | APIError:
+        """Raises ``ClientGone`` when the client disconnects before the answer is ready."""
+        if request.logprobs:
+            return APIError(400, "logprobs are not available on chat completions; use /v1/completions with logprobs=0",
+                            param="logprobs", code="invalid_value")
+        prompt = self.render_chat(request)
+        if isinstance(prompt, APIError):
+            return prompt
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
+            return APIError(400, f"max_tokens must be at most {self.settings.max_tokens_limit}", param="max_tokens",
+                            code="invalid_value")
+        completion_request = request.to_completion_request(prompt, default_max_tokens=min(256, self.settings.max_tokens_limit))
+        checked = self.completions.check(completion_request)
+        if isinstance(checked, APIError):
+            if checked.param == "prompt":
+                checked.param = "messages"
+            return checked
+        if request.stream:
+            return await self.completions.streams.open(completion_request, principal, checked, ChatChunks(request.model))
+        result = await until_disconnected(raw_request, self.completions.generate(completion_request, checked, "chatcmpl"))
+        if isinstance(result, APIError):
+            return result
+        await self.completions._record(result, completion_request, principal, chat=True)
+        choices = [ChatChoice(index=j.index, message=ChatResponseMessage(content=g.text),
+                              finish_reason=openai_finish_reason(g.finish_reason))
+                   for j, g in zip(result.jobs, result.generations, strict=True)]
+        return ChatCompletionResponse(id=result.completion_id, created=result.created, model=request.model,
+                                      choices=choices, usage=self.completions.usage(result),
+                                      policy_version=result.policy_version)
