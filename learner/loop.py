@@ -22,8 +22,7 @@ import signal
 import time
 from typing import Any
 
-from instructloop.events import validate_version_name
-from instructloop.registry import InvalidCheckpoint, Registry
+from instructloop.registry import Registry
 from instructloop.wire import BASE_VERSION
 from learner.dataset import Dataset
 from learner.gate import GateConfig, GateResult, gate_decision
@@ -283,18 +282,6 @@ class Learner:
         log.info("ppo round done", extra={"ppo_round": self.state.ppo_rounds, "stats": stats})
         return stats
 
-    def _incumbent(self) -> tuple[str, Any]:
-        """The current version and its model (the reference when none is current or it cannot be loaded)."""
-        version = self.registry.current()
-        if version and version != BASE_VERSION:
-            try:
-                validate_version_name(version)
-                return version, self.models.incumbent(self.registry, version)
-            except (InvalidCheckpoint, OSError, ValueError) as exc:
-                log.warning("incumbent not loadable, gating against the reference",
-                            extra={"version": version, "error": str(exc)})
-        return BASE_VERSION, self.reference
-
     def _heldout_prompts(self) -> list[str]:
         prompts = self.dataset.sample_prompts(self.settings.eval_prompts, heldout=True, seed=self.settings.seed)
         if not prompts:  # no held-out completion yet: the prompts of held-out comparisons
@@ -321,24 +308,27 @@ class Learner:
         version = self.state.pending_candidate
         if version is None:
             return None
-        from learner.evaluate import evaluate_policy
+        from learner.evaluate import sample_policy, score_samples
 
         trainer = self._ppo_trainer()
         decided = self._decided_before_crash(version)
         prompts = [] if decided else self._heldout_prompts()
-        incumbent_version, incumbent = (decided[0], None) if decided else self._incumbent()
+        incumbent_version = decided[0] if decided else (self.registry.current() or BASE_VERSION)
         log.info("gate started", extra={"candidate": version, "incumbent": incumbent_version, "prompts": len(prompts)})
         with self.metrics.step_seconds.labels("evaluate").time():
             if decided:
                 result = decided[1]
             elif prompts:
                 config = self._eval_config()
-                candidate_eval = evaluate_policy(trainer.policy, self.reference, self.reward_model, self.tokenizer,
-                                                 prompts, config)
-                incumbent_eval = evaluate_policy(incumbent, self.reference, self.reward_model, self.tokenizer,
-                                                 prompts, config)
+                # the incumbent's samples are deterministic: generated once per (version, prompts), re-scored
+                incumbent_version, incumbent = self.models.incumbent_samples(self.registry, prompts, config)
+                candidate = sample_policy(trainer.policy, self.reference, self.tokenizer, prompts, config)
+                candidate_eval = score_samples(candidate, self.reward_model, config)
+                incumbent_eval = score_samples(incumbent, self.reward_model, config)
                 result = gate_decision(numeric(candidate_eval), numeric(incumbent_eval), self.gate_config,
                                        live_win_rate=self.dataset.live_win_rate(version, incumbent_version))
+                if result.promote:  # the candidate is the next incumbent: its samples are already made
+                    self.models.remember_incumbent(version, prompts, config, candidate)
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
         result.metrics.update({"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)})

@@ -37,6 +37,8 @@ class LearnerModels:
         self._adapter_base = None
         self._reference = None
         self._reward = None
+        self._incumbent_cache: tuple[tuple, str, Any] | None = None
+        """(key, version, PolicySamples) of the last incumbent evaluated (see ``incumbent_samples``)."""
 
     @property
     def lora(self) -> bool:
@@ -45,6 +47,7 @@ class LearnerModels:
     def reset(self) -> None:
         """Forget every loaded model (after SFT changed the reference, or to reload from a checkpoint)."""
         self._tokenizer = self._adapter_base = self._reference = self._reward = None
+        self._incumbent_cache = None
 
     # ---- paths, device, tokenizer ----------------------------------------------------------------
     @property
@@ -197,6 +200,35 @@ class LearnerModels:
             return PolicyAdapter(base, "incumbent").eval()
         registry.verify(version)
         return self._causal_lm(registry.version_dir(version)).eval()
+
+    def incumbent_samples(self, registry: Registry, prompts: list[str], config: Any) -> tuple[str, Any]:
+        """(version, ``PolicySamples``) of the current version on ``prompts`` (the reference as ``base`` when
+        none is current or it cannot be loaded). A version never changes and its evaluation is deterministic,
+        so its samples are kept for the next gate with the same prompts and config (only re-scored, since the
+        RM may have changed): that halves the gate."""
+        from instructloop.events import validate_version_name
+        from instructloop.wire import BASE_VERSION
+        from learner.evaluate import sample_policy
+
+        current = registry.current() or BASE_VERSION
+        key = (current, self.reference_path, tuple(prompts), repr(config))
+        if self._incumbent_cache is not None and self._incumbent_cache[0] == key:
+            return self._incumbent_cache[1], self._incumbent_cache[2]
+        version, model = BASE_VERSION, self.reference
+        if current != BASE_VERSION:
+            try:
+                validate_version_name(current)
+                version, model = current, self.incumbent(registry, current)
+            except (InvalidCheckpoint, OSError, ValueError) as exc:
+                log.warning("incumbent not loadable, gating against the reference",
+                            extra={"version": current, "error": str(exc)})
+        samples = sample_policy(model, self.reference, self.tokenizer, prompts, config)
+        self._incumbent_cache = (key, version, samples)
+        return version, samples
+
+    def remember_incumbent(self, version: str, prompts: list[str], config: Any, samples: Any) -> None:
+        """A promoted candidate's samples, kept as the next incumbent's."""
+        self._incumbent_cache = ((version, self.reference_path, tuple(prompts), repr(config)), version, samples)
 
     def write_candidate(self, registry: Registry, version: str, policy: Any, **kwargs: Any) -> Manifest:
         """Publish ``policy`` as ``version``: an adapter version (lora, over the served base), else full weights
