@@ -83,7 +83,9 @@ class CompletionRequest(BaseModel):
     echo: bool = Field(default=False, description="Not supported (only false).")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (only null / {}).")
-    logprobs: int | None = Field(default=None, ge=0, le=5, description="0: token logprobs (no top-n alternatives).")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description=(
+        "The chosen tokens' logprobs plus this many most likely alternatives per position (0: none). The "
+        "distribution they are taken from is the one the token was drawn from (docs/architecture.md)."))
     max_tokens: int = Field(default=16, ge=1)
     n: int = Field(default=1, ge=1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
@@ -189,7 +191,9 @@ class ChatCompletionRequest(BaseModel):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
     model: str = Field(min_length=1)
-    logprobs: bool = False
+    logprobs: bool = Field(default=False, description="Return the logprob of each content token.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=5, description=(
+        "With logprobs: this many most likely alternatives per position."))
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
@@ -205,10 +209,16 @@ class ChatCompletionRequest(BaseModel):
     def _stop_list(cls, value: StopSequences) -> list[str]:
         return normalize_stop(value)
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
     def to_completion_request(self, prompt: str, default_max_tokens: int) -> CompletionRequest:
         """The equivalent completion request once the chat template has rendered ``prompt``."""
         return CompletionRequest(
-            model=self.model, prompt=prompt, logprobs=None,
+            model=self.model, prompt=prompt, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             n=self.n, seed=self.seed, stop=list(self.stop or []) or None, stream=self.stream,
             temperature=self.temperature, top_p=self.top_p, user=self.user,
@@ -220,10 +230,25 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

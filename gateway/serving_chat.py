@@ -10,16 +10,34 @@ from __future__ import annotations
 from fastapi import Request
 
 from gateway.auth import Principal
+from gateway.backend import Generation
 from gateway.protocol import (
     APIError,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatResponseMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
 )
 from gateway.serving_choices import until_disconnected
 from gateway.serving_completions import CompletionServing
 from gateway.serving_stream import ChatChunks, CompletionStream, openai_finish_reason
+
+
+def chat_logprobs(g: Generation) -> ChatLogprobs:
+    """OpenAI chat logprobs of one choice: its content tokens (special tokens such as the end-of-turn
+    token are not content) with their top alternatives, as serve reported them."""
+    alternatives = g.top_tokens or [[] for _ in g.tokens]
+
+    def entry(token, cls=ChatTopLogprob, **extra):
+        return cls(token=token.text, logprob=token.logprob, bytes=list(token.text.encode("utf-8")), **extra)
+
+    return ChatLogprobs(content=[
+        entry(token, ChatTokenLogprob, top_logprobs=[entry(alt) for alt in alts])
+        for token, alts in zip(g.tokens, alternatives, strict=True) if not token.special
+    ])
 
 
 class ChatServing:
@@ -39,9 +57,6 @@ class ChatServing:
     async def create_chat_completion(self, request: ChatCompletionRequest, principal: Principal,
                                      raw_request: Request | None = None) -> ChatCompletionResponse | CompletionStream | APIError:
         """Raises ``ClientGone`` when the client disconnects before the answer is ready."""
-        if request.logprobs:
-            return APIError(400, "logprobs are not available on chat completions; use /v1/completions with logprobs=0",
-                            param="logprobs", code="invalid_value")
         prompt = self.render_chat(request)
         if isinstance(prompt, APIError):
             return prompt
@@ -62,6 +77,7 @@ class ChatServing:
             return result
         await self.completions._record(result, completion_request, principal, chat=True)
         choices = [ChatChoice(index=j.index, message=ChatResponseMessage(content=g.text),
+                              logprobs=chat_logprobs(g) if request.logprobs else None,
                               finish_reason=openai_finish_reason(g.finish_reason))
                    for j, g in zip(result.jobs, result.generations, strict=True)]
         return ChatCompletionResponse(id=result.completion_id, created=result.created, model=request.model,

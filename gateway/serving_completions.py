@@ -62,7 +62,7 @@ class CompletionServing:
             return APIError(400, f"n must be at most {s.max_n}", param="n", code="invalid_value")
         if request.max_tokens > s.max_tokens_limit:
             return APIError(400, f"max_tokens must be at most {s.max_tokens_limit}", param="max_tokens", code="invalid_value")
-        if request.stream and request.logprobs:
+        if request.stream and request.logprobs is not None:
             return APIError(400, "logprobs are not available with stream=true", param="logprobs", code="invalid_value")
         total_tokens = 0
         for prompt in request.prompts:

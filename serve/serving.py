@@ -102,6 +102,8 @@ class GenerateServing:
         if len(params.stop) > settings.max_stop_sequences:
             raise validation_error("stop", f"at most {settings.max_stop_sequences} stop sequences are allowed, "
                                            f"got {len(params.stop)}")
+        if params.top_n_tokens is not None and params.top_n_tokens > settings.max_top_n_tokens:
+            raise validation_error("top_n_tokens", f"must be <= {settings.max_top_n_tokens}")
         if params.truncate is not None and params.truncate > settings.max_input_tokens:
             raise validation_error("truncate", f"must be <= max_input_tokens = {settings.max_input_tokens}")
         prompt_ids: list[int] = self.tokenizer(request.inputs)["input_ids"]
@@ -126,6 +128,7 @@ class GenerateServing:
             max_new_tokens=max_new_tokens,
             sampling=params.to_sampling_params(),
             stop=list(params.stop),
+            top_n_tokens=params.top_n_tokens or 0,
         )
         return engine_request, prompt_ids
 
@@ -181,6 +184,7 @@ class GenerateServing:
                 seed=last.seed,
                 prefill=[],
                 tokens=[_token(g) for g in generations],
+                top_tokens=[_top_tokens(g) for g in generations] if params.top_n_tokens else [],
             )
         return GenerateResponse(generated_text=text, details=details, policy_version=last.policy_version)
 
@@ -213,7 +217,8 @@ class GenerateServing:
         try:
             while generation is not None:
                 index += 1
-                event = StreamResponse(index=index, token=_token(generation), policy_version=generation.policy_version)
+                event = StreamResponse(index=index, token=_token(generation), top_tokens=_top_tokens(generation),
+                                       policy_version=generation.policy_version)
                 if generation.finish_reason is not None:
                     text = generation.generated_text or ""
                     event.generated_text = request.inputs + text if params.return_full_text else text
@@ -246,6 +251,10 @@ class GenerateServing:
 def _token(generation: Generation) -> Token:
     return Token(id=generation.token_id, text=generation.token_text, logprob=generation.logprob,
                  special=generation.special)
+
+
+def _top_tokens(generation: Generation) -> list[Token]:
+    return [Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in generation.top_tokens]
 
 
 def _json(body: dict[str, str]) -> str:
