@@ -10,8 +10,18 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from instructloop.events import FEEDBACK_SOURCES
 from instructloop.wire import GREEDY_TEMPERATURE, SERVED_MODEL_NAME
 
 # ---- errors (OpenAI's shape, for every error the gateway answers) ----------------------------------
@@ -325,7 +335,20 @@ class ABFeedback(BaseModel):
     rationale: Rationale | None = None
 
 
-FeedbackRequest = Annotated[RankingFeedback | PairwiseFeedback | ABFeedback, Field(discriminator="type")]
+def _feedback_type(value: Any) -> str | None:
+    """The feedback kind named by ``type``; None (missing or unknown) makes the error below."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in FEEDBACK_SOURCES else None
+
+
+FeedbackRequest = Annotated[
+    Annotated[RankingFeedback, Tag("ranking")] | Annotated[PairwiseFeedback, Tag("pairwise")]
+    | Annotated[ABFeedback, Tag("ab")],
+    Discriminator(_feedback_type, custom_error_type="invalid_feedback_type",
+                  custom_error_message="is missing or unknown; it must be one of " + ", ".join(FEEDBACK_SOURCES),
+                  custom_error_context={"param": "type"}),
+]
+"""A feedback body; ``type`` picks the kind (an error naming ``type`` and listing the kinds otherwise)."""
 
 
 class FeedbackAccepted(BaseModel):

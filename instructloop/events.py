@@ -9,13 +9,17 @@ from __future__ import annotations
 import time
 import uuid
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from instructloop.streams import EVENT_FIELD
 
 SCHEMA_VERSION = 1
+
+FeedbackSource = Literal["ranking", "pairwise", "ab"]
+"""The kinds of feedback a comparison comes from (the gateway's feedback ``type``)."""
+FEEDBACK_SOURCES: tuple[str, ...] = get_args(FeedbackSource)
 
 
 def new_event_id() -> str:
@@ -82,7 +86,7 @@ class ComparisonEvent(Event):
     ranking: Ranking
     labeler_id: str
     rationale: str | None = None
-    source: Literal["ranking", "pairwise", "ab"] = "ranking"
+    source: FeedbackSource = "ranking"
     completion_ids: list[str] = Field(default_factory=list)
     policy_versions: list[str] = Field(default_factory=list, description="policy version per response")
 
