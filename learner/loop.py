@@ -182,7 +182,7 @@ class Learner:
         self.state.rm_heldout_accuracy = stats.get("heldout_accuracy")
         self.state.record({"kind": "reward", "rm_update": self.state.rm_updates, "cursor": up_to,
                            "comparisons": len(comparisons), **stats})
-        self.store.save(self.state, models={"reward": (model, self.tokenizer)})
+        self.store.save(self.state, models={"reward": (model, self.models.part_tokenizer)})
         self.metrics.rm_updates.inc()
         if "heldout_accuracy" in stats:
             self.metrics.rm_heldout_accuracy.set(stats["heldout_accuracy"])
@@ -273,7 +273,8 @@ class Learner:
                            "candidate": self.state.pending_candidate, **stats})
         self.store.save(
             self.state,
-            models={"policy": (trainer.policy, self.tokenizer), "value": (trainer.value_model, self.tokenizer)},
+            models={"policy": (trainer.policy, self.models.part_tokenizer),
+                    "value": (trainer.value_model, self.models.part_tokenizer)},
             optimizers={"ppo": trainer.state_dict()},
         )
         self.metrics.ppo_rounds.inc()

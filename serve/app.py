@@ -200,6 +200,7 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
             version=instructloop.__version__,
             policy_version=runtime.engine.active_version,
             policy_versions_in_flight=runtime.engine.running_versions,
+            policy_versions_loaded=runtime.engine.loaded_versions(),
         )
 
     @app.get("/health")
