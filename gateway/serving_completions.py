@@ -140,6 +140,13 @@ class CompletionServing:
             return APIError(400, f"max_tokens must be at most {s.max_tokens_limit}", param="max_tokens", code="invalid_value")
         if request.stream and request.logprobs:
             return APIError(400, "logprobs are not available with stream=true", param="logprobs", code="invalid_value")
+        generations = request.n * len(request.prompts)
+        if generations > s.max_generations:
+            return APIError(400, f"n × prompts is {generations}; one request may generate at most {s.max_generations} "
+                                 "choices (send fewer prompts or a smaller n)", param="n", code="too_many_generations")
+        if sum(len(p) for p in request.prompts) > s.max_total_prompt_chars:
+            return APIError(400, f"the prompts are longer than {s.max_total_prompt_chars} characters together",
+                            param="prompt", code="prompt_too_long")
         total_tokens = 0
         for prompt in request.prompts:
             if not prompt:
@@ -153,6 +160,25 @@ class CompletionServing:
                                 code="prompt_too_long")
             total_tokens += tokens
         return total_tokens
+
+    async def _admit(self, request: CompletionRequest, prompt_tokens: int, principal: Principal) -> APIError | None:
+        """Charge the key's per-minute generation and token budgets (429 when either has no room)."""
+        s = self.settings
+        generations = request.n * len(request.prompts)
+        tokens = prompt_tokens * request.n + request.max_tokens * generations
+        refused = await self.store.charge(principal.key_id, {
+            "generations": (generations, s.rate_limit_generations_per_minute),
+            "tokens": (tokens, s.rate_limit_tokens_per_minute)})
+        if refused is None:
+            return None
+        budget, wait = refused
+        limit = s.rate_limit_generations_per_minute if budget == "generations" else s.rate_limit_tokens_per_minute
+        self.metrics.rate_limited.inc()
+        self.metrics.rate_limited_budget.labels(budget).inc()
+        cost = generations if budget == "generations" else tokens
+        return APIError(429, f"Rate limit reached: {limit} {budget} per minute per key (this request costs {cost}); "
+                             f"retry in {wait} s.", "rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(wait)})
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -261,6 +287,9 @@ class CompletionServing:
         checked = self._check(request)
         if isinstance(checked, APIError):
             return checked
+        refused = await self._admit(request, checked, principal)
+        if refused is not None:
+            return refused
         if request.stream:
             return await self._open_stream(request, principal, checked, chat=False)
         result = await until_disconnected(raw_request, self._generate(request, checked, "cmpl"))
@@ -302,6 +331,9 @@ class CompletionServing:
             if checked.param == "prompt":
                 checked.param = "messages"
             return checked
+        refused = await self._admit(completion_request, checked, principal)
+        if refused is not None:
+            return refused
         if request.stream:
             return await self._open_stream(completion_request, principal, checked, chat=True)
         result = await until_disconnected(raw_request, self._generate(completion_request, checked, "chatcmpl"))

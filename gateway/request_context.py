@@ -1,0 +1,38 @@
+"""The id of the request being handled (a context variable the middleware sets), and the 5xx log.
+
+Every answer carries ``X-Request-Id`` (the client's, when it is a sane token, else a new one), and every
+5xx the gateway sends is logged once, at error level, with that id, the status, the error code and why:
+an operator can always go from a client's 5xx to its cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+
+log = logging.getLogger("gateway.errors")
+
+_SANE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+"""The current request's id ("-" outside a request)."""
+
+server_error_logged: ContextVar[bool] = ContextVar("server_error_logged", default=False)
+
+
+def new_request_id(client_value: bytes | None) -> str:
+    """The client's ``X-Request-Id`` if it is 1-64 characters of ``[A-Za-z0-9._:-]``, else a new uuid."""
+    if client_value:
+        text = client_value.decode("latin-1")
+        if _SANE.fullmatch(text):
+            return text
+    return uuid.uuid4().hex
+
+
+def log_server_error(status: int, reason: str, code: str | None = None, **extra: object) -> None:
+    """Log a 5xx answer with the request id (once per request)."""
+    server_error_logged.set(True)
+    log.error("answered %d: %s", status, reason,
+              extra={"request_id": request_id.get(), "status": status, "code": code, **extra})
