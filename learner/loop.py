@@ -89,6 +89,7 @@ class Learner:
             min_live_comparisons=settings.gate_min_live_comparisons, min_win_rate=settings.gate_min_win_rate,
         )
         self.stop_requested = False
+        self._next_trim = 0.0
         self._base_path: str | None = None
         self._device: str | None = None
         self._tokenizer = None
@@ -490,6 +491,7 @@ class Learner:
         while not self.stop_requested:
             self.metrics.beat()
             try:
+                self.maybe_trim()
                 report = self.round()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable, retrying from the last checkpoint", extra={"error": str(exc)})
@@ -510,6 +512,12 @@ class Learner:
             self._wait()
         log.info("learner stopped", extra={"rounds": trained, "state": self.state.model_dump(exclude={"history"})})
         return trained
+
+    def maybe_trim(self) -> None:
+        """Trim the streams below what every consumer group acknowledged, every ``trim_interval_s``."""
+        if time.monotonic() >= self._next_trim:
+            self.ingestor.trim_acknowledged()
+            self._next_trim = time.monotonic() + self.settings.trim_interval_s
 
     def reload_from_checkpoint(self) -> None:
         """Forget in-memory training state; models and counters come back from the newest checkpoint."""
@@ -532,3 +540,4 @@ class Learner:
                 log.info("ingested", extra={"read": stats.read, "inserted": stats.inserted,
                                              "duplicates": stats.duplicates, "dead_lettered": stats.dead_lettered})
         self.ingestor.update_lag()
+        self.maybe_trim()

@@ -42,6 +42,11 @@ class LearnerMetrics:
             registry=r)
         self.consumer_pending = Gauge(
             "learner_consumer_pending", "Entries delivered to the group but not acknowledged.", ["stream"], registry=r)
+        self.stream_trimmed = Counter(
+            "learner_stream_trimmed_total", "Entries trimmed (XTRIM MINID) once every group acknowledged them.",
+            ["stream"], registry=r)
+        self.stream_length = Gauge("learner_stream_length", "Entries in the stream after the last trim.", ["stream"],
+                                   registry=r)
         self.dataset_rows = Gauge("learner_dataset_rows", "Rows in the learner's dataset.", ["table"], registry=r)
         self.rm_heldout_accuracy = Gauge(
             "learner_rm_heldout_accuracy", "Reward model pairwise accuracy on held-out comparisons.", registry=r)

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     )
     read_count: int = Field(256, ge=1, description="Entries per XREADGROUP call (per stream).")
     read_block_ms: int = Field(1000, ge=0, description="How long one read waits for new entries.")
+    trim_interval_s: float = Field(
+        60.0, gt=0, description="How often the streams are trimmed below what every consumer group acknowledged.")
     heldout_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of events (by a hash of event_id) kept out of training for evaluation."
     )
