@@ -509,7 +509,11 @@ class Learner:
                 log.info("learner idle", extra={"dataset": self.dataset.counts(), "rm_updates": self.state.rm_updates,
                                                  "ppo_rounds": self.state.ppo_rounds})
                 idle = True
-            self._wait()
+            try:
+                self._wait()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:  # Redis restarting: wait, do not crash
+                log.warning("redis unavailable while idle, retrying", extra={"error": str(exc)})
+                self._sleep(self.settings.poll_interval_s)
         log.info("learner stopped", extra={"rounds": trained, "state": self.state.model_dump(exclude={"history"})})
         return trained
 
