@@ -49,7 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from gateway.auth import Role, append_key  # noqa: E402
+from gateway.auth import Role, append_key, hash_key, key_id_of  # noqa: E402
+from gateway.store import fingerprint  # noqa: E402
 from launcher.supervisor import (  # noqa: E402
     ComponentSpec,
     RestartPolicy,
@@ -85,6 +86,7 @@ class FaultStack:
         self.events: list[str] = []
         keys_file = self.workdir / "gateway" / "keys.jsonl"
         self.user_keys = [append_key(keys_file, name=f"client-{i}", role=Role.user)[0] for i in range(clients)]
+        self.probe_key = append_key(keys_file, name="probe", role=Role.user)[0]  # a scenario's own calls
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         logs = self.workdir / "logs"
@@ -402,50 +404,82 @@ def scenario_serve_kill(stack: FaultStack, seconds: float = 10.0) -> dict:
             "error_statuses": sorted({str(c.status) for c in errors})}
 
 
-def scenario_redis_full(stack: FaultStack, seconds: float = 6.0) -> dict:
-    """Fill Redis to maxmemory mid-load, hold it full for ``seconds``, then free it."""
+def _fill_to_maxmemory(client, stop: threading.Event) -> None:
+    """Keep Redis at maxmemory: small writes until one is refused, again whenever memory was freed (the
+    learner trims the streams it acknowledged, which frees memory)."""
     import redis as redis_lib
 
-    client = stack.redis()
-    stream = "instructloop:stream:comparisons"
-    load = Load(stack.gateway_url, stack.user_keys).start()
-    time.sleep(2.0)
-    used = int(client.info("memory")["used_memory"])
-    client.config_set("maxmemory", used + 2 * 1024 * 1024)
     batch = 0
-    while True:  # small writes until one crosses the limit for good
+    while not stop.is_set():
         try:
             with client.pipeline(transaction=False) as pipe:
                 for i in range(50):
                     pipe.set(f"ballast:{batch}:{i}", b"x" * 2048)
                 pipe.execute()
+            batch += 1
         except redis_lib.exceptions.OutOfMemoryError:
-            if int(client.info("memory")["used_memory"]) > int(client.config_get("maxmemory")["maxmemory"]):
-                break
-        batch += 1
-    full_at = time.monotonic()
-    length_full = client.xlen(stream)
-    time.sleep(seconds)
-    alert = stack.gateway_metric("gateway_redis_full")
-    oom = stack.gateway_metric("gateway_redis_oom_total")
-    length_still = client.xlen(stream)
-    freed_at = time.monotonic()
-    client.config_set("maxmemory", 0)
-    for key in client.scan_iter("ballast:*", count=1000):
-        client.unlink(key)
-    time.sleep(3.0)
+            stop.wait(0.01)
+
+
+def scenario_redis_full(stack: FaultStack, seconds: float = 6.0, rated_later: int = 12) -> dict:
+    """Hold Redis at maxmemory for ``seconds`` under load, then free it. Besides the load, ``rated_later``
+    completions served (and stored) before the fill are rated while Redis is full: those must answer 503 +
+    Retry-After with nothing written, and be accepted when retried (same Idempotency-Key) after."""
+    client = stack.redis()
+    stream = "instructloop:stream:comparisons"
+    load = Load(stack.gateway_url, stack.user_keys).start()
+    key = stack.probe_key
+    with httpx.Client(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        pending = [http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": f"rate me later {i}", "n": 2,
+                                                       "max_tokens": 4}).json()["id"] for i in range(rated_later)]
+        time.sleep(1.0)
+        client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 2 * 1024 * 1024)
+        stop_filling = threading.Event()
+        filler = threading.Thread(target=_fill_to_maxmemory, args=(client, stop_filling), daemon=True)
+        filler.start()
+        while stack.gateway_metric("gateway_redis_full") < 1:  # the gateway has met the full Redis
+            time.sleep(0.1)
+        full_at = time.monotonic()
+        length_full = client.xlen(stream)
+        body = {"type": "ranking", "ranking": [[0], [1]]}
+        answers = [http.post("/v1/feedback", json={**body, "completion_id": cid}, headers={"Idempotency-Key": cid})
+                   for cid in pending]
+        caller = key_id_of(hash_key(key))
+        refused = [(i, cid) for i, (cid, answer) in enumerate(zip(pending, answers, strict=True))
+                   if answer.status_code == 503]
+        half_written = sum(  # what a 503'd feedback must not have left: its idempotency or one-per-completion key
+            client.exists(f"instructloop:gateway:idempotency:{caller}:comparisons:{cid}")
+            + client.exists(f"instructloop:gateway:rated:{caller}:{fingerprint([[cid], f'rate me later {i}'])}")
+            for i, cid in refused)
+        time.sleep(seconds)
+        alert = stack.gateway_metric("gateway_redis_full")
+        oom = stack.gateway_metric("gateway_redis_oom_total")
+        length_still = client.xlen(stream)
+        freed_at = time.monotonic()
+        stop_filling.set()
+        filler.join(10)
+        client.config_set("maxmemory", 0)
+        for ballast in client.scan_iter("ballast:*", count=1000):
+            client.unlink(ballast)
+        retried = [http.post("/v1/feedback", json={**body, "completion_id": cid}, headers={"Idempotency-Key": cid})
+                   for cid in pending]
+    for cid, answer in zip(pending, retried, strict=True):
+        if answer.status_code == 202:
+            load.accepted.append(Accepted(answer.json()["id"], cid, time.monotonic(), answer.json()["duplicate"]))
+    time.sleep(2.0)
     load.finish()
     result = wait_ingested(stack, load)
-    while_full = [c for c in load.calls if full_at + 0.5 <= c.sent and c.done <= freed_at]
+    while_full = [c for c in load.calls if full_at <= c.sent and c.done <= freed_at]
     completions = [c for c in while_full if c.kind == "completion"]
-    feedback = [c for c in while_full if c.kind == "feedback"]
     return {**result,
             "completions_while_full": len(completions), "completions_ok_while_full": sum(c.status == 200 for c in completions),
-            "feedback_while_full": len(feedback), "feedback_503_while_full": sum(c.status == 503 for c in feedback),
-            "feedback_202_while_full": sum(c.status == 202 for c in feedback),
-            "retry_after_on_every_503": all(ra for t, ra in load.refused_503),
+            "feedback_on_stored_completions_while_full": len(answers),
+            "of_which_503_with_retry_after": sum(a.status_code == 503 and bool(a.headers.get("Retry-After"))
+                                                 for a in answers),
+            "accepted_when_retried_after": sum(a.status_code == 202 for a in retried),
             "comparisons_stream_grew_while_full": length_still - length_full,
-            "gateway_redis_full_alert": alert, "gateway_redis_oom_total": oom}
+            "keys_left_by_the_503s": half_written,
+            "gateway_redis_full_alert_while_full": alert, "gateway_redis_oom_total": oom}
 
 
 SCENARIOS = {"redis-kill": scenario_redis_kill, "serve-kill": scenario_serve_kill,

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         default=1_000_000, ge=1, description="Tokens per API key per minute, charged at admission: prompt tokens × n "
                                              "plus max_tokens × generations (the most the request can cost).")
     feedback_rate_limit_per_minute: int = Field(
-        default=120, ge=1, description="Feedback calls per API key per minute (besides the request limit).")
+        default=300, ge=1, description="Feedback calls per API key per minute (besides the request limit).")
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_prompt_chars: int = Field(default=32_000, ge=1, description="Characters of one prompt (or rendered chat).")
     max_total_prompt_chars: int = Field(
