@@ -104,6 +104,7 @@ class Ingestor:
         self.event_types = {stream_key(s, prefix): cls for s, cls in INGESTED_STREAMS.items()}
         self.names = {stream_key(s, prefix): s.value for s in INGESTED_STREAMS}
         self.dead_letter_key = stream_key(Stream.dead_letter, prefix)
+        self._next_trim = 0.0
 
     # ---- set-up and recovery ---------------------------------------------------------------------
     def ensure_groups(self) -> None:
@@ -167,6 +168,12 @@ class Ingestor:
                 break
             stats.add(batch)
         return stats
+
+    def trim_every(self, interval_s: float) -> None:
+        """``trim_acknowledged`` at most once per ``interval_s`` (the learner calls this every poll)."""
+        if time.monotonic() >= self._next_trim:
+            self.trim_acknowledged()
+            self._next_trim = time.monotonic() + interval_s
 
     def trim_acknowledged(self) -> dict[str, int]:
         """``XTRIM MINID`` each ingested stream below what every consumer group has acknowledged.
