@@ -103,29 +103,15 @@ def test_feedback_has_its_own_per_key_budget(start_gateway, serve, redis_server)
 
 
 def _fill(client) -> None:
-    """Set maxmemory just above what is used and write small values until Redis refuses (noeviction).
-    Small values: the write that crosses the limit is accepted, so Redis stays over it (a big refused write
-    would only be over the limit while its own argument is in memory)."""
+    """Redis over its maxmemory (noeviction): 1 MB of ballast, then maxmemory set 512 kB below what is used,
+    so small frees (client buffers) cannot bring it back under the limit by chance."""
     import redis as redis_lib
 
-    used = int(client.info("memory")["used_memory"])
     client.config_set("maxmemory-policy", "noeviction")
-    client.config_set("maxmemory", used + 2 * 1024 * 1024)
+    client.set("ballast", b"x" * 1_000_000)
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 512 * 1024)
     with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
-        for batch in range(1000):
-            with client.pipeline(transaction=False) as pipe:
-                for i in range(100):
-                    pipe.set(f"ballast:{batch}:{i}", b"x" * 4096)
-                pipe.execute()
-    limit = int(client.config_get("maxmemory")["maxmemory"])
-    for i in range(10_000):  # single small writes until one crosses the limit for good
-        if int(client.info("memory")["used_memory"]) > limit:
-            break
-        try:
-            client.set(f"tail:{i}", b"x" * 512)
-        except redis_lib.exceptions.OutOfMemoryError:
-            pass
-    assert int(client.info("memory")["used_memory"]) > limit
+        client.set("probe", b"x")
 
 
 def test_redis_full_completions_serve_feedback_503_nothing_half_written_alert(gateway, redis_server):
