@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import sqlite3
 import threading
 import time
@@ -107,6 +106,12 @@ class StoredComparison:
     comparison: ComparisonEvent
 
 
+def _seeded_rank(seed: int, text: str) -> int:
+    """A seeded pseudo-random rank of ``text`` (64 bits of blake2b): ordering by it is a seeded shuffle."""
+    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8, key=str(seed).encode()[:64])
+    return int.from_bytes(digest.digest(), "big") >> 1  # SQLite integers are signed 64-bit
+
+
 class Dataset:
     """The learner's dataset. One connection, guarded by a lock (the metrics thread reads counts)."""
 
@@ -119,6 +124,7 @@ class Dataset:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
+        self._conn.create_function("seeded_rank", 2, _seeded_rank, deterministic=True)
 
     def close(self) -> None:
         with self._lock:
@@ -237,12 +243,13 @@ class Dataset:
         return self._one("SELECT MAX(seq) FROM prompts")
 
     def sample_prompts(self, n: int, *, heldout: bool = False, seed: int = 0) -> list[str]:
-        """Up to ``n`` distinct prompts of one split, a seeded sample (the same seed gives the same prompts)."""
-        prompts = [row[0] for row in self._all(
-            "SELECT DISTINCT prompt FROM prompts WHERE heldout = ? ORDER BY prompt", (int(heldout),))]
-        if len(prompts) <= n:
-            return prompts
-        return random.Random(seed).sample(prompts, n)
+        """Up to ``n`` distinct prompts of one split, a seeded uniform sample (the same seed gives the same
+        prompts). Sampled inside SQLite: distinct prompts come grouped off the (heldout, prompt) index and
+        ordered by a seeded hash with ``LIMIT n``, so memory stays O(n) however many prompts traffic has
+        brought (the old way loaded every distinct prompt each round)."""
+        return [row[0] for row in self._all(
+            "SELECT prompt FROM prompts WHERE heldout = ? GROUP BY prompt ORDER BY seeded_rank(?, prompt) LIMIT ?",
+            (int(heldout), seed, n))]
 
     def live_win_rate(self, version: str, against: str) -> tuple[float, int]:
         """Win-rate of ``version`` over ``against`` in live comparisons that ranked responses of both.

@@ -47,7 +47,10 @@ class Learner:
         self.settings = settings
         self.metrics = metrics or LearnerMetrics()
         self.progress = progress
-        self.redis = redis.Redis.from_url(settings.require_redis())  # bytes: malformed entries must not crash decode
+        self.redis = redis.Redis.from_url(  # bytes: malformed entries must not crash decode
+            settings.require_redis(), socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=min(10.0, settings.redis_socket_timeout_s), health_check_interval=30)
+        self.metrics.liveness_max_age_s = settings.liveness_max_age_s
         self.dataset = Dataset(settings.state_dir / "dataset.sqlite3", heldout_fraction=settings.heldout_fraction)
         self.store = CheckpointStore(settings.state_dir, keep=settings.keep_checkpoints)
         self.state: LearnerState = self.store.load_state()
@@ -78,7 +81,9 @@ class Learner:
         torch.manual_seed(self.settings.seed + self.state.step)
         random.seed(self.settings.seed + self.state.step)
         self.ingestor.ensure_groups()  # pending entries are recovered by every ingest()
+        self.registry.clean_staging()  # the learner is the only writer of versions (leftovers are logged)
         self._started = True
+        self.metrics.beat()
         log.info("learner started", extra={"state": self.state.model_dump(exclude={"history"}),
                                             "dataset": self.dataset.counts()})
 
@@ -363,15 +368,19 @@ class Learner:
         started = time.perf_counter()
         report = RoundReport()
         report.ingest = self.ingest()
+        self.metrics.beat()
         if not self.stop_requested and self.state.pending_candidate:  # resumed with an un-gated candidate
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
         if not self.stop_requested:
             report.sft = self.maybe_run_sft()
+            self.metrics.beat()
         if not self.stop_requested:
             report.reward = self.maybe_update_reward_model()
+            self.metrics.beat()
         if not self.stop_requested:
             report.ppo = self.maybe_run_ppo_round()
+            self.metrics.beat()
         if not self.stop_requested and self.state.pending_candidate:
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
@@ -392,24 +401,28 @@ class Learner:
         trained = 0
         idle = False
         while not self.stop_requested:
+            self.metrics.beat()
             try:
+                self.ingestor.trim_every(self.settings.trim_interval_s)
                 report = self.round()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not report.trained:
+                    if not idle:  # once per idle spell, not once per poll
+                        log.info("learner idle", extra={"dataset": self.dataset.counts(),
+                                                         "rm_updates": self.state.rm_updates,
+                                                         "ppo_rounds": self.state.ppo_rounds})
+                        idle = True
+                    self._wait()
+                    continue
+            except (redis.ConnectionError, redis.TimeoutError) as exc:  # e.g. Redis restarting: wait, never crash
                 log.warning("redis unavailable, retrying from the last checkpoint", extra={"error": str(exc)})
                 self.reload_from_checkpoint()
                 self._sleep(self.settings.poll_interval_s)
+                self.metrics.beat()  # waiting for Redis is not a hang (the probe must not restart us for it)
                 continue
-            if report.trained:
-                trained += 1
-                idle = False
-                if max_rounds is not None and trained >= max_rounds:
-                    break
-                continue
-            if not idle:  # once per idle spell, not once per poll
-                log.info("learner idle", extra={"dataset": self.dataset.counts(), "rm_updates": self.state.rm_updates,
-                                                 "ppo_rounds": self.state.ppo_rounds})
-                idle = True
-            self._wait()
+            trained += 1
+            idle = False
+            if max_rounds is not None and trained >= max_rounds:
+                break
         log.info("learner stopped", extra={"rounds": trained, "state": self.state.model_dump(exclude={"history"})})
         return trained
 
@@ -430,7 +443,9 @@ class Learner:
         while not self.stop_requested and time.monotonic() < deadline:
             block = min(self.settings.read_block_ms, max(1, int((deadline - time.monotonic()) * 1000)))
             stats = self.ingestor.poll(block_ms=block)
+            self.metrics.beat()
             if stats.read:
                 log.info("ingested", extra={"read": stats.read, "inserted": stats.inserted,
                                              "duplicates": stats.duplicates, "dead_lettered": stats.dead_lettered})
         self.ingestor.update_lag()
+        self.ingestor.trim_every(self.settings.trim_interval_s)

@@ -209,6 +209,10 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
         if not runtime.engine.alive:
             return JSONResponse({"status": "model loop not running", "policy_version": version}, status_code=503,
                                 headers={POLICY_VERSION_HEADER: version})
+        if runtime.watcher is not None and not runtime.watcher.alive():
+            return JSONResponse({"status": "policy watcher not running", "policy_version": version,
+                                 "error": runtime.watcher.last_error}, status_code=503,
+                                headers={POLICY_VERSION_HEADER: version})
         return JSONResponse({"status": "ok", "policy_version": version}, headers={POLICY_VERSION_HEADER: version})
 
     @app.get("/metrics")
