@@ -46,7 +46,7 @@ def acl_rules(prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
     pointer = f"~{prefix}:policy:*"
     return {
         "gateway": f"{_CONNECT} +multi +exec +discard +watch +unwatch +eval +evalsha +script|load +script|exists "
-                   f"+get +set +incr +expire +ttl +exists +del +xadd +xtrim +xlen +xinfo|groups +xinfo|stream "
+                   f"+get +set +incr +incrby +decrby +expire +ttl +exists +del +xadd +xtrim +xlen +xinfo|groups +xinfo|stream "
                    f"+publish ~{prefix}:gateway:* {streams} {pointer} ~ {channel}",
         "learner": f"{_CONNECT} +multi +exec +discard +get +set +publish +xadd +xtrim +xlen +xinfo +xgroup "
                    f"+xreadgroup +xautoclaim +xclaim +xack +xpending +xrange ~{prefix}:stream:* {pointer} {channel}",
