@@ -11,7 +11,7 @@ import pytest
 import redis as redis_lib
 
 from gateway.metrics import GatewayMetrics
-from gateway.store import StoredChoice, StoredCompletion, Store
+from gateway.store import Store, StoredChoice, StoredCompletion
 from instructloop.streams import Stream, policy_channel, stream_key
 from launcher.redis_acl import USERS, acl_file_text, acl_template_text, ensure_passwords, user_url
 from learner.dataset import Dataset
@@ -150,3 +150,47 @@ def test_the_learner_consumes_and_serve_only_reads_the_pointer(acl_redis, tmp_pa
         with pytest.raises(redis_lib.exceptions.NoPermissionError):
             forbidden()
     pubsub.close()
+
+
+def test_up_wires_acl_users_maxmemory_and_the_serve_token(tmp_path):
+    """``instructloop up``'s stack: redis-server with the ACL file and maxmemory, each component its own user,
+    serve's token given to the gateway, and no password in what up shows or writes to stack.json."""
+    from launcher.stack import StackConfig, build_specs
+
+    config = StackConfig(run_dir=tmp_path / "run", redis_port=free_port(), redis_maxmemory="64mb")
+    specs, urls = build_specs(config)
+    by_name = {spec.name: spec for spec in specs}
+    redis_dir = tmp_path / "run" / "redis"
+    for private in (redis_dir / "users.acl", redis_dir / "passwords.json", tmp_path / "run" / "serve-token"):
+        assert private.stat().st_mode & 0o777 == 0o600, private
+    argv = by_name["redis"].argv
+    assert argv[argv.index("--aclfile") + 1] == str(redis_dir / "users.acl")
+    assert argv[argv.index("--maxmemory") + 1] == "64mb"
+    assert argv[argv.index("--maxmemory-policy") + 1] == "noeviction"
+    passwords = ensure_passwords(redis_dir / "passwords.json")
+    assert not any(pw in urls["redis"] or pw in (by_name["redis"].url or "") for pw in passwords.values())
+    env = {name: spec.env for name, spec in by_name.items()}
+    for component in ("gateway", "learner", "serve"):
+        url = env[component][f"INSTRUCTLOOP_{component.upper()}_REDIS_URL"]
+        assert url.startswith(f"redis://{component}:{passwords[component]}@127.0.0.1:")
+    assert env["serve"]["INSTRUCTLOOP_SERVE_AUTH_TOKEN"] == env["gateway"]["INSTRUCTLOOP_GATEWAY_BACKEND_TOKEN"]
+    assert len(env["serve"]["INSTRUCTLOOP_SERVE_AUTH_TOKEN"]) >= 32
+    assert "INSTRUCTLOOP_SERVE_AUTH_TOKEN" not in env["learner"]
+    # the redis-server argv up builds really starts, and really enforces it
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not by_name["redis"].health():
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        gateway = redis_lib.Redis.from_url(env["gateway"]["INSTRUCTLOOP_GATEWAY_REDIS_URL"])
+        assert gateway.xadd(stream_key(Stream.comparisons, PREFIX), {"event": "{}"})
+        with pytest.raises(redis_lib.exceptions.NoPermissionError):
+            gateway.flushall()
+        with pytest.raises(redis_lib.AuthenticationError):
+            redis_lib.Redis.from_url(urls["redis"]).get("x")
+        admin = client(config.redis_port, passwords, "admin")
+        assert admin.config_get("maxmemory")["maxmemory"] == str(64 * 1024 * 1024)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
