@@ -4,7 +4,7 @@ Starts, as subprocesses of this one and in dependency order,
 
 1. ``redis-server`` (AOF on, data in ``<run-dir>/redis``) unless a Redis URL is given, with one ACL user per
    component (``<run-dir>/redis/users.acl`` and ``passwords.json``, both 0600; the default user is off;
-   launcher/redis_acl.py), ``maxmemory`` (``--redis-maxmemory``, 1gb) and ``noeviction``,
+   launcher/credentials.py), ``maxmemory`` (``--redis-maxmemory``, 1gb) and ``noeviction``,
 2. one serve replica (``instructloop serve run``) on the chosen model, requiring the bearer token in
    ``<run-dir>/serve-token`` (0600), which only the gateway is given,
 3. the learner (``instructloop learner run``; skipped with ``--no-learner``), started beside serve,
@@ -54,7 +54,7 @@ import typer
 from instructloop.logs import redact_url
 from instructloop.settings import DEFAULT_MODEL
 from instructloop.stackfile import ComponentInfo, StackFile
-from launcher.redis_acl import acl_file_text, ensure_passwords, user_url, write_private
+from launcher.credentials import ensure_serve_token, secure_redis
 from launcher.supervisor import (
     Component,
     ComponentFailed,
@@ -162,19 +162,14 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
         redis_port = pick_port(config.redis_port)
         redis_dir = run_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
-        # one ACL user per component (launcher/redis_acl.py); the default user is off
-        passwords = ensure_passwords(redis_dir / "passwords.json")
-        acl_file = redis_dir / "users.acl"
-        write_private(acl_file, acl_file_text(passwords))
-        component_urls = {user: user_url("127.0.0.1", redis_port, user, passwords[user])
-                          for user in ("gateway", "learner", "serve", "probe")}
+        # one ACL user per component (launcher/credentials.py); the default user is off
+        secure_args, component_urls = secure_redis(redis_dir, redis_port, config.redis_maxmemory)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"  # shown and written to stack.json: no password
         specs.append(ComponentSpec(
             name="redis",
             argv=["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
                   "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-                  "--protected-mode", "yes", "--aclfile", str(acl_file),
-                  "--maxmemory", config.redis_maxmemory, "--maxmemory-policy", "noeviction"],
+                  *secure_args],
             health=redis_health(component_urls["probe"]),
             log_path=config.log_path("redis").resolve(),
             env=dict(os.environ),
@@ -245,17 +240,6 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
         startup_timeout_s=config.startup_timeout_s,
     ))
     return specs, urls
-
-
-def ensure_serve_token(path: Path) -> str:
-    """The bearer token serve requires and the gateway sends (``<run-dir>/serve-token``, 0600, kept)."""
-    if path.exists() and path.read_text().strip():
-        return path.read_text().strip()
-    import secrets
-
-    token = secrets.token_hex(32)
-    write_private(path, token + "\n")
-    return token
 
 
 def ensure_api_keys(config: StackConfig, echo: Callable[[str], None] = print) -> dict[str, str]:

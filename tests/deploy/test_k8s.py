@@ -371,7 +371,7 @@ def test_redis_keeps_an_aof_fsynced_every_second_on_a_pvc(rendered, name):
     users = {e["valueFrom"]["secretKeyRef"]["key"] for e in init["env"] if "valueFrom" in e}
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in init["env"] if "valueFrom" in e} == {
         "instructloop-redis-users"}
-    from launcher.redis_acl import USERS
+    from launcher.credentials import USERS
 
     assert users == set(USERS)
     data_mount = next(m for m in server["volumeMounts"] if m["mountPath"] == directives["dir"])
@@ -608,7 +608,7 @@ def test_rendered_redis_conf_runs_on_a_real_redis_server_with_aof_everysec(rende
     (conf_map,) = [c for c in objects(rendered["base"], "ConfigMap") if "redis.conf" in c.get("data", {})]
     port = free_port()
     # the init container's script renders the ACL file from the Secret's passwords (here: made up)
-    from launcher.redis_acl import USERS
+    from launcher.credentials import USERS
 
     config_dir = tmp_path / "etc-redis"
     config_dir.mkdir()

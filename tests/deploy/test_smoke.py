@@ -101,7 +101,7 @@ def _make_secrets(tmp: Path) -> tuple[dict[str, dict[str, str]], dict[str, str]]
     """The Secrets docs/deploy.md tells the operator to create, made the way it says
     (``gateway keys create``; ``openssl rand -hex 32`` per password / token)."""
     from gateway.auth import Role, append_key
-    from launcher.redis_acl import USERS
+    from launcher.credentials import USERS
 
     keys_file = tmp / "keys.jsonl"
     user_key, _ = append_key(keys_file, name="smoke-user", role=Role.user)
@@ -114,14 +114,17 @@ def _make_secrets(tmp: Path) -> tuple[dict[str, dict[str, str]], dict[str, str]]
     return secrets, {"user": user_key, "labeler": labeler_key}
 
 
-def _baked_model(tmp: Path, tiny_model_dir: Path) -> Path:
-    """What the serve / learner images bake in /opt/instructloop, with the tiny test model in it."""
-    from instructloop.model import _COMPLETE, default_model_dir
+def _baked_model(tmp: Path, tiny_model_dir: Path, tokenizer) -> Path:
+    """What the images bake in /opt/instructloop (serve, learner: the prepared default model; gateway: its
+    tokenizer alone), with the tiny test model (and its real tokenizer) in its place."""
+    from instructloop.model import _COMPLETE, default_model_dir, default_tokenizer_dir
 
     baked = tmp / "baked"
     target = default_model_dir(baked)
     shutil.copytree(tiny_model_dir, target)
     (target / _COMPLETE).write_text("the deployment smoke test's tiny model\n")
+    tokenizer.save_pretrained(default_tokenizer_dir(baked))
+    (default_tokenizer_dir(baked) / _COMPLETE).write_text("the real tokenizer\n")
     os.chmod(baked, 0o755)
     for folder, dirs, files in os.walk(baked):
         for name in dirs:
@@ -164,8 +167,23 @@ def _http(method: str, url: str, body: dict | None = None, headers: dict | None 
         return exc.code, json.loads(exc.read() or b"null")
 
 
-@pytest.mark.parametrize("overlay", ["local"])
-def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir):
+def _without_a_gpu(config_maps: dict[str, dict]) -> list[str]:
+    """On a machine without CUDA, serve in the gpu overlay runs on the CPU: the one substitution for that
+    overlay (docs/deploy.md, Checks). Returns what was changed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    changed = []
+    for name, data in config_maps.items():
+        if data.get("INSTRUCTLOOP_SERVE_DEVICE", "cpu") != "cpu":
+            data.update(INSTRUCTLOOP_SERVE_DEVICE="cpu", INSTRUCTLOOP_SERVE_DTYPE="float32")
+            changed.append(f"{name}: INSTRUCTLOOP_SERVE_DEVICE=cpu, INSTRUCTLOOP_SERVE_DTYPE=float32")
+    return changed
+
+
+@pytest.mark.parametrize("overlay", ["local", "gpu"])
+def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer):
     reason = _netns_possible()
     if reason:
         pytest.skip(reason)
@@ -174,6 +192,7 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir):
     os.chmod(tmp, 0o755)
     namespace = next(o["metadata"]["name"] for o in objects if o["kind"] == "Namespace")
     config_maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"}
+    substituted = _without_a_gpu(config_maps) if overlay == "gpu" else []
     services = [o for o in objects if o["kind"] == "Service"]
     secrets, api_keys = _make_secrets(tmp)
     images = {**_HOST_IMAGES}
@@ -187,7 +206,7 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir):
                 images[spec["image"]] = _HOST_IMAGES[name]
     venv = Path(sys.executable).parent.parent
     cluster = Cluster(tmp, config_maps, secrets, services, images, namespace,
-                      baked_model=_baked_model(tmp, tiny_model_dir), venv=venv)
+                      baked_model=_baked_model(tmp, tiny_model_dir, tokenizer), venv=venv)
     skipped: list[str] = []
     try:
         cluster.create_network()
@@ -223,7 +242,7 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir):
                                                 f"fails in the pod: {result.stderr[-500:]}")
                 results[f"{container.pod.name}/{container.name} HEALTHCHECK"] = "ok"
         print("\n".join(f"{k}: {v}" for k, v in results.items()))
-        print("skipped:", skipped)
+        print("skipped:", skipped, "substituted:", substituted)
 
         # outside -> gateway (its Service's target) -> serve -> Redis
         ip, port = cluster.service_address("instructloop-gateway", "http")

@@ -13,7 +13,7 @@ import redis as redis_lib
 from gateway.metrics import GatewayMetrics
 from gateway.store import Store, StoredChoice, StoredCompletion
 from instructloop.streams import Stream, policy_channel, stream_key
-from launcher.redis_acl import USERS, acl_file_text, acl_template_text, ensure_passwords, user_url
+from launcher.credentials import USERS, acl_file_text, acl_template_text, ensure_passwords, user_url
 from learner.dataset import Dataset
 from learner.ingest import Ingestor
 from tests.conftest import free_port
@@ -54,7 +54,7 @@ def client(port: int, passwords: dict[str, str], user: str) -> redis_lib.Redis:
 
 def test_k8s_renders_the_same_rules_as_up():
     assert (REPO / "k8s" / "base" / "config" / "users.acl.template").read_text() == acl_template_text(), (
-        "regenerate it: python -m launcher.redis_acl > k8s/base/config/users.acl.template")
+        "regenerate it: python -m launcher.credentials > k8s/base/config/users.acl.template")
 
 
 def test_passwords_are_private_and_kept(tmp_path):
