@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TEXT_GENERATION ?= text-generation==0.7.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install redis-server model clean
+.PHONY: run test lint install redis-server netns-tools model clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,7 +32,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --no-deps "$(TEXT_GENERATION)"
 	@touch $(STAMP)
 
-install: $(STAMP) redis-server
+install: $(STAMP) redis-server netns-tools
 
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -40,6 +40,16 @@ redis-server:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
 	  else \
 	    echo "redis-server is missing: run 'sudo apt-get install -y redis-server' and try again" >&2; exit 1; \
+	  fi; }
+
+# tests/deploy/test_smoke.py runs the k8s manifests in network namespaces: ip (iproute2), and nsenter /
+# unshare / chroot (util-linux, coreutils). Installed like redis-server; without root the test skips.
+netns-tools:
+	@command -v ip >/dev/null 2>&1 && command -v nsenter >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux) >/dev/null; \
+	  else \
+	    echo "note: ip/nsenter missing; tests/deploy/test_smoke.py will skip (sudo apt-get install -y iproute2 util-linux)" >&2; \
 	  fi; }
 
 model: install

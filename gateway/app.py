@@ -126,7 +126,8 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
     metrics = GatewayMetrics()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
     backend = Backend(settings.backends, metrics, timeout_s=settings.backend_timeout_s,
-                      connect_timeout_s=settings.backend_connect_timeout_s, health_interval_s=settings.health_interval_s)
+                      connect_timeout_s=settings.backend_connect_timeout_s, health_interval_s=settings.health_interval_s,
+                      token=settings.backend_token.get_secret_value() if settings.backend_token else None)
     store = Store(settings.redis_url, settings.stream_prefix, metrics, completion_ttl_s=settings.completion_ttl_s,
                   idempotency_ttl_s=settings.idempotency_ttl_s, timeout_s=settings.redis_timeout_s)
     state = GatewayState(

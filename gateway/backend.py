@@ -196,8 +196,10 @@ class Backend:
     """Least-outstanding-requests balancing over health-checked replicas."""
 
     def __init__(self, urls: list[str], metrics: GatewayMetrics, *, timeout_s: float = 120.0,
-                 connect_timeout_s: float = 2.0, health_interval_s: float = 2.0):
-        self.replicas = [Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s)) for url in urls]
+                 connect_timeout_s: float = 2.0, health_interval_s: float = 2.0, token: str | None = None):
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.replicas = [Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s, headers=headers))
+                         for url in urls]
         self.metrics = metrics
         self.health_interval_s = health_interval_s
         self._rotation = itertools.count()
