@@ -254,6 +254,7 @@
     $("demo-view").hidden = !(task && state.mode === "demonstration");
     $("rationale-box").hidden = !(task && state.mode !== "demonstration");
     $("undo").hidden = state.mode !== "rank";
+    $("work").dataset.taskId = task ? task.task_id : "";
     if (!task) return;
     $("prompt").textContent = task.prompt;
     $("task-meta").textContent = `${task.source === "live" ? "from live traffic" : "from the prompt set"}`;
