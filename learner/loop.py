@@ -418,6 +418,8 @@ class Learner:
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
         result.metrics.update({"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)})
+        if self.state.rm_heldout_accuracy is not None:  # the admin dashboard charts it from the policies stream
+            result.metrics["rm_heldout_accuracy"] = float(self.state.rm_heldout_accuracy)
         with self.metrics.step_seconds.labels("publish").time():
             parent = None if incumbent_version == BASE_VERSION else incumbent_version
             publish_candidate(self.registry, version, trainer.policy, self.tokenizer, result, parent=parent,

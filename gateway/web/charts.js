@@ -40,7 +40,10 @@ const Charts = (() => {
     }
   }
 
-  function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : v.toFixed(3); }
+  function fmt(v) {
+    if (Number.isInteger(v) || Math.abs(v) >= 100) return v.toFixed(0);
+    return Math.abs(v) >= 1 ? v.toFixed(2) : v.toFixed(3);
+  }
   function clock(t) { return new Date(t * 1000).toISOString().slice(11, 16); }
 
   function empty(container, text) {
@@ -109,7 +112,8 @@ const Charts = (() => {
     if (!buckets.length) { empty(container, "No feedback yet."); return; }
     const totals = buckets.map((b) => b.values.reduce((x, y) => x + y, 0));
     const root = frame(label);
-    const s = scales([buckets[0].start, buckets[buckets.length - 1].start], [0, Math.max(1, ...totals)], 0);
+    const s = scales([buckets[0].start, buckets[buckets.length - 1].start], [0, Math.max(2, ...totals)], 0,
+                     2 * Math.ceil(Math.max(2, ...totals) / 2));
     axes(root, s);
     const width = Math.max(2, (W - PAD.left - PAD.right) / buckets.length - 2);
     buckets.forEach((b, i) => {

@@ -64,3 +64,13 @@ def test_client_gone_mid_stream_is_counted(gateway):
         time.sleep(0.1)
     # nothing half-done is logged as a served completion
     assert gateway.metric("gateway_completions_logged_total") == 0
+
+
+def test_adapter_id_travels_in_the_tgi_parameters():
+    """text-generation 0.7's Parameters has no adapter_id: the backend adds TGI's field itself."""
+    from gateway.backend import PolicyAwareClient
+
+    named = PolicyAwareClient._request("Hi", False, max_new_tokens=3, adapter_id="v0002")
+    assert named["inputs"] == "Hi" and named["parameters"]["adapter_id"] == "v0002"
+    assert named["parameters"]["max_new_tokens"] == 3
+    assert "adapter_id" not in PolicyAwareClient._request("Hi", False, max_new_tokens=3)["parameters"]
