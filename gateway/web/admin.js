@@ -26,9 +26,17 @@
     timer = setInterval(() => refresh().catch((err) => { $("error").textContent = err.message; }), 15000);
   }
 
-  function metricSeries(policies, name, statuses) {
-    return policies.filter((p) => Number.isFinite(p.metrics[name]) && (!statuses || statuses.includes(p.status)))
-      .map((p) => [p.time, p.metrics[name], p.version]);
+  // One point per gated version: its first promoted/rejected event (a later rollback or pin repeats the
+  // manifest's metrics, which are not a new measurement).
+  function metricSeries(policies, name) {
+    const seen = new Set();
+    const points = [];
+    for (const p of policies) {
+      if (!["promoted", "rejected"].includes(p.status) || seen.has(p.version)) continue;
+      seen.add(p.version);
+      if (Number.isFinite(p.metrics[name])) points.push([p.time, p.metrics[name], p.version]);
+    }
+    return points;
   }
 
   async function refresh() {
@@ -36,17 +44,16 @@
     $("error").textContent = "";
     $("status").textContent = `Current version: ${data.current || "base"} · updated ${formatTime(Date.now() / 1000)}`;
     const body = (id) => document.querySelector(`#${id} .body`);
-    const gated = ["promoted", "rejected"];
     Charts.timeline(body("panel-versions"), "Versions over time", data.policies);
     Charts.line(body("panel-rm"), "RM held-out accuracy",
-                [{ name: "held-out accuracy", points: metricSeries(data.policies, "rm_heldout_accuracy", gated) }],
+                [{ name: "held-out accuracy", points: metricSeries(data.policies, "rm_heldout_accuracy") }],
                 { yMin: 0, yMax: 1, reference: 0.5, empty: "No gated version reports RM accuracy yet." });
     Charts.line(body("panel-reward"), "Held-out reward",
-                [{ name: "candidate", points: metricSeries(data.policies, "candidate_reward_mean", gated) },
-                 { name: "incumbent", points: metricSeries(data.policies, "incumbent_reward_mean", gated) }],
+                [{ name: "candidate", points: metricSeries(data.policies, "candidate_reward_mean") },
+                 { name: "incumbent", points: metricSeries(data.policies, "incumbent_reward_mean") }],
                 { empty: "No gate decision yet." });
     Charts.line(body("panel-kl"), "KL to the reference",
-                [{ name: "candidate KL", points: metricSeries(data.policies, "candidate_kl", gated) }],
+                [{ name: "candidate KL", points: metricSeries(data.policies, "candidate_kl") }],
                 { yMin: 0, empty: "No gate decision yet." });
     drawWinRates(body("panel-winrate"), data);
     Charts.bars(body("panel-volume"), "Feedback volume",
@@ -63,7 +70,7 @@
   }
 
   function drawWinRates(container, data) {
-    const gatePoints = metricSeries(data.policies, "live_win_rate", ["promoted", "rejected"]);
+    const gatePoints = metricSeries(data.policies, "live_win_rate");
     if (gatePoints.length) {
       Charts.line(container, "Live win-rate at the gate", [{ name: "live win-rate at the gate", points: gatePoints }],
                   { yMin: 0, yMax: 1, reference: 0.5 });

@@ -111,3 +111,22 @@ def screenshot(driver, name: str) -> None:
     if SCREENSHOT_DIR:
         Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(Path(SCREENSHOT_DIR) / name))
+
+
+def write_adapter_version(registry, version: str, base_dir: Path, seed: int, **kwargs) -> None:
+    """A LoRA adapter version over ``base_dir`` (B large enough that its answers differ from the base's)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from instructloop.registry import base_weights_sha256
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    registry.write_adapter(version, peft_model, base_sha256=base_weights_sha256(base_dir), base_model=str(base_dir),
+                           **kwargs)

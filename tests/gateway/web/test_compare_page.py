@@ -11,10 +11,18 @@ import redis
 from selenium.webdriver.common.by import By
 
 from instructloop.events import ComparisonEvent, PolicyEvent
-from instructloop.registry import Registry, base_weights_sha256
+from instructloop.registry import Registry
 from instructloop.streams import Stream, stream_key
 from tests.gateway.conftest import ServeProcess
-from tests.gateway.web.conftest import press, screenshot, sign_in, task_record, upload_prompts, wait_for
+from tests.gateway.web.conftest import (
+    press,
+    screenshot,
+    sign_in,
+    task_record,
+    upload_prompts,
+    wait_for,
+    write_adapter_version,
+)
 
 pytestmark = pytest.mark.timeout(400)
 CANDIDATE = "v0001"
@@ -23,21 +31,9 @@ VOTES = 20
 
 @pytest.fixture(scope="module")
 def registry_dir(tmp_path_factory, tiny_model_dir):
-    """A registry with one adapter candidate over the tiny model (LoRA B large enough to change answers)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
+    """A registry with one adapter candidate over the tiny model."""
     path = tmp_path_factory.mktemp("registry")
-    torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
-    Registry(path).write_adapter(CANDIDATE, peft_model, base_sha256=base_weights_sha256(tiny_model_dir),
-                                 base_model=str(tiny_model_dir))
+    write_adapter_version(Registry(path), CANDIDATE, tiny_model_dir, seed=1)
     return path
 
 
@@ -130,5 +126,4 @@ def test_compare_votes_name_both_versions_and_decide_the_gate(start_gateway, ver
     labelers = page.find_element(By.ID, "panel-labelers").text
     assert "lara" in labelers and str(VOTES + 1) in labelers
     assert page.find_elements(By.CSS_SELECTOR, "#panel-volume svg rect")  # feedback volume drawn
-    screenshot(page, "labeling-admin.png")
     assert httpx.get(f"{gateway.url}/v1/admin/labeling", headers=gateway.headers("lara")).status_code == 403

@@ -51,6 +51,10 @@ def test_labeler_ranks_four_by_keyboard_with_a_tie_and_the_stream_holds_that_ran
     ranking_text = page.find_element(By.ID, "ranking").text
     assert "2\n4\ntied" in ranking_text and "1." in ranking_text and "3." in ranking_text
     screenshot(page, "labeling-rank.png")
+    page.set_window_size(420, 1000)  # a phone-sized screen: one column, same keys
+    assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    screenshot(page, "labeling-rank-narrow.png")
+    page.set_window_size(1280, 1000)
     press(page, Keys.ENTER)
     wait_for(lambda: "Recorded" in page.find_element(By.ID, "status").text, what="the submission to be recorded")
 
