@@ -135,3 +135,29 @@ def test_page_and_assets_ship_with_a_strict_content_security_policy(gateway):
         assert "script-src 'self'" in response.headers["content-security-policy"]
         assert "http" not in response.text.split("<body")[0].replace('"/label', "")  # nothing from elsewhere
     assert httpx.get(f"{gateway.url}/label/assets/../settings.py").status_code == 404
+
+
+def test_ranking_by_drag(gateway, redis_server, page):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    upload_prompts(gateway, ["Give me a tip for sleeping well."])
+    sign_in(page, f"{gateway.url}/label", gateway.keys["lara"])
+    task_id = shown_task(page, 4)
+
+    def drag(slot: int, drop: str) -> None:
+        handle = page.find_element(By.CSS_SELECTOR, f'#responses li[data-slot="{slot}"] .handle')
+        target = page.find_element(By.CSS_SELECTOR, f'#ranking [data-drop="{drop}"]')
+        ActionChains(page).click_and_hold(handle).move_to_element(target).release().perform()
+
+    drag(2, "insert:0")   # response 3 first
+    drag(0, "group:0")    # response 1 ties with it
+    drag(3, "insert:1")   # response 4 below them
+    drag(1, "insert:0")   # response 2 above everything
+    groups = [[chip.text for chip in group.find_elements(By.CSS_SELECTOR, ".chip")]
+              for group in page.find_elements(By.CSS_SELECTOR, "#ranking li.group")]
+    assert groups == [["2"], ["3", "1"], ["4"]]
+    press(page, Keys.ENTER)
+    wait_for(lambda: "Recorded" in page.find_element(By.ID, "status").text, what="the submission to be recorded")
+    [event] = events(redis_server, Stream.comparisons, ComparisonEvent)
+    choice = [index for _, index in task_record(redis_server, task_id)["slots"]]
+    assert event.ranking == [[choice[1]], [choice[2], choice[0]], [choice[3]]]
