@@ -81,16 +81,22 @@
     $("demonstration").value = "";
   }
 
+  let loading = 0;  // only the newest request may set the task (a mode switch while one is in flight)
+
   async function loadTask() {
+    const mine = ++loading;
     state.task = null;
     resetAnswer();
     render();
     error("");
     status("Asking the policy for a task…");
     try {
-      state.task = await api.call("POST", "/v1/label/tasks", { mode: state.mode });
-      status(state.task.overlap ? "This task is also ranked by another labeler (agreement check)." : "");
+      const task = await api.call("POST", "/v1/label/tasks", { mode: state.mode });
+      if (mine !== loading) return;
+      state.task = task;
+      status(task.overlap ? "This task is also ranked by another labeler (agreement check)." : "");
     } catch (err) {
+      if (mine !== loading) return;
       status("");
       error(err.message);
     }
