@@ -31,6 +31,7 @@ from instructloop.wire import BASE_VERSION
 from learner.dataset import Dataset
 from learner.gate import GateConfig, GateResult, gate_decision
 from learner.ingest import Ingestor, IngestStats
+from learner.live_gate import awaiting_live_votes
 from learner.metrics import LearnerMetrics
 from learner.publish import publish_candidate
 from learner.settings import Settings
@@ -437,6 +438,7 @@ class Learner:
                 self.metrics.kl.labels(policy).set(result.metrics[f"{policy}_kl"])
         self.state.incumbent = self.registry.current()
         self.state.pending_candidate = None
+        self.state.candidate_listed_at = None
         self.state.record({"kind": "gate", "version": version, "promote": result.promote,
                            "reasons": result.reasons, **result.metrics})
         self.store.save(self.state)
@@ -450,7 +452,8 @@ class Learner:
         started = time.perf_counter()
         report = RoundReport()
         report.ingest = self.ingest()
-        if not self.stop_requested and self.state.pending_candidate:  # resumed with an un-gated candidate
+        # a pending candidate is gated unless it still collects live votes (learner/live_gate.py)
+        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
         if not self.stop_requested:
@@ -459,7 +462,7 @@ class Learner:
             report.reward = self.maybe_update_reward_model()
         if not self.stop_requested:
             report.ppo = self.maybe_run_ppo_round()
-        if not self.stop_requested and self.state.pending_candidate:
+        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
         report.duration_s = time.perf_counter() - started
