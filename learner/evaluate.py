@@ -7,14 +7,67 @@ incumbent are evaluated on the same prompts with the same config, so their numbe
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from learner.config import EvalConfig
-from learner.ppo import generate_rollouts, response_kl, rollout_scores
+from learner.ppo import Rollouts, generate_rollouts, response_kl, rollout_scores
+
+
+@dataclass
+class PolicySamples:
+    """A policy's held-out responses and everything about them the RM does not decide. Deterministic for
+    a given policy, reference, prompts and config (greedy, or sampled from ``config.seed``), so the gate
+    can keep the incumbent's and only re-score them when the RM changes."""
+
+    rollouts: list[Rollouts]
+    kl: torch.Tensor
+    """(N,) Σ_t KL(π || π_ref) along each response."""
+    eos: torch.Tensor
+    """(N,) 1.0 where the response ended with EOS."""
+    lengths: torch.Tensor
+    """(N,) response tokens, EOS included."""
+    duration_s: float
 
 
 @torch.no_grad()
+def sample_policy(policy, reference, tokenizer, prompts: list[str], config: EvalConfig) -> PolicySamples:
+    """Generate ``policy``'s responses to ``prompts`` and their exact KL to ``reference``."""
+    if not prompts:
+        raise ValueError("evaluate_policy needs at least one prompt")
+    started = time.perf_counter()
+    temperature = config.temperature if config.do_sample else 1.0
+    if config.do_sample:
+        torch.manual_seed(config.seed)
+    all_rollouts, kls, eos, lengths = [], [], [], []
+    for start in range(0, len(prompts), config.batch_size):
+        rollouts = generate_rollouts(policy, tokenizer, prompts[start : start + config.batch_size],
+                                     config.max_prompt_tokens, config.max_new_tokens, config.do_sample, temperature)
+        all_rollouts.append(rollouts)
+        kls.append(response_kl(policy, reference, rollouts, temperature, config.batch_size).sum(1))  # (b,)
+        eos.append(rollouts.has_eos.float())
+        lengths.append(rollouts.response_mask.sum(1).float())
+    return PolicySamples(all_rollouts, torch.cat(kls), torch.cat(eos), torch.cat(lengths),
+                         time.perf_counter() - started)
+
+
+@torch.no_grad()
+def score_samples(samples: PolicySamples, reward_model, config: EvalConfig) -> dict:
+    """The gate's numbers for ``samples`` under ``reward_model`` (see ``evaluate_policy``)."""
+    started = time.perf_counter()
+    score = torch.cat([rollout_scores(reward_model, rollouts, config.batch_size) for rollouts in samples.rollouts])
+    return {
+        "reward_mean": score.mean().item(),
+        "reward_std": score.std().item() if score.numel() > 1 else 0.0,
+        "kl": samples.kl.mean().item(),
+        "eos_rate": samples.eos.mean().item(),
+        "length_mean": samples.lengths.mean().item(),
+        "n": float(score.numel()),
+        "duration_s": samples.duration_s + time.perf_counter() - started,
+    }
+
+
 def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[str], config: EvalConfig) -> dict:
     """Score ``policy`` on ``prompts``.
 
@@ -25,28 +78,4 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[st
     responses that ended with EOS), ``length_mean`` (response tokens, EOS included), ``n`` and
     ``duration_s``. With ``policy is reference`` (or equal weights) ``kl`` is exactly 0.
     """
-    if not prompts:
-        raise ValueError("evaluate_policy needs at least one prompt")
-    started = time.perf_counter()
-    temperature = config.temperature if config.do_sample else 1.0
-    if config.do_sample:
-        torch.manual_seed(config.seed)
-    scores, kls, eos, lengths = [], [], [], []
-    for start in range(0, len(prompts), config.batch_size):
-        rollouts = generate_rollouts(policy, tokenizer, prompts[start : start + config.batch_size],
-                                     config.max_prompt_tokens, config.max_new_tokens, config.do_sample, temperature)
-        mask = rollouts.response_mask  # (b, Tr)
-        kls.append(response_kl(policy, reference, rollouts, temperature, config.batch_size).sum(1))  # (b,)
-        scores.append(rollout_scores(reward_model, rollouts, config.batch_size))
-        eos.append(rollouts.has_eos.float())
-        lengths.append(mask.sum(1).float())
-    score = torch.cat(scores)
-    return {
-        "reward_mean": score.mean().item(),
-        "reward_std": score.std().item() if score.numel() > 1 else 0.0,
-        "kl": torch.cat(kls).mean().item(),
-        "eos_rate": torch.cat(eos).mean().item(),
-        "length_mean": torch.cat(lengths).mean().item(),
-        "n": float(score.numel()),
-        "duration_s": time.perf_counter() - started,
-    }
+    return score_samples(sample_policy(policy, reference, tokenizer, prompts, config), reward_model, config)

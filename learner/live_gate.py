@@ -30,9 +30,10 @@ def awaiting_live_votes(learner: Any) -> bool:
     incumbent = learner.registry.current() or BASE_VERSION
     if not learner.registry.exists(version):
         trainer = learner._ppo_trainer()
-        learner.registry.write_pretrained(version, trainer.policy, learner.tokenizer, status=PolicyStatus.candidate,
-                                          parent=None if incumbent == BASE_VERSION else incumbent,
-                                          base_model=settings.model)
+        # the same writer publishing uses: an adapter version in lora mode, full weights otherwise
+        learner.models.write_candidate(learner.registry, version, trainer.policy, status=PolicyStatus.candidate,
+                                       parent=None if incumbent == BASE_VERSION else incumbent,
+                                       base_model=settings.model)
         state.candidate_listed_at = time.time()
         learner.store.save(state)
         log.info("candidate listed for live votes; the gate waits",

@@ -20,49 +20,25 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from instructloop.events import validate_version_name
-from instructloop.model import resolve_model
-from instructloop.registry import InvalidCheckpoint, Registry
+from instructloop.registry import Registry
 from instructloop.wire import BASE_VERSION
 from learner.dataset import Dataset
 from learner.gate import GateConfig, GateResult, gate_decision
 from learner.ingest import Ingestor, IngestStats
 from learner.live_gate import awaiting_live_votes
 from learner.metrics import LearnerMetrics
+from learner.models import LearnerModels
 from learner.publish import publish_candidate
+from learner.report import RoundReport, numeric
 from learner.settings import Settings
 from learner.state import CheckpointStore, LearnerState
 
 log = logging.getLogger(__name__)
 
-"""What serve reports, and the gate compares against, while no version is current."""
 HELDOUT_COMPARISONS_MAX = 512
 BIAS_SAMPLES = 64
-
-
-@dataclass
-class RoundReport:
-    """What one ``Learner.round`` did."""
-
-    ingest: IngestStats = field(default_factory=IngestStats)
-    sft: str | None = None
-    reward: dict[str, float] | None = None
-    ppo: dict[str, float] | None = None
-    gate: GateResult | None = None
-    version: str | None = None
-    duration_s: float = 0.0
-
-    @property
-    def trained(self) -> bool:
-        return bool(self.sft or self.reward or self.ppo or self.gate)
-
-
-def _numeric(stats: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
 
 
 class Learner:
@@ -87,11 +63,7 @@ class Learner:
             min_live_comparisons=settings.gate_min_live_comparisons, min_win_rate=settings.gate_min_win_rate,
         )
         self.stop_requested = False
-        self._base_path: str | None = None
-        self._device: str | None = None
-        self._tokenizer = None
-        self._reference = None
-        self._reward = None
+        self.models = LearnerModels(settings, self.store, lambda: self.state.reference_model)
         self._trainer = None
         self._started = False
 
@@ -124,63 +96,18 @@ class Learner:
         self.dataset.close()
         self.redis.close()
 
-    # ---- models (loaded on first use) ------------------------------------------------------------
-    @property
-    def base_path(self) -> str:
-        if self._base_path is None:
-            self._base_path = resolve_model(self.settings.model)
-        return self._base_path
-
-    @property
-    def reference_path(self) -> str:
-        return self.state.reference_model or self.base_path
-
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            self._device = self.settings.resolved_device()
-        return self._device
-
+    # ---- models (learner/models.py) ---------------------------------------------------------------
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.reference_path)
-            if self._tokenizer.pad_token_id is None or self._tokenizer.pad_token_id == self._tokenizer.eos_token_id:
-                raise ValueError(
-                    f"model {self.settings.model}: the tokenizer needs a pad token distinct from EOS for PPO "
-                    "(set one in the model folder's tokenizer_config.json)"
-                )
-        return self._tokenizer
-
-    def _causal_lm(self, path: str | Path):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from learner.reward import disable_dropout
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        model.generation_config.eos_token_id = self.tokenizer.eos_token_id
-        return disable_dropout(model).to(self.device)
+        return self.models.tokenizer
 
     @property
     def reference(self):
-        if self._reference is None:
-            self._reference = self._causal_lm(self.reference_path).eval().requires_grad_(False)
-        return self._reference
+        return self.models.reference
 
     @property
     def reward_model(self):
-        """The RM from the latest checkpoint, or None before the first RM update."""
-        if self._reward is None:
-            path = self.store.model_dir("reward")
-            if path is not None:
-                from learner.reward import build_reward_model
-
-                self._reward = build_reward_model(str(path)).to(self.device).eval()
-        return self._reward
+        return self.models.reward_model
 
     # ---- steps -----------------------------------------------------------------------------------
     def ingest(self) -> IngestStats:
@@ -213,12 +140,12 @@ class Learner:
         shutil.rmtree(staging, ignore_errors=True)
         log.info("sft started", extra={"demonstrations": len(demonstrations), "output": str(output)})
         with self.metrics.step_seconds.labels("sft").time():
-            run_sft(self.base_path, demonstrations, staging, config, progress=self.progress)
+            run_sft(self.models.base_path, demonstrations, staging, config, progress=self.progress)
         shutil.rmtree(output, ignore_errors=True)  # a previous SFT that finished but was never checkpointed
         os.rename(staging, output)
         self.state.sft_done = True
         self.state.reference_model = str(output)
-        self._reference = self._tokenizer = None
+        self.models.reset()
         self.state.record({"kind": "sft", "demonstrations": len(demonstrations), "path": str(output)})
         self.store.save(self.state)
         return str(output)
@@ -229,7 +156,7 @@ class Learner:
         if new < self.settings.min_new_comparisons:
             return None
         from learner.config import RewardConfig
-        from learner.reward import build_reward_model, normalize_reward_bias, train_reward_model
+        from learner.reward import normalize_reward_bias, train_reward_model
 
         up_to = self.dataset.max_comparison_seq()
         comparisons = [s.comparison for s in self.dataset.comparisons(after_seq=self.state.rm_cursor, up_to_seq=up_to)]
@@ -241,17 +168,15 @@ class Learner:
         log.info("reward model update started", extra={"comparisons": len(comparisons), "heldout": len(heldout),
                                                         "rm_update": self.state.rm_updates + 1})
         with self.metrics.step_seconds.labels("reward_model").time():
-            model = self.reward_model
-            if model is None:
-                model = build_reward_model(self.reference_path).to(self.device)
+            model = self.reward_model or self.models.new_reward_model()
             config = RewardConfig(**{"seed": self.settings.seed + self.state.rm_updates, **self.settings.reward})
-            stats = _numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
+            config.lr *= self.models.lr_scale()
+            stats = numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
                                                 progress=self.progress))
             prompts, responses = self._bias_samples()
             stats["bias"] = normalize_reward_bias(model, self.tokenizer, prompts, responses,
                                                   batch_size=config.score_batch_size, max_length=config.max_length)
             model.eval().requires_grad_(False)
-        self._reward = model
         self.state.rm_updates += 1
         self.state.rm_cursor = up_to
         self.state.rm_comparisons_trained += len(comparisons)
@@ -299,14 +224,13 @@ class Learner:
             from learner.config import PPOConfig
             from learner.ppo import PPOPtxTrainer
             from learner.ptx import PtxSource
-            from learner.reward import build_reward_model
 
-            policy_dir = self.store.model_dir("policy")
-            value_dir = self.store.model_dir("value") or self.store.model_dir("reward")
-            policy = self._causal_lm(policy_dir or self.reference_path)
-            value = build_reward_model(str(value_dir)).to(self.device)  # value model starts from the RM
+            policy, value, restored = self.models.policy_and_value()  # the value model starts from the RM
             config = PPOConfig(**{"kl_coef": self.settings.kl_coef, "ptx_coef": self.settings.ptx_coef,
                                   "seed": self.settings.seed, **self.settings.ppo})
+            scale = self.models.lr_scale()
+            config.lr *= scale
+            config.value_lr = config.value_lr * scale if config.value_lr is not None else None
             ptx = None
             if config.ptx_coef > 0:
                 ptx = PtxSource(self.tokenizer, self.settings.ptx_corpus, seq_len=config.ptx_seq_len,
@@ -314,7 +238,7 @@ class Learner:
             trainer = PPOPtxTrainer(policy, self.reference, value, self.reward_model, self.tokenizer, config, ptx,
                                     progress=self.progress)
             saved = self.store.optimizer_state("ppo")
-            if saved is not None and policy_dir is not None:
+            if saved is not None and restored:
                 trainer.load_state_dict(saved)
             self._trainer = trainer
         return self._trainer
@@ -340,7 +264,7 @@ class Learner:
         log.info("ppo round started", extra={"ppo_round": self.state.ppo_rounds + 1, "prompts": len(prompts)})
         with self.metrics.step_seconds.labels("ppo").time():
             trainer = self._ppo_trainer()
-            stats = _numeric(trainer.round(prompts))
+            stats = numeric(trainer.round(prompts))
         self.state.ppo_rounds += 1
         self.state.ppo_prompts += len(prompts)
         self.state.ppo_prompt_cursor = prompt_cursor
@@ -358,19 +282,6 @@ class Learner:
             self.metrics.ptx_loss.set(stats["ptx_loss"])
         log.info("ppo round done", extra={"ppo_round": self.state.ppo_rounds, "stats": stats})
         return stats
-
-    def _incumbent(self) -> tuple[str, Any]:
-        """The current version and its model (the reference when none is current or it cannot be loaded)."""
-        version = self.registry.current()
-        if version and version != BASE_VERSION:
-            try:
-                validate_version_name(version)
-                self.registry.verify(version)
-                return version, self._causal_lm(self.registry.version_dir(version)).eval()
-            except (InvalidCheckpoint, OSError, ValueError) as exc:
-                log.warning("incumbent not loadable, gating against the reference",
-                            extra={"version": version, "error": str(exc)})
-        return BASE_VERSION, self.reference
 
     def _heldout_prompts(self) -> list[str]:
         prompts = self.dataset.sample_prompts(self.settings.eval_prompts, heldout=True, seed=self.settings.seed)
@@ -398,24 +309,27 @@ class Learner:
         version = self.state.pending_candidate
         if version is None:
             return None
-        from learner.evaluate import evaluate_policy
+        from learner.evaluate import sample_policy, score_samples
 
         trainer = self._ppo_trainer()
         decided = self._decided_before_crash(version)
         prompts = [] if decided else self._heldout_prompts()
-        incumbent_version, incumbent = (decided[0], None) if decided else self._incumbent()
+        incumbent_version = decided[0] if decided else (self.registry.current() or BASE_VERSION)
         log.info("gate started", extra={"candidate": version, "incumbent": incumbent_version, "prompts": len(prompts)})
         with self.metrics.step_seconds.labels("evaluate").time():
             if decided:
                 result = decided[1]
             elif prompts:
                 config = self._eval_config()
-                candidate_eval = evaluate_policy(trainer.policy, self.reference, self.reward_model, self.tokenizer,
-                                                 prompts, config)
-                incumbent_eval = evaluate_policy(incumbent, self.reference, self.reward_model, self.tokenizer,
-                                                 prompts, config)
-                result = gate_decision(_numeric(candidate_eval), _numeric(incumbent_eval), self.gate_config,
+                # the incumbent's samples are deterministic: generated once per (version, prompts), re-scored
+                incumbent_version, incumbent = self.models.incumbent_samples(self.registry, prompts, config)
+                candidate = sample_policy(trainer.policy, self.reference, self.tokenizer, prompts, config)
+                candidate_eval = score_samples(candidate, self.reward_model, config)
+                incumbent_eval = score_samples(incumbent, self.reward_model, config)
+                result = gate_decision(numeric(candidate_eval), numeric(incumbent_eval), self.gate_config,
                                        live_win_rate=self.dataset.live_win_rate(version, incumbent_version))
+                if result.promote:  # the candidate is the next incumbent: its samples are already made
+                    self.models.remember_incumbent(version, prompts, config, candidate)
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
         result.metrics.update({"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)})
@@ -424,7 +338,7 @@ class Learner:
         with self.metrics.step_seconds.labels("publish").time():
             parent = None if incumbent_version == BASE_VERSION else incumbent_version
             publish_candidate(self.registry, version, trainer.policy, self.tokenizer, result, parent=parent,
-                              base_model=self.settings.model)
+                              base_model=self.settings.model, write=self.models.write_candidate)
         if result.promote:
             self.state.promotions += 1
             self.metrics.promotions.inc()
@@ -506,7 +420,8 @@ class Learner:
     def reload_from_checkpoint(self) -> None:
         """Forget in-memory training state; models and counters come back from the newest checkpoint."""
         self.state = self.store.load_state()
-        self._reward = self._trainer = self._reference = self._tokenizer = None
+        self._trainer = None
+        self.models.reset()
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -44,7 +44,7 @@ class SharedBase:
                 self._selected = None
             return self.model
         if adapter.version not in self.attached:
-            self._attach(adapter)
+            self.attach(adapter)
         if self._selected != adapter.version:
             if self._selected is None:
                 self.peft.base_model.enable_adapter_layers()
@@ -52,7 +52,10 @@ class SharedBase:
             self._selected = adapter.version
         return self.model
 
-    def _attach(self, adapter: AdapterWeights) -> None:
+    def attach(self, adapter: AdapterWeights) -> None:
+        """Inject the adapter's LoRA tensors under its version name (selected afterwards)."""
+        if adapter.version in self.attached:
+            return
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         fields = {k: v for k, v in adapter.config.items() if k in LoraConfig.__dataclass_fields__}

@@ -114,6 +114,7 @@ class Engine:
         """Recently used versions kept loaded for named requests (``serve.versions``)."""
         self._active = policy
         self._pending: PolicyModel | None = None
+        self._to_attach: deque[PolicyModel] = deque()
         self._policies: dict[str, PolicyModel] = {policy.version: policy}
         self._batches: dict[str, Batch] = {}
         self._waiting: deque[RequestHandle] = deque()
@@ -186,6 +187,13 @@ class Engine:
         self.wake()
         return handle
 
+    def prepare(self, policy: PolicyModel) -> None:
+        """Attach an adapter version to the base at the next step (a prefetched candidate: its promotion then
+        is a switch, with nothing left to attach). Keep it in ``loaded`` or it is detached again."""
+        if policy.adapter is not None and policy.shared is not None:
+            self._to_attach.append(policy)
+            self.wake()
+
     def install(self, policy: PolicyModel) -> None:
         """Make a loaded, validated policy the one new requests go to (thread-safe; applied between steps)."""
         self._pending = policy
@@ -211,6 +219,12 @@ class Engine:
         return bool(self._waiting)
 
     def _step(self) -> None:
+        while self._to_attach:
+            policy = self._to_attach.popleft()
+            try:
+                policy.shared.attach(policy.adapter)
+            except Exception:  # it is attached (or refused) again at its first forward
+                log.exception("attaching a prepared adapter failed", extra={"policy_version": policy.version})
         self._switch_policy()
         admitted = self._admit()
         if admitted:

@@ -220,6 +220,9 @@ class PolicyWatcher:
         if policy is not None:
             self.prefetched = policy
             self.metrics.policy_prefetches.inc()
+            if policy.adapter is not None and self.engine.loaded is not None:
+                self.engine.loaded.put(policy)  # kept attached; named requests for the candidate use it
+                self.engine.prepare(policy)
         return newest if policy is not None else None
 
     def _load(self, version: str, purpose: str) -> PolicyModel | None:
@@ -263,6 +266,13 @@ class PolicyWatcher:
 
     # ---- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.loader.base_dir is not None:
+            started = time.monotonic()
+            try:  # once, now, so that no adapter version's swap pays for hashing the base
+                self.loader.base_sha256  # noqa: B018
+                log.info("base model sha256 computed", extra={"seconds": round(time.monotonic() - started, 2)})
+            except Exception as exc:
+                log.warning("base model sha256 unavailable: adapter versions will be refused", extra={"error": str(exc)})
         next_poll = 0.0
         while not self._stop.is_set():
             woke_by_message = self._wait_for_message(self.poll_interval_s)

