@@ -16,6 +16,6 @@ def install(app: Any, state: Any) -> None:
     settings = state.settings
     store = LabelingStore(state.store, LabelingConfig(live_prompts=settings.label_live_prompts),
                           task_ttl_s=settings.completion_ttl_s)
-    app.state.labeling = LabelingServing(settings, store, state.completions, state.feedback, state.demonstrations,
-                                         state.admin.registry)
+    app.state.labeling = LabelingServing(settings, store, state.backend, state.store, state.tokenizer, state.feedback,
+                                         state.demonstrations, state.admin.registry)
     app.include_router(label.router)

@@ -1,9 +1,9 @@
 """Serving for the labeling task API: hand a labeler the next task, take its answer, skip it.
 
 A task is made on demand: a prompt this labeler has not seen in this mode (from the uploaded prompt set
-or, unless an admin turned it off, from live traffic), answered by the policy through the same backend
-path as ``/v1/completions`` (K choices from one policy version; in compare mode one choice from each of
-two versions, named with TGI's ``adapter_id``). The completions are stored like any served completion, so
+or, unless an admin turned it off, from live traffic), answered by the policy through the gateway's
+backend with the one-version rule of ``/v1/completions`` (K choices from one policy version; in compare
+mode one choice from each of two versions, named with TGI's ``adapter_id``). The completions are stored like any served completion, so
 an answer is posted through ``FeedbackServing`` / ``DemonstrationServing``: the same validation,
 idempotency and durability as ``/v1/feedback`` and ``/v1/demonstrations``.
 
@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 from gateway.auth import Principal
+from gateway.backend import Backend, BackendError, Generation
 from gateway.labeling.protocol import (
     CompareSubmission,
     DemonstrationSubmission,
@@ -46,10 +47,9 @@ from gateway.protocol import (
     RankingFeedback,
     new_completion_id,
 )
-from gateway.serving_completions import CompletionServing, Job, openai_finish_reason
 from gateway.serving_feedback import DemonstrationServing, FeedbackServing
 from gateway.settings import Settings
-from gateway.store import StoredChoice, StoredCompletion, StoreUnavailable
+from gateway.store import Store, StoredChoice, StoredCompletion, StoreUnavailable
 from instructloop.events import OUTPUT_FLAGS, Choice, CompletionEvent, PolicyStatus
 from instructloop.registry import Registry
 from instructloop.wire import BASE_VERSION
@@ -58,11 +58,13 @@ log = logging.getLogger(__name__)
 
 
 class LabelingServing:
-    def __init__(self, settings: Settings, store: LabelingStore, completions: CompletionServing,
-                 feedback: FeedbackServing, demonstrations: DemonstrationServing, registry: Registry):
+    def __init__(self, settings: Settings, store: LabelingStore, backend: Backend, completion_store: Store,
+                 tokenizer: Any, feedback: FeedbackServing, demonstrations: DemonstrationServing, registry: Registry):
         self.settings = settings
         self.store = store
-        self.completions = completions
+        self.backend = backend
+        self.completion_store = completion_store
+        self.tokenizer = tokenizer
         self.feedback = feedback
         self.demonstrations = demonstrations
         self.registry = registry
@@ -102,11 +104,11 @@ class LabelingServing:
         s = self.settings
         request = CompletionRequest(model=s.served_model_name, prompt=prompt, n=n, max_tokens=s.label_max_tokens,
                                     temperature=s.label_temperature)
-        jobs = [Job(i, 0, prompt, request.to_generate_params(i)) for i in range(n)]
+        params = [request.to_generate_params(i) for i in range(n)]
         if version is not None:
-            for job in jobs:
-                job.params["adapter_id"] = version
-        generations = await self.completions.generate_consistent(jobs)
+            for choice_params in params:
+                choice_params["adapter_id"] = version
+        generations = await self._choices(prompt, params)
         if isinstance(generations, APIError):
             return generations
         served = generations[0].policy_version
@@ -116,20 +118,53 @@ class LabelingServing:
                             headers={"Retry-After": str(s.retry_after_s)})
         completion = StoredCompletion(
             id=new_completion_id("label"), caller=principal.key_id, prompts=[prompt],
-            choices=[StoredChoice(j.index, g.text, openai_finish_reason(g.finish_reason), 0, g.generated_tokens)
-                     for j, g in zip(jobs, generations, strict=True)],
+            choices=[StoredChoice(i, g.text, "length" if g.finish_reason == "length" else "stop", 0, g.generated_tokens)
+                     for i, g in enumerate(generations)],
             policy_version=served, chat=False)
+        prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         sampling = {**request.sampling(), "source": LABELING_SOURCE}
         if version is not None:
             sampling["adapter_id"] = version
         event = CompletionEvent(completion_id=completion.id, prompt=prompt, policy_version=served, sampling=sampling,
                                 caller=principal.key_id, chat=False,
                                 choices=[Choice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                                                prompt_tokens=self.completions.count_tokens(prompt),
+                                                prompt_tokens=prompt_tokens,
                                                 completion_tokens=c.completion_tokens) for c in completion.choices])
-        if not await self.completions.store.save_completion(completion, [event]):
+        if not await self.completion_store.save_completion(completion, [event]):
             return self._unavailable()
         return completion
+
+    async def _choices(self, prompt: str, params: list[dict[str, Any]]) -> list[Generation] | APIError:
+        """One generation per ``params``, all from one policy version, by the rule of ``/v1/completions``:
+        the version of the choice that finished last; the others are regenerated on the replicas that
+        reported it, at most ``version_retry_rounds`` times (a named version, ``adapter_id``, is one anyway)."""
+        results: list[Generation | None] = [None] * len(params)
+        pending, prefer = list(range(len(params))), None
+        for _ in range(self.settings.version_retry_rounds + 1):
+            finished: list[int] = []
+
+            async def one(i: int, prefer=prefer, finished=finished) -> None:
+                results[i] = await self.backend.generate(prompt, params[i], prefer)
+                finished.append(i)
+
+            tasks = [asyncio.ensure_future(one(i)) for i in pending]
+            try:
+                await asyncio.gather(*tasks)
+            except BackendError as exc:
+                return APIError(exc.status, exc.message, "server_error" if exc.status >= 500 else "invalid_request_error",
+                                code=exc.code, headers={"Retry-After": str(self.settings.retry_after_s)}
+                                if exc.status == 503 else {})
+            finally:
+                for task in tasks:
+                    task.cancel()
+            target = results[finished[-1]].policy_version
+            pending = [i for i, g in enumerate(results) if g.policy_version != target]
+            if not pending:
+                return results  # type: ignore[return-value]
+            prefer = {g.backend for g in results if g.policy_version == target}
+        return APIError(503, "the policy version changed while the task's responses were generated; ask again",
+                        "server_error", code="policy_version_changed",
+                        headers={"Retry-After": str(self.settings.retry_after_s)})
 
     async def compare_versions(self) -> tuple[str, str] | None:
         """The two versions compare mode shows: the admin's choice, else the current version and the newest
@@ -161,7 +196,7 @@ class LabelingServing:
                                 "created": time.time(), "slots": [], "overlap_of": None}
         overlap = await self.store.take_overlap(principal.key_id) if mode == "rank" else None
         if overlap is not None:
-            completion = await self.completions.store.get_completion(overlap["completion_id"])
+            completion = await self.completion_store.get_completion(overlap["completion_id"])
             if completion is None:  # expired while waiting
                 overlap = None
         if overlap is not None:
@@ -196,7 +231,7 @@ class LabelingServing:
         texts = {}
         if task["slots"]:
             for completion_id in {cid for cid, _ in task["slots"]}:
-                stored = await self.completions.store.get_completion(completion_id)
+                stored = await self.completion_store.get_completion(completion_id)
                 texts.update({(completion_id, c.index): c.text for c in stored.choices})
         log.info("labeling task", extra={"task_id": task["task_id"], "mode": mode, "labeler": principal.key_id,
                                          "source": source, "overlap": overlap is not None})
