@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import labeling
 from gateway.auth import KeyStore
 from gateway.backend import Backend
 from gateway.deps import GatewayState
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
 
     for module in (completions, chat, models, feedback, demonstrations, admin, health):
         app.include_router(module.router)
+    labeling.install(app, state)  # /label, /label/admin and the task API (gateway/labeling/)
     app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
 

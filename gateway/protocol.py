@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from instructloop.events import OutputFlag
 from instructloop.wire import GREEDY_TEMPERATURE, SERVED_MODEL_NAME
 
 # ---- errors (OpenAI's shape, for every error the gateway answers) ----------------------------------
@@ -277,6 +278,9 @@ class RankingFeedback(BaseModel):
     completion_id: str = Field(min_length=1, max_length=128)
     ranking: Annotated[list[Annotated[list[int], Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=64)]
     rationale: Rationale | None = None
+    flags: dict[int, Annotated[list[OutputFlag], Field(max_length=3)]] | None = Field(
+        default=None, description="InstructGPT's per-output flags by choice index (fails_instruction, harmful, "
+                                  "made_up_facts); they travel in the comparison event")
 
 
 class PairwiseFeedback(BaseModel):

@@ -148,7 +148,23 @@ class FeedbackServing:
             if isinstance(event, ComparisonEvent):
                 event.source = "pairwise"
             return event
-        return await self._from_completion(completion, feedback.ranking, "ranking")
+        event = await self._from_completion(completion, feedback.ranking, "ranking")
+        if isinstance(event, ComparisonEvent) and feedback.flags:
+            return self._with_flags(event, completion, feedback.ranking[0][0], feedback.flags)
+        return event
+
+    def _with_flags(self, event: ComparisonEvent, completion: StoredCompletion, ranked: int,
+                    flags: dict[int, list[str]]) -> ComparisonEvent | APIError:
+        """Per-choice flags re-indexed to the event's responses (the choices of the ranked prompt)."""
+        prompt_index = completion.choices[ranked].prompt_index
+        members = [c.index for c in completion.choices if c.prompt_index == prompt_index]
+        position = {global_index: local for local, global_index in enumerate(members)}
+        per_response: list[list[str]] = [[] for _ in event.responses]
+        for index, names in flags.items():
+            if index not in position:
+                return self._invalid(f"flags names choice {index}, which is not a choice of the ranked prompt", "flags")
+            per_response[position[index]] = sorted(set(names))
+        return event.model_copy(update={"flags": per_response})
 
     async def submit(self, feedback: RankingFeedback | PairwiseFeedback | ABFeedback, principal: Principal,
                      idempotency_key: str | None) -> FeedbackAccepted | APIError:

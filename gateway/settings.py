@@ -87,6 +87,16 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(default=2048, ge=1, description="Upper bound for `max_tokens`.")
     max_n: int = Field(default=9, ge=1, le=64, description="Upper bound for `n` (K responses to rank).")
 
+    # ---- labeling page (/label, gateway/labeling/) ---------------------------------------------------
+    label_k: int = Field(default=4, ge=2, le=9, description="Completions per ranking task (K, 2-9).")
+    label_live_prompts: bool = Field(
+        default=True, description="Labeling tasks may use prompts from live traffic (stored completions); an admin "
+                                  "can turn this off at run time on /label/admin (privacy).")
+    label_overlap_rate: float = Field(default=0.1, ge=0, le=1,
+                                      description="Share of ranking tasks also shown to a second labeler (agreement).")
+    label_max_tokens: int = Field(default=128, ge=1, description="max_tokens of each labeling completion.")
+    label_temperature: float = Field(default=0.9, ge=0, le=2, description="Sampling temperature of labeling completions.")
+
     # ---- logs -------------------------------------------------------------------------------------
     log_level: str = "INFO"
     json_logs: bool = True

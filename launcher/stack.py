@@ -300,6 +300,7 @@ def usage_text(gateway_url: str, keys_file: Path) -> str:
 instructloop is up.
   gateway:  {gateway_url}   (OpenAI-compatible; /v1/completions, /v1/feedback, /readyz, /metrics)
   API keys: {keys}   (0600; roles user, labeler, admin)
+  labeling: {gateway_url}/label   (sign in with the labeler key; admin dashboard: {gateway_url}/label/admin)
 
 A completion with curl (4 choices to rank):
   USER_KEY=$(python3 -c 'import json;print(json.load(open("{keys}"))["user"])')

@@ -27,6 +27,7 @@ from instructloop.wire import BASE_VERSION
 from learner.dataset import Dataset
 from learner.gate import GateConfig, GateResult, gate_decision
 from learner.ingest import Ingestor, IngestStats
+from learner.live_gate import awaiting_live_votes
 from learner.metrics import LearnerMetrics
 from learner.models import LearnerModels
 from learner.publish import publish_candidate
@@ -338,6 +339,8 @@ class Learner:
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
         result.metrics.update({"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)})
+        if self.state.rm_heldout_accuracy is not None:  # the admin dashboard charts it from the policies stream
+            result.metrics["rm_heldout_accuracy"] = float(self.state.rm_heldout_accuracy)
         with self.metrics.step_seconds.labels("publish").time():
             parent = None if incumbent_version == BASE_VERSION else incumbent_version
             publish_candidate(self.registry, version, trainer.policy, self.tokenizer, result, parent=parent,
@@ -355,6 +358,7 @@ class Learner:
                 self.metrics.kl.labels(policy).set(result.metrics[f"{policy}_kl"])
         self.state.incumbent = self.registry.current()
         self.state.pending_candidate = None
+        self.state.candidate_listed_at = None
         self.state.record({"kind": "gate", "version": version, "promote": result.promote,
                            "reasons": result.reasons, **result.metrics})
         self.store.save(self.state)
@@ -369,7 +373,8 @@ class Learner:
         report = RoundReport()
         report.ingest = self.ingest()
         self.metrics.beat()
-        if not self.stop_requested and self.state.pending_candidate:  # resumed with an un-gated candidate
+        # a pending candidate is gated unless it still collects live votes (learner/live_gate.py)
+        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
         if not self.stop_requested:
@@ -381,7 +386,7 @@ class Learner:
         if not self.stop_requested:
             report.ppo = self.maybe_run_ppo_round()
             self.metrics.beat()
-        if not self.stop_requested and self.state.pending_candidate:
+        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
         report.duration_s = time.perf_counter() - started
