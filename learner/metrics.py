@@ -32,11 +32,20 @@ class LearnerMetrics:
         self.kl = Gauge("learner_kl", "KL to the reference policy on held-out prompts (nats per response).", ["policy"],
                         registry=r)
         self.ptx_loss = Gauge("learner_ptx_loss", "Pretraining (ptx) loss of the last PPO-ptx round.", registry=r)
+        self.ptx_heldout_nll = Gauge(
+            "learner_ptx_heldout_nll", "Per-token NLL on held-out pretraining text (never trained on) after the last "
+            "PPO-ptx round, of the working policy and of the reference: the alignment tax.", ["policy"], registry=r)
         self.ppo_rounds = Counter("learner_ppo_rounds_total", "PPO-ptx rounds.", registry=r)
         self.step_seconds = Histogram(
             "learner_step_duration_seconds", "Duration of a learner step.", ["step"], buckets=STEP_BUCKETS, registry=r)
         self.promotions = Counter("learner_promotions_total", "Candidates promoted to current.", registry=r)
         self.rejections = Counter("learner_rejections_total", "Candidates rejected by the gate.", registry=r)
+        self.held_back = Counter(
+            "learner_held_back_total", "Candidates that passed the gate but were held back: the current version is pinned.",
+            registry=r)
+        self.waiting = Gauge(
+            "learner_waiting", "Items a step still needs before it runs (0: not waiting); the `knob` label is the "
+            "setting that changes the need (learner status and the log say more).", ["step", "knob"], registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` (a daemon thread)."""

@@ -58,6 +58,8 @@ class LearnerState(BaseModel):
         None, description="Version reserved for the policy of the last PPO round, not gated yet.")
     promotions: int = 0
     rejections: int = 0
+    held_back: int = Field(0, description="Candidates that passed the gate while the current version was pinned.")
+    policy_events_cursor: str = Field("0-0", description="Last policies-stream entry read for admin rollbacks.")
     history: list[dict[str, Any]] = Field(default_factory=list, description="The latest round records.")
     saved_at: float = 0.0
 
