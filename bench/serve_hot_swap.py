@@ -7,7 +7,11 @@ writes v0002 and publishes it once serve has prefetched it (what happens when th
 between writing a candidate and promoting it). Versions are the default weights plus small Gaussian noise:
 real, different checkpoints, published through Redis (key + pub/sub).
 
-    python bench/serve_hot_swap.py [--clients 8] [--threads 2]
+    python bench/serve_hot_swap.py [--clients 8] [--threads 2] [--adapters]
+
+``--adapters``: the versions are LoRA adapter versions instead (what the learner publishes by default: r = 16
+on every attention and MLP projection, B drawn from N(0, 1e-3)), a PEFT folder of a few MB applied by
+serve over the one base it holds.
 """
 
 from __future__ import annotations
@@ -27,6 +31,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from bench._serve_common import RedisProcess, ServeProcess  # noqa: E402
+
+
+def write_adapter_version(registry, model_dir: str, version: str, seed: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from instructloop.registry import base_weights_sha256
+    from learner.config import AdapterConfig
+
+    defaults = AdapterConfig()
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                           LoraConfig(r=defaults.r, lora_alpha=defaults.alpha, lora_dropout=0.0,
+                                      target_modules=list(defaults.target_modules)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
+    registry.write_adapter(version, model, base_sha256=base_weights_sha256(model_dir), parent="base")
 
 
 def write_version(registry, model_dir: str, version: str, seed: int) -> None:
@@ -67,7 +91,7 @@ def prefetches(url: str) -> float:
 
 
 async def load_and_swap(url: str, registry, model_dir: str, scenarios: list[tuple[str, bool]], clients: int,
-                        settle_s: float) -> list[dict]:
+                        settle_s: float, write=write_version) -> list[dict]:
     stop = asyncio.Event()
     first_token: dict[str, float] = {}
     first_response: dict[str, float] = {}
@@ -103,7 +127,7 @@ async def load_and_swap(url: str, registry, model_dir: str, scenarios: list[tupl
     await asyncio.sleep(settle_s)
     for seed, (version, wait_for_prefetch) in enumerate(scenarios):
         already = prefetches(url)
-        await asyncio.to_thread(write_version, registry, model_dir, version, seed)
+        await asyncio.to_thread(write, registry, model_dir, version, seed)
         while wait_for_prefetch and prefetches(url) <= already:  # the learner's gate would take this long
             await asyncio.sleep(0.1)
         before = dict(counts)
@@ -150,6 +174,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--adapters", action="store_true", help="publish LoRA adapter versions")
     args = parser.parse_args()
 
     import redis
@@ -167,13 +192,16 @@ def main() -> None:
                               redis_server.url, threads=args.threads, log_path=work / "server.log")
         server.wait_healthy()
         scenarios = [("v0001", False), ("v0002", True)]  # published right after writing / after the prefetch
-        results = asyncio.run(load_and_swap(server.url, registry, model_dir, scenarios, args.clients, settle_s=4.0))
+        write = write_adapter_version if args.adapters else write_version
+        results = asyncio.run(load_and_swap(server.url, registry, model_dir, scenarios, args.clients, settle_s=4.0,
+                                            write=write))
     finally:
         if server is not None:
             server.stop()
         redis_server.stop()
         shutil.rmtree(work / "registry", ignore_errors=True)  # two 540 MB versions; server.log stays
-    print(f"{args.clients} streaming clients, {args.threads} torch threads, model {model_dir}, logs in {work}")
+    kind = "LoRA adapter versions" if args.adapters else "full-weight versions"
+    print(f"{args.clients} streaming clients, {args.threads} torch threads, model {model_dir}, {kind}, logs in {work}")
     print("| swap | publish → installed (s) | publish → first token, fresh request (s) | publish → first token, "
           "load clients (s) | publish → first full response, load clients (s) | completed during | failed |")
     print("|---|---|---|---|---|---|---|")

@@ -2,8 +2,13 @@
 
 Layout (same on a local disk or a Kubernetes PVC)::
 
-    <root>/policies/<version>/      model *.safetensors, config.json, tokenizer files, manifest.json
+    <root>/policies/<version>/      a full-weight version: model *.safetensors, config.json, tokenizer, manifest.json
+                                    or an adapter version: adapter_config.json, adapter_model.safetensors
+                                    (a standard PEFT LoRA folder), manifest.json
     <root>/CURRENT                  the current version (written atomically)
+
+An adapter version's manifest names the base model and the base's sha256 (``base_sha256``, see
+``base_weights_sha256``); ``load_adapter`` refuses it over any other base.
 
 With Redis configured the current version is also the key ``<prefix>:policy:current``; changing it
 publishes the version on ``<prefix>:policy:changed`` and appends a ``PolicyEvent`` to the policies stream.
@@ -23,6 +28,8 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,17 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CURRENT_FILE = "CURRENT"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+class VersionKind(str, Enum):
+    full = "full"
+    """Every weight of the model (safetensors + config + tokenizer)."""
+    adapter = "adapter"
+    """A PEFT LoRA adapter over the base model named in the manifest."""
 
 
 class InvalidCheckpoint(ValueError):
@@ -51,6 +69,18 @@ class Manifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     base_model: str | None = None
     reason: str | None = None
+    kind: VersionKind = Field(default=VersionKind.full, description="full weights or a LoRA adapter over the base")
+    base_sha256: str | None = Field(default=None, description="adapter versions: base_weights_sha256 of the base "
+                                    "model the adapter was trained on")
+
+
+@dataclass
+class AdapterWeights:
+    """A verified adapter version: its PEFT ``adapter_config.json`` and its LoRA tensors (PEFT key names)."""
+
+    version: str
+    config: dict[str, Any]
+    state: dict[str, Any]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -66,6 +96,16 @@ def combined_sha256(files: dict[str, str]) -> str:
     for name in sorted(files):
         digest.update(f"{name}\0{files[name]}\n".encode())
     return digest.hexdigest()
+
+
+def base_weights_sha256(model_dir: str | Path) -> str:
+    """The identity of a base model: ``combined_sha256`` over its ``*.safetensors`` files. An adapter version
+    records it and is only ever applied over a base with the same value."""
+    folder = Path(model_dir)
+    files = {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+    if not files:
+        raise InvalidCheckpoint(f"base model {folder}: no .safetensors weights to fingerprint")
+    return combined_sha256(files)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -101,10 +141,14 @@ class Registry:
         metrics: dict[str, float] | None = None,
         status: PolicyStatus = PolicyStatus.candidate,
         base_model: str | None = None,
+        kind: VersionKind = VersionKind.full,
+        base_sha256: str | None = None,
     ) -> Manifest:
         """Create a version folder. ``save(folder)`` writes the files (e.g. ``model.save_pretrained``
         then ``tokenizer.save_pretrained``); then the manifest is computed and the folder renamed into
         place. Raises ``FileExistsError`` if the version exists."""
+        if kind == VersionKind.adapter and not base_sha256:
+            raise ValueError(f"version {version}: an adapter version needs the base's sha256 (base_weights_sha256)")
         target = self.version_dir(version)
         if target.exists():
             raise FileExistsError(f"policy version {version} already exists in {self.policies_dir}")
@@ -115,6 +159,9 @@ class Registry:
             files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
             if not any(name.endswith(".safetensors") for name in files):
                 raise InvalidCheckpoint(f"version {version}: save() wrote no .safetensors file")
+            if kind == VersionKind.adapter and not {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= set(files):
+                raise InvalidCheckpoint(f"version {version}: an adapter version needs {ADAPTER_CONFIG} and "
+                                        f"{ADAPTER_WEIGHTS}; save() wrote {sorted(files)}")
             manifest = Manifest(
                 version=version,
                 parent=parent,
@@ -123,6 +170,8 @@ class Registry:
                 sha256=combined_sha256(files),
                 metrics=dict(metrics or {}),
                 base_model=base_model,
+                kind=kind,
+                base_sha256=base_sha256,
             )
             _atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=2))
             os.rename(staging, target)
@@ -141,6 +190,25 @@ class Registry:
                 tokenizer.save_pretrained(folder)
 
         return self.write_version(version, save, **kwargs)
+
+    def write_adapter(self, version: str, peft_model: Any, *, base_sha256: str, adapter_name: str = "default",
+                      **kwargs: Any) -> Manifest:
+        """``write_version`` for one adapter of a ``peft.PeftModel``: a standard PEFT folder
+        (``adapter_config.json`` + ``adapter_model.safetensors``, what ``PeftModel.from_pretrained`` and vLLM's
+        runtime LoRA loading read) plus the manifest naming the base and its sha256."""
+
+        def save(folder: Path) -> None:
+            peft_model.save_pretrained(folder, selected_adapters=[adapter_name], safe_serialization=True)
+            nested = folder / adapter_name  # peft puts a non-"default" adapter in a sub-folder
+            if adapter_name != "default" and nested.is_dir():
+                for path in nested.iterdir():
+                    os.replace(path, folder / path.name)
+                nested.rmdir()
+            stray = [p.name for p in folder.iterdir() if p.is_file() and p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+            for name in stray:  # peft may add a README.md model card: not part of the version
+                (folder / name).unlink()
+
+        return self.write_version(version, save, kind=VersionKind.adapter, base_sha256=base_sha256, **kwargs)
 
     def manifest(self, version: str) -> Manifest:
         path = self.version_dir(version) / MANIFEST
@@ -203,6 +271,9 @@ class Registry:
         from safetensors.torch import load_file
 
         manifest = self.verify(version)
+        if manifest.kind != VersionKind.full:
+            raise InvalidCheckpoint(f"policy version {version} is a {manifest.kind.value} version, not full weights "
+                                    "(load it with load_adapter)")
         folder = self.version_dir(version)
         state: dict[str, Any] = {}
         for name in sorted(manifest.files):
@@ -219,6 +290,58 @@ class Registry:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise InvalidCheckpoint(f"policy version {version}: {key} has non-finite values")
         return state
+
+    def load_adapter(self, version: str, *, base_sha256: str, base_shapes: dict[str, tuple[int, ...]],
+                     device: str = "cpu") -> AdapterWeights:
+        """A verified adapter version: sha256 of every file, the base it was trained on is the one the caller
+        holds (``base_sha256``), plain LoRA on linear layers of the base (``base_shapes`` = the base's state
+        dict shapes), A (r, in) and B (out, r) fitting those layers, finite values. Raises InvalidCheckpoint."""
+        import torch
+        from safetensors.torch import load_file
+
+        manifest = self.verify(version)
+        if manifest.kind != VersionKind.adapter:
+            raise InvalidCheckpoint(f"policy version {version} is a {manifest.kind.value} version, not an adapter")
+        if manifest.base_sha256 != base_sha256:
+            raise InvalidCheckpoint(
+                f"policy version {version} was trained on base {manifest.base_model} (sha256 "
+                f"{(manifest.base_sha256 or '?')[:12]}…), not on the loaded base (sha256 {base_sha256[:12]}…)")
+        folder = self.version_dir(version)
+        try:
+            config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        except ValueError as exc:
+            raise InvalidCheckpoint(f"policy version {version}: unreadable {ADAPTER_CONFIG} ({exc})") from exc
+        if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("modules_to_save"):
+            raise InvalidCheckpoint(f"policy version {version}: only plain LoRA adapters (no DoRA, no "
+                                    f"modules_to_save) are served; got peft_type={config.get('peft_type')!r}")
+        state = load_file(folder / ADAPTER_WEIGHTS, device=device)
+        ranks: dict[str, dict[str, int]] = {}
+        for key, tensor in state.items():
+            suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+            if not key.startswith(_PEFT_PREFIX) or suffix is None:
+                raise InvalidCheckpoint(f"policy version {version}: unexpected adapter tensor {key}")
+            module = key[len(_PEFT_PREFIX):-len(suffix)]
+            base_shape = base_shapes.get(f"{module}.weight")
+            if base_shape is None or len(base_shape) != 2 or tensor.dim() != 2:
+                raise InvalidCheckpoint(f"policy version {version}: {key} adapts {module}, which is not a linear "
+                                        "layer of the base model")
+            out_features, in_features = base_shape
+            side = "A" if suffix == ".lora_A.weight" else "B"
+            rank, fits = (tensor.shape[0], tensor.shape[1] == in_features) if side == "A" else \
+                (tensor.shape[1], tensor.shape[0] == out_features)
+            if not fits:
+                raise InvalidCheckpoint(f"policy version {version}: {key} has shape {tuple(tensor.shape)}, which does "
+                                        f"not fit {module} ({out_features}x{in_features}) of the base")
+            ranks.setdefault(module, {})[side] = rank
+            if not bool(torch.isfinite(tensor).all()):
+                raise InvalidCheckpoint(f"policy version {version}: {key} has non-finite values")
+        for module, sides in ranks.items():
+            if set(sides) != {"A", "B"} or sides["A"] != sides["B"]:
+                raise InvalidCheckpoint(f"policy version {version}: {module} needs lora_A and lora_B of one rank, "
+                                        f"got {sides}")
+        if not ranks:
+            raise InvalidCheckpoint(f"policy version {version}: the adapter holds no LoRA tensors")
+        return AdapterWeights(version=version, config=config, state=state)
 
     # ---- current pointer ------------------------------------------------------------------------
     def current(self) -> str | None:

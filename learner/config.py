@@ -190,3 +190,26 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _positive("EvalConfig", max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                   batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens)
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA adapters (``INSTRUCTLOOP_LEARNER_TRAINING=lora``): policy, value model and RM are adapters over one
+    frozen base model."""
+
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA scaling numerator (the update is ``alpha / r · B A``)."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Linear layers that get an adapter (Llama/Qwen/Mistral names): every projection of attention and MLP."""
+    lr_multiplier: float = 10.0
+    """Every learning rate (RM, PPO policy and value) is multiplied by this in lora mode: a LoRA update starts
+    at zero (B = 0) and moves through a rank-r bottleneck, so at full fine-tuning rates it barely moves
+    (LoRA papers train at about 10x the full fine-tuning rate). The score heads train at the same rate."""
+
+    def __post_init__(self) -> None:
+        _positive("AdapterConfig", r=self.r, alpha=self.alpha, lr_multiplier=self.lr_multiplier)
+        if not self.target_modules:
+            raise ValueError("AdapterConfig.target_modules must name at least one linear layer")
+        self.target_modules = tuple(self.target_modules)

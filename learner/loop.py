@@ -9,10 +9,8 @@ the weights together with the counters and the dataset cursor they correspond to
 
 Which policy keeps training after a rejection: the learner's working policy continues from the rejected
 candidate (PPO progress is not thrown away; the next candidate is gated again against the incumbent).
-The gate only decides what is served. Admin decisions bind (``learner/admin.py``): a candidate that passes
-the gate while the current version is pinned is recorded as held back, and after a rollback the working
-policy restarts from the version rolled back to. While a step waits for data, ``learner/waiting.py`` says
-why (log, ``learner status``, the ``learner_waiting`` gauge) and names the knob.
+The gate only decides what is served, and admin pins and rollbacks bind it (``learner/admin.py``). Why
+the loop waits: ``learner/waiting.py``.
 """
 
 from __future__ import annotations
@@ -23,50 +21,26 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from instructloop.events import validate_version_name
-from instructloop.model import resolve_model
-from instructloop.registry import InvalidCheckpoint, Registry
+from instructloop.registry import Registry
 from instructloop.wire import BASE_VERSION
-from learner.admin import pinned_version, rollbacks_since
+from learner.admin import follow_rollback, pinned_version
 from learner.dataset import Dataset, TrafficPrompt
 from learner.gate import GateConfig, GateResult, gate_decision
 from learner.ingest import Ingestor, IngestStats
 from learner.metrics import LearnerMetrics
+from learner.models import LearnerModels
 from learner.publish import publish_candidate
+from learner.report import RoundReport, numeric
 from learner.settings import Settings
 from learner.state import CheckpointStore, LearnerState
-from learner.waiting import Wait, waits
+from learner.waiting import Wait, report_waits, waits
 
 log = logging.getLogger(__name__)
 
-"""What serve reports, and the gate compares against, while no version is current."""
 HELDOUT_COMPARISONS_MAX = 512
 BIAS_SAMPLES = 64
-
-
-@dataclass
-class RoundReport:
-    """What one ``Learner.round`` did."""
-
-    ingest: IngestStats = field(default_factory=IngestStats)
-    sft: str | None = None
-    reward: dict[str, float] | None = None
-    ppo: dict[str, float] | None = None
-    gate: GateResult | None = None
-    version: str | None = None
-    duration_s: float = 0.0
-
-    @property
-    def trained(self) -> bool:
-        return bool(self.sft or self.reward or self.ppo or self.gate)
-
-
-def _numeric(stats: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
 
 
 class Learner:
@@ -91,11 +65,7 @@ class Learner:
             min_live_comparisons=settings.gate_min_live_comparisons, min_win_rate=settings.gate_min_win_rate,
         )
         self.stop_requested = False
-        self._base_path: str | None = None
-        self._device: str | None = None
-        self._tokenizer = None
-        self._reference = None
-        self._reward = None
+        self.models = LearnerModels(settings, self.store, lambda: self.state.reference_model)
         self._trainer = None
         self._started = False
         self._waiting: list[Wait] = []
@@ -129,63 +99,18 @@ class Learner:
         self.dataset.close()
         self.redis.close()
 
-    # ---- models (loaded on first use) ------------------------------------------------------------
-    @property
-    def base_path(self) -> str:
-        if self._base_path is None:
-            self._base_path = resolve_model(self.settings.model)
-        return self._base_path
-
-    @property
-    def reference_path(self) -> str:
-        return self.state.reference_model or self.base_path
-
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            self._device = self.settings.resolved_device()
-        return self._device
-
+    # ---- models (learner/models.py) ---------------------------------------------------------------
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.reference_path)
-            if self._tokenizer.pad_token_id is None or self._tokenizer.pad_token_id == self._tokenizer.eos_token_id:
-                raise ValueError(
-                    f"model {self.settings.model}: the tokenizer needs a pad token distinct from EOS for PPO "
-                    "(set one in the model folder's tokenizer_config.json)"
-                )
-        return self._tokenizer
-
-    def _causal_lm(self, path: str | Path):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from learner.reward import disable_dropout
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        model.generation_config.eos_token_id = self.tokenizer.eos_token_id
-        return disable_dropout(model).to(self.device)
+        return self.models.tokenizer
 
     @property
     def reference(self):
-        if self._reference is None:
-            self._reference = self._causal_lm(self.reference_path).eval().requires_grad_(False)
-        return self._reference
+        return self.models.reference
 
     @property
     def reward_model(self):
-        """The RM from the latest checkpoint, or None before the first RM update."""
-        if self._reward is None:
-            path = self.store.model_dir("reward")
-            if path is not None:
-                from learner.reward import build_reward_model
-
-                self._reward = build_reward_model(str(path)).to(self.device).eval()
-        return self._reward
+        return self.models.reward_model
 
     # ---- steps -----------------------------------------------------------------------------------
     def ingest(self) -> IngestStats:
@@ -218,12 +143,12 @@ class Learner:
         shutil.rmtree(staging, ignore_errors=True)
         log.info("sft started", extra={"demonstrations": len(demonstrations), "output": str(output)})
         with self.metrics.step_seconds.labels("sft").time():
-            run_sft(self.base_path, demonstrations, staging, config, progress=self.progress)
+            run_sft(self.models.base_path, demonstrations, staging, config, progress=self.progress)
         shutil.rmtree(output, ignore_errors=True)  # a previous SFT that finished but was never checkpointed
         os.rename(staging, output)
         self.state.sft_done = True
         self.state.reference_model = str(output)
-        self._reference = self._tokenizer = None
+        self.models.reset()
         self.state.record({"kind": "sft", "demonstrations": len(demonstrations), "path": str(output)})
         self.store.save(self.state)
         return str(output)
@@ -234,7 +159,7 @@ class Learner:
         if new < self.settings.min_new_comparisons:
             return None
         from learner.config import RewardConfig
-        from learner.reward import build_reward_model, normalize_reward_bias, train_reward_model
+        from learner.reward import normalize_reward_bias, train_reward_model
 
         up_to = self.dataset.max_comparison_seq()
         comparisons = [s.comparison for s in self.dataset.comparisons(after_seq=self.state.rm_cursor, up_to_seq=up_to)]
@@ -246,17 +171,15 @@ class Learner:
         log.info("reward model update started", extra={"comparisons": len(comparisons), "heldout": len(heldout),
                                                         "rm_update": self.state.rm_updates + 1})
         with self.metrics.step_seconds.labels("reward_model").time():
-            model = self.reward_model
-            if model is None:
-                model = build_reward_model(self.reference_path).to(self.device)
+            model = self.reward_model or self.models.new_reward_model()
             config = RewardConfig(**{"seed": self.settings.seed + self.state.rm_updates, **self.settings.reward})
-            stats = _numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
+            config.lr *= self.models.lr_scale()
+            stats = numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
                                                 progress=self.progress))
             prompts, responses = self._bias_samples()
             stats["bias"] = normalize_reward_bias(model, self.tokenizer, prompts, responses,
                                                   batch_size=config.score_batch_size, max_length=config.max_length)
             model.eval().requires_grad_(False)
-        self._reward = model
         self.state.rm_updates += 1
         self.state.rm_cursor = up_to
         self.state.rm_comparisons_trained += len(comparisons)
@@ -280,23 +203,9 @@ class Learner:
         if not queries:
             queries = [TrafficPrompt(p) for p in
                        sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=BIAS_SAMPLES)})]
-        return [q.text for q in queries], self._reference_samples(queries)
+        from learner.evaluate import reference_samples
 
-    def _reference_samples(self, queries: list[TrafficPrompt]) -> list[str]:
-        """Greedy responses of the reference policy (EOS and padding stripped), each cut at its traffic's
-        ``max_tokens`` as serve would cut it."""
-        from learner.ppo import generate_rollouts
-
-        config = self._eval_config()
-        limits = [min(q.max_tokens, config.max_new_tokens) if q.max_tokens else config.max_new_tokens for q in queries]
-        responses: list[str] = []
-        for start in range(0, len(queries), config.batch_size):
-            rows = slice(start, start + config.batch_size)
-            rollouts = generate_rollouts(self.reference, self.tokenizer, [q.text for q in queries[rows]],
-                                         config.max_prompt_tokens, limits[rows], False, 1.0)
-            for ids, mask in zip(rollouts.responses, rollouts.response_mask, strict=True):
-                responses.append(self.tokenizer.decode(ids[mask], skip_special_tokens=True))
-        return responses
+        return [q.text for q in queries], reference_samples(self.reference, self.tokenizer, queries, self._eval_config())
 
     def _eval_config(self):
         from learner.config import EvalConfig
@@ -308,14 +217,13 @@ class Learner:
             from learner.config import PPOConfig
             from learner.ppo import PPOPtxTrainer
             from learner.ptx import PtxSource
-            from learner.reward import build_reward_model
 
-            policy_dir = self.store.model_dir("policy")
-            value_dir = self.store.model_dir("value") or self.store.model_dir("reward")
-            policy = self._causal_lm(policy_dir or self.reference_path)
-            value = build_reward_model(str(value_dir)).to(self.device)  # value model starts from the RM
+            policy, value, restored = self.models.policy_and_value()  # the value model starts from the RM
             config = PPOConfig(**{"kl_coef": self.settings.kl_coef, "ptx_coef": self.settings.ptx_coef,
                                   "seed": self.settings.seed, **self.settings.ppo})
+            scale = self.models.lr_scale()
+            config.lr *= scale
+            config.value_lr = config.value_lr * scale if config.value_lr is not None else None
             ptx = None
             if config.ptx_coef > 0:
                 ptx = PtxSource(self.tokenizer, self.settings.ptx_corpus, seq_len=config.ptx_seq_len,
@@ -323,7 +231,7 @@ class Learner:
             trainer = PPOPtxTrainer(policy, self.reference, value, self.reward_model, self.tokenizer, config, ptx,
                                     progress=self.progress)
             saved = self.store.optimizer_state("ppo")
-            if saved and policy_dir is not None:  # {}: the policy restarted from a version (rollback)
+            if saved and restored:  # {}: the policy restarted from a version (after a rollback)
                 trainer.load_state_dict(saved)
             self._trainer = trainer
         return self._trainer
@@ -350,7 +258,7 @@ class Learner:
         log.info("ppo round started", extra={"ppo_round": self.state.ppo_rounds + 1, "prompts": len(prompts)})
         with self.metrics.step_seconds.labels("ppo").time():
             trainer = self._ppo_trainer()
-            stats = _numeric(trainer.round(prompts, [q.max_tokens for q in queries]))
+            stats = numeric(trainer.round(prompts, [q.max_tokens for q in queries]))
         self.state.ppo_rounds += 1
         self.state.ppo_prompts += len(prompts)
         self.state.ppo_prompt_cursor = prompt_cursor
@@ -364,26 +272,9 @@ class Learner:
             optimizers={"ppo": trainer.state_dict()},
         )
         self.metrics.ppo_rounds.inc()
-        if "ptx_loss" in stats:
-            self.metrics.ptx_loss.set(stats["ptx_loss"])
-        if "ptx_heldout_nll" in stats:
-            self.metrics.ptx_heldout_nll.labels("policy").set(stats["ptx_heldout_nll"])
-            self.metrics.ptx_heldout_nll.labels("reference").set(stats["ptx_heldout_nll_reference"])
+        self.metrics.observe_ppo(stats)
         log.info("ppo round done", extra={"ppo_round": self.state.ppo_rounds, "stats": stats})
         return stats
-
-    def _incumbent(self) -> tuple[str, Any]:
-        """The current version and its model (the reference when none is current or it cannot be loaded)."""
-        version = self.registry.current()
-        if version and version != BASE_VERSION:
-            try:
-                validate_version_name(version)
-                self.registry.verify(version)
-                return version, self._causal_lm(self.registry.version_dir(version)).eval()
-            except (InvalidCheckpoint, OSError, ValueError) as exc:
-                log.warning("incumbent not loadable, gating against the reference",
-                            extra={"version": version, "error": str(exc)})
-        return BASE_VERSION, self.reference
 
     def _heldout_prompts(self) -> list[TrafficPrompt]:
         queries = self.dataset.sample_queries(self.settings.eval_prompts, heldout=True, seed=self.settings.seed)
@@ -411,44 +302,41 @@ class Learner:
         version = self.state.pending_candidate
         if version is None:
             return None
-        from learner.evaluate import evaluate_policy
+        from learner.evaluate import sample_policy, score_samples
 
         trainer = self._ppo_trainer()
         decided = self._decided_before_crash(version)
         prompts = [] if decided else self._heldout_prompts()
-        incumbent_version, incumbent = (decided[0], None) if decided else self._incumbent()
+        incumbent_version = decided[0] if decided else (self.registry.current() or BASE_VERSION)
         log.info("gate started", extra={"candidate": version, "incumbent": incumbent_version, "prompts": len(prompts)})
         with self.metrics.step_seconds.labels("evaluate").time():
             if decided:
                 result = decided[1]
             elif prompts:
                 config = self._eval_config()
+                # the incumbent's samples are deterministic: generated once per (version, prompts), re-scored
                 texts, lengths = [q.text for q in prompts], [q.max_tokens for q in prompts]
-                candidate_eval = evaluate_policy(trainer.policy, self.reference, self.reward_model, self.tokenizer,
-                                                 texts, config, lengths)
-                incumbent_eval = evaluate_policy(incumbent, self.reference, self.reward_model, self.tokenizer,
-                                                 texts, config, lengths)
-                result = gate_decision(_numeric(candidate_eval), _numeric(incumbent_eval), self.gate_config,
+                incumbent_version, incumbent = self.models.incumbent_samples(self.registry, texts, config, lengths)
+                candidate = sample_policy(trainer.policy, self.reference, self.tokenizer, texts, config, lengths)
+                candidate_eval = score_samples(candidate, self.reward_model, config)
+                incumbent_eval = score_samples(incumbent, self.reward_model, config)
+                result = gate_decision(numeric(candidate_eval), numeric(incumbent_eval), self.gate_config,
                                        live_win_rate=self.dataset.live_win_rate(version, incumbent_version))
                 pinned = pinned_version(self.registry)
                 if result.promote and pinned:
                     result = result.hold_back(pinned)
+                if result.promote:  # the candidate is the next incumbent: its samples are already made
+                    self.models.remember_incumbent(version, texts, config, candidate, lengths)
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
         result.metrics.update({"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)})
         with self.metrics.step_seconds.labels("publish").time():
             parent = None if incumbent_version == BASE_VERSION else incumbent_version
             publish_candidate(self.registry, version, trainer.policy, self.tokenizer, result, parent=parent,
-                              base_model=self.settings.model)
-        if result.promote:
-            self.state.promotions += 1
-            self.metrics.promotions.inc()
-        elif result.held_back_by:
-            self.state.held_back += 1
-            self.metrics.held_back.inc()
-        else:
-            self.state.rejections += 1
-            self.metrics.rejections.inc()
+                              base_model=self.settings.model, write=self.models.write_candidate)
+        outcome = "promotions" if result.promote else "held_back" if result.held_back_by else "rejections"
+        setattr(self.state, outcome, getattr(self.state, outcome) + 1)
+        getattr(self.metrics, outcome).inc()
         for policy in ("candidate", "incumbent"):
             if f"{policy}_reward_mean" in result.metrics:
                 self.metrics.reward.labels(policy).set(result.metrics[f"{policy}_reward_mean"])
@@ -524,51 +412,24 @@ class Learner:
 
     # ---- admin decisions and waiting -------------------------------------------------------------
     def follow_rollback(self) -> str | None:
-        """After an admin rollback, restart the working policy from the version now current."""
-        rolled_back, cursor = rollbacks_since(self.redis, self.settings.stream_prefix, self.state.policy_events_cursor)
-        if cursor == self.state.policy_events_cursor:
-            return None
-        self.state.policy_events_cursor = cursor  # saved with the next checkpoint; re-reading is harmless
-        if not rolled_back:
-            return None
-        target = self.registry.current() or BASE_VERSION
-        source = self.reference_path
-        if target != BASE_VERSION:
-            self.registry.verify(target)
-            source = str(self.registry.version_dir(target))
-        policy = self._causal_lm(source)
-        log.info("rolled back by an admin: the working policy restarts from the version rolled back to",
-                 extra={"rolled_back": rolled_back, "to": target, "dropped_candidate": self.state.pending_candidate})
-        self._trainer = None
-        self.state.record({"kind": "rollback", "rolled_back": rolled_back, "to": target,
-                           "dropped_candidate": self.state.pending_candidate})
-        self.state.incumbent = target
-        self.state.pending_candidate = None  # trained on the line the admin rolled back
-        self.store.save(self.state, models={"policy": (policy, self.tokenizer)}, optimizers={"ppo": {}})
+        """After an admin rollback, restart the working policy from the version now current (learner/admin.py)."""
+        target = follow_rollback(self)
+        self._trainer = None if target is not None else self._trainer
         return target
 
     def waiting(self) -> list[Wait]:
-        """What each waiting step needs (``learner/waiting.py``)."""
         return waits(self.settings, self.dataset, self.state, self.store.model_dir("reward") is not None)
 
     def report_waiting(self) -> list[Wait]:
         """Log the waiting reasons when they change and set the ``learner_waiting`` gauge."""
-        now = self.waiting()
-        if [w.message for w in now] != [w.message for w in self._waiting]:
-            for wait in now:
-                log.info("learner waiting", extra={"step": wait.step, "have": wait.have, "need": wait.need,
-                                                    "knob": wait.knob, "reason": wait.message})
-        for wait in self._waiting:
-            self.metrics.waiting.labels(wait.step, wait.knob).set(0)
-        for wait in now:
-            self.metrics.waiting.labels(wait.step, wait.knob).set(wait.missing)
-        self._waiting = now
-        return now
+        self._waiting = report_waits(self.metrics, self.waiting(), self._waiting)
+        return self._waiting
 
     def reload_from_checkpoint(self) -> None:
         """Forget in-memory training state; models and counters come back from the newest checkpoint."""
         self.state = self.store.load_state()
-        self._reward = self._trainer = self._reference = self._tokenizer = None
+        self._trainer = None
+        self.models.reset()
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -47,6 +47,14 @@ class LearnerMetrics:
             "learner_waiting", "Items a step still needs before it runs (0: not waiting); the `knob` label is the "
             "setting that changes the need (learner status and the log say more).", ["step", "knob"], registry=r)
 
+    def observe_ppo(self, stats: dict[str, float]) -> None:
+        """The gauges a PPO-ptx round sets: ptx loss, and the held-out pretraining NLL (the alignment tax)."""
+        if "ptx_loss" in stats:
+            self.ptx_loss.set(stats["ptx_loss"])
+        if "ptx_heldout_nll" in stats:
+            self.ptx_heldout_nll.labels("policy").set(stats["ptx_heldout_nll"])
+            self.ptx_heldout_nll.labels("reference").set(stats["ptx_heldout_nll_reference"])
+
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` (a daemon thread)."""
         start_http_server(port, addr=addr, registry=self.registry)

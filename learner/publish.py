@@ -18,6 +18,7 @@ with the same pending version finishes the job instead of failing on an existing
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from instructloop.events import PolicyStatus
@@ -36,16 +37,23 @@ def publish_candidate(
     *,
     parent: str | None,
     base_model: str | None = None,
+    write: Callable[..., Manifest] | None = None,
 ) -> Manifest:
-    """Write ``policy`` as ``version`` and promote or reject it according to ``result``."""
+    """Write ``policy`` as ``version`` and promote or reject it according to ``result``.
+
+    ``write(registry, version, policy, **manifest_fields)`` writes the folder (default: full weights +
+    tokenizer, ``Registry.write_pretrained``; the learner passes ``LearnerModels.write_candidate``, which
+    writes an adapter version in lora mode)."""
     if registry.exists(version):
         manifest = registry.manifest(version)
         log.info("candidate already in the registry (resumed publish)", extra={"version": version})
     else:
-        manifest = registry.write_pretrained(
-            version, policy, tokenizer, parent=parent, metrics=result.metrics,
-            status=PolicyStatus.candidate, base_model=base_model,
-        )
+        fields = {"parent": parent, "metrics": result.metrics, "status": PolicyStatus.candidate,
+                  "base_model": base_model}
+        if write is None:
+            manifest = registry.write_pretrained(version, policy, tokenizer, **fields)
+        else:
+            manifest = write(registry, version, policy, **fields)
     reason = result.summary()
     if result.promote:
         if registry.current() != version or manifest.status != PolicyStatus.promoted:

@@ -3,7 +3,7 @@
 Service knobs (Redis, folders, thresholds, gate, metrics) are flat fields. The headline hyperparameters
 (``kl_coef`` = β, ``ptx_coef`` = γ, ``ptx_corpus``) are flat too; every other hyperparameter of the
 algorithm dataclasses (``RewardConfig``, ``SFTConfig``, ``PPOConfig``, ``EvalConfig`` in
-``learner/config.py``) can be overridden with a JSON object, e.g.
+``learner/config.py``; ``AdapterConfig`` as ``adapters``) can be overridden with a JSON object, e.g.
 ``INSTRUCTLOOP_LEARNER_PPO='{"learning_rate": 1e-6, "ppo_epochs": 2}'``.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     sft: dict[str, Any] = Field(default_factory=dict, description="Overrides for SFTConfig (JSON).")
     ppo: dict[str, Any] = Field(default_factory=dict, description="Overrides for PPOConfig (JSON).")
     evaluation: dict[str, Any] = Field(default_factory=dict, description="Overrides for EvalConfig (JSON).")
+    training: Literal["lora", "full"] = Field(
+        "lora",
+        description="How policy, value model and RM are trained: 'lora' = LoRA adapters over one frozen copy of "
+        "the base model (the reference is that base with adapters off; versions are PEFT adapter folders), "
+        "'full' = every weight, one model per role (full-weight versions; for GPUs).",
+    )
+    adapters: dict[str, Any] = Field(default_factory=dict, description="Overrides for AdapterConfig (JSON), "
+                                     "e.g. '{\"r\": 8}'; training=lora only.")
     sft_on_start: bool = Field(
         False,
         description="Run SFT once, before the first PPO round, when SFTConfig.min_demonstrations training "

@@ -7,7 +7,10 @@ gauge holds how many more items each step needs (0 when it does not wait).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "INSTRUCTLOOP_LEARNER_"
 
@@ -64,3 +67,17 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
                         f"the gate has no held-out prompt to evaluate on (a hash of each event keeps "
                         f"{settings.heldout_fraction:.0%} of them out of training; send more or raise {knob})"))
     return out
+
+
+def report_waits(metrics, now: list[Wait], before: list[Wait]) -> list[Wait]:
+    """Log ``now`` when the reasons changed since ``before``; set the ``learner_waiting`` gauge (0 for the
+    steps that stopped waiting). Returns ``now``."""
+    if [w.message for w in now] != [w.message for w in before]:
+        for wait in now:
+            log.info("learner waiting", extra={"step": wait.step, "have": wait.have, "need": wait.need,
+                                                "knob": wait.knob, "reason": wait.message})
+    for wait in before:
+        metrics.waiting.labels(wait.step, wait.knob).set(0)
+    for wait in now:
+        metrics.waiting.labels(wait.step, wait.knob).set(wait.missing)
+    return now

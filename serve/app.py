@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import instructloop
 from instructloop.wire import BASE_VERSION, POLICY_VERSION_HEADER
+from serve.adapters import SharedBase
 from serve.engine import Engine
 from serve.metrics import ServeMetrics
 from serve.model import PolicyModel, resolve_device, resolve_dtype
@@ -26,6 +27,7 @@ from serve.protocol import ErrorType, GenerateRequest, GenerateResponse, Info
 from serve.serving import ClientGone, GenerateServing, TGIError
 from serve.settings import Settings
 from serve.swap import PolicyLoader, PolicyWatcher
+from serve.versions import LoadedVersions, PolicyVersions
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +70,17 @@ def load_base_policy(settings: Settings) -> tuple[str, PolicyModel]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     log.info("base model loaded", extra={"model": path, "device": str(device), "dtype": str(dtype)})
-    return path, PolicyModel(BASE_VERSION, model, tokenizer, device)
+    return path, PolicyModel(BASE_VERSION, model, tokenizer, device, shared=SharedBase(model))
 
 
 def build_runtime(settings: Settings) -> ServeRuntime:
     model_id, base = load_base_policy(settings)
     metrics = ServeMetrics()
-    engine = Engine(base, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, metrics=metrics)
+    loaded = LoadedVersions(settings.max_loaded_versions)
+    engine = Engine(base, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, metrics=metrics,
+                    loaded=loaded)
     watcher = None
+    loader = None
     if settings.registry_dir is not None:
         from instructloop.registry import Registry
 
@@ -85,11 +90,13 @@ def build_runtime(settings: Settings) -> ServeRuntime:
 
             redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         registry = Registry(settings.registry_dir, redis=redis, prefix=settings.stream_prefix)
-        watcher = PolicyWatcher(registry, engine, PolicyLoader(registry, base), metrics=metrics,
+        loader = PolicyLoader(registry, base, base_dir=model_id)
+        watcher = PolicyWatcher(registry, engine, loader, metrics=metrics,
                                 poll_interval_s=settings.poll_interval_s, retry_after_s=settings.swap_retry_s,
                                 redis=redis, prefix=settings.stream_prefix,
                                 prefetch_candidates=settings.prefetch_candidates)
-    serving = GenerateServing(engine, base.tokenizer, settings, metrics)
+    versions = PolicyVersions(engine, base, loaded, loader)
+    serving = GenerateServing(engine, base.tokenizer, settings, metrics, versions)
     return ServeRuntime(settings, model_id, base, engine, metrics, watcher, serving)
 
 

@@ -5,6 +5,9 @@
 - The model thread (``torch.inference_mode``) loops: switch to a newly installed policy if any; prefill the
   waiting requests that fit into a new batch and concatenate it to the running batch of the active version;
   one decode step for every running batch; drop finished and cancelled sequences (``Batch.filter``).
+- Named versions (``adapter_id``): a request may carry the ``PolicyModel`` it must be answered by
+  (``serve.versions``); admitted requests are prefilled in one batch per version, and each version keeps
+  its own running batch (a forward runs one version's weights or adapter).
 - Hot-swap: ``install(policy)`` (from the watcher thread) makes a loaded, validated version the *active*
   one at the next step. In-flight sequences finish on the weights they started with, in their own batch;
   new requests are prefilled on the active version; an old version is dropped when its batch drains.
@@ -22,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from itertools import count
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +33,9 @@ from serve.batch import Batch, SequenceState
 from serve.metrics import ServeMetrics
 from serve.model import Generation, PolicyModel
 from serve.sampling import NextTokenChooser, SamplingParams, StopSequences
+
+if TYPE_CHECKING:
+    from serve.versions import LoadedVersions
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,8 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    policy: PolicyModel | None = None
+    """The version that must answer (a named ``adapter_id``); None = the active version at admission."""
 
 
 class RequestHandle:
@@ -63,6 +72,7 @@ class RequestHandle:
         self.enqueued_at = time.monotonic()
         self.admitted_at: float | None = None
         self.policy_version: str | None = None
+        self.requested: PolicyModel | None = None
         self.finished = False
 
     # model thread side
@@ -94,12 +104,17 @@ class RequestHandle:
 
 class Engine:
     def __init__(self, policy: PolicyModel, *, max_batch_size: int, max_queue: int,
-                 metrics: ServeMetrics | None = None):
+                 metrics: ServeMetrics | None = None, loaded: LoadedVersions | None = None):
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics or ServeMetrics()
+        self.base = policy
+        """The policy the engine started with (the base model); adapters attach to its module."""
+        self.loaded = loaded
+        """Recently used versions kept loaded for named requests (``serve.versions``)."""
         self._active = policy
         self._pending: PolicyModel | None = None
+        self._to_attach: deque[PolicyModel] = deque()
         self._policies: dict[str, PolicyModel] = {policy.version: policy}
         self._batches: dict[str, Batch] = {}
         self._waiting: deque[RequestHandle] = deque()
@@ -161,6 +176,7 @@ class Engine:
             stop=StopSequences(request.stop),
         )
         handle = RequestHandle(self, request_id, state, loop)
+        handle.requested = request.policy
         state.sink = handle
         with self._lock:
             if len(self._waiting) >= self.max_queue:
@@ -170,6 +186,13 @@ class Engine:
             self.metrics.queue_size.set(len(self._waiting))
         self.wake()
         return handle
+
+    def prepare(self, policy: PolicyModel) -> None:
+        """Attach an adapter version to the base at the next step (a prefetched candidate: its promotion then
+        is a switch, with nothing left to attach). Keep it in ``loaded`` or it is detached again."""
+        if policy.adapter is not None and policy.shared is not None:
+            self._to_attach.append(policy)
+            self.wake()
 
     def install(self, policy: PolicyModel) -> None:
         """Make a loaded, validated policy the one new requests go to (thread-safe; applied between steps)."""
@@ -196,6 +219,12 @@ class Engine:
         return bool(self._waiting)
 
     def _step(self) -> None:
+        while self._to_attach:
+            policy = self._to_attach.popleft()
+            try:
+                policy.shared.attach(policy.adapter)
+            except Exception:  # it is attached (or refused) again at its first forward
+                log.exception("attaching a prepared adapter failed", extra={"policy_version": policy.version})
         self._switch_policy()
         admitted = self._admit()
         if admitted:
@@ -213,6 +242,8 @@ class Engine:
         self._policies[pending.version] = pending
         self._active = pending
         self._pending = None
+        if self.loaded is not None and previous.adapter is not None:
+            self.loaded.put(previous)  # a named request for the previous adapter version needs no reload
         self.metrics.set_version(pending.version)
         log.info("policy version switched", extra={
             "policy_version": pending.version, "previous": previous.version,
@@ -239,17 +270,24 @@ class Engine:
         return admitted
 
     def _prefill(self, handles: list[RequestHandle]) -> None:
-        policy = self._active
-        now = time.monotonic()
+        """Prefill admitted requests, one new batch per version (named, else the active one)."""
+        groups: dict[str, tuple[PolicyModel, list[RequestHandle]]] = {}
         for handle in handles:
-            handle.admitted_at = now
-            handle.policy_version = policy.version
-            self.metrics.request_queue_duration.observe(now - handle.enqueued_at)
-        batch = Batch.prefill(policy.version, [h.state for h in handles], policy.pad_token_id, policy.device)
-        joined = self._run_step(policy, batch, "prefill")
-        if joined is not None:
-            running = self._batches.get(policy.version)
-            self._batches[policy.version] = joined if running is None else Batch.concatenate([running, joined])
+            policy = handle.requested or self._active
+            groups.setdefault(policy.version, (policy, []))[1].append(handle)
+        for version, (policy, group) in groups.items():
+            if self._policies.setdefault(version, policy) is not policy:
+                policy = self._policies[version]  # the same version loaded twice: one module serves both
+            now = time.monotonic()
+            for handle in group:
+                handle.admitted_at = now
+                handle.policy_version = version
+                self.metrics.request_queue_duration.observe(now - handle.enqueued_at)
+            batch = Batch.prefill(version, [h.state for h in group], policy.pad_token_id, policy.device)
+            joined = self._run_step(policy, batch, "prefill")
+            if joined is not None:
+                running = self._batches.get(version)
+                self._batches[version] = joined if running is None else Batch.concatenate([running, joined])
 
     def _decode(self, version: str) -> None:
         batch: Batch | None = self._batches[version]
@@ -301,7 +339,12 @@ class Engine:
         drained = [v for v in self._policies if v != self._active.version and v not in self._batches]
         for version in drained:
             del self._policies[version]
-            log.info("previous policy version drained and dropped", extra={"policy_version": version})
+            log.info("policy version drained and dropped", extra={"policy_version": version})
+        shared = self.base.shared
+        if shared is not None and shared.attached:
+            keep = {self._active.version, *self._batches, *(self.loaded.versions() if self.loaded else ())}
+            if shared.attached - keep:
+                shared.prune(keep)
         if drained:
             gc.collect()
             if torch.cuda.is_available():

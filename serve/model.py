@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from instructloop.registry import AdapterWeights
+from serve.adapters import SharedBase
 from serve.batch import Batch
 
 log = logging.getLogger(__name__)
-
 
 
 def decode_next(tokenizer, ids: list[int], prefix_offset: int, read_offset: int) -> tuple[str, int, int]:
@@ -68,13 +69,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class PolicyModel:
-    """A causal LM holding one policy version's weights, plus the tokenizer it shares with all versions."""
+    """One policy version: a causal LM with its own weights (the base, a full-weight version), or an adapter
+    version over the shared base (``shared`` + ``adapter``), plus the tokenizer all versions share."""
 
-    def __init__(self, version: str, model: Any, tokenizer: Any, device: torch.device):
+    def __init__(self, version: str, model: Any, tokenizer: Any, device: torch.device, *,
+                 shared: SharedBase | None = None, adapter: AdapterWeights | None = None):
         self.version = version
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.shared = shared
+        """The base model adapters attach to (set for the base and for adapter versions, None for a
+        full-weight version, which owns its module)."""
+        self.adapter = adapter
+        """This version's LoRA tensors (None for the base and full-weight versions)."""
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.special_ids = set(tokenizer.all_special_ids)
@@ -96,7 +104,8 @@ class PolicyModel:
     def forward(self, batch: Batch) -> tuple[torch.Tensor, DynamicCache]:
         """Last-position logits (B, V) in float32 and the updated cache."""
         cache = batch.past_key_values if batch.past_key_values is not None else DynamicCache()
-        out = self.model(
+        model = self.model if self.shared is None else self.shared.module_for(self.adapter)
+        out = model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,

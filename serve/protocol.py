@@ -20,6 +20,7 @@ from serve.sampling import SamplingParams
 
 class GenerateParameters(BaseModel):
     adapter_id: str | None = None
+    """The policy version that must answer (a registry version name or ``base``); unset = the current one."""
     best_of: int | None = None
     decoder_input_details: bool = False
     details: bool = False
@@ -109,7 +110,7 @@ class GenerateParameters(BaseModel):
             raise ValueError("is not supported by this server (must be false)")
         return value
 
-    @field_validator("grammar", "adapter_id")
+    @field_validator("grammar")
     @classmethod
     def _unsupported_value(cls, value: Any) -> Any:
         if value is not None:

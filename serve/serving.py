@@ -16,7 +16,7 @@ from typing import Any
 from instructloop.prompt import encode_prompt
 from serve.engine import Engine, GenerationFailed, GenerationRequest, Overloaded, RequestHandle
 from serve.metrics import ServeMetrics
-from serve.model import Generation
+from serve.model import Generation, PolicyModel
 from serve.protocol import (
     Details,
     ErrorType,
@@ -29,6 +29,7 @@ from serve.protocol import (
     Token,
 )
 from serve.settings import Settings
+from serve.versions import PolicyVersions, RefusedVersion, UnknownVersion
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ class ClientGone(Exception):
 
 
 class GenerateServing:
-    def __init__(self, engine: Engine, tokenizer: Any, settings: Settings, metrics: ServeMetrics):
+    def __init__(self, engine: Engine, tokenizer: Any, settings: Settings, metrics: ServeMetrics,
+                 versions: PolicyVersions | None = None):
         self.engine = engine
+        self.versions = versions
         self.tokenizer = tokenizer
         self.settings = settings
         self.metrics = metrics
@@ -98,10 +101,11 @@ class GenerateServing:
         )
         return engine_request, prompt_ids
 
-    def submit(self, request: GenerateRequest) -> tuple[RequestHandle, list[int]]:
+    async def submit(self, request: GenerateRequest) -> tuple[RequestHandle, list[int]]:
         self.metrics.request_count.inc()
         try:
             engine_request, prompt_ids = self.to_engine_request(request)
+            engine_request.policy = await self._policy(request.parameters.adapter_id)
             return self.engine.submit(engine_request), prompt_ids
         except TGIError:
             self.metrics.request_failure.labels(err="validation").inc()
@@ -110,10 +114,23 @@ class GenerateServing:
             self.metrics.request_failure.labels(err="overloaded").inc()
             raise TGIError(429, ErrorType.overloaded, str(exc)) from exc
 
+    async def _policy(self, adapter_id: str | None) -> PolicyModel | None:
+        """The version named by ``adapter_id`` (None: the active one at admission)."""
+        if self.versions is None:
+            if adapter_id is None:
+                return None
+            raise validation_error("adapter_id", "this server cannot answer for a named policy version")
+        try:
+            return await self.versions.resolve(adapter_id)
+        except UnknownVersion as exc:
+            raise TGIError(404, ErrorType.validation, f"Input validation error: `adapter_id`: {exc}") from exc
+        except RefusedVersion as exc:
+            raise validation_error("adapter_id", str(exc)) from exc
+
     # ---- non-streaming -------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest, disconnected: Disconnected) -> GenerateResponse:
         started = time.monotonic()
-        handle, prompt_ids = self.submit(request)
+        handle, prompt_ids = await self.submit(request)
         generations: list[Generation] = []
         try:
             await _until_disconnect(self._collect(handle, generations), disconnected)
@@ -152,7 +169,7 @@ class GenerateServing:
         """Wait for the first token (so errors before it are plain HTTP errors and the version header is
         known), then return (policy_version, SSE lines)."""
         started = time.monotonic()
-        handle, prompt_ids = self.submit(request)
+        handle, prompt_ids = await self.submit(request)
         events = handle.events()
         try:
             first = await _until_disconnect(events.__anext__(), disconnected)

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     swap_retry_s: float = Field(60.0, description="A version that failed to load is retried after this (doubling)")
     prefetch_candidates: bool = Field(True, description="Load + validate the newest candidate version before it "
                                       "is promoted, so promotion is a switch (one more model in memory)")
+    max_loaded_versions: int = Field(4, description="Policy versions kept loaded for requests naming one "
+                                     "(`parameters.adapter_id`), least recently used evicted; an adapter version "
+                                     "costs its LoRA tensors, a full-weight version a whole model")
     torch_threads: int | None = Field(None, description="torch.set_num_threads on CPU (None = torch's default)")
     log_level: str = "INFO"
     json_logs: bool = True
@@ -40,6 +43,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1 (INSTRUCTLOOP_SERVE_MAX_BATCH_SIZE)")
+        if self.max_loaded_versions < 0:
+            raise ValueError("max_loaded_versions must be >= 0 (INSTRUCTLOOP_SERVE_MAX_LOADED_VERSIONS)")
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0 (INSTRUCTLOOP_SERVE_MAX_QUEUE)")
         if not 0 < self.max_input_tokens < self.max_total_tokens:

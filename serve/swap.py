@@ -1,9 +1,13 @@
 """Policy versions: loading a registry version beside the served one, and watching the current pointer.
 
-``PolicyLoader.load(version)`` verifies the version through ``Registry.load_state_dict`` (sha256 of every
-file, finite values, shapes equal to the served architecture), checks that no weight is missing (a tied
-``lm_head`` may be absent from the file; if present it must equal the embedding), and builds a new model
-beside the old one. Nothing is switched until all of that passed, so a bad checkpoint is never served.
+``PolicyLoader.load(version)`` reads either kind of version. A full-weight version is verified through
+``Registry.load_state_dict`` (sha256 of every file, finite values, shapes equal to the served architecture),
+no weight may be missing (a tied ``lm_head`` may be absent from the file; if present it must equal the
+embedding), and a new model is built beside the old one. An adapter version is verified through
+``Registry.load_adapter`` (sha256 of every file, the base's sha256 equal to the loaded base's, LoRA shapes
+that fit the base's layers, finite values) and becomes a ``PolicyModel`` over the shared base (its tensors
+are attached by the model thread at its first forward, ``serve.adapters``). Nothing is switched until all
+of that passed, so a bad checkpoint is never served.
 
 ``PolicyWatcher`` is a thread that follows the registry's current pointer: Redis pub/sub on
 ``<prefix>:policy:changed`` when Redis is configured (plus a periodic read of the key, in case a message is
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 
-from instructloop.registry import InvalidCheckpoint, Registry
+from instructloop.registry import InvalidCheckpoint, Registry, VersionKind, base_weights_sha256
 from instructloop.streams import policy_channel
 from serve.engine import Engine
 from serve.metrics import ServeMetrics
@@ -41,13 +45,43 @@ def _alias_groups(model: torch.nn.Module) -> list[set[str]]:
 class PolicyLoader:
     """Builds a ``PolicyModel`` for a registry version from the served model's architecture."""
 
-    def __init__(self, registry: Registry, template: PolicyModel):
+    def __init__(self, registry: Registry, template: PolicyModel, base_dir: str | None = None):
         self.registry = registry
         self.template = template
+        # Taken now, before any adapter injects LoRA layers into the base module (which renames its weights).
         self.expected_shapes = template.expected_shapes()
         self.aliases = _alias_groups(template.model)
+        self._reference = {k: (t.device, t.dtype) for k, t in template.model.state_dict().items()}
+        self._served_modules = dict(template.model.named_modules())
+        self.base_dir = base_dir
+        self._base_sha256: str | None = None
+
+    @property
+    def base_sha256(self) -> str:
+        """sha256 of the served base's weight files (computed once, on the first adapter version)."""
+        if self._base_sha256 is None:
+            if self.base_dir is None:
+                raise InvalidCheckpoint("adapter versions need the base model's folder (its sha256) to be known")
+            self._base_sha256 = base_weights_sha256(self.base_dir)
+        return self._base_sha256
 
     def load(self, version: str) -> PolicyModel:
+        if self.registry.manifest(version).kind == VersionKind.adapter:
+            return self.load_adapter(version)
+        return self.load_full(version)
+
+    def load_adapter(self, version: str) -> PolicyModel:
+        if self.template.shared is None:
+            raise InvalidCheckpoint(f"policy version {version}: this server cannot attach adapters to its base")
+        fingerprint = self.fingerprint(version)
+        adapter = self.registry.load_adapter(version, base_sha256=self.base_sha256,
+                                             base_shapes=self.expected_shapes, device="cpu")
+        policy = PolicyModel(version, self.template.model, self.template.tokenizer, self.template.device,
+                             shared=self.template.shared, adapter=adapter)
+        policy.fingerprint = fingerprint
+        return policy
+
+    def load_full(self, version: str) -> PolicyModel:
         state = self.registry.load_state_dict(version, expected_shapes=self.expected_shapes, device="cpu")
         present = set(state)
         missing = set(self.expected_shapes) - present
@@ -90,13 +124,13 @@ class PolicyLoader:
         not in checkpoints (rotary ``inv_freq`` buffers and attributes) come from the served model.
         """
         template = self.template.model
-        reference = template.state_dict()
-        state = {k: v.to(device=reference[k].device, dtype=reference[k].dtype) for k, v in state.items()}
+        reference = self._reference
+        state = {k: v.to(device=reference[k][0], dtype=reference[k][1]) for k, v in state.items()}
         with torch.device("meta"):
             model = type(template)(copy.deepcopy(template.config))
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
-        served_modules = dict(template.named_modules())
+        served_modules = self._served_modules
         for name, module in model.named_modules():
             source = served_modules[name]
             for attr, value in list(vars(module).items()):
@@ -186,6 +220,9 @@ class PolicyWatcher:
         if policy is not None:
             self.prefetched = policy
             self.metrics.policy_prefetches.inc()
+            if policy.adapter is not None and self.engine.loaded is not None:
+                self.engine.loaded.put(policy)  # kept attached; named requests for the candidate use it
+                self.engine.prepare(policy)
         return newest if policy is not None else None
 
     def _load(self, version: str, purpose: str) -> PolicyModel | None:
@@ -229,6 +266,13 @@ class PolicyWatcher:
 
     # ---- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.loader.base_dir is not None:
+            started = time.monotonic()
+            try:  # once, now, so that no adapter version's swap pays for hashing the base
+                self.loader.base_sha256  # noqa: B018
+                log.info("base model sha256 computed", extra={"seconds": round(time.monotonic() - started, 2)})
+            except Exception as exc:
+                log.warning("base model sha256 unavailable: adapter versions will be refused", extra={"error": str(exc)})
         next_poll = 0.0
         while not self._stop.is_set():
             woke_by_message = self._wait_for_message(self.poll_interval_s)

@@ -14,7 +14,7 @@ import redis as redis_lib
 from typer.testing import CliRunner
 
 from instructloop.events import PolicyEvent, PolicyStatus
-from instructloop.registry import Registry
+from instructloop.registry import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Registry, VersionKind, base_weights_sha256
 from instructloop.streams import Stream, current_policy_key, stream_key
 from learner.cli import app
 from learner.loop import Learner
@@ -48,13 +48,15 @@ def push_round_of_events(client, n: int = 24, offset: int = 0) -> None:
         xadd(client, Stream.completions, completion(i))
 
 
-def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_dir, ptx_corpus):
+@pytest.mark.parametrize("training", ["lora", "full"])
+def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_dir, ptx_corpus, training):
     client = redis_lib.Redis.from_url(redis_server.url)
     push_round_of_events(client)
     xadd(client, Stream.comparisons, comparison(0))  # a duplicate delivery
     client.xadd(stream_key(Stream.comparisons, PREFIX), {"event": "garbage"})
     env = {**os.environ, "PYTHONPATH": str(REPO),
-           **learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus)}
+           **learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus,
+                         training=training)}
 
     done = subprocess.run([sys.executable, "-m", "launcher.cli", "learner", "once"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
@@ -69,6 +71,11 @@ def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_di
 
     registry = Registry(tmp_path / "registry", redis=client, prefix=PREFIX)
     manifest = registry.verify(version)
+    if training == "lora":  # a standard PEFT folder over the base, which it names by sha256
+        assert manifest.kind == VersionKind.adapter and set(manifest.files) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+        assert manifest.base_sha256 == base_weights_sha256(tiny_model_dir)
+    else:
+        assert manifest.kind == VersionKind.full and "model.safetensors" in manifest.files
     assert {"candidate_reward_mean", "incumbent_reward_mean", "candidate_kl", "reward_gain"} <= set(manifest.metrics)
     events = [PolicyEvent.from_fields(f) for _, f in client.xrange(stream_key(Stream.policies, PREFIX))]
     statuses = [(e.version, e.status) for e in events]

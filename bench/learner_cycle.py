@@ -1,0 +1,144 @@
+"""One whole learner cycle on the default model, phase by phase: ingest, RM update, rollout, scoring,
+update, ptx, gate evaluation, publish.
+
+    PYTHONPATH=. nice -n 5 .venv/bin/python bench/learner_cycle.py [--training lora] [--comparisons 32]
+        [--rollouts 4] [--eval-prompts 16] [--max-new-tokens 32] [--threads 1]
+
+The real ``learner.loop.Learner`` (real redis-server on a free port, real registry), fed through Redis the
+way the gateway feeds it: ``--comparisons`` rankings of K = 4 answers and completions whose prompts PPO and
+the gate use. Every step is the learner's own method, timed around its call; the PPO round's phases come
+from its statistics. The sizes are the learner's defaults scaled down by the same factor for PPO and the
+gate (defaults: 16 rollouts and 64 held-out prompts, 64 new tokens each; here ``--rollouts`` and
+``--eval-prompts`` keep that 1:4 ratio), so "gate / PPO round" reads the same as with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from bench._serve_common import RedisProcess  # noqa: E402
+
+TOPICS = ["the sea", "a grey cat", "autumn", "bread", "the moon", "trains", "tea", "a library", "rain", "bees",
+          "mountains", "a violin", "snow", "gardens", "clocks", "owls", "rivers", "maps", "coffee", "lanterns"]
+ANSWERS = ["It is lovely.", "I think it is calm and old.", "Short answer: yes.", "Many people like it a lot.",
+           "It can be quiet, bright or strange.", "No idea, sorry.", "A classic subject for poems.", "Hmm."]
+
+
+def feed(client, prefix: str, comparisons: int, prompts: int, seed: int = 0) -> None:
+    from instructloop.events import Choice, ComparisonEvent, CompletionEvent
+    from instructloop.streams import Stream, stream_key
+
+    rng = random.Random(seed)
+    for i in range(comparisons):
+        responses = rng.sample(ANSWERS, 4)
+        order = sorted(range(4), key=lambda j: -len(responses[j]))  # any consistent preference will do
+        event = ComparisonEvent(event_id=f"cmp-{i}", prompt=f"Tell me about {TOPICS[i % len(TOPICS)]} ({i}).",
+                                responses=responses, ranking=[[j] for j in order], labeler_id="bench")
+        client.xadd(stream_key(Stream.comparisons, prefix), event.to_fields())
+    for i in range(prompts):
+        event = CompletionEvent(event_id=f"cpl-{i}", completion_id=f"c-{i}",
+                                prompt=f"Write two sentences about {TOPICS[i % len(TOPICS)]}, take {i}.",
+                                choices=[Choice(index=0, text="Fine.", finish_reason="stop")],
+                                policy_version="base", caller="bench")
+        client.xadd(stream_key(Stream.completions, prefix), event.to_fields())
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--training", choices=["lora", "full"], default="lora")
+    parser.add_argument("--comparisons", type=int, default=32)
+    parser.add_argument("--rollouts", type=int, default=4)
+    parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import redis
+
+    from learner.loop import Learner
+    from learner.metrics import LearnerMetrics
+    from learner.settings import Settings
+
+    work = Path(tempfile.mkdtemp(prefix="learner-cycle-"))
+    server = RedisProcess(work)
+    try:
+        prefix = "bench"
+        client = redis.Redis.from_url(server.url)
+        # held-out share 0.2: enough held-out prompts for --eval-prompts, and held-out comparisons for accuracy
+        n_prompts = max(args.rollouts * 4, args.eval_prompts * 6)
+        feed(client, prefix, args.comparisons, n_prompts)
+        settings = Settings(
+            model="default", redis_url=server.url, stream_prefix=prefix, registry_dir=work / "registry",
+            state_dir=work / "state", training=args.training, heldout_fraction=0.2,
+            min_new_comparisons=1, min_prompts=args.rollouts, prompts_per_round=args.rollouts * 4,
+            eval_prompts=args.eval_prompts, gate_kl_ceiling=1000, metrics_port=0, device="cpu",
+            torch_threads=args.threads, json_logs=False,
+            ppo={"rollout_batch_size": args.rollouts, "mini_batch_size": max(1, args.rollouts // 2),
+                 "max_new_tokens": args.max_new_tokens},
+            evaluation={"max_new_tokens": args.max_new_tokens},
+        )
+        learner = Learner(settings, metrics=LearnerMetrics(), progress=False)
+        learner.start()
+        phases: dict[str, float] = {}
+
+        def timed(name, call):
+            started = time.perf_counter()
+            out = call()
+            phases[name] = round(time.perf_counter() - started, 2)
+            return out
+
+        ingest = timed("ingest", learner.ingest)
+        timed("load_models", lambda: (learner.tokenizer, learner.reference))
+        reward = timed("rm_update", learner.maybe_update_reward_model)
+        ppo = timed("ppo_round_with_checkpoint", learner.maybe_run_ppo_round)
+        evaluate_before = learner.metrics.step_seconds.labels("evaluate")._sum.get()
+        publish_before = learner.metrics.step_seconds.labels("publish")._sum.get()
+        gate = timed("gate_and_publish", learner.gate_and_publish)
+        evaluate_s = learner.metrics.step_seconds.labels("evaluate")._sum.get() - evaluate_before
+        publish_s = learner.metrics.step_seconds.labels("publish")._sum.get() - publish_before
+        eval_prompts = len(learner._heldout_prompts())
+        learner.close()
+    finally:
+        server.stop()
+    result = {
+        "model": "SmolLM2-135M-Instruct (float32, CPU)", "training": args.training, "threads": args.threads,
+        "load_average": round(os.getloadavg()[0], 1),
+        "sizes": {"comparisons": args.comparisons, "rm_sequences": int(reward["sequences"]) if reward else 0,
+                  "rollouts": args.rollouts, "eval_prompts": eval_prompts,
+                  "max_new_tokens": args.max_new_tokens},
+        "events_ingested": ingest.inserted,
+        "phases_s": {
+            "ingest": phases["ingest"],
+            "load_models": phases["load_models"],
+            "rm_update (train + heldout accuracy + bias normalisation + checkpoint)": phases["rm_update"],
+            "rollout": round(ppo["rollout_s"], 2),
+            "scoring": round(ppo["scoring_s"], 2),
+            "update": round(ppo["update_s"], 2),
+            "ptx": round(ppo["ptx_s"], 2),
+            "ppo_round (the four above)": round(ppo["round_s"], 2),
+            "ppo checkpoint + bookkeeping": round(phases["ppo_round_with_checkpoint"] - ppo["round_s"], 2),
+            "gate evaluation (candidate + incumbent)": round(evaluate_s, 2),
+            "publish": round(publish_s, 2),
+        },
+        "gate_over_ppo_round": round(evaluate_s / ppo["round_s"], 2),
+        "promoted": gate.promote if gate else None,
+        "rm_heldout_accuracy": reward.get("heldout_accuracy") if reward else None,
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""LoRA roles over one frozen base (learner/adapters.py), on a tiny model.
+
+- a fresh policy adapter is the reference (B = 0); the reference is exactly the base model;
+- a PPO-ptx round trains the policy and value adapters (and the value head) and nothing of the base;
+- a role saved in a checkpoint and restored into a new base computes exactly what it computed, its folder
+  is a standard PEFT folder (``PeftModel.from_pretrained`` gives the same logits), and the optimizer state
+  restores onto the restored parameters;
+- the RM (adapter + head + normalisation bias) survives the same round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from learner.adapters import AdapterBase, PolicyAdapter, ReferenceModel, ScoreAdapter
+from learner.config import AdapterConfig, PPOConfig
+from learner.ppo import PPOPtxTrainer
+from learner.reward import normalize_reward_bias, sequence_scores, token_scores
+
+PROMPTS = ["Name a color.", "Say hi.", "Count to three.", "What is two plus two?"]
+
+
+def _inputs(tokenizer):
+    encoded = tokenizer(["Hello there, who are you?", "Red"], return_tensors="pt", padding=True)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def test_roles_share_one_frozen_base_and_round_trip(tmp_path, tiny_model_dir, tokenizer):
+    torch.manual_seed(0)
+    base = AdapterBase(str(tiny_model_dir), AdapterConfig(r=4, alpha=8), tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    input_ids, attention_mask = _inputs(tokenizer)
+    reference = ReferenceModel(base)
+    reward = ScoreAdapter.fresh(base, "reward", tokenizer.pad_token_id, seed=0)
+    value = reward.copy_as("value")
+    base.add("policy")
+    policy = PolicyAdapter(base, "policy")
+    base_weights = {k: v.clone() for k, v in base.model.state_dict().items() if "lora_" not in k}
+
+    with torch.no_grad():
+        expected = hf(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert_close(reference(input_ids=input_ids, attention_mask=attention_mask).logits, expected)
+        assert_close(policy(input_ids=input_ids, attention_mask=attention_mask).logits, expected)  # B = 0
+    assert all(not p.requires_grad for p in reference.parameters())
+    assert {n.split(".")[0] for n, _ in policy.named_parameters()} == {"lora"}
+
+    # one PPO round trains the policy and value adapters (and the value head), never the base
+    config = PPOConfig(rollout_batch_size=4, mini_batch_size=2, ppo_epochs=1, lr=5e-2, ptx_coef=0.0,
+                       max_new_tokens=6, max_prompt_tokens=32, seed=0)
+    normalize_reward_bias(reward, tokenizer, PROMPTS[:2], ["Blue.", "Hi!"])
+    trainer = PPOPtxTrainer(policy, reference, value, reward, tokenizer, config)
+    value_head = value.score.weight.detach().clone()
+    reward_head = reward.score.weight.detach().clone()
+    with torch.no_grad():
+        reward_before = sequence_scores(reward, input_ids, attention_mask)
+    trainer.round(PROMPTS)
+    for name, tensor in base.model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, base_weights[name]), name
+    with torch.no_grad():
+        trained = policy(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert not torch.allclose(trained, expected)
+        assert_close(reference(input_ids=input_ids, attention_mask=attention_mask).logits, expected)
+        assert_close(sequence_scores(reward, input_ids, attention_mask), reward_before)  # the RM is frozen
+        values = token_scores(value, input_ids, attention_mask)
+        rewards = sequence_scores(reward, input_ids, attention_mask)
+    assert not torch.equal(value.score.weight, value_head) and torch.equal(reward.score.weight, reward_head)
+
+    # checkpoint round trip into a second base: the same numbers, a standard PEFT folder, the optimizer state
+    for role, folder in ((policy, "policy"), (value, "value"), (reward, "reward")):
+        role.save_pretrained(tmp_path / folder)
+    optimizer_state = trainer.state_dict()
+    restored_base = AdapterBase(str(tiny_model_dir), AdapterConfig(r=4, alpha=8), tokenizer)
+    restored_base.add("policy", restored_base.load_state(tmp_path / "policy"))
+    restored_policy = PolicyAdapter(restored_base, "policy")
+    restored_value = ScoreAdapter.load(restored_base, "value", tmp_path / "value")
+    restored_reward = ScoreAdapter.load(restored_base, "reward", tmp_path / "reward")
+    peft_policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                            tmp_path / "policy").eval()
+    with torch.no_grad():
+        assert_close(restored_policy(input_ids=input_ids, attention_mask=attention_mask).logits, trained)
+        assert_close(peft_policy(input_ids=input_ids, attention_mask=attention_mask).logits, trained)
+        assert_close(token_scores(restored_value, input_ids, attention_mask), values)
+        assert_close(sequence_scores(restored_reward, input_ids, attention_mask), rewards)
+    assert restored_reward.score.bias is not None and not restored_reward.score.bias.requires_grad
+    restored_trainer = PPOPtxTrainer(restored_policy, ReferenceModel(restored_base), restored_value,
+                                     restored_reward, tokenizer, config)
+    restored_trainer.load_state_dict(optimizer_state)
+    saved = optimizer_state["policy_optimizer"]["state"]
+    loaded = restored_trainer.policy_optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        assert_close(loaded[key]["exp_avg"], saved[key]["exp_avg"])
