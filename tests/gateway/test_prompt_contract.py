@@ -82,3 +82,25 @@ def test_learner_query_and_rm_input_are_the_ids_serve_generated_from(gateway, se
         response = tokenizer.decode(rollouts.responses[row][rollouts.response_mask[row]], skip_special_tokens=True)
         assert encode_sequence(tokenizer, query.text, response, 512)[: len(served)] == served
     dataset.close()
+
+
+def test_scripted_labeler_ranks_chat_completions(gateway, redis_server):
+    """``GatewayClient(chat=True)`` asks /v1/chat/completions with the prompt as one user message and ranks
+    those answers: the completion event is a chat one, and the ranking is stored against it."""
+    from instructloop.events import ComparisonEvent
+    from labeler.client import GatewayClient, label_one
+    from labeler.preferences import shorter
+
+    with GatewayClient(gateway.url, gateway.keys["lara"], chat=True) as client:
+        labeled = label_one(client, "Say something (labeler chat).", shorter, k=3, max_tokens=6, temperature=1.0,
+                            seed=5)
+    assert labeled.completion.id.startswith("chatcmpl-") and len(labeled.completion.texts) == 3
+    events = [CompletionEvent.from_fields(f) for _, f in redis_server.client().xrange(stream_key(Stream.completions))]
+    [event] = [e for e in events if e.completion_id == labeled.completion.id]
+    assert event.route == CHAT_ROUTE and event.messages == [{"role": "user", "content": "Say something (labeler chat)."}]
+    assert [c.text for c in event.choices] == labeled.completion.texts
+    if labeled.ranking is not None:
+        comparisons = [ComparisonEvent.from_fields(f) for _, f in
+                       redis_server.client().xrange(stream_key(Stream.comparisons))]
+        [comparison] = [c for c in comparisons if c.completion_ids and c.completion_ids[0] == labeled.completion.id]
+        assert comparison.prompt == event.prompt and comparison.ranking == labeled.ranking
