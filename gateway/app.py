@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
         backend=backend, store=store, tokenizer=tokenizer,
         completions=CompletionServing(settings, backend, store, tokenizer, metrics),
         feedback=FeedbackServing(settings, store, metrics),
-        demonstrations=DemonstrationServing(settings, store, metrics),
+        demonstrations=DemonstrationServing(settings, store, metrics, tokenizer),
         admin=PolicyAdminServing(settings),
         started=int(time.time()),
     )
