@@ -392,42 +392,10 @@ class Learner:
         return report
 
     def run(self, max_rounds: int | None = None) -> int:
-        """Rounds until a stop is requested (or ``max_rounds`` rounds trained). Returns rounds trained.
+        """Rounds until a stop is requested (or ``max_rounds`` rounds trained); ``learner/service.py``."""
+        from learner.service import run_forever
 
-        Redis being unreachable does not end the loop: the round's in-memory training state is dropped
-        (the newest checkpoint is the truth), and the round is retried after ``poll_interval_s``.
-        """
-        import redis
-
-        self.start()
-        trained = 0
-        idle = False
-        while not self.stop_requested:
-            self.metrics.beat()
-            try:
-                self.ingestor.trim_every(self.settings.trim_interval_s)
-                report = self.round()
-                self.report_waiting()
-                if not report.trained:
-                    if not idle:  # once per idle spell, not once per poll
-                        log.info("learner idle", extra={"dataset": self.dataset.counts(),
-                                                         "rm_updates": self.state.rm_updates,
-                                                         "ppo_rounds": self.state.ppo_rounds})
-                        idle = True
-                    self._wait()
-                    continue
-            except (redis.ConnectionError, redis.TimeoutError) as exc:  # e.g. Redis restarting: wait, never crash
-                log.warning("redis unavailable, retrying from the last checkpoint", extra={"error": str(exc)})
-                self.reload_from_checkpoint()
-                self._sleep(self.settings.poll_interval_s)
-                self.metrics.beat()  # waiting for Redis is not a hang (the probe must not restart us for it)
-                continue
-            trained += 1
-            idle = False
-            if max_rounds is not None and trained >= max_rounds:
-                break
-        log.info("learner stopped", extra={"rounds": trained, "state": self.state.model_dump(exclude={"history"})})
-        return trained
+        return run_forever(self, max_rounds)
 
     # ---- admin decisions and waiting -------------------------------------------------------------
     def follow_rollback(self) -> str | None:
@@ -449,21 +417,3 @@ class Learner:
         self.state = self.store.load_state()
         self._trainer = None
         self.models.reset()
-
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.stop_requested and time.monotonic() < deadline:
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-
-    def _wait(self) -> None:
-        """Idle until the poll interval passes or a stop is requested, ingesting whatever arrives."""
-        deadline = time.monotonic() + self.settings.poll_interval_s
-        while not self.stop_requested and time.monotonic() < deadline:
-            block = min(self.settings.read_block_ms, max(1, int((deadline - time.monotonic()) * 1000)))
-            stats = self.ingestor.poll(block_ms=block)
-            self.metrics.beat()
-            if stats.read:
-                log.info("ingested", extra={"read": stats.read, "inserted": stats.inserted,
-                                             "duplicates": stats.duplicates, "dead_lettered": stats.dead_lettered})
-        self.ingestor.update_lag()
-        self.ingestor.trim_every(self.settings.trim_interval_s)
