@@ -21,9 +21,10 @@ from gateway.protocol import (
     ChatTokenLogprob,
     ChatTopLogprob,
 )
-from gateway.serving_choices import until_disconnected
+from gateway.request_context import until_disconnected
 from gateway.serving_completions import CompletionServing
 from gateway.serving_stream import ChatChunks, CompletionStream, openai_finish_reason
+from instructloop.prompt import render_chat
 
 
 def chat_logprobs(g: Generation) -> ChatLogprobs:
@@ -47,9 +48,8 @@ class ChatServing:
         self.tokenizer = completions.tokenizer
 
     def render_chat(self, request: ChatCompletionRequest) -> str | APIError:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return render_chat(self.tokenizer, request.template_messages())
         except Exception as exc:  # the template refuses some message orders
             return APIError(400, f"messages cannot be rendered with the model's chat template: {exc}", param="messages",
                             code="invalid_messages")
@@ -65,17 +65,19 @@ class ChatServing:
             return APIError(400, f"max_tokens must be at most {self.settings.max_tokens_limit}", param="max_tokens",
                             code="invalid_value")
         completion_request = request.to_completion_request(prompt, default_max_tokens=min(256, self.settings.max_tokens_limit))
-        checked = self.completions.check(completion_request)
+        checked = await self.completions.check_and_admit(completion_request, principal)
         if isinstance(checked, APIError):
             if checked.param == "prompt":
                 checked.param = "messages"
             return checked
         if request.stream:
-            return await self.completions.streams.open(completion_request, principal, checked, ChatChunks(request.model))
+            return await self.completions.streams.open(completion_request, principal, checked, ChatChunks(request.model),
+                                                       request.template_messages())
         result = await until_disconnected(raw_request, self.completions.generate(completion_request, checked, "chatcmpl"))
         if isinstance(result, APIError):
             return result
-        await self.completions._record(result, completion_request, principal, chat=True)
+        await self.completions._record(result, completion_request, principal, chat=True,
+                                       messages=request.template_messages())
         choices = [ChatChoice(index=j.index, message=ChatResponseMessage(content=g.text),
                               logprobs=chat_logprobs(g) if request.logprobs else None,
                               finish_reason=openai_finish_reason(g.finish_reason))

@@ -10,9 +10,6 @@ token for a stream. A swap or a rollout only moves replicas to the version the l
 the most recent arrival is the best guess of what the backends serve now. The choices of any other
 version are regenerated on the replicas that reported the target, at most ``version_retry_rounds``
 times; after that the call answers 503 ``policy_version_changed``.
-
-``until_disconnected`` is the gateway's one client-disconnect helper (serve has its own, with the same
-contract: cancel the work and raise ``ClientGone``).
 """
 
 from __future__ import annotations
@@ -20,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-from fastapi import Request
+from typing import Any
 
 from gateway.backend import Backend, BackendError, Generation, StreamEvent
 from gateway.metrics import GatewayMetrics
@@ -32,39 +27,6 @@ from gateway.protocol import APIError, CompletionRequest
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready; the work for it was cancelled."""
-
-
-async def until_disconnected(request: Request | None, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel ``work`` (so the backends stop), wait until
-    it has stopped, and raise ``ClientGone``. ``request=None`` (no HTTP client) just awaits ``work``."""
-    if request is None:
-        return await work
-    work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch_task.cancel()
-    if work_task.done():
-        return work_task.result()
-    work_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await work_task
-    log.info("client disconnected; generation cancelled")
-    raise ClientGone()
-
-
-async def _disconnect(request: Request) -> None:
-    """Return once the ASGI server reports that the client went away."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
 
 @dataclass
 class Job:

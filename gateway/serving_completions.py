@@ -17,6 +17,7 @@ from fastapi import Request
 
 from gateway.auth import Principal
 from gateway.backend import Backend, Generation
+from gateway.limits import admit_completion, check_request_size
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
     APIError,
@@ -27,7 +28,8 @@ from gateway.protocol import (
     Usage,
     new_completion_id,
 )
-from gateway.serving_choices import ChoiceGenerator, GeneratedChoices, jobs_for, until_disconnected
+from gateway.request_context import until_disconnected
+from gateway.serving_choices import ChoiceGenerator, GeneratedChoices, jobs_for
 from gateway.serving_stream import (
     CompletionChunks,
     CompletionStream,
@@ -38,6 +40,7 @@ from gateway.serving_stream import (
 from gateway.settings import Settings
 from gateway.store import Store, StoredChoice, StoredCompletion
 from instructloop.events import Choice, CompletionEvent
+from instructloop.prompt import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class CompletionServing:
             return APIError(400, f"max_tokens must be at most {s.max_tokens_limit}", param="max_tokens", code="invalid_value")
         if request.stream and request.logprobs is not None:
             return APIError(400, "logprobs are not available with stream=true", param="logprobs", code="invalid_value")
+        if (too_big := check_request_size(request, s)) is not None:
+            return too_big
         total_tokens = 0
         for prompt in request.prompts:
             if not prompt:
@@ -78,8 +83,15 @@ class CompletionServing:
             total_tokens += tokens
         return total_tokens
 
+    async def check_and_admit(self, request: CompletionRequest, principal: Principal) -> APIError | int:
+        """``check``, then the key's generation and token budgets (429 when one has no room)."""
+        checked = self.check(request)
+        if isinstance(checked, APIError):
+            return checked
+        return await admit_completion(self.store, self.settings, self.metrics, request, checked, principal) or checked
+
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_prompt(self.tokenizer, text))
 
     async def generate(self, request: CompletionRequest, prompt_tokens: int, prefix: str) -> GeneratedChoices | APIError:
         """All choices of a plain (not streamed) answer, stop sequences trimmed as OpenAI does."""
@@ -94,7 +106,7 @@ class CompletionServing:
                                 generations, generations[0].policy_version)
 
     async def _record(self, result: GeneratedChoices, request: CompletionRequest, principal: Principal,
-                      chat: bool) -> None:
+                      chat: bool, messages: list[dict[str, str]] | None = None) -> None:
         prompt_tokens = [self.count_tokens(p) for p in result.prompts] if len(result.prompts) > 1 else [result.prompt_tokens]
         stored = StoredCompletion(
             id=result.completion_id, caller=principal.key_id, prompts=result.prompts,
@@ -109,7 +121,7 @@ class CompletionServing:
                        for j, g in zip(result.jobs, result.generations, strict=True) if j.prompt_index == p]
             events.append(CompletionEvent(completion_id=result.completion_id, prompt=prompt, choices=choices,
                                           policy_version=result.policy_version, sampling=request.sampling(),
-                                          caller=principal.key_id, chat=chat))
+                                          caller=principal.key_id, chat=chat, messages=messages))
         completion_tokens = sum(g.generated_tokens for g in result.generations)
         self.metrics.tokens_in.inc(result.prompt_tokens)
         self.metrics.tokens_out.inc(completion_tokens)
@@ -128,7 +140,7 @@ class CompletionServing:
     async def create_completion(self, request: CompletionRequest, principal: Principal,
                                 raw_request: Request | None = None) -> CompletionResponse | CompletionStream | APIError:
         """Raises ``ClientGone`` when the client disconnects before the answer is ready."""
-        checked = self.check(request)
+        checked = await self.check_and_admit(request, principal)
         if isinstance(checked, APIError):
             return checked
         if request.stream:

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 SSE_DONE = "data: [DONE]\n\n"
 
-Recorder = Callable[[GeneratedChoices, CompletionRequest, Principal, bool], Awaitable[None]]
+Recorder = Callable[[GeneratedChoices, CompletionRequest, Principal, bool, "list[dict[str, str]] | None"],
+                   Awaitable[None]]
 """How a finished answer is recorded (``CompletionServing._record``)."""
 
 
@@ -157,7 +158,7 @@ class StreamServing:
         self.metrics = metrics
 
     async def open(self, request: CompletionRequest, principal: Principal, prompt_tokens: int,
-                   chunks: ChunkFormat) -> CompletionStream | APIError:
+                   chunks: ChunkFormat, messages: list[dict[str, str]] | None = None) -> CompletionStream | APIError:
         """Open every choice's backend stream (one version); the body sends and then records them."""
         jobs = jobs_for(request)
         opened = await self.choices.open_streams(jobs)
@@ -165,11 +166,12 @@ class StreamServing:
             return opened
         streams, version = opened
         completion_id = new_completion_id(chunks.id_prefix)
-        body = self._body(request, principal, prompt_tokens, chunks, jobs, streams, version, completion_id)
+        body = self._body(request, principal, prompt_tokens, chunks, jobs, streams, version, completion_id, messages)
         return CompletionStream(policy_version=version, body=body, completion_id=completion_id)
 
     async def _body(self, request: CompletionRequest, principal: Principal, prompt_tokens: int, chunks: ChunkFormat,
-                    jobs: list[Job], streams: list[Stream], version: str, cid: str) -> AsyncIterator[str]:
+                    jobs: list[Job], streams: list[Stream], version: str, cid: str,
+                    messages: list[dict[str, str]] | None) -> AsyncIterator[str]:
         created = int(time.time())
         holdback = max((len(s) for s in request.stop or []), default=0)
         progress = [ChoiceProgress(job, holdback) for job in jobs]
@@ -210,7 +212,7 @@ class StreamServing:
         if completed and all(p.reason not in (None, "error") for p in progress):
             generations = [Generation(p.text, p.reason or "length", p.tokens, policy_version=version) for p in progress]
             result = GeneratedChoices(cid, created, request.prompts, prompt_tokens, jobs, generations, version)
-            await self.record(result, request, principal, chunks.chat)
+            await self.record(result, request, principal, chunks.chat, messages)
 
     @staticmethod
     async def _pump(i: int, first: StreamEvent, rest: AsyncIterator[StreamEvent], queue: asyncio.Queue) -> None:
