@@ -61,6 +61,8 @@ class LearnerState(BaseModel):
                           "(gate_live_wait_s); None while it is not there.")
     promotions: int = 0
     rejections: int = 0
+    held_back: int = Field(0, description="Candidates that passed the gate while the current version was pinned.")
+    policy_events_cursor: str = Field("0-0", description="Last policies-stream entry read for admin rollbacks.")
     history: list[dict[str, Any]] = Field(default_factory=list, description="The latest round records.")
     saved_at: float = 0.0
 
