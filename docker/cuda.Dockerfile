@@ -62,7 +62,7 @@ ENTRYPOINT ["instructloop"]
 FROM runtime AS learner
 EXPOSE 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["python", "-c", "import os, socket, urllib.request as u; u.urlopen('http://%s:%s/metrics' % (socket.gethostbyname(socket.gethostname()), os.environ.get('INSTRUCTLOOP_LEARNER_METRICS_PORT', '9100')), timeout=4)"]
+  CMD ["python", "-c", "import os, socket, urllib.request as u; u.urlopen('http://%s:%s/healthz' % (socket.gethostbyname(socket.gethostname()), os.environ.get('INSTRUCTLOOP_LEARNER_METRICS_PORT', '9100')), timeout=4)"]
 CMD ["learner", "run"]
 
 FROM runtime AS serve

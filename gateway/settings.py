@@ -70,11 +70,32 @@ class Settings(BaseSettings):
     dev_api_key: str | None = Field(default=None, description="Admin key accepted in dev mode (default: DEV_API_KEY).")
     keys_file: Path | None = Field(default=None, description="JSON-lines file of hashed API keys.")
     rate_limit_per_minute: int = Field(default=600, ge=1, description="Requests per API key per minute.")
+    rate_limit_generations_per_minute: int = Field(
+        default=2000, ge=1, description="Generations (n × prompts of each completion) per API key per minute.")
+    rate_limit_tokens_per_minute: int = Field(
+        default=1_000_000, ge=1, description="Tokens per API key per minute, charged at admission: prompt tokens × n "
+                                             "plus max_tokens × generations (the most the request can cost).")
+    feedback_rate_limit_per_minute: int = Field(
+        default=300, ge=1, description="Feedback calls per API key per minute (besides the request limit).")
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
-    max_prompt_chars: int = Field(default=32_000, ge=1)
+    max_prompt_chars: int = Field(default=32_000, ge=1, description="Characters of one prompt (or rendered chat).")
+    max_total_prompt_chars: int = Field(
+        default=64_000, ge=1, description="Characters of all prompts of one request together (a list prompt).")
+    max_generations: int = Field(
+        default=64, ge=1, description="n × prompts of one request: the choices it generates, stores and logs.")
     max_prompt_tokens: int = Field(default=4096, ge=1)
     max_tokens_limit: int = Field(default=2048, ge=1, description="Upper bound for `max_tokens`.")
     max_n: int = Field(default=9, ge=1, le=64, description="Upper bound for `n` (K responses to rank).")
+
+    # ---- labeling page (/label, gateway/labeling/) ---------------------------------------------------
+    label_k: int = Field(default=4, ge=2, le=9, description="Completions per ranking task (K, 2-9).")
+    label_live_prompts: bool = Field(
+        default=True, description="Labeling tasks may use prompts from live traffic (stored completions); an admin "
+                                  "can turn this off at run time on /label/admin (privacy).")
+    label_overlap_rate: float = Field(default=0.1, ge=0, le=1,
+                                      description="Share of ranking tasks also shown to a second labeler (agreement).")
+    label_max_tokens: int = Field(default=128, ge=1, description="max_tokens of each labeling completion.")
+    label_temperature: float = Field(default=0.9, ge=0, le=2, description="Sampling temperature of labeling completions.")
 
     # ---- logs -------------------------------------------------------------------------------------
     log_level: str = "INFO"

@@ -17,11 +17,14 @@ ports, pids, log files), and prints how to call the gateway.
 
 Logs: ``<run-dir>/logs/<component>/<component>.log`` (stdout and stderr of the process, appended).
 
-Failure policy: a component that exits, at start-up or later, is reported (name, exit code, log file,
-last log lines) and then **everything is stopped** and ``up`` exits with status 1: a loop with a dead
-part silently loses feedback or never learns, so it is better to fail loudly and be restarted (by a
-person, systemd, or Kubernetes with the per-component manifests). A component that does not become
-healthy within ``--startup-timeout`` is reported the same way.
+Failure policy: a component that exits after it was healthy is **restarted** with exponential backoff
+(1 s, 2 s, 4 s … up to ``--restart-backoff-max``), as Kubernetes' ``restartPolicy: Always`` would: Redis
+resumes from its AOF, the learner from its checkpoint, serve and the gateway are stateless. Its log gets a
+``==== restarting`` line, ``up`` prints why, and ``stack.json`` is rewritten with the new pid and restart
+count. Only a crash loop (more than ``--max-restarts`` crashes of one component within
+``--restart-window`` seconds) is reported (name, exit code, log file, last log lines) and **stops
+everything** (``up`` exits 1). A component that fails at start-up, or does not become healthy within
+``--startup-timeout``, is reported the same way at once: that is a configuration fault, not a crash.
 
 Stopping: Ctrl-C or SIGTERM stops the components in reverse order (gateway first, Redis last): SIGTERM
 to the component's process group, wait ``--stop-timeout`` seconds, then SIGKILL. A second Ctrl-C
@@ -59,6 +62,7 @@ from launcher.supervisor import (
     Component,
     ComponentFailed,
     ComponentSpec,
+    RestartPolicy,
     Supervisor,
     describe_exit,
     http_health,
@@ -89,6 +93,7 @@ class StackConfig:
     learner: bool = True
     startup_timeout_s: float = 600.0
     stop_timeout_s: float = 20.0
+    restart: RestartPolicy = RestartPolicy()
 
     @property
     def logs_dir(self) -> Path:
@@ -295,6 +300,7 @@ def usage_text(gateway_url: str, keys_file: Path) -> str:
 instructloop is up.
   gateway:  {gateway_url}   (OpenAI-compatible; /v1/completions, /v1/feedback, /readyz, /metrics)
   API keys: {keys}   (0600; roles user, labeler, admin)
+  labeling: {gateway_url}/label   (sign in with the labeler key; admin dashboard: {gateway_url}/label/admin)
 
 A completion with curl (4 choices to rank):
   USER_KEY=$(python3 -c 'import json;print(json.load(open("{keys}"))["user"])')
@@ -335,7 +341,8 @@ def run_stack(config: StackConfig, echo: Callable[[str], None] = print) -> int:
         return 2
     config.stack_file.unlink(missing_ok=True)
     specs, urls = build_specs(config)
-    supervisor = Supervisor(specs, stop_timeout_s=config.stop_timeout_s, echo=echo)
+    supervisor = Supervisor(specs, stop_timeout_s=config.stop_timeout_s, echo=echo, restart=config.restart,
+                            on_change=lambda: _write_stack_file(config, supervisor, urls))
     supervisor.install_signal_handlers()
     status = 0
     try:
@@ -351,7 +358,7 @@ def run_stack(config: StackConfig, echo: Callable[[str], None] = print) -> int:
         failure = supervisor.watch()
         if failure is not None:
             echo(failure.report())
-            echo("a component died: stopping everything (see docs: `instructloop up` fails as a whole)")
+            echo("a component is crash-looping: stopping everything (raise --max-restarts to allow more)")
             status = 1
     except ComponentFailed as failure:
         echo(failure.report())
@@ -396,7 +403,8 @@ def _write_stack_file(config: StackConfig, supervisor: Supervisor, urls: dict[st
         keys_file=str(config.keys_file),
         run_dir=str(config.run_dir),
         up_pid=os.getpid(),
-        components={c.name: ComponentInfo(pid=c.proc.pid if c.proc else None, url=c.spec.url, log=str(c.spec.log_path))
+        components={c.name: ComponentInfo(pid=c.proc.pid if c.proc else None, url=c.spec.url, log=str(c.spec.log_path),
+                                          restarts=c.restarts, healthy=c.healthy)
                     for c in supervisor.components},
     ).write(config.run_dir)
 
@@ -416,15 +424,22 @@ def up(
     learner: bool = typer.Option(True, "--learner/--no-learner", help="Run the learner (off: serve + gateway only)."),
     startup_timeout: float = typer.Option(600.0, min=1.0, help="Seconds each component may take to become healthy."),
     stop_timeout: float = typer.Option(20.0, min=0.0, help="Seconds between SIGTERM and SIGKILL when stopping."),
+    max_restarts: int = typer.Option(5, min=0, help="Crashes of one component tolerated within --restart-window "
+                                                    "(each restarted with backoff); one more stops everything."),
+    restart_window: float = typer.Option(300.0, min=1.0, help="Seconds over which --max-restarts is counted."),
+    restart_backoff_max: float = typer.Option(30.0, min=1.0, help="Longest wait before restarting a crashed component."),
 ) -> None:
     """Start Redis, serve, the learner and the gateway; print how to use them; Ctrl-C stops all.
 
     Learner knobs pass through the environment (INSTRUCTLOOP_LEARNER_KL_COEF, ..._PTX_COEF,
-    ..._MIN_NEW_COMPARISONS, ...). If any component dies, `up` reports it and stops everything.
+    ..._MIN_NEW_COMPARISONS, ...). A component that dies is restarted with backoff; only a crash loop
+    (more than --max-restarts crashes within --restart-window) stops everything.
     """
     config = StackConfig(run_dir=run_dir, model=model, redis_url=redis_url, host=host, port=port,
                          serve_port=serve_port, learner_metrics_port=learner_metrics_port, redis_port=redis_port,
                          redis_maxmemory=redis_maxmemory,
-                         learner=learner, startup_timeout_s=startup_timeout, stop_timeout_s=stop_timeout)
+                         learner=learner, startup_timeout_s=startup_timeout, stop_timeout_s=stop_timeout,
+                         restart=RestartPolicy(backoff_max_s=restart_backoff_max, max_restarts=max_restarts,
+                                               window_s=restart_window))
     status = run_stack(config, echo=lambda message: typer.echo(message, err=message.startswith("error")))
     raise typer.Exit(status)

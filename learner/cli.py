@@ -122,6 +122,7 @@ def status() -> None:
             "dataset": learner.dataset.counts(),
             "lag": learner.ingestor.update_lag(),
             "current": learner.registry.current(),
+            "waiting": [w.message for w in learner.waiting()],
         }
     finally:
         learner.close()

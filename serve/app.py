@@ -212,6 +212,7 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
             version=instructloop.__version__,
             policy_version=runtime.engine.active_version,
             policy_versions_in_flight=runtime.engine.running_versions,
+            policy_versions_loaded=runtime.engine.loaded_versions(),
         )
 
     @app.get("/health")
@@ -219,6 +220,10 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
         version = runtime.engine.active_version
         if not runtime.engine.alive:
             return JSONResponse({"status": "model loop not running", "policy_version": version}, status_code=503,
+                                headers={POLICY_VERSION_HEADER: version})
+        if runtime.watcher is not None and not runtime.watcher.alive():
+            return JSONResponse({"status": "policy watcher not running", "policy_version": version,
+                                 "error": runtime.watcher.last_error}, status_code=503,
                                 headers={POLICY_VERSION_HEADER: version})
         return JSONResponse({"status": "ok", "policy_version": version}, headers={POLICY_VERSION_HEADER: version})
 

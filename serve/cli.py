@@ -27,6 +27,7 @@ def run(
 
     from instructloop.logs import configure_logging, redact_url
     from instructloop.model import ModelNotAvailable
+    from instructloop.wire import SERVE_KEEP_ALIVE_S
     from serve.settings import Settings
 
     overrides = {k: v for k, v in dict(port=port, host=host, model=model, device=device, dtype=dtype,
@@ -46,4 +47,4 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     uvicorn.run(application, host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, timeout_keep_alive=SERVE_KEEP_ALIVE_S)

@@ -24,9 +24,9 @@ from tests.deploy.conftest import DOCKER, REPO, find_tool, run_tool
 IMAGES = {
     "serve.Dockerfile": {"runtime": (["serve", "run"], 8080, "/health")},
     "gateway.Dockerfile": {"runtime": (["gateway", "run"], 8000, "/healthz")},
-    "learner.Dockerfile": {"runtime": (["learner", "run"], 9100, "/metrics")},
+    "learner.Dockerfile": {"runtime": (["learner", "run"], 9100, "/healthz")},
     "cuda.Dockerfile": {"serve": (["serve", "run"], 8080, "/health"),
-                        "learner": (["learner", "run"], 9100, "/metrics")},
+                        "learner": (["learner", "run"], 9100, "/healthz")},
 }
 BAKES_MODEL = {"serve.Dockerfile", "learner.Dockerfile", "cuda.Dockerfile"}
 MODEL_HOME = "/opt/instructloop"
