@@ -101,8 +101,8 @@ def load_default_tokenizer():
     from transformers import AutoTokenizer
 
     prepared = default_tokenizer_dir()
-    if is_prepared(prepared):
-        return AutoTokenizer.from_pretrained(prepared)
+    if is_prepared(prepared):  # fixed again: not every attribute (padding_side) survives save/load
+        return fix_tokenizer(AutoTokenizer.from_pretrained(prepared))
     gguf = default_gguf_file()
     return fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
 
