@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import labeling
 from gateway.auth import KeyStore
 from gateway.backend import Backend
 from gateway.deps import GatewayState
@@ -126,7 +127,8 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
     metrics = GatewayMetrics()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
     backend = Backend(settings.backends, metrics, timeout_s=settings.backend_timeout_s,
-                      connect_timeout_s=settings.backend_connect_timeout_s, health_interval_s=settings.health_interval_s)
+                      connect_timeout_s=settings.backend_connect_timeout_s, health_interval_s=settings.health_interval_s,
+                      token=settings.backend_token.get_secret_value() if settings.backend_token else None)
     store = Store(settings.redis_url, settings.stream_prefix, metrics, completion_ttl_s=settings.completion_ttl_s,
                   idempotency_ttl_s=settings.idempotency_ttl_s, timeout_s=settings.redis_timeout_s)
     state = GatewayState(
@@ -135,7 +137,7 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
         backend=backend, store=store, tokenizer=tokenizer,
         completions=CompletionServing(settings, backend, store, tokenizer, metrics),
         feedback=FeedbackServing(settings, store, metrics),
-        demonstrations=DemonstrationServing(settings, store, metrics),
+        demonstrations=DemonstrationServing(settings, store, metrics, tokenizer),
         admin=PolicyAdminServing(settings),
         started=int(time.time()),
     )
@@ -187,6 +189,7 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
 
     for module in (completions, chat, models, feedback, demonstrations, admin, health):
         app.include_router(module.router)
+    labeling.install(app, state)  # /label, /label/admin and the task API (gateway/labeling/)
     app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
 

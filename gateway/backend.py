@@ -117,9 +117,15 @@ class PolicyAwareClient(AsyncClient):
 
     @staticmethod
     def _request(prompt: str, stream: bool, **params: Any) -> dict[str, Any]:
+        """The TGI request body. ``adapter_id`` (TGI's field naming the adapter, here a policy version)
+        is added to the parameters by hand: text-generation 0.7's ``Parameters`` has no such field."""
         stop = params.pop("stop_sequences", None) or []
+        adapter_id = params.pop("adapter_id", None)
         parameters = Parameters(details=True, stop=stop, **params)
-        return Request(inputs=prompt, stream=stream, parameters=parameters).model_dump(exclude_none=True)
+        body = Request(inputs=prompt, stream=stream, parameters=parameters).model_dump(exclude_none=True)
+        if adapter_id is not None:
+            body["parameters"]["adapter_id"] = adapter_id
+        return body
 
     async def generate_versioned(self, prompt: str, **params: Any) -> tuple[Response, str]:
         body = self._request(prompt, False, **params)
@@ -196,8 +202,10 @@ class Backend:
     """Least-outstanding-requests balancing over health-checked replicas."""
 
     def __init__(self, urls: list[str], metrics: GatewayMetrics, *, timeout_s: float = 120.0,
-                 connect_timeout_s: float = 2.0, health_interval_s: float = 2.0):
-        self.replicas = [Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s)) for url in urls]
+                 connect_timeout_s: float = 2.0, health_interval_s: float = 2.0, token: str | None = None):
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.replicas = [Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s, headers=headers))
+                         for url in urls]
         self.metrics = metrics
         self.health_interval_s = health_interval_s
         self._rotation = itertools.count()

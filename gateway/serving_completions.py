@@ -44,6 +44,7 @@ from gateway.request_context import until_disconnected
 from gateway.settings import Settings
 from gateway.store import Store, StoredChoice, StoredCompletion
 from instructloop.events import Choice, CompletionEvent
+from instructloop.prompt import encode_prompt, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class CompletionServing:
         return await admit_completion(self.store, self.settings, self.metrics, request, checked, principal) or checked
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_prompt(self.tokenizer, text))
 
     def _jobs(self, request: CompletionRequest) -> list[Job]:
         jobs = []
@@ -198,7 +199,7 @@ class CompletionServing:
                                 generations, generations[0].policy_version)
 
     async def _record(self, result: GeneratedChoices, request: CompletionRequest, principal: Principal,
-                      chat: bool) -> None:
+                      chat: bool, messages: list[dict[str, str]] | None = None) -> None:
         prompt_tokens = [self.count_tokens(p) for p in result.prompts] if len(result.prompts) > 1 else [result.prompt_tokens]
         stored = StoredCompletion(
             id=result.completion_id, caller=principal.key_id, prompts=result.prompts,
@@ -213,7 +214,7 @@ class CompletionServing:
                        for j, g in zip(result.jobs, result.generations, strict=True) if j.prompt_index == p]
             events.append(CompletionEvent(completion_id=result.completion_id, prompt=prompt, choices=choices,
                                           policy_version=result.policy_version, sampling=request.sampling(),
-                                          caller=principal.key_id, chat=chat))
+                                          caller=principal.key_id, chat=chat, messages=messages))
         completion_tokens = sum(g.generated_tokens for g in result.generations)
         self.metrics.tokens_in.inc(result.prompt_tokens)
         self.metrics.tokens_out.inc(completion_tokens)
@@ -262,9 +263,8 @@ class CompletionServing:
 
     # ---- chat ---------------------------------------------------------------------------------------
     def render_chat(self, request: ChatCompletionRequest) -> str | APIError:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return render_chat(self.tokenizer, request.template_messages())
         except Exception as exc:  # the template refuses some message orders
             return APIError(400, f"messages cannot be rendered with the model's chat template: {exc}", param="messages",
                             code="invalid_messages")
@@ -288,11 +288,11 @@ class CompletionServing:
                 checked.param = "messages"
             return checked
         if request.stream:
-            return await self._open_stream(completion_request, principal, checked, chat=True)
+            return await self._open_stream(completion_request, principal, checked, True, request.template_messages())
         result = await until_disconnected(raw_request, self._generate(completion_request, checked, "chatcmpl"))
         if result is None or isinstance(result, APIError):
             return result
-        await self._record(result, completion_request, principal, chat=True)
+        await self._record(result, completion_request, principal, chat=True, messages=request.template_messages())
         choices = [ChatChoice(index=j.index, message=ChatResponseMessage(content=g.text),
                               finish_reason=openai_finish_reason(g.finish_reason))
                    for j, g in zip(result.jobs, result.generations, strict=True)]
@@ -331,7 +331,7 @@ class CompletionServing:
                         "server_error", code="policy_version_changed", headers=self._retry_after(503))
 
     async def _open_stream(self, request: CompletionRequest, principal: Principal, prompt_tokens: int,
-                           chat: bool) -> CompletionStream | APIError:
+                           chat: bool, messages: list[dict[str, str]] | None = None) -> CompletionStream | APIError:
         jobs = self._jobs(request)
         opened = await self._open_streams(jobs)
         if isinstance(opened, APIError):
@@ -414,7 +414,7 @@ class CompletionServing:
                     completion_id, created, request.prompts, prompt_tokens, jobs,
                     [Generation(texts[i], reasons[i] or "length", tokens[i], policy_version=version) for i in range(len(jobs))],
                     version)
-                await self._record(result, request, principal, chat=chat)
+                await self._record(result, request, principal, chat=chat, messages=messages)
 
         return CompletionStream(policy_version=version, body=body(), completion_id=completion_id)
 

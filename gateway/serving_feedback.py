@@ -15,6 +15,7 @@ per-minute feedback budget (``feedback_rate_limit_per_minute``), on top of the r
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from gateway.auth import Principal, Role
 from gateway.metrics import GatewayMetrics
@@ -37,6 +38,7 @@ from gateway.store import (
     fingerprint,
 )
 from instructloop.events import ComparisonEvent, DemonstrationEvent, validate_ranking
+from instructloop.prompt import render_chat
 from instructloop.streams import Stream
 
 log = logging.getLogger(__name__)
@@ -148,7 +150,23 @@ class FeedbackServing:
             if isinstance(event, ComparisonEvent):
                 event.source = "pairwise"
             return event
-        return await self._from_completion(completion, feedback.ranking, "ranking")
+        event = await self._from_completion(completion, feedback.ranking, "ranking")
+        if isinstance(event, ComparisonEvent) and feedback.flags:
+            return self._with_flags(event, completion, feedback.ranking[0][0], feedback.flags)
+        return event
+
+    def _with_flags(self, event: ComparisonEvent, completion: StoredCompletion, ranked: int,
+                    flags: dict[int, list[str]]) -> ComparisonEvent | APIError:
+        """Per-choice flags re-indexed to the event's responses (the choices of the ranked prompt)."""
+        prompt_index = completion.choices[ranked].prompt_index
+        members = [c.index for c in completion.choices if c.prompt_index == prompt_index]
+        position = {global_index: local for local, global_index in enumerate(members)}
+        per_response: list[list[str]] = [[] for _ in event.responses]
+        for index, names in flags.items():
+            if index not in position:
+                return self._invalid(f"flags names choice {index}, which is not a choice of the ranked prompt", "flags")
+            per_response[position[index]] = sorted(set(names))
+        return event.model_copy(update={"flags": per_response})
 
     async def submit(self, feedback: RankingFeedback | PairwiseFeedback | ABFeedback, principal: Principal,
                      idempotency_key: str | None) -> FeedbackAccepted | APIError:
@@ -196,21 +214,31 @@ class FeedbackServing:
 
 
 class DemonstrationServing:
-    def __init__(self, settings: Settings, store: Store, metrics: GatewayMetrics):
+    def __init__(self, settings: Settings, store: Store, metrics: GatewayMetrics, tokenizer: Any = None):
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        self.tokenizer = tokenizer
 
     async def submit(self, request: DemonstrationRequest, principal: Principal,
                      idempotency_key: str | None) -> DemonstrationAccepted | APIError:
         bad_key = check_idempotency_key(idempotency_key)
         if bad_key is not None:
             return bad_key
+        messages = request.template_messages()
+        prompt = request.prompt
+        if messages is not None:  # the prompt contract: the event holds the model input itself
+            try:
+                prompt = render_chat(self.tokenizer, messages)
+            except Exception as exc:
+                return APIError(400, f"messages cannot be rendered with the model's chat template: {exc}",
+                                param="messages", code="invalid_messages")
         limit = self.settings.max_prompt_chars
-        for name in ("prompt", "response"):
-            if len(getattr(request, name)) > limit:
+        for name, text in (("prompt" if messages is None else "messages", prompt), ("response", request.response)):
+            if len(text) > limit:
                 return APIError(400, f"{name} is longer than {limit} characters", param=name, code="too_long")
-        event = DemonstrationEvent(prompt=request.prompt, response=request.response, labeler_id=principal.key_id)
+        event = DemonstrationEvent(prompt=prompt, response=request.response, labeler_id=principal.key_id,
+                                   chat=messages is not None, messages=messages)
         try:
             event_id, duplicate = await self.store.append_event(
                 Stream.demonstrations, event, idempotency_key=idempotency_key, caller=principal.key_id,

@@ -55,6 +55,9 @@ class LearnerMetrics:
         self.kl = Gauge("learner_kl", "KL to the reference policy on held-out prompts (nats per response).", ["policy"],
                         registry=r)
         self.ptx_loss = Gauge("learner_ptx_loss", "Pretraining (ptx) loss of the last PPO-ptx round.", registry=r)
+        self.ptx_heldout_nll = Gauge(
+            "learner_ptx_heldout_nll", "Per-token NLL on held-out pretraining text (never trained on) after the last "
+            "PPO-ptx round, of the working policy and of the reference: the alignment tax.", ["policy"], registry=r)
         self.ppo_rounds = Counter("learner_ppo_rounds_total", "PPO-ptx rounds.", registry=r)
         self.step_seconds = Histogram(
             "learner_step_duration_seconds", "Duration of a learner step.", ["step"], buckets=STEP_BUCKETS, registry=r)
@@ -67,6 +70,20 @@ class LearnerMetrics:
         self._last_beat = time.monotonic()
         self.heartbeat.set(time.time())
         self.server: ThreadingHTTPServer | None = None
+        self.held_back = Counter(
+            "learner_held_back_total", "Candidates that passed the gate but were held back: the current version is pinned.",
+            registry=r)
+        self.waiting = Gauge(
+            "learner_waiting", "Items a step still needs before it runs (0: not waiting); the `knob` label is the "
+            "setting that changes the need (learner status and the log say more).", ["step", "knob"], registry=r)
+
+    def observe_ppo(self, stats: dict[str, float]) -> None:
+        """The gauges a PPO-ptx round sets: ptx loss, and the held-out pretraining NLL (the alignment tax)."""
+        if "ptx_loss" in stats:
+            self.ptx_loss.set(stats["ptx_loss"])
+        if "ptx_heldout_nll" in stats:
+            self.ptx_heldout_nll.labels("policy").set(stats["ptx_heldout_nll"])
+            self.ptx_heldout_nll.labels("reference").set(stats["ptx_heldout_nll_reference"])
 
     def beat(self) -> None:
         """The main loop is alive (call at every step boundary and every poll)."""

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
         20, ge=1, description="Live comparisons between the two versions needed before their win-rate counts."
     )
     gate_min_win_rate: float = Field(0.5, ge=0, le=1, description="Candidate live win-rate against the incumbent must reach this.")
+    gate_live_wait_s: float = Field(
+        0.0, ge=0, description="Seconds a new candidate waits in the registry (status candidate, servable by name, "
+                               "shown by the labeling page's compare mode) for gate_min_live_comparisons live A/B "
+                               "pairs against the incumbent before the gate decides; 0 = decide at once.")
 
     # ---- hyperparameters -------------------------------------------------------------------------
     kl_coef: float = Field(0.02, ge=0, description="β: per-token KL penalty to the reference policy.")

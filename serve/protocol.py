@@ -103,7 +103,7 @@ class GenerateParameters(BaseModel):
             raise ValueError("top_n_tokens is not supported by this server")
         return value
 
-    @field_validator("decoder_input_details", "watermark")
+    @field_validator("watermark")
     @classmethod
     def _unsupported_flag(cls, value: bool) -> bool:
         if value:
@@ -148,6 +148,9 @@ class FinishReason(str, Enum):
 
 
 class PrefillToken(BaseModel):
+    """One input token serve generated from (``decoder_input_details``). Prefill logprobs are not computed
+    here: ``logprob`` is always null (TGI leaves it null for the first token)."""
+
     id: int
     text: str
     logprob: float | None = None
@@ -221,3 +224,5 @@ class Info(BaseModel):
     docker_label: str | None = None
     policy_version: str
     policy_versions_in_flight: list[str] = Field(default_factory=list)
+    policy_versions_loaded: list[str] = Field(default_factory=list, description="versions a request can name "
+                                              "without a load: the LRU and the adapters attached to the base")

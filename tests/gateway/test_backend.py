@@ -136,3 +136,13 @@ async def test_a_keep_alive_connection_closed_by_the_replica_is_retried_not_a_50
         server.close()
     assert server.dropped >= 1
     assert backend.metrics.backend_requests.labels(url, "stale_connection_retry")._value.get() >= 1
+
+
+def test_adapter_id_travels_in_the_tgi_parameters():
+    """text-generation 0.7's Parameters has no adapter_id: the backend adds TGI's field itself."""
+    from gateway.backend import PolicyAwareClient
+
+    named = PolicyAwareClient._request("Hi", False, max_new_tokens=3, adapter_id="v0002")
+    assert named["inputs"] == "Hi" and named["parameters"]["adapter_id"] == "v0002"
+    assert named["parameters"]["max_new_tokens"] == 3
+    assert "adapter_id" not in PolicyAwareClient._request("Hi", False, max_new_tokens=3)["parameters"]
