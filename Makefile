@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TEXT_GENERATION ?= text-generation==0.7.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install redis-server model clean
+.PHONY: run test lint install redis-server netns-tools chromium ptx-corpus model clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,7 +32,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --no-deps "$(TEXT_GENERATION)"
 	@touch $(STAMP)
 
-install: $(STAMP) redis-server
+install: $(STAMP) redis-server netns-tools chromium ptx-corpus
 
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -40,6 +40,36 @@ redis-server:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
 	  else \
 	    echo "redis-server is missing: run 'sudo apt-get install -y redis-server' and try again" >&2; exit 1; \
+	  fi; }
+
+# tests/deploy/test_smoke.py runs the k8s manifests in network namespaces: ip (iproute2), and nsenter /
+# unshare / chroot (util-linux, coreutils). Installed like redis-server; without root the test skips.
+netns-tools:
+	@command -v ip >/dev/null 2>&1 && command -v nsenter >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux) >/dev/null; \
+	  else \
+	    echo "note: ip/nsenter missing; tests/deploy/test_smoke.py will skip (sudo apt-get install -y iproute2 util-linux)" >&2; \
+	  fi; }
+
+# Headless Chromium and its matching chromedriver, for the labeling page's browser tests (tests/gateway/web).
+chromium:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null; \
+	  else \
+	    echo "chromium is missing: run 'sudo apt-get install -y chromium chromium-driver' and try again" >&2; exit 1; \
+	  fi; }
+
+# The learner's default ptx corpus: WordNet 3.0's glosses (~1.9M tokens of modern English, WordNet licence:
+# use, copy, modify and distribute for any purpose) from Debian's wordnet-base, read from /usr/share/wordnet.
+# Without it the learner falls back to the small corpus in learner/data/ (and logs a warning).
+ptx-corpus:
+	@test -f /usr/share/wordnet/data.noun || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base) >/dev/null; \
+	  else \
+	    echo "note: the ptx corpus (Debian wordnet-base) is missing; 'sudo apt-get install -y wordnet-base' installs it" >&2; \
 	  fi; }
 
 model: install

@@ -1,22 +1,27 @@
 """Learning curve of the whole loop on the default model: preference feedback in, preferred answers out.
 
-    PYTHONPATH=. python bench/learning_curve.py [--budget-s 600] [--preference shorter] [--out docs]
+    PYTHONPATH=. python bench/learning_curve.py [--budget-s 1800] [--preference with:you] [--out docs]
 
 The end-to-end test (tests/test_loop_e2e.py) on the real SmolLM2-135M-Instruct: ``instructloop up``
-starts Redis, serve, the gateway and the learner as real processes; the base version's answers on the
-held-out prompts are recorded; then the scripted labeler ranks K=4 completions per training prompt
-(16 prompts a round, over HTTP only) until the time budget is spent. After every round it records the
+starts Redis, serve, the gateway and the learner as real processes (the learner with its shipped
+defaults and only the documented threshold knobs set for 16 prompts); the base version's answers on the
+held-out prompts are recorded; then the scripted labeler ranks K=4 CHAT completions per training prompt
+(``/v1/chat/completions``, 16 prompts a round, over HTTP only) until the time budget is spent. The
+held-out prompts are never used for feedback. After every round it records the
 rankings posted so far, wall time, the learner's Prometheus metrics (reward-model held-out pairwise
-accuracy, mean held-out RM reward and KL of the last candidate and incumbent the gate compared,
-promotions, rejections, PPO rounds) and the served version; each time a new version is served it
+accuracy, mean held-out RM reward and KL of the last candidate and incumbent the gate compared, the
+held-out pretraining NLL of the working policy against the reference, promotions, rejections, PPO
+rounds) and the served version; each time a new version is served it
 measures the preference's win-rate of that version against the recorded base answers (every new answer
 against every base answer of the same prompt, ties half; the same version has the same win-rate, so
 it is measured once per version). The base version's win-rate against its own recording is measured
-first: the in-run baseline (≈ 0.5).
+first: the in-run baseline (≈ 0.5). Each measurement also records the share of answers that satisfy the
+preference and their mean length (characters), base and served, to show the change is the preference and
+not length.
 
-Writes ``<out>/<name>.json`` (every row) and ``<out>/<name>.png`` (name: ``learning_curve``) (four panels against
-rankings posted, with wall time on a secondary axis). Learner settings are small so that several RM
-updates and PPO-ptx rounds fit in ~10 minutes on 2 CPU cores; they are printed and stored with the rows.
+Writes ``<out>/<name>.json`` (every row) and ``<out>/<name>.png`` (name: ``learning_curve``) (panels against
+rankings posted, with wall time on a secondary axis). The learner settings (the threshold knobs, and any
+``--learner-env`` overrides) are printed and stored with the rows.
 """
 
 from __future__ import annotations
@@ -53,23 +58,9 @@ TEMPERATURE = 0.7
 WINRATE_N = 4
 
 LEARNER_ENV = {
-    "INSTRUCTLOOP_LEARNER_SEED": "0",
+    # the documented threshold knobs (README, "The knobs that matter"), sized for 16 training prompts
     "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS": "16",
     "INSTRUCTLOOP_LEARNER_MIN_PROMPTS": "16",
-    "INSTRUCTLOOP_LEARNER_PROMPTS_PER_ROUND": "16",
-    "INSTRUCTLOOP_LEARNER_EVAL_PROMPTS": "8",
-    "INSTRUCTLOOP_LEARNER_HELDOUT_FRACTION": "0.2",
-    "INSTRUCTLOOP_LEARNER_POLL_INTERVAL_S": "1",
-    "INSTRUCTLOOP_LEARNER_KL_COEF": "0.02",
-    "INSTRUCTLOOP_LEARNER_PTX_COEF": "1.0",
-    "INSTRUCTLOOP_LEARNER_REWARD": json.dumps({"lr": 2e-5, "epochs": 1, "rankings_per_batch": 4, "max_length": 160}),
-    "INSTRUCTLOOP_LEARNER_PPO": json.dumps({
-        "lr": 1e-5, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2, "max_new_tokens": MAX_TOKENS,
-        "temperature": TEMPERATURE, "ptx_batch_size": 2, "ptx_seq_len": 64, "forward_batch_size": 8,
-    }),
-    "INSTRUCTLOOP_LEARNER_EVALUATION": json.dumps({
-        "do_sample": True, "temperature": TEMPERATURE, "max_new_tokens": MAX_TOKENS, "batch_size": 8,
-    }),
 }
 
 
@@ -84,7 +75,8 @@ def learner_metrics(url: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {"learner_rm_heldout_accuracy", "learner_reward_mean", "learner_kl", "learner_promotions_total",
-              "learner_rejections_total", "learner_ppo_rounds_total", "learner_rm_updates_total"}
+              "learner_rejections_total", "learner_ppo_rounds_total", "learner_rm_updates_total",
+              "learner_ptx_heldout_nll"}
     values: dict[str, float] = {}
     try:
         text = httpx.get(url, timeout=5).text
@@ -120,14 +112,18 @@ def plot(rows: list[dict], baseline_rate: float, preference: str, path: Path, mo
 
     x = [r["rankings"] for r in rows]
     panels = [
+        (f"win-rate of the served version vs base ({preference})", [("win_rate", "served version")]),
         ("reward-model held-out accuracy", [("learner_rm_heldout_accuracy", "pairwise accuracy")]),
         ("mean RM reward on held-out prompts (gate)",
          [("learner_reward_mean:candidate", "candidate"), ("learner_reward_mean:incumbent", "incumbent")]),
         ("KL to the reference (nats / response)", [("learner_kl:candidate", "candidate"),
                                                    ("learner_kl:incumbent", "incumbent")]),
-        (f"win-rate of the served version vs base ({preference})", [("win_rate", "served version")]),
+        ("NLL on held-out pretraining text (alignment tax)",
+         [("learner_ptx_heldout_nll:policy", "working policy"), ("learner_ptx_heldout_nll:reference", "reference")]),
+        ("served answers on held-out prompts", [("satisfied_share", "share satisfying the preference"),
+                                                ("length_ratio", "mean length / base's")]),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axes = plt.subplots(3, 2, figsize=(11, 11))
     for ax, (title, series) in zip(axes.flat, panels, strict=True):
         drawn = False
         for key, label in series:
@@ -165,10 +161,21 @@ def _interp(values, xs: list[float], ys: list[float]):
     return np.interp(values, xs, ys) if len(xs) > 1 else values
 
 
+def answer_stats(responses: dict[str, list[str]], preference) -> dict[str, float]:
+    """Share of answers the preference scores above 0 (for with:WORD: the share containing WORD) and the mean
+    answer length in characters."""
+    texts = [t for ts in responses.values() for t in ts]
+    scores = [preference(t) for t in texts]
+    return {"satisfied_share": sum(score > 0 for score in scores) / len(scores),
+            "length_mean": sum(len(t) for t in texts) / len(texts)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget-s", type=float, default=600.0, help="Labeling time after the stack is up.")
-    parser.add_argument("--preference", default="shorter")
+    parser.add_argument("--budget-s", type=float, default=1800.0, help="Labeling time after the stack is up.")
+    parser.add_argument("--preference", default="with:you")
+    parser.add_argument("--learner-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="Extra INSTRUCTLOOP_LEARNER_* settings (repeatable), stored with the result.")
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--run-dir", type=Path, default=None, help="Default: a temporary folder.")
@@ -185,10 +192,11 @@ def main() -> None:
     train, heldout = read_prompts(DEFAULT_PROMPTS), read_prompts(DEFAULT_HELDOUT_PROMPTS)
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="instructloop-bench-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **LEARNER_ENV}
+    learner_env = {**LEARNER_ENV, **dict(item.split("=", 1) for item in args.learner_env)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **learner_env}
     argv = [sys.executable, "-m", "launcher.cli", "up", "--run-dir", str(run_dir), "--model", args.model,
             "--port", str(free_port()), "--stop-timeout", "30"]
-    print(f"run dir: {run_dir}\nlearner settings: {json.dumps(LEARNER_ENV, indent=1)}", flush=True)
+    print(f"run dir: {run_dir}\nlearner settings: {json.dumps(learner_env, indent=1)}", flush=True)
     started = time.monotonic()
     with open(run_dir / "up.log", "wb") as log_file:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -199,14 +207,17 @@ def main() -> None:
         keys = json.loads(Path(stack.keys_file).read_text())
         metrics_url = stack.components["learner"].url
         print(f"stack up in {startup_s:.0f}s", flush=True)
-        with GatewayClient(stack.gateway_url, keys["labeler"], timeout=600) as client:
+        with GatewayClient(stack.gateway_url, keys["labeler"], timeout=600, chat=True) as client:
             base = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=1)
             again = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=2)
             baseline_rate = win_rate(again["responses"], base["responses"], preference).rate
-            print(f"baseline: base vs its own recording {baseline_rate:.3f}", flush=True)
+            base_stats = answer_stats(base["responses"], preference)
+            print(f"baseline: base vs its own recording {baseline_rate:.3f}; base answers {base_stats}", flush=True)
             t0, rankings, served, current_rate = time.monotonic(), 0, "base", baseline_rate
+            current = {**answer_stats(again["responses"], preference)}
+            current["length_ratio"] = current["length_mean"] / base_stats["length_mean"]
             rows.append({"round": 0, "rankings": 0, "wall_s": 0.0, "served_version": "base", "win_rate": baseline_rate,
-                         "new_version": False, **learner_metrics(metrics_url)})
+                         "new_version": False, **current, **learner_metrics(metrics_url)})
             round_index = 0
             while time.monotonic() - t0 < args.budget_s:
                 round_index += 1
@@ -220,9 +231,11 @@ def main() -> None:
                     now = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE,
                                  seed=1000 + round_index)
                     current_rate = win_rate(now["responses"], base["responses"], preference).rate
+                    current = answer_stats(now["responses"], preference)
+                    current["length_ratio"] = current["length_mean"] / base_stats["length_mean"]
                 row = {"round": round_index, "rankings": rankings, "wall_s": round(time.monotonic() - t0, 1),
                        "served_version": served, "win_rate": current_rate, "new_version": new_version,
-                       "labeler_errors": summary.errors, **learner_metrics(metrics_url)}
+                       "labeler_errors": summary.errors, **current, **learner_metrics(metrics_url)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if proc.poll() is not None:
@@ -235,7 +248,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": "PYTHONPATH=. python bench/learning_curve.py " + " ".join(sys.argv[1:]),
               "model": args.model, "preference": args.preference, "k": K, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
-              "startup_s": round(startup_s, 1), "baseline_win_rate": baseline_rate, "learner_env": LEARNER_ENV,
+              "startup_s": round(startup_s, 1), "baseline_win_rate": baseline_rate, "learner_env": learner_env,
+              "base_answers": base_stats, "chat": True,
               "cpus": os.cpu_count(), "rows": rows}
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     plot(rows, baseline_rate, args.preference, args.out / f"{args.name}.png", args.model)

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from instructloop.events import ComparisonEvent  # noqa: E402
 from instructloop.model import load_default_tokenizer  # noqa: E402
 from learner.config import RewardConfig  # noqa: E402
-from learner.reward import build_reward_model, format_query, pairwise_accuracy, train_reward_model  # noqa: E402
+from learner.reward import build_reward_model, pairwise_accuracy, train_reward_model  # noqa: E402
 
 WORDS = ["river", "stone", "cloud", "paper", "green", "quiet", "north", "table", "light", "music", "apple", "winter"]
 TARGET = " wonderful"
@@ -77,7 +77,7 @@ def run_trl(model_dir: Path, tokenizer, train: list[ComparisonEvent], k: int, lr
 
     rows = []
     for comparison in train:
-        query = format_query(tokenizer, comparison.prompt)
+        query = comparison.prompt  # the model input itself (the prompt contract)
         for w, lo in comparison.pairs():
             rows.append({"chosen": query + comparison.responses[w], "rejected": query + comparison.responses[lo]})
     model = build_reward_model(str(model_dir))

@@ -42,6 +42,6 @@ USER ${APP_UID}:${APP_UID}
 # Prometheus metrics only; the learner serves no API.
 EXPOSE 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=4)"]
+  CMD ["python", "-c", "import os, socket, urllib.request as u; u.urlopen('http://%s:%s/healthz' % (socket.gethostbyname(socket.gethostname()), os.environ.get('INSTRUCTLOOP_LEARNER_METRICS_PORT', '9100')), timeout=4)"]
 ENTRYPOINT ["instructloop"]
 CMD ["learner", "run"]

@@ -37,7 +37,10 @@ RUN groupadd --system --gid "${APP_UID}" instructloop \
       --shell /usr/sbin/nologin instructloop
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/instructloop /opt/instructloop
+# Listen on every interface (probes and the Service reach the pod IP); serve then refuses to start
+# without INSTRUCTLOOP_SERVE_AUTH_TOKEN, the token only the gateway holds.
 ENV PATH=/opt/venv/bin:$PATH \
+    INSTRUCTLOOP_SERVE_HOST=0.0.0.0 \
     INSTRUCTLOOP_HOME=/opt/instructloop \
     HOME=/tmp \
     HF_HUB_OFFLINE=1 \
@@ -47,6 +50,6 @@ USER ${APP_UID}:${APP_UID}
 EXPOSE 8080
 # The first start loads the model (seconds on CPU): a long start period before failures count.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4)"]
+  CMD ["python", "-c", "import os, socket, urllib.request as u; u.urlopen('http://%s:%s/health' % (socket.gethostbyname(socket.gethostname()), os.environ.get('INSTRUCTLOOP_SERVE_PORT', '8080')), timeout=4)"]
 ENTRYPOINT ["instructloop"]
 CMD ["serve", "run"]

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from fastapi import Request
 
 from gateway.auth import Principal
 from gateway.backend import Backend, BackendError, Generation, StreamEvent
+from gateway.limits import admit_completion, check_request_size
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
     APIError,
@@ -39,9 +40,11 @@ from gateway.protocol import (
     Usage,
     new_completion_id,
 )
+from gateway.request_context import until_disconnected
 from gateway.settings import Settings
 from gateway.store import Store, StoredChoice, StoredCompletion
 from instructloop.events import Choice, CompletionEvent
+from instructloop.prompt import encode_prompt, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -93,32 +96,6 @@ class CompletionStream:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-async def until_disconnected(raw_request: Request | None, work: Awaitable[Any]) -> Any:
-    """Run ``work``; if the client goes away first, cancel it (so the backends stop) and return None."""
-    if raw_request is None:
-        return await work
-
-    async def wait_disconnect() -> None:
-        while True:
-            message = await raw_request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(wait_disconnect())
-    try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch_task.cancel()
-    if work_task.done():
-        return work_task.result()
-    work_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await work_task
-    log.info("client disconnected; generation cancelled")
-    return None
-
-
 class CompletionServing:
     def __init__(self, settings: Settings, backend: Backend, store: Store, tokenizer: Any, metrics: GatewayMetrics):
         self.settings = settings
@@ -140,6 +117,8 @@ class CompletionServing:
             return APIError(400, f"max_tokens must be at most {s.max_tokens_limit}", param="max_tokens", code="invalid_value")
         if request.stream and request.logprobs:
             return APIError(400, "logprobs are not available with stream=true", param="logprobs", code="invalid_value")
+        if (too_big := check_request_size(request, s)) is not None:
+            return too_big
         total_tokens = 0
         for prompt in request.prompts:
             if not prompt:
@@ -154,8 +133,15 @@ class CompletionServing:
             total_tokens += tokens
         return total_tokens
 
+    async def _check_and_admit(self, request: CompletionRequest, principal: Principal) -> APIError | int:
+        """``_check``, then the key's generation and token budgets (429 when one has no room)."""
+        checked = self._check(request)
+        if isinstance(checked, APIError):
+            return checked
+        return await admit_completion(self.store, self.settings, self.metrics, request, checked, principal) or checked
+
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_prompt(self.tokenizer, text))
 
     def _jobs(self, request: CompletionRequest) -> list[Job]:
         jobs = []
@@ -213,7 +199,7 @@ class CompletionServing:
                                 generations, generations[0].policy_version)
 
     async def _record(self, result: GeneratedChoices, request: CompletionRequest, principal: Principal,
-                      chat: bool) -> None:
+                      chat: bool, messages: list[dict[str, str]] | None = None) -> None:
         prompt_tokens = [self.count_tokens(p) for p in result.prompts] if len(result.prompts) > 1 else [result.prompt_tokens]
         stored = StoredCompletion(
             id=result.completion_id, caller=principal.key_id, prompts=result.prompts,
@@ -228,7 +214,7 @@ class CompletionServing:
                        for j, g in zip(result.jobs, result.generations, strict=True) if j.prompt_index == p]
             events.append(CompletionEvent(completion_id=result.completion_id, prompt=prompt, choices=choices,
                                           policy_version=result.policy_version, sampling=request.sampling(),
-                                          caller=principal.key_id, chat=chat))
+                                          caller=principal.key_id, chat=chat, messages=messages))
         completion_tokens = sum(g.generated_tokens for g in result.generations)
         self.metrics.tokens_in.inc(result.prompt_tokens)
         self.metrics.tokens_out.inc(completion_tokens)
@@ -258,7 +244,7 @@ class CompletionServing:
 
     async def create_completion(self, request: CompletionRequest, principal: Principal,
                                 raw_request: Request | None = None) -> CompletionResponse | CompletionStream | APIError | None:
-        checked = self._check(request)
+        checked = await self._check_and_admit(request, principal)
         if isinstance(checked, APIError):
             return checked
         if request.stream:
@@ -277,9 +263,8 @@ class CompletionServing:
 
     # ---- chat ---------------------------------------------------------------------------------------
     def render_chat(self, request: ChatCompletionRequest) -> str | APIError:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return render_chat(self.tokenizer, request.template_messages())
         except Exception as exc:  # the template refuses some message orders
             return APIError(400, f"messages cannot be rendered with the model's chat template: {exc}", param="messages",
                             code="invalid_messages")
@@ -297,17 +282,17 @@ class CompletionServing:
             return APIError(400, f"max_tokens must be at most {self.settings.max_tokens_limit}", param="max_tokens",
                             code="invalid_value")
         completion_request = request.to_completion_request(prompt, default_max_tokens=min(256, self.settings.max_tokens_limit))
-        checked = self._check(completion_request)
+        checked = await self._check_and_admit(completion_request, principal)
         if isinstance(checked, APIError):
             if checked.param == "prompt":
                 checked.param = "messages"
             return checked
         if request.stream:
-            return await self._open_stream(completion_request, principal, checked, chat=True)
+            return await self._open_stream(completion_request, principal, checked, True, request.template_messages())
         result = await until_disconnected(raw_request, self._generate(completion_request, checked, "chatcmpl"))
         if result is None or isinstance(result, APIError):
             return result
-        await self._record(result, completion_request, principal, chat=True)
+        await self._record(result, completion_request, principal, chat=True, messages=request.template_messages())
         choices = [ChatChoice(index=j.index, message=ChatResponseMessage(content=g.text),
                               finish_reason=openai_finish_reason(g.finish_reason))
                    for j, g in zip(result.jobs, result.generations, strict=True)]
@@ -346,7 +331,7 @@ class CompletionServing:
                         "server_error", code="policy_version_changed", headers=self._retry_after(503))
 
     async def _open_stream(self, request: CompletionRequest, principal: Principal, prompt_tokens: int,
-                           chat: bool) -> CompletionStream | APIError:
+                           chat: bool, messages: list[dict[str, str]] | None = None) -> CompletionStream | APIError:
         jobs = self._jobs(request)
         opened = await self._open_streams(jobs)
         if isinstance(opened, APIError):
@@ -429,7 +414,7 @@ class CompletionServing:
                     completion_id, created, request.prompts, prompt_tokens, jobs,
                     [Generation(texts[i], reasons[i] or "length", tokens[i], policy_version=version) for i in range(len(jobs))],
                     version)
-                await self._record(result, request, principal, chat=chat)
+                await self._record(result, request, principal, chat=chat, messages=messages)
 
         return CompletionStream(policy_version=version, body=body(), completion_id=completion_id)
 

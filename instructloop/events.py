@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from instructloop.prompt import CHAT_ROUTE, COMPLETIONS_ROUTE, Route
 from instructloop.streams import EVENT_FIELD
 
 SCHEMA_VERSION = 1
@@ -54,8 +55,28 @@ class Choice(BaseModel):
     completion_tokens: int = Field(default=0, ge=0)
 
 
+Message = dict[str, str]
+"""One chat message as the chat template takes it: ``{"role": ..., "content": ...}``."""
+
+
+def _route_of(data: Any) -> Any:
+    """Fill ``route`` from ``chat`` (events written before the route existed) and check the two agree."""
+    if isinstance(data, dict):
+        chat = bool(data.get("chat", False))
+        route = data.setdefault("route", CHAT_ROUTE if chat else COMPLETIONS_ROUTE)
+        if (route == CHAT_ROUTE) != chat:
+            raise ValueError(f"route {route!r} disagrees with chat={chat}")
+        if data.get("messages") and not chat:
+            raise ValueError("messages belong to chat events (chat=true) only")
+    return data
+
+
 class CompletionEvent(Event):
-    """A served completion: everything needed later to validate feedback and to sample prompts."""
+    """A served completion: everything needed later to validate feedback and to sample prompts.
+
+    ``prompt`` is exactly the model input serve generated from (instructloop/prompt.py, "the prompt
+    contract"): the caller's text for ``/v1/completions``, the rendered chat template for
+    ``/v1/chat/completions`` (then ``messages`` holds what it was rendered from). The learner uses it verbatim."""
 
     kind: Literal["completion"] = "completion"
     completion_id: str
@@ -65,9 +86,17 @@ class CompletionEvent(Event):
     sampling: dict[str, Any] = Field(default_factory=dict, description="temperature, top_p, max_tokens, seed…")
     caller: str = Field(description="hashed API key id of the caller")
     chat: bool = False
+    route: Route = Field(COMPLETIONS_ROUTE, description="the OpenAI route that produced it (follows chat)")
+    messages: list[Message] | None = Field(None, description="chat only: the messages the prompt was rendered from")
+
+    _route = model_validator(mode="before")(_route_of)
 
 
 Ranking = list[Annotated[list[int], Field(min_length=1)]]
+
+OutputFlag = Literal["fails_instruction", "harmful", "made_up_facts"]
+"""InstructGPT's per-output labels: fails to follow the instruction, harmful, makes up facts."""
+OUTPUT_FLAGS: tuple[str, ...] = ("fails_instruction", "harmful", "made_up_facts")
 
 
 class ComparisonEvent(Event):
@@ -85,10 +114,16 @@ class ComparisonEvent(Event):
     source: Literal["ranking", "pairwise", "ab"] = "ranking"
     completion_ids: list[str] = Field(default_factory=list)
     policy_versions: list[str] = Field(default_factory=list, description="policy version per response")
+    flags: list[list[OutputFlag]] = Field(
+        default_factory=list,
+        description="per-output flags, one list per response (empty = none given); added in schema 1 without a "
+                    "version bump: events without it read as no flags")
 
     @model_validator(mode="after")
     def _check_ranking(self) -> ComparisonEvent:
         validate_ranking(self.ranking, len(self.responses))
+        if self.flags and len(self.flags) != len(self.responses):
+            raise ValueError(f"flags has {len(self.flags)} entries for {len(self.responses)} responses")
         return self
 
     def pairs(self) -> list[tuple[int, int]]:
@@ -97,10 +132,19 @@ class ComparisonEvent(Event):
 
 
 class DemonstrationEvent(Event):
+    """A labeler's answer to a prompt. ``prompt`` follows the prompt contract like a completion's: the model
+    input itself (raw text, or the rendered chat template when ``chat``; ``messages`` then holds the turns),
+    and SFT learns ``response`` (+ EOS) as its continuation, never rendering the prompt again."""
+
     kind: Literal["demonstration"] = "demonstration"
     prompt: str = Field(min_length=1)
     response: str = Field(min_length=1)
     labeler_id: str
+    chat: bool = False
+    route: Route = Field(COMPLETIONS_ROUTE, description="completions (raw text) or chat.completions (rendered)")
+    messages: list[Message] | None = None
+
+    _route = model_validator(mode="before")(_route_of)
 
 
 class PolicyStatus(str, Enum):
@@ -109,6 +153,8 @@ class PolicyStatus(str, Enum):
     rejected = "rejected"
     rolled_back = "rolled_back"
     pinned = "pinned"
+    held_back = "held_back"
+    """Passed the gate, but the current version is pinned by an admin: recorded, not served."""
 
 
 class PolicyEvent(Event):

@@ -79,12 +79,50 @@ def fix_tokenizer(tokenizer):
     return tokenizer
 
 
+def default_tokenizer_dir(home: Path | None = None) -> Path:
+    """Where ``prepare_default_tokenizer`` saves the fixed default tokenizer alone (the gateway's image)."""
+    return (home or home_dir()) / "tokenizers" / DEFAULT_MODEL_NAME
+
+
 def load_default_tokenizer():
-    """The fixed default tokenizer straight from the GGUF (seconds; no model weights are loaded)."""
+    """The fixed default tokenizer: from its prepared folder when there is one (under a second), else
+    straight from the GGUF (no model weights are loaded, but parsing the GGUF costs ~12 CPU-seconds)."""
     from transformers import AutoTokenizer
 
+    prepared = default_tokenizer_dir()
+    if is_prepared(prepared):
+        return AutoTokenizer.from_pretrained(prepared)
     gguf = default_gguf_file()
     return fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+
+
+def prepare_default_tokenizer(home: Path | None = None) -> Path:
+    """Save the fixed default tokenizer (no weights) once, so ``load_default_tokenizer`` skips the GGUF.
+
+    The gateway's image bakes this (``instructloop model prepare --tokenizer-only``): its start then does not
+    spend ~12 CPU-seconds parsing the GGUF, which on a CPU-limited pod ate most of the startup probe's budget.
+    """
+    target = default_tokenizer_dir(home)
+    if is_prepared(target):
+        return target
+    with _file_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
+        if is_prepared(target):
+            return target
+        from transformers import AutoTokenizer
+
+        gguf = default_gguf_file()
+        tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            tokenizer.save_pretrained(staging)
+            (staging / "tokenizer.model").unlink(missing_ok=True)
+            (staging / _COMPLETE).write_text(f"tokenizer from {gguf.name}\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
 
 
 def _dense_model_from_gguf(gguf: Path):

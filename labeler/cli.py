@@ -73,13 +73,14 @@ def simulate_command(
     api_key: str | None = typer.Option(None, help=f"A labeler API key (or {API_KEY_ENV})."),
     run_dir: Path | None = typer.Option(Path("run"), help=_RUN_DIR_HELP),
     model: str = typer.Option(DEFAULT_MODEL_NAME, help="The `model` field sent with each completion request."),
+    chat: bool = typer.Option(False, help="Ask /v1/chat/completions (the prompt as one user message)."),
 ) -> None:
     """Ask for K completions per prompt, rank them with the preference, post the rankings as feedback."""
     preference_fn = _preference_option(preference)
     prompt_list = read_prompts(prompts)
     url, key = _connection(gateway_url, api_key, run_dir, role="labeler")
     typer.echo(f"labeling {len(prompt_list)} prompts x {rounds} rounds (k={k}) on {url} with preference {preference}")
-    with GatewayClient(url, key, model=model) as client:
+    with GatewayClient(url, key, model=model, chat=chat) as client:
         try:
             summary = simulate(client, prompt_list, preference_fn, rounds=rounds, k=k, max_tokens=max_tokens,
                                temperature=temperature, seed=seed, concurrency=concurrency,
@@ -103,12 +104,14 @@ def record_command(
     api_key: str | None = typer.Option(None),
     run_dir: Path | None = typer.Option(Path("run"), help=_RUN_DIR_HELP),
     model: str = typer.Option(DEFAULT_MODEL_NAME),
+    chat: bool = typer.Option(False, help="Ask /v1/chat/completions (the prompt as one user message)."),
 ) -> None:
     """Record the served version's responses on held-out prompts (the baseline of `winrate`)."""
     prompt_list = read_prompts(prompts)
     url, key = _connection(gateway_url, api_key, run_dir, role="user")
-    with GatewayClient(url, key, model=model) as client:
+    with GatewayClient(url, key, model=model, chat=chat) as client:
         recorded = record(client, prompt_list, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    recorded["sampling"]["chat"] = chat
     out.write_text(json.dumps(recorded, indent=2))
     typer.echo(f"recorded {n} responses x {len(prompt_list)} prompts of {recorded['policy_versions']} to {out}")
 
@@ -131,7 +134,7 @@ def winrate_command(
     recorded = json.loads(baseline.read_text())
     sampling = recorded.get("sampling", {})
     url, key = _connection(gateway_url, api_key, run_dir, role="user")
-    with GatewayClient(url, key, model=model) as client:
+    with GatewayClient(url, key, model=model, chat=sampling.get("chat", False)) as client:  # as recorded
         current = record(client, list(recorded["responses"]), n=n, max_tokens=sampling.get("max_tokens", 32),
                          temperature=sampling.get("temperature", 1.0), seed=seed)
     result = win_rate(current["responses"], recorded["responses"], preference_fn)

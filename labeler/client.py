@@ -1,7 +1,7 @@
 """A scripted labeler: an HTTP client of the gateway API that ranks completions with a preference function.
 
 ``instructloop labeler simulate`` asks the gateway for K completions per prompt (``/v1/completions`` with
-``n=K``), ranks them with a *preference function* (``text -> float``, higher is better; best first, equal
+``n=K``, or ``/v1/chat/completions`` with the prompt as one user message when ``chat``), ranks them with a *preference function* (``text -> float``, higher is better; best first, equal
 scores tied in one group) and posts the ranking to ``/v1/feedback`` with a labeler key, round after round.
 It stands in for human labelers in tests, benchmarks and demos. It talks HTTP only and imports nothing of
 the learner, so what it proves about the loop is what a real client would see.
@@ -47,9 +47,11 @@ class GatewayClient:
     """The few gateway calls the labeler makes (httpx, bearer key, OpenAI error JSON surfaced)."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 120.0, model: str = DEFAULT_MODEL_NAME,
-                 retries: int = 2, rate_limit_wait_s: float = 180.0):
+                 retries: int = 2, rate_limit_wait_s: float = 180.0, chat: bool = False):
         import httpx
 
+        self.chat = chat
+        """Ask ``/v1/chat/completions`` (the prompt as one user message) instead of ``/v1/completions``."""
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.retries = retries
@@ -107,15 +109,19 @@ class GatewayClient:
 
     def complete(self, prompt: str, n: int, max_tokens: int, temperature: float,
                  seed: int | None = None) -> Completion:
-        payload: dict[str, Any] = {"model": self.model, "prompt": prompt, "n": n, "max_tokens": max_tokens,
-                                   "temperature": temperature}
+        payload: dict[str, Any] = {"model": self.model, "n": n, "max_tokens": max_tokens, "temperature": temperature}
+        if self.chat:
+            payload["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            payload["prompt"] = prompt
         if seed is not None:
             payload["seed"] = seed
-        response = self._post("/v1/completions", payload)
+        response = self._post("/v1/chat/completions" if self.chat else "/v1/completions", payload)
         body = response.json()
         choices = sorted(body["choices"], key=lambda c: c["index"])
+        texts = [c["message"]["content"] for c in choices] if self.chat else [c["text"] for c in choices]
         version = body.get("policy_version") or response.headers.get(POLICY_VERSION_HEADER) or UNKNOWN_VERSION
-        return Completion(id=body["id"], texts=[c["text"] for c in choices], policy_version=version)
+        return Completion(id=body["id"], texts=texts, policy_version=version)
 
     def feedback(self, completion: Completion, ranking: list[list[int]], rationale: str | None = None) -> Any:
         payload: dict[str, Any] = {"type": "ranking", "completion_id": completion.id, "ranking": ranking}

@@ -8,7 +8,9 @@ which ``seq`` the reward model has trained) and a fixed ``heldout`` flag derived
 Tables:
     comparisons      a ``ComparisonEvent`` per row (prompt, K responses, ranking, policy versions)
     demonstrations   a ``DemonstrationEvent`` per row
-    prompts          the prompt of a ``CompletionEvent`` per row (PPO and the gate sample from these)
+    prompts          the prompt of a ``CompletionEvent`` per row — the exact model input serve generated from
+                     (the prompt contract), its route (``chat``) and the traffic's ``max_tokens`` (PPO
+                     rollouts and the gate cut responses there, as serve did); PPO and the gate sample these
     dead_letters     (stream, entry_id) of every malformed entry sent to the dead-letter stream, with the reason
 
 Writes happen in one transaction per ingested batch; the ingestor acknowledges the Redis entries only
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import sqlite3
 import threading
 import time
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS prompts (
     policy_version TEXT NOT NULL,
     chat           INTEGER NOT NULL,
     created_at     REAL NOT NULL,
-    ingested_at    REAL NOT NULL
+    ingested_at    REAL NOT NULL,
+    max_tokens     INTEGER
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     stream      TEXT NOT NULL,
@@ -102,9 +104,23 @@ class AddResult:
 
 
 @dataclass(frozen=True)
+class TrafficPrompt:
+    """A model input from the traffic and the longest ``max_tokens`` it was served with (None: unknown)."""
+
+    text: str
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class StoredComparison:
     seq: int
     comparison: ComparisonEvent
+
+
+def _seeded_rank(seed: int, text: str) -> int:
+    """A seeded pseudo-random rank of ``text`` (64 bits of blake2b): ordering by it is a seeded shuffle."""
+    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8, key=str(seed).encode()[:64])
+    return int.from_bytes(digest.digest(), "big") >> 1  # SQLite integers are signed 64-bit
 
 
 class Dataset:
@@ -119,6 +135,10 @@ class Dataset:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
+        self._conn.create_function("seeded_rank", 2, _seeded_rank, deterministic=True)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(prompts)")}
+        if "max_tokens" not in columns:  # a dataset written before the traffic's max_tokens was kept
+            self._conn.execute("ALTER TABLE prompts ADD COLUMN max_tokens INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -155,11 +175,13 @@ class Dataset:
         event = entry.event
         heldout = int(is_heldout(event.event_id, self.heldout_fraction))
         if isinstance(event, CompletionEvent):
+            max_tokens = event.sampling.get("max_tokens")
+            max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
             cur.execute(
                 "INSERT OR IGNORE INTO prompts (event_id, entry_id, prompt, heldout, policy_version, chat, created_at,"
-                " ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " ingested_at, max_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (event.event_id, entry.entry_id, event.prompt, heldout, event.policy_version, int(event.chat),
-                 event.created_at, now),
+                 event.created_at, now, max_tokens),
             )
         elif isinstance(event, ComparisonEvent | DemonstrationEvent):
             table = TABLE_OF[type(event)]
@@ -238,11 +260,16 @@ class Dataset:
 
     def sample_prompts(self, n: int, *, heldout: bool = False, seed: int = 0) -> list[str]:
         """Up to ``n`` distinct prompts of one split, a seeded sample (the same seed gives the same prompts)."""
-        prompts = [row[0] for row in self._all(
-            "SELECT DISTINCT prompt FROM prompts WHERE heldout = ? ORDER BY prompt", (int(heldout),))]
-        if len(prompts) <= n:
-            return prompts
-        return random.Random(seed).sample(prompts, n)
+        return [query.text for query in self.sample_queries(n, heldout=heldout, seed=seed)]
+
+    def sample_queries(self, n: int, *, heldout: bool = False, seed: int = 0) -> list[TrafficPrompt]:
+        """``sample_prompts`` with each prompt's traffic ``max_tokens`` (the largest it was served with).
+
+        Sampled inside SQLite: distinct prompts come grouped off the (heldout, prompt) index and ordered by a
+        seeded hash with ``LIMIT n``, so memory stays O(n) however many prompts traffic has brought."""
+        return [TrafficPrompt(text, max_tokens) for text, max_tokens in self._all(
+            "SELECT prompt, MAX(max_tokens) FROM prompts WHERE heldout = ? GROUP BY prompt "
+            "ORDER BY seeded_rank(?, prompt) LIMIT ?", (int(heldout), seed, n))]
 
     def live_win_rate(self, version: str, against: str) -> tuple[float, int]:
         """Win-rate of ``version`` over ``against`` in live comparisons that ranked responses of both.

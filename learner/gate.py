@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,17 @@ class GateResult:
     promote: bool
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    held_back_by: str | None = None
+    """The pinned current version that kept a candidate which passed the gate from being promoted."""
+
+    def hold_back(self, pinned: str) -> GateResult:
+        """This result for a candidate that passed the gate while ``pinned`` is pinned: held back, not promoted."""
+        return replace(self, promote=False, held_back_by=pinned,
+                       reasons=[*self.reasons, f"held back: {pinned} is pinned by an admin"])
 
     def summary(self) -> str:
-        return ("promoted: " if self.promote else "rejected: ") + "; ".join(self.reasons)
+        head = "held back: " if self.held_back_by else "promoted: " if self.promote else "rejected: "
+        return head + "; ".join(self.reasons)
 
 
 def _finite(value: float | None) -> bool:

@@ -9,7 +9,8 @@ the weights together with the counters and the dataset cursor they correspond to
 
 Which policy keeps training after a rejection: the learner's working policy continues from the rejected
 candidate (PPO progress is not thrown away; the next candidate is gated again against the incumbent).
-The gate only decides what is served.
+The gate only decides what is served, and admin pins and rollbacks bind it (``learner/admin.py``). Why
+the loop waits: ``learner/waiting.py``.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from typing import Any
 
 from instructloop.registry import Registry
 from instructloop.wire import BASE_VERSION
-from learner.dataset import Dataset
+from learner.admin import follow_rollback, pinned_version
+from learner.dataset import Dataset, TrafficPrompt
 from learner.gate import GateConfig, GateResult, gate_decision
 from learner.ingest import Ingestor, IngestStats
+from learner.live_gate import awaiting_live_votes
 from learner.metrics import LearnerMetrics
 from learner.models import LearnerModels
 from learner.publish import publish_candidate
 from learner.report import RoundReport, numeric
 from learner.settings import Settings
 from learner.state import CheckpointStore, LearnerState
+from learner.waiting import Wait, report_waits, waits
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,10 @@ class Learner:
         self.settings = settings
         self.metrics = metrics or LearnerMetrics()
         self.progress = progress
-        self.redis = redis.Redis.from_url(settings.require_redis())  # bytes: malformed entries must not crash decode
+        self.redis = redis.Redis.from_url(  # bytes: malformed entries must not crash decode
+            settings.require_redis(), socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=min(10.0, settings.redis_socket_timeout_s), health_check_interval=30)
+        self.metrics.liveness_max_age_s = settings.liveness_max_age_s
         self.dataset = Dataset(settings.state_dir / "dataset.sqlite3", heldout_fraction=settings.heldout_fraction)
         self.store = CheckpointStore(settings.state_dir, keep=settings.keep_checkpoints)
         self.state: LearnerState = self.store.load_state()
@@ -65,6 +72,7 @@ class Learner:
         self.models = LearnerModels(settings, self.store, lambda: self.state.reference_model)
         self._trainer = None
         self._started = False
+        self._waiting: list[Wait] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -78,7 +86,9 @@ class Learner:
         torch.manual_seed(self.settings.seed + self.state.step)
         random.seed(self.settings.seed + self.state.step)
         self.ingestor.ensure_groups()  # pending entries are recovered by every ingest()
+        self.registry.clean_staging()  # the learner is the only writer of versions (leftovers are logged)
         self._started = True
+        self.metrics.beat()
         log.info("learner started", extra={"state": self.state.model_dump(exclude={"history"}),
                                             "dataset": self.dataset.counts()})
 
@@ -195,23 +205,13 @@ class Learner:
         demonstrations = self.dataset.demonstrations(heldout=False, limit=BIAS_SAMPLES)
         if demonstrations:
             return [d.prompt for d in demonstrations], [d.response for d in demonstrations]
-        prompts = self.dataset.sample_prompts(BIAS_SAMPLES, seed=self.settings.seed)
-        if not prompts:
-            prompts = sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=BIAS_SAMPLES)})
-        return prompts, self._reference_samples(prompts)
+        queries = self.dataset.sample_queries(BIAS_SAMPLES, seed=self.settings.seed)
+        if not queries:
+            queries = [TrafficPrompt(p) for p in
+                       sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=BIAS_SAMPLES)})]
+        from learner.evaluate import reference_samples
 
-    def _reference_samples(self, prompts: list[str]) -> list[str]:
-        """Greedy responses of the reference policy (EOS and padding stripped)."""
-        from learner.ppo import generate_rollouts
-
-        config = self._eval_config()
-        responses: list[str] = []
-        for start in range(0, len(prompts), config.batch_size):
-            rollouts = generate_rollouts(self.reference, self.tokenizer, prompts[start : start + config.batch_size],
-                                         config.max_prompt_tokens, config.max_new_tokens, False, 1.0)
-            for ids, mask in zip(rollouts.responses, rollouts.response_mask, strict=True):
-                responses.append(self.tokenizer.decode(ids[mask], skip_special_tokens=True))
-        return responses
+        return [q.text for q in queries], reference_samples(self.reference, self.tokenizer, queries, self._eval_config())
 
     def _eval_config(self):
         from learner.config import EvalConfig
@@ -237,7 +237,7 @@ class Learner:
             trainer = PPOPtxTrainer(policy, self.reference, value, self.reward_model, self.tokenizer, config, ptx,
                                     progress=self.progress)
             saved = self.store.optimizer_state("ppo")
-            if saved is not None and restored:
+            if saved and restored:  # {}: the policy restarted from a version (after a rollback)
                 trainer.load_state_dict(saved)
             self._trainer = trainer
         return self._trainer
@@ -258,12 +258,13 @@ class Learner:
         if not self.ppo_round_due():
             return None
         prompt_cursor = self.dataset.max_prompt_seq()
-        prompts = self.dataset.sample_prompts(self.settings.prompts_per_round,
+        queries = self.dataset.sample_queries(self.settings.prompts_per_round,
                                               seed=self.settings.seed + self.state.ppo_rounds)
+        prompts = [q.text for q in queries]
         log.info("ppo round started", extra={"ppo_round": self.state.ppo_rounds + 1, "prompts": len(prompts)})
         with self.metrics.step_seconds.labels("ppo").time():
             trainer = self._ppo_trainer()
-            stats = numeric(trainer.round(prompts))
+            stats = numeric(trainer.round(prompts, [q.max_tokens for q in queries]))
         self.state.ppo_rounds += 1
         self.state.ppo_prompts += len(prompts)
         self.state.ppo_prompt_cursor = prompt_cursor
@@ -278,17 +279,16 @@ class Learner:
             optimizers={"ppo": trainer.state_dict()},
         )
         self.metrics.ppo_rounds.inc()
-        if "ptx_loss" in stats:
-            self.metrics.ptx_loss.set(stats["ptx_loss"])
+        self.metrics.observe_ppo(stats)
         log.info("ppo round done", extra={"ppo_round": self.state.ppo_rounds, "stats": stats})
         return stats
 
-    def _heldout_prompts(self) -> list[str]:
-        prompts = self.dataset.sample_prompts(self.settings.eval_prompts, heldout=True, seed=self.settings.seed)
-        if not prompts:  # no held-out completion yet: the prompts of held-out comparisons
+    def _heldout_prompts(self) -> list[TrafficPrompt]:
+        queries = self.dataset.sample_queries(self.settings.eval_prompts, heldout=True, seed=self.settings.seed)
+        if not queries:  # no held-out completion yet: the prompts of held-out comparisons
             prompts = sorted({s.comparison.prompt for s in self.dataset.comparisons(heldout=True)})
-            prompts = prompts[: self.settings.eval_prompts]
-        return prompts
+            queries = [TrafficPrompt(p) for p in prompts[: self.settings.eval_prompts]]
+        return queries
 
     def _decided_before_crash(self, version: str) -> tuple[str, GateResult] | None:
         """A learner killed while publishing left the candidate with its final status in the registry:
@@ -322,27 +322,30 @@ class Learner:
             elif prompts:
                 config = self._eval_config()
                 # the incumbent's samples are deterministic: generated once per (version, prompts), re-scored
-                incumbent_version, incumbent = self.models.incumbent_samples(self.registry, prompts, config)
-                candidate = sample_policy(trainer.policy, self.reference, self.tokenizer, prompts, config)
+                texts, lengths = [q.text for q in prompts], [q.max_tokens for q in prompts]
+                incumbent_version, incumbent = self.models.incumbent_samples(self.registry, texts, config, lengths)
+                candidate = sample_policy(trainer.policy, self.reference, self.tokenizer, texts, config, lengths)
                 candidate_eval = score_samples(candidate, self.reward_model, config)
                 incumbent_eval = score_samples(incumbent, self.reward_model, config)
                 result = gate_decision(numeric(candidate_eval), numeric(incumbent_eval), self.gate_config,
                                        live_win_rate=self.dataset.live_win_rate(version, incumbent_version))
+                pinned = pinned_version(self.registry)
+                if result.promote and pinned:
+                    result = result.hold_back(pinned)
                 if result.promote:  # the candidate is the next incumbent: its samples are already made
-                    self.models.remember_incumbent(version, prompts, config, candidate)
+                    self.models.remember_incumbent(version, texts, config, candidate, lengths)
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
         result.metrics.update({"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)})
+        if self.state.rm_heldout_accuracy is not None:  # the admin dashboard charts it from the policies stream
+            result.metrics["rm_heldout_accuracy"] = float(self.state.rm_heldout_accuracy)
         with self.metrics.step_seconds.labels("publish").time():
             parent = None if incumbent_version == BASE_VERSION else incumbent_version
             publish_candidate(self.registry, version, trainer.policy, self.tokenizer, result, parent=parent,
                               base_model=self.settings.model, write=self.models.write_candidate)
-        if result.promote:
-            self.state.promotions += 1
-            self.metrics.promotions.inc()
-        else:
-            self.state.rejections += 1
-            self.metrics.rejections.inc()
+        outcome = "promotions" if result.promote else "held_back" if result.held_back_by else "rejections"
+        setattr(self.state, outcome, getattr(self.state, outcome) + 1)
+        getattr(self.metrics, outcome).inc()
         for policy in ("candidate", "incumbent"):
             if f"{policy}_reward_mean" in result.metrics:
                 self.metrics.reward.labels(policy).set(result.metrics[f"{policy}_reward_mean"])
@@ -350,8 +353,9 @@ class Learner:
                 self.metrics.kl.labels(policy).set(result.metrics[f"{policy}_kl"])
         self.state.incumbent = self.registry.current()
         self.state.pending_candidate = None
+        self.state.candidate_listed_at = None
         self.state.record({"kind": "gate", "version": version, "promote": result.promote,
-                           "reasons": result.reasons, **result.metrics})
+                           "held_back_by": result.held_back_by, "reasons": result.reasons, **result.metrics})
         self.store.save(self.state)
         log.info("gate done", extra={"version": version, "promote": result.promote, "reasons": result.reasons})
         return result
@@ -363,16 +367,23 @@ class Learner:
         started = time.perf_counter()
         report = RoundReport()
         report.ingest = self.ingest()
-        if not self.stop_requested and self.state.pending_candidate:  # resumed with an un-gated candidate
+        self.metrics.beat()
+        if not self.stop_requested:
+            self.follow_rollback()
+        # a pending candidate is gated unless it still collects live votes (learner/live_gate.py)
+        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
         if not self.stop_requested:
             report.sft = self.maybe_run_sft()
+            self.metrics.beat()
         if not self.stop_requested:
             report.reward = self.maybe_update_reward_model()
+            self.metrics.beat()
         if not self.stop_requested:
             report.ppo = self.maybe_run_ppo_round()
-        if not self.stop_requested and self.state.pending_candidate:
+            self.metrics.beat()
+        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
         report.duration_s = time.perf_counter() - started
@@ -381,56 +392,28 @@ class Learner:
         return report
 
     def run(self, max_rounds: int | None = None) -> int:
-        """Rounds until a stop is requested (or ``max_rounds`` rounds trained). Returns rounds trained.
+        """Rounds until a stop is requested (or ``max_rounds`` rounds trained); ``learner/service.py``."""
+        from learner.service import run_forever
 
-        Redis being unreachable does not end the loop: the round's in-memory training state is dropped
-        (the newest checkpoint is the truth), and the round is retried after ``poll_interval_s``.
-        """
-        import redis
+        return run_forever(self, max_rounds)
 
-        self.start()
-        trained = 0
-        idle = False
-        while not self.stop_requested:
-            try:
-                report = self.round()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unavailable, retrying from the last checkpoint", extra={"error": str(exc)})
-                self.reload_from_checkpoint()
-                self._sleep(self.settings.poll_interval_s)
-                continue
-            if report.trained:
-                trained += 1
-                idle = False
-                if max_rounds is not None and trained >= max_rounds:
-                    break
-                continue
-            if not idle:  # once per idle spell, not once per poll
-                log.info("learner idle", extra={"dataset": self.dataset.counts(), "rm_updates": self.state.rm_updates,
-                                                 "ppo_rounds": self.state.ppo_rounds})
-                idle = True
-            self._wait()
-        log.info("learner stopped", extra={"rounds": trained, "state": self.state.model_dump(exclude={"history"})})
-        return trained
+    # ---- admin decisions and waiting -------------------------------------------------------------
+    def follow_rollback(self) -> str | None:
+        """After an admin rollback, restart the working policy from the version now current (learner/admin.py)."""
+        target = follow_rollback(self)
+        self._trainer = None if target is not None else self._trainer
+        return target
+
+    def waiting(self) -> list[Wait]:
+        return waits(self.settings, self.dataset, self.state, self.store.model_dir("reward") is not None)
+
+    def report_waiting(self) -> list[Wait]:
+        """Log the waiting reasons when they change and set the ``learner_waiting`` gauge."""
+        self._waiting = report_waits(self.metrics, self.waiting(), self._waiting)
+        return self._waiting
 
     def reload_from_checkpoint(self) -> None:
         """Forget in-memory training state; models and counters come back from the newest checkpoint."""
         self.state = self.store.load_state()
         self._trainer = None
         self.models.reset()
-
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.stop_requested and time.monotonic() < deadline:
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-
-    def _wait(self) -> None:
-        """Idle until the poll interval passes or a stop is requested, ingesting whatever arrives."""
-        deadline = time.monotonic() + self.settings.poll_interval_s
-        while not self.stop_requested and time.monotonic() < deadline:
-            block = min(self.settings.read_block_ms, max(1, int((deadline - time.monotonic()) * 1000)))
-            stats = self.ingestor.poll(block_ms=block)
-            if stats.read:
-                log.info("ingested", extra={"read": stats.read, "inserted": stats.inserted,
-                                             "duplicates": stats.duplicates, "dead_lettered": stats.dead_lettered})
-        self.ingestor.update_lag()

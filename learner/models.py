@@ -207,7 +207,8 @@ class LearnerModels:
         registry.verify(version)
         return self._causal_lm(registry.version_dir(version)).eval()
 
-    def incumbent_samples(self, registry: Registry, prompts: list[str], config: Any) -> tuple[str, Any]:
+    def incumbent_samples(self, registry: Registry, prompts: list[str], config: Any,
+                          max_tokens: list[int | None] | None = None) -> tuple[str, Any]:
         """(version, ``PolicySamples``) of the current version on ``prompts`` (the reference as ``base`` when
         none is current or it cannot be loaded). A version never changes and its evaluation is deterministic,
         so its samples are kept for the next gate with the same prompts and config (only re-scored, since the
@@ -217,7 +218,7 @@ class LearnerModels:
         from learner.evaluate import sample_policy
 
         current = registry.current() or BASE_VERSION
-        key = (current, self.reference_path, tuple(prompts), repr(config))
+        key = (current, self.reference_path, tuple(prompts), repr(config), repr(max_tokens))
         if self._incumbent_cache is not None and self._incumbent_cache[0] == key:
             return self._incumbent_cache[1], self._incumbent_cache[2]
         version, model = BASE_VERSION, self.reference
@@ -228,13 +229,41 @@ class LearnerModels:
             except (InvalidCheckpoint, OSError, ValueError) as exc:
                 log.warning("incumbent not loadable, gating against the reference",
                             extra={"version": current, "error": str(exc)})
-        samples = sample_policy(model, self.reference, self.tokenizer, prompts, config)
+        samples = sample_policy(model, self.reference, self.tokenizer, prompts, config, max_tokens)
         self._incumbent_cache = (key, version, samples)
         return version, samples
 
-    def remember_incumbent(self, version: str, prompts: list[str], config: Any, samples: Any) -> None:
+    def remember_incumbent(self, version: str, prompts: list[str], config: Any, samples: Any,
+                           max_tokens: list[int | None] | None = None) -> None:
         """A promoted candidate's samples, kept as the next incumbent's."""
-        self._incumbent_cache = ((version, self.reference_path, tuple(prompts), repr(config)), version, samples)
+        key = (version, self.reference_path, tuple(prompts), repr(config), repr(max_tokens))
+        self._incumbent_cache = (key, version, samples)
+
+    def policy_from_version(self, registry: Registry, version: str):
+        """A working policy equal to registry ``version`` (the reference for ``base``), to be saved as the
+        checkpoint's policy part: the restart after an admin rollback. None when this learner cannot train
+        on from it (a full-weight version while training adapters)."""
+        from instructloop.wire import BASE_VERSION
+
+        if not self.lora:
+            if version == BASE_VERSION:
+                return self._causal_lm(self.reference_path)
+            registry.verify(version)
+            return self._causal_lm(registry.version_dir(version))
+        from learner.adapters import PolicyAdapter
+
+        base = self.adapter_base
+        state = None
+        if version != BASE_VERSION:
+            if registry.manifest(version).kind != VersionKind.adapter:
+                log.warning("cannot restart the adapter policy from a full-weight version; it keeps training",
+                            extra={"version": version})
+                return None
+            self.incumbent(registry, version)  # verified and attached as the "incumbent" adapter
+            state = base.state_of("incumbent")
+            self._incumbent_cache = None
+        base.add("policy", state)
+        return PolicyAdapter(base, "policy")
 
     def write_candidate(self, registry: Registry, version: str, policy: Any, **kwargs: Any) -> Manifest:
         """Publish ``policy`` as ``version``: an adapter version (lora, over the served base), else full weights

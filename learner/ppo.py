@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
@@ -34,7 +34,6 @@ from learner.losses import (
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
-    first_true_indices,
     gae_advantages,
     kl_from_logits,
     kl_penalized_rewards,
@@ -42,91 +41,18 @@ from learner.losses import (
     masked_mean,
     masked_whiten,
     ptx_loss,
-    response_mask_from_lengths,
-    truncate_response,
 )
 from learner.ptx import PtxSource
 from learner.reward import (
     disable_dropout,
-    encode_query,
-    left_pad,
     position_ids_from_mask,
     progress_iter,
     sequence_scores,
     token_scores,
 )
+from learner.rollout import Rollouts, generate_rollouts, response_limits, scoring_inputs  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollouts:
-    """Sampled responses of a batch of queries, truncated at the first EOS."""
-
-    query_responses: torch.Tensor
-    """(B, Tq + Tr) left-padded queries followed by responses (PAD after the EOS)."""
-    attention_mask: torch.Tensor
-    """(B, Tq + Tr) 1 on real query tokens and on response tokens up to and including the EOS."""
-    context_length: int
-    """Tq: width of the left-padded query block."""
-    response_mask: torch.Tensor
-    """(B, Tr) bool, True on real response tokens (EOS included)."""
-    last_index: torch.Tensor
-    """(B,) index in the response of the last real token (the EOS, or Tr-1 without one)."""
-    has_eos: torch.Tensor
-    """(B,) bool, whether the response ended with EOS."""
-
-    @property
-    def responses(self) -> torch.Tensor:
-        """(B, Tr) response token ids."""
-        return self.query_responses[:, self.context_length :]
-
-
-@torch.no_grad()
-def generate_rollouts(
-    policy,
-    tokenizer,
-    prompts: list[str],
-    max_prompt_tokens: int,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-) -> Rollouts:
-    """Left-padded queries → ``policy.generate`` → truncate at EOS (pad ≠ EOS is required)."""
-    from transformers import GenerationConfig
-
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    queries = [encode_query(tokenizer, prompt, max_prompt_tokens) for prompt in prompts]
-    query_ids, query_mask = left_pad(queries, pad)  # (B, Tq)
-    device = next(policy.parameters()).device
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
-    generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id, **sampling
-    )
-    was_training = policy.training
-    policy.eval()
-    output = policy.generate(
-        input_ids=query_ids.to(device), attention_mask=query_mask.to(device), generation_config=generation_config
-    ).cpu()  # (B, Tq + Tr); CPU/GPU sync
-    policy.train(was_training)
-    context_length = query_ids.size(1)
-    responses = output[:, context_length:]  # (B, Tr)
-    if responses.size(1) == 0:
-        raise RuntimeError("the policy generated no token")
-    # the end is found from EOS, never from PAD: a sampled PAD token mid-response is still a token
-    eos_index = first_true_indices(responses == eos)  # (B,), Tr where there is no EOS
-    has_eos = eos_index < responses.size(1)
-    last_index = eos_index.clamp(max=responses.size(1) - 1)
-    response_mask = response_mask_from_lengths(last_index, responses.size(1))  # (B, Tr)
-    responses = truncate_response(responses, eos, pad).masked_fill(~response_mask, pad)
-    return Rollouts(
-        query_responses=torch.cat([query_ids, responses], dim=1),
-        attention_mask=torch.cat([query_mask, response_mask.long()], dim=1),
-        context_length=context_length,
-        response_mask=response_mask,
-        last_index=last_index,
-        has_eos=has_eos,
-    )
 
 
 def response_logits(model, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
@@ -187,15 +113,16 @@ def response_values(value_model, rollouts: Rollouts, batch_size: int) -> torch.T
     return torch.cat(out)
 
 
-def rollout_scores(reward_model, rollouts: Rollouts, batch_size: int) -> torch.Tensor:
-    """r(x, y) at the last real token of each rollout, no grad. Returns (B,)."""
+def rollout_scores(reward_model, rollouts: Rollouts, batch_size: int, eos_token_id: int) -> torch.Tensor:
+    """r(x, y) of each rollout, scored on ``scoring_inputs`` at the EOS, no grad. Returns (B,)."""
     device = next(reward_model.parameters()).device
+    input_ids, attention_mask = scoring_inputs(rollouts, eos_token_id)
     out = []
     with torch.no_grad():
-        for start in range(0, rollouts.query_responses.size(0), batch_size):
+        for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            out.append(sequence_scores(reward_model, rollouts.query_responses[rows].to(device),
-                                       rollouts.attention_mask[rows].to(device)).float().cpu())
+            out.append(sequence_scores(reward_model, input_ids[rows].to(device),
+                                       attention_mask[rows].to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -230,6 +157,7 @@ class PPOPtxTrainer:
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rounds_done = 0
+        self._reference_heldout_nll: float | None = None
 
     # ---------------------------------------------------------------------------------- checkpointing
 
@@ -257,10 +185,43 @@ class PPOPtxTrainer:
 
     # ------------------------------------------------------------------------------------------ round
 
-    def round(self, prompts: list[str]) -> dict[str, float]:
-        """One PPO-ptx round on prompts drawn from ``prompts``. Returns the round's statistics."""
+    @torch.no_grad()
+    def heldout_ptx_nll(self) -> dict[str, float]:
+        """Per-token NLL of the policy (and, once, of the reference) on ``config.ptx_eval_windows`` held-out
+        pretraining windows, and their ratio: the alignment tax on text ptx never trains on."""
+        batch = self.ptx_source.heldout_batch(self.config.ptx_eval_windows) \
+            if self.ptx_source is not None and self.config.ptx_eval_windows else None
+        if batch is None:
+            return {}
+        device = next(self.policy.parameters()).device
+        input_ids, attention_mask = (t.to(device) for t in batch)
+
+        def nll(model) -> float:
+            was_training = model.training
+            model.eval()
+            values = [ptx_loss(model(input_ids=input_ids[i : i + 4], attention_mask=attention_mask[i : i + 4],
+                                     use_cache=False).logits, input_ids[i : i + 4], attention_mask[i : i + 4], 1.0)[1]
+                      for i in range(0, input_ids.size(0), 4)]
+            model.train(was_training)
+            return torch.stack(values).mean().item()
+
+        if self._reference_heldout_nll is None:
+            self._reference_heldout_nll = nll(self.reference)
+        policy_nll = nll(self.policy)
+        return {"ptx_heldout_nll": policy_nll, "ptx_heldout_nll_reference": self._reference_heldout_nll,
+                "ptx_heldout_nll_ratio": policy_nll / self._reference_heldout_nll}
+
+    def round(self, prompts: list[str], max_tokens: Sequence[int | None] | None = None) -> dict[str, float]:
+        """One PPO-ptx round on prompts drawn from ``prompts``. Returns the round's statistics.
+
+        ``max_tokens`` (one per prompt, None where unknown) is the traffic's own ``max_tokens``: a rollout is
+        cut there, as serve cut the answers labelers ranked, and is not penalised for it; only a rollout the
+        learner's cap (``config.max_new_tokens``) cut shorter than its traffic allowed, or with no traffic
+        length at all, takes ``missing_eos_penalty`` when it has no EOS."""
         if not prompts:
             raise ValueError("a PPO round needs at least one prompt")
+        if max_tokens is not None and len(max_tokens) != len(prompts):
+            raise ValueError(f"{len(max_tokens)} max_tokens for {len(prompts)} prompts")
         config = self.config
         round_seed = config.seed * 1_000_003 + self.rounds_done
         started = time.perf_counter()
@@ -268,13 +229,18 @@ class PPOPtxTrainer:
         # 1. sample the round's prompts (without replacement when there are enough)
         rng = random.Random(round_seed)
         n = config.rollout_batch_size
-        batch_prompts = rng.sample(prompts, n) if len(prompts) >= n else rng.choices(prompts, k=n)
+        picked = rng.sample(range(len(prompts)), n) if len(prompts) >= n else rng.choices(range(len(prompts)), k=n)
+        batch_prompts = [prompts[i] for i in picked]
+        traffic = [max_tokens[i] if max_tokens is not None else None for i in picked]
+        limits = [min(t, config.max_new_tokens) if t else config.max_new_tokens for t in traffic]
+        # a missing EOS is the learner's doing only where its cap cut shorter than the traffic would have
+        penalisable = torch.tensor([t is None or t > config.max_new_tokens for t in traffic])  # (B,)
 
         # 2. rollouts from the current policy: left-padded queries, temperature sampling
         # 3. truncate at the first EOS (inside generate_rollouts)
         torch.manual_seed(round_seed)
         rollouts = generate_rollouts(self.policy, self.tokenizer, batch_prompts, config.max_prompt_tokens,
-                                     config.max_new_tokens, do_sample=True, temperature=config.temperature)
+                                     limits, do_sample=True, temperature=config.temperature)
         rollout_s = time.perf_counter() - started
         mask = rollouts.response_mask  # (B, Tr)
 
@@ -284,10 +250,12 @@ class PPOPtxTrainer:
         logprobs = response_logprobs(self.policy, rollouts, config.temperature, config.forward_batch_size)  # (B, Tr)
         ref_logprobs = response_logprobs(self.reference, rollouts, config.temperature, config.forward_batch_size)
         values = response_values(self.value_model, rollouts, config.forward_batch_size)  # (B, Tr)
-        rm_scores = rollout_scores(self.reward_model, rollouts, config.forward_batch_size)  # (B,)
+        rm_scores = rollout_scores(self.reward_model, rollouts, config.forward_batch_size,
+                                   self.tokenizer.eos_token_id)  # (B,)
         scores = rm_scores.clone()
+        penalised = ~rollouts.has_eos & penalisable  # (B,)
         if config.missing_eos_penalty is not None:
-            scores[~rollouts.has_eos] -= config.missing_eos_penalty
+            scores[penalised] -= config.missing_eos_penalty
         logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
         scoring_s = time.perf_counter() - scoring_started
 
@@ -372,7 +340,10 @@ class PPOPtxTrainer:
         self.value_model.eval()
         update_s = time.perf_counter() - update_started - ptx_s
 
-        # 8. adapt β (no-op when fixed) and report
+        # 8. the alignment tax: NLL on held-out pretraining text (never trained on), policy vs reference
+        heldout = self.heldout_ptx_nll()
+
+        # 9. adapt β (no-op when fixed) and report
         sequence_kl = kl.sum(1)  # (B,) per-sequence KL estimate (k1)
         mean_kl = sequence_kl.mean().item()
         self.kl_controller.update(mean_kl, n)
@@ -389,6 +360,8 @@ class PPOPtxTrainer:
             "non_score_reward": non_score_reward.sum(1).mean().item(),
             "kl_coef": self.kl_controller.value,
             "eos_rate": rollouts.has_eos.float().mean().item(),
+            "penalised_rate": penalised.float().mean().item() if config.missing_eos_penalty is not None else 0.0,
+            "length_cap_mean": rollouts.limits.float().mean().item(),
             "response_length_mean": mask.sum(1).float().mean().item(),
             "rollout_s": rollout_s,
             "scoring_s": scoring_s,
@@ -402,5 +375,6 @@ class PPOPtxTrainer:
         }
         for key, values_list in stats.items():
             result[key] = sum(values_list) / len(values_list) if values_list else 0.0
+        result.update(heldout)
         log.info("ppo round", extra={"stats": result})
         return result

@@ -8,14 +8,22 @@ The corpus is, in order of precedence:
 - a folder written by ``datasets.Dataset.save_to_disk``, or any path ``datasets.load_dataset`` reads
   offline (a folder of json/csv/parquet files, or a hub dataset already in the local cache), using the
   ``text_field`` column;
-- nothing (``None``): the corpus shipped in ``learner/data/`` (see ``learner/data/README.md``), so PPO-ptx
-  works offline on a fresh machine.
+- a WordNet database folder (one holding ``data.noun``): every gloss (definition and example sentences) is
+  a document;
+- nothing (``None``): the default, WordNet 3.0's glosses from Debian's ``wordnet-base`` package
+  (``/usr/share/wordnet``, installed by ``make install``): 117,659 glosses, about 1.9M SmolLM2 tokens of
+  plain modern English definitions and usage examples over every domain, under the WordNet 3.0 licence
+  (permission to use, copy, modify and distribute for any purpose, notice kept). Where it is not installed,
+  the small corpus shipped in ``learner/data/`` (see ``learner/data/README.md``), with a warning.
 
-Documents are tokenized once, joined with EOS, and cut into windows of ``seq_len`` tokens.
+Documents are tokenized once, joined with EOS, and cut into windows of ``seq_len`` tokens. A fixed share of
+the documents (a hash of their text, ``heldout_fraction``) is kept out of the training windows:
+``heldout_nll`` measures the alignment tax on text ptx never trains on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -23,8 +31,43 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CORPUS = Path(__file__).parent / "data" / "ptx_corpus.txt"
-"""The shipped default pretraining corpus (self-written English prose; see learner/data/README.md)."""
+SHIPPED_CORPUS = Path(__file__).parent / "data" / "ptx_corpus.txt"
+"""The small corpus shipped with the code (self-written English prose; see learner/data/README.md)."""
+DEFAULT_CORPUS = SHIPPED_CORPUS  # kept for callers that name the shipped file
+WORDNET_DIR = Path("/usr/share/wordnet")
+"""Where Debian's ``wordnet-base`` installs the WordNet 3.0 database (the default corpus)."""
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+
+
+def default_corpus() -> Path:
+    """WordNet's glosses when ``wordnet-base`` is installed, else the shipped corpus (with a warning)."""
+    if (WORDNET_DIR / "data.noun").exists():
+        return WORDNET_DIR
+    log.warning("ptx: WordNet (Debian package wordnet-base) is not installed; using the small shipped corpus "
+                "(run `make install`, or `apt-get install wordnet-base`, or set INSTRUCTLOOP_LEARNER_PTX_CORPUS)",
+                extra={"corpus": str(SHIPPED_CORPUS)})
+    return SHIPPED_CORPUS
+
+
+def wordnet_glosses(folder: Path) -> list[str]:
+    """Every synset's gloss (definition; "example sentences") of a WordNet database folder, file order."""
+    documents = []
+    for name in WORDNET_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or " | " not in line:  # the licence header, or a line without a gloss
+                continue
+            gloss = line.split(" | ", 1)[1].strip()
+            if gloss:
+                documents.append(gloss)
+    return documents
+
+
+def is_heldout_document(text: str, fraction: float) -> bool:
+    """A fixed split of the corpus: the first 8 bytes of sha256(text) as a number in [0, 1) below ``fraction``."""
+    return fraction > 0 and int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64 < fraction
 
 
 def _split_documents(text: str) -> list[str]:
@@ -35,10 +78,12 @@ def _split_documents(text: str) -> list[str]:
 def load_documents(path: str | Path | None = None, text_field: str = "text", max_documents: int | None = None) -> list[str]:
     """The documents of a corpus (see the module docstring for what ``path`` may be)."""
     if path is None:
-        path = DEFAULT_CORPUS
+        path = default_corpus()
     source = Path(path).expanduser()
     documents: list[str]
-    if source.is_file():
+    if source.is_dir() and (source / "data.noun").exists():
+        documents = wordnet_glosses(source)
+    elif source.is_file():
         documents = _split_documents(source.read_text(encoding="utf-8"))
     elif source.is_dir() and any(source.rglob("*.txt")) and not (source / "dataset_info.json").exists():
         documents = []
@@ -77,7 +122,8 @@ def _load_hf_dataset(path: str, text_field: str) -> list[str]:
 
 
 class PtxSource:
-    """Seeded random batches of ``batch_size`` windows of ``seq_len`` tokens from a text corpus."""
+    """Seeded random batches of ``batch_size`` windows of ``seq_len`` tokens from a text corpus; the documents
+    of the held-out share (``heldout_fraction``) are cut into separate windows that are never trained on."""
 
     def __init__(
         self,
@@ -88,27 +134,45 @@ class PtxSource:
         seed: int = 0,
         text_field: str = "text",
         max_tokens: int = 2_000_000,
+        heldout_fraction: float = 0.01,
     ):
         if seq_len < 2 or batch_size < 1:
             raise ValueError("PtxSource needs seq_len >= 2 and batch_size >= 1")
-        self.path = str(path) if path is not None else str(DEFAULT_CORPUS)
+        if not 0 <= heldout_fraction < 1:
+            raise ValueError(f"PtxSource heldout_fraction must be in [0, 1), got {heldout_fraction}")
+        self.path = str(path) if path is not None else str(default_corpus())
         self.seq_len = seq_len
         self.batch_size = batch_size
-        documents = load_documents(path, text_field)
+        documents = load_documents(self.path, text_field)
         eos = tokenizer.eos_token_id
-        stream: list[int] = []
-        for doc in documents:
-            stream.extend(tokenizer(doc, add_special_tokens=False).input_ids)
-            stream.append(eos)
-            if len(stream) >= max_tokens:
+        streams: dict[bool, list[int]] = {False: [], True: []}
+        for start in range(0, len(documents), 1024):  # batched: the fast tokenizer works in parallel
+            chunk = documents[start : start + 1024]
+            for doc, ids in zip(chunk, tokenizer(chunk, add_special_tokens=False).input_ids, strict=True):
+                stream = streams[is_heldout_document(doc, heldout_fraction)]
+                stream.extend(ids)
+                stream.append(eos)
+            if len(streams[False]) + len(streams[True]) >= max_tokens:
                 break
+        stream = streams[False]
         n_windows = len(stream) // seq_len
         if n_windows < 1:
             raise ValueError(f"the ptx corpus {self.path} has {len(stream)} tokens, fewer than seq_len={seq_len}")
         self.windows = torch.tensor(stream[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)  # (W, T)
+        n_heldout = len(streams[True]) // seq_len
+        self.heldout_windows = torch.tensor(streams[True][: n_heldout * seq_len], dtype=torch.long).view(
+            n_heldout, seq_len)  # (W_h, T)
         self.generator = torch.Generator().manual_seed(seed)
         log.info("ptx corpus loaded", extra={"path": self.path, "documents": len(documents),
-                                             "tokens": len(stream), "windows": n_windows})
+                                             "tokens": len(stream), "windows": n_windows,
+                                             "heldout_windows": n_heldout})
+
+    def heldout_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first ``n`` held-out windows (never trained on), or None when the corpus has none."""
+        if self.heldout_windows.size(0) == 0:
+            return None
+        input_ids = self.heldout_windows[:n]
+        return input_ids, torch.ones_like(input_ids)
 
     @property
     def num_tokens(self) -> int:

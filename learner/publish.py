@@ -5,6 +5,8 @@ metrics and its parent), written as ``candidate``. Then:
 
 - promoted: ``Registry.set_current`` verifies it, points ``CURRENT`` + the Redis key at it, publishes on the
   change channel (serve hot-swaps) and appends a ``promoted`` ``PolicyEvent`` to the policies stream;
+- held back (it passed the gate, but an admin pinned the current version): ``held_back``, with the pin as
+  the reason; never made current by the learner (an admin may promote it);
 - rejected: ``Registry.set_status(rejected, reason=…)`` marks the manifest and appends a ``rejected``
   ``PolicyEvent`` with the metrics and the reasons. A rejected folder is kept for inspection (and to
   reserve its version number); the learner never makes it current.
@@ -57,6 +59,11 @@ def publish_candidate(
         if registry.current() != version or manifest.status != PolicyStatus.promoted:
             manifest = registry.set_current(version, status=PolicyStatus.promoted, reason=reason)
         log.info("candidate promoted", extra={"version": version, "parent": parent, "metrics": result.metrics})
+    elif result.held_back_by:
+        if manifest.status != PolicyStatus.held_back:
+            manifest = registry.set_status(version, PolicyStatus.held_back, metrics=result.metrics, reason=reason)
+        log.info("candidate held back by a pin", extra={"version": version, "pinned": result.held_back_by,
+                                                        "metrics": result.metrics})
     else:
         if manifest.status != PolicyStatus.rejected:
             manifest = registry.set_status(version, PolicyStatus.rejected, metrics=result.metrics, reason=reason)

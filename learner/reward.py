@@ -2,9 +2,9 @@
 
 The RM is ``AutoModelForSequenceClassification(num_labels=1)`` built from the SFT/base causal-LM folder,
 so policy, value model and RM share one tokenizer. It scores ``query + response + EOS`` at the last real
-token (the EOS), where ``query`` is the prompt rendered as one user turn of the tokenizer's chat template
-with the assistant header appended — exactly the tokens the policy is conditioned on during PPO
-(``format_query``), so the RM sees the same sequences in training and in PPO.
+token (the EOS), where ``query`` is the stored model input — the exact text serve generated from, raw or
+chat-rendered (instructloop/prompt.py) — tokenized as serve does (``encode_query``): the RM, PPO, the bias
+and the gate all see the sequences serving saw, and nothing renders a template again.
 
 We run the backbone and the score head ourselves (``token_scores``) instead of calling ``model(...)``:
 position ids come from the attention mask, so a left-padded sequence scores exactly like the same
@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from instructloop.prompt import encode_prompt
 from learner.config import RewardConfig
 from learner.losses import first_true_indices, kwise_ranking_loss, ranking_pairs_flat
 
@@ -37,20 +38,10 @@ REWARD_BIAS_KEY = "instructloop_reward_bias"
 # ---------------------------------------------------------------------------------------- text → ids
 
 
-def format_query(tokenizer, prompt: str) -> str:
-    """The query text the policy continues and the RM conditions on: the prompt as one user turn of the
-    chat template plus the assistant header; the raw prompt when the tokenizer has no chat template."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
-
-
 def encode_query(tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """Token ids of ``format_query(prompt)``, keeping the last ``max_tokens`` (the end holds the header)."""
-    ids = tokenizer(format_query(tokenizer, prompt), add_special_tokens=False).input_ids
-    return ids[-max_tokens:]
+    """Token ids of the model input ``prompt`` exactly as serve generated from it (``encode_prompt``: the
+    prompt contract, no template rendered over it), keeping the last ``max_tokens``."""
+    return encode_prompt(tokenizer, prompt)[-max_tokens:]
 
 
 def encode_sequence(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:

@@ -1,9 +1,10 @@
 """Supervised fine-tuning on labeler demonstrations (paper section 3.5, "SFT"), with TRL's ``SFTTrainer``.
 
-Each ``DemonstrationEvent`` becomes one conversational prompt-completion example
-(``prompt = [user turn]``, ``completion = [assistant turn]``), so the chat template renders exactly the
-query the policy sees in PPO (``learner.reward.format_query``) followed by the response and
-``<|im_end|>``; the loss is on the completion tokens only (``completion_only_loss=True``).
+Each ``DemonstrationEvent`` becomes one prompt-completion example whose prompt is the event's model input
+verbatim (the prompt contract, instructloop/prompt.py: raw text, or a chat already rendered by the gateway
+with the assistant header) and whose completion is the response; TRL appends the EOS (``<|im_end|>`` for a
+chat model) and puts the loss on the completion tokens only (``completion_only_loss=True``). So SFT learns
+exactly the sequence PPO and the reward model later see (``learner.reward.encode_sequence``).
 """
 
 from __future__ import annotations
@@ -21,16 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def demonstrations_dataset(demonstrations: list):
-    """A ``datasets.Dataset`` of conversational prompt-completion examples."""
+    """A ``datasets.Dataset`` of prompt-completion examples: the stored model input and the response."""
     from datasets import Dataset
 
-    return Dataset.from_list([
-        {
-            "prompt": [{"role": "user", "content": demo.prompt}],
-            "completion": [{"role": "assistant", "content": demo.response}],
-        }
-        for demo in demonstrations
-    ])
+    return Dataset.from_list([{"prompt": demo.prompt, "completion": demo.response} for demo in demonstrations])
 
 
 def run_sft(model_path: str | Path, demonstrations: list, output_dir: str | Path, config: SFTConfig,
@@ -45,8 +40,6 @@ def run_sft(model_path: str | Path, demonstrations: list, output_dir: str | Path
         raise ValueError("run_sft needs at least one demonstration")
     output_dir = Path(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{model_path}: the tokenizer has no chat template; SFT renders demonstrations with it")
     model = disable_dropout(AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32))
     args = TRLSFTConfig(
         output_dir=str(output_dir / "trainer-state"),

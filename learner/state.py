@@ -56,8 +56,13 @@ class LearnerState(BaseModel):
     incumbent: str | None = Field(None, description="The current version when the gate last ran.")
     pending_candidate: str | None = Field(
         None, description="Version reserved for the policy of the last PPO round, not gated yet.")
+    candidate_listed_at: float | None = Field(
+        None, description="When the pending candidate was written to the registry to collect live votes "
+                          "(gate_live_wait_s); None while it is not there.")
     promotions: int = 0
     rejections: int = 0
+    held_back: int = Field(0, description="Candidates that passed the gate while the current version was pinned.")
+    policy_events_cursor: str = Field("0-0", description="Last policies-stream entry read for admin rollbacks.")
     history: list[dict[str, Any]] = Field(default_factory=list, description="The latest round records.")
     saved_at: float = 0.0
 

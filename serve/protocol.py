@@ -103,7 +103,7 @@ class GenerateParameters(BaseModel):
             raise ValueError("top_n_tokens is not supported by this server")
         return value
 
-    @field_validator("decoder_input_details", "watermark")
+    @field_validator("watermark")
     @classmethod
     def _unsupported_flag(cls, value: bool) -> bool:
         if value:
@@ -148,6 +148,9 @@ class FinishReason(str, Enum):
 
 
 class PrefillToken(BaseModel):
+    """One input token serve generated from (``decoder_input_details``). Prefill logprobs are not computed
+    here: ``logprob`` is always null (TGI leaves it null for the first token)."""
+
     id: int
     text: str
     logprob: float | None = None

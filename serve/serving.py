@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from instructloop.prompt import encode_prompt
 from serve.engine import Engine, GenerationFailed, GenerationRequest, Overloaded, RequestHandle
 from serve.metrics import ServeMetrics
 from serve.model import Generation, PolicyModel
@@ -22,6 +23,7 @@ from serve.protocol import (
     FinishReason,
     GenerateRequest,
     GenerateResponse,
+    PrefillToken,
     StreamDetails,
     StreamResponse,
     Token,
@@ -74,7 +76,7 @@ class GenerateServing:
                                            f"got {len(params.stop)}")
         if params.truncate is not None and params.truncate > settings.max_input_tokens:
             raise validation_error("truncate", f"must be <= max_input_tokens = {settings.max_input_tokens}")
-        prompt_ids: list[int] = self.tokenizer(request.inputs)["input_ids"]
+        prompt_ids = encode_prompt(self.tokenizer, request.inputs)  # the prompt contract, shared with the learner
         if params.truncate is not None:
             prompt_ids = prompt_ids[-params.truncate:]
         if not prompt_ids:
@@ -151,7 +153,8 @@ class GenerateServing:
                 finish_reason=FinishReason(last.finish_reason.value),
                 generated_tokens=last.generated_tokens,
                 seed=last.seed,
-                prefill=[],
+                prefill=[PrefillToken(id=i, text=self.tokenizer.decode([i])) for i in prompt_ids]
+                if params.decoder_input_details else [],
                 tokens=[_token(g) for g in generations],
             )
         return GenerateResponse(generated_text=text, details=details, policy_version=last.policy_version)

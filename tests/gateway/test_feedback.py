@@ -228,6 +228,23 @@ def test_demonstrations(gateway, redis_server):
     assert post(gateway, "alice", body, path="/v1/demonstrations").status_code == 403
     blank = post(gateway, "lara", {"prompt": "  ", "response": "x"}, path="/v1/demonstrations")
     assert blank.status_code == 422 and blank.json()["error"]["type"] == "invalid_request_error"
+    assert (event.chat, event.route, event.messages) == (False, "completions", None)  # raw text, learned as is
+
+
+def test_chat_demonstration_carries_the_rendered_model_input(gateway, redis_server, tokenizer):
+    """The prompt contract for demonstrations: messages are rendered once, by the gateway, as for a chat
+    completion; the event carries the rendered text, the route and the messages."""
+    messages = [{"role": "user", "content": "Say hi (demonstration)."}]
+    accepted = post(gateway, "lara", {"messages": messages, "response": "Hi!"}, path="/v1/demonstrations")
+    assert accepted.status_code == 202, accepted.text
+    entries = redis_server.client().xrange(stream_key(Stream.demonstrations))
+    [event] = [e for e in (DemonstrationEvent.from_fields(f) for _, f in entries) if e.event_id == accepted.json()["id"]]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert (event.prompt, event.chat, event.route, event.messages) == (rendered, True, "chat.completions", messages)
+    both = post(gateway, "lara", {"prompt": "p", "messages": messages, "response": "r"}, path="/v1/demonstrations")
+    neither = post(gateway, "lara", {"response": "r"}, path="/v1/demonstrations")
+    for refused in (both, neither):
+        assert refused.status_code == 422 and "exactly one of prompt" in refused.json()["error"]["message"]
 
 
 def test_feedback_through_the_openai_client_as_in_the_readme(gateway, redis_server):

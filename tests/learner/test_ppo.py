@@ -28,7 +28,7 @@ from learner.evaluate import evaluate_policy
 from learner.losses import ptx_loss
 from learner.ppo import PPOPtxTrainer, generate_rollouts, response_logprobs
 from learner.ptx import PtxSource
-from learner.reward import build_reward_model, format_query, train_reward_model
+from learner.reward import build_reward_model, train_reward_model
 from tests.conftest import build_tiny_model_dir
 from tests.learner.test_reward import PROMPTS, TARGET, WORDS, synthetic_comparison
 
@@ -63,7 +63,8 @@ def run_experiment(tmp_path_factory, tokenizer) -> dict:
         words = [" " + rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
         if rng.random() < 0.3:
             words.insert(rng.randint(0, len(words)), TARGET)
-        documents.append(format_query(tokenizer, rng.choice(PROMPTS)) + "".join(words).strip() + tokenizer.eos_token)
+        # the prompt is the model input itself (the prompt contract): the response continues it
+        documents.append(rng.choice(PROMPTS) + "".join(words) + tokenizer.eos_token)
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(documents))
 

@@ -38,7 +38,7 @@ INVALID = [
     ("best_of", {"best_of": 2}),
     ("typical_p", {"typical_p": 0.5}),
     ("watermark", {"watermark": True}),
-    ("decoder_input_details", {"decoder_input_details": True}),
+    ("decoder_input_details", {"decoder_input_details": "perhaps"}),
     ("top_n_tokens", {"top_n_tokens": 3}),
     ("frequency_penalty", {"frequency_penalty": 0.5}),
     ("grammar", {"grammar": {"type": "regex", "value": "a+"}}),
@@ -156,3 +156,19 @@ def test_generation_failure_is_424_and_the_loop_survives(start_server, varied_mo
     assert httpx.post(f"{server.url}/generate", json=body).status_code == 200
     assert server.metric("tgi_request_failure_total", '{err="generation"}') == 3
     assert server.runtime.engine.alive
+
+
+def test_decoder_input_details_report_the_prompt_ids_serve_generated_from(tiny_server, tokenizer):
+    """The prompt contract: serve reports the input token ids (TGI ``details.prefill``), which are the
+    tokenizer's ids of the text with its default special tokens, cut by ``truncate`` from the left."""
+    ids = tokenizer(PROMPT)["input_ids"]
+    for parameters, expected in (({}, ids), ({"truncate": 3}, ids[-3:])):
+        response = httpx.post(f"{tiny_server.url}/generate", json={"inputs": PROMPT, "parameters": {
+            "max_new_tokens": 2, "details": True, "decoder_input_details": True, **parameters}})
+        assert response.status_code == 200, response.text
+        prefill = response.json()["details"]["prefill"]
+        assert [t["id"] for t in prefill] == expected
+        assert [t["text"] for t in prefill] == [tokenizer.decode([i]) for i in expected]
+    plain = httpx.post(f"{tiny_server.url}/generate", json={"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 2, "details": True}}).json()
+    assert plain["details"]["prefill"] == []
