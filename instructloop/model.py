@@ -123,17 +123,23 @@ def prepare_default_tokenizer(home: Path | None = None) -> Path:
 
         gguf = default_gguf_file()
         tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-        try:
-            save_tokenizer(tokenizer, staging)
-            (staging / "tokenizer.model").unlink(missing_ok=True)
-            (staging / _COMPLETE).write_text(f"tokenizer from {gguf.name}\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _write_folder(target, lambda staging: save_tokenizer(tokenizer, staging), f"tokenizer from {gguf.name}")
         return target
+
+
+def _write_folder(target: Path, write, complete_note: str) -> None:
+    """``write(staging)`` into a staging folder beside ``target``, mark it complete, rename it into place
+    (a reader never sees half a folder; a crash leaves only a ``.staging-*`` folder behind)."""
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        write(staging)
+        (staging / "tokenizer.model").unlink(missing_ok=True)  # the fast tokenizer.json is enough
+        (staging / _COMPLETE).write_text(complete_note + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _dense_model_from_gguf(gguf: Path):
@@ -175,17 +181,12 @@ def prepare_default_model(home: Path | None = None, force: bool = False) -> Path
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
         model.config.name_or_path = DEFAULT_MODEL_NAME
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-        try:
+
+        def write(staging: Path) -> None:
             model.save_pretrained(staging, safe_serialization=True)
             save_tokenizer(tokenizer, staging)
-            (staging / "tokenizer.model").unlink(missing_ok=True)  # the fast tokenizer.json is enough
-            (staging / _COMPLETE).write_text(f"converted from {gguf.name}\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        _write_folder(target, write, f"converted from {gguf.name}")
         log.info("default model ready", extra={"path": str(target)})
         return target
 
