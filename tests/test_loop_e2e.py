@@ -46,7 +46,8 @@ settings this designed model needs (``INSTRUCTLOOP_LEARNER_ADAPTERS``):
 
 Measured (2 shared CPU cores, ``pytest tests/test_loop_e2e.py -x -s``): lora as committed: win-rates 0.83
 after 14 rounds (v0004 promoted at KL 1.4 nats, hot-swapped in 15 ms) and 0.76 after 13 rounds (v0003; the
-seeds are fixed but which round a gate promotes depends on how traffic and learner interleave); full
+seeds are fixed but which round a gate promotes depends on how traffic and learner interleave); 0.79
+(v0004, 14 rounds); full
 (``INSTRUCTLOOP_LEARNER_TRAINING=full``, same settings): 0.78 after 15 rounds (v0004). Before the fix in
 ``learner/adapters.py`` / ``Registry.write_adapter`` an lm_head adapter version was refused by serve
 ("unexpected adapter tensor …lm_head.base_layer.weight"): promoted, never served.
