@@ -234,7 +234,10 @@ class Registry:
         runtime LoRA loading read) plus the manifest naming the base and its sha256."""
 
         def save(folder: Path) -> None:
-            peft_model.save_pretrained(folder, selected_adapters=[adapter_name], safe_serialization=True)
+            # save_embedding_layers=False: with lm_head (or embed_tokens) among the targets peft's default
+            # ("auto") also writes the whole *base* layer, which is not an adapter tensor (serve refuses it)
+            peft_model.save_pretrained(folder, selected_adapters=[adapter_name], safe_serialization=True,
+                                       save_embedding_layers=False)
             nested = folder / adapter_name  # peft puts a non-"default" adapter in a sub-folder
             if adapter_name != "default" and nested.is_dir():
                 for path in nested.iterdir():

@@ -106,7 +106,9 @@ class AdapterBase:
     def state_of(self, name: str) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
+        # only the adapter's tensors: with lm_head among the targets peft would also return the base lm_head
+        state = get_peft_model_state_dict(self.peft, adapter_name=name, save_embedding_layers=False)
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def select(self, name: str | None) -> None:
         """Make adapter ``name`` the one the LoRA layers apply (None: adapters off, the base model)."""

@@ -94,3 +94,28 @@ def test_roles_share_one_frozen_base_and_round_trip(tmp_path, tiny_model_dir, to
     assert saved.keys() == loaded.keys()
     for key in saved:
         assert_close(loaded[key]["exp_avg"], saved[key]["exp_avg"])
+
+
+def test_an_lm_head_adapter_is_published_and_checkpointed_without_the_base_layer(tmp_path, tiny_model_dir, tokenizer):
+    """lm_head among the target modules: peft's default ``save_embedding_layers="auto"`` also writes the
+    base lm_head itself (``…lm_head.base_layer.weight``) into the adapter, which serve refuses as "unexpected
+    adapter tensor" (an e2e run promoted versions that were never served). Only LoRA tensors are written."""
+    from instructloop.registry import Registry
+
+    targets = (*AdapterConfig().target_modules, "lm_head")
+    base = AdapterBase(str(tiny_model_dir), AdapterConfig(r=4, alpha=8, target_modules=targets), tokenizer)
+    base.add("policy")
+    policy = PolicyAdapter(base, "policy")
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.01)
+    assert not [k for k in base.state_of("policy") if "base_layer" in k]
+    assert any("lm_head.lora_B" in k for k in base.state_of("policy"))
+
+    registry = Registry(tmp_path / "registry")
+    policy.write_version(registry, "v0001", base_model=str(tiny_model_dir))
+    shapes = {name.replace(".base_layer.", "."): tuple(t.shape)
+              for name, t in base.model.state_dict().items() if "lora_" not in name}
+    adapter = registry.load_adapter("v0001", base_sha256=base.sha256, base_shapes=shapes)
+    lm_head_b = next(k for k in adapter.state if "lm_head.lora_B" in k)
+    assert_close(adapter.state[lm_head_b], base.state_of("policy")[lm_head_b])
