@@ -87,8 +87,9 @@ def learner_metrics(url: str) -> dict[str, float]:
             if sample.name in wanted:
                 policy = sample.labels.get("policy")
                 values[f"{sample.name}:{policy}" if policy else sample.name] = sample.value
-    if not values.get("learner_rm_updates_total"):
-        values.pop("learner_rm_heldout_accuracy", None)  # an unset gauge reads 0 before the first RM update
+    if not values.get("learner_rm_updates_total") or not values.get("learner_rm_heldout_accuracy"):
+        # an unset gauge reads 0: before the first RM update, or while no held-out comparison existed yet
+        values.pop("learner_rm_heldout_accuracy", None)
     return values
 
 
@@ -127,7 +128,8 @@ def plot(rows: list[dict], baseline_rate: float, preference: str, path: Path, mo
     for ax, (title, series) in zip(axes.flat, panels, strict=True):
         drawn = False
         for key, label in series:
-            points = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if r.get(key) is not None]
+            points = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if r.get(key) is not None
+                      and not (key == "learner_rm_heldout_accuracy" and r[key] == 0.0)]  # 0.0: not measured yet
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
                 drawn = True
