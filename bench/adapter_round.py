@@ -110,7 +110,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
             _ = base.sha256
             base_sha256_s = time.perf_counter() - t
         t = time.perf_counter()
-        store.save(LearnerState(), models={"policy": (policy, tokenizer), "value": (value_model, tokenizer)},
+        part_tokenizer = None if mode == "lora" else tokenizer  # as the learner does (LearnerModels.part_tokenizer)
+        store.save(LearnerState(), models={"policy": (policy, part_tokenizer), "value": (value_model, part_tokenizer)},
                    optimizers={"ppo": trainer.state_dict()})
         checkpoint_s = time.perf_counter() - t
         t = time.perf_counter()

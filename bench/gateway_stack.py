@@ -104,7 +104,10 @@ class Stack:
 
     def _start_gateway(self, workers: int, extra_env: dict) -> None:
         env = dict(self.env, INSTRUCTLOOP_GATEWAY_MODEL=self.model, INSTRUCTLOOP_GATEWAY_LOG_LEVEL="WARNING",
-                   INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE="100000000", **extra_env)
+                   INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE="100000000",
+                   INSTRUCTLOOP_GATEWAY_FEEDBACK_RATE_LIMIT_PER_MINUTE="100000000",
+                   INSTRUCTLOOP_GATEWAY_RATE_LIMIT_GENERATIONS_PER_MINUTE="100000000",
+                   INSTRUCTLOOP_GATEWAY_RATE_LIMIT_TOKENS_PER_MINUTE="1000000000", **extra_env)
         proc = self._spawn([sys.executable, "-m", "launcher.cli", "gateway", "run", "--port", str(self.gateway_port),
                             "--backends", self.serve_url, "--redis-url", self.redis_url, "--keys-file",
                             str(self.keys_file), "--workers", str(workers)], "gateway", env)

@@ -10,6 +10,8 @@ the gate use. Every step is the learner's own method, timed around its call; the
 from its statistics. The sizes are the learner's defaults scaled down by the same factor for PPO and the
 gate (defaults: 16 rollouts and 64 held-out prompts, 64 new tokens each; here ``--rollouts`` and
 ``--eval-prompts`` keep that 1:4 ratio), so "gate / PPO round" reads the same as with the defaults.
+A second cycle (new prompts → PPO round → gate) shows the steady state, where the incumbent's held-out
+samples are kept from the previous gate and only the candidate is generated.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ ANSWERS = ["It is lovely.", "I think it is calm and old.", "Short answer: yes.",
            "It can be quiet, bright or strange.", "No idea, sorry.", "A classic subject for poems.", "Hmm."]
 
 
-def feed(client, prefix: str, comparisons: int, prompts: int, seed: int = 0) -> None:
+def feed(client, prefix: str, comparisons: int, prompts: int, seed: int = 0, first: int = 0) -> None:
     from instructloop.events import Choice, ComparisonEvent, CompletionEvent
     from instructloop.streams import Stream, stream_key
 
@@ -47,7 +49,7 @@ def feed(client, prefix: str, comparisons: int, prompts: int, seed: int = 0) -> 
         event = ComparisonEvent(event_id=f"cmp-{i}", prompt=f"Tell me about {TOPICS[i % len(TOPICS)]} ({i}).",
                                 responses=responses, ranking=[[j] for j in order], labeler_id="bench")
         client.xadd(stream_key(Stream.comparisons, prefix), event.to_fields())
-    for i in range(prompts):
+    for i in range(first, first + prompts):
         event = CompletionEvent(event_id=f"cpl-{i}", completion_id=f"c-{i}",
                                 prompt=f"Write two sentences about {TOPICS[i % len(TOPICS)]}, take {i}.",
                                 choices=[Choice(index=0, text="Fine.", finish_reason="stop")],
@@ -63,6 +65,7 @@ def main() -> dict:
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="default", help="`default` or a causal-LM folder (a tiny one: smoke run)")
     args = parser.parse_args()
 
     import redis
@@ -80,7 +83,7 @@ def main() -> dict:
         n_prompts = max(args.rollouts * 4, args.eval_prompts * 6)
         feed(client, prefix, args.comparisons, n_prompts)
         settings = Settings(
-            model="default", redis_url=server.url, stream_prefix=prefix, registry_dir=work / "registry",
+            model=args.model, redis_url=server.url, stream_prefix=prefix, registry_dir=work / "registry",
             state_dir=work / "state", training=args.training, heldout_fraction=0.2,
             min_new_comparisons=1, min_prompts=args.rollouts, prompts_per_round=args.rollouts * 4,
             eval_prompts=args.eval_prompts, gate_kl_ceiling=1000, metrics_port=0, device="cpu",
@@ -109,11 +112,20 @@ def main() -> dict:
         evaluate_s = learner.metrics.step_seconds.labels("evaluate")._sum.get() - evaluate_before
         publish_s = learner.metrics.step_seconds.labels("publish")._sum.get() - publish_before
         eval_prompts = len(learner._heldout_prompts())
+        # cycle 2, the steady state: new prompts make a PPO round due; its gate finds the incumbent's samples
+        # already made (a promoted candidate's, or the base's from cycle 1) and generates for the candidate only
+        feed(client, prefix, 0, args.rollouts * 2, seed=1, first=n_prompts)
+        timed("ingest_2", learner.ingest)
+        ppo_2 = timed("ppo_round_2", learner.maybe_run_ppo_round)
+        evaluate_before = learner.metrics.step_seconds.labels("evaluate")._sum.get()
+        timed("gate_2", learner.gate_and_publish)
+        evaluate_2_s = learner.metrics.step_seconds.labels("evaluate")._sum.get() - evaluate_before
         learner.close()
     finally:
         server.stop()
     result = {
-        "model": "SmolLM2-135M-Instruct (float32, CPU)", "training": args.training, "threads": args.threads,
+        "model": "SmolLM2-135M-Instruct (float32, CPU)" if args.model == "default" else args.model,
+        "training": args.training, "threads": args.threads,
         "load_average": round(os.getloadavg()[0], 1),
         "sizes": {"comparisons": args.comparisons, "rm_sequences": int(reward["sequences"]) if reward else 0,
                   "rollouts": args.rollouts, "eval_prompts": eval_prompts,
@@ -133,6 +145,9 @@ def main() -> dict:
             "publish": round(publish_s, 2),
         },
         "gate_over_ppo_round": round(evaluate_s / ppo["round_s"], 2),
+        "cycle_2_s": {"ppo_round": round(ppo_2["round_s"], 2) if ppo_2 else None,
+                      "gate evaluation (incumbent's samples kept)": round(evaluate_2_s, 2)},
+        "gate_over_ppo_round_cycle_2": round(evaluate_2_s / ppo_2["round_s"], 2) if ppo_2 else None,
         "promoted": gate.promote if gate else None,
         "rm_heldout_accuracy": reward.get("heldout_accuracy") if reward else None,
     }

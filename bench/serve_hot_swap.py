@@ -128,7 +128,8 @@ async def load_and_swap(url: str, registry, model_dir: str, scenarios: list[tupl
     for seed, (version, wait_for_prefetch) in enumerate(scenarios):
         already = prefetches(url)
         await asyncio.to_thread(write, registry, model_dir, version, seed)
-        while wait_for_prefetch and prefetches(url) <= already:  # the learner's gate would take this long
+        while wait_for_prefetch and (prefetches(url) <= already or  # the learner's gate would take this long
+                                     version not in httpx.get(f"{url}/info").json().get("policy_versions_loaded", [])):
             await asyncio.sleep(0.1)
         before = dict(counts)
         calling = time.monotonic()
@@ -191,7 +192,8 @@ def main() -> None:
         server = ServeProcess("--model", model_dir, "--registry-dir", str(work / "registry"), "--redis-url",
                               redis_server.url, threads=args.threads, log_path=work / "server.log")
         server.wait_healthy()
-        scenarios = [("v0001", False), ("v0002", True)]  # published right after writing / after the prefetch
+        # published right after writing / after the prefetch (adapters: a third one, whose slot is reused)
+        scenarios = [("v0001", False), ("v0002", True)] + ([("v0003", True)] if args.adapters else [])
         write = write_adapter_version if args.adapters else write_version
         results = asyncio.run(load_and_swap(server.url, registry, model_dir, scenarios, args.clients, settle_s=4.0,
                                             write=write))

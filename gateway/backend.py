@@ -9,6 +9,12 @@ it keeps one aiohttp session per replica (no TCP handshake per call), posts to t
 ``Backend`` balances over replicas by least outstanding requests (ties rotate), health-checks them in
 the background (``GET /health``), retries a connect failure on another replica, and raises
 ``NoHealthyBackend`` when none is left.
+
+Stale keep-alive connections: a pooled connection the replica closed at the moment it was reused fails
+with "Server disconnected" / "Connection reset" before any answer. That was the gateway's unexplained 502
+under load (aiohttp kept idle connections 30 s, uvicorn closes them after 5 s). Now serve keeps them
+longer than the gateway does (``SERVE_KEEP_ALIVE_S`` > ``BACKEND_KEEP_ALIVE_S``), and a call that fails
+that way before its first byte is retried once on a fresh connection (generation has no side effects).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from text_generation.errors import parse_error
 from text_generation.types import Parameters, Request, Response, StreamResponse
 
 from gateway.metrics import GatewayMetrics
-from instructloop.wire import POLICY_VERSION_HEADER, UNKNOWN_VERSION
+from instructloop.wire import BACKEND_KEEP_ALIVE_S, POLICY_VERSION_HEADER, UNKNOWN_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +106,7 @@ class PolicyAwareClient(AsyncClient):
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 headers=self.headers, cookies=self.cookies, timeout=self.timeout,
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=BACKEND_KEEP_ALIVE_S),
             )
         return self._session
 
@@ -111,9 +117,15 @@ class PolicyAwareClient(AsyncClient):
 
     @staticmethod
     def _request(prompt: str, stream: bool, **params: Any) -> dict[str, Any]:
+        """The TGI request body. ``adapter_id`` (TGI's field naming the adapter, here a policy version)
+        is added to the parameters by hand: text-generation 0.7's ``Parameters`` has no such field."""
         stop = params.pop("stop_sequences", None) or []
+        adapter_id = params.pop("adapter_id", None)
         parameters = Parameters(details=True, stop=stop, **params)
-        return Request(inputs=prompt, stream=stream, parameters=parameters).model_dump(exclude_none=True)
+        body = Request(inputs=prompt, stream=stream, parameters=parameters).model_dump(exclude_none=True)
+        if adapter_id is not None:
+            body["parameters"]["adapter_id"] = adapter_id
+        return body
 
     async def generate_versioned(self, prompt: str, **params: Any) -> tuple[Response, str]:
         body = self._request(prompt, False, **params)
@@ -164,6 +176,14 @@ class Replica:
     last_error: str | None = None
 
 
+STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+"""What a reused keep-alive connection the replica had just closed raises (before any answer)."""
+
+
+def _is_stale_connection(exc: Exception) -> bool:
+    return isinstance(exc, STALE_CONNECTION_ERRORS) and not isinstance(exc, aiohttp.ClientConnectorError)
+
+
 def _translate(exc: Exception) -> BackendError:
     """Map a text_generation / aiohttp error to what the gateway answers."""
     from text_generation import errors
@@ -182,8 +202,10 @@ class Backend:
     """Least-outstanding-requests balancing over health-checked replicas."""
 
     def __init__(self, urls: list[str], metrics: GatewayMetrics, *, timeout_s: float = 120.0,
-                 connect_timeout_s: float = 2.0, health_interval_s: float = 2.0):
-        self.replicas = [Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s)) for url in urls]
+                 connect_timeout_s: float = 2.0, health_interval_s: float = 2.0, token: str | None = None):
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.replicas = [Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s, headers=headers))
+                         for url in urls]
         self.metrics = metrics
         self.health_interval_s = health_interval_s
         self._rotation = itertools.count()
@@ -250,8 +272,14 @@ class Backend:
         log.warning("backend connect failed; trying another replica", extra={"backend": replica.url, "error": str(exc)})
 
     # ---- calls --------------------------------------------------------------------------------------
+    def _stale(self, replica: Replica, exc: Exception) -> None:
+        self.metrics.backend_requests.labels(replica.url, "stale_connection_retry").inc()
+        log.warning("backend connection closed under a reused keep-alive connection; retrying once on a fresh one",
+                    extra={"backend": replica.url, "error": repr(exc)})
+
     async def generate(self, prompt: str, params: dict[str, Any], prefer: set[str] | None = None) -> Generation:
         tried: set[str] = set()
+        stale_retried = False
         while True:
             replica = self.pick(tried, prefer)
             tried.add(replica.url)
@@ -263,6 +291,11 @@ class Backend:
                 self._mark_down(replica, exc)
                 continue
             except Exception as exc:
+                if _is_stale_connection(exc) and not stale_retried:
+                    stale_retried = True
+                    tried.discard(replica.url)
+                    self._stale(replica, exc)
+                    continue
                 self.metrics.backend_requests.labels(replica.url, "error").inc()
                 raise _translate(exc) from exc
             finally:
@@ -284,6 +317,7 @@ class Backend:
     async def stream(self, prompt: str, params: dict[str, Any], prefer: set[str] | None = None) -> AsyncIterator[StreamEvent]:
         """Tokens of one choice; a connect failure before the first token moves to another replica."""
         tried: set[str] = set()
+        stale_retried = False
         while True:
             replica = self.pick(tried, prefer)
             tried.add(replica.url)
@@ -304,6 +338,11 @@ class Backend:
             except (BackendError, GeneratorExit, asyncio.CancelledError):
                 raise
             except Exception as exc:
+                if _is_stale_connection(exc) and not started and not stale_retried:
+                    stale_retried = True
+                    tried.discard(replica.url)
+                    self._stale(replica, exc)
+                    continue
                 self.metrics.backend_requests.labels(replica.url, "error").inc()
                 raise _translate(exc) from exc
             finally:

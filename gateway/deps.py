@@ -55,6 +55,7 @@ async def authenticate(state: GatewayState, credentials: HTTPAuthorizationCreden
     wait = await state.store.hit_rate_limit(principal.key_id, state.settings.rate_limit_per_minute)
     if wait is not None:
         state.metrics.rate_limited.inc()
+        state.metrics.rate_limited_budget.labels("requests").inc()
         raise APIError(429, f"Rate limit reached: {state.settings.rate_limit_per_minute} requests per minute per key; "
                             f"retry in {wait} s.", "rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": str(wait)})

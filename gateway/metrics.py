@@ -39,3 +39,12 @@ class GatewayMetrics:
         self.completions_logged = Counter("gateway_completions_logged_total",
                                           "Completions written to the completions stream", registry=r)
         self.rate_limited = Counter("gateway_rate_limited_total", "Requests refused by the rate limit", registry=r)
+        self.rate_limited_budget = Counter("gateway_rate_limited_budget_total",
+                                           "Requests refused by a per-key budget (requests, generations, tokens, "
+                                           "feedback)", ["budget"], registry=r)
+        self.rate_limit_fallback = Counter("gateway_rate_limit_fallback_total",
+                                           "Rate-limit checks done in process because Redis failed", registry=r)
+        self.redis_oom = Counter("gateway_redis_oom_total", "Redis writes refused because maxmemory is reached",
+                                 ["operation"], registry=r)
+        self.redis_full = Gauge("gateway_redis_full", "1 while Redis refuses writes (maxmemory reached): page on it",
+                                registry=r)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from instructloop.events import OutputFlag
 from instructloop.wire import GREEDY_TEMPERATURE, SERVED_MODEL_NAME
 
 # ---- errors (OpenAI's shape, for every error the gateway answers) ----------------------------------
@@ -51,7 +52,14 @@ def new_completion_id(prefix: str = "cmpl") -> str:
 
 # ---- completions ------------------------------------------------------------------------------------
 
-StopSequences = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+"""Bounds on ``stop``: it is copied into every per-prompt completion event, so it must be small."""
+
+StopSequences = (Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+                 | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                             Field(max_length=MAX_STOP_SEQUENCES)]
+                 | None)
 
 
 def normalize_stop(value: StopSequences) -> list[str]:
@@ -173,13 +181,16 @@ class CompletionResponse(BaseModel):
 
 # ---- chat ---------------------------------------------------------------------------------------------
 
+MAX_MESSAGE_CHARS = 32_000
+"""One chat message's content (the rendered conversation is then held to ``max_prompt_chars``)."""
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
-    name: str | None = None
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+    name: str | None = Field(default=None, max_length=64)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -271,6 +282,9 @@ class RankingFeedback(BaseModel):
     completion_id: str = Field(min_length=1, max_length=128)
     ranking: Annotated[list[Annotated[list[int], Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=64)]
     rationale: Rationale | None = None
+    flags: dict[int, Annotated[list[OutputFlag], Field(max_length=3)]] | None = Field(
+        default=None, description="InstructGPT's per-output flags by choice index (fails_instruction, harmful, "
+                                  "made_up_facts); they travel in the comparison event")
 
 
 class PairwiseFeedback(BaseModel):

@@ -1,9 +1,10 @@
 """Serving for the policy admin routes: list versions, promote, pin, roll back.
 
-Writes go through ``instructloop.registry.Registry`` (the ``CURRENT`` file, the Redis current pointer that
-serve follows, and a ``PolicyEvent``). Registry calls are blocking (file I/O, sha256 of the weights), so
-they run in a worker thread. With Redis configured but down, changes are refused with 503 before anything
-is written, so the file and the Redis pointer never disagree.
+Writes go through ``instructloop.registry.Registry`` (the ``CURRENT`` file, the one pointer serve follows;
+a best-effort notification and ``PolicyEvent`` through Redis). Registry calls are blocking (file I/O,
+sha256 of the weights), so they run in a worker thread. A change works with Redis down (a manual rollback
+during an outage): replicas see it at their next poll of ``CURRENT``, and nothing undoes it when Redis
+returns.
 """
 
 from __future__ import annotations
@@ -57,21 +58,10 @@ class PolicyAdminServing:
                             code="policy_not_found")
         return None
 
-    def _redis_down(self) -> APIError | None:
-        if self.redis is None:
-            return None
-        try:
-            self.redis.ping()
-        except Exception as exc:
-            log.warning("policy change refused: redis unavailable", extra={"error": str(exc)})
-            return APIError(503, "redis is unavailable, so serve would not see the change; retry later", "server_error",
-                            code="storage_unavailable", headers={"Retry-After": str(self.settings.retry_after_s)})
-        return None
-
     async def set_current(self, version: str, status: PolicyStatus, principal: Principal, reason: str | None
                           ) -> PolicyInfo | APIError:
         def work() -> PolicyInfo | APIError:
-            error = self._check_version(version) or self._redis_down()
+            error = self._check_version(version)
             if error is not None:
                 return error
             try:
@@ -94,7 +84,7 @@ class PolicyAdminServing:
                     return APIError(409, "there is no earlier promoted version to roll back to; name one with 'to'",
                                     param="to", code="nothing_to_roll_back_to")
                 target = earlier[-1].version
-            error = self._check_version(target) or self._redis_down()
+            error = self._check_version(target)
             if error is not None:
                 return error
             if target == current:

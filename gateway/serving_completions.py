@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from fastapi import Request
 
 from gateway.auth import Principal
 from gateway.backend import Backend, BackendError, Generation, StreamEvent
+from gateway.limits import admit_completion, check_request_size
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
     APIError,
@@ -39,6 +40,7 @@ from gateway.protocol import (
     Usage,
     new_completion_id,
 )
+from gateway.request_context import until_disconnected
 from gateway.settings import Settings
 from gateway.store import Store, StoredChoice, StoredCompletion
 from instructloop.events import Choice, CompletionEvent
@@ -94,32 +96,6 @@ class CompletionStream:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-async def until_disconnected(raw_request: Request | None, work: Awaitable[Any]) -> Any:
-    """Run ``work``; if the client goes away first, cancel it (so the backends stop) and return None."""
-    if raw_request is None:
-        return await work
-
-    async def wait_disconnect() -> None:
-        while True:
-            message = await raw_request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(wait_disconnect())
-    try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch_task.cancel()
-    if work_task.done():
-        return work_task.result()
-    work_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await work_task
-    log.info("client disconnected; generation cancelled")
-    return None
-
-
 class CompletionServing:
     def __init__(self, settings: Settings, backend: Backend, store: Store, tokenizer: Any, metrics: GatewayMetrics):
         self.settings = settings
@@ -141,6 +117,8 @@ class CompletionServing:
             return APIError(400, f"max_tokens must be at most {s.max_tokens_limit}", param="max_tokens", code="invalid_value")
         if request.stream and request.logprobs:
             return APIError(400, "logprobs are not available with stream=true", param="logprobs", code="invalid_value")
+        if (too_big := check_request_size(request, s)) is not None:
+            return too_big
         total_tokens = 0
         for prompt in request.prompts:
             if not prompt:
@@ -154,6 +132,13 @@ class CompletionServing:
                                 code="prompt_too_long")
             total_tokens += tokens
         return total_tokens
+
+    async def _check_and_admit(self, request: CompletionRequest, principal: Principal) -> APIError | int:
+        """``_check``, then the key's generation and token budgets (429 when one has no room)."""
+        checked = self._check(request)
+        if isinstance(checked, APIError):
+            return checked
+        return await admit_completion(self.store, self.settings, self.metrics, request, checked, principal) or checked
 
     def count_tokens(self, text: str) -> int:
         return len(encode_prompt(self.tokenizer, text))
@@ -259,7 +244,7 @@ class CompletionServing:
 
     async def create_completion(self, request: CompletionRequest, principal: Principal,
                                 raw_request: Request | None = None) -> CompletionResponse | CompletionStream | APIError | None:
-        checked = self._check(request)
+        checked = await self._check_and_admit(request, principal)
         if isinstance(checked, APIError):
             return checked
         if request.stream:
@@ -297,7 +282,7 @@ class CompletionServing:
             return APIError(400, f"max_tokens must be at most {self.settings.max_tokens_limit}", param="max_tokens",
                             code="invalid_value")
         completion_request = request.to_completion_request(prompt, default_max_tokens=min(256, self.settings.max_tokens_limit))
-        checked = self._check(completion_request)
+        checked = await self._check_and_admit(completion_request, principal)
         if isinstance(checked, APIError):
             if checked.param == "prompt":
                 checked.param = "messages"

@@ -4,7 +4,12 @@ Feedback is validated against the completion the gateway served (kept in Redis w
 exist, the caller must be allowed to rate it (a user only its own completions, a labeler or admin any),
 the indices must be in range, distinct, answer one prompt, and give at least one preference. Accepted
 feedback becomes one self-contained ``ComparisonEvent`` (prompt + the responses + ranking) and the call
-answers 202 only after XADD returned. Redis down: 503 + Retry-After, nothing written.
+answers 202 only after XADD returned. Redis down or full: 503 + Retry-After, nothing written.
+
+Flooding: each caller may give **one** feedback per completion prompt (for A/B votes: per pair of
+completions); the first wins and a second answers 409 ``feedback_already_given`` with the first event's
+id (an ``Idempotency-Key`` replay of the first still answers 202 ``duplicate``). Each key also has its own
+per-minute feedback budget (``feedback_rate_limit_per_minute``), on top of the request limit.
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from gateway.protocol import (
     RankingFeedback,
 )
 from gateway.settings import Settings
-from gateway.store import IdempotencyConflict, Store, StoredCompletion, StoreUnavailable, fingerprint
+from gateway.store import (
+    FeedbackExists,
+    IdempotencyConflict,
+    Store,
+    StoredCompletion,
+    StoreUnavailable,
+    fingerprint,
+)
 from instructloop.events import ComparisonEvent, DemonstrationEvent, validate_ranking
 from instructloop.prompt import render_chat
 from instructloop.streams import Stream
@@ -138,7 +150,23 @@ class FeedbackServing:
             if isinstance(event, ComparisonEvent):
                 event.source = "pairwise"
             return event
-        return await self._from_completion(completion, feedback.ranking, "ranking")
+        event = await self._from_completion(completion, feedback.ranking, "ranking")
+        if isinstance(event, ComparisonEvent) and feedback.flags:
+            return self._with_flags(event, completion, feedback.ranking[0][0], feedback.flags)
+        return event
+
+    def _with_flags(self, event: ComparisonEvent, completion: StoredCompletion, ranked: int,
+                    flags: dict[int, list[str]]) -> ComparisonEvent | APIError:
+        """Per-choice flags re-indexed to the event's responses (the choices of the ranked prompt)."""
+        prompt_index = completion.choices[ranked].prompt_index
+        members = [c.index for c in completion.choices if c.prompt_index == prompt_index]
+        position = {global_index: local for local, global_index in enumerate(members)}
+        per_response: list[list[str]] = [[] for _ in event.responses]
+        for index, names in flags.items():
+            if index not in position:
+                return self._invalid(f"flags names choice {index}, which is not a choice of the ranked prompt", "flags")
+            per_response[position[index]] = sorted(set(names))
+        return event.model_copy(update={"flags": per_response})
 
     async def submit(self, feedback: RankingFeedback | PairwiseFeedback | ABFeedback, principal: Principal,
                      idempotency_key: str | None) -> FeedbackAccepted | APIError:
@@ -153,17 +181,30 @@ class FeedbackServing:
         bad_key = check_idempotency_key(idempotency_key)
         if bad_key is not None:
             return bad_key
+        refused = await self.store.charge(principal.key_id,
+                                          {"feedback": (1, self.settings.feedback_rate_limit_per_minute)})
+        if refused is not None:
+            self.metrics.rate_limited.inc()
+            self.metrics.rate_limited_budget.labels("feedback").inc()
+            return APIError(429, f"Rate limit reached: {self.settings.feedback_rate_limit_per_minute} feedback calls "
+                                 f"per minute per key; retry in {refused[1]} s.", "rate_limit_error",
+                            code="rate_limit_exceeded", headers={"Retry-After": str(refused[1])})
         try:
             event = await self._build(feedback, principal)
             if isinstance(event, APIError):
                 return event
             event = event.model_copy(update={"labeler_id": principal.key_id, "rationale": feedback.rationale})
+            subject = fingerprint([sorted(event.completion_ids), event.prompt])  # one completion prompt / A-B pair
             event_id, duplicate = await self.store.append_event(
                 Stream.comparisons, event, idempotency_key=idempotency_key, caller=principal.key_id,
-                request_fingerprint=fingerprint(feedback.model_dump()) if idempotency_key else "")
+                request_fingerprint=fingerprint(feedback.model_dump()) if idempotency_key else "", subject=subject)
         except StoreUnavailable as exc:
-            log.warning("feedback refused: redis unavailable", extra={"error": str(exc)})
-            return self._unavailable("redis unavailable")
+            log.warning("feedback refused: %s", exc, extra={"error": str(exc)})
+            return self._unavailable(str(exc))
+        except FeedbackExists as exc:
+            return APIError(409, f"this key already gave feedback on this completion (event {exc.event_id}); one "
+                                 "feedback per completion prompt and key, the first one counts", param="completion_id",
+                            code="feedback_already_given")
         except IdempotencyConflict:
             return APIError(409, "this Idempotency-Key was already used with a different request body",
                             param="Idempotency-Key", code="idempotency_key_reused")

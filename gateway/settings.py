@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode
 
 from instructloop.settings import DEFAULT_MODEL, home_dir, settings_config
@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     model_config = settings_config(ENV_PREFIX)
 
     # ---- network ----------------------------------------------------------------------------------
-    host: str = Field(default="127.0.0.1", description="Interface to listen on.")
+    host: str = Field(default="127.0.0.1", description="Interface to listen on. Loopback by default (a laptop); "
+                      "in a container it must be 0.0.0.0 (the images and the k8s ConfigMap set it), or the "
+                      "kubelet's probes and the Service are refused.")
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (`gateway run`).")
 
@@ -39,6 +41,8 @@ class Settings(BaseSettings):
         default_factory=lambda: ["http://127.0.0.1:8080"],
         description="Base URLs of the TGI-protocol servers, comma-separated or a JSON list.",
     )
+    backend_token: SecretStr | None = Field(
+        default=None, description="Bearer token sent to every backend (serve's INSTRUCTLOOP_SERVE_AUTH_TOKEN).")
     backend_timeout_s: float = Field(default=120.0, gt=0, description="Total time allowed for one backend call.")
     backend_connect_timeout_s: float = Field(default=2.0, gt=0)
     health_interval_s: float = Field(default=2.0, gt=0, description="Seconds between backend health checks.")
@@ -66,17 +70,38 @@ class Settings(BaseSettings):
     dev_api_key: str | None = Field(default=None, description="Admin key accepted in dev mode (default: DEV_API_KEY).")
     keys_file: Path | None = Field(default=None, description="JSON-lines file of hashed API keys.")
     rate_limit_per_minute: int = Field(default=600, ge=1, description="Requests per API key per minute.")
+    rate_limit_generations_per_minute: int = Field(
+        default=2000, ge=1, description="Generations (n × prompts of each completion) per API key per minute.")
+    rate_limit_tokens_per_minute: int = Field(
+        default=1_000_000, ge=1, description="Tokens per API key per minute, charged at admission: prompt tokens × n "
+                                             "plus max_tokens × generations (the most the request can cost).")
+    feedback_rate_limit_per_minute: int = Field(
+        default=300, ge=1, description="Feedback calls per API key per minute (besides the request limit).")
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
-    max_prompt_chars: int = Field(default=32_000, ge=1)
+    max_prompt_chars: int = Field(default=32_000, ge=1, description="Characters of one prompt (or rendered chat).")
+    max_total_prompt_chars: int = Field(
+        default=64_000, ge=1, description="Characters of all prompts of one request together (a list prompt).")
+    max_generations: int = Field(
+        default=64, ge=1, description="n × prompts of one request: the choices it generates, stores and logs.")
     max_prompt_tokens: int = Field(default=4096, ge=1)
     max_tokens_limit: int = Field(default=2048, ge=1, description="Upper bound for `max_tokens`.")
     max_n: int = Field(default=9, ge=1, le=64, description="Upper bound for `n` (K responses to rank).")
+
+    # ---- labeling page (/label, gateway/labeling/) ---------------------------------------------------
+    label_k: int = Field(default=4, ge=2, le=9, description="Completions per ranking task (K, 2-9).")
+    label_live_prompts: bool = Field(
+        default=True, description="Labeling tasks may use prompts from live traffic (stored completions); an admin "
+                                  "can turn this off at run time on /label/admin (privacy).")
+    label_overlap_rate: float = Field(default=0.1, ge=0, le=1,
+                                      description="Share of ranking tasks also shown to a second labeler (agreement).")
+    label_max_tokens: int = Field(default=128, ge=1, description="max_tokens of each labeling completion.")
+    label_temperature: float = Field(default=0.9, ge=0, le=2, description="Sampling temperature of labeling completions.")
 
     # ---- logs -------------------------------------------------------------------------------------
     log_level: str = "INFO"
     json_logs: bool = True
 
-    @field_validator("keys_file", "redis_url", "dev_api_key", mode="before")
+    @field_validator("keys_file", "redis_url", "dev_api_key", "backend_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

@@ -3,10 +3,18 @@
 - served completions: ``<prefix>:gateway:completion:<id>`` (JSON, TTL) plus a ``CompletionEvent`` on the
   completions stream, written in one MULTI so both or neither land. A failure here never fails a
   completion: it is logged and counted.
-- feedback / demonstrations: one Lua script does "idempotency check, XADD, remember the key", so a retry
-  with the same ``Idempotency-Key`` returns the same event id and never writes a second event, and a
-  failure leaves nothing half-written.
-- per-key rate limit: a fixed one-minute window (INCR, EXPIRE on the first hit; one Lua call).
+- feedback / demonstrations: one Lua script does "idempotency check, one-per-subject check, XADD,
+  remember both", so a retry with the same ``Idempotency-Key`` returns the same event id and never writes
+  a second event, a caller's second feedback on the same completion (prompt) is refused (the first one
+  wins: ``FeedbackExists``), and a failure leaves nothing half-written (the XADD is the script's first
+  write: under ``maxmemory`` Redis refuses it before anything is written).
+- per-key rate limits: fixed one-minute windows, several budgets charged at once (requests; generations
+  and tokens of completions; feedback), all-or-nothing in one Lua call. When Redis fails the limit does
+  **not** fail open: an in-process limiter with the same budgets takes over (``LocalLimiter``; per
+  gateway process, so W workers allow up to W × the budget during an outage) and
+  ``gateway_rate_limit_fallback_total`` counts it.
+- Redis full (``maxmemory`` reached, OOM answers): counted in ``gateway_redis_oom_total`` and shown by the
+  ``gateway_redis_full`` gauge (1 until the next write succeeds): the alert to page on.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from redis.retry import Retry
 
 from gateway.metrics import GatewayMetrics
@@ -36,6 +44,19 @@ class StoreUnavailable(Exception):
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
+
+
+class FeedbackExists(Exception):
+    """This caller already gave feedback on this subject (completion + prompt); ``event_id`` is the first."""
+
+    def __init__(self, event_id: str):
+        super().__init__(event_id)
+        self.event_id = event_id
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Redis refused a write because ``maxmemory`` is reached (``noeviction``)."""
+    return isinstance(exc, OutOfMemoryError) or (isinstance(exc, RedisError) and "maxmemory" in str(exc))
 
 
 @dataclass
@@ -69,8 +90,9 @@ class StoredCompletion:
         return cls(**data)
 
 
-# KEYS[1] stream, KEYS[2] idempotency key ("" = none); ARGV[1] event JSON, ARGV[2] event id,
-# ARGV[3] request fingerprint, ARGV[4] TTL seconds. Returns {written (0/1), event id, fingerprint}.
+# KEYS[1] stream, KEYS[2] idempotency key ("" = none), KEYS[3] one-per-subject key ("" = none);
+# ARGV[1] event JSON, ARGV[2] event id, ARGV[3] request fingerprint, ARGV[4] idempotency TTL s,
+# ARGV[5] subject TTL s. Returns {1 written | 0 idempotent replay | 2 subject already rated, event id, fingerprint}.
 _APPEND_ONCE = """
 if KEYS[2] ~= '' then
   local previous = redis.call('GET', KEYS[2])
@@ -79,20 +101,55 @@ if KEYS[2] ~= '' then
     return {0, string.sub(previous, 1, sep - 1), string.sub(previous, sep + 1)}
   end
 end
+if KEYS[3] ~= '' then
+  local first = redis.call('GET', KEYS[3])
+  if first then return {2, first, ''} end
+end
 redis.call('XADD', KEYS[1], '*', 'event', ARGV[1])
 if KEYS[2] ~= '' then
   redis.call('SET', KEYS[2], ARGV[2] .. '|' .. ARGV[3], 'EX', tonumber(ARGV[4]))
+end
+if KEYS[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[2], 'EX', tonumber(ARGV[5]))
 end
 return {1, ARGV[2], ARGV[3]}
 """
 
 
-# KEYS[1] the window's counter; ARGV[1] window length in seconds. One round trip: count, set the expiry once.
-_COUNT_IN_WINDOW = """
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1])) end
-return count
+# KEYS: one counter per budget (this window); ARGV[1] window length in seconds, then (amount, limit) per key.
+# All-or-nothing: returns 0 when every budget had room (all charged), else the 1-based index of the first
+# budget that had none (nothing charged).
+_CHARGE_BUDGETS = """
+for i, key in ipairs(KEYS) do
+  local amount, limit = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  if tonumber(redis.call('GET', key) or '0') + amount > limit then return i end
+end
+for i, key in ipairs(KEYS) do
+  local amount = tonumber(ARGV[2 * i])
+  if redis.call('INCRBY', key, amount) == amount then redis.call('EXPIRE', key, tonumber(ARGV[1])) end
+end
+return 0
 """
+
+WINDOW_S = 60
+
+
+class LocalLimiter:
+    """The same fixed-window budgets in this process's memory: the rate limit while Redis fails."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, int], int] = {}
+
+    def charge(self, key_id: str, budgets: dict[str, tuple[int, int]], window: int) -> str | None:
+        """Charge all budgets or none; the name of the first budget without room, else None."""
+        if len(self.counts) > 100_000:  # drop past windows
+            self.counts = {k: v for k, v in self.counts.items() if k[2] >= window}
+        for name, (amount, limit) in budgets.items():
+            if self.counts.get((key_id, name, window), 0) + amount > limit:
+                return name
+        for name, (amount, _) in budgets.items():
+            self.counts[(key_id, name, window)] = self.counts.get((key_id, name, window), 0) + amount
+        return None
 
 
 def fingerprint(body: Any) -> str:
@@ -114,7 +171,8 @@ class Store:
                 retry=Retry(NoBackoff(), 0), health_check_interval=0,
             )
             self._append_once = self.redis.register_script(_APPEND_ONCE)
-            self._count_in_window = self.redis.register_script(_COUNT_IN_WINDOW)
+            self._charge_budgets = self.redis.register_script(_CHARGE_BUDGETS)
+        self.local_limiter = LocalLimiter()
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -127,6 +185,18 @@ class Store:
         if self.redis is None:
             raise StoreUnavailable("no Redis configured (set INSTRUCTLOOP_GATEWAY_REDIS_URL)")
         return self.redis
+
+    def _failed(self, operation: str, exc: BaseException) -> str:
+        """Count a failed Redis operation; returns the reason to tell the client."""
+        self.metrics.redis_failures.labels(operation).inc()
+        if is_out_of_memory(exc):
+            self.metrics.redis_oom.labels(operation).inc()
+            self.metrics.redis_full.set(1)
+            return "redis is full (maxmemory reached)"
+        return "redis unavailable"
+
+    def _wrote(self) -> None:
+        self.metrics.redis_full.set(0)
 
     async def ping(self) -> bool:
         if self.redis is None:
@@ -149,10 +219,11 @@ class Store:
                     pipe.xadd(stream_key(Stream.completions, self.prefix), event.to_fields())
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            self.metrics.redis_failures.labels("save_completion").inc()
-            log.warning("completion not logged: redis unavailable",
+            reason = self._failed("save_completion", exc)
+            log.warning("completion served but not logged (nothing of it written): %s", reason,
                         extra={"completion_id": completion.id, "error": str(exc)})
             return False
+        self._wrote()
         self.metrics.completions_logged.inc(len(events))
         return True
 
@@ -160,43 +231,61 @@ class Store:
         try:
             raw = await self._client().get(self._key("completion", completion_id))
         except (RedisError, OSError) as exc:
-            self.metrics.redis_failures.labels("get_completion").inc()
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(self._failed("get_completion", exc)) from exc
         return StoredCompletion.from_json(raw) if raw is not None else None
 
     # ---- feedback, demonstrations -------------------------------------------------------------------
     async def append_event(self, stream: Stream, event: Event, *, idempotency_key: str | None = None,
-                           caller: str = "", request_fingerprint: str = "") -> tuple[str, bool]:
-        """XADD ``event`` once. Returns (event id, duplicate). Raises StoreUnavailable, IdempotencyConflict."""
+                           caller: str = "", request_fingerprint: str = "", subject: str | None = None
+                           ) -> tuple[str, bool]:
+        """XADD ``event`` once. Returns (event id, duplicate). ``subject``: at most one event per (caller,
+        subject) is ever written (kept as long as a completion can be rated). Raises StoreUnavailable,
+        IdempotencyConflict, FeedbackExists."""
         client = self._client()
         idem = self._key("idempotency", caller, stream.value, idempotency_key) if idempotency_key else ""
+        once = self._key("rated", caller, subject) if subject else ""
         try:
             written, event_id, previous_fp = await self._append_once(
-                keys=[stream_key(stream, self.prefix), idem],
-                args=[event.model_dump_json(), event.event_id, request_fingerprint, self.idempotency_ttl_s],
+                keys=[stream_key(stream, self.prefix), idem, once],
+                args=[event.model_dump_json(), event.event_id, request_fingerprint, self.idempotency_ttl_s,
+                      self.completion_ttl_s],
                 client=client,
             )
         except (RedisError, OSError) as exc:
-            self.metrics.redis_failures.labels(f"append_{stream.value}").inc()
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(self._failed(f"append_{stream.value}", exc)) from exc
         event_id = event_id.decode() if isinstance(event_id, bytes) else str(event_id)
         previous_fp = previous_fp.decode() if isinstance(previous_fp, bytes) else str(previous_fp)
+        if int(written) == 2:
+            raise FeedbackExists(event_id)
         if not written and previous_fp != request_fingerprint:
             raise IdempotencyConflict(event_id)
+        if written:
+            self._wrote()
         return event_id, not written
 
-    # ---- rate limit ---------------------------------------------------------------------------------
+    # ---- rate limits --------------------------------------------------------------------------------
+    async def charge(self, key_id: str, budgets: dict[str, tuple[int, int]]) -> tuple[str, int] | None:
+        """Charge ``budgets`` ({name: (amount, per-minute limit)}) to ``key_id`` for this minute, all or none.
+
+        Returns None when all had room, else (the budget without room, seconds until the next window).
+        Redis failing (down, full, slow) switches to the in-process ``LocalLimiter``: never fails open."""
+        now = time.time()
+        window = int(now // WINDOW_S)
+        wait = max(1, WINDOW_S - int(now) % WINDOW_S)
+        names = list(budgets)
+        if self.redis is not None:
+            try:
+                over = int(await self._charge_budgets(
+                    keys=[self._key("ratelimit", key_id, name, str(window)) for name in names],
+                    args=[WINDOW_S + 1, *[v for name in names for v in budgets[name]]], client=self.redis))
+                return (names[over - 1], wait) if over else None
+            except (RedisError, OSError) as exc:
+                self._failed("rate_limit", exc)
+                self.metrics.rate_limit_fallback.inc()
+        refused = self.local_limiter.charge(key_id, budgets, window)
+        return (refused, wait) if refused else None
+
     async def hit_rate_limit(self, key_id: str, limit_per_minute: int) -> int | None:
-        """Count one request; return seconds to wait when over the limit, else None. Redis down: allow."""
-        if self.redis is None:
-            return None
-        window = int(time.time() // 60)
-        key = self._key("ratelimit", key_id, str(window))
-        try:
-            count = int(await self._count_in_window(keys=[key], args=[61], client=self.redis))
-        except (RedisError, OSError):
-            self.metrics.redis_failures.labels("rate_limit").inc()
-            return None
-        if count > limit_per_minute:
-            return max(1, 60 - int(time.time()) % 60)
-        return None
+        """Count one request; return seconds to wait when over the limit, else None."""
+        refused = await self.charge(key_id, {"requests": (1, limit_per_minute)})
+        return refused[1] if refused else None

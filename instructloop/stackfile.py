@@ -16,8 +16,13 @@ STACK_FILE_NAME = "stack.json"
 
 class ComponentInfo(BaseModel):
     pid: int | None = None
+    """The current process (a new one after each restart)."""
     url: str | None = None
     log: str
+    restarts: int = 0
+    """How many times ``up`` restarted this component after a crash."""
+    healthy: bool = True
+    """False between a crash and the restarted process answering its health check."""
 
 
 class StackFile(BaseModel):

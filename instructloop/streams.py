@@ -25,11 +25,7 @@ def stream_key(stream: Stream | str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}:stream:{name}"
 
 
-def current_policy_key(prefix: str = DEFAULT_PREFIX) -> str:
-    """The Redis key holding the current policy version (a plain string)."""
-    return f"{prefix}:policy:current"
-
-
 def policy_channel(prefix: str = DEFAULT_PREFIX) -> str:
-    """Pub/sub channel announcing a change of the current policy (message = the version)."""
+    """Pub/sub channel announcing a change of the current policy (message = the version). A notification
+    only: the registry's ``CURRENT`` file is the pointer itself."""
     return f"{prefix}:policy:changed"

@@ -21,3 +21,15 @@ GREEDY_TEMPERATURE = 1e-4
 """Temperatures below this decode greedily: the distribution is numerically greedy there, and dividing
 logits by a tiny positive temperature overflows to inf (and softmax to NaN). The gateway maps such a
 temperature to greedy decoding; serve clamps any temperature it is given to at least this."""
+
+REQUEST_ID_HEADER = "X-Request-Id"
+"""The gateway's per-request id: taken from the client when sane, else made up; echoed on every answer and
+written into every log line about the request (every 5xx is logged with it)."""
+
+SERVE_KEEP_ALIVE_S = 75
+"""How long serve keeps an idle HTTP connection open. It must exceed ``BACKEND_KEEP_ALIVE_S``: a client that
+keeps idle connections longer than the server reuses one the server is closing at that moment and gets
+"Server disconnected" (the cause of the gateway's unexplained 502s under load)."""
+
+BACKEND_KEEP_ALIVE_S = 30
+"""How long the gateway keeps an idle connection to a serve replica for reuse (below ``SERVE_KEEP_ALIVE_S``)."""

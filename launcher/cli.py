@@ -35,13 +35,14 @@ app.add_typer(labeler_app, name="labeler",
 @model_app.command("prepare")
 def model_prepare(
     force: bool = typer.Option(False, help="Convert again even if the folder is already prepared."),
+    tokenizer_only: bool = typer.Option(False, help="Save only the fixed tokenizer (what the gateway needs)."),
 ) -> None:
     """Convert the embedded SmolLM2-135M-Instruct GGUF into a plain HF folder (once) and print its path."""
-    from instructloop.model import ModelNotAvailable, prepare_default_model
+    from instructloop.model import ModelNotAvailable, prepare_default_model, prepare_default_tokenizer
 
     configure_logging("INFO", json_logs=False)
     try:
-        path = prepare_default_model(force=force)
+        path = prepare_default_tokenizer() if tokenizer_only else prepare_default_model(force=force)
     except ModelNotAvailable as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -2,8 +2,11 @@
 
 Starts, as subprocesses of this one and in dependency order,
 
-1. ``redis-server`` (AOF on, data in ``<run-dir>/redis``) unless a Redis URL is given,
-2. one serve replica (``instructloop serve run``) on the chosen model,
+1. ``redis-server`` (AOF on, data in ``<run-dir>/redis``) unless a Redis URL is given, with one ACL user per
+   component (``<run-dir>/redis/users.acl`` and ``passwords.json``, both 0600; the default user is off;
+   launcher/credentials.py), ``maxmemory`` (``--redis-maxmemory``, 1gb) and ``noeviction``,
+2. one serve replica (``instructloop serve run``) on the chosen model, requiring the bearer token in
+   ``<run-dir>/serve-token`` (0600), which only the gateway is given,
 3. the learner (``instructloop learner run``; skipped with ``--no-learner``), started beside serve,
 4. the gateway (``instructloop gateway run``), once serve is healthy,
 
@@ -14,11 +17,14 @@ ports, pids, log files), and prints how to call the gateway.
 
 Logs: ``<run-dir>/logs/<component>/<component>.log`` (stdout and stderr of the process, appended).
 
-Failure policy: a component that exits, at start-up or later, is reported (name, exit code, log file,
-last log lines) and then **everything is stopped** and ``up`` exits with status 1: a loop with a dead
-part silently loses feedback or never learns, so it is better to fail loudly and be restarted (by a
-person, systemd, or Kubernetes with the per-component manifests). A component that does not become
-healthy within ``--startup-timeout`` is reported the same way.
+Failure policy: a component that exits after it was healthy is **restarted** with exponential backoff
+(1 s, 2 s, 4 s … up to ``--restart-backoff-max``), as Kubernetes' ``restartPolicy: Always`` would: Redis
+resumes from its AOF, the learner from its checkpoint, serve and the gateway are stateless. Its log gets a
+``==== restarting`` line, ``up`` prints why, and ``stack.json`` is rewritten with the new pid and restart
+count. Only a crash loop (more than ``--max-restarts`` crashes of one component within
+``--restart-window`` seconds) is reported (name, exit code, log file, last log lines) and **stops
+everything** (``up`` exits 1). A component that fails at start-up, or does not become healthy within
+``--startup-timeout``, is reported the same way at once: that is a configuration fault, not a crash.
 
 Stopping: Ctrl-C or SIGTERM stops the components in reverse order (gateway first, Redis last): SIGTERM
 to the component's process group, wait ``--stop-timeout`` seconds, then SIGKILL. A second Ctrl-C
@@ -48,12 +54,15 @@ from pathlib import Path
 
 import typer
 
+from instructloop.logs import redact_url
 from instructloop.settings import DEFAULT_MODEL
 from instructloop.stackfile import ComponentInfo, StackFile
+from launcher.credentials import ensure_serve_token, secure_redis
 from launcher.supervisor import (
     Component,
     ComponentFailed,
     ComponentSpec,
+    RestartPolicy,
     Supervisor,
     describe_exit,
     http_health,
@@ -80,9 +89,11 @@ class StackConfig:
     serve_port: int | None = None
     learner_metrics_port: int | None = None
     redis_port: int | None = None
+    redis_maxmemory: str = "1gb"
     learner: bool = True
     startup_timeout_s: float = 600.0
     stop_timeout_s: float = 20.0
+    restart: RestartPolicy = RestartPolicy()
 
     @property
     def logs_dir(self) -> Path:
@@ -156,24 +167,30 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
         redis_port = pick_port(config.redis_port)
         redis_dir = run_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        # one ACL user per component (launcher/credentials.py); the default user is off
+        secure_args, component_urls = secure_redis(redis_dir, redis_port, config.redis_maxmemory)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"  # shown and written to stack.json: no password
         specs.append(ComponentSpec(
             name="redis",
             argv=["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
                   "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-                  "--protected-mode", "yes"],
-            health=redis_health(redis_url),
+                  *secure_args],
+            health=redis_health(component_urls["probe"]),
             log_path=config.log_path("redis").resolve(),
             env=dict(os.environ),
             url=redis_url,
             startup_timeout_s=min(config.startup_timeout_s, 60.0),
         ))
+    else:
+        component_urls = {user: redis_url for user in ("gateway", "learner", "serve")}
+        redis_url = redact_url(redis_url)
     urls["redis"] = redis_url
     needs_redis = ["redis"] if config.redis_url is None else []
 
-    shared = {"MODEL": config.model, "REDIS_URL": redis_url, "REGISTRY_DIR": str(run_dir / "registry")}
+    shared = {"MODEL": config.model, "REGISTRY_DIR": str(run_dir / "registry")}
     serve_threads, learner_threads = thread_budget()
 
+    serve_token = ensure_serve_token(run_dir / "serve-token")
     serve_port = pick_port(config.serve_port or 8080, host)
     serve_url = f"http://{host}:{serve_port}"
     urls["serve"] = serve_url
@@ -183,7 +200,8 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
         health=http_health(f"{serve_url}/health"),
         log_path=config.log_path("serve").resolve(),
         env=_child_env(root, {f"INSTRUCTLOOP_SERVE_{k}": v for k, v in
-                              {**shared, "HOST": host, "PORT": str(serve_port)}.items()},
+                              {**shared, "REDIS_URL": component_urls["serve"], "HOST": host, "PORT": str(serve_port),
+                               "AUTH_TOKEN": serve_token}.items()},
                        defaults={"INSTRUCTLOOP_SERVE_TORCH_THREADS": str(serve_threads),
                                  "OMP_NUM_THREADS": str(serve_threads)}),
         after=needs_redis,
@@ -201,7 +219,7 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
             health=http_health(metrics_url),
             log_path=config.log_path("learner").resolve(),
             env=_child_env(root, {f"INSTRUCTLOOP_LEARNER_{k}": v for k, v in
-                                  {**shared, "STATE_DIR": str(run_dir / "learner"),
+                                  {**shared, "REDIS_URL": component_urls["learner"], "STATE_DIR": str(run_dir / "learner"),
                                    "METRICS_PORT": str(metrics_port), "CONSUMER_NAME": "learner-0"}.items()},
                            defaults={"INSTRUCTLOOP_LEARNER_TORCH_THREADS": str(learner_threads),
                                      "OMP_NUM_THREADS": str(learner_threads)}),
@@ -218,7 +236,8 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
         health=http_health(f"{gateway_url}/readyz"),
         log_path=config.log_path("gateway").resolve(),
         env=_child_env(root, {f"INSTRUCTLOOP_GATEWAY_{k}": v for k, v in
-                              {**shared, "HOST": host, "PORT": str(config.port), "BACKENDS": serve_url,
+                              {**shared, "REDIS_URL": component_urls["gateway"], "HOST": host, "PORT": str(config.port),
+                               "BACKENDS": serve_url, "BACKEND_TOKEN": serve_token,
                                "KEYS_FILE": str(config.gateway_keys_file.resolve()), "DEV_MODE": "false"}.items()},
                        defaults={"OMP_NUM_THREADS": "1"}),
         after=["serve"],
@@ -281,6 +300,7 @@ def usage_text(gateway_url: str, keys_file: Path) -> str:
 instructloop is up.
   gateway:  {gateway_url}   (OpenAI-compatible; /v1/completions, /v1/feedback, /readyz, /metrics)
   API keys: {keys}   (0600; roles user, labeler, admin)
+  labeling: {gateway_url}/label   (sign in with the labeler key; admin dashboard: {gateway_url}/label/admin)
 
 A completion with curl (4 choices to rank):
   USER_KEY=$(python3 -c 'import json;print(json.load(open("{keys}"))["user"])')
@@ -321,7 +341,8 @@ def run_stack(config: StackConfig, echo: Callable[[str], None] = print) -> int:
         return 2
     config.stack_file.unlink(missing_ok=True)
     specs, urls = build_specs(config)
-    supervisor = Supervisor(specs, stop_timeout_s=config.stop_timeout_s, echo=echo)
+    supervisor = Supervisor(specs, stop_timeout_s=config.stop_timeout_s, echo=echo, restart=config.restart,
+                            on_change=lambda: _write_stack_file(config, supervisor, urls))
     supervisor.install_signal_handlers()
     status = 0
     try:
@@ -337,7 +358,7 @@ def run_stack(config: StackConfig, echo: Callable[[str], None] = print) -> int:
         failure = supervisor.watch()
         if failure is not None:
             echo(failure.report())
-            echo("a component died: stopping everything (see docs: `instructloop up` fails as a whole)")
+            echo("a component is crash-looping: stopping everything (raise --max-restarts to allow more)")
             status = 1
     except ComponentFailed as failure:
         echo(failure.report())
@@ -382,7 +403,8 @@ def _write_stack_file(config: StackConfig, supervisor: Supervisor, urls: dict[st
         keys_file=str(config.keys_file),
         run_dir=str(config.run_dir),
         up_pid=os.getpid(),
-        components={c.name: ComponentInfo(pid=c.proc.pid if c.proc else None, url=c.spec.url, log=str(c.spec.log_path))
+        components={c.name: ComponentInfo(pid=c.proc.pid if c.proc else None, url=c.spec.url, log=str(c.spec.log_path),
+                                          restarts=c.restarts, healthy=c.healthy)
                     for c in supervisor.components},
     ).write(config.run_dir)
 
@@ -397,17 +419,27 @@ def up(
     serve_port: int | None = typer.Option(None, help="Serve port (default 8080, or a free one if taken)."),
     learner_metrics_port: int | None = typer.Option(None, help="Learner /metrics port (default 9100, or a free one)."),
     redis_port: int | None = typer.Option(None, help="Port of the redis-server `up` starts (default: a free one)."),
+    redis_maxmemory: str = typer.Option("1gb", help="maxmemory of the redis-server `up` starts (noeviction: when "
+                                                    "full, feedback answers 503 and nothing accepted is lost)."),
     learner: bool = typer.Option(True, "--learner/--no-learner", help="Run the learner (off: serve + gateway only)."),
     startup_timeout: float = typer.Option(600.0, min=1.0, help="Seconds each component may take to become healthy."),
     stop_timeout: float = typer.Option(20.0, min=0.0, help="Seconds between SIGTERM and SIGKILL when stopping."),
+    max_restarts: int = typer.Option(5, min=0, help="Crashes of one component tolerated within --restart-window "
+                                                    "(each restarted with backoff); one more stops everything."),
+    restart_window: float = typer.Option(300.0, min=1.0, help="Seconds over which --max-restarts is counted."),
+    restart_backoff_max: float = typer.Option(30.0, min=1.0, help="Longest wait before restarting a crashed component."),
 ) -> None:
     """Start Redis, serve, the learner and the gateway; print how to use them; Ctrl-C stops all.
 
     Learner knobs pass through the environment (INSTRUCTLOOP_LEARNER_KL_COEF, ..._PTX_COEF,
-    ..._MIN_NEW_COMPARISONS, ...). If any component dies, `up` reports it and stops everything.
+    ..._MIN_NEW_COMPARISONS, ...). A component that dies is restarted with backoff; only a crash loop
+    (more than --max-restarts crashes within --restart-window) stops everything.
     """
     config = StackConfig(run_dir=run_dir, model=model, redis_url=redis_url, host=host, port=port,
                          serve_port=serve_port, learner_metrics_port=learner_metrics_port, redis_port=redis_port,
-                         learner=learner, startup_timeout_s=startup_timeout, stop_timeout_s=stop_timeout)
+                         redis_maxmemory=redis_maxmemory,
+                         learner=learner, startup_timeout_s=startup_timeout, stop_timeout_s=stop_timeout,
+                         restart=RestartPolicy(backoff_max_s=restart_backoff_max, max_restarts=max_restarts,
+                                               window_s=restart_window))
     status = run_stack(config, echo=lambda message: typer.echo(message, err=message.startswith("error")))
     raise typer.Exit(status)

@@ -1,4 +1,8 @@
-"""Process supervision for ``instructloop up``: start components in order, probe health, watch, stop.
+"""Process supervision for ``instructloop up``: start components in order, probe health, watch, restart, stop.
+
+A component that exits after it was healthy is restarted with exponential backoff, as a Kubernetes
+``restartPolicy: Always`` would (``RestartPolicy``); the supervisor gives up, and ``up`` stops everything,
+only on a crash loop: more than ``max_restarts`` restarts of one component within ``window_s``.
 
 Nothing here knows which components exist; ``launcher.stack`` builds their specs.
 """
@@ -130,6 +134,30 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When and how often a crashed component is restarted (Kubernetes' CrashLoopBackOff, in small)."""
+
+    backoff_initial_s: float = 1.0
+    """Wait before the first restart; doubled for each further crash while the component is unstable."""
+    backoff_max_s: float = 30.0
+    """The longest wait between two restarts."""
+    max_restarts: int = 5
+    """More restarts than this within ``window_s`` is a crash loop: the supervisor gives up."""
+    window_s: float = 300.0
+    """The crash-loop window; a component that stays up this long has its backoff reset."""
+
+    def __post_init__(self) -> None:
+        if self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("restart backoff: need 0 <= backoff_initial_s <= backoff_max_s")
+        if self.max_restarts < 0 or self.window_s <= 0:
+            raise ValueError("restart policy: need max_restarts >= 0 and window_s > 0")
+
+    def backoff(self, consecutive_crashes: int) -> float:
+        """The wait before restart number ``consecutive_crashes`` (1-based) of an unstable component."""
+        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(0, consecutive_crashes - 1))
+
+
 # ---- one component ------------------------------------------------------------------------------------
 
 
@@ -155,6 +183,12 @@ class Component:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.healthy = False
+        self.restarts = 0
+        """How many times the supervisor restarted this component (shown in stack.json)."""
+        self.crash_times: list[float] = []
+        """Monotonic times of the crashes still inside the restart policy's window."""
+        self.restart_at: float | None = None
+        """When a crashed component is due to be started again (None: running or not crashed)."""
 
     @property
     def name(self) -> str:
@@ -164,7 +198,8 @@ class Component:
         self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spec.log_path, "ab") as log_file:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            log_file.write(f"==== instructloop up: starting {self.name} at {stamp}: {' '.join(self.spec.argv)}\n".encode())
+            what = f"restarting {self.name} (restart {self.restarts})" if self.restarts else f"starting {self.name}"
+            log_file.write(f"==== instructloop up: {what} at {stamp}: {' '.join(self.spec.argv)}\n".encode())
             log_file.flush()
             try:
                 self.proc = subprocess.Popen(
@@ -180,6 +215,8 @@ class Component:
                 log_file.write(f"cannot start {self.name}: {exc}\n".encode())
                 raise ComponentFailed(self.name, f"could not be started ({exc})", self.spec.log_path) from exc
         self.started_at = time.monotonic()
+        self.healthy = False
+        self.restart_at = None
 
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -231,7 +268,8 @@ class Supervisor:
     """
 
     def __init__(self, specs: list[ComponentSpec], *, stop_timeout_s: float = 20.0, poll_interval_s: float = 0.25,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, restart: RestartPolicy | None = None,
+                 on_change: Callable[[], None] | None = None):
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate component names: {names}")
@@ -243,6 +281,9 @@ class Supervisor:
         self.stop_timeout_s = stop_timeout_s
         self.poll_interval_s = poll_interval_s
         self.echo = echo
+        self.restart = restart or RestartPolicy()
+        self.on_change = on_change
+        """Called after a component was restarted or became healthy again (``up`` rewrites stack.json)."""
         self.stop_requested = threading.Event()
         self.wake = threading.Event()
         self.started_order: list[Component] = []
@@ -310,16 +351,75 @@ class Supervisor:
         return True
 
     def watch(self) -> ComponentFailed | None:
-        """Block until a stop is requested (None) or a component exits (its failure)."""
+        """Block until a stop is requested (None) or a component crash-loops (its failure).
+
+        A component that exits is restarted after its backoff; one that does not become healthy within its
+        start-up timeout after a restart is killed and counts as a crash."""
         while not self.stop_requested.is_set():
+            now = time.monotonic()
             for component in self.started_order:
-                code = component.exit_code()
-                if code is not None:
-                    return ComponentFailed(component.name, f"exited ({describe_exit(code)})",
-                                           component.spec.log_path, exit_code=code)
-            self.wake.wait(1.0)
+                failure = self._tend(component, now)
+                if failure is not None:
+                    return failure
+            waits = [c.restart_at - now for c in self.started_order if c.restart_at is not None]
+            self.wake.wait(max(0.05, min([1.0, self.poll_interval_s * 4, *waits])))
             self.wake.clear()
         return None
+
+    def _tend(self, component: Component, now: float) -> ComponentFailed | None:
+        """One look at one component: notice a crash, restart when due, follow health after a restart."""
+        if component.restart_at is not None:
+            if now >= component.restart_at:
+                component.restarts += 1
+                self.echo(f"restarting {component.name} (restart {component.restarts})")
+                try:
+                    component.start()
+                except ComponentFailed as failure:
+                    return failure
+                self._changed()
+            return None
+        code = component.exit_code()
+        if code is None:
+            if not component.healthy:
+                if component.spec.health():
+                    component.healthy = True
+                    self.echo(f"{component.name} is healthy again after {now - component.started_at:.1f}s")
+                    self._changed()
+                elif now - component.started_at > component.spec.startup_timeout_s:
+                    self.echo(f"{component.name} did not become healthy within "
+                              f"{component.spec.startup_timeout_s:g}s after a restart: killing it")
+                    component.stop(0.0)
+                    return self._crashed(component, "did not become healthy after a restart", now)
+            return None
+        return self._crashed(component, f"exited ({describe_exit(code)})", now, code)
+
+    def _crashed(self, component: Component, reason: str, now: float, code: int | None = None) -> ComponentFailed | None:
+        """Schedule a restart with backoff, or give up (a crash loop): returns the failure to report."""
+        window = self.restart.window_s
+        if component.crash_times and now - component.started_at > window:
+            component.crash_times.clear()  # it stayed up a whole window: stable again, backoff resets
+        component.crash_times = [t for t in component.crash_times if now - t <= window] + [now]
+        component.healthy = False
+        recent = len(component.crash_times)
+        if recent > self.restart.max_restarts:
+            return ComponentFailed(component.name, f"{reason}; crash loop: {recent} crashes within {window:g}s "
+                                   f"(more than --max-restarts {self.restart.max_restarts})",
+                                   component.spec.log_path, exit_code=code)
+        delay = self.restart.backoff(recent)
+        component.restart_at = now + delay
+        self.echo(f"{component.name} {reason}: restarting in {delay:.1f}s "
+                  f"(crash {recent} of at most {self.restart.max_restarts} within {window:g}s; "
+                  f"log: {component.spec.log_path})")
+        log.warning("component crashed; restarting", extra={"component": component.name, "reason": reason,
+                                                            "restart_in_s": delay, "recent_crashes": recent})
+        return None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception as exc:  # pragma: no cover - a stack.json write must not stop supervision
+                log.warning("supervisor change callback failed", extra={"error": str(exc)})
 
     def stop_all(self) -> None:
         """Stop started components in reverse start order (a second Ctrl-C/SIGTERM skips the grace time)."""

@@ -8,6 +8,8 @@ import sys
 
 import typer
 
+from instructloop.logs import redact_url
+
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 log = logging.getLogger("learner")
 
@@ -21,14 +23,14 @@ def _settings():
         settings = Settings()
         settings.require_redis()
     except (ValidationError, ValueError) as exc:
-        typer.echo(f"error: invalid learner settings (INSTRUCTLOOP_LEARNER_*): {exc}", err=True)
+        typer.echo(redact_url(f"error: invalid learner settings (INSTRUCTLOOP_LEARNER_*): {exc}"), err=True)
         raise typer.Exit(2) from exc
     return settings
 
 
 def _redis_unreachable(settings, exc: Exception) -> None:
-    typer.echo(f"error: cannot reach Redis at {settings.redis_url} ({exc}); start it or fix "
-               "INSTRUCTLOOP_LEARNER_REDIS_URL", err=True)
+    typer.echo(redact_url(f"error: cannot reach Redis at {settings.redis_url} ({exc}); start it or fix "
+                          "INSTRUCTLOOP_LEARNER_REDIS_URL"), err=True)
     raise typer.Exit(2) from exc
 
 

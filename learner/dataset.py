@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import sqlite3
 import threading
 import time
@@ -118,6 +117,12 @@ class StoredComparison:
     comparison: ComparisonEvent
 
 
+def _seeded_rank(seed: int, text: str) -> int:
+    """A seeded pseudo-random rank of ``text`` (64 bits of blake2b): ordering by it is a seeded shuffle."""
+    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8, key=str(seed).encode()[:64])
+    return int.from_bytes(digest.digest(), "big") >> 1  # SQLite integers are signed 64-bit
+
+
 class Dataset:
     """The learner's dataset. One connection, guarded by a lock (the metrics thread reads counts)."""
 
@@ -130,6 +135,7 @@ class Dataset:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
+        self._conn.create_function("seeded_rank", 2, _seeded_rank, deterministic=True)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(prompts)")}
         if "max_tokens" not in columns:  # a dataset written before the traffic's max_tokens was kept
             self._conn.execute("ALTER TABLE prompts ADD COLUMN max_tokens INTEGER")
@@ -257,13 +263,13 @@ class Dataset:
         return [query.text for query in self.sample_queries(n, heldout=heldout, seed=seed)]
 
     def sample_queries(self, n: int, *, heldout: bool = False, seed: int = 0) -> list[TrafficPrompt]:
-        """``sample_prompts`` with each prompt's traffic ``max_tokens`` (the largest it was served with)."""
-        queries = [TrafficPrompt(text, max_tokens) for text, max_tokens in self._all(
-            "SELECT prompt, MAX(max_tokens) FROM prompts WHERE heldout = ? GROUP BY prompt ORDER BY prompt",
-            (int(heldout),))]
-        if len(queries) <= n:
-            return queries
-        return random.Random(seed).sample(queries, n)
+        """``sample_prompts`` with each prompt's traffic ``max_tokens`` (the largest it was served with).
+
+        Sampled inside SQLite: distinct prompts come grouped off the (heldout, prompt) index and ordered by a
+        seeded hash with ``LIMIT n``, so memory stays O(n) however many prompts traffic has brought."""
+        return [TrafficPrompt(text, max_tokens) for text, max_tokens in self._all(
+            "SELECT prompt, MAX(max_tokens) FROM prompts WHERE heldout = ? GROUP BY prompt "
+            "ORDER BY seeded_rank(?, prompt) LIMIT ?", (int(heldout), seed, n))]
 
     def live_win_rate(self, version: str, against: str) -> tuple[float, int]:
         """Win-rate of ``version`` over ``against`` in live comparisons that ranked responses of both.

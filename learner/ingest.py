@@ -12,6 +12,14 @@ Delivery is at-least-once and the dataset makes it exactly-once:
 A crash before step 4 leaves the entries pending; on start the learner re-reads its own pending entries
 (``XREADGROUP`` from id ``0``) and reclaims those of consumers idle longer than ``claim_min_idle_ms``
 (``XAUTOCLAIM``), and step 3 drops whatever was already stored.
+
+Trimming (``trim_acknowledged``, run by the learner every ``trim_interval_s``): each ingested stream is
+cut (``XTRIM MINID``) below the oldest entry that some consumer group still needs: for every group on
+the stream (``XINFO GROUPS``), its oldest pending entry (``XPENDING``) if it has pending entries, else
+its last-delivered id. An entry is removed only once every group has been delivered it and acknowledged
+it, so trimming never loses an event (the dataset holds every acknowledged one); a stream nobody reads
+yet (no group) is never trimmed. The learner runs it because it is the one consumer (a single replica),
+it knows when it acknowledged, and the gateway's Redis user then needs no trimming rights.
 """
 
 from __future__ import annotations
@@ -96,6 +104,7 @@ class Ingestor:
         self.event_types = {stream_key(s, prefix): cls for s, cls in INGESTED_STREAMS.items()}
         self.names = {stream_key(s, prefix): s.value for s in INGESTED_STREAMS}
         self.dead_letter_key = stream_key(Stream.dead_letter, prefix)
+        self._next_trim = 0.0
 
     # ---- set-up and recovery ---------------------------------------------------------------------
     def ensure_groups(self) -> None:
@@ -159,6 +168,40 @@ class Ingestor:
                 break
             stats.add(batch)
         return stats
+
+    def trim_every(self, interval_s: float) -> None:
+        """``trim_acknowledged`` at most once per ``interval_s`` (the learner calls this every poll)."""
+        if time.monotonic() >= self._next_trim:
+            self.trim_acknowledged()
+            self._next_trim = time.monotonic() + interval_s
+
+    def trim_acknowledged(self) -> dict[str, int]:
+        """``XTRIM MINID`` each ingested stream below what every consumer group has acknowledged.
+        Returns the entries removed per stream."""
+        removed: dict[str, int] = {}
+        for key, name in self.names.items():
+            try:
+                groups = self.redis.xinfo_groups(key)
+            except ResponseError:  # no such stream yet
+                continue
+            floors = []
+            for group in groups:
+                floor = _text(group.get("last-delivered-id") or "0-0")
+                if int(group.get("pending") or 0):
+                    summary = self.redis.xpending(key, _text(group.get("name")))
+                    if summary.get("min") is not None:
+                        floor = _text(summary["min"])
+                floors.append(tuple(int(part) for part in floor.split("-")))
+            if not floors or min(floors) == (0, 0):
+                continue
+            ms, seq = min(floors)
+            removed[name] = int(self.redis.xtrim(key, minid=f"{ms}-{seq}", approximate=False))
+            if self.metrics:
+                self.metrics.stream_trimmed.labels(name).inc(removed[name])
+                self.metrics.stream_length.labels(name).set(int(self.redis.xlen(key)))
+        if any(removed.values()):
+            log.info("streams trimmed below what every consumer group acknowledged", extra={"removed": removed})
+        return removed
 
     def update_lag(self) -> dict[str, dict[str, int]]:
         """Consumer lag and pending count per stream (XINFO GROUPS); also set as metrics."""

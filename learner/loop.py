@@ -29,6 +29,7 @@ from learner.admin import follow_rollback, pinned_version
 from learner.dataset import Dataset, TrafficPrompt
 from learner.gate import GateConfig, GateResult, gate_decision
 from learner.ingest import Ingestor, IngestStats
+from learner.live_gate import awaiting_live_votes
 from learner.metrics import LearnerMetrics
 from learner.models import LearnerModels
 from learner.publish import publish_candidate
@@ -50,7 +51,10 @@ class Learner:
         self.settings = settings
         self.metrics = metrics or LearnerMetrics()
         self.progress = progress
-        self.redis = redis.Redis.from_url(settings.require_redis())  # bytes: malformed entries must not crash decode
+        self.redis = redis.Redis.from_url(  # bytes: malformed entries must not crash decode
+            settings.require_redis(), socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=min(10.0, settings.redis_socket_timeout_s), health_check_interval=30)
+        self.metrics.liveness_max_age_s = settings.liveness_max_age_s
         self.dataset = Dataset(settings.state_dir / "dataset.sqlite3", heldout_fraction=settings.heldout_fraction)
         self.store = CheckpointStore(settings.state_dir, keep=settings.keep_checkpoints)
         self.state: LearnerState = self.store.load_state()
@@ -82,7 +86,9 @@ class Learner:
         torch.manual_seed(self.settings.seed + self.state.step)
         random.seed(self.settings.seed + self.state.step)
         self.ingestor.ensure_groups()  # pending entries are recovered by every ingest()
+        self.registry.clean_staging()  # the learner is the only writer of versions (leftovers are logged)
         self._started = True
+        self.metrics.beat()
         log.info("learner started", extra={"state": self.state.model_dump(exclude={"history"}),
                                             "dataset": self.dataset.counts()})
 
@@ -186,7 +192,7 @@ class Learner:
         self.state.rm_heldout_accuracy = stats.get("heldout_accuracy")
         self.state.record({"kind": "reward", "rm_update": self.state.rm_updates, "cursor": up_to,
                            "comparisons": len(comparisons), **stats})
-        self.store.save(self.state, models={"reward": (model, self.tokenizer)})
+        self.store.save(self.state, models={"reward": (model, self.models.part_tokenizer)})
         self.metrics.rm_updates.inc()
         if "heldout_accuracy" in stats:
             self.metrics.rm_heldout_accuracy.set(stats["heldout_accuracy"])
@@ -268,7 +274,8 @@ class Learner:
                            "candidate": self.state.pending_candidate, **stats})
         self.store.save(
             self.state,
-            models={"policy": (trainer.policy, self.tokenizer), "value": (trainer.value_model, self.tokenizer)},
+            models={"policy": (trainer.policy, self.models.part_tokenizer),
+                    "value": (trainer.value_model, self.models.part_tokenizer)},
             optimizers={"ppo": trainer.state_dict()},
         )
         self.metrics.ppo_rounds.inc()
@@ -330,6 +337,8 @@ class Learner:
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
         result.metrics.update({"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)})
+        if self.state.rm_heldout_accuracy is not None:  # the admin dashboard charts it from the policies stream
+            result.metrics["rm_heldout_accuracy"] = float(self.state.rm_heldout_accuracy)
         with self.metrics.step_seconds.labels("publish").time():
             parent = None if incumbent_version == BASE_VERSION else incumbent_version
             publish_candidate(self.registry, version, trainer.policy, self.tokenizer, result, parent=parent,
@@ -344,6 +353,7 @@ class Learner:
                 self.metrics.kl.labels(policy).set(result.metrics[f"{policy}_kl"])
         self.state.incumbent = self.registry.current()
         self.state.pending_candidate = None
+        self.state.candidate_listed_at = None
         self.state.record({"kind": "gate", "version": version, "promote": result.promote,
                            "held_back_by": result.held_back_by, "reasons": result.reasons, **result.metrics})
         self.store.save(self.state)
@@ -357,18 +367,23 @@ class Learner:
         started = time.perf_counter()
         report = RoundReport()
         report.ingest = self.ingest()
+        self.metrics.beat()
         if not self.stop_requested:
             self.follow_rollback()
-        if not self.stop_requested and self.state.pending_candidate:  # resumed with an un-gated candidate
+        # a pending candidate is gated unless it still collects live votes (learner/live_gate.py)
+        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
         if not self.stop_requested:
             report.sft = self.maybe_run_sft()
+            self.metrics.beat()
         if not self.stop_requested:
             report.reward = self.maybe_update_reward_model()
+            self.metrics.beat()
         if not self.stop_requested:
             report.ppo = self.maybe_run_ppo_round()
-        if not self.stop_requested and self.state.pending_candidate:
+            self.metrics.beat()
+        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
             report.version = self.state.pending_candidate
             report.gate = self.gate_and_publish()
         report.duration_s = time.perf_counter() - started
@@ -377,38 +392,10 @@ class Learner:
         return report
 
     def run(self, max_rounds: int | None = None) -> int:
-        """Rounds until a stop is requested (or ``max_rounds`` rounds trained). Returns rounds trained.
+        """Rounds until a stop is requested (or ``max_rounds`` rounds trained); ``learner/service.py``."""
+        from learner.service import run_forever
 
-        Redis being unreachable does not end the loop: the round's in-memory training state is dropped
-        (the newest checkpoint is the truth), and the round is retried after ``poll_interval_s``.
-        """
-        import redis
-
-        self.start()
-        trained = 0
-        idle = False
-        while not self.stop_requested:
-            try:
-                report = self.round()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unavailable, retrying from the last checkpoint", extra={"error": str(exc)})
-                self.reload_from_checkpoint()
-                self._sleep(self.settings.poll_interval_s)
-                continue
-            self.report_waiting()
-            if report.trained:
-                trained += 1
-                idle = False
-                if max_rounds is not None and trained >= max_rounds:
-                    break
-                continue
-            if not idle:  # once per idle spell, not once per poll
-                log.info("learner idle", extra={"dataset": self.dataset.counts(), "rm_updates": self.state.rm_updates,
-                                                 "ppo_rounds": self.state.ppo_rounds})
-                idle = True
-            self._wait()
-        log.info("learner stopped", extra={"rounds": trained, "state": self.state.model_dump(exclude={"history"})})
-        return trained
+        return run_forever(self, max_rounds)
 
     # ---- admin decisions and waiting -------------------------------------------------------------
     def follow_rollback(self) -> str | None:
@@ -430,19 +417,3 @@ class Learner:
         self.state = self.store.load_state()
         self._trainer = None
         self.models.reset()
-
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.stop_requested and time.monotonic() < deadline:
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-
-    def _wait(self) -> None:
-        """Idle until the poll interval passes or a stop is requested, ingesting whatever arrives."""
-        deadline = time.monotonic() + self.settings.poll_interval_s
-        while not self.stop_requested and time.monotonic() < deadline:
-            block = min(self.settings.read_block_ms, max(1, int((deadline - time.monotonic()) * 1000)))
-            stats = self.ingestor.poll(block_ms=block)
-            if stats.read:
-                log.info("ingested", extra={"read": stats.read, "inserted": stats.inserted,
-                                             "duplicates": stats.duplicates, "dead_lettered": stats.dead_lettered})
-        self.ingestor.update_lag()

@@ -1,8 +1,26 @@
-"""Prometheus metrics of the learner (one registry per ``LearnerMetrics``, served on ``metrics_port``)."""
+"""Prometheus metrics of the learner (one registry per ``LearnerMetrics``, served on ``metrics_port``).
+
+The metrics port also answers ``GET /healthz``, the learner's **liveness** signal: 200 while the main
+loop's heartbeat (``beat()``, called at every step boundary and every ingest poll) is younger than
+``liveness_max_age_s``, else 503. ``/metrics`` alone would stay up while the main loop hangs (it is
+served by its own thread), so probes must use ``/healthz``.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 STEP_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -24,6 +42,11 @@ class LearnerMetrics:
             registry=r)
         self.consumer_pending = Gauge(
             "learner_consumer_pending", "Entries delivered to the group but not acknowledged.", ["stream"], registry=r)
+        self.stream_trimmed = Counter(
+            "learner_stream_trimmed_total", "Entries trimmed (XTRIM MINID) once every group acknowledged them.",
+            ["stream"], registry=r)
+        self.stream_length = Gauge("learner_stream_length", "Entries in the stream after the last trim.", ["stream"],
+                                   registry=r)
         self.dataset_rows = Gauge("learner_dataset_rows", "Rows in the learner's dataset.", ["table"], registry=r)
         self.rm_heldout_accuracy = Gauge(
             "learner_rm_heldout_accuracy", "Reward model pairwise accuracy on held-out comparisons.", registry=r)
@@ -40,6 +63,13 @@ class LearnerMetrics:
             "learner_step_duration_seconds", "Duration of a learner step.", ["step"], buckets=STEP_BUCKETS, registry=r)
         self.promotions = Counter("learner_promotions_total", "Candidates promoted to current.", registry=r)
         self.rejections = Counter("learner_rejections_total", "Candidates rejected by the gate.", registry=r)
+        self.heartbeat = Gauge(
+            "learner_heartbeat_timestamp_seconds", "Unix time the main loop last made progress (see /healthz).",
+            registry=r)
+        self.liveness_max_age_s = 900.0
+        self._last_beat = time.monotonic()
+        self.heartbeat.set(time.time())
+        self.server: ThreadingHTTPServer | None = None
         self.held_back = Counter(
             "learner_held_back_total", "Candidates that passed the gate but were held back: the current version is pinned.",
             registry=r)
@@ -55,6 +85,45 @@ class LearnerMetrics:
             self.ptx_heldout_nll.labels("policy").set(stats["ptx_heldout_nll"])
             self.ptx_heldout_nll.labels("reference").set(stats["ptx_heldout_nll_reference"])
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Expose ``/metrics`` on ``port`` (a daemon thread)."""
-        start_http_server(port, addr=addr, registry=self.registry)
+    def beat(self) -> None:
+        """The main loop is alive (call at every step boundary and every poll)."""
+        self._last_beat = time.monotonic()
+        self.heartbeat.set(time.time())
+
+    def heartbeat_age_s(self) -> float:
+        return time.monotonic() - self._last_beat
+
+    def alive(self) -> bool:
+        return self.heartbeat_age_s() <= self.liveness_max_age_s
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Expose ``/metrics`` and ``/healthz`` on ``port`` (a daemon thread). Returns the bound port."""
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+                elif path == "/healthz":
+                    age, alive = metrics.heartbeat_age_s(), metrics.alive()
+                    body = {"status": "ok" if alive else "stale", "heartbeat_age_s": round(age, 3),
+                            "max_age_s": metrics.liveness_max_age_s}
+                    self._send(200 if alive else 503, "application/json", json.dumps(body).encode())
+                else:
+                    self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
+
+            def _send(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # probes every few seconds: no access log
+                pass
+
+        self.server = ThreadingHTTPServer((addr, port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, name="learner-metrics", daemon=True).start()
+        return self.server.server_address[1]

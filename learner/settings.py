@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 from instructloop.settings import DEFAULT_MODEL, home_dir, settings_config
@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     )
     read_count: int = Field(256, ge=1, description="Entries per XREADGROUP call (per stream).")
     read_block_ms: int = Field(1000, ge=0, description="How long one read waits for new entries.")
+    trim_interval_s: float = Field(
+        60.0, gt=0, description="How often the streams are trimmed below what every consumer group acknowledged.")
     heldout_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of events (by a hash of event_id) kept out of training for evaluation."
     )
@@ -69,6 +71,10 @@ class Settings(BaseSettings):
         20, ge=1, description="Live comparisons between the two versions needed before their win-rate counts."
     )
     gate_min_win_rate: float = Field(0.5, ge=0, le=1, description="Candidate live win-rate against the incumbent must reach this.")
+    gate_live_wait_s: float = Field(
+        0.0, ge=0, description="Seconds a new candidate waits in the registry (status candidate, servable by name, "
+                               "shown by the labeling page's compare mode) for gate_min_live_comparisons live A/B "
+                               "pairs against the incumbent before the gate decides; 0 = decide at once.")
 
     # ---- hyperparameters -------------------------------------------------------------------------
     kl_coef: float = Field(0.02, ge=0, description="β: per-token KL penalty to the reference policy.")
@@ -101,7 +107,13 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (None = torch's default). 1 avoids spin-wait thrashing on "
         "a CPU shared with other processes.")
-    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics port (0 = off).")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics and /healthz port (0 = off).")
+    liveness_max_age_s: float = Field(
+        900.0, gt=0, description="/healthz on the metrics port fails (503) when the main loop's heartbeat is older "
+        "than this; it must exceed the longest single step (see learner_step_duration_seconds).")
+    redis_socket_timeout_s: float = Field(
+        30.0, gt=0, description="Socket timeout of the learner's Redis client (a hung Redis raises instead of "
+        "blocking forever); must exceed read_block_ms.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in state_dir (older ones are deleted).")
     log_level: str = "INFO"
     json_logs: bool = True
@@ -112,6 +124,13 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _timeout_exceeds_block(self) -> Settings:
+        if self.redis_socket_timeout_s * 1000 <= self.read_block_ms + 1000:
+            raise ValueError(f"redis_socket_timeout_s ({self.redis_socket_timeout_s}) must exceed read_block_ms "
+                             f"({self.read_block_ms} ms) by at least 1 s: raise INSTRUCTLOOP_LEARNER_REDIS_SOCKET_TIMEOUT_S")
+        return self
 
     def require_redis(self) -> str:
         if not self.redis_url:

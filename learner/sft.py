@@ -47,7 +47,7 @@ def run_sft(model_path: str | Path, demonstrations: list, output_dir: str | Path
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.lr,
-        warmup_ratio=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the steps
         max_length=config.max_length,
         completion_only_loss=True,
         logging_steps=config.logging_steps,

@@ -56,6 +56,9 @@ class LearnerState(BaseModel):
     incumbent: str | None = Field(None, description="The current version when the gate last ran.")
     pending_candidate: str | None = Field(
         None, description="Version reserved for the policy of the last PPO round, not gated yet.")
+    candidate_listed_at: float | None = Field(
+        None, description="When the pending candidate was written to the registry to collect live votes "
+                          "(gate_live_wait_s); None while it is not there.")
     promotions: int = 0
     rejections: int = 0
     held_back: int = Field(0, description="Candidates that passed the gate while the current version was pinned.")

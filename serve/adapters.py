@@ -1,12 +1,20 @@
 """Adapter versions over one base model: the base is loaded once; each adapter version's LoRA tensors are
-attached to it by name (peft) and selected per forward.
+copied into a LoRA *slot* injected into it (peft) and selected per forward.
 
-Decision: one base module with named LoRA adapters (``peft``), not a merged copy per version. A version
-then costs its LoRA tensors (a few MB) instead of a model, the base stays in memory once, and switching
-versions between two forwards is ``set_adapter`` (no weight copy). The running batches stay one per
-version (``serve.engine``): a forward runs one adapter, so sequences of different versions never share a
-forward. peft's mixed-adapter batches (``adapter_names=``) would let them share one, at the price of
-splitting every LoRA matmul per sub-batch; one batch per version is simpler and equally correct.
+Decision: one base module with LoRA slots, not a merged copy per version. A version then costs its LoRA
+tensors (a few MB) instead of a model, the base stays in memory once, and switching versions between two
+forwards is a pointer change. The running batches stay one per version (``serve.engine``): a forward runs
+one adapter, so sequences of different versions never share a forward. peft's mixed-adapter batches
+(``adapter_names=``) would let them share one, but cost +55 % per decode step here (hooks on every LoRA
+layer per forward); one batch per version is simpler and equally correct.
+
+Why slots: peft's ``add_adapter`` (injecting a new named adapter) took 1.2 s on the default model and its
+``set_adapter`` ~50 ms, both walking the whole module tree, on the model thread that decodes for everyone.
+So LoRA modules are injected once per slot (named ``slot<i>``; created when no free slot with the same
+rank / alpha / target modules exists) and reused: attaching a version is a copy of its tensors into a free
+slot's parameters, and selecting one sets each LoRA layer's active adapter (``_active_adapter``,
+``_disable_adapters``: peft's ``BaseTunerLayer`` attributes its forward reads; the parity tests against
+``PeftModel.from_pretrained`` catch a peft that reads anything else).
 
 Thread rule: only the model thread touches the module (attach, select, detach); the watcher and the HTTP
 side only *load and validate* ``AdapterWeights`` (``Registry.load_adapter``), which are plain tensors.
@@ -23,67 +31,107 @@ from instructloop.registry import AdapterWeights
 
 log = logging.getLogger(__name__)
 
+_LORA_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora", "bias", "fan_in_fan_out")
+
+
+def _slot_shape(config: dict[str, Any]) -> tuple:
+    """What two adapters must share to use the same slot (same LoRA modules, same scaling)."""
+    key = []
+    for name in _LORA_FIELDS:
+        value = config.get(name)
+        key.append(tuple(sorted(value)) if isinstance(value, list | set | tuple) else value)
+    return (*key, repr(sorted((config.get("rank_pattern") or {}).items())),
+            repr(sorted((config.get("alpha_pattern") or {}).items())))
+
 
 class SharedBase:
-    """The base causal LM plus the LoRA adapters attached to it (model thread only)."""
+    """The base causal LM plus LoRA slots holding attached adapter versions (model thread only)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         """The HF model. Once the first adapter is attached, peft has injected LoRA layers into it in place;
-        calling it then runs the selected adapter, or none while adapters are disabled."""
+        calling it then runs the selected slot, or none while adapters are disabled."""
         self.peft: Any | None = None
-        self.attached: set[str] = set()
+        self.slot_of: dict[str, str] = {}
+        """version -> slot holding its tensors."""
+        self._slot_shapes: dict[str, tuple] = {}
+        self._slot_params: dict[str, dict[str, torch.nn.Parameter]] = {}
+        """slot -> {PEFT state key (as in adapter_model.safetensors) -> its parameter}."""
+        self._layers: list[Any] = []
         self._selected: str | None = None
-        """The adapter the LoRA layers apply now; None = adapters disabled (the base model)."""
+        """The slot the LoRA layers apply now; None = adapters disabled (the base model)."""
+
+    @property
+    def attached(self) -> set[str]:
+        return set(self.slot_of)
 
     def module_for(self, adapter: AdapterWeights | None) -> torch.nn.Module:
         """The module to call for ``adapter`` (None = the base), attached and selected."""
-        if adapter is None:
-            if self._selected is not None:
-                self.peft.base_model.disable_adapter_layers()
-                self._selected = None
-            return self.model
-        if adapter.version not in self.attached:
+        slot = None
+        if adapter is not None:
             self.attach(adapter)
-        if self._selected != adapter.version:
-            if self._selected is None:
-                self.peft.base_model.enable_adapter_layers()
-            self.peft.base_model.set_adapter(adapter.version)
-            self._selected = adapter.version
+            slot = self.slot_of[adapter.version]
+        self._select(slot)
         return self.model
 
-    def attach(self, adapter: AdapterWeights) -> None:
-        """Inject the adapter's LoRA tensors under its version name (selected afterwards)."""
-        if adapter.version in self.attached:
+    def _select(self, slot: str | None) -> None:
+        if slot == self._selected:
             return
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        for layer in self._layers:
+            if slot is None:
+                layer._disable_adapters = True
+            else:
+                layer._disable_adapters = False
+                layer._active_adapter = [slot]
+        self._selected = slot
 
-        fields = {k: v for k, v in adapter.config.items() if k in LoraConfig.__dataclass_fields__}
-        config = LoraConfig(**{**fields, "lora_dropout": 0.0, "inference_mode": True})
+    def attach(self, adapter: AdapterWeights) -> None:
+        """Copy the adapter's LoRA tensors into a free slot of its shape (creating one if none is free)."""
+        if adapter.version in self.slot_of:
+            return
+        shape = _slot_shape(adapter.config)
+        used = set(self.slot_of.values())
+        slot = next((s for s, sh in self._slot_shapes.items() if sh == shape and s not in used), None)
+        if slot is None:
+            slot = self._new_slot(adapter.config, shape)
+        params = self._slot_params[slot]
+        if set(adapter.state) != set(params):  # Registry.load_adapter checked shapes, not coverage
+            missing = sorted(set(params) - set(adapter.state))[:3]
+            raise ValueError(f"adapter {adapter.version}: its tensors do not cover its target modules {missing}")
+        with torch.no_grad():
+            for key, tensor in adapter.state.items():
+                params[key].copy_(tensor)
+        self.slot_of[adapter.version] = slot
+        log.info("adapter attached", extra={"policy_version": adapter.version, "slot": slot,
+                                            "attached": sorted(self.slot_of)})
+
+    def _new_slot(self, config: dict[str, Any], shape: tuple) -> str:
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        slot = f"slot{len(self._slot_shapes)}"
+        fields = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
+        lora = LoraConfig(**{**fields, "lora_dropout": 0.0, "inference_mode": True})
+        selected = self._selected
         if self.peft is None:
-            self.peft = get_peft_model(self.model, config, adapter_name=adapter.version)
+            self.peft = get_peft_model(self.model, lora, adapter_name=slot)
         else:
-            self.peft.add_adapter(adapter.version, config)
-        reference = next(self.model.parameters())
-        state = {k: v.to(device=reference.device, dtype=reference.dtype) for k, v in adapter.state.items()}
-        result = set_peft_model_state_dict(self.peft, state, adapter_name=adapter.version)
-        missing = [k for k in result.missing_keys if f".{adapter.version}." in k]
-        if missing:  # cannot happen after Registry.load_adapter; refuse rather than serve a half-loaded adapter
-            self.peft.delete_adapter(adapter.version)
-            raise ValueError(f"adapter {adapter.version}: tensors missing after load: {missing[:3]}")
-        self.attached.add(adapter.version)
-        self._selected = adapter.version  # add_adapter / get_peft_model leave the new adapter selected
-        self.peft.base_model.set_adapter(adapter.version)
-        self.peft.base_model.enable_adapter_layers()
+            self.peft.add_adapter(slot, lora)
+        self._layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        marker = f".{slot}."
+        self._slot_params[slot] = {
+            name.replace(marker, "."): param for name, param in self.peft.named_parameters() if marker in name}
+        self._slot_shapes[slot] = shape
         self.model.eval()
-        log.info("adapter attached", extra={"policy_version": adapter.version, "attached": sorted(self.attached)})
+        self._selected = "\0"  # peft changed which slot is active: select explicitly again
+        self._select(selected)
+        log.info("adapter slot created", extra={"slot": slot, "r": config.get("r"), "slots": len(self._slot_shapes)})
+        return slot
 
     def prune(self, keep: set[str]) -> None:
-        """Detach every adapter not named in ``keep`` (the active version, running batches, the LRU)."""
-        for version in sorted(self.attached - keep):
-            if self._selected == version:
-                self.peft.base_model.disable_adapter_layers()
-                self._selected = None
-            self.peft.delete_adapter(version)
-            self.attached.discard(version)
-            log.info("adapter detached", extra={"policy_version": version})
+        """Free the slots of every version not named in ``keep`` (active, running batches, the LRU)."""
+        for version in sorted(set(self.slot_of) - keep):
+            slot = self.slot_of.pop(version)
+            if self._selected == slot:
+                self._select(None)
+            log.info("adapter detached", extra={"policy_version": version, "slot": slot})

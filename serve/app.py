@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import instructloop
 from instructloop.wire import BASE_VERSION, POLICY_VERSION_HEADER
 from serve.adapters import SharedBase
+from serve.auth import BearerTokenAuth
 from serve.engine import Engine
 from serve.metrics import ServeMetrics
 from serve.model import PolicyModel, resolve_device, resolve_dtype
@@ -122,12 +123,23 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         runtime.start()
+        metrics_server = None
+        if settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host,
+                                                  registry=runtime.metrics.registry)
         try:
             yield
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
             runtime.stop()
 
     app = FastAPI(title="instructloop serve", version=instructloop.__version__, lifespan=lifespan)
+    if settings.auth_token is not None:
+        app.add_middleware(BearerTokenAuth, token=settings.auth_token.get_secret_value(),
+                           on_refused=runtime.metrics.request_failure.labels(err="unauthorized").inc)
     app.state.runtime = runtime
     serving = runtime.serving
 
@@ -200,6 +212,7 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
             version=instructloop.__version__,
             policy_version=runtime.engine.active_version,
             policy_versions_in_flight=runtime.engine.running_versions,
+            policy_versions_loaded=runtime.engine.loaded_versions(),
         )
 
     @app.get("/health")
@@ -207,6 +220,10 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
         version = runtime.engine.active_version
         if not runtime.engine.alive:
             return JSONResponse({"status": "model loop not running", "policy_version": version}, status_code=503,
+                                headers={POLICY_VERSION_HEADER: version})
+        if runtime.watcher is not None and not runtime.watcher.alive():
+            return JSONResponse({"status": "policy watcher not running", "policy_version": version,
+                                 "error": runtime.watcher.last_error}, status_code=503,
                                 headers={POLICY_VERSION_HEADER: version})
         return JSONResponse({"status": "ok", "policy_version": version}, headers={POLICY_VERSION_HEADER: version})
 

@@ -12,7 +12,7 @@ app = typer.Typer(help="The inference server (TGI protocol, continuous batching,
 @app.command("run")
 def run(
     port: int | None = typer.Option(None, help="Port (default 8080; env INSTRUCTLOOP_SERVE_PORT)."),
-    host: str | None = typer.Option(None, help="Bind address (default 0.0.0.0)."),
+    host: str | None = typer.Option(None, help="Bind address (default 127.0.0.1; any other needs INSTRUCTLOOP_SERVE_AUTH_TOKEN)."),
     model: str | None = typer.Option(None, help="`default`, an HF model folder or a hub id."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     dtype: str | None = typer.Option(None, help="auto, float32, bfloat16, float16."),
@@ -25,8 +25,9 @@ def run(
     import uvicorn
     from pydantic import ValidationError
 
-    from instructloop.logs import configure_logging
+    from instructloop.logs import configure_logging, redact_url
     from instructloop.model import ModelNotAvailable
+    from instructloop.wire import SERVE_KEEP_ALIVE_S
     from serve.settings import Settings
 
     overrides = {k: v for k, v in dict(port=port, host=host, model=model, device=device, dtype=dtype,
@@ -35,7 +36,7 @@ def run(
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        typer.echo(f"error: invalid serve settings:\n{exc}", err=True)
+        typer.echo(redact_url(f"error: invalid serve settings:\n{exc}"), err=True)
         raise typer.Exit(2) from exc
     configure_logging(settings.log_level, settings.json_logs)
     from serve.app import create_app
@@ -46,4 +47,4 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     uvicorn.run(application, host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, timeout_keep_alive=SERVE_KEEP_ALIVE_S)

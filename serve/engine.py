@@ -159,6 +159,16 @@ class Engine:
     def running_versions(self) -> list[str]:
         return list(self._batches)
 
+    def loaded_versions(self) -> list[str]:
+        """Versions answered with nothing left to load or attach: ``base``, the active one, attached adapters
+        and the LRU's full-weight versions (an LRU adapter not attached yet is not listed)."""
+        attached = set(self.base.shared.slot_of) if self.base.shared is not None else set()
+        versions = {self.base.version, self.active_version, *attached}
+        for policy in self.loaded.policies() if self.loaded else ():
+            if policy.adapter is None:
+                versions.add(policy.version)
+        return sorted(versions)
+
     def queue_size(self) -> int:
         return len(self._waiting)
 

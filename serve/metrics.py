@@ -49,6 +49,9 @@ class ServeMetrics:
         self.policy_swap_failures = Counter("instructloop_serve_policy_swap_failures",
                                             "Policy versions that failed to load or validate (never served)",
                                             registry=r)
+        self.policy_watcher_errors = Counter("instructloop_serve_policy_watcher_errors",
+                                             "Unexpected errors in the policy watcher's checks (it logs and goes on)",
+                                             registry=r)
         self.policy_prefetches = Counter("instructloop_serve_policy_prefetches",
                                          "Candidate versions loaded and validated ahead of promotion", registry=r)
         self.policy_swap_duration = Histogram("instructloop_serve_policy_swap_duration",

@@ -109,11 +109,11 @@ class PolicyModel:
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
-            past_key_values=cache,
+            cache=cache,  # transformers 5 name (``past_key_values`` is deprecated)
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.logits[:, -1, :].float(), out.past_key_values  # (B, V)
+        return out.logits[:, -1, :].float(), out.cache  # (B, V)
 
     def generate_token(self, batch: Batch) -> tuple[list[Generation], Batch | None]:
         """One forward for the whole batch, one token per sequence; finished sequences leave the batch."""

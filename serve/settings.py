@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 from instructloop.settings import DEFAULT_MODEL, settings_config
 from instructloop.streams import DEFAULT_PREFIX
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -17,8 +28,14 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="`default` (embedded SmolLM2-135M-Instruct), an HF folder or hub id")
     device: str = Field("auto", description="`auto` (cuda if present, else cpu), `cpu`, `cuda`, `cuda:1`…")
     dtype: str = Field("auto", description="`auto` (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
-    host: str = "0.0.0.0"
+    host: str = Field("127.0.0.1", description="Bind address. Anything but loopback needs auth_token (the "
+                      "container images and k8s set 0.0.0.0 and the token)")
     port: int = 8080
+    auth_token: SecretStr | None = Field(None, description="Shared bearer token the gateway sends "
+                                         "(INSTRUCTLOOP_GATEWAY_BACKEND_TOKEN); all routes but /health and "
+                                         "/metrics need it")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Also serve /metrics (only) on this port, "
+                                     "so monitoring can be let in there and nowhere else (None/0 = off)")
     max_batch_size: int = Field(16, description="Sequences decoded together (all versions)")
     max_queue: int = Field(64, description="Requests waiting to join the batch; more are refused with 429")
     max_input_tokens: int = 1024
@@ -39,8 +56,17 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     json_logs: bool = True
 
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.auth_token is None and not is_loopback(self.host):
+            raise ValueError(f"serve would listen on {self.host} with no auth: set INSTRUCTLOOP_SERVE_AUTH_TOKEN "
+                             "(and the same value as the gateway's INSTRUCTLOOP_GATEWAY_BACKEND_TOKEN), or bind "
+                             "INSTRUCTLOOP_SERVE_HOST=127.0.0.1")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1 (INSTRUCTLOOP_SERVE_MAX_BATCH_SIZE)")
         if self.max_loaded_versions < 0:

@@ -9,9 +9,12 @@ that fit the base's layers, finite values) and becomes a ``PolicyModel`` over th
 are attached by the model thread at its first forward, ``serve.adapters``). Nothing is switched until all
 of that passed, so a bad checkpoint is never served.
 
-``PolicyWatcher`` is a thread that follows the registry's current pointer: Redis pub/sub on
-``<prefix>:policy:changed`` when Redis is configured (plus a periodic read of the key, in case a message is
-missed), otherwise the registry's ``CURRENT`` file, polled. A version that failed to load is not retried
+``PolicyWatcher`` is a thread that follows the registry's current pointer (the ``CURRENT`` file, the one
+source of truth): it reads the file when Redis pub/sub on ``<prefix>:policy:changed`` says it changed, and
+polls it every ``poll_interval_s`` in case a message is missed or Redis is down. An unexpected error in
+one check (an unreadable manifest, a full disk) is logged and counted
+(``instructloop_serve_policy_watcher_errors_total``) and the thread goes on; ``alive()`` is False if the
+thread has ended anyway, and serve's ``/health`` then fails so the replica is restarted. A version that failed to load is not retried
 until ``retry_after_s`` has passed (doubling each time), and every failure is counted and logged.
 """
 
@@ -169,10 +172,12 @@ class PolicyWatcher:
         """A candidate version loaded and validated ahead of its promotion (swapped in without a load)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started_thread: threading.Thread | None = None  # kept after stop(): alive() stays truthful
         self._pubsub: Any | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="serve-policy-watcher", daemon=True)
+        self._started_thread = self._thread
         self._thread.start()
 
     def stop(self) -> None:
@@ -265,6 +270,20 @@ class PolicyWatcher:
         return version
 
     # ---- the thread ----------------------------------------------------------------------------
+    def alive(self) -> bool:
+        """True while the watcher thread runs (or was never started: a server without a registry)."""
+        return self._started_thread is None or self._started_thread.is_alive()
+
+    def safe_check(self) -> None:
+        """``check()``, but no error ends the thread: it is logged, counted, and the next poll tries again."""
+        try:
+            self.check()
+        except Exception as exc:
+            self.last_error = f"watcher: {type(exc).__name__}: {exc}"
+            self.metrics.policy_watcher_errors.inc()
+            log.exception("policy watcher check failed; serving %s and trying again at the next poll",
+                          self.engine.active_version, extra={"error": str(exc)})
+
     def _run(self) -> None:
         if self.loader.base_dir is not None:
             started = time.monotonic()
@@ -278,7 +297,7 @@ class PolicyWatcher:
             woke_by_message = self._wait_for_message(self.poll_interval_s)
             now = time.monotonic()
             if woke_by_message or now >= next_poll:
-                self.check()
+                self.safe_check()
                 next_poll = time.monotonic() + self.poll_interval_s
 
     def _wait_for_message(self, timeout: float) -> bool:

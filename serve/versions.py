@@ -67,6 +67,10 @@ class LoadedVersions:
         with self._lock:
             return set(self._policies)
 
+    def policies(self) -> list[PolicyModel]:
+        with self._lock:
+            return list(self._policies.values())
+
 
 class PolicyVersions:
     def __init__(self, engine: Engine, base: PolicyModel, loaded: LoadedVersions, loader=None):

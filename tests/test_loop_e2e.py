@@ -174,7 +174,9 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
            "INSTRUCTLOOP_HOME": str(tmp_path / "home"), **LEARNER_ENV,
            # this test is about learning, not throttling: on a quiet machine the labeler outpaces the
            # default 600 requests/min per key (it would then wait out the 429s, slowing the test down)
-           "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "100000"}
+           "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "100000",
+           "INSTRUCTLOOP_GATEWAY_FEEDBACK_RATE_LIMIT_PER_MINUTE": "100000",
+           "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_GENERATIONS_PER_MINUTE": "100000"}
     argv = [sys.executable, "-m", "launcher.cli", "up", "--run-dir", str(run_dir), "--model", str(model_dir),
             "--port", str(port), "--startup-timeout", str(STARTUP_TIMEOUT_S), "--stop-timeout", "20"]
     with open(log_path, "wb") as log_file:

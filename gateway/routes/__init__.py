@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from gateway.protocol import APIError, ErrorResponse
+from gateway.request_context import log_server_error
 from gateway.serving_completions import CompletionStream
 from instructloop.wire import POLICY_VERSION_HEADER
 
@@ -13,6 +14,9 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 40
 
 
 def error_response(error: APIError) -> JSONResponse:
+    """The OpenAI-shaped error answer; a 5xx is logged with the request id and its reason."""
+    if error.status >= 500:
+        log_server_error(error.status, error.message, error.code, type=error.type)
     return JSONResponse(error.to_response_model().model_dump(), status_code=error.status, headers=error.headers)
 
 

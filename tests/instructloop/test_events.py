@@ -44,3 +44,16 @@ def test_policy_version_names_are_checked():
 def test_a_tie_is_a_valid_comparison_that_implies_no_pair():
     tie = ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0, 1]], labeler_id="lab", source="ab")
     assert tie.pairs() == []
+
+
+def test_per_output_flags_are_optional_and_one_list_per_response():
+    old = ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x").model_dump()
+    del old["flags"]  # an event written before flags existed
+    assert ComparisonEvent.model_validate(old).flags == []
+    event = ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x",
+                            flags=[["harmful", "made_up_facts"], []])
+    assert ComparisonEvent.from_fields(event.to_fields()).flags == [["harmful", "made_up_facts"], []]
+    with pytest.raises(ValidationError, match="flags has 1 entries for 2 responses"):
+        ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x", flags=[["harmful"]])
+    with pytest.raises(ValidationError):
+        ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x", flags=[["rude"], []])

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from launcher.supervisor import (
     ComponentFailed,
     ComponentSpec,
+    RestartPolicy,
     Supervisor,
     free_port,
     http_health,
@@ -127,7 +129,9 @@ def test_dependents_start_only_after_their_dependencies_are_healthy(tmp_path: Pa
     assert [m.split()[1] for m in stops] == ["gateway", "serve"]
 
 
-def test_a_component_crashing_later_is_reported_and_the_rest_can_be_stopped(tmp_path: Path, supervisors):
+def test_a_crashed_component_is_restarted_with_a_new_pid_and_the_rest_keeps_running(tmp_path: Path, supervisors):
+    """Finding 8: one component dying (SIGKILL) no longer stops the stack; it is restarted after its backoff,
+    its log says so, the change callback (stack.json) runs, and the other components are untouched."""
     port_a, port_b = free_port(), free_port()
     specs = [
         ComponentSpec(name="serve", argv=_http_server(port_a), health=http_health(f"http://127.0.0.1:{port_a}/"),
@@ -135,23 +139,69 @@ def test_a_component_crashing_later_is_reported_and_the_rest_can_be_stopped(tmp_
         ComponentSpec(name="learner", argv=_http_server(port_b), health=http_health(f"http://127.0.0.1:{port_b}/"),
                       log_path=tmp_path / "learner" / "learner.log", env=dict(os.environ)),
     ]
-    supervisor = _supervisor(supervisors, specs)
+    changes: list[tuple[int, bool]] = []
+    supervisor = _supervisor(supervisors, specs, restart=RestartPolicy(backoff_initial_s=0.2, max_restarts=3),
+                             on_change=lambda: changes.append((learner.proc.pid, learner.healthy)))
     supervisor.install_signal_handlers()  # SIGCHLD wakes watch() as soon as the learner dies
+    learner = supervisor.component("learner")
     try:
         assert supervisor.start_all()
-        learner = supervisor.component("learner")
-        os.kill(learner.proc.pid, signal.SIGKILL)
-        started = time.monotonic()
-        failure = supervisor.watch()
-        assert time.monotonic() - started < 5
+        serve_pid, old_pid = supervisor.component("serve").proc.pid, learner.proc.pid
+        os.kill(old_pid, signal.SIGKILL)
+        watcher = threading.Thread(target=lambda: changes.append(supervisor.watch()), daemon=True)
+        watcher.start()
+        deadline = time.monotonic() + 15
+        while not (learner.restarts == 1 and learner.healthy) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
+        supervisor.stop_requested.set()
+        supervisor.wake.set()
+        watcher.join(5)
         supervisor.restore_signal_handlers()
-    assert failure is not None
-    assert (failure.name, failure.exit_code) == ("learner", -signal.SIGKILL)
-    assert str(tmp_path / "learner" / "learner.log") in failure.report()
-    serve_pid = supervisor.component("serve").proc.pid
+    assert learner.restarts == 1 and learner.healthy, supervisor.messages
+    assert changes[-1] is None  # watch() ended on the stop request, not on a failure
+    assert learner.proc.pid != old_pid and _alive(learner.proc.pid)
+    assert (learner.proc.pid, True) in changes  # stack.json was rewritten with the new pid once healthy
+    assert supervisor.component("serve").proc.pid == serve_pid and _alive(serve_pid)
+    assert any(m.startswith("learner exited (killed by SIGKILL): restarting in 0.2s") for m in supervisor.messages)
+    assert "==== instructloop up: restarting learner (restart 1)" in (tmp_path / "learner" / "learner.log").read_text()
     supervisor.stop_all()
-    assert not _alive(serve_pid)
+    assert not _alive(serve_pid) and not _alive(learner.proc.pid)
+
+
+def test_a_crash_loop_gives_up_and_reports_the_component(tmp_path: Path, supervisors):
+    """A component that dies again right after each restart: after max_restarts restarts within the window
+    the supervisor stops trying and reports it (``up`` then stops everything)."""
+    ready = tmp_path / "ready"
+    spec = ComponentSpec(
+        name="learner",
+        argv=_python(f"""
+            import pathlib, sys, time
+            pathlib.Path({str(ready)!r}).write_text("ok")
+            time.sleep(0.2)
+            print("Traceback: learner cannot reach Redis", flush=True)
+            sys.exit(4)
+        """),
+        health=ready.exists, log_path=tmp_path / "learner.log", env=dict(os.environ),
+    )
+    supervisor = _supervisor(supervisors, [spec], restart=RestartPolicy(backoff_initial_s=0.1, backoff_max_s=1.0,
+                                                                        max_restarts=2, window_s=60))
+    assert supervisor.start_all()
+    failure = supervisor.watch()
+    assert failure is not None
+    assert (failure.name, failure.exit_code) == ("learner", 4)
+    assert "crash loop: 3 crashes within 60s" in failure.report()
+    assert "Traceback: learner cannot reach Redis" in failure.report()
+    assert supervisor.component("learner").restarts == 2
+    waits = [m.split("restarting in ")[1].split("s ")[0] for m in supervisor.messages if "restarting in" in m]
+    assert waits == ["0.1", "0.2"]  # the backoff doubles
+
+
+def test_restart_backoff_doubles_up_to_its_cap():
+    policy = RestartPolicy(backoff_initial_s=1.0, backoff_max_s=10.0)
+    assert [policy.backoff(n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    with pytest.raises(ValueError, match="backoff"):
+        RestartPolicy(backoff_initial_s=5.0, backoff_max_s=1.0)
 
 
 def test_stop_escalates_to_sigkill_for_a_component_ignoring_sigterm(tmp_path: Path, supervisors):

@@ -54,6 +54,30 @@ def test_prompt_sampling_is_distinct_and_seeded(tmp_path):
     assert len(dataset.sample_prompts(100)) == 30
 
 
+def test_prompt_sampling_memory_does_not_grow_with_the_number_of_prompts(tmp_path):
+    """Finding 9: a round sampled its prompts from a list of EVERY distinct prompt (memory grew with traffic).
+    With 4000 distinct 2 kB prompts (8 MB of text), sampling 8 allocates well under 1 MB."""
+    import tracemalloc
+
+    dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.0)
+    events = [completion(i, prompt=f"{i:05d} " + "x" * 2000) for i in range(4000)]
+    dataset.add(entries(events, "completions"))
+    del events
+    tracemalloc.start()
+    try:
+        sample = dataset.sample_prompts(8, seed=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(set(sample)) == 8
+    assert peak < 1_000_000, f"sampling 8 prompts allocated {peak} bytes"
+    counts: dict[str, int] = {}
+    for seed in range(200):  # every prompt has the same chance (a uniform sample, not the first ones)
+        for prompt in dataset.sample_prompts(1, seed=seed):
+            counts[prompt[:5]] = counts.get(prompt[:5], 0) + 1
+    assert len(counts) > 150
+
+
 def test_a_failed_batch_stores_nothing(tmp_path):
     dataset = Dataset(tmp_path / "d.sqlite3")
     dataset.add(entries([comparison(0)], "comparisons"))

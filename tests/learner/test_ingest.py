@@ -145,3 +145,31 @@ def test_own_pending_entries_are_reprocessed_after_a_restart(client, tmp_path):
     assert stats.inserted == 1
     assert dataset.event_ids("prompts") == ["cpl-1"]
     assert pending(client, Stream.completions) == 0
+
+
+def test_streams_are_trimmed_only_below_what_every_group_acknowledged(client, tmp_path):
+    """Finding 2: the streams no longer grow forever, and trimming never removes an entry some consumer group
+    has not acknowledged (pending in the learner's group, or not yet read/acked by another group)."""
+    dataset = Dataset(tmp_path / "dataset.sqlite3", heldout_fraction=0.0)
+    metrics = LearnerMetrics()
+    ingestor = make_ingestor(client, dataset, metrics=metrics)
+    key = stream_key(Stream.comparisons, PREFIX)
+    ids = [xadd(client, Stream.comparisons, comparison(i)) for i in range(10)]
+    client.xgroup_create(key, "audit", id="0")
+    audit = client.xreadgroup("audit", "a1", {key: ">"}, count=5)[0][1]
+    client.xack(key, "audit", *[entry_id for entry_id, _ in audit[:3]])  # ids[3], ids[4] pending in "audit"
+    assert ingestor.drain().inserted == 10  # the learner's group: all 10 delivered and acknowledged
+
+    removed = ingestor.trim_acknowledged()
+    assert removed["comparisons"] == 3 and client.xlen(key) == 7
+    assert [e[0].decode() for e in client.xrange(key)] == ids[3:]  # the oldest pending entry is kept
+    assert metrics.registry.get_sample_value("learner_stream_trimmed_total", {"stream": "comparisons"}) == 3
+
+    client.xack(key, "audit", ids[3], ids[4])
+    client.xgroup_destroy(key, "audit")
+    more = [xadd(client, Stream.comparisons, comparison(i)) for i in range(10, 13)]
+    client.xreadgroup("learner", "c1", {key: ">"}, count=2)  # delivered to the learner, not acknowledged (a crash)
+    ingestor.trim_acknowledged()
+    assert [e[0].decode() for e in client.xrange(key)] == more  # everything before the learner's pending one
+    assert ingestor.recover().inserted == 2 and ingestor.drain().inserted == 1
+    assert dataset.counts()["comparisons"] == 13  # nothing was lost to trimming

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from instructloop.events import PolicyEvent, PolicyStatus
 from instructloop.registry import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Registry, VersionKind, base_weights_sha256
-from instructloop.streams import Stream, current_policy_key, stream_key
+from instructloop.streams import Stream, stream_key
 from learner.cli import app
 from learner.loop import Learner
 from learner.metrics import LearnerMetrics
@@ -81,7 +81,7 @@ def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_di
     statuses = [(e.version, e.status) for e in events]
     if summary["promoted"]:
         assert statuses == [(version, PolicyStatus.candidate), (version, PolicyStatus.promoted)]
-        assert client.get(current_policy_key(PREFIX)) == version.encode()
+        assert registry.current() == version
     else:
         assert statuses == [(version, PolicyStatus.candidate), (version, PolicyStatus.rejected)]
         assert registry.current() is None

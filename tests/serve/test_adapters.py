@@ -161,7 +161,9 @@ async def test_promoting_an_adapter_version_hot_swaps_without_failures(start_ser
                 i += 1
 
     tasks = [asyncio.create_task(worker(w)) for w in range(4)]
-    await asyncio.sleep(1.0)
+    deadline = asyncio.get_running_loop().time() + 120
+    while len(results) < 4 and asyncio.get_running_loop().time() < deadline:  # answers from the base first
+        await asyncio.sleep(0.1)
     await asyncio.to_thread(registry.set_current, "v0001")
     deadline = asyncio.get_running_loop().time() + 60
     while not any(v == "v0001" for _, _, v, _ in results[-4:]) and asyncio.get_running_loop().time() < deadline:

@@ -186,18 +186,17 @@ def test_starts_on_the_registry_current_version(start_server, varied_model_dir, 
     assert [t["id"] for t in payload.json()["details"]["tokens"]] == hf_greedy(new_dir, ["Hi"], [4])[0]
 
 
-def test_missed_message_is_caught_by_polling_the_key(start_server, varied_model_dir, tokenizer, tmp_path, redis_server):
-    from instructloop.streams import current_policy_key
-
+def test_missed_message_is_caught_by_polling_the_current_file(start_server, varied_model_dir, tokenizer, tmp_path,
+                                                              redis_server):
     registry = Registry(tmp_path / "registry", redis=redis_server.client())
     new_dir = build_tiny_model_dir(tmp_path / "v1", tokenizer, seed=4, initializer_range=0.3)
     _save_version(registry, "v0001", new_dir, tokenizer)
     server = start_server(model=str(varied_model_dir), device="cpu", registry_dir=str(tmp_path / "registry"),
                           redis_url=redis_server.url, poll_interval_s=0.2)
-    redis_server.client().set(current_policy_key(), "v0001")  # the key changes, no message is published
+    Registry(tmp_path / "registry").set_current("v0001")  # the pointer changes, no message is published
     deadline = time.monotonic() + 20
     while httpx.get(f"{server.url}/info").json()["policy_version"] != "v0001":
-        assert time.monotonic() < deadline, "the key change was not noticed"
+        assert time.monotonic() < deadline, "the pointer change was not noticed"
         time.sleep(0.05)
 
 
@@ -221,3 +220,40 @@ def test_candidate_is_prefetched_and_promotion_is_a_switch(start_server, varied_
     payload = httpx.post(f"{server.url}/generate",
                          json={"inputs": "Hi", "parameters": {"max_new_tokens": 4, "details": True}}).json()
     assert [t["id"] for t in payload["details"]["tokens"]] == hf_greedy(new_dir, ["Hi"], [4])[0]
+
+
+def test_watcher_survives_an_unreadable_manifest_and_health_reflects_a_dead_watcher(
+        start_server, varied_model_dir, tokenizer, tmp_path):
+    """Finding 7: a manifest that cannot be read (here: replaced by a folder after the candidate was prefetched)
+    used to kill the watcher thread silently; serve then never swapped again and stayed healthy. Now the
+    error is logged and counted, the watcher goes on (it swaps once the manifest is back), and /health
+    fails if the thread ends anyway."""
+    registry_dir = tmp_path / "registry"
+    registry = Registry(registry_dir)
+    server = start_server(model=str(varied_model_dir), device="cpu", registry_dir=str(registry_dir),
+                          poll_interval_s=0.05)
+    new_dir = build_tiny_model_dir(tmp_path / "v1", tokenizer, seed=6, initializer_range=0.3)
+    _save_version(registry, "v0001", new_dir, tokenizer)
+    deadline = time.monotonic() + 30
+    while server.metric("instructloop_serve_policy_prefetches_total") < 1:
+        assert time.monotonic() < deadline, "the candidate was not prefetched"
+        time.sleep(0.05)
+    manifest = registry.version_dir("v0001") / "manifest.json"
+    saved = manifest.read_text()
+    manifest.unlink()
+    manifest.mkdir()  # reading it raises IsADirectoryError, not a ValueError
+    (registry_dir / CURRENT_FILE).write_text("v0001\n")  # set_current would refuse it: write the pointer
+    while server.metric("instructloop_serve_policy_watcher_errors_total") < 1:
+        assert time.monotonic() < deadline, "the watcher error was not counted"
+        time.sleep(0.05)
+    assert server.runtime.watcher.alive()
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    manifest.rmdir()
+    manifest.write_text(saved)
+    while httpx.get(f"{server.url}/info").json()["policy_version"] != "v0001":
+        assert time.monotonic() < deadline, "the watcher did not swap once the manifest was readable again"
+        time.sleep(0.05)
+
+    server.runtime.watcher.stop()  # the thread has ended, whatever the reason: the replica is not healthy
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 503 and health.json()["status"] == "policy watcher not running"
