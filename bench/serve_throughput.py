@@ -6,7 +6,10 @@ inter-token latency p50/p95. TTFT is measured from the moment a request is sent 
 its next request when the previous one ends; HF static: every request is there at t=0 and waits for the
 batches before its own, which is what a static-batching server does to it).
 
-    python bench/serve_throughput.py [--requests 32] [--clients 16] [--threads 2]
+    python bench/serve_throughput.py [--requests 32] [--clients 16] [--threads 2] [--transformers-cb]
+
+``--transformers-cb`` adds transformers' own continuous batching (``model.init_continuous_batching``, in
+this process, every request submitted at t=0) as a third engine in each round.
 """
 
 from __future__ import annotations
@@ -124,6 +127,46 @@ def run_hf_static(tokenizer, model, requests: list[tuple[str, int]], batch_size:
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft": ttft, "itl": itl}
 
 
+def start_transformers_cb(model, max_batch_tokens: int, num_blocks: int):
+    """transformers' own continuous batching (``init_continuous_batching``), greedy. ``num_blocks`` pages of
+    256 tokens bound its KV cache: left unset, it sizes the cache to 90 % of free memory (12.6 GB on CPU)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    config = GenerationConfig(do_sample=False, eos_token_id=model.generation_config.eos_token_id,
+                              pad_token_id=model.generation_config.pad_token_id)
+    manager = model.init_continuous_batching(
+        generation_config=config,
+        continuous_batching_config=ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens, num_blocks=num_blocks))
+    manager.start()
+    return manager
+
+
+def run_transformers_cb(tokenizer, manager, requests: list[tuple[str, int]]) -> dict:
+    """All requests submitted at t=0 (per-request max_new_tokens); TTFT and inter-token times from the
+    manager's per-token timestamps."""
+    start = time.perf_counter()
+    ids = {manager.add_request(tokenizer(p)["input_ids"], max_new_tokens=n, record_timestamps=True): n
+           for p, n in requests}
+    ttft, itl, tokens, done = [], [], 0, 0
+    while done < len(ids):
+        result = manager.get_result(timeout=600)
+        if result is None:
+            raise RuntimeError("transformers continuous batching stopped before every request finished")
+        if result.request_id not in ids or not result.is_finished():
+            continue
+        if result.error:
+            raise RuntimeError(f"transformers continuous batching failed a request: {result.error}")
+        done += 1
+        tokens += len(result.generated_tokens)
+        stamps = result.timestamps or []
+        if stamps:
+            ttft.append(stamps[0] - start)
+            itl.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    wall = time.perf_counter() - start
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft": ttft, "itl": itl}
+
+
 def merge(results: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in results)
     wall = sum(r["wall_s"] for r in results)
@@ -145,6 +188,11 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--model", default="default")
     parser.add_argument("--rounds", type=int, default=2, help="serve and HF alternate, to share the machine's noise")
+    parser.add_argument("--transformers-cb", action="store_true",
+                        help="also run transformers' own continuous batching (init_continuous_batching) each round")
+    parser.add_argument("--cb-max-batch-tokens", type=int, default=2048,
+                        help="transformers CB: tokens per forward (prefill chunks + one per decoding request)")
+    parser.add_argument("--cb-num-blocks", type=int, default=64, help="transformers CB: KV cache pages of 256 tokens")
     args = parser.parse_args()
 
     from instructloop.model import resolve_model
@@ -154,7 +202,8 @@ def main() -> None:
     log_path = Path(tempfile.gettempdir()) / "serve_throughput_server.log"
     server = ServeProcess("--model", model_dir, "--max-batch-size", str(args.max_batch_size), threads=args.threads,
                           log_path=log_path, INSTRUCTLOOP_SERVE_JSON_LOGS="true")
-    serve_rounds, hf_rounds = [], []
+    serve_rounds, hf_rounds, cb_rounds = [], [], []
+    manager = None
     try:
         tokenizer, model = load_hf(model_dir, args.threads)
         server.wait_healthy()
@@ -163,17 +212,33 @@ def main() -> None:
         for r in range(args.rounds):
             serve_rounds.append(asyncio.run(run_serve(server.url, requests, args.clients)))
             hf_rounds.append(run_hf_static(tokenizer, model, requests, batch_size=8))
-            print(f"round {r + 1}: serve {serve_rounds[-1]['tok_s']:.1f} tok/s, HF static {hf_rounds[-1]['tok_s']:.1f} "
-                  f"tok/s, ratio {serve_rounds[-1]['tok_s'] / hf_rounds[-1]['tok_s']:.2f}x", flush=True)
+            line = (f"round {r + 1}: serve {serve_rounds[-1]['tok_s']:.1f} tok/s, HF static {hf_rounds[-1]['tok_s']:.1f} "
+                    f"tok/s, ratio {serve_rounds[-1]['tok_s'] / hf_rounds[-1]['tok_s']:.2f}x")
+            if args.transformers_cb:  # started and stopped around its own run: nothing of it runs beside the others
+                manager = start_transformers_cb(model, args.cb_max_batch_tokens, args.cb_num_blocks)
+                run_transformers_cb(tokenizer, manager, make_requests(4, seed=1))  # warm-up
+                cb_rounds.append(run_transformers_cb(tokenizer, manager, requests))
+                manager.stop(block=True, timeout=30)
+                manager = None
+                line += (f"; transformers CB {cb_rounds[-1]['tok_s']:.1f} tok/s, serve / CB "
+                         f"{serve_rounds[-1]['tok_s'] / cb_rounds[-1]['tok_s']:.2f}x")
+            print(line, flush=True)
     finally:
         server.stop()
+        if manager is not None:
+            manager.stop(block=True, timeout=30)
     serve, hf = merge(serve_rounds), merge(hf_rounds)
     print(f"{args.rounds} rounds of {args.requests} requests, {args.clients} clients, {args.threads} torch threads, model {model_dir}")
     print("| engine | useful tokens | wall s | tokens/s | TTFT p50 / p95 s | inter-token p50 / p95 ms |")
     print("|---|---|---|---|---|---|")
     print(summary("serve (continuous batching, 16 clients)", serve))
     print(summary("HF generate, static padded batches of 8", hf))
+    if cb_rounds:
+        cb = merge(cb_rounds)
+        print(summary(f"transformers continuous batching (max_batch_tokens {args.cb_max_batch_tokens})", cb))
     print(f"ratio serve / HF static: {serve['tok_s'] / hf['tok_s']:.2f}x")
+    if cb_rounds:
+        print(f"ratio serve / transformers CB: {serve['tok_s'] / cb['tok_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import labeling
@@ -24,9 +24,26 @@ from gateway.backend import Backend
 from gateway.deps import GatewayState
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import APIError
-from gateway.request_context import log_server_error, new_request_id, request_id, server_error_logged
-from gateway.routes import admin, chat, completions, demonstrations, error_response, feedback, health, models
+from gateway.request_context import (
+    ClientGone,
+    log_server_error,
+    new_request_id,
+    request_id,
+    server_error_logged,
+)
+from gateway.routes import (
+    admin,
+    chat,
+    client_gone,
+    completions,
+    demonstrations,
+    error_response,
+    feedback,
+    health,
+    models,
+)
 from gateway.serving_admin import PolicyAdminServing
+from gateway.serving_chat import ChatServing
 from gateway.serving_completions import CompletionServing
 from gateway.serving_feedback import DemonstrationServing, FeedbackServing
 from gateway.settings import Settings
@@ -116,7 +133,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "invalid request", None
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    param = ".".join(loc) or None
+    # A custom error may name the field itself (the feedback union's `type`: its loc is the whole body).
+    param = ".".join(loc) or (first.get("ctx") or {}).get("param")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
@@ -131,11 +149,13 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
                       token=settings.backend_token.get_secret_value() if settings.backend_token else None)
     store = Store(settings.redis_url, settings.stream_prefix, metrics, completion_ttl_s=settings.completion_ttl_s,
                   idempotency_ttl_s=settings.idempotency_ttl_s, timeout_s=settings.redis_timeout_s)
+    completion_serving = CompletionServing(settings, backend, store, tokenizer, metrics)
     state = GatewayState(
         settings=settings, metrics=metrics,
         keys=KeyStore(settings.keys_file, dev_key=settings.effective_dev_key),
         backend=backend, store=store, tokenizer=tokenizer,
-        completions=CompletionServing(settings, backend, store, tokenizer, metrics),
+        completions=completion_serving,
+        chat=ChatServing(completion_serving),
         feedback=FeedbackServing(settings, store, metrics),
         demonstrations=DemonstrationServing(settings, store, metrics, tokenizer),
         admin=PolicyAdminServing(settings),
@@ -163,6 +183,10 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return client_gone()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,6 +14,7 @@ from gateway.backend import Backend
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import APIError
 from gateway.serving_admin import PolicyAdminServing
+from gateway.serving_chat import ChatServing
 from gateway.serving_completions import CompletionServing
 from gateway.serving_feedback import DemonstrationServing, FeedbackServing
 from gateway.settings import Settings
@@ -29,6 +30,7 @@ class GatewayState:
     store: Store
     tokenizer: Any
     completions: CompletionServing
+    chat: ChatServing
     feedback: FeedbackServing
     demonstrations: DemonstrationServing
     admin: PolicyAdminServing
@@ -87,6 +89,10 @@ async def _completions(request: Request) -> CompletionServing:
     return request.app.state.gateway.completions
 
 
+async def _chat(request: Request) -> ChatServing:
+    return request.app.state.gateway.chat
+
+
 async def _feedback(request: Request) -> FeedbackServing:
     return request.app.state.gateway.feedback
 
@@ -100,6 +106,7 @@ async def _admin(request: Request) -> PolicyAdminServing:
 
 
 Completions = Annotated[CompletionServing, Depends(_completions)]
+Chat = Annotated[ChatServing, Depends(_chat)]
 Feedback = Annotated[FeedbackServing, Depends(_feedback)]
 Demonstrations = Annotated[DemonstrationServing, Depends(_demonstrations)]
 PolicyAdmin = Annotated[PolicyAdminServing, Depends(_admin)]

@@ -10,9 +10,18 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from instructloop.events import OutputFlag
+from instructloop.events import FEEDBACK_SOURCES, OutputFlag
 from instructloop.wire import GREEDY_TEMPERATURE, SERVED_MODEL_NAME
 
 # ---- errors (OpenAI's shape, for every error the gateway answers) ----------------------------------
@@ -91,7 +100,9 @@ class CompletionRequest(BaseModel):
     echo: bool = Field(default=False, description="Not supported (only false).")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (only null / {}).")
-    logprobs: int | None = Field(default=None, ge=0, le=5, description="0: token logprobs (no top-n alternatives).")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description=(
+        "The chosen tokens' logprobs plus this many most likely alternatives per position (0: none). The "
+        "distribution they are taken from is the one the token was drawn from (docs/architecture.md)."))
     max_tokens: int = Field(default=16, ge=1)
     n: int = Field(default=1, ge=1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
@@ -200,7 +211,9 @@ class ChatCompletionRequest(BaseModel):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
     model: str = Field(min_length=1)
-    logprobs: bool = False
+    logprobs: bool = Field(default=False, description="Return the logprob of each content token.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=5, description=(
+        "With logprobs: this many most likely alternatives per position."))
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
@@ -216,6 +229,12 @@ class ChatCompletionRequest(BaseModel):
     def _stop_list(cls, value: StopSequences) -> list[str]:
         return normalize_stop(value)
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
     def template_messages(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them (``developer`` is a ``system`` turn)."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
@@ -223,7 +242,7 @@ class ChatCompletionRequest(BaseModel):
     def to_completion_request(self, prompt: str, default_max_tokens: int) -> CompletionRequest:
         """The equivalent completion request once the chat template has rendered ``prompt``."""
         return CompletionRequest(
-            model=self.model, prompt=prompt, logprobs=None,
+            model=self.model, prompt=prompt, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             n=self.n, seed=self.seed, stop=list(self.stop or []) or None, stream=self.stream,
             temperature=self.temperature, top_p=self.top_p, user=self.user,
@@ -235,10 +254,25 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -318,7 +352,20 @@ class ABFeedback(BaseModel):
     rationale: Rationale | None = None
 
 
-FeedbackRequest = Annotated[RankingFeedback | PairwiseFeedback | ABFeedback, Field(discriminator="type")]
+def _feedback_type(value: Any) -> str | None:
+    """The feedback kind named by ``type``; None (missing or unknown) makes the error below."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in FEEDBACK_SOURCES else None
+
+
+FeedbackRequest = Annotated[
+    Annotated[RankingFeedback, Tag("ranking")] | Annotated[PairwiseFeedback, Tag("pairwise")]
+    | Annotated[ABFeedback, Tag("ab")],
+    Discriminator(_feedback_type, custom_error_type="invalid_feedback_type",
+                  custom_error_message="is missing or unknown; it must be one of " + ", ".join(FEEDBACK_SOURCES),
+                  custom_error_context={"param": "type"}),
+]
+"""A feedback body; ``type`` picks the kind (an error naming ``type`` and listing the kinds otherwise)."""
 
 
 class FeedbackAccepted(BaseModel):

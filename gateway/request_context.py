@@ -1,5 +1,5 @@
 """The request being handled: its id (a context variable the middleware sets), the 5xx log, and
-``until_disconnected`` (cancel the work when the client goes away).
+``until_disconnected`` (cancel the work when the client goes away, then raise ``ClientGone``).
 
 Every answer carries ``X-Request-Id`` (the client's, when it is a sane token, else a new one), and every
 5xx the gateway sends is logged once, at error level, with that id, the status, the error code and why:
@@ -15,12 +15,14 @@ import re
 import uuid
 from collections.abc import Awaitable
 from contextvars import ContextVar
-from typing import Any
+from typing import TypeVar
 
 from fastapi import Request
 
 log = logging.getLogger(__name__)
 errors_log = logging.getLogger("gateway.errors")
+
+T = TypeVar("T")
 
 _SANE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -46,19 +48,18 @@ def log_server_error(status: int, reason: str, code: str | None = None, **extra:
               extra={"request_id": request_id.get(), "status": status, "code": code, **extra})
 
 
-async def until_disconnected(raw_request: Request | None, work: Awaitable[Any]) -> Any:
-    """Run ``work``; if the client goes away first, cancel it (so the backends stop) and return None."""
-    if raw_request is None:
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; the work for it was cancelled."""
+
+
+async def until_disconnected(request: Request | None, work: Awaitable[T]) -> T:
+    """The gateway's one client-disconnect helper (serve has its own, with the same contract): await
+    ``work``; if the client disconnects first, cancel ``work`` (so the backends stop), wait until it has
+    stopped, and raise ``ClientGone`` (the app answers 499). ``request=None`` just awaits ``work``."""
+    if request is None:
         return await work
-
-    async def wait_disconnect() -> None:
-        while True:
-            message = await raw_request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
     work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(wait_disconnect())
+    watch_task = asyncio.ensure_future(_disconnect(request))
     try:
         await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -69,4 +70,10 @@ async def until_disconnected(raw_request: Request | None, work: Awaitable[Any]) 
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await work_task
     log.info("client disconnected; generation cancelled")
-    return None
+    raise ClientGone()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return once the ASGI server reports that the client went away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,4 +1,4 @@
-"""Self-contained events of the four streams (see docs/architecture.md, "Streams").
+"""Self-contained events of the streams (see docs/architecture.md, "Streams"), and how a ranking becomes pairs.
 
 Every event carries a unique ``event_id`` (the learner drops duplicates by it), a ``schema_version`` and
 its creation time. ``to_fields`` / ``from_fields`` convert to and from one Redis stream entry.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,6 +18,10 @@ from instructloop.prompt import CHAT_ROUTE, COMPLETIONS_ROUTE, Route
 from instructloop.streams import EVENT_FIELD
 
 SCHEMA_VERSION = 1
+
+FeedbackSource = Literal["ranking", "pairwise", "ab"]
+"""The kinds of feedback a comparison comes from (the gateway's feedback ``type``)."""
+FEEDBACK_SOURCES: tuple[str, ...] = get_args(FeedbackSource)
 
 
 def new_event_id() -> str:
@@ -111,7 +116,7 @@ class ComparisonEvent(Event):
     ranking: Ranking
     labeler_id: str
     rationale: str | None = None
-    source: Literal["ranking", "pairwise", "ab"] = "ranking"
+    source: FeedbackSource = "ranking"
     completion_ids: list[str] = Field(default_factory=list)
     policy_versions: list[str] = Field(default_factory=list, description="policy version per response")
     flags: list[list[OutputFlag]] = Field(
@@ -180,7 +185,8 @@ def validate_version_name(version: str) -> None:
 
 
 def validate_ranking(ranking: list[list[int]], n_responses: int) -> None:
-    """Raise ``ValueError`` naming the problem: out-of-range or repeated indices, or no pair to learn from."""
+    """Raise ``ValueError`` naming the problem: out-of-range or repeated indices, or fewer than two responses
+    ranked. An all-tied ranking passes: it is a recorded judgement that implies no pair (``ranking_pairs``)."""
     seen: set[int] = set()
     for group in ranking:
         for index in group:
@@ -193,17 +199,12 @@ def validate_ranking(ranking: list[list[int]], n_responses: int) -> None:
         raise ValueError("a ranking needs at least two responses")
 
 
-def ranking_pairs(ranking: list[list[int]]) -> list[tuple[int, int]]:
+def ranking_pairs(ranking: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """The (winner, loser) pairs a best-first ranking implies: every response of a group over every response
+    of each later group; none between tied responses (one group). The one ranking -> pairs rule: the event's
+    ``pairs()`` and the reward model's loss (``learner.losses.ranking_pairs_flat``) both use it."""
     pairs = []
     for g, better in enumerate(ranking):
         for worse in ranking[g + 1 :]:
             pairs.extend((w, lo) for w in better for lo in worse)
     return pairs
-
-
-EVENT_TYPES: dict[str, type[Event]] = {
-    "completion": CompletionEvent,
-    "comparison": ComparisonEvent,
-    "demonstration": DemonstrationEvent,
-    "policy": PolicyEvent,
-}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import logging
 import shutil
 import tempfile
@@ -84,14 +85,24 @@ def default_tokenizer_dir(home: Path | None = None) -> Path:
     return (home or home_dir()) / "tokenizers" / DEFAULT_MODEL_NAME
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``save_pretrained``, plus the padding side: transformers 5 leaves it out of tokenizer_config.json, so
+    the fixed tokenizer would come back right-padded (PPO and batched generation need left padding)."""
+    tokenizer.save_pretrained(folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["padding_side"] = tokenizer.padding_side
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def load_default_tokenizer():
     """The fixed default tokenizer: from its prepared folder when there is one (under a second), else
     straight from the GGUF (no model weights are loaded, but parsing the GGUF costs ~12 CPU-seconds)."""
     from transformers import AutoTokenizer
 
     prepared = default_tokenizer_dir()
-    if is_prepared(prepared):
-        return AutoTokenizer.from_pretrained(prepared)
+    if is_prepared(prepared):  # fixed again: not every attribute (padding_side) survives save/load
+        return fix_tokenizer(AutoTokenizer.from_pretrained(prepared))
     gguf = default_gguf_file()
     return fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
 
@@ -114,7 +125,7 @@ def prepare_default_tokenizer(home: Path | None = None) -> Path:
         tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         try:
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
             (staging / "tokenizer.model").unlink(missing_ok=True)
             (staging / _COMPLETE).write_text(f"tokenizer from {gguf.name}\n")
             if target.exists():
@@ -167,7 +178,7 @@ def prepare_default_model(home: Path | None = None, force: bool = False) -> Path
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         try:
             model.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
             (staging / "tokenizer.model").unlink(missing_ok=True)  # the fast tokenizer.json is enough
             (staging / _COMPLETE).write_text(f"converted from {gguf.name}\n")
             if target.exists():

@@ -437,6 +437,3 @@ class Registry:
             self.redis.xadd(stream_key(Stream.policies, self.prefix), event.to_fields())
         except Exception as exc:
             log.warning("policies stream write failed", extra={"version": manifest.version, "error": str(exc)})
-
-    def manifest_dict(self, version: str) -> dict[str, Any]:
-        return json.loads(self.manifest(version).model_dump_json())

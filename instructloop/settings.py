@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 DEFAULT_MODEL = "default"
 """Setting value that means: the embedded SmolLM2-135M-Instruct, prepared offline on first use."""
@@ -31,9 +31,3 @@ def settings_config(prefix: str) -> SettingsConfigDict:
         extra="ignore",
         validate_default=True,
     )
-
-
-class InstructloopSettings(BaseSettings):
-    """Base class: keeps the shared config in one place; each deployable sets its own prefix."""
-
-    model_config = settings_config("INSTRUCTLOOP_")

@@ -10,7 +10,7 @@ Starts, as subprocesses of this one and in dependency order,
 3. the learner (``instructloop learner run``; skipped with ``--no-learner``), started beside serve,
 4. the gateway (``instructloop gateway run``), once serve is healthy,
 
-waits until each one answers its health check (``/health``, ``/metrics``, ``/readyz``, Redis ``PING``;
+waits until each one answers its health check (``/health``, ``/healthz``, ``/readyz``, Redis ``PING``;
 polled with httpx, never a fixed sleep), writes ``<run-dir>/api-keys.json`` (mode 0600: a user, a labeler
 and an admin key, created with ``instructloop gateway keys create``) and ``<run-dir>/stack.json`` (URLs,
 ports, pids, log files), and prints how to call the gateway.
@@ -216,7 +216,7 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
         specs.append(ComponentSpec(
             name="learner",
             argv=_cli("learner", "run"),
-            health=http_health(metrics_url),
+            health=http_health(f"http://127.0.0.1:{metrics_port}/healthz"),  # the main loop's heartbeat
             log_path=config.log_path("learner").resolve(),
             env=_child_env(root, {f"INSTRUCTLOOP_LEARNER_{k}": v for k, v in
                                   {**shared, "REDIS_URL": component_urls["learner"], "STATE_DIR": str(run_dir / "learner"),

@@ -115,8 +115,6 @@ class PPOConfig:
     """Pretraining sequences per ptx step."""
     ptx_seq_len: int = 128
     """Tokens per pretraining sequence."""
-    ptx_steps: int = 1
-    """ptx optimizer steps per round (after the PPO epochs, on the same optimizer)."""
     ptx_eval_windows: int = 16
     """Held-out pretraining windows (never trained on) whose NLL each round reports against the reference's:
     the alignment tax (``ptx_heldout_nll_ratio``). 0 = not measured."""
@@ -160,8 +158,8 @@ class PPOConfig:
             raise ValueError("PPOConfig.mini_batch_size must be >= 2 (advantages are whitened per round)")
         if self.kl_coef < 0 or self.ptx_coef < 0:
             raise ValueError("PPOConfig.kl_coef and PPOConfig.ptx_coef must be >= 0")
-        if self.ptx_steps < 0 or self.ptx_eval_windows < 0:
-            raise ValueError("PPOConfig.ptx_steps and PPOConfig.ptx_eval_windows must be >= 0")
+        if self.ptx_eval_windows < 0:
+            raise ValueError("PPOConfig.ptx_eval_windows must be >= 0")
         if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"PPOConfig.gamma must be in (0, 1] and lam in [0, 1], got {self.gamma}, {self.lam}")
         if self.value_lr is not None and not self.value_lr > 0:

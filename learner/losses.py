@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from instructloop.events import ranking_pairs
+
 # ---------------------------------------------------------------------------------------------- masks
 
 
@@ -89,18 +91,11 @@ def truncate_response(responses: torch.Tensor, eos_token_id: int, pad_token_id: 
     return responses.masked_fill(after_eos, pad_token_id)
 
 
-def response_lengths(responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Index of the last real token of each truncated response (EOS included).
-
-    responses: (B, T), already passed through ``truncate_response``. Returns (B,); -1 for an empty row.
-    """
-    return first_true_indices(responses == pad_token_id) - 1
-
-
 def response_mask_from_lengths(last_index: torch.Tensor, length: int) -> torch.Tensor:
     """Named mask of real response tokens: position t is real iff t <= last_index.
 
-    last_index: (B,) from ``response_lengths``. Returns (B, length) bool.
+    last_index: (B,) index of each response's last real token (its EOS, else the last position).
+    Returns (B, length) bool.
     """
     positions = torch.arange(length, device=last_index.device).unsqueeze(0)  # (1, T)
     return positions <= last_index.unsqueeze(1)
@@ -126,20 +121,18 @@ class RankingPairs:
 def ranking_pairs_flat(rankings: Sequence[Sequence[Sequence[int]]], num_responses: Sequence[int]) -> RankingPairs:
     """Flatten the pairs of several rankings into index tensors over the concatenated responses.
 
-    rankings[r] is best-first groups of response indices of ranking r (indices in one group are tied,
-    and give no pair); num_responses[r] is K_r, the number of responses of ranking r. The responses of
-    ranking r occupy positions ``offset_r .. offset_r + K_r - 1`` of the flattened batch.
+    rankings[r] is best-first groups of response indices of ranking r; its pairs are
+    ``instructloop.events.ranking_pairs`` (the one ranking -> pairs rule: none between tied responses);
+    num_responses[r] is K_r, the number of responses of ranking r. The responses of ranking r occupy
+    positions ``offset_r .. offset_r + K_r - 1`` of the flattened batch.
     """
     winners, losers, owners = [], [], []
     offset = 0
     for r, (ranking, k) in enumerate(zip(rankings, num_responses, strict=True)):
-        for g, better in enumerate(ranking):
-            for worse in ranking[g + 1 :]:
-                for w in better:
-                    for lo in worse:
-                        winners.append(offset + w)
-                        losers.append(offset + lo)
-                        owners.append(r)
+        for w, lo in ranking_pairs(ranking):
+            winners.append(offset + w)
+            losers.append(offset + lo)
+            owners.append(r)
         offset += k
     if not winners:
         raise ValueError("the rankings imply no (winner, loser) pair: every response is tied")
@@ -217,7 +210,7 @@ def kl_penalized_rewards(
 
     logprobs, ref_logprobs: (B, T) log-probabilities of the sampled response tokens under the policy
     (at sampling time) and under the frozen reference; scores: (B,); last_index: (B,) from
-    ``response_lengths``; response_mask: (B, T) bool. Returns (rewards, non_score_reward, kl), each
+    ``response_mask_from_lengths``'s input; response_mask: (B, T) bool. Returns (rewards, non_score_reward, kl), each
     (B, T) and zero at masked positions; ``kl`` is the per-token log-ratio (k1 estimator).
     """
     kl = (logprobs - ref_logprobs) * response_mask  # (B, T)

@@ -4,7 +4,7 @@ Service knobs (Redis, folders, thresholds, gate, metrics) are flat fields. The h
 (``kl_coef`` = β, ``ptx_coef`` = γ, ``ptx_corpus``) are flat too; every other hyperparameter of the
 algorithm dataclasses (``RewardConfig``, ``SFTConfig``, ``PPOConfig``, ``EvalConfig`` in
 ``learner/config.py``; ``AdapterConfig`` as ``adapters``) can be overridden with a JSON object, e.g.
-``INSTRUCTLOOP_LEARNER_PPO='{"learning_rate": 1e-6, "ppo_epochs": 2}'``.
+``INSTRUCTLOOP_LEARNER_PPO='{"lr": 1e-6, "ppo_epochs": 2}'``.
 """
 
 from __future__ import annotations

@@ -153,34 +153,18 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
     async def _tgi_error(request: Request, exc: TGIError) -> JSONResponse:
         return _error_response(exc)
 
-    def disconnected(request: Request):
-        async def wait() -> None:
-            while True:
-                message = await request.receive()
-                if message["type"] == "http.disconnect":
-                    return
-
-        return wait
-
-    async def generate_json(body: GenerateRequest, request: Request) -> GenerateResponse | None:
-        try:
-            return await serving.generate(body, disconnected(request))
-        except ClientGone:
-            return None
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; 499 in the access log
 
     async def stream(body: GenerateRequest, request: Request) -> Response:
-        try:
-            version, lines = await serving.generate_stream(body, disconnected(request))
-        except ClientGone:
-            return Response(status_code=499)
+        version, lines = await serving.generate_stream(body, request)
         return StreamingResponse(lines, media_type="text/event-stream",
                                  headers={POLICY_VERSION_HEADER: version, "Cache-Control": "no-cache"})
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, request: Request) -> Response:
-        result = await generate_json(body, request)
-        if result is None:
-            return Response(status_code=499)
+        result = await serving.generate(body, request)
         return JSONResponse(result.model_dump(mode="json", exclude_none=False),
                             headers={POLICY_VERSION_HEADER: result.policy_version})
 
@@ -192,9 +176,7 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
     async def compat_generate(body: GenerateRequest, request: Request) -> Response:
         if body.stream:
             return await stream(body, request)
-        result = await generate_json(body, request)
-        if result is None:
-            return Response(status_code=499)
+        result = await serving.generate(body, request)
         return JSONResponse([result.model_dump(mode="json")], headers={POLICY_VERSION_HEADER: result.policy_version})
 
     @app.get("/info", response_model=Info)

@@ -39,6 +39,8 @@ class SequenceState:
     """Tokens generated so far."""
     logprobs: list[float] = field(default_factory=list)
     """Logprob of each generated token under the processed distribution."""
+    top_n_tokens: int = 0
+    """How many of the most likely tokens to report at each step (TGI's ``top_n_tokens``)."""
     text: str = ""
     """Decoded generated text so far (special tokens kept; used for stop strings and token texts)."""
     prefix_offset: int = 0

@@ -56,6 +56,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    top_n_tokens: int = 0
     policy: PolicyModel | None = None
     """The version that must answer (a named ``adapter_id``); None = the active version at admission."""
 
@@ -184,6 +185,7 @@ class Engine:
             max_new_tokens=request.max_new_tokens,
             chooser=NextTokenChooser(request.sampling, device=self.active_policy.device),
             stop=StopSequences(request.stop),
+            top_n_tokens=request.top_n_tokens,
         )
         handle = RequestHandle(self, request_id, state, loop)
         handle.requested = request.policy

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -38,6 +39,16 @@ class FinishReason(str, Enum):
 
 
 @dataclass
+class TopToken:
+    """One of the most likely tokens at a step (TGI's ``top_n_tokens``)."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass
 class Generation:
     """What one decode step produced for one request."""
 
@@ -54,6 +65,8 @@ class Generation:
     generated_tokens: int = 0
     seed: int | None = None
     """The request's seed when it samples (TGI reports it), else None."""
+    top_tokens: list[TopToken] = field(default_factory=list)
+    """The request's ``top_n_tokens`` most likely tokens at this step, most likely first."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -115,6 +128,15 @@ class PolicyModel:
         )
         return out.logits[:, -1, :].float(), out.cache  # (B, V)
 
+    def top_tokens(self, logprobs: torch.Tensor, n: int) -> list[TopToken]:
+        """The ``n`` most likely tokens of a (V,) log-distribution, most likely first; tokens the
+        distribution rules out (-inf after top-k / top-p) are left out, so there may be fewer."""
+        values, ids = torch.topk(logprobs, min(n, logprobs.shape[-1]))
+        pairs = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True) if math.isfinite(v)]
+        texts = self.tokenizer.batch_decode([[i] for i, _ in pairs], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+        return [TopToken(i, text, v, i in self.special_ids) for (i, v), text in zip(pairs, texts, strict=True)]
+
     def generate_token(self, batch: Batch) -> tuple[list[Generation], Batch | None]:
         """One forward for the whole batch, one token per sequence; finished sequences leave the batch."""
         logits, cache = self.forward(batch)  # (B, V)
@@ -126,9 +148,11 @@ class PolicyModel:
         for row, seq in enumerate(batch.sequences):
             chooser = seq.chooser
             if chooser.sampling or (chooser.params.repetition_penalty not in (None, 1.0)):
-                token, logprob = chooser.choose(logits[row], seq.token_ids(logits.device))
+                row_logprobs = chooser.log_distribution(logits[row], seq.token_ids(logits.device))  # (V,)
+                token = chooser.draw(row_logprobs)
             else:
-                token, logprob = greedy[row], float(greedy_logprobs[row, greedy[row]].item())
+                row_logprobs, token = greedy_logprobs[row], greedy[row]
+            logprob = float(row_logprobs[token].item())
             previous_length = len(seq.text)
             seq.generated_ids.append(token)
             seq.logprobs.append(logprob)
@@ -153,6 +177,7 @@ class PolicyModel:
                 finish_reason=finish,
                 generated_tokens=len(seq.generated_ids),
                 seed=chooser.seed if chooser.sampling else None,
+                top_tokens=self.top_tokens(row_logprobs, seq.top_n_tokens) if seq.top_n_tokens else [],
             )
             if finish is not None:
                 generation.generated_text = self.tokenizer.decode(seq.generated_ids, skip_special_tokens=True)

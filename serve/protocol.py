@@ -99,8 +99,8 @@ class GenerateParameters(BaseModel):
     @field_validator("top_n_tokens")
     @classmethod
     def _top_n_tokens(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError("top_n_tokens is not supported by this server")
+        if value is not None and value < 0:
+            raise ValueError("must be >= 0")
         return value
 
     @field_validator("watermark")
@@ -169,6 +169,8 @@ class Details(BaseModel):
     seed: int | None = None
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] = Field(default_factory=list)
+    """Per generated token, the request's ``top_n_tokens`` most likely tokens (empty when it asked none)."""
 
 
 class GenerateResponse(BaseModel):

@@ -78,15 +78,22 @@ class NextTokenChooser:
             logits = logits.masked_fill(remove, float("-inf"))
         return logits
 
+    def log_distribution(self, logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """(V,) log-softmax of the processed logits: the distribution this request's next token is drawn
+        from, and what its logprobs (and top-n tokens) report, as TGI's do. Tokens top-k / top-p removed
+        are -inf."""
+        return torch.log_softmax(self.process(logits, token_ids), dim=-1)
+
+    def draw(self, logprobs: torch.Tensor) -> int:
+        """A token from ``log_distribution``'s output: sampled with this request's generator, or argmax."""
+        if self.sampling:
+            return int(torch.multinomial(logprobs.exp(), 1, generator=self.generator).item())
+        return int(torch.argmax(logprobs).item())
+
     def choose(self, logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[int, float]:
         """(next token id, its logprob under the processed distribution)."""
-        scores = self.process(logits, token_ids)
-        logprobs = torch.log_softmax(scores, dim=-1)  # (V,)
-        if self.sampling:
-            probs = logprobs.exp()
-            token = int(torch.multinomial(probs, 1, generator=self.generator).item())
-        else:
-            token = int(torch.argmax(scores).item())
+        logprobs = self.log_distribution(logits, token_ids)  # (V,)
+        token = self.draw(logprobs)
         return token, float(logprobs[token].item())
 
 

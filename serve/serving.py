@@ -3,6 +3,9 @@
 Turns a ``GenerateRequest`` into an engine request (tokenize, truncate, check the token limits), waits for
 the engine's generations, builds TGI responses and stream events, cancels the request when the client goes
 away, and raises ``TGIError`` (status + TGI ``error_type``) for everything that is not a success.
+
+``until_disconnected`` is serve's one client-disconnect helper (the gateway has its own, with the same
+contract: cancel the work, wait until it has stopped, raise ``ClientGone``).
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
 
 from instructloop.prompt import encode_prompt
 from serve.engine import Engine, GenerationFailed, GenerationRequest, Overloaded, RequestHandle
@@ -33,8 +38,7 @@ from serve.versions import PolicyVersions, RefusedVersion, UnknownVersion
 
 log = logging.getLogger(__name__)
 
-Disconnected = Callable[[], Awaitable[None]]
-"""An awaitable that returns once the client has gone away."""
+T = TypeVar("T")
 
 
 class TGIError(Exception):
@@ -55,7 +59,33 @@ def validation_error(field: str, message: str) -> TGIError:
 
 
 class ClientGone(Exception):
-    """The client disconnected while we waited for the engine."""
+    """The client disconnected while we waited for the engine; the wait was cancelled."""
+
+
+async def until_disconnected(request: Request | None, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel ``work``, wait until it has stopped, and
+    raise ``ClientGone``. ``request=None`` (no HTTP client) just awaits ``work``."""
+    if request is None:
+        return await work
+    waiting = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_left(request))
+    try:
+        done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if waiting not in done:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        raise ClientGone()
+    return waiting.result()
+
+
+async def _client_left(request: Request) -> None:
+    """Return once the ASGI server reports that the client went away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 class GenerateServing:
@@ -74,6 +104,8 @@ class GenerateServing:
         if len(params.stop) > settings.max_stop_sequences:
             raise validation_error("stop", f"at most {settings.max_stop_sequences} stop sequences are allowed, "
                                            f"got {len(params.stop)}")
+        if params.top_n_tokens is not None and params.top_n_tokens > settings.max_top_n_tokens:
+            raise validation_error("top_n_tokens", f"must be <= {settings.max_top_n_tokens}")
         if params.truncate is not None and params.truncate > settings.max_input_tokens:
             raise validation_error("truncate", f"must be <= max_input_tokens = {settings.max_input_tokens}")
         prompt_ids = encode_prompt(self.tokenizer, request.inputs)  # the prompt contract, shared with the learner
@@ -98,6 +130,7 @@ class GenerateServing:
             max_new_tokens=max_new_tokens,
             sampling=params.to_sampling_params(),
             stop=list(params.stop),
+            top_n_tokens=params.top_n_tokens or 0,
         )
         return engine_request, prompt_ids
 
@@ -128,15 +161,13 @@ class GenerateServing:
             raise validation_error("adapter_id", str(exc)) from exc
 
     # ---- non-streaming -------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest, disconnected: Disconnected) -> GenerateResponse:
+    async def generate(self, request: GenerateRequest, raw_request: Request | None = None) -> GenerateResponse:
+        """Raises ``ClientGone`` (the request cancelled) when the client disconnects before the answer."""
         started = time.monotonic()
         handle, prompt_ids = await self.submit(request)
         generations: list[Generation] = []
         try:
-            await _until_disconnect(self._collect(handle, generations), disconnected)
-        except ClientGone:
-            handle.cancel()
-            raise
+            await until_disconnected(raw_request, self._collect(handle, generations))
         except GenerationFailed as exc:
             raise TGIError(424, ErrorType.generation, str(exc)) from exc
         finally:
@@ -156,6 +187,7 @@ class GenerateServing:
                 prefill=[PrefillToken(id=i, text=self.tokenizer.decode([i])) for i in prompt_ids]
                 if params.decoder_input_details else [],
                 tokens=[_token(g) for g in generations],
+                top_tokens=[_top_tokens(g) for g in generations] if params.top_n_tokens else [],
             )
         return GenerateResponse(generated_text=text, details=details, policy_version=last.policy_version)
 
@@ -165,14 +197,14 @@ class GenerateServing:
 
     # ---- streaming -----------------------------------------------------------------------------
     async def generate_stream(self, request: GenerateRequest,
-                              disconnected: Disconnected) -> tuple[str, AsyncIterator[str]]:
+                              raw_request: Request | None = None) -> tuple[str, AsyncIterator[str]]:
         """Wait for the first token (so errors before it are plain HTTP errors and the version header is
         known), then return (policy_version, SSE lines)."""
         started = time.monotonic()
         handle, prompt_ids = await self.submit(request)
         events = handle.events()
         try:
-            first = await _until_disconnect(events.__anext__(), disconnected)
+            first = await until_disconnected(raw_request, events.__anext__())
         except ClientGone:
             handle.cancel()
             raise
@@ -188,7 +220,8 @@ class GenerateServing:
         try:
             while generation is not None:
                 index += 1
-                event = StreamResponse(index=index, token=_token(generation), policy_version=generation.policy_version)
+                event = StreamResponse(index=index, token=_token(generation), top_tokens=_top_tokens(generation),
+                                       policy_version=generation.policy_version)
                 if generation.finish_reason is not None:
                     text = generation.generated_text or ""
                     event.generated_text = request.inputs + text if params.return_full_text else text
@@ -223,23 +256,11 @@ def _token(generation: Generation) -> Token:
                  special=generation.special)
 
 
+def _top_tokens(generation: Generation) -> list[Token]:
+    return [Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in generation.top_tokens]
+
+
 def _json(body: dict[str, str]) -> str:
     import json
 
     return json.dumps(body)
-
-
-async def _until_disconnect(work: Awaitable[Any], disconnected: Disconnected) -> Any:
-    """Await ``work``; raise ``ClientGone`` (and cancel it) if the client disconnects first."""
-    work_task = asyncio.ensure_future(work)
-    gone_task = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
-        if work_task in done:
-            return work_task.result()
-        work_task.cancel()
-        raise ClientGone()
-    finally:
-        gone_task.cancel()
-        if not work_task.done():
-            work_task.cancel()

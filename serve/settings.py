@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_total_tokens: int = 2048
     default_max_new_tokens: int = Field(100, description="Used when a request sets no max_new_tokens")
     max_stop_sequences: int = 4
+    max_top_n_tokens: int = Field(5, description="Most `top_n_tokens` a request may ask for (TGI's default)")
     registry_dir: Path | None = Field(None, description="Policy registry root; unset = serve the base model only")
     redis_url: str | None = Field(None, description="Redis holding the current-policy key and channel")
     stream_prefix: str = DEFAULT_PREFIX

@@ -59,8 +59,10 @@ log = logging.getLogger(__name__)
 
 class LabelingServing:
     def __init__(self, settings: Settings, store: LabelingStore, backend: Backend, completion_store: Store,
-                 tokenizer: Any, feedback: FeedbackServing, demonstrations: DemonstrationServing, registry: Registry):
+                 tokenizer: Any, feedback: FeedbackServing, demonstrations: DemonstrationServing, registry: Registry,
+                 tasks_counter: Any = None):
         self.settings = settings
+        self.tasks_counter = tasks_counter
         self.store = store
         self.backend = backend
         self.completion_store = completion_store
@@ -185,11 +187,17 @@ class LabelingServing:
         return await asyncio.to_thread(pick)
 
     # ---- tasks --------------------------------------------------------------------------------------
+    def _count(self, mode: str, result: Any, ok: str) -> Any:
+        if self.tasks_counter is not None:
+            self.tasks_counter.labels(mode, f"refused_{result.status}" if isinstance(result, APIError) else ok).inc()
+        return result
+
     async def next_task(self, mode: Mode, principal: Principal) -> Task | APIError:
         try:
-            return await self._next_task(mode, principal)
+            result = await self._next_task(mode, principal)
         except StoreUnavailable:
-            return self._unavailable()
+            result = self._unavailable()
+        return self._count(mode, result, "created")
 
     async def _next_task(self, mode: Mode, principal: Principal) -> Task | APIError:
         task: dict[str, Any] = {"task_id": uuid.uuid4().hex, "mode": mode, "labeler": principal.key_id,
@@ -258,7 +266,7 @@ class LabelingServing:
         task["answered"] = idempotency_key or "-"
         await self.store.save_task(task)
 
-    async def submit_rank(self, task_id: str, body: RankSubmission, principal: Principal,
+    async def _submit_rank(self, task_id: str, body: RankSubmission, principal: Principal,
                           idempotency_key: str | None) -> Submitted | APIError:
         try:
             task = await self._own_task(task_id, "rank", principal, idempotency_key)
@@ -304,7 +312,7 @@ class LabelingServing:
                                             "source": task["source"], "labeler": principal.key_id})
         return agreement
 
-    async def submit_compare(self, task_id: str, body: CompareSubmission, principal: Principal,
+    async def _submit_compare(self, task_id: str, body: CompareSubmission, principal: Principal,
                              idempotency_key: str | None) -> Submitted | APIError:
         try:
             task = await self._own_task(task_id, "compare", principal, idempotency_key)
@@ -325,7 +333,7 @@ class LabelingServing:
         except StoreUnavailable:
             return self._unavailable()
 
-    async def submit_demonstration(self, task_id: str, body: DemonstrationSubmission, principal: Principal,
+    async def _submit_demonstration(self, task_id: str, body: DemonstrationSubmission, principal: Principal,
                                    idempotency_key: str | None) -> Submitted | APIError:
         try:
             task = await self._own_task(task_id, "demonstration", principal, idempotency_key)
@@ -342,6 +350,19 @@ class LabelingServing:
         except StoreUnavailable:
             return self._unavailable()
 
+    async def submit_rank(self, task_id: str, body: RankSubmission, principal: Principal,
+                          idempotency_key: str | None) -> Submitted | APIError:
+        return self._count("rank", await self._submit_rank(task_id, body, principal, idempotency_key), "answered")
+
+    async def submit_compare(self, task_id: str, body: CompareSubmission, principal: Principal,
+                             idempotency_key: str | None) -> Submitted | APIError:
+        return self._count("compare", await self._submit_compare(task_id, body, principal, idempotency_key), "answered")
+
+    async def submit_demonstration(self, task_id: str, body: DemonstrationSubmission, principal: Principal,
+                                   idempotency_key: str | None) -> Submitted | APIError:
+        result = await self._submit_demonstration(task_id, body, principal, idempotency_key)
+        return self._count("demonstration", result, "answered")
+
     async def skip(self, task_id: str, principal: Principal) -> FeedbackAccepted | APIError:
         try:
             task = await self.store.task(task_id)
@@ -350,7 +371,7 @@ class LabelingServing:
                                 code="task_not_found")
             await self.store.delete_task(task_id)
             await self.store.count(principal.key_id, principal.name, skips=1)
-            return FeedbackAccepted(id=task_id)
+            return self._count(task["mode"], FeedbackAccepted(id=task_id), "skipped")
         except StoreUnavailable:
             return self._unavailable()
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from gateway.protocol import APIError, ErrorResponse
 from gateway.request_context import log_server_error
-from gateway.serving_completions import CompletionStream
+from gateway.serving_stream import CompletionStream
 from instructloop.wire import POLICY_VERSION_HEADER
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
@@ -20,10 +20,13 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.to_response_model().model_dump(), status_code=error.status, headers=error.headers)
 
 
-def render(result: BaseModel | CompletionStream | APIError | None, status_code: int = 200):
-    """A serving result as an HTTP response (``None``: the client went away, nobody reads the answer)."""
-    if result is None:
-        return JSONResponse({}, status_code=499)
+def client_gone() -> Response:
+    """What a request whose client disconnected gets (nobody reads it; 499 in the access log and metrics)."""
+    return Response(status_code=499)
+
+
+def render(result: BaseModel | CompletionStream | APIError, status_code: int = 200):
+    """A serving result as an HTTP response."""
     if isinstance(result, APIError):
         return error_response(result)
     if isinstance(result, CompletionStream):

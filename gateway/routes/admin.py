@@ -27,7 +27,8 @@ async def promote(version: str, admin: Admin, serving: PolicyAdmin,
 
 @router.post("/policies/{version}/pin", response_model=PolicyInfo, responses=ERRORS)
 async def pin(version: str, admin: Admin, serving: PolicyAdmin, body: Annotated[PolicyAction | None, Body()] = None):
-    """Make ``version`` current and mark it pinned (the learner does not promote over a pinned version)."""
+    """Make ``version`` current and mark it ``pinned``: while it is current, candidates that pass the learner's
+    gate are held back (published as ``held_back``), not promoted over it."""
     return render(await serving.set_current(version, PolicyStatus.pinned, admin, body.reason if body else None))
 
 

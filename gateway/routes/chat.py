@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from gateway.deps import AnyCaller, Completions
+from gateway.deps import AnyCaller, Chat
 from gateway.protocol import ChatCompletionRequest, ChatCompletionResponse
 from gateway.routes import ERRORS, render
 
@@ -10,6 +10,6 @@ router = APIRouter(tags=["chat"])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-async def create_chat_completion(body: ChatCompletionRequest, caller: AnyCaller, serving: Completions, request: Request):
+async def create_chat_completion(body: ChatCompletionRequest, caller: AnyCaller, serving: Chat, request: Request):
     """Chat completions: the messages go through the model's chat template."""
     return render(await serving.create_chat_completion(body, caller, request))

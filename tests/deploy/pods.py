@@ -354,7 +354,8 @@ class Cluster:
             except OSError as exc:
                 return False, f"tcp {container.pod.ip}:{port}: {exc}"
         if "exec" in probe:
-            result = self.exec(container, probe["exec"]["command"], timeout=max(timeout, 5))
+            # at least 10 s: spawning nsenter + sh + the command on a loaded 2-core machine can take seconds
+            result = self.exec(container, probe["exec"]["command"], timeout=max(timeout, 10))
             return result.returncode == 0, f"exec {probe['exec']['command']}: rc={result.returncode} " \
                                            f"{(result.stdout + result.stderr).strip()[-300:]}"
         raise AssertionError(f"unsupported probe {probe}")

@@ -27,7 +27,7 @@ COMPONENTS = ("serve", "gateway", "learner", "redis")
 CONTRACT = {
     "serve": {"port": 8080, "ports": {8080, 9090}, "ready": "/health", "prefix": "INSTRUCTLOOP_SERVE_"},
     "gateway": {"port": 8000, "ready": "/readyz", "live": "/healthz", "prefix": "INSTRUCTLOOP_GATEWAY_"},
-    "learner": {"port": 9100, "ready": "/metrics", "prefix": "INSTRUCTLOOP_LEARNER_"},
+    "learner": {"port": 9100, "ready": "/metrics", "live": "/healthz", "prefix": "INSTRUCTLOOP_LEARNER_"},
 }
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 

@@ -139,8 +139,10 @@ def _wait_probes(cluster: Cluster, container, kind: str, deadline: float) -> str
     if probe is None:
         return "none"
     period = probe.get("periodSeconds", 10)
-    budget = probe.get("failureThreshold", 3) * period if kind == "startupProbe" else 0
-    until = min(deadline, time.monotonic() + max(budget, 1))
+    # startup / liveness: failureThreshold misses in a row and the kubelet kills the container; readiness
+    # failing only keeps the pod out of its Services, so it is waited for (until the test's deadline)
+    budget = probe.get("failureThreshold", 3) * period if kind != "readinessProbe" else PROBE_BUDGET_S
+    until = min(deadline, time.monotonic() + budget)
     last = ""
     while True:
         if container.proc.poll() is not None:

@@ -177,13 +177,6 @@ def test_bad_completion_requests_get_openai_errors(gateway, body, status, param)
     assert error["message"] and error["param"] is not None and error["param"].split(".")[0] == param
 
 
-def test_chat_logprobs_are_refused(gateway):
-    with gateway.http("alice") as http:
-        response = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "logprobs": True,
-                                                            "messages": [{"role": "user", "content": "hi"}]})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
-
-
 def test_body_size_limit_and_unknown_route(gateway):
     with gateway.http("alice") as http:
         big = http.post("/v1/completions", content=b"{" + b" " * (2 << 20) + b"}", headers={"Content-Type": "application/json"})

@@ -120,6 +120,19 @@ def test_feedback_validation_matrix(gateway, redis_server, feedback, status, cod
     assert comparisons(redis_server) == []
 
 
+@pytest.mark.parametrize("kind", [None, "stars", 3], ids=["missing", "unknown", "not-a-string"])
+def test_a_missing_or_unknown_type_is_named_with_the_accepted_kinds(gateway, redis_server, kind):
+    body = {"completion_id": "cmpl-x", "ranking": [[0], [1]]} | ({} if kind is None else {"type": kind})
+    response = post(gateway, "alice", body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "type" and error["code"] == "validation_error"
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("type: ") and all(f"{k}" in error["message"] for k in ("ranking", "pairwise", "ab"))
+    assert "discriminator" not in error["message"]
+    assert comparisons(redis_server) == []
+
+
 def test_ab_refusals(gateway, redis_server):
     a = make_completion(gateway, prompt="Prompt A", n=1)
     b = make_completion(gateway, prompt="Prompt B", n=1)

@@ -5,6 +5,7 @@ open, one feedback per (caller, completion), Redis full (maxmemory), and every 5
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -103,13 +104,19 @@ def test_feedback_has_its_own_per_key_budget(start_gateway, serve, redis_server)
 
 
 def _fill(client) -> None:
-    """Redis over its maxmemory (noeviction): 1 MB of ballast, then maxmemory set 512 kB below what is used,
-    so small frees (client buffers) cannot bring it back under the limit by chance."""
+    """Redis over its maxmemory (noeviction): about 2 MB of small ballast values, a pause for Redis to shrink
+    its client buffers (a big write's query buffer is counted until then), then maxmemory 1 MB below what is
+    used, so no routine free can bring Redis back under the limit during the test."""
     import redis as redis_lib
 
     client.config_set("maxmemory-policy", "noeviction")
-    client.set("ballast", b"x" * 1_000_000)
-    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 512 * 1024)
+    for batch in range(20):
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(100):
+                pipe.set(f"ballast:{batch}:{i}", b"x" * 1024)
+            pipe.execute()
+    time.sleep(0.5)
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 1024 * 1024)
     with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
         client.set("probe", b"x")
 
@@ -128,7 +135,7 @@ def test_redis_full_completions_serve_feedback_503_nothing_half_written_alert(ga
     assert served.status_code == 200  # completions keep serving (they are not logged meanwhile)
     feedback = post(gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[0], [1]]},
                     **{"Idempotency-Key": "while-full"})
-    assert feedback.status_code == 503 and feedback.headers["Retry-After"]
+    assert feedback.status_code == 503 and feedback.headers["Retry-After"], feedback.text
     assert "full" in feedback.json()["error"]["message"]
     assert client.xlen(comparisons_key) == 0  # nothing half-written: no event, no idempotency or "rated" key
     assert stored_keys() == keys_before

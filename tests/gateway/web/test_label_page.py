@@ -13,6 +13,7 @@ from selenium.webdriver.common.keys import Keys
 from gateway.store import StoredChoice, StoredCompletion
 from instructloop.events import ComparisonEvent, DemonstrationEvent
 from instructloop.streams import Stream, stream_key
+from tests.gateway.conftest import ServeProcess
 from tests.gateway.web.conftest import press, screenshot, sign_in, task_record, upload_prompts, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,6 +31,55 @@ def shown_task(page, k: int) -> str:
     """Wait until a task with ``k`` responses is on screen; its id."""
     wait_for(lambda: len(page.find_elements(By.CSS_SELECTOR, "#responses li.response")) == k, what=f"{k} responses")
     return page.find_element(By.ID, "work").get_attribute("data-task-id")
+
+
+MARKUP = "<script>alert(1)"
+
+
+def build_markup_model(path, tokenizer, text: str):
+    """A one-layer Llama that writes ``text`` then EOS after any prompt: attention and MLP outputs are zeroed,
+    so the logits depend on the current token only; token embeddings are one-hot directions and the untied
+    head maps each token of ``text`` to the next (every other token to the first, the last to EOS)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(set(ids)) == len(ids), "the chain needs distinct tokens"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    start = len(ids)  # the direction of every token outside the chain
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embeddings.zero_()
+        embeddings[:, start] = 1.0
+        head.zero_()
+        head[ids[0], start] = 10.0
+        for k, token in enumerate(ids):
+            embeddings[token].zero_()
+            embeddings[token, k] = 1.0
+            head[ids[k + 1] if k + 1 < len(ids) else tokenizer.eos_token_id, k] = 10.0
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def markup_serve(tokenizer, tmp_path_factory):
+    """serve on a model whose every answer is markup."""
+    model_dir = build_markup_model(tmp_path_factory.mktemp("markup-model"), tokenizer, MARKUP)
+    process = ServeProcess(model_dir, tmp_path_factory.mktemp("markup-serve") / "serve.log")
+    try:
+        yield process.wait_ready()
+    finally:
+        process.stop()
 
 
 @pytest.fixture
@@ -82,6 +132,19 @@ def test_a_wrong_key_shows_a_clear_error_and_an_admin_key_is_refused(gateway, pa
     assert "admin key" in message and "/label/admin" in message
     assert page.execute_script("return sessionStorage.length") == 0  # the page never holds an admin key
     screenshot(page, "labeling-signin-error.png")
+
+
+def test_a_model_answer_with_a_script_tag_is_shown_as_text_and_runs_nothing(start_gateway, markup_serve,
+                                                                             redis_server, page):
+    gateway = start_gateway([markup_serve.url], redis_server.url, label_k=2, label_max_tokens=12)
+    upload_prompts(gateway, ["Say hi"])
+    sign_in(page, f"{gateway.url}/label", gateway.keys["lara"])
+    page.execute_script("window.alert = () => { window.__alerted = true; };")  # before the task renders
+    shown_task(page, 2)
+    texts = [item.get_attribute("textContent") for item in page.find_elements(By.CSS_SELECTOR, "#responses li .text")]
+    assert texts == [MARKUP, MARKUP]  # what the model wrote, character for character
+    assert page.execute_script("return window.__alerted === undefined && document.scripts.length === 2")
+    assert [e for e in page.get_log("browser") if e["source"] != "network"] == []
 
 
 def test_markup_in_model_text_is_shown_as_text_and_runs_nothing(gateway, redis_server, page):
