@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from instructloop.stackfile import StackFile  # noqa: E402
-from labeler.client import GatewayClient, record, simulate  # noqa: E402
+from labeler.client import GatewayClient, LabelerError, record, simulate  # noqa: E402
 from labeler.preferences import (  # noqa: E402
     DEFAULT_HELDOUT_PROMPTS,
     DEFAULT_PROMPTS,
@@ -59,7 +59,7 @@ WINRATE_N = 4
 
 LEARNER_ENV = {
     # the documented threshold knobs (README, "The knobs that matter"), sized for 16 training prompts
-    "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS": "16",
+    "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS": "8",
     "INSTRUCTLOOP_LEARNER_MIN_PROMPTS": "16",
 }
 
@@ -87,8 +87,9 @@ def learner_metrics(url: str) -> dict[str, float]:
             if sample.name in wanted:
                 policy = sample.labels.get("policy")
                 values[f"{sample.name}:{policy}" if policy else sample.name] = sample.value
-    if not values.get("learner_rm_updates_total"):
-        values.pop("learner_rm_heldout_accuracy", None)  # an unset gauge reads 0 before the first RM update
+    if not values.get("learner_rm_updates_total") or not values.get("learner_rm_heldout_accuracy"):
+        # an unset gauge reads 0: before the first RM update, or while no held-out comparison existed yet
+        values.pop("learner_rm_heldout_accuracy", None)
     return values
 
 
@@ -127,7 +128,8 @@ def plot(rows: list[dict], baseline_rate: float, preference: str, path: Path, mo
     for ax, (title, series) in zip(axes.flat, panels, strict=True):
         drawn = False
         for key, label in series:
-            points = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if r.get(key) is not None]
+            points = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if r.get(key) is not None
+                      and not (key == "learner_rm_heldout_accuracy" and r[key] == 0.0)]  # 0.0: not measured yet
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
                 drawn = True
@@ -188,12 +190,14 @@ def main() -> None:
              saved.get("model", "default"))
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its stack
     preference = load_preference(args.preference)
     train, heldout = read_prompts(DEFAULT_PROMPTS), read_prompts(DEFAULT_HELDOUT_PROMPTS)
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="instructloop-bench-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     learner_env = {**LEARNER_ENV, **dict(item.split("=", 1) for item in args.learner_env)}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **learner_env}
+    # on a loaded machine a K=4 chat completion can wait minutes for serve: the gateway must not give up first
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "INSTRUCTLOOP_GATEWAY_BACKEND_TIMEOUT_S": "900", **learner_env}
     argv = [sys.executable, "-m", "launcher.cli", "up", "--run-dir", str(run_dir), "--model", args.model,
             "--port", str(free_port()), "--stop-timeout", "30"]
     print(f"run dir: {run_dir}\nlearner settings: {json.dumps(learner_env, indent=1)}", flush=True)
@@ -201,18 +205,29 @@ def main() -> None:
     with open(run_dir / "up.log", "wb") as log_file:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     rows: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"command": "PYTHONPATH=. python bench/learning_curve.py " + " ".join(sys.argv[1:]),
+                    "model": args.model, "preference": args.preference, "k": K, "max_tokens": MAX_TOKENS,
+                    "temperature": TEMPERATURE, "learner_env": learner_env, "chat": True, "cpus": os.cpu_count(),
+                    "rows": rows}
+
+    def save() -> None:  # after every round: a run cut short still leaves its rows
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+
     try:
         stack = wait_for_stack(proc, run_dir, 900)
         startup_s = time.monotonic() - started
         keys = json.loads(Path(stack.keys_file).read_text())
         metrics_url = stack.components["learner"].url
         print(f"stack up in {startup_s:.0f}s", flush=True)
+        result["startup_s"] = round(startup_s, 1)
         with GatewayClient(stack.gateway_url, keys["labeler"], timeout=600, chat=True) as client:
             base = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=1)
             again = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=2)
             baseline_rate = win_rate(again["responses"], base["responses"], preference).rate
             base_stats = answer_stats(base["responses"], preference)
             print(f"baseline: base vs its own recording {baseline_rate:.3f}; base answers {base_stats}", flush=True)
+            result.update(baseline_win_rate=baseline_rate, base_answers=base_stats)
             t0, rankings, served, current_rate = time.monotonic(), 0, "base", baseline_rate
             current = {**answer_stats(again["responses"], preference)}
             current["length_ratio"] = current["length_mean"] / base_stats["length_mean"]
@@ -221,8 +236,12 @@ def main() -> None:
             round_index = 0
             while time.monotonic() - t0 < args.budget_s:
                 round_index += 1
-                summary = simulate(client, train, preference, rounds=1, k=K, max_tokens=MAX_TOKENS,
-                                   temperature=TEMPERATURE, seed=round_index * 100_000)
+                try:
+                    summary = simulate(client, train, preference, rounds=1, k=K, max_tokens=MAX_TOKENS,
+                                       temperature=TEMPERATURE, seed=round_index * 100_000)
+                except LabelerError as exc:  # serve starved for minutes: note it, keep labeling
+                    print(f"round {round_index}: {exc}", flush=True)
+                    continue
                 rankings += summary.rankings_posted
                 latest = summary.versions[-1] if summary.versions else served
                 new_version = latest != served
@@ -237,6 +256,7 @@ def main() -> None:
                        "served_version": served, "win_rate": current_rate, "new_version": new_version,
                        "labeler_errors": summary.errors, **current, **learner_metrics(metrics_url)}
                 rows.append(row)
+                save()
                 print(json.dumps(row), flush=True)
                 if proc.poll() is not None:
                     print(f"instructloop up exited with {proc.returncode}; see {run_dir}/up.log", flush=True)
@@ -245,14 +265,8 @@ def main() -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"command": "PYTHONPATH=. python bench/learning_curve.py " + " ".join(sys.argv[1:]),
-              "model": args.model, "preference": args.preference, "k": K, "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
-              "startup_s": round(startup_s, 1), "baseline_win_rate": baseline_rate, "learner_env": learner_env,
-              "base_answers": base_stats, "chat": True,
-              "cpus": os.cpu_count(), "rows": rows}
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    plot(rows, baseline_rate, args.preference, args.out / f"{args.name}.png", args.model)
+    save()
+    plot(rows, result["baseline_win_rate"], args.preference, args.out / f"{args.name}.png", args.model)
     print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
 
 

@@ -21,9 +21,11 @@ class RewardConfig:
 
     lr: float = 1e-5
     """AdamW learning rate (the paper used 9e-6 for its 6B RM; a 135M model tolerates about the same)."""
-    epochs: int = 1
-    """Passes over the comparisons. The paper trains one epoch: more overfits the RM quickly."""
-    rankings_per_batch: int = 8
+    epochs: int = 3
+    """Passes over the new comparisons of one update. The paper trains one epoch over 33k comparisons; online,
+    an update sees only the few new ones (``min_new_comparisons``, 16 with the documented knob for 16 prompts)
+    and never sees them again, so one pass is 2–4 optimizer steps and the RM barely learns: 3 passes."""
+    rankings_per_batch: int = 4
     """Rankings per optimizer step; all K responses of a ranking go into the same forward pass."""
     max_length: int = 512
     """Tokens per (prompt, response) sequence; the prompt is cut from the left to fit."""
@@ -87,8 +89,9 @@ class PPOConfig:
     """Prompts sampled (one response each) per round."""
     mini_batch_size: int = 4
     """Rollouts per PPO optimizer step; must divide ``rollout_batch_size``."""
-    ppo_epochs: int = 2
-    """Passes over the round's rollouts (each pass: shuffled minibatches)."""
+    ppo_epochs: int = 4
+    """Passes over the round's rollouts (each pass: shuffled minibatches). Generating the rollouts is most of a
+    round on CPU, so 4 passes get more learning out of them; the clipped ratio bounds each step."""
     lr: float = 3e-6
     """AdamW learning rate of the policy (and of the value model)."""
     value_lr: float | None = None
