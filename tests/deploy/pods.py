@@ -280,6 +280,13 @@ class Cluster:
         extra = []
         if self.venv is not None:
             extra += [f"mkdir -p {root}/opt/venv", f"mount --bind {self.venv} {root}/opt/venv"]
+            # The venv's scripts name its interpreter by its real path, and an editable install points at the
+            # checkout: when either lives under /tmp (a clone there, as CI may make), the pod's own /tmp
+            # (a tmpfs) hides it, so it is bound again at the same path inside that tmpfs.
+            for host_path in sorted({self.venv.resolve(), Path(__file__).resolve().parents[2]}):
+                if host_path.is_relative_to("/tmp"):
+                    extra += [f"mkdir -p {shlex.quote(str(root))}{shlex.quote(str(host_path))}",
+                              f"mount --bind {shlex.quote(str(host_path))} {shlex.quote(str(root))}{shlex.quote(str(host_path))}"]
         if image.baked_model and self.baked_model is not None:
             extra += [f"mkdir -p {root}/opt/instructloop",
                       f"mount --bind {self.baked_model} {root}/opt/instructloop",

@@ -177,8 +177,11 @@ def test_a_crash_loop_gives_up_and_reports_the_component(tmp_path: Path, supervi
         name="learner",
         argv=_python(f"""
             import pathlib, sys, time
-            pathlib.Path({str(ready)!r}).write_text("ok")
-            time.sleep(0.2)
+            ready = pathlib.Path({str(ready)!r})
+            first_start = not ready.exists()
+            ready.write_text("ok")
+            # the first start stays up long enough for start_all to see it healthy, even on a loaded machine
+            time.sleep(3.0 if first_start else 0.2)
             print("Traceback: learner cannot reach Redis", flush=True)
             sys.exit(4)
         """),
