@@ -34,6 +34,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+
 DOCKER_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "m": 1e-3}
 
@@ -280,13 +282,14 @@ class Cluster:
         extra = []
         if self.venv is not None:
             extra += [f"mkdir -p {root}/opt/venv", f"mount --bind {self.venv} {root}/opt/venv"]
-            # The venv's scripts name its interpreter by its real path, and an editable install points at the
-            # checkout: when either lives under /tmp (a clone there, as CI may make), the pod's own /tmp
-            # (a tmpfs) hides it, so it is bound again at the same path inside that tmpfs.
-            for host_path in sorted({self.venv.resolve(), Path(__file__).resolve().parents[2]}):
-                if host_path.is_relative_to("/tmp"):
-                    extra += [f"mkdir -p {shlex.quote(str(root))}{shlex.quote(str(host_path))}",
-                              f"mount --bind {shlex.quote(str(host_path))} {shlex.quote(str(root))}{shlex.quote(str(host_path))}"]
+        # The venv's scripts name their interpreter by its real path, and an editable install points at the
+        # checkout: when either lives under /tmp (a clone there, as CI may make), the pod's own /tmp (a tmpfs,
+        # or the manifest's emptyDir) hides it, so it is bound again at the same path, after the volumes.
+        unmask = []
+        for host_path in sorted({self.venv.resolve(), REPO} if self.venv is not None else set()):
+            if host_path.is_relative_to("/tmp"):
+                inside = shlex.quote(f"{root}{host_path}")
+                unmask += [f"mkdir -p {inside}", f"mount --bind {shlex.quote(str(host_path))} {inside}"]
         if image.baked_model and self.baked_model is not None:
             extra += [f"mkdir -p {root}/opt/instructloop",
                       f"mount --bind {self.baked_model} {root}/opt/instructloop",
@@ -306,6 +309,7 @@ class Cluster:
             f"hostname {shlex.quote(pod.name)}",
             *extra,
             *mounts,
+            *unmask,
             *([f"mount -o remount,bind,ro {root}"] if ro else []),
         ])
 
