@@ -38,6 +38,8 @@ class GatewayMetrics:
                                       "Redis operations that failed, by operation", ["operation"], registry=r)
         self.completions_logged = Counter("gateway_completions_logged_total",
                                           "Completions written to the completions stream", registry=r)
+        self.completions_unstored = Counter("gateway_completions_unstored_total",
+                                            "Answers served with store=false (neither kept nor logged)", registry=r)
         self.rate_limited = Counter("gateway_rate_limited_total", "Requests refused by the rate limit", registry=r)
         self.rate_limited_budget = Counter("gateway_rate_limited_budget_total",
                                            "Requests refused by a per-key budget (requests, generations, tokens, "

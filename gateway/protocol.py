@@ -113,6 +113,9 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = Field(default=None, max_length=256)
+    store: bool = Field(default=True, description=(
+        "false: the answer is not kept (no feedback on it) and never reaches the learner's data; for evaluation "
+        "traffic that must stay out of training. Default true: instructloop learns from what it serves."))
 
     @field_validator("best_of", "echo", "frequency_penalty", "logit_bias", "presence_penalty", "suffix")
     @classmethod
@@ -223,6 +226,9 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = Field(default=None, max_length=256)
+    store: bool = Field(default=True, description=(
+        "false: the answer is not kept (no feedback on it) and never reaches the learner's data; for evaluation "
+        "traffic that must stay out of training. Default true: instructloop learns from what it serves."))
 
     @field_validator("stop")
     @classmethod
@@ -245,7 +251,7 @@ class ChatCompletionRequest(BaseModel):
             model=self.model, prompt=prompt, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             n=self.n, seed=self.seed, stop=list(self.stop or []) or None, stream=self.stream,
-            temperature=self.temperature, top_p=self.top_p, user=self.user,
+            temperature=self.temperature, top_p=self.top_p, user=self.user, store=self.store,
         )
 
 

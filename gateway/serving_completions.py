@@ -125,11 +125,15 @@ class CompletionServing:
         completion_tokens = sum(g.generated_tokens for g in result.generations)
         self.metrics.tokens_in.inc(result.prompt_tokens)
         self.metrics.tokens_out.inc(completion_tokens)
-        await self.store.save_completion(stored, events)
+        if request.store:
+            await self.store.save_completion(stored, events)
+        else:
+            self.metrics.completions_unstored.inc()
         log.info("completion served", extra={"completion_id": result.completion_id, "caller": principal.key_id,
                                              "policy_version": result.policy_version, "choices": len(result.jobs),
                                              "prompt_tokens": result.prompt_tokens,
-                                             "completion_tokens": completion_tokens, "chat": chat})
+                                             "completion_tokens": completion_tokens, "chat": chat,
+                                             "stored": request.store})
 
     @staticmethod
     def usage(result: GeneratedChoices) -> Usage:

@@ -69,7 +69,8 @@ class FeedbackServing:
         completion = await self.store.get_completion(completion_id)
         if completion is None:
             return APIError(404, f"completion {completion_id!r} is unknown or expired (completions can be rated for "
-                                 f"{self.settings.completion_ttl_s} s)", param=param, code="completion_not_found")
+                                 f"{self.settings.completion_ttl_s} s; an answer served with store=false is never "
+                                 "kept)", param=param, code="completion_not_found")
         if principal.role is Role.user and completion.caller != principal.key_id:
             return APIError(403, f"completion {completion_id!r} was not served to this API key; users may rate only "
                                  "their own completions (labelers may rate any)", "permission_error", param=param,

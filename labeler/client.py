@@ -108,8 +108,11 @@ class GatewayClient:
         return response
 
     def complete(self, prompt: str, n: int, max_tokens: int, temperature: float,
-                 seed: int | None = None) -> Completion:
+                 seed: int | None = None, store: bool = True) -> Completion:
+        """One completion (chat or raw); ``store=False`` keeps it out of the learner's data (evaluation)."""
         payload: dict[str, Any] = {"model": self.model, "n": n, "max_tokens": max_tokens, "temperature": temperature}
+        if not store:
+            payload["store"] = False
         if self.chat:
             payload["messages"] = [{"role": "user", "content": prompt}]
         else:
@@ -268,14 +271,16 @@ def record(
     seed: int | None = None,
     concurrency: int = 4,
 ) -> dict[str, Any]:
-    """Responses of the version served now: ``{"policy_versions": [...], "responses": {prompt: [texts]}}``."""
+    """Responses of the version served now: ``{"policy_versions": [...], "responses": {prompt: [texts]}}``.
+
+    Asked with ``store: false``: evaluation answers never become the learner's prompts or feedback."""
     from concurrent.futures import ThreadPoolExecutor
 
     prompts = list(prompts)
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="record") as pool:
         completions = list(pool.map(
             lambda item: client.complete(item[1], n, max_tokens, temperature,
-                                         None if seed is None else seed + item[0] * n),
+                                         None if seed is None else seed + item[0] * n, store=False),
             enumerate(prompts),
         ))
     versions: list[str] = []

@@ -202,3 +202,20 @@ def test_a_vanishing_temperature_decodes_greedily(gateway):
     tiny = client.completions.create(model=MODEL_NAME, prompt="Tiny", max_tokens=5, temperature=5e-273)
     greedy = client.completions.create(model=MODEL_NAME, prompt="Tiny", max_tokens=5, temperature=0)
     assert tiny.choices[0].text == greedy.choices[0].text
+
+
+def test_store_false_keeps_an_answer_out_of_the_learners_data(gateway, redis_server):
+    """``store: false`` (OpenAI's field): the answer is served as usual, but neither logged to the completions
+    stream nor kept for feedback, so evaluation traffic never becomes training data."""
+    client = gateway.openai("alice")
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, n=2, temperature=0.7, store=False)
+    raw = client.completions.create(model=MODEL_NAME, prompt="The sea is", max_tokens=4, extra_body={"store": False})
+    assert len(chat.choices) == 2 and raw.choices[0].text is not None
+    kept = client.completions.create(model=MODEL_NAME, prompt="The sea is", max_tokens=4)
+    assert [e.completion_id for e in completion_events(redis_server)] == [kept.id]
+    with gateway.http("alice") as http:
+        refused = http.post("/v1/feedback", json={"type": "ranking", "completion_id": chat.id, "ranking": [[0], [1]]})
+        metrics = http.get("/metrics").text
+    assert refused.status_code == 404 and "store=false" in refused.json()["error"]["message"]
+    assert "gateway_completions_unstored_total 2.0" in metrics
