@@ -52,7 +52,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from instructloop.events import ComparisonEvent
     from instructloop.prompt import render_chat
-    from labeler.preferences import DEFAULT_HELDOUT_PROMPTS, DEFAULT_PROMPTS, load_preference, rank_texts, read_prompts
+    from labeler.preferences import (
+        DEFAULT_HELDOUT_PROMPTS,
+        DEFAULT_PROMPTS,
+        load_preference,
+        rank_texts,
+        read_prompts,
+    )
     from learner.config import PPOConfig, RewardConfig
     from learner.models import LearnerModels
     from learner.ppo import PPOPtxTrainer, generate_rollouts

@@ -271,6 +271,13 @@ class Dataset:
             "SELECT prompt, MAX(max_tokens) FROM prompts WHERE heldout = ? GROUP BY prompt "
             "ORDER BY seeded_rank(?, prompt) LIMIT ?", (int(heldout), seed, n))]
 
+    def earliest_queries(self, n: int, *, heldout: bool = True) -> list[TrafficPrompt]:
+        """The first ``n`` distinct prompts of one split to arrive, oldest first: a set that only grows until it
+        holds ``n`` and then stays fixed (the gate's held-out prompts, so the incumbent's samples stay valid)."""
+        return [TrafficPrompt(text, max_tokens) for text, max_tokens in self._all(
+            "SELECT prompt, MAX(max_tokens) FROM prompts WHERE heldout = ? GROUP BY prompt "
+            "ORDER BY MIN(seq) LIMIT ?", (int(heldout), n))]
+
     def live_win_rate(self, version: str, against: str) -> tuple[float, int]:
         """Win-rate of ``version`` over ``against`` in live comparisons that ranked responses of both.
 

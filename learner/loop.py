@@ -209,9 +209,7 @@ class Learner:
         if not queries:
             queries = [TrafficPrompt(p) for p in
                        sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=BIAS_SAMPLES)})]
-        from learner.evaluate import reference_samples
-
-        return [q.text for q in queries], reference_samples(self.reference, self.tokenizer, queries, self._eval_config())
+        return [q.text for q in queries], self.models.reference_answers(queries, self._eval_config())
 
     def _eval_config(self):
         from learner.config import EvalConfig
@@ -284,7 +282,8 @@ class Learner:
         return stats
 
     def _heldout_prompts(self) -> list[TrafficPrompt]:
-        queries = self.dataset.sample_queries(self.settings.eval_prompts, heldout=True, seed=self.settings.seed)
+        # fixed once eval_prompts held-out prompts exist: the incumbent's samples are then reused gate after gate
+        queries = self.dataset.earliest_queries(self.settings.eval_prompts, heldout=True)
         if not queries:  # no held-out completion yet: the prompts of held-out comparisons
             prompts = sorted({s.comparison.prompt for s in self.dataset.comparisons(heldout=True)})
             queries = [TrafficPrompt(p) for p in prompts[: self.settings.eval_prompts]]

@@ -39,6 +39,8 @@ class LearnerModels:
         self._reward = None
         self._incumbent_cache: tuple[tuple, str, Any] | None = None
         """(key, version, PolicySamples) of the last incumbent evaluated (see ``incumbent_samples``)."""
+        self._reference_answers: dict[tuple, str] = {}
+        """Greedy reference answers by (prompt, max_tokens, config): the RM's bias samples (``reference_answers``)."""
 
     @property
     def lora(self) -> bool:
@@ -48,6 +50,7 @@ class LearnerModels:
         """Forget every loaded model (after SFT changed the reference, or to reload from a checkpoint)."""
         self._tokenizer = self._adapter_base = self._reference = self._reward = None
         self._incumbent_cache = None
+        self._reference_answers = {}
 
     # ---- paths, device, tokenizer ----------------------------------------------------------------
     @property
@@ -232,6 +235,24 @@ class LearnerModels:
         samples = sample_policy(model, self.reference, self.tokenizer, prompts, config, max_tokens)
         self._incumbent_cache = (key, version, samples)
         return version, samples
+
+    def reference_answers(self, queries: list, config: Any) -> list[str]:
+        """Greedy answers of the reference to ``queries`` (``TrafficPrompt``s), the RM's bias samples. The
+        reference never changes (until SFT, which calls ``reset``), so each answer is generated once and kept:
+        an RM update then only generates for prompts it has not seen."""
+        from learner.evaluate import reference_samples
+
+        def key(query) -> tuple:
+            return query.text, query.max_tokens, repr(config)
+
+        missing = list({key(q): q for q in queries if key(q) not in self._reference_answers}.values())
+        if len(self._reference_answers) + len(missing) > 4096:  # bounded: a long-running learner sees many prompts
+            self._reference_answers.clear()
+            missing = list({key(q): q for q in queries}.values())
+        if missing:
+            answers = reference_samples(self.reference, self.tokenizer, missing, config)
+            self._reference_answers.update(zip(map(key, missing), answers, strict=True))
+        return [self._reference_answers[key(q)] for q in queries]
 
     def remember_incumbent(self, version: str, prompts: list[str], config: Any, samples: Any,
                            max_tokens: list[int | None] | None = None) -> None:

@@ -54,6 +54,21 @@ def test_prompt_sampling_is_distinct_and_seeded(tmp_path):
     assert len(dataset.sample_prompts(100)) == 30
 
 
+def test_the_gates_heldout_prompts_grow_to_n_then_stay_fixed(tmp_path):
+    """The gate evaluates on ``earliest_queries``: new traffic never changes a full set, so the incumbent's
+    samples on it stay valid gate after gate (a seeded sample of a growing pool changed with every prompt)."""
+    dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.0)
+    dataset.add(entries([completion(i) for i in range(3)], "completions"))
+    assert [q.text for q in dataset.earliest_queries(5, heldout=False)] == [completion(i).prompt for i in range(3)]
+    dataset.add(entries([completion(i) for i in range(3, 30)], "completions"))
+    full = [q.text for q in dataset.earliest_queries(5, heldout=False)]
+    assert full == [completion(i).prompt for i in range(5)]
+    dataset.add(entries([completion(i) for i in range(30, 60)] + [completion(99, prompt=completion(7).prompt)],
+                        "completions"))
+    assert [q.text for q in dataset.earliest_queries(5, heldout=False)] == full
+    assert dataset.earliest_queries(5, heldout=True) == []
+
+
 def test_prompt_sampling_memory_does_not_grow_with_the_number_of_prompts(tmp_path):
     """Finding 9: a round sampled its prompts from a list of EVERY distinct prompt (memory grew with traffic).
     With 4000 distinct 2 kB prompts (8 MB of text), sampling 8 allocates well under 1 MB."""
