@@ -8,7 +8,7 @@ settings and seed, and prints the ratios full / lora:
 
 - ``lora``: what the learner does by default (``INSTRUCTLOOP_LEARNER_TRAINING=lora``): one frozen
   SmolLM2-135M base, the policy, value model and RM as LoRA adapters on it (``learner.adapters``), the
-  reference = the base with adapters off; learning rates x ``AdapterConfig.lr_multiplier``;
+  reference = the base with adapters off; learning rate ``AdapterConfig.ppo_lr``;
 - ``full``: four 135M models (policy, reference, RM, value = copy of the RM), every weight trained.
 
 Each process: build the models, bias-normalise the RM on reference samples, one PPO-ptx round (ptx on the
@@ -80,10 +80,9 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
         reward_model = build_reward_model(model_dir)
-    scale = adapters.lr_multiplier if mode == "lora" else 1.0
     config = PPOConfig(rollout_batch_size=args.rollouts, mini_batch_size=args.mini_batch, ppo_epochs=1,
                        max_new_tokens=args.max_new_tokens, ptx_batch_size=2, ptx_seq_len=128, max_prompt_tokens=128,
-                       lr=3e-6 * scale, seed=0)
+                       lr=adapters.ppo_lr if mode == "lora" else 3e-6, seed=0)
     torch.manual_seed(0)
     samples = generate_rollouts(reference, tokenizer, PROMPTS[: args.rollouts], 128, args.max_new_tokens,
                                 do_sample=False, temperature=1.0)

@@ -43,6 +43,11 @@ def main() -> None:
     parser.add_argument("--adapters", default="{}", help="AdapterConfig overrides (JSON).")
     parser.add_argument("--eval-n", type=int, default=4, help="Samples per held-out prompt.")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--zero-value-head", action="store_true", help="The value model keeps the RM's adapter "
+                        "but starts from a zero head (values 0 until it learns).")
+    parser.add_argument("--dump", type=Path, default=None, help="JSONL file: the held-out answers after each step.")
+    parser.add_argument("--rm-cache", type=Path, default=None,
+                        help="Folder keeping the trained RM: written the first time, loaded after (same traffic).")
     parser.add_argument("--traffic", type=Path, default=None,
                         help="JSON file keeping the generated traffic: written the first time, read after.")
     args = parser.parse_args()
@@ -86,13 +91,16 @@ def main() -> None:
                     for ids, mask in zip(rollouts.responses, rollouts.response_mask, strict=True)]
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def share(groups: list[list[str]]) -> tuple[float, float]:
+    def share(groups: list[list[str]], step: str = "") -> tuple[float, float]:
         texts = [t for g in groups for t in g]
+        if args.dump is not None:
+            with args.dump.open("a") as dump:
+                dump.write(json.dumps({"step": step, "answers": texts}) + "\n")
         return sum(preference(t) > 0 for t in texts) / len(texts), sum(len(t) for t in texts) / len(texts)
 
     started = time.perf_counter()
     reference = models.reference
-    base_share, base_len = share(answers(reference, heldout, args.eval_n, seed=1))
+    base_share, base_len = share(answers(reference, heldout, args.eval_n, seed=1), "base")
     emit(step="base", share=base_share, length=base_len, s=time.perf_counter() - started)
 
     # traffic: K=4 answers per training prompt per labeling round, ranked; all-tied rankings are not posted
@@ -116,10 +124,17 @@ def main() -> None:
     emit(step="traffic", rankings=len(comparisons), heldout_rankings=len(held), s=time.perf_counter() - started)
 
     t0 = time.perf_counter()
-    rm = models.new_reward_model()
-    config = RewardConfig(**json.loads(args.reward))
-    config.lr *= models.lr_scale()
-    stats = train_reward_model(rm, tokenizer, comparisons, config, held or None)
+    config = RewardConfig(**{**models.mode_defaults("reward"), **json.loads(args.reward)})
+    if args.rm_cache is not None and args.rm_cache.exists():
+        from learner.adapters import ScoreAdapter
+
+        rm = models._reward = ScoreAdapter.load(models.adapter_base, "reward", args.rm_cache)
+        stats = {"train_accuracy": float("nan"), "heldout_accuracy": float("nan")}
+    else:
+        rm = models.new_reward_model()
+        stats = train_reward_model(rm, tokenizer, comparisons, config, held or None)
+        if args.rm_cache is not None:
+            rm.save_pretrained(args.rm_cache)
     flat_p = [p for p, ts in zip(heldout, held_texts, strict=True) for _ in ts]
     flat_t = [t for ts in held_texts for t in ts]
     scores = reward_scores(rm, tokenizer, flat_p, flat_t)
@@ -135,16 +150,20 @@ def main() -> None:
     rm.eval().requires_grad_(False)
 
     policy, value, _ = models.policy_and_value()
-    ppo = PPOConfig(**{"kl_coef": settings.kl_coef, "ptx_coef": settings.ptx_coef, **json.loads(args.ppo)})
-    ppo.lr *= models.lr_scale()
-    ppo.value_lr = ppo.value_lr * models.lr_scale() if ppo.value_lr is not None else None
+    if args.zero_value_head:
+        with torch.no_grad():
+            value.score.weight.zero_()
+            if value.score.bias is not None:
+                value.score.bias.zero_()
+    ppo = PPOConfig(**{"kl_coef": settings.kl_coef, "ptx_coef": settings.ptx_coef, **models.mode_defaults("ppo"),
+                       **json.loads(args.ppo)})
     ptx = PtxSource(tokenizer, None, seq_len=ppo.ptx_seq_len, batch_size=ppo.ptx_batch_size) if ppo.ptx_coef else None
     trainer = PPOPtxTrainer(policy, reference, value, rm, tokenizer, ppo, ptx)
     for r in range(args.rounds):
         t0 = time.perf_counter()
         result = trainer.round(chat, [48] * len(chat))
         round_s = time.perf_counter() - t0
-        s, length = share(answers(policy, heldout, args.eval_n, seed=1))
+        s, length = share(answers(policy, heldout, args.eval_n, seed=1), f"ppo{r + 1}")
         emit(step=f"ppo{r + 1}", share=s, win_rate=0.5 + 0.5 * (s - base_share), length_ratio=length / base_len,
              rm_score=result["rm_score_mean"], kl=result["kl"], approx_kl=result["approx_kl"],
              clip=result["clip_fraction"], ptx_ratio=result.get("ptx_heldout_nll_ratio"), round_s=round_s,

@@ -6,6 +6,7 @@ A preference function scores one response text, higher is better; equal scores a
 ``shorter``         fewer characters is better (score = -len(text))
 ``without:WORD``    fewer occurrences of WORD is better (score = -count; whole word, any case)
 ``with:WORD``       answers containing WORD are better (score = 1 if present else 0)
+``start:WORD``      answers whose first word is WORD are better (score = 1 or 0; case and punctuation kept)
 ``module:function``  your own: an importable function ``text -> float`` (higher is better)
 ==================  ========================================================================
 """
@@ -73,12 +74,27 @@ def with_word(word: str) -> PreferenceFunction:
     return score
 
 
+def start_word(word: str) -> PreferenceFunction:
+    """Answers whose first whitespace-separated word is ``word`` (exactly) are better: score = 1 or 0."""
+    word = word.strip()
+    if not word or any(c.isspace() for c in word):
+        raise PreferenceError("the word in start:WORD must be one word, e.g. start:The")
+
+    def score(text: str) -> float:
+        words = text.split(maxsplit=1)
+        return 1.0 if words and words[0] == word else 0.0
+
+    score.__name__ = f"start:{word}"
+    return score
+
+
 BUILTIN_PREFERENCES: dict[str, str] = {
     "shorter": "fewer characters is better",
     "without:WORD": "fewer occurrences of WORD is better",
     "with:WORD": "answers containing WORD are better",
+    "start:WORD": "answers whose first word is WORD are better",
 }
-_ACCEPTED = "use shorter, without:WORD, with:WORD, or module:function (an importable function text -> float)"
+_ACCEPTED = "use shorter, without:WORD, with:WORD, start:WORD, or module:function (an importable function text -> float)"
 
 
 def load_preference(spec: str) -> PreferenceFunction:
@@ -91,6 +107,8 @@ def load_preference(spec: str) -> PreferenceFunction:
         return without_word(tail)
     if sep and head == "with":
         return with_word(tail)
+    if sep and head == "start":
+        return start_word(tail)
     if not sep or not head or not tail:
         raise PreferenceError(f"unknown preference {spec!r}: {_ACCEPTED}")
     try:

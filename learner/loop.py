@@ -178,8 +178,8 @@ class Learner:
                                                         "rm_update": self.state.rm_updates + 1})
         with self.metrics.step_seconds.labels("reward_model").time():
             model = self.reward_model or self.models.new_reward_model()
-            config = RewardConfig(**{"seed": self.settings.seed + self.state.rm_updates, **self.settings.reward})
-            config.lr *= self.models.lr_scale()
+            config = RewardConfig(**{"seed": self.settings.seed + self.state.rm_updates,
+                                     **self.models.mode_defaults("reward"), **self.settings.reward})
             stats = numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
                                                 progress=self.progress))
             prompts, responses = self._bias_samples()
@@ -224,10 +224,7 @@ class Learner:
 
             policy, value, restored = self.models.policy_and_value()  # the value model starts from the RM
             config = PPOConfig(**{"kl_coef": self.settings.kl_coef, "ptx_coef": self.settings.ptx_coef,
-                                  "seed": self.settings.seed, **self.settings.ppo})
-            scale = self.models.lr_scale()
-            config.lr *= scale
-            config.value_lr = config.value_lr * scale if config.value_lr is not None else None
+                                  "seed": self.settings.seed, **self.models.mode_defaults("ppo"), **self.settings.ppo})
             ptx = None
             if config.ptx_coef > 0:
                 ptx = PtxSource(self.tokenizer, self.settings.ptx_corpus, seq_len=config.ptx_seq_len,

@@ -88,9 +88,13 @@ class LearnerModels:
         three copies of a 3.5 MB tokenizer.json were most of an adapter checkpoint's write time)."""
         return None if self.lora else self.tokenizer
 
-    def lr_scale(self) -> float:
-        """Learning rates are multiplied by this (``AdapterConfig.lr_multiplier`` in lora mode, else 1)."""
-        return self.adapter_config().lr_multiplier if self.lora else 1.0
+    def mode_defaults(self, role: str) -> dict[str, float]:
+        """Defaults of ``role``'s config ("reward" or "ppo") that depend on the training mode: in lora mode the
+        learning rate of ``AdapterConfig`` (``reward_lr`` / ``ppo_lr``), else nothing (the config's own
+        full fine-tuning rate). Settings override them: a rate the user sets is used as given."""
+        if not self.lora:
+            return {}
+        return {"lr": getattr(self.adapter_config(), f"{role}_lr")}
 
     def adapter_config(self):
         from learner.config import AdapterConfig

@@ -29,15 +29,12 @@ same random network and must find "banana" from the rankings alone. Every learne
 PPO sizes, learning rates, gate) is an ``INSTRUCTLOOP_LEARNER_*`` variable given to ``up`` below; seeds
 are fixed (the learner's, the labeler's per-request seeds).
 
-Training mode: the default, LoRA adapters (``INSTRUCTLOOP_LEARNER_TRAINING=lora``), with two adapter
-settings this designed model needs (``INSTRUCTLOOP_LEARNER_ADAPTERS``):
+Training mode: the default, LoRA adapters (``INSTRUCTLOOP_LEARNER_TRAINING=lora``). The learning rates below
+(PPO 5e-3, RM 3e-3) were tuned for this 2-layer model and are set explicitly, so they are used as given (lora
+mode's own defaults, ``AdapterConfig.reward_lr`` / ``ppo_lr``, are for the default model; at PPO 5e-2 the first
+round destroyed this policy: approx_kl 16, clip fraction 0.55, entropy 2.8 -> 9.7 nats, EOS rate 0.69 -> 0.06,
+no promotion in 37 rounds). One adapter setting this designed model needs (``INSTRUCTLOOP_LEARNER_ADAPTERS``):
 
-* ``lr_multiplier: 1``. The learning rates below (PPO 5e-3, RM 3e-3) were tuned for full fine-tuning of
-  this 2-layer model and are already large; lora mode multiplies every learning rate by
-  ``AdapterConfig.lr_multiplier`` (10 by default), and at PPO 5e-2 the first round destroyed the policy
-  (measured: approx_kl 16, clip fraction 0.55, entropy 2.8 -> 9.7 nats, EOS rate 0.69 -> 0.06, every later
-  candidate ~100 nats of KL from the reference, no promotion in 37 rounds). At x1 the rounds look like full
-  fine-tuning's (KL 0.2-1.5 nats, entropy ~2.7).
 * ``lm_head`` among the target modules. Everything this model prefers is in its lm_head (the informative
   rows differ only in their weight on hidden dimension 0); the default targets (attention and MLP
   projections) can only move the hidden state, and lowering " banana" that way lifts the 49k-token tail
@@ -135,7 +132,7 @@ ADAPTER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 LEARNER_ENV = {
     "INSTRUCTLOOP_LEARNER_SEED": "0",
     "INSTRUCTLOOP_LEARNER_TRAINING": "lora",  # the default, spelled out: this test is about the default path
-    "INSTRUCTLOOP_LEARNER_ADAPTERS": json.dumps({"target_modules": [*ADAPTER_TARGETS, "lm_head"], "lr_multiplier": 1}),
+    "INSTRUCTLOOP_LEARNER_ADAPTERS": json.dumps({"target_modules": [*ADAPTER_TARGETS, "lm_head"]}),
     "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS": "32",
     "INSTRUCTLOOP_LEARNER_MIN_PROMPTS": "8",
     "INSTRUCTLOOP_LEARNER_PROMPTS_PER_ROUND": "16",

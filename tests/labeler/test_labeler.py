@@ -48,6 +48,11 @@ def test_builtin_preferences():
     with_word = load_preference("with:sea")
     assert score_texts(["the sea", "SEA sea", "season"], with_word) == [1.0, 1.0, 0.0]
 
+    start = load_preference("start:The")
+    assert score_texts(["The sea.", "  The\nend", "the sea", "Then", "", "A The"], start) == [1, 1, 0, 0, 0, 0]
+    with pytest.raises(PreferenceError, match="one word"):
+        load_preference("start:The sea")
+
 
 def test_punctuation_word_matches_as_substring():
     without_bang = load_preference("without:!")
