@@ -47,6 +47,13 @@ def encode_query(tokenizer, prompt: str, max_tokens: int) -> list[int]:
 def encode_sequence(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
     """Token ids of query + response + EOS, at most ``max_length``: the response keeps up to
     ``max_length // 2`` tokens (cut from the right, EOS kept) and the query is cut from the left."""
+    query_ids, response_ids = encode_pair(tokenizer, prompt, response, max_length)
+    return query_ids + response_ids
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
+    """``encode_sequence`` split into (query ids, response ids + EOS): the query tokenized alone, as serve
+    tokenized it, and the response after it (never merged across the boundary)."""
     eos = tokenizer.eos_token_id
     response_ids = tokenizer(response, add_special_tokens=False).input_ids
     if not response_ids or response_ids[-1] != eos:
@@ -54,8 +61,7 @@ def encode_sequence(tokenizer, prompt: str, response: str, max_length: int) -> l
     response_budget = max(1, max_length // 2)
     if len(response_ids) > response_budget:
         response_ids = response_ids[: response_budget - 1] + [eos]
-    query_ids = encode_query(tokenizer, prompt, max_length - len(response_ids))
-    return query_ids + response_ids
+    return encode_query(tokenizer, prompt, max_length - len(response_ids)), response_ids
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,3 +32,33 @@ def test_run_sft_lowers_completion_loss(tiny_model_dir, tmp_path):
 def test_run_sft_refuses_empty(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="at least one demonstration"):
         run_sft(tiny_model_dir, [], tmp_path / "sft", SFTConfig())
+
+
+def test_sft_trains_on_the_token_ids_the_rm_and_ppo_see(tiny_model_dir, tmp_path, tokenizer):
+    """The prompt contract for SFT: TRL's batch holds ``encode_sequence`` of each demonstration (the query
+    tokenized alone, as serve did; then the response and EOS) with the loss on the response only, for a
+    rendered chat, a raw prompt, and a raw prompt ending in a space (where tokenizing prompt + completion as
+    one string, TRL's own way, merges tokens across the boundary), and for a long one cut to max_length."""
+    from instructloop.prompt import render_chat
+    from learner.reward import encode_pair, encode_sequence
+    from learner.sft import build_sft_trainer
+
+    demos = [
+        DemonstrationEvent(prompt=render_chat(tokenizer, [{"role": "user", "content": "Name a prime."}]),
+                           response="Seven.", labeler_id="l1", chat=True, route="chat.completions"),
+        DemonstrationEvent(prompt="The capital of France is", response=" Paris.", labeler_id="l1"),
+        DemonstrationEvent(prompt="The capital of France is ", response="Paris.", labeler_id="l1"),
+        DemonstrationEvent(prompt="word " * 100, response="end " * 40, labeler_id="l1"),
+    ]
+    joined = tokenizer(demos[2].prompt + demos[2].response)["input_ids"]
+    assert joined != encode_sequence(tokenizer, demos[2].prompt, demos[2].response, 512)[:-1]  # the case is real
+    config = SFTConfig(batch_size=4, max_length=64, min_demonstrations=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = build_sft_trainer(model, tokenizer, demos, tmp_path, config)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(demos))])
+    for row, demo in enumerate(demos):
+        query, response = encode_pair(tokenizer, demo.prompt, demo.response, config.max_length)
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert ids == encode_sequence(tokenizer, demo.prompt, demo.response, config.max_length) == query + response
+        trained = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert trained == response and response[-1] == tokenizer.eos_token_id
