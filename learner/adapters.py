@@ -25,9 +25,11 @@ A role's checkpoint folder is a standard PEFT adapter folder (``adapter_config.j
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,35 @@ class AdapterBase:
     def load_state(self, folder: Path) -> dict[str, torch.Tensor]:
         return load_file(str(Path(folder) / ADAPTER_WEIGHTS))
 
+    @contextlib.contextmanager
+    def merged(self, name: str) -> Iterator[bool]:
+        """Within: the base's own weights are W + s·B·A of adapter ``name`` and adapters are off, so a forward
+        runs no LoRA matmul (generation, where the per-layer LoRA path is a large share of a CPU decode step).
+        The exact base weights are copied back after (not subtracted: no rounding drift). Yields False, merging
+        nothing, when a target's weight is shared with another module (a tied lm_head: merging would change
+        the input embeddings too); the adapter is then applied as usual."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.peft.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+        tied = {id(p) for p in self.model.get_input_embeddings().parameters()}
+        if any(id(layer.get_base_layer().weight) in tied for layer in layers):
+            self.select(name)
+            yield False
+            return
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    weight = layer.get_base_layer().weight
+                    saved.append((weight, weight.detach().clone()))
+                    weight.add_(layer.get_delta_weight(name).to(weight.dtype))
+            self.select(None)
+            yield True
+        finally:
+            with torch.no_grad():
+                for weight, original in saved:
+                    weight.copy_(original)
+
 
 class PolicyAdapter(nn.Module):
     """A causal LM: the base with adapter ``name`` selected. ``parameters()`` = its LoRA tensors."""
@@ -151,8 +182,10 @@ class PolicyAdapter(nn.Module):
         return self.base.model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any):
-        self.base.select(self.adapter_name)
-        return self.base.model.generate(*args, **kwargs)
+        """Generation with the adapter merged into the base weights (``AdapterBase.merged``): the same model,
+        without the LoRA path in every decode step; logprobs for training come from ``forward``."""
+        with self.base.merged(self.adapter_name):
+            return self.base.model.generate(*args, **kwargs)
 
     def save_pretrained(self, folder: str | Path, **_: Any) -> None:
         self.base.save(self.adapter_name, Path(folder))

@@ -119,3 +119,44 @@ def test_an_lm_head_adapter_is_published_and_checkpointed_without_the_base_layer
     adapter = registry.load_adapter("v0001", base_sha256=base.sha256, base_shapes=shapes)
     lm_head_b = next(k for k in adapter.state if "lm_head.lora_B" in k)
     assert_close(adapter.state[lm_head_b], base.state_of("policy")[lm_head_b])
+
+
+def test_generation_with_the_adapter_merged_equals_the_adapter_and_restores_the_base_exactly(tiny_model_dir,
+                                                                                              tokenizer):
+    """``PolicyAdapter.generate`` runs with W + s·B·A merged into the base (no LoRA path per decode step): the
+    logits of its steps equal the adapter's own forward, the greedy tokens are the same, and afterwards every
+    base weight is bit-for-bit what it was. A tied lm_head among the targets is not merged (it would change the
+    input embeddings too)."""
+    torch.manual_seed(0)
+    base = AdapterBase(str(tiny_model_dir), AdapterConfig(r=4, alpha=8), tokenizer)
+    base.add("policy")
+    policy = PolicyAdapter(base, "policy")
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))  # B != 0: the adapter changes the model
+    base_weights = {k: v.clone() for k, v in base.model.state_dict().items() if "lora_" not in k}
+    input_ids, attention_mask = _inputs(tokenizer)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": 8, "do_sample": False,
+              "output_logits": True, "return_dict_in_generate": True, "pad_token_id": tokenizer.pad_token_id}
+
+    merged = policy.generate(**kwargs)
+    base.select("policy")
+    unmerged = base.model.generate(**kwargs)  # the LoRA path at every step
+    assert torch.equal(merged.sequences, unmerged.sequences)
+    assert_close(torch.stack(merged.logits), torch.stack(unmerged.logits), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        policy_logits = base.model(input_ids=input_ids, attention_mask=attention_mask).logits  # adapter selected
+    for name, tensor in base.model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, base_weights[name]), name
+    with base.merged("policy") as did_merge, torch.no_grad():
+        assert did_merge  # adapters off, merged weights: the policy's logits
+        assert_close(base.model(input_ids=input_ids, attention_mask=attention_mask).logits, policy_logits,
+                     rtol=1e-4, atol=1e-4)
+
+    tied = AdapterBase(str(tiny_model_dir), AdapterConfig(r=4, alpha=8, target_modules=("q_proj", "lm_head")),
+                       tokenizer)
+    assert tied.model.get_input_embeddings().weight is tied.model.get_output_embeddings().weight  # as SmolLM2's
+    tied.add("policy")
+    with tied.merged("policy") as did_merge:
+        assert not did_merge
