@@ -256,7 +256,8 @@ def train_reward_model(
     encoded = [_ranked_sequences(tokenizer, comparison, config.max_length) for comparison in comparisons]
     order_rng = random.Random(config.seed)
     batches = []
-    for _ in range(config.epochs):
+    epochs = config.epochs if len(comparisons) <= config.single_pass_above else 1
+    for _ in range(epochs):
         order = list(range(len(comparisons)))
         order_rng.shuffle(order)
         batches.extend(order[start : start + config.rankings_per_batch]
@@ -278,8 +279,9 @@ def train_reward_model(
         "loss": sum(losses) / len(losses),
         "train_accuracy": sum(accuracies) / len(accuracies),
         "steps": float(len(batches)),
-        "rankings": float(len(comparisons) * config.epochs),
-        "pairs": float(sum(len(c.pairs()) for c in comparisons) * config.epochs),
+        "rankings": float(len(comparisons) * epochs),
+        "pairs": float(sum(len(c.pairs()) for c in comparisons) * epochs),
+        "epochs": float(epochs),
         "sequences": float(sequences),
         "duration_s": duration,
         "sequences_per_s": sequences / duration if duration > 0 else math.inf,

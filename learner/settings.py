@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     # ---- hyperparameters -------------------------------------------------------------------------
     kl_coef: float = Field(0.02, ge=0, description="β: per-token KL penalty to the reference policy.")
     ptx_coef: float = Field(
-        1.0, ge=0,
-        description="γ: weight of the pretraining log-likelihood (0 = plain PPO; 1.0, not the paper's 27.8: see PPOConfig).",
+        0.1, ge=0,
+        description="γ: weight of the pretraining log-likelihood (0 = plain PPO; 0.1, not the paper's 27.8: see PPOConfig).",
     )
     ptx_corpus: str | None = Field(None, description="Text corpus for ptx (file, folder, HF dataset path); None = the shipped default.")
     reward: dict[str, Any] = Field(default_factory=dict, description="Overrides for RewardConfig (JSON).")

@@ -143,7 +143,8 @@ LEARNER_ENV = {
     "INSTRUCTLOOP_LEARNER_PTX_COEF": "0",
     "INSTRUCTLOOP_LEARNER_GATE_KL_CEILING": "20",
     "INSTRUCTLOOP_LEARNER_GATE_MIN_REWARD_GAIN": "2.0",
-    "INSTRUCTLOOP_LEARNER_REWARD": json.dumps({"lr": 3e-3, "epochs": 2, "rankings_per_batch": 8, "max_length": 96}),
+    "INSTRUCTLOOP_LEARNER_REWARD": json.dumps({"lr": 3e-3, "epochs": 2, "rankings_per_batch": 8, "max_length": 96,
+                                                "single_pass_above": 100_000}),
     "INSTRUCTLOOP_LEARNER_PPO": json.dumps({
         "lr": 5e-3, "rollout_batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 2, "temperature": TEMPERATURE,
         "max_new_tokens": MAX_TOKENS, "ptx_batch_size": 2, "ptx_seq_len": 32, "max_prompt_tokens": 64,

@@ -141,7 +141,8 @@ def test_gate_on_real_models_rejects_the_worse_policy_and_keeps_the_incumbent(re
                    for p in PROMPTS]
     reward_model = build_reward_model(str(tiny_model_dir))
     stats = train_reward_model(reward_model, tokenizer, comparisons * 4,
-                               RewardConfig(lr=3e-3, epochs=3, rankings_per_batch=4, max_length=64), comparisons)
+                               RewardConfig(lr=3e-3, epochs=3, rankings_per_batch=4, max_length=64,
+                                            single_pass_above=len(comparisons) * 4), comparisons)
     assert stats["heldout_accuracy"] == 1.0
     good, bad = _teach(tiny_model_dir, tokenizer, GOOD), _teach(tiny_model_dir, tokenizer, BAD)
 

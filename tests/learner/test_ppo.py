@@ -85,7 +85,8 @@ def run_experiment(tmp_path_factory, tokenizer) -> dict:
     comparisons_rng = random.Random(1)
     rm_stats = train_reward_model(
         reward_model, tokenizer, [synthetic_comparison(comparisons_rng) for _ in range(192)],
-        RewardConfig(lr=2e-3, epochs=2, max_length=96), heldout=[synthetic_comparison(comparisons_rng) for _ in range(48)],
+        RewardConfig(lr=2e-3, epochs=2, rankings_per_batch=4, max_length=96, single_pass_above=192),
+        heldout=[synthetic_comparison(comparisons_rng) for _ in range(48)],
     )
 
     heldout_windows = pretrain.fixed_batch(16)

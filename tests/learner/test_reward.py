@@ -68,7 +68,7 @@ def test_kwise_training_learns_synthetic_preference_and_bias_normalisation(rm_di
     heldout = [synthetic_comparison(rng) for _ in range(48)]
     model = build_reward_model(str(rm_dir))
     before = pairwise_accuracy(model, tokenizer, heldout)
-    config = RewardConfig(lr=2e-3, epochs=2, rankings_per_batch=8, max_length=96)
+    config = RewardConfig(lr=2e-3, epochs=2, rankings_per_batch=8, max_length=96, single_pass_above=192)
     stats = train_reward_model(model, tokenizer, train, config, heldout=heldout)
     assert stats["steps"] == 48 and stats["rankings"] == 384
     assert stats["heldout_accuracy"] >= 0.9, (before, stats)
@@ -102,6 +102,16 @@ def test_ties_are_skipped_and_a_batch_of_only_ties_is_refused(rm_dir, tokenizer)
     assert stats["pairs"] == 1.0 and stats["rankings"] == 1.0
     with pytest.raises(ValueError, match="implies a"):
         train_reward_model(model, tokenizer, [tie], config)
+
+
+def test_a_backlog_above_single_pass_above_is_trained_once(rm_dir, tokenizer):
+    model = build_reward_model(str(rm_dir))
+    votes = [ComparisonEvent(prompt=f"Say hi {i}", responses=["hi", "go away"], ranking=[[0], [1]], labeler_id="l")
+             for i in range(3)]
+    config = RewardConfig(epochs=2, rankings_per_batch=1, single_pass_above=2)
+    assert train_reward_model(model, tokenizer, votes[:2], config)["steps"] == 4.0  # 2 rankings: 2 passes
+    stats = train_reward_model(model, tokenizer, votes, config)  # 3 > 2: one pass
+    assert (stats["steps"], stats["epochs"], stats["rankings"]) == (3.0, 1.0, 3.0)
 
 
 def test_training_a_frozen_reward_model_trains_it_but_keeps_the_bias(rm_dir, tokenizer):
