@@ -65,6 +65,11 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 """Bounds on ``stop``: it is copied into every per-prompt completion event, so it must be small."""
 
+Store = Annotated[bool, Field(description=(
+    "false: the answer is not kept (no feedback on it) and never reaches the learner's data; for evaluation "
+    "traffic that must stay out of training. Default true: instructloop learns from what it serves."))]
+"""OpenAI's ``store`` field, on both completion routes."""
+
 StopSequences = (Annotated[str, Field(max_length=MAX_STOP_CHARS)]
                  | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
                              Field(max_length=MAX_STOP_SEQUENCES)]
@@ -113,9 +118,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = Field(default=None, max_length=256)
-    store: bool = Field(default=True, description=(
-        "false: the answer is not kept (no feedback on it) and never reaches the learner's data; for evaluation "
-        "traffic that must stay out of training. Default true: instructloop learns from what it serves."))
+    store: Store = True
 
     @field_validator("best_of", "echo", "frequency_penalty", "logit_bias", "presence_penalty", "suffix")
     @classmethod
@@ -226,9 +229,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = Field(default=None, max_length=256)
-    store: bool = Field(default=True, description=(
-        "false: the answer is not kept (no feedback on it) and never reaches the learner's data; for evaluation "
-        "traffic that must stay out of training. Default true: instructloop learns from what it serves."))
+    store: Store = True
 
     @field_validator("stop")
     @classmethod

@@ -267,16 +267,18 @@ class Dataset:
 
         Sampled inside SQLite: distinct prompts come grouped off the (heldout, prompt) index and ordered by a
         seeded hash with ``LIMIT n``, so memory stays O(n) however many prompts traffic has brought."""
-        return [TrafficPrompt(text, max_tokens) for text, max_tokens in self._all(
-            "SELECT prompt, MAX(max_tokens) FROM prompts WHERE heldout = ? GROUP BY prompt "
-            "ORDER BY seeded_rank(?, prompt) LIMIT ?", (int(heldout), seed, n))]
+        return self._queries("seeded_rank(?, prompt)", (int(heldout), seed, n))
 
     def earliest_queries(self, n: int, *, heldout: bool = True) -> list[TrafficPrompt]:
         """The first ``n`` distinct prompts of one split to arrive, oldest first: a set that only grows until it
         holds ``n`` and then stays fixed (the gate's held-out prompts, so the incumbent's samples stay valid)."""
+        return self._queries("MIN(seq)", (int(heldout), n))
+
+    def _queries(self, order: str, args: tuple) -> list[TrafficPrompt]:
+        """Distinct prompts of one split (args: heldout, the ``order`` expression's arguments, limit)."""
         return [TrafficPrompt(text, max_tokens) for text, max_tokens in self._all(
             "SELECT prompt, MAX(max_tokens) FROM prompts WHERE heldout = ? GROUP BY prompt "
-            "ORDER BY MIN(seq) LIMIT ?", (int(heldout), n))]
+            f"ORDER BY {order} LIMIT ?", args)]
 
     def live_win_rate(self, version: str, against: str) -> tuple[float, int]:
         """Win-rate of ``version`` over ``against`` in live comparisons that ranked responses of both.
