@@ -97,32 +97,32 @@ def tokenizer():
     return load_default_tokenizer()
 
 
-def build_tiny_model_dir(path: Path, tokenizer, seed: int = 0, **config_overrides) -> Path:
-    """Save a tiny random-init Llama (same vocab as the real tokenizer) plus the tokenizer to ``path``."""
+def tiny_llama(tokenizer, seed: int = 0, **config_overrides):
+    """A tiny random-init Llama with the real tokenizer's vocabulary and special tokens (2 layers, hidden 64,
+    tied embeddings unless overridden)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **config_overrides,
-    )
-    model = LlamaForCausalLM(config)
+    config = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **config_overrides}
+    return LlamaForCausalLM(LlamaConfig(**config))
+
+
+def save_model_dir(model, tokenizer, path: Path) -> Path:
+    """Save ``model`` (its generation config taking the tokenizer's pad and EOS) and the tokenizer to ``path``."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_tiny_model_dir(path: Path, tokenizer, seed: int = 0, **config_overrides) -> Path:
+    """Save a tiny random-init Llama (same vocab as the real tokenizer) plus the tokenizer to ``path``."""
+    return save_model_dir(tiny_llama(tokenizer, seed, **config_overrides), tokenizer, path)
 
 
 @pytest.fixture(scope="session")

@@ -74,7 +74,7 @@ from labeler.preferences import (
     read_prompts,
     win_rate,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, save_model_dir, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_WORD = " banana"
@@ -91,15 +91,8 @@ def build_concentrated_model(path: Path, tokenizer, seed: int = 0, p_target: flo
                              p_rest: float = 0.01) -> Path:
     """A tiny Llama whose next-token distribution sits on a few tokens (see the module docstring)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tokenizer, seed, tie_word_embeddings=False).eval()
     word_ids = [tokenizer.encode(word)[0] for word in WORDS]
     target_id = tokenizer.encode(TARGET_WORD)[0]
     assert tokenizer.decode([target_id]) == TARGET_WORD and len({*word_ids, target_id, tokenizer.eos_token_id}) == 14
@@ -121,11 +114,7 @@ def build_concentrated_model(path: Path, tokenizer, seed: int = 0, p_target: flo
             lm_head[token_id, 1:] = torch.randn(lm_head.shape[1] - 1, generator=generator) * 0.05
         lm_head[target_id, 0] = logit(p_target) / h0
         lm_head[tokenizer.eos_token_id, 0] = logit(p_eos) / h0
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_model_dir(model, tokenizer, path)
 
 
 ADAPTER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the default

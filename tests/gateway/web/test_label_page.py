@@ -13,6 +13,7 @@ from selenium.webdriver.common.keys import Keys
 from gateway.store import StoredChoice, StoredCompletion
 from instructloop.events import ComparisonEvent, DemonstrationEvent
 from instructloop.streams import Stream, stream_key
+from tests.conftest import save_model_dir, tiny_llama
 from tests.gateway.conftest import ServeProcess
 from tests.gateway.web.conftest import press, screenshot, sign_in, task_record, upload_prompts, wait_for
 
@@ -41,15 +42,10 @@ def build_markup_model(path, tokenizer, text: str):
     so the logits depend on the current token only; token embeddings are one-hot directions and the untied
     head maps each token of ``text`` to the next (every other token to the first, the last to EOS)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(set(ids)) == len(ids), "the chain needs distinct tokens"
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer, num_hidden_layers=1, tie_word_embeddings=False)
     start = len(ids)  # the direction of every token outside the chain
     with torch.no_grad():
         for layer in model.model.layers:
@@ -64,11 +60,7 @@ def build_markup_model(path, tokenizer, text: str):
             embeddings[token].zero_()
             embeddings[token, k] = 1.0
             head[ids[k + 1] if k + 1 < len(ids) else tokenizer.eos_token_id, k] = 10.0
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_model_dir(model, tokenizer, path)
 
 
 @pytest.fixture(scope="module")
