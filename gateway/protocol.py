@@ -65,10 +65,9 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 """Bounds on ``stop``: it is copied into every per-prompt completion event, so it must be small."""
 
-Store = Annotated[bool, Field(description=(
+Store = Annotated[bool, Field(description=(  # OpenAI's store field, on both completion routes
     "false: the answer is not kept (no feedback on it) and never reaches the learner's data; for evaluation "
     "traffic that must stay out of training. Default true: instructloop learns from what it serves."))]
-"""OpenAI's ``store`` field, on both completion routes."""
 
 StopSequences = (Annotated[str, Field(max_length=MAX_STOP_CHARS)]
                  | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
