@@ -53,12 +53,14 @@ def is_adapter_folder(folder: str | Path) -> bool:
 class AdapterBase:
     """The frozen base causal LM, loaded once, with named LoRA adapters."""
 
-    def __init__(self, model_path: str, config: AdapterConfig, tokenizer: Any, device: str = "cpu"):
+    def __init__(self, model_path: str, config: AdapterConfig, tokenizer: Any, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        """The base's weights are held in ``dtype`` (frozen); peft keeps every adapter's tensors in float32."""
         from transformers import AutoModelForCausalLM
 
         self.model_path = model_path
         self.config = config
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         self.model = disable_dropout(model).to(device).eval().requires_grad_(False)

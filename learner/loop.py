@@ -366,22 +366,23 @@ class Learner:
         self.metrics.beat()
         if not self.stop_requested:
             self.follow_rollback()
-        # a pending candidate is gated unless it still collects live votes (learner/live_gate.py)
-        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
-            report.version = self.state.pending_candidate
-            report.gate = self.gate_and_publish()
-        if not self.stop_requested:
-            report.sft = self.maybe_run_sft()
-            self.metrics.beat()
-        if not self.stop_requested:
-            report.reward = self.maybe_update_reward_model()
-            self.metrics.beat()
-        if not self.stop_requested:
-            report.ppo = self.maybe_run_ppo_round()
-            self.metrics.beat()
-        if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
-            report.version = self.state.pending_candidate
-            report.gate = self.gate_and_publish()
+        with self.models.autocast():  # mixed precision when Settings.dtype is bfloat16 (nothing at float32)
+            # a pending candidate is gated unless it still collects live votes (learner/live_gate.py)
+            if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
+                report.version = self.state.pending_candidate
+                report.gate = self.gate_and_publish()
+            if not self.stop_requested:
+                report.sft = self.maybe_run_sft()
+                self.metrics.beat()
+            if not self.stop_requested:
+                report.reward = self.maybe_update_reward_model()
+                self.metrics.beat()
+            if not self.stop_requested:
+                report.ppo = self.maybe_run_ppo_round()
+                self.metrics.beat()
+            if not self.stop_requested and self.state.pending_candidate and not awaiting_live_votes(self):
+                report.version = self.state.pending_candidate
+                report.gate = self.gate_and_publish()
         report.duration_s = time.perf_counter() - started
         if report.trained:
             self.metrics.step_seconds.labels("round").observe(report.duration_s)

@@ -70,6 +70,21 @@ class LearnerModels:
         return self._device
 
     @property
+    def dtype(self):
+        """The dtype of frozen weights and of autocast (``Settings.dtype``); trained weights stay float32."""
+        import torch
+
+        return getattr(torch, self.settings.resolved_dtype())
+
+    def autocast(self):
+        """Mixed precision for the learner's forward passes: ``torch.autocast`` in ``dtype`` on the learner's
+        device, or nothing at float32."""
+        import torch
+
+        return torch.autocast(torch.device(self.device).type, dtype=self.dtype,
+                              enabled=self.dtype != torch.float32)
+
+    @property
     def tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
@@ -107,16 +122,18 @@ class LearnerModels:
         if self._adapter_base is None:
             from learner.adapters import AdapterBase
 
-            self._adapter_base = AdapterBase(self.reference_path, self.adapter_config(), self.tokenizer, self.device)
+            self._adapter_base = AdapterBase(self.reference_path, self.adapter_config(), self.tokenizer, self.device,
+                                             self.dtype)
         return self._adapter_base
 
-    def _causal_lm(self, path: str | Path):
+    def _causal_lm(self, path: str | Path, frozen: bool = False):
+        """A causal LM on the learner's device: float32 when trained, in ``dtype`` when ``frozen``."""
         import torch
         from transformers import AutoModelForCausalLM
 
         from learner.reward import disable_dropout
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype if frozen else torch.float32)
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         model.generation_config.eos_token_id = self.tokenizer.eos_token_id
         return disable_dropout(model).to(self.device)
@@ -140,7 +157,7 @@ class LearnerModels:
 
                 self._reference = ReferenceModel(self.adapter_base)
             else:
-                self._reference = self._causal_lm(self.reference_path).eval().requires_grad_(False)
+                self._reference = self._causal_lm(self.reference_path, frozen=True).eval().requires_grad_(False)
         return self._reference
 
     @property
@@ -212,7 +229,7 @@ class LearnerModels:
             base.add("incumbent", adapter.state)
             return PolicyAdapter(base, "incumbent").eval()
         registry.verify(version)
-        return self._causal_lm(registry.version_dir(version)).eval()
+        return self._causal_lm(registry.version_dir(version), frozen=True).eval()
 
     def incumbent_samples(self, registry: Registry, prompts: list[str], config: Any,
                           max_tokens: list[int | None] | None = None) -> tuple[str, Any]:

@@ -160,7 +160,8 @@ def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state  # (B, T, H)
-    return score_head(model)(hidden).squeeze(-1)  # (B, T)
+    head = score_head(model)  # float32 over a bfloat16 backbone in mixed precision (Settings.dtype)
+    return head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
 
     # ---- runtime ---------------------------------------------------------------------------------
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'…")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Compute dtype ('auto': bfloat16 on CUDA, float32 on CPU). bfloat16 = mixed precision: "
+        "frozen weights (the LoRA base, full mode's reference) are held in bfloat16 and every forward pass runs "
+        "under torch.autocast; trained weights (adapters, score heads, full mode's policy, value model and RM) "
+        "and their optimizer state stay float32.")
     seed: int = 0
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (None = torch's default). 1 avoids spin-wait thrashing on "
@@ -145,3 +150,8 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
