@@ -22,14 +22,15 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, *args: str, threads: int, log_path: Path, **env: str):
+    def __init__(self, *args: str, threads: int, log_path: Path, device: str = "cpu", **env: str):
         self.port = free_port()
         self.log = open(log_path, "w")
-        full_env = dict(os.environ, PYTHONPATH=str(ROOT), INSTRUCTLOOP_SERVE_TORCH_THREADS=str(threads),
+        pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        full_env = dict(os.environ, PYTHONPATH=pythonpath, INSTRUCTLOOP_SERVE_TORCH_THREADS=str(threads),
                         TOKENIZERS_PARALLELISM="false", **env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "launcher.cli", "serve", "run", "--host", "127.0.0.1", "--port", str(self.port),
-             "--device", "cpu", *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+             "--device", device, *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
 
     @property
     def url(self) -> str:

@@ -1,7 +1,10 @@
 """LoRA adapters vs full fine-tuning on the default model: one PPO-ptx round, checkpoint + publish, peak RSS.
 
-    PYTHONPATH=. nice -n 5 .venv/bin/python bench/adapter_round.py [--rollouts 4] [--mini-batch 2]
-        [--max-new-tokens 24] [--threads 1]
+    PYTHONPATH=. nice -n 5 .venv/bin/python bench/adapter_round.py [--rollouts 16] [--mini-batch 4] [--epochs 4]
+        [--max-new-tokens 64] [--threads 1] [--device cuda --dtype bfloat16]
+
+The defaults are the learner's own ``PPOConfig`` (what a round of the service does); ``--rollouts 4
+--mini-batch 2 --epochs 1 --max-new-tokens 24`` is the small round of the first measurements.
 
 Runs the same measurement twice, each in its own process (so peak RSS is the mode's own), with the same
 settings and seed, and prints the ratios full / lora:
@@ -16,6 +19,10 @@ shipped corpus), then a learner checkpoint of policy + value + optimizer state (
 fsync'ed) and a registry publish of the policy (written, then ``set_current``, which re-hashes it). The
 base's sha256 (what an adapter version records) is computed once per learner process; it is reported
 apart (``base_sha256_s``) and not counted in publish.
+
+``--device cuda --dtype bfloat16`` is the learner's mixed precision on a GPU (``INSTRUCTLOOP_LEARNER_DTYPE``):
+frozen weights in bfloat16, trained weights float32, the round under ``torch.autocast``; peak GPU memory
+(``torch.cuda.max_memory_allocated``) is reported beside peak RSS.
 """
 
 from __future__ import annotations
@@ -65,7 +72,9 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model_dir = str(prepare_default_model())
+    device, dtype = args.device, getattr(torch, args.dtype)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    model_dir = args.model or str(prepare_default_model())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rss_start = _rss_mb()
     started = time.perf_counter()
@@ -73,21 +82,22 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     if mode == "lora":
         from learner.adapters import AdapterBase, PolicyAdapter, ReferenceModel, ScoreAdapter
 
-        base = AdapterBase(model_dir, adapters, tokenizer)
+        base = AdapterBase(model_dir, adapters, tokenizer, device, dtype)
         reference = ReferenceModel(base)
         reward_model = ScoreAdapter.fresh(base, "reward", tokenizer.pad_token_id, seed=0)
-    else:
-        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        reward_model = build_reward_model(model_dir)
-    config = PPOConfig(rollout_batch_size=args.rollouts, mini_batch_size=args.mini_batch, ppo_epochs=1,
+    else:  # trained weights float32, the frozen reference in dtype (as LearnerModels does)
+        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval().requires_grad_(False)
+        reward_model = build_reward_model(model_dir).to(device)
+    config = PPOConfig(rollout_batch_size=args.rollouts, mini_batch_size=args.mini_batch, ppo_epochs=args.epochs,
                        max_new_tokens=args.max_new_tokens, ptx_batch_size=2, ptx_seq_len=128, max_prompt_tokens=128,
                        lr=adapters.ppo_lr if mode == "lora" else 3e-6, seed=0)
     torch.manual_seed(0)
-    samples = generate_rollouts(reference, tokenizer, PROMPTS[: args.rollouts], 128, args.max_new_tokens,
-                                do_sample=False, temperature=1.0)
-    normalize_reward_bias(reward_model, tokenizer, PROMPTS[: args.rollouts],
-                          tokenizer.batch_decode(samples.responses, skip_special_tokens=True))
+    with autocast:
+        samples = generate_rollouts(reference, tokenizer, PROMPTS[: args.rollouts], 128, args.max_new_tokens,
+                                    do_sample=False, temperature=1.0)
+        normalize_reward_bias(reward_model, tokenizer, PROMPTS[: args.rollouts],
+                              tokenizer.batch_decode(samples.responses, skip_special_tokens=True))
     if mode == "lora":
         value_model = reward_model.copy_as("value")
         base.add("policy")
@@ -98,7 +108,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     trainer = PPOPtxTrainer(policy, reference, value_model, reward_model, tokenizer, config, ptx)
     setup_s = time.perf_counter() - started
 
-    stats = trainer.round(PROMPTS)
+    with autocast:
+        stats = trainer.round(PROMPTS)
 
     with tempfile.TemporaryDirectory(prefix=f"bench-{mode}-", dir=args.workdir) as tmp:
         store = CheckpointStore(Path(tmp) / "state")
@@ -139,17 +150,32 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         "trained_params_policy_value": trained,
         "rss_after_imports_mb": round(rss_start),
         "peak_rss_mb": round(_rss_mb()),
+        "device": device,
+        "dtype": args.dtype,
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
         "load_average": round(os.getloadavg()[0], 1),
     }
 
 
+def _learner_defaults():
+    from learner.config import PPOConfig
+
+    return PPOConfig()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rollouts", type=int, default=4)
-    parser.add_argument("--mini-batch", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    defaults = _learner_defaults()
+    parser.add_argument("--rollouts", type=int, default=defaults.rollout_batch_size)
+    parser.add_argument("--mini-batch", type=int, default=defaults.mini_batch_size)
+    parser.add_argument("--epochs", type=int, default=defaults.ppo_epochs)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default=None, help="where checkpoints and versions are written (tmp)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="frozen weights and autocast (trained weights stay float32)")
+    parser.add_argument("--model", default=None, help="a model folder (default: the prepared default model)")
     parser.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--modes", default="lora,full", help="modes to run, in this order")
     args = parser.parse_args(argv)
@@ -159,7 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for mode in args.modes.split(","):
         command = [sys.executable, __file__, "--mode", mode, "--rollouts", str(args.rollouts), "--mini-batch",
-                   str(args.mini_batch), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+                   str(args.mini_batch), "--epochs", str(args.epochs), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
+                   "--device", args.device, "--dtype", args.dtype]
+        if args.model:
+            command += ["--model", args.model]
         if args.workdir:
             command += ["--workdir", args.workdir]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -174,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             "update_plus_ptx": round((full["update_s"] + full["ptx_s"]) / (lora["update_s"] + lora["ptx_s"]), 2),
             "checkpoint_plus_publish": round(full["checkpoint_publish_s"] / lora["checkpoint_publish_s"], 1),
             "peak_rss_lora_share": round(lora["peak_rss_mb"] / full["peak_rss_mb"], 2),
+            **({"peak_gpu_lora_share": round(lora["peak_gpu_mb"] / full["peak_gpu_mb"], 2)} if lora["peak_gpu_mb"] else {}),
             "peak_rss_above_imports_lora_share": round(
                 (lora["peak_rss_mb"] - lora["rss_after_imports_mb"]) /
                 (full["peak_rss_mb"] - full["rss_after_imports_mb"]), 2),

@@ -7,7 +7,7 @@ writes v0002 and publishes it once serve has prefetched it (what happens when th
 between writing a candidate and promoting it). Versions are the default weights plus small Gaussian noise:
 real, different checkpoints, published through Redis (key + pub/sub).
 
-    python bench/serve_hot_swap.py [--clients 8] [--threads 2] [--adapters]
+    python bench/serve_hot_swap.py [--clients 8] [--threads 2] [--adapters] [--device cuda]
 
 ``--adapters``: the versions are LoRA adapter versions instead (what the learner publishes by default: r = 16
 on every attention and MLP projection, B drawn from N(0, 1e-3)), a PEFT folder of a few MB applied by
@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default="default")
     parser.add_argument("--adapters", action="store_true", help="publish LoRA adapter versions")
+    parser.add_argument("--device", default="cpu", help="serve's device (cuda: bfloat16, serve's auto dtype)")
     args = parser.parse_args()
 
     import redis
@@ -190,7 +191,8 @@ def main() -> None:
     try:
         registry = Registry(work / "registry", redis=redis.Redis.from_url(redis_server.url))
         server = ServeProcess("--model", model_dir, "--registry-dir", str(work / "registry"), "--redis-url",
-                              redis_server.url, threads=args.threads, log_path=work / "server.log")
+                              redis_server.url, threads=args.threads, log_path=work / "server.log",
+                              device=args.device)
         server.wait_healthy()
         # published right after writing / after the prefetch (adapters: a third one, whose slot is reused)
         scenarios = [("v0001", False), ("v0002", True)] + ([("v0003", True)] if args.adapters else [])
@@ -203,7 +205,8 @@ def main() -> None:
         redis_server.stop()
         shutil.rmtree(work / "registry", ignore_errors=True)  # two 540 MB versions; server.log stays
     kind = "LoRA adapter versions" if args.adapters else "full-weight versions"
-    print(f"{args.clients} streaming clients, {args.threads} torch threads, model {model_dir}, {kind}, logs in {work}")
+    print(f"{args.clients} streaming clients, {args.threads} torch threads, device {args.device}, model {model_dir}, "
+          f"{kind}, logs in {work}")
     print("| swap | publish → installed (s) | publish → first token, fresh request (s) | publish → first token, "
           "load clients (s) | publish → first full response, load clients (s) | completed during | failed |")
     print("|---|---|---|---|---|---|---|")
