@@ -85,7 +85,7 @@ def main() -> dict:
         settings = Settings(
             model=args.model, redis_url=server.url, stream_prefix=prefix, registry_dir=work / "registry",
             state_dir=work / "state", training=args.training, heldout_fraction=0.2,
-            min_new_comparisons=1, min_prompts=args.rollouts, prompts_per_round=args.rollouts * 4,
+            min_new_comparisons=1, min_rm_comparisons=1, min_prompts=args.rollouts, prompts_per_round=args.rollouts * 4,
             eval_prompts=args.eval_prompts, gate_kl_ceiling=1000, metrics_port=0, device="cpu",
             torch_threads=args.threads, json_logs=False,
             ppo={"rollout_batch_size": args.rollouts, "mini_batch_size": max(1, args.rollouts // 2),

@@ -238,12 +238,15 @@ class Learner:
         return self._trainer
 
     def ppo_round_due(self) -> bool:
-        """An RM exists, at least ``min_prompts`` training prompts exist, and since the last round the RM was
+        """An RM trained on at least ``min_rm_comparisons`` comparisons exists, at least ``min_prompts`` training
+        prompts exist, and since the last round the RM was
         updated or ``min_prompts`` new prompts arrived (without new data the loop waits instead of grinding
         the same prompts and re-gating the same candidate)."""
         if self.state.pending_candidate or self.store.model_dir("reward") is None:
             return False
         if self.dataset.count_prompts() < self.settings.min_prompts:
+            return False
+        if self.state.rm_comparisons_trained < self.settings.min_rm_comparisons:
             return False
         new_prompts = self.dataset.count_prompts(after_seq=self.state.ppo_prompt_cursor)
         return self.state.rm_updates > self.state.ppo_rm_update or new_prompts >= self.settings.min_prompts

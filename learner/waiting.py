@@ -54,6 +54,11 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
     elif not has_reward_model and not state.pending_candidate:
         knob = ENV_PREFIX + "MIN_NEW_COMPARISONS"
         out.append(Wait("ppo", 0, 1, knob, f"PPO round waits for the first reward model update (see {knob})"))
+    elif state.rm_comparisons_trained < settings.min_rm_comparisons and not state.pending_candidate:
+        knob = ENV_PREFIX + "MIN_RM_COMPARISONS"
+        out.append(Wait("ppo", state.rm_comparisons_trained, settings.min_rm_comparisons, knob,
+                        f"PPO round waits for a reward model trained on {settings.min_rm_comparisons} comparisons "
+                        f"(it has seen {state.rm_comparisons_trained}; rank more completions or lower {knob})"))
     elif state.rm_updates <= state.ppo_rm_update and not state.pending_candidate:
         fresh = dataset.count_prompts(after_seq=state.ppo_prompt_cursor)
         if fresh < settings.min_prompts:

@@ -78,6 +78,7 @@ def learner_env(redis_url: str, model_dir, state_dir, registry_dir, ptx_corpus, 
         "HELDOUT_FRACTION": "0.25",
         "MIN_NEW_COMPARISONS": "8",
         "MIN_PROMPTS": "8",
+        "MIN_RM_COMPARISONS": "8",  # = MIN_NEW_COMPARISONS: PPO may start after the first RM update
         "PROMPTS_PER_ROUND": "8",
         "EVAL_PROMPTS": "8",
         "POLL_INTERVAL_S": "0.2",

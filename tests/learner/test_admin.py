@@ -148,3 +148,25 @@ def test_a_waiting_learner_says_why_with_the_knob(redis_server, learner_settings
     finally:
         learner.close()
         client.close()
+
+
+def test_ppo_waits_for_a_reward_model_trained_on_min_rm_comparisons(redis_server, learner_settings, monkeypatch):
+    monkeypatch.setenv("INSTRUCTLOOP_LEARNER_MIN_RM_COMPARISONS", "16")
+    learner = Learner(Settings(), metrics=LearnerMetrics(), progress=False)
+    client = redis_lib.Redis.from_url(redis_server.url)
+    try:
+        push(client, 14, 0)
+        report = learner.round()
+        trained = learner.state.rm_comparisons_trained
+        assert report.reward is not None and report.ppo is None and 8 <= trained < 16
+        wait = {w.step: w for w in learner.report_waiting()}["ppo"]
+        assert (wait.have, wait.need, wait.knob) == (trained, 16, "INSTRUCTLOOP_LEARNER_MIN_RM_COMPARISONS")
+        assert wait.knob in wait.message
+        push(client, 14, 14)
+        report = learner.round()
+        assert report.reward is not None and learner.state.rm_comparisons_trained >= 16
+        assert report.ppo is not None
+        assert "INSTRUCTLOOP_LEARNER_MIN_RM_COMPARISONS" not in {w.knob for w in learner.report_waiting()}
+    finally:
+        learner.close()
+        client.close()
