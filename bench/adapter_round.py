@@ -78,7 +78,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rss_start = _rss_mb()
     started = time.perf_counter()
-    adapters = AdapterConfig()
+    adapters = AdapterConfig(**json.loads(args.adapters))
     if mode == "lora":
         from learner.adapters import AdapterBase, PolicyAdapter, ReferenceModel, ScoreAdapter
 
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="frozen weights and autocast (trained weights stay float32)")
     parser.add_argument("--model", default=None, help="a model folder (default: the prepared default model)")
+    parser.add_argument("--adapters", default="{}", help="AdapterConfig overrides (JSON), e.g. '{\"top_layers\": 10}'")
     parser.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--modes", default="lora,full", help="modes to run, in this order")
     args = parser.parse_args(argv)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in args.modes.split(","):
         command = [sys.executable, __file__, "--mode", mode, "--rollouts", str(args.rollouts), "--mini-batch",
                    str(args.mini_batch), "--epochs", str(args.epochs), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-                   "--device", args.device, "--dtype", args.dtype]
+                   "--device", args.device, "--dtype", args.dtype, "--adapters", args.adapters]
         if args.model:
             command += ["--model", args.model]
         if args.workdir:

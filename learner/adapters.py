@@ -78,8 +78,14 @@ class AdapterBase:
     def lora_config(self):
         from peft import LoraConfig
 
+        layers = None
+        if self.config.top_layers is not None:
+            n = self.model.config.num_hidden_layers
+            if self.config.top_layers > n:
+                raise ValueError(f"AdapterConfig.top_layers={self.config.top_layers}, but {self.model_path} has {n} layers")
+            layers = list(range(n - self.config.top_layers, n))
         return LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=0.0,
-                          target_modules=list(self.config.target_modules), bias="none")
+                          target_modules=list(self.config.target_modules), bias="none", layers_to_transform=layers)
 
     def has(self, name: str) -> bool:
         return self.peft is not None and name in self.peft.peft_config

@@ -213,6 +213,9 @@ class AdapterConfig:
     """LoRA scaling numerator (the update is ``alpha / r · B A``)."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Linear layers that get an adapter (Llama/Qwen/Mistral names): every projection of attention and MLP."""
+    top_layers: int | None = None
+    """Adapt only the top N transformer layers (peft's ``layers_to_transform``); None = every layer. Below the
+    lowest adapted layer nothing needs a gradient, so backward (PPO update, ptx, RM) stops there."""
     reward_lr: float = 1e-3
     """The RM's learning rate in lora mode (``RewardConfig.lr`` is the full fine-tuning rate; an ``lr`` set in
     ``INSTRUCTLOOP_LEARNER_REWARD`` is used as given). A LoRA update starts at zero (B = 0) and moves through a
@@ -228,4 +231,6 @@ class AdapterConfig:
         _positive("AdapterConfig", r=self.r, alpha=self.alpha, reward_lr=self.reward_lr, ppo_lr=self.ppo_lr)
         if not self.target_modules:
             raise ValueError("AdapterConfig.target_modules must name at least one linear layer")
+        if self.top_layers is not None and self.top_layers < 1:
+            raise ValueError(f"AdapterConfig.top_layers must be at least 1 (or null for every layer), got {self.top_layers}")
         self.target_modules = tuple(self.target_modules)

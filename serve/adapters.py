@@ -31,7 +31,8 @@ from instructloop.registry import AdapterWeights
 
 log = logging.getLogger(__name__)
 
-_LORA_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora", "bias", "fan_in_fan_out")
+_LORA_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora", "bias", "fan_in_fan_out", "layers_to_transform",
+                "layers_pattern")
 
 
 def _slot_shape(config: dict[str, Any]) -> tuple:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -28,20 +29,21 @@ from tests.serve.conftest import ServerThread
 PROMPT = "Hello, who are you? Tell me about the sea."
 
 
-def test_serve_computes_the_learner_policy_after_publish_and_hot_swap(tmp_path, tokenizer):
+@pytest.mark.parametrize("top_layers", [None, 1], ids=["every-layer", "top-layer-only"])
+def test_serve_computes_the_learner_policy_after_publish_and_hot_swap(tmp_path, tokenizer, top_layers):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # serve runs in this process; one thread on the shared CPU
     try:
-        _parity(tmp_path, tokenizer)
+        _parity(tmp_path, tokenizer, top_layers)
     finally:
         torch.set_num_threads(threads)
 
 
-def _parity(tmp_path, tokenizer) -> None:
+def _parity(tmp_path, tokenizer, top_layers: int | None) -> None:
     varied_model_dir = build_tiny_model_dir(tmp_path / "base", tokenizer, seed=0, initializer_range=0.3)
     torch.manual_seed(0)
     # learner side: a policy adapter trained a few steps (pretraining loss: any training will do)
-    base = AdapterBase(str(varied_model_dir), AdapterConfig(r=8, alpha=16), tokenizer)
+    base = AdapterBase(str(varied_model_dir), AdapterConfig(r=8, alpha=16, top_layers=top_layers), tokenizer)
     base.add("policy")
     policy = disable_dropout(PolicyAdapter(base, "policy"))
     corpus = tmp_path / "ptx.txt"

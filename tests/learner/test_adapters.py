@@ -160,3 +160,27 @@ def test_generation_with_the_adapter_merged_equals_the_adapter_and_restores_the_
     tied.add("policy")
     with tied.merged("policy") as did_merge:
         assert not did_merge
+
+
+def test_top_layers_adapts_only_the_top_layers_and_backward_stops_below_them(tiny_model_dir, tokenizer):
+    base = AdapterBase(str(tiny_model_dir), AdapterConfig(r=4, alpha=8, top_layers=1), tokenizer)  # 2 layers
+    base.add("policy")
+    policy = PolicyAdapter(base, "policy")
+    names = [n for n, _ in base.peft.named_parameters() if "lora_" in n]
+    assert names and all(".layers.1." in n for n in names)
+    needs_grad: dict[int, bool] = {}
+    layers = base.model.model.layers
+    hooks = [layer.register_forward_hook(lambda _m, _i, out, k=k: needs_grad.__setitem__(
+        k, (out[0] if isinstance(out, tuple) else out).requires_grad)) for k, layer in enumerate(layers)]
+    input_ids, attention_mask = _inputs(tokenizer)
+    before = [p.detach().clone() for p in policy.parameters()]
+    loss = policy(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert needs_grad == {0: False, 1: True}  # nothing below the adapted layer is in the backward graph
+    torch.optim.SGD(policy.parameters(), lr=1.0).step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, policy.parameters(), strict=True))
+    with torch.no_grad():
+        assert torch.equal(ReferenceModel(base)(input_ids=input_ids).logits,
+                           AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=input_ids).logits)
