@@ -64,6 +64,8 @@ class AdapterBase:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         self.model = disable_dropout(model).to(device).eval().requires_grad_(False)
+        log.info("adapter base loaded", extra={"model": model_path, "device": str(device), "dtype": str(dtype),
+                                               "top_layers": config.top_layers})
         self.peft: Any | None = None
         self._selected: str | None = None
         self._sha256: str | None = None

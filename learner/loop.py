@@ -238,10 +238,10 @@ class Learner:
         return self._trainer
 
     def ppo_round_due(self) -> bool:
-        """An RM trained on at least ``min_rm_comparisons`` comparisons exists, at least ``min_prompts`` training
-        prompts exist, and since the last round the RM was
-        updated or ``min_prompts`` new prompts arrived (without new data the loop waits instead of grinding
-        the same prompts and re-gating the same candidate)."""
+        """An RM trained on at least ``min_rm_comparisons`` comparisons exists, at least ``min_prompts``
+        training prompts exist, and since the last round the RM was updated or ``min_prompts`` new prompts
+        arrived (without new data the loop waits instead of grinding the same prompts and re-gating the same
+        candidate)."""
         if self.state.pending_candidate or self.store.model_dir("reward") is None:
             return False
         if self.dataset.count_prompts() < self.settings.min_prompts:

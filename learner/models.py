@@ -133,7 +133,9 @@ class LearnerModels:
 
         from learner.reward import disable_dropout
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype if frozen else torch.float32)
+        dtype = self.dtype if frozen else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        log.info("model loaded", extra={"model": str(path), "device": self.device, "dtype": str(dtype), "frozen": frozen})
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         model.generation_config.eos_token_id = self.tokenizer.eos_token_id
         return disable_dropout(model).to(self.device)
