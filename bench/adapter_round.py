@@ -65,6 +65,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     from instructloop.model import prepare_default_model
     from instructloop.registry import Registry
     from learner.config import AdapterConfig, PPOConfig
+    from learner.models import mixed_precision
     from learner.ppo import PPOPtxTrainer, generate_rollouts
     from learner.ptx import PtxSource
     from learner.reward import build_reward_model, normalize_reward_bias
@@ -73,7 +74,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device, dtype = args.device, getattr(torch, args.dtype)
-    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = mixed_precision(device, dtype)  # what the learner's loop runs under
     model_dir = args.model or str(prepare_default_model())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rss_start = _rss_mb()

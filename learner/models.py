@@ -25,6 +25,13 @@ from learner.state import CheckpointStore
 log = logging.getLogger(__name__)
 
 
+def mixed_precision(device: str, dtype):
+    """``torch.autocast`` in ``dtype`` on ``device``'s type, or nothing at float32 (``Settings.dtype``)."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 class LearnerModels:
     def __init__(self, settings: Settings, store: CheckpointStore, reference_path: Any):
         self.settings = settings
@@ -77,12 +84,8 @@ class LearnerModels:
         return getattr(torch, self.settings.resolved_dtype())
 
     def autocast(self):
-        """Mixed precision for the learner's forward passes: ``torch.autocast`` in ``dtype`` on the learner's
-        device, or nothing at float32."""
-        import torch
-
-        return torch.autocast(torch.device(self.device).type, dtype=self.dtype,
-                              enabled=self.dtype != torch.float32)
+        """Mixed precision for the learner's forward passes (``mixed_precision``)."""
+        return mixed_precision(self.device, self.dtype)
 
     @property
     def tokenizer(self):
