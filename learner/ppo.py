@@ -126,6 +126,17 @@ def rollout_scores(reward_model, rollouts: Rollouts, batch_size: int, eos_token_
     return torch.cat(out)
 
 
+def round_prompt_indices(n_prompts: int, n: int, rng: random.Random) -> list[int]:
+    """Which prompt each of a round's ``n`` rollouts answers: a sample without replacement; with fewer prompts
+    than rollouts, every prompt the same number of times (± 1), so no prompt dominates a round by chance."""
+    repeats, remainder = divmod(n, n_prompts)
+    if not repeats:
+        return rng.sample(range(n_prompts), n)
+    picked = [i for i in range(n_prompts) for _ in range(repeats)] + rng.sample(range(n_prompts), remainder)
+    rng.shuffle(picked)
+    return picked
+
+
 class PPOPtxTrainer:
     """Runs PPO-ptx rounds on ``policy`` (and ``value_model``) in place; owns their optimizers."""
 
@@ -226,10 +237,9 @@ class PPOPtxTrainer:
         round_seed = config.seed * 1_000_003 + self.rounds_done
         started = time.perf_counter()
 
-        # 1. sample the round's prompts (without replacement when there are enough)
-        rng = random.Random(round_seed)
+        # 1. sample the round's prompts (without replacement; each equally often when there are fewer than n)
         n = config.rollout_batch_size
-        picked = rng.sample(range(len(prompts)), n) if len(prompts) >= n else rng.choices(range(len(prompts)), k=n)
+        picked = round_prompt_indices(len(prompts), n, random.Random(round_seed))
         batch_prompts = [prompts[i] for i in picked]
         traffic = [max_tokens[i] if max_tokens is not None else None for i in picked]
         limits = [min(t, config.max_new_tokens) if t else config.max_new_tokens for t in traffic]

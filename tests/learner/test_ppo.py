@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from learner.config import EvalConfig, PPOConfig, RewardConfig
 from learner.evaluate import evaluate_policy
 from learner.losses import ptx_loss
-from learner.ppo import PPOPtxTrainer, generate_rollouts, response_logprobs
+from learner.ppo import PPOPtxTrainer, generate_rollouts, response_logprobs, round_prompt_indices
 from learner.ptx import PtxSource
 from learner.reward import build_reward_model, train_reward_model
 from tests.conftest import build_tiny_model_dir
@@ -189,6 +189,15 @@ def test_batched_logprobs_match_plain_forward(experiment, tokenizer):
             logits = policy(input_ids=sequence).logits[0, -n - 1 : -1] / 0.7
         theirs = torch.log_softmax(logits, -1).gather(1, sequence[0, -n:].unsqueeze(1)).squeeze(1)
         assert_close(ours[row, :n], theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("n_prompts", "n"), [(16, 32), (16, 16), (5, 12), (40, 16)])
+def test_round_prompts_cover_each_prompt_equally_when_rollouts_outnumber_them(n_prompts, n):
+    picked = round_prompt_indices(n_prompts, n, random.Random(7))
+    counts = [picked.count(i) for i in range(n_prompts)]
+    assert len(picked) == n
+    assert max(counts) - min(counts) <= 1 if n >= n_prompts else max(counts) == 1
+    assert picked == round_prompt_indices(n_prompts, n, random.Random(7))  # seeded
 
 
 def test_config_and_trainer_refuse_bad_setups(experiment, tokenizer):
