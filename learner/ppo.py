@@ -276,7 +276,7 @@ class PPOPtxTrainer:
         if config.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
 
-        # 6. GAE over the response tokens (γ=1, λ=0.95), then whitened advantages
+        # 6. GAE over the response tokens (γ=1, λ=1 by default), then whitened advantages
         advantages, returns = gae_advantages(rewards, values, mask, config.gamma, config.lam)
         advantages = masked_whiten(advantages, mask) * mask
 
