@@ -99,10 +99,8 @@ class PPOConfig:
     """Rollouts per PPO optimizer step; must divide ``rollout_batch_size``."""
     ppo_epochs: int = 1
     """Passes over the round's rollouts (each pass: shuffled minibatches). One: the update, not the rollout, is
-    most of a round on CPU, and fresh rollouts teach more than repeated ones. Measured on the default model
-    (bench/preference_offline.py, ``start:The``, lora): 32 rollouts × 1 epoch at lr 2e-4 moved the held-out
-    share as far per round as 16 × 4 epochs at 1e-4 (0.41, 0.56, 0.86 against 0.42, 0.53, 0.83) in two thirds
-    of the round's time; 32 × 2 epochs was no better than 1 (0.61 after two rounds) at 1.5× its time."""
+    most of a round on CPU, and fresh rollouts teach more than repeated ones (measured with ``AdapterConfig.ppo_lr``;
+    docs/benchmarks.md, "The round's shape")."""
     lr: float = 3e-6
     """AdamW learning rate of the policy (and of the value model)."""
     value_lr: float | None = None

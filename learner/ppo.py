@@ -130,8 +130,6 @@ def round_prompt_indices(n_prompts: int, n: int, rng: random.Random) -> list[int
     """Which prompt each of a round's ``n`` rollouts answers: a sample without replacement; with fewer prompts
     than rollouts, every prompt the same number of times (± 1), so no prompt dominates a round by chance."""
     repeats, remainder = divmod(n, n_prompts)
-    if not repeats:
-        return rng.sample(range(n_prompts), n)
     picked = [i for i in range(n_prompts) for _ in range(repeats)] + rng.sample(range(n_prompts), remainder)
     rng.shuffle(picked)
     return picked
