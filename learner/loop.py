@@ -27,7 +27,7 @@ from instructloop.registry import Registry
 from instructloop.wire import BASE_VERSION
 from learner.admin import follow_rollback, pinned_version
 from learner.dataset import Dataset, TrafficPrompt
-from learner.gate import GateConfig, GateResult, gate_decision
+from learner.gate import GateConfig, GateResult, gate_decision, paired_standard_error
 from learner.ingest import Ingestor, IngestStats
 from learner.live_gate import awaiting_live_votes
 from learner.metrics import LearnerMetrics
@@ -65,7 +65,8 @@ class Learner:
             claim_min_idle_ms=settings.claim_min_idle_ms, metrics=self.metrics,
         )
         self.gate_config = GateConfig(
-            min_reward_gain=settings.gate_min_reward_gain, kl_ceiling=settings.gate_kl_ceiling,
+            min_reward_gain=settings.gate_min_reward_gain, reward_tolerance_se=settings.gate_reward_tolerance_se,
+            kl_ceiling=settings.gate_kl_ceiling,
             min_live_comparisons=settings.gate_min_live_comparisons, min_win_rate=settings.gate_min_win_rate,
         )
         self.stop_requested = False
@@ -327,7 +328,9 @@ class Learner:
                 candidate_eval = score_samples(candidate, self.reward_model, config)
                 incumbent_eval = score_samples(incumbent, self.reward_model, config)
                 result = gate_decision(numeric(candidate_eval), numeric(incumbent_eval), self.gate_config,
-                                       live_win_rate=self.dataset.live_win_rate(version, incumbent_version))
+                                       live_win_rate=self.dataset.live_win_rate(version, incumbent_version),
+                                       reward_gain_se=paired_standard_error(candidate_eval["scores"],
+                                                                            incumbent_eval["scores"]))
                 pinned = pinned_version(self.registry)
                 if result.promote and pinned:
                     result = result.hold_back(pinned)

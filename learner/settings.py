@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     gate_min_reward_gain: float = Field(
         0.0, description="Candidate mean RM score must exceed the incumbent's by more than this."
     )
+    gate_reward_tolerance_se: float = Field(
+        1.0, ge=0, description="Standard errors of the per-prompt score difference by which the candidate's gain "
+        "may fall short of gate_min_reward_gain and still pass: a step the held-out prompts cannot tell from noise "
+        "is not rejected, one they show to be worse is. 0 = the gain itself must clear the margin.")
     gate_kl_ceiling: float = Field(
         10.0, gt=0, description="Candidate KL to the reference (nats per response, summed over tokens) must stay below."
     )

@@ -10,7 +10,7 @@ import redis as redis_lib
 from instructloop.events import PolicyEvent, PolicyStatus
 from instructloop.registry import Registry
 from instructloop.streams import Stream, stream_key
-from learner.gate import GateConfig, GateResult, gate_decision
+from learner.gate import GateConfig, GateResult, gate_decision, paired_standard_error
 from learner.publish import publish_candidate
 from tests.learner.helpers import (
     PREFIX,
@@ -25,7 +25,35 @@ def test_better_candidate_under_the_kl_ceiling_is_promoted():
     assert result.promote
     assert result.metrics["reward_gain"] == pytest.approx(0.10)
     assert result.metrics["candidate_kl"] == 1.2 and result.metrics["incumbent_reward_mean"] == 0.30
-    assert any("beats incumbent" in r for r in result.reasons) and any("under ceiling" in r for r in result.reasons)
+    assert any("gain 0.1000 > 0.05" in r for r in result.reasons) and any("under ceiling" in r for r in result.reasons)
+
+
+def test_paired_standard_error_by_hand():
+    # differences 1, 3, -1, 5: mean 2, sample variance ((-1)^2 + 1^2 + (-3)^2 + 3^2) / 3 = 20/3, se sqrt(20/3)/2
+    assert paired_standard_error([2.0, 4.0, 0.0, 6.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx(math.sqrt(20 / 3) / 2)
+    assert paired_standard_error([3.0, 5.0], [1.0, 3.0]) == 0.0  # the same gain on every prompt: no noise
+    assert paired_standard_error([1.0], [0.0]) == 0.0
+    with pytest.raises(ValueError, match="2 candidate scores but 1"):
+        paired_standard_error([1.0, 2.0], [0.0])
+
+
+def test_a_shortfall_within_the_noise_passes_and_one_beyond_it_is_rejected():
+    config = GateConfig(min_reward_gain=0.0, reward_tolerance_se=1.0)
+    incumbent = {"reward_mean": 7.46, "kl": 0.0}
+    close = gate_decision({"reward_mean": 7.36, "kl": 1.0}, incumbent, config, reward_gain_se=1.5)
+    assert close.promote, close.reasons
+    assert close.metrics["reward_gain_needed"] == pytest.approx(-1.5) and close.metrics["reward_gain_se"] == 1.5
+    assert "less 1.0 × standard error 1.5000" in close.reasons[0]
+    worse = gate_decision({"reward_mean": 5.0, "kl": 1.0}, incumbent, config, reward_gain_se=1.5)
+    assert not worse.promote and "does not beat" in worse.reasons[0]
+    strict = gate_decision({"reward_mean": 7.36, "kl": 1.0}, incumbent, GateConfig(reward_tolerance_se=0.0),
+                           reward_gain_se=1.5)
+    assert not strict.promote  # tolerance 0: the gain itself must clear the margin
+    margin = gate_decision({"reward_mean": 8.0, "kl": 1.0}, incumbent, GateConfig(min_reward_gain=2.0),
+                           reward_gain_se=1.0)
+    assert not margin.promote and margin.metrics["reward_gain_needed"] == pytest.approx(1.0)
+    unknown = gate_decision({"reward_mean": 7.36, "kl": 1.0}, incumbent, config, reward_gain_se=math.nan)
+    assert not unknown.promote  # a noise estimate that is not a number fails closed
 
 
 @pytest.mark.parametrize(
@@ -57,6 +85,8 @@ def test_live_win_rate_counts_only_with_enough_pairs():
 def test_gate_config_refuses_nonsense():
     with pytest.raises(ValueError, match="kl_ceiling"):
         GateConfig(kl_ceiling=0)
+    with pytest.raises(ValueError, match="reward_tolerance_se"):
+        GateConfig(reward_tolerance_se=-1)
     with pytest.raises(ValueError, match="min_win_rate"):
         GateConfig(min_win_rate=1.5)
 
@@ -154,11 +184,16 @@ def test_gate_on_real_models_rejects_the_worse_policy_and_keeps_the_incumbent(re
 
     client = redis_lib.Redis.from_url(redis_server.url)
     registry = Registry(tmp_path / "registry", redis=client, prefix=PREFIX)
-    first = gate_decision(evaluations["good"], evaluations["reference"], gate)
+    assert len(evaluations["good"]["scores"]) == len(PROMPTS)
+    assert sum(evaluations["good"]["scores"]) / len(PROMPTS) == pytest.approx(evaluations["good"]["reward_mean"])
+    first = gate_decision(evaluations["good"], evaluations["reference"], gate,
+                          reward_gain_se=paired_standard_error(evaluations["good"]["scores"],
+                                                               evaluations["reference"]["scores"]))
     assert first.promote, first.reasons
     publish_candidate(registry, "v0001", good, tokenizer, first, parent=None)
 
-    worse = gate_decision(evaluations["bad"], evaluations["good"], gate)
+    worse = gate_decision(evaluations["bad"], evaluations["good"], gate,
+                          reward_gain_se=paired_standard_error(evaluations["bad"]["scores"], evaluations["good"]["scores"]))
     assert not worse.promote and "does not beat" in worse.reasons[0]
     publish_candidate(registry, "v0002", bad, tokenizer, worse, parent="v0001")
 
