@@ -288,13 +288,8 @@ def train_reward_model(
         "sequences_per_s": sequences / duration if duration > 0 else math.inf,
     }
     if heldout:
-        stats["heldout_accuracy"] = pairwise_accuracy(model, tokenizer, heldout, config.score_batch_size, config.max_length)
-        with torch.no_grad():
-            heldout_losses = [
-                kwise_batch_loss(model, tokenizer, heldout[i : i + config.rankings_per_batch], config.max_length)[0].item()
-                for i in range(0, len(heldout), config.rankings_per_batch)
-            ]
-        stats["heldout_loss"] = sum(heldout_losses) / len(heldout_losses)
+        stats["heldout_accuracy"], stats["heldout_loss"] = ranking_metrics(model, tokenizer, heldout,
+                                                                           config.score_batch_size, config.max_length)
     log.info("reward model trained", extra={"stats": stats})
     return stats
 
@@ -308,40 +303,41 @@ def reward_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[
     """r(x, y) of each (prompt, response) pair (EOS appended as in training). Returns (len(prompts),) float32."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    sequences = [encode_sequence(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    return _score_sequences(model, tokenizer, sequences, batch_size)
+
+
+@torch.no_grad()
+def _score_sequences(model, tokenizer, sequences: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+    """Sequence scores of already encoded sequences, ``batch_size`` per forward pass, in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(prompts), batch_size):
-        sequences = [
-            encode_sequence(tokenizer, p, r, max_length)
-            for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True)
-        ]
-        input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
+    for start in range(0, len(sequences), batch_size):
+        input_ids, attention_mask = left_pad(sequences[start : start + batch_size], tokenizer.pad_token_id)
         out.append(sequence_scores(model, input_ids.to(device), attention_mask.to(device)).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def ranking_metrics(model, tokenizer, comparisons: list, batch_size: int = 16,
+                    max_length: int = 512) -> tuple[float, float]:
+    """(pair accuracy, K-wise loss) of ``comparisons`` under the RM, from one scoring pass: each ranked
+    response is scored once (``batch_size`` per forward), then ``kwise_ranking_loss`` over all rankings
+    gives the loss (mean over rankings, as in training) and the share of implied (winner, loser) pairs
+    ordered correctly (a tie in score counts as wrong)."""
+    encoded = [_ranked_sequences(tokenizer, comparison, max_length) for comparison in comparisons]
+    scores = _score_sequences(model, tokenizer, [s for sequences, _ in encoded for s in sequences], batch_size)
+    loss, accuracy = kwise_ranking_loss(scores, ranking_pairs_flat([r for _, r in encoded],
+                                                                  [len(sequences) for sequences, _ in encoded]))
+    return accuracy.item(), loss.item()
+
+
 def pairwise_accuracy(model, tokenizer, comparisons: list, batch_size: int = 16, max_length: int = 512) -> float:
     """Fraction of the (winner, loser) pairs implied by ``comparisons`` that the RM orders correctly
-    (a tie in score counts as wrong)."""
-    prompts, responses, owners = [], [], []
-    for c_index, comparison in enumerate(comparisons):
-        for i in sorted({i for group in comparison.ranking for i in group}):
-            prompts.append(comparison.prompt)
-            responses.append(comparison.responses[i])
-            owners.append((c_index, i))
-    scores = reward_scores(model, tokenizer, prompts, responses, batch_size, max_length)
-    by_key = dict(zip(owners, scores.tolist(), strict=True))
-    right = total = 0
-    for c_index, comparison in enumerate(comparisons):
-        for w, lo in comparison.pairs():
-            right += by_key[(c_index, w)] > by_key[(c_index, lo)]
-            total += 1
-    if total == 0:
-        raise ValueError("the comparisons imply no pair")
-    return right / total
+    (a tie in score counts as wrong); ``ranking_metrics``' first half."""
+    return ranking_metrics(model, tokenizer, comparisons, batch_size, max_length)[0]
 
 
 def normalize_reward_bias(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],

@@ -15,8 +15,10 @@ from learner.reward import (
     build_reward_model,
     encode_sequence,
     left_pad,
+    kwise_batch_loss,
     normalize_reward_bias,
     pairwise_accuracy,
+    ranking_metrics,
     reward_scores,
     score_head,
     sequence_scores,
@@ -91,6 +93,26 @@ def test_reward_scores_refuses_mismatched_lengths(rm_dir, tokenizer):
     model = build_reward_model(str(rm_dir))
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         reward_scores(model, tokenizer, ["a", "b"], ["x"])
+
+
+def test_heldout_metrics_from_one_scoring_pass_equal_the_training_loss_and_per_pair_scores(rm_dir, tokenizer):
+    """``ranking_metrics`` scores each ranked response once; its loss must be the training path's
+    (``kwise_batch_loss``, one ranking per batch, averaged) and its accuracy the share of pairs whose winner's
+    own ``reward_scores`` is higher."""
+    rng = random.Random(3)
+    comparisons = [synthetic_comparison(rng) for _ in range(6)]
+    model = build_reward_model(str(rm_dir)).eval()
+    accuracy, loss = ranking_metrics(model, tokenizer, comparisons, batch_size=5, max_length=96)
+    with torch.no_grad():
+        expected_loss = sum(kwise_batch_loss(model, tokenizer, [c], 96)[0].item() for c in comparisons) / 6
+    right = total = 0
+    for c in comparisons:
+        scores = reward_scores(model, tokenizer, [c.prompt] * len(c.responses), c.responses, max_length=96).tolist()
+        right += sum(scores[w] > scores[lo] for w, lo in c.pairs())
+        total += len(c.pairs())
+    assert loss == pytest.approx(expected_loss, rel=1e-4)
+    assert accuracy == pytest.approx(right / total)
+    assert pairwise_accuracy(model, tokenizer, comparisons, 5, 96) == accuracy
 
 
 def test_ties_are_skipped_and_a_batch_of_only_ties_is_refused(rm_dir, tokenizer):
