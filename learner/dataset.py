@@ -250,10 +250,17 @@ class Dataset:
             args.append(limit)
         return [DemonstrationEvent.model_validate_json(row[0]) for row in self._all(sql, tuple(args))]
 
-    def count_prompts(self, *, heldout: bool = False, after_seq: int = 0) -> int:
-        """Distinct prompt texts of one split (among rows past ``after_seq``)."""
-        return self._one("SELECT COUNT(DISTINCT prompt) FROM prompts WHERE heldout = ? AND seq > ?",
-                         (int(heldout), after_seq))
+    def count_prompts(self, *, heldout: bool = False) -> int:
+        """Distinct prompt texts of one split."""
+        return self._one("SELECT COUNT(DISTINCT prompt) FROM prompts WHERE heldout = ?", (int(heldout),))
+
+    def count_new_prompts(self, after_seq: int, *, heldout: bool = False) -> int:
+        """Distinct prompt texts of one split first served after row ``after_seq``: a prompt asked again is
+        not new (it probes the (heldout, prompt) index for an earlier row, so the cost follows the new rows)."""
+        return self._one(
+            "SELECT COUNT(DISTINCT p.prompt) FROM prompts p WHERE p.heldout = ? AND p.seq > ? AND NOT EXISTS "
+            "(SELECT 1 FROM prompts q WHERE q.heldout = p.heldout AND q.prompt = p.prompt AND q.seq <= ?)",
+            (int(heldout), after_seq, after_seq))
 
     def max_prompt_seq(self) -> int:
         return self._one("SELECT MAX(seq) FROM prompts")

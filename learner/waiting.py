@@ -60,12 +60,12 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
                         f"PPO round waits for a reward model trained on {settings.min_rm_comparisons} comparisons "
                         f"(it has seen {state.rm_comparisons_trained}; rank more completions or lower {knob})"))
     elif state.rm_updates <= state.ppo_rm_update and not state.pending_candidate:
-        fresh = dataset.count_prompts(after_seq=state.ppo_prompt_cursor)
+        fresh = dataset.count_new_prompts(state.ppo_prompt_cursor)
         if fresh < settings.min_prompts:
             knob = ENV_PREFIX + "MIN_PROMPTS"
             out.append(Wait("ppo", fresh, settings.min_prompts, knob,
                             f"PPO round waits for new data since round {state.ppo_rounds}: a reward model update or "
-                            f"{settings.min_prompts} new prompts (has {fresh}; lower {knob})"))
+                            f"{settings.min_prompts} prompts never served before (has {fresh}; lower {knob})"))
     if dataset.count_prompts(heldout=True) == 0 and not dataset.comparisons(heldout=True, limit=1):
         knob = ENV_PREFIX + "HELDOUT_FRACTION"
         out.append(Wait("gate", 0, 1, knob,

@@ -47,11 +47,17 @@ def test_prompt_sampling_is_distinct_and_seeded(tmp_path):
     events = [completion(i) for i in range(30)] + [completion(100 + i, prompt=completion(i).prompt) for i in range(5)]
     dataset.add(entries(events, "completions"))
     assert dataset.count_prompts() == 30
+    assert dataset.count_new_prompts(0) == 30
+    last = dataset.max_prompt_seq()
+    dataset.add(entries([completion(200, prompt=completion(3).prompt), completion(201, prompt="never asked before"),
+                         completion(202, prompt="never asked before")], "completions"))
+    assert dataset.count_new_prompts(last) == 1  # a prompt asked again is not new; a new one counts once
+    assert dataset.count_prompts() == 31
     first = dataset.sample_prompts(8, seed=3)
     assert len(set(first)) == 8
     assert dataset.sample_prompts(8, seed=3) == first
     assert dataset.sample_prompts(8, seed=4) != first
-    assert len(dataset.sample_prompts(100)) == 30
+    assert len(dataset.sample_prompts(100)) == 31
 
 
 def test_the_gates_heldout_prompts_grow_to_n_then_stay_fixed(tmp_path):
