@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings
 
 from instructloop.settings import DEFAULT_MODEL, home_dir, settings_config
 from instructloop.streams import DEFAULT_PREFIX
+from learner.config import PPOConfig
 
 
 class Settings(BaseSettings):
@@ -85,10 +86,10 @@ class Settings(BaseSettings):
                                "pairs against the incumbent before the gate decides; 0 = decide at once.")
 
     # ---- hyperparameters -------------------------------------------------------------------------
-    kl_coef: float = Field(0.02, ge=0, description="β: per-token KL penalty to the reference policy.")
+    kl_coef: float = Field(PPOConfig.kl_coef, ge=0, description="β: per-token KL penalty to the reference policy.")
     ptx_coef: float = Field(
-        0.1, ge=0,
-        description="γ: weight of the pretraining log-likelihood (0 = plain PPO; 0.1, not the paper's 27.8: see PPOConfig).",
+        PPOConfig.ptx_coef, ge=0,
+        description="γ: weight of the pretraining log-likelihood (0 = plain PPO; not the paper's 27.8: see PPOConfig).",
     )
     ptx_corpus: str | None = Field(None, description="Text corpus for ptx (file, folder, HF dataset path); None = the shipped default.")
     reward: dict[str, Any] = Field(default_factory=dict, description="Overrides for RewardConfig (JSON).")
