@@ -14,8 +14,8 @@ from learner.config import RewardConfig
 from learner.reward import (
     build_reward_model,
     encode_sequence,
-    left_pad,
     kwise_batch_loss,
+    left_pad,
     normalize_reward_bias,
     pairwise_accuracy,
     ranking_metrics,
