@@ -2,8 +2,10 @@
 
 One table per kind of event, ``event_id`` unique in each, so a re-delivered event is dropped by the
 database itself. Every row gets an increasing ``seq`` (the dataset cursor: the checkpoint remembers up to
-which ``seq`` the reward model has trained) and a fixed ``heldout`` flag derived from a hash of the
-``event_id``, so the train / held-out split never changes across restarts.
+which ``seq`` the reward model has trained) and a fixed ``heldout`` flag derived from a hash of the event's
+``prompt`` (the exact model input), so the split never changes across restarts and a prompt lives in one
+split only: a prompt asked again, ranked again or demonstrated again lands where it landed before, and the
+gate and the RM's held-out accuracy are measured on prompts that nothing trained on.
 
 Tables:
     comparisons      a ``ComparisonEvent`` per row (prompt, K responses, ranking, policy versions)
@@ -77,11 +79,13 @@ CREATE INDEX IF NOT EXISTS comparisons_split ON comparisons (heldout, seq);
 TABLE_OF = {ComparisonEvent: "comparisons", DemonstrationEvent: "demonstrations", CompletionEvent: "prompts"}
 
 
-def is_heldout(event_id: str, fraction: float) -> bool:
-    """Deterministic split: the first 8 bytes of sha256(event_id) as a number in [0, 1) below ``fraction``."""
+def is_heldout(prompt: str, fraction: float) -> bool:
+    """Deterministic split by prompt: the first 8 bytes of sha256(prompt) as a number in [0, 1) below
+    ``fraction``. (By event id, as before, every prompt served often enough landed in both splits: the gate's
+    "held-out" prompts were the very prompts PPO trained on.)"""
     if fraction <= 0:
         return False
-    digest = hashlib.sha256(event_id.encode()).digest()
+    digest = hashlib.sha256(prompt.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
@@ -173,7 +177,9 @@ class Dataset:
 
     def _insert(self, cur: sqlite3.Cursor, entry: IngestedEntry, now: float) -> bool:
         event = entry.event
-        heldout = int(is_heldout(event.event_id, self.heldout_fraction))
+        if not isinstance(event, CompletionEvent | ComparisonEvent | DemonstrationEvent):
+            raise TypeError(f"the dataset stores no {type(event).__name__}")
+        heldout = int(is_heldout(event.prompt, self.heldout_fraction))
         if isinstance(event, CompletionEvent):
             max_tokens = event.sampling.get("max_tokens")
             max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
@@ -183,15 +189,13 @@ class Dataset:
                 (event.event_id, entry.entry_id, event.prompt, heldout, event.policy_version, int(event.chat),
                  event.created_at, now, max_tokens),
             )
-        elif isinstance(event, ComparisonEvent | DemonstrationEvent):
+        else:
             table = TABLE_OF[type(event)]
             cur.execute(
                 f"INSERT OR IGNORE INTO {table} (event_id, entry_id, prompt, heldout, created_at, ingested_at, event)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (event.event_id, entry.entry_id, event.prompt, heldout, event.created_at, now, event.model_dump_json()),
             )
-        else:
-            raise TypeError(f"the dataset stores no {type(event).__name__}")
         return cur.rowcount == 1
 
     def has_dead_letter(self, stream: str, entry_id: str) -> bool:

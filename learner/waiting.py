@@ -69,7 +69,7 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
     if dataset.count_prompts(heldout=True) == 0 and not dataset.comparisons(heldout=True, limit=1):
         knob = ENV_PREFIX + "HELDOUT_FRACTION"
         out.append(Wait("gate", 0, 1, knob,
-                        f"the gate has no held-out prompt to evaluate on (a hash of each event keeps "
+                        f"the gate has no held-out prompt to evaluate on (a hash of each prompt keeps "
                         f"{settings.heldout_fraction:.0%} of them out of training; send more or raise {knob})"))
     return out
 

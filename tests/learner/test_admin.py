@@ -137,7 +137,7 @@ def test_a_waiting_learner_says_why_with_the_knob(redis_server, learner_settings
         assert status.exit_code == 0, status.output
         assert json.loads(status.output)["waiting"] == [rm.message, ppo.message]
 
-        push(client, 20, 10)  # enough comparisons for the RM; still fewer than 30 training prompts
+        push(client, 24, 10)  # 22 training comparisons of 34: enough for the RM; 23 training prompts, fewer than 30
         assert learner.round().reward is not None and learner.state.rm_updates == 1
         waits = {w.step: w for w in learner.report_waiting()}
         assert waits["reward_model"].have == 0  # it just trained on them: it waits for the next 20

@@ -15,20 +15,26 @@ def entries(events, stream):
     return [IngestedEntry(stream, f"{i}-0", event) for i, event in enumerate(events)]
 
 
-def test_heldout_split_is_a_fixed_function_of_event_id(tmp_path):
-    ids = [f"event-{i}" for i in range(2000)]
-    share = sum(is_heldout(i, 0.1) for i in ids) / len(ids)
+def test_heldout_split_is_a_fixed_function_of_the_prompt(tmp_path):
+    prompts = [f"prompt {i}" for i in range(2000)]
+    share = sum(is_heldout(p, 0.1) for p in prompts) / len(prompts)
     assert 0.07 < share < 0.13
-    assert [is_heldout(i, 0.1) for i in ids] == [is_heldout(i, 0.1) for i in ids]
-    assert not any(is_heldout(i, 0.0) for i in ids)
+    assert [is_heldout(p, 0.1) for p in prompts] == [is_heldout(p, 0.1) for p in prompts]
+    assert not any(is_heldout(p, 0.0) for p in prompts)
 
     dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.3)
     events = [comparison(i) for i in range(40)]
-    dataset.add(entries(events, "comparisons"))
-    heldout = {s.comparison.event_id for s in dataset.comparisons(heldout=True)}
-    train = {s.comparison.event_id for s in dataset.comparisons(heldout=False)}
-    assert heldout == {e.event_id for e in events if is_heldout(e.event_id, 0.3)}
-    assert heldout.isdisjoint(train) and len(heldout | train) == 40
+    again = [comparison(100 + i, prompt=e.prompt) for i, e in enumerate(events)]  # each prompt ranked twice
+    served = [completion(i, prompt=e.prompt) for i, e in enumerate(events)]
+    dataset.add(entries(events + again, "comparisons"))
+    dataset.add(entries(served, "completions"))
+    heldout = {s.comparison.prompt for s in dataset.comparisons(heldout=True)}
+    train = {s.comparison.prompt for s in dataset.comparisons(heldout=False)}
+    assert heldout == {e.prompt for e in events if is_heldout(e.prompt, 0.3)} and 0 < len(heldout) < 40
+    assert heldout.isdisjoint(train) and len(heldout | train) == 40  # a prompt lives in one split only
+    assert len(dataset.comparisons(heldout=True)) == 2 * len(heldout)
+    assert set(dataset.sample_prompts(100, heldout=True)) == heldout  # completions follow the same split
+    assert set(dataset.sample_prompts(100)) == train
 
 
 def test_comparison_cursor_counts_only_new_training_rows(tmp_path):

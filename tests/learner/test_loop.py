@@ -111,14 +111,14 @@ def test_learner_thresholds_metrics_and_graceful_stop(redis_server, tmp_path, ti
         report = learner.round()
         assert report.ingest.inserted == 20 and not report.trained  # 10 comparisons < 20, no RM yet
 
-        push_round_of_events(client, n=20, offset=10)  # ~22 training comparisons, but < 30 prompts
+        push_round_of_events(client, n=24, offset=10)  # 22 training comparisons (of 34), but < 30 prompts
         report = learner.round()
         assert report.reward is not None and report.ppo is None and report.gate is None
         assert learner.state.rm_updates == 1 and learner.store.model_dir("reward") is not None
         assert learner.state.rm_comparisons_trained == learner.dataset.count_new_comparisons(0)
 
         learner.request_stop()  # SIGTERM: the next round does nothing but ingest
-        push_round_of_events(client, n=30, offset=30)
+        push_round_of_events(client, n=26, offset=34)
         report = learner.round()
         assert not report.trained and learner.state.ppo_rounds == 0
 
@@ -132,6 +132,36 @@ def test_learner_thresholds_metrics_and_graceful_stop(redis_server, tmp_path, ti
         assert 'learner_events_ingested_total{stream="comparisons"} 60.0' in body
         assert "learner_rm_heldout_accuracy" in body and "learner_consumer_lag" in body
         assert 'learner_step_duration_seconds_count{step="reward_model"} 1.0' in body
+    finally:
+        learner.close()
+        client.close()
+
+
+def test_a_ppo_round_waits_for_an_rm_update_or_prompts_never_served_before(redis_server, tmp_path, tiny_model_dir,
+                                                                         ptx_corpus, monkeypatch):
+    """After a round, traffic that only asks the same prompts again is not new data: the next round waits
+    (and says so) until the RM changes or ``min_prompts`` prompts never served before arrive."""
+    for name, value in learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry",
+                                   ptx_corpus, min_prompts=8).items():
+        monkeypatch.setenv(name, value)
+    learner = Learner(Settings(), progress=False)
+    client = redis_lib.Redis.from_url(redis_server.url)
+    try:
+        push_round_of_events(client, n=24)
+        assert learner.round().ppo is not None and learner.state.ppo_rounds == 1
+
+        for i in range(24):  # the same prompts served again (new events), no new ranking
+            xadd(client, Stream.completions, completion(1000 + i, prompt=completion(i).prompt))
+        report = learner.round()
+        assert report.ingest.inserted == 24 and report.reward is None and report.ppo is None
+        waits = [w for w in learner.waiting() if w.step == "ppo"]
+        assert len(waits) == 1 and waits[0].have == 0 and "never served before" in waits[0].message
+
+        for i in range(24, 48):  # prompts never served before: about 18 of them in the training split
+            xadd(client, Stream.completions, completion(i))
+        learner.ingest()
+        assert learner.dataset.count_new_prompts(learner.state.ppo_prompt_cursor) >= 8
+        assert learner.round().ppo is not None and learner.state.ppo_rounds == 2
     finally:
         learner.close()
         client.close()
