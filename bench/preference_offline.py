@@ -158,7 +158,7 @@ def main() -> None:
     ppo = PPOConfig(**{"kl_coef": settings.kl_coef, "ptx_coef": settings.ptx_coef, **models.mode_defaults("ppo"),
                        **json.loads(args.ppo)})
     ptx = PtxSource(tokenizer, None, seq_len=ppo.ptx_seq_len, batch_size=ppo.ptx_batch_size) \
-        if ppo.ptx_coef or ppo.ptx_eval_windows else None
+        if ppo.reads_ptx_corpus else None
     trainer = PPOPtxTrainer(policy, reference, value, rm, tokenizer, ppo, ptx)
     for r in range(args.rounds):
         t0 = time.perf_counter()

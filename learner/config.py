@@ -159,6 +159,11 @@ class PPOConfig:
     seed: int = 0
     """Seed of prompt order, sampling and minibatch shuffles."""
 
+    @property
+    def reads_ptx_corpus(self) -> bool:
+        """The trainer needs a ``PtxSource``: for the ptx term, or only to measure the alignment tax (plain PPO)."""
+        return self.ptx_coef > 0 or self.ptx_eval_windows > 0
+
     def __post_init__(self) -> None:
         _positive("PPOConfig", rollout_batch_size=self.rollout_batch_size, mini_batch_size=self.mini_batch_size,
                   ppo_epochs=self.ppo_epochs, lr=self.lr, max_grad_norm=self.max_grad_norm,

@@ -227,7 +227,7 @@ class Learner:
             config = PPOConfig(**{"kl_coef": self.settings.kl_coef, "ptx_coef": self.settings.ptx_coef,
                                   "seed": self.settings.seed, **self.models.mode_defaults("ppo"), **self.settings.ppo})
             ptx = None
-            if config.ptx_coef > 0 or config.ptx_eval_windows:  # plain PPO still measures the alignment tax
+            if config.reads_ptx_corpus:
                 ptx = PtxSource(self.tokenizer, self.settings.ptx_corpus, seq_len=config.ptx_seq_len,
                                 batch_size=config.ptx_batch_size, seed=config.seed)
             trainer = PPOPtxTrainer(policy, self.reference, value, self.reward_model, self.tokenizer, config, ptx,

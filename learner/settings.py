@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings
 from instructloop.settings import DEFAULT_MODEL, home_dir, settings_config
 from instructloop.streams import DEFAULT_PREFIX
 from learner.config import PPOConfig
+from learner.gate import GateConfig
 
 
 class Settings(BaseSettings):
@@ -70,7 +71,7 @@ class Settings(BaseSettings):
         0.0, description="Candidate mean RM score must exceed the incumbent's by more than this."
     )
     gate_reward_tolerance_se: float = Field(
-        1.0, ge=0, description="Standard errors of the per-prompt score difference by which the candidate's gain "
+        GateConfig.reward_tolerance_se, ge=0, description="Standard errors of the per-prompt score difference by which the candidate's gain "
         "may fall short of gate_min_reward_gain and still pass: a step the held-out prompts cannot tell from noise "
         "is not rejected, one they show to be worse is. 0 = the gain itself must clear the margin.")
     gate_kl_ceiling: float = Field(
