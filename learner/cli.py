@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 import typer
 
@@ -28,15 +29,39 @@ def _settings():
     return settings
 
 
-def _redis_unreachable(settings, exc: Exception) -> None:
-    typer.echo(redact_url(f"error: cannot reach Redis at {settings.redis_url} ({exc}); start it or fix "
+def _redis_unreachable(settings, exc: Exception, waited_s: float = 0.0) -> None:
+    waited = f" after {waited_s:g} s (INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S sets the wait)" if waited_s else ""
+    typer.echo(redact_url(f"error: cannot reach Redis at {settings.redis_url} ({exc}){waited}; start it or fix "
                           "INSTRUCTLOOP_LEARNER_REDIS_URL"), err=True)
     raise typer.Exit(2) from exc
 
 
-def _learner(settings, serve_metrics: bool):
+def _wait_for_redis(settings, client) -> None:
+    """Ping Redis until it answers; after ``redis_connect_timeout_s`` exit (2) naming the URL and the knobs.
+    Logs once that it waits (a pod's Redis often starts after the learner)."""
     import redis
 
+    deadline = time.monotonic() + settings.redis_connect_timeout_s
+    waiting = False
+    while True:
+        try:
+            client.ping()
+            if waiting:
+                log.info("redis reachable", extra={"redis_url": redact_url(settings.redis_url)})
+            return
+        except redis.ConnectionError as exc:
+            if time.monotonic() >= deadline:
+                _redis_unreachable(settings, exc, settings.redis_connect_timeout_s)
+            if not waiting:
+                log.info("learner waiting for redis", extra={
+                    "redis_url": redact_url(settings.redis_url), "error": str(exc),
+                    "timeout_s": settings.redis_connect_timeout_s,
+                    "knob": "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S"})
+                waiting = True
+            time.sleep(0.5)
+
+
+def _learner(settings, serve_metrics: bool):
     from instructloop.logs import configure_logging
     from instructloop.model import ModelNotAvailable
     from learner.loop import Learner
@@ -52,10 +77,7 @@ def _learner(settings, serve_metrics: bool):
                        "INSTRUCTLOOP_LEARNER_METRICS_PORT to a free port or 0", err=True)
             raise typer.Exit(2) from exc
     learner = Learner(settings, metrics=metrics, progress=sys.stderr.isatty())
-    try:
-        learner.redis.ping()
-    except redis.ConnectionError as exc:
-        _redis_unreachable(settings, exc)
+    _wait_for_redis(settings, learner.redis)
     try:
         learner.start()
     except ModelNotAvailable as exc:

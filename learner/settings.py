@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(
         30.0, gt=0, description="Socket timeout of the learner's Redis client (a hung Redis raises instead of "
         "blocking forever); must exceed read_block_ms.")
+    redis_connect_timeout_s: float = Field(
+        60.0, ge=0, description="At start, how long the learner waits for Redis to answer before it exits (2) with "
+        "an error: components of one deployment start together, and Redis may come up after the learner. "
+        "0 = exit at once.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in state_dir (older ones are deleted).")
     log_level: str = "INFO"
     json_logs: bool = True

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from learner.cli import app
 from learner.loop import Learner
 from learner.metrics import LearnerMetrics
 from learner.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import RedisServer, free_port
 from tests.learner.helpers import (
     PREFIX,
     PTX_TEXT,
@@ -165,6 +166,37 @@ def test_a_ppo_round_waits_for_an_rm_update_or_prompts_never_served_before(redis
     finally:
         learner.close()
         client.close()
+
+
+def test_the_learner_waits_for_a_redis_that_starts_after_it_and_names_the_knob_when_it_never_does(
+        tmp_path, tiny_model_dir, ptx_corpus):
+    """Components of one deployment start together: a learner up before its Redis waits (and says so)
+    instead of exiting; one whose Redis never answers exits (2) after REDIS_CONNECT_TIMEOUT_S, naming it."""
+    (tmp_path / "redis").mkdir()
+    late = RedisServer(tmp_path / "redis")
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           **learner_env(late.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus)}
+    learner = subprocess.Popen([sys.executable, "-m", "launcher.cli", "learner", "once"], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        assert learner.poll() is None  # still waiting, not exited
+        late.start()
+        out, err = learner.communicate(timeout=120)
+    finally:
+        learner.kill()
+        late.stop()
+    assert learner.returncode == 0, err[-3000:]
+    waited = [json.loads(line) for line in err.splitlines() if '"learner waiting for redis"' in line]
+    assert len(waited) == 1 and waited[0]["knob"] == "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S"
+    assert json.loads(out.strip().splitlines()[-1])["ingested"] == 0
+
+    never = subprocess.run([sys.executable, "-m", "launcher.cli", "learner", "once"], cwd=tmp_path, timeout=120,
+                           env={**env, "INSTRUCTLOOP_LEARNER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+                                "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S": "1"},
+                           capture_output=True, text=True)
+    assert never.returncode == 2
+    assert "cannot reach Redis" in never.stderr and "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S" in never.stderr
 
 
 def test_settings_parse_json_hyperparameters_and_refuse_bad_values(monkeypatch):
