@@ -26,11 +26,32 @@ class ServeProcess:
         self.port = free_port()
         self.log = open(log_path, "w")
         pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        full_env = dict(os.environ, PYTHONPATH=pythonpath, INSTRUCTLOOP_SERVE_TORCH_THREADS=str(threads),
-                        TOKENIZERS_PARALLELISM="false", **env)
+        full_env = dict(
+            os.environ,
+            PYTHONPATH=pythonpath,
+            INSTRUCTLOOP_SERVE_TORCH_THREADS=str(threads),
+            TOKENIZERS_PARALLELISM="false",
+            **env,
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "serve", "run", "--host", "127.0.0.1", "--port", str(self.port),
-             "--device", device, *args], env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "serve",
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--device",
+                device,
+                *args,
+            ],
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     @property
     def url(self) -> str:
@@ -72,8 +93,22 @@ class RedisProcess:
     def __init__(self, workdir: Path):
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -88,17 +88,41 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         reward_model = ScoreAdapter.fresh(base, "reward", tokenizer.pad_token_id, seed=0)
     else:  # trained weights float32, the frozen reference in dtype (as LearnerModels does)
         policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval().requires_grad_(False)
+        reference = (
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            .to(device)
+            .eval()
+            .requires_grad_(False)
+        )
         reward_model = build_reward_model(model_dir).to(device)
-    config = PPOConfig(rollout_batch_size=args.rollouts, mini_batch_size=args.mini_batch, ppo_epochs=args.epochs,
-                       max_new_tokens=args.max_new_tokens, ptx_batch_size=2, ptx_seq_len=128, max_prompt_tokens=128,
-                       lr=adapters.ppo_lr if mode == "lora" else 3e-6, seed=0)
+    config = PPOConfig(
+        rollout_batch_size=args.rollouts,
+        mini_batch_size=args.mini_batch,
+        ppo_epochs=args.epochs,
+        max_new_tokens=args.max_new_tokens,
+        ptx_batch_size=2,
+        ptx_seq_len=128,
+        max_prompt_tokens=128,
+        lr=adapters.ppo_lr if mode == "lora" else 3e-6,
+        seed=0,
+    )
     torch.manual_seed(0)
     with autocast:
-        samples = generate_rollouts(reference, tokenizer, PROMPTS[: args.rollouts], 128, args.max_new_tokens,
-                                    do_sample=False, temperature=1.0)
-        normalize_reward_bias(reward_model, tokenizer, PROMPTS[: args.rollouts],
-                              tokenizer.batch_decode(samples.responses, skip_special_tokens=True))
+        samples = generate_rollouts(
+            reference,
+            tokenizer,
+            PROMPTS[: args.rollouts],
+            128,
+            args.max_new_tokens,
+            do_sample=False,
+            temperature=1.0,
+        )
+        normalize_reward_bias(
+            reward_model,
+            tokenizer,
+            PROMPTS[: args.rollouts],
+            tokenizer.batch_decode(samples.responses, skip_special_tokens=True),
+        )
     if mode == "lora":
         value_model = reward_model.copy_as("value")
         base.add("policy")
@@ -121,9 +145,14 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
             _ = base.sha256
             base_sha256_s = time.perf_counter() - t
         t = time.perf_counter()
-        part_tokenizer = None if mode == "lora" else tokenizer  # as the learner does (LearnerModels.part_tokenizer)
-        store.save(LearnerState(), models={"policy": (policy, part_tokenizer), "value": (value_model, part_tokenizer)},
-                   optimizers={"ppo": trainer.state_dict()})
+        part_tokenizer = (
+            None if mode == "lora" else tokenizer
+        )  # as the learner does (LearnerModels.part_tokenizer)
+        store.save(
+            LearnerState(),
+            models={"policy": (policy, part_tokenizer), "value": (value_model, part_tokenizer)},
+            optimizers={"ppo": trainer.state_dict()},
+        )
         checkpoint_s = time.perf_counter() - t
         t = time.perf_counter()
         if mode == "lora":
@@ -134,8 +163,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         publish_s = time.perf_counter() - t
         checkpoint_mb = sum(p.stat().st_size for p in (Path(tmp) / "state").rglob("*") if p.is_file()) / 2**20
         version_mb = sum(p.stat().st_size for p in registry.version_dir("v0001").iterdir()) / 2**20
-    trained = sum(p.numel() for group in trainer.policy_optimizer.param_groups + trainer.value_optimizer.param_groups
-                  for p in group["params"])
+    trained = sum(
+        p.numel()
+        for group in trainer.policy_optimizer.param_groups + trainer.value_optimizer.param_groups
+        for p in group["params"]
+    )
     return {
         "mode": mode,
         "setup_s": round(setup_s, 2),
@@ -153,7 +185,9 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         "peak_rss_mb": round(_rss_mb()),
         "device": device,
         "dtype": args.dtype,
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20)
+        if torch.cuda.is_available()
+        else None,
         "load_average": round(os.getloadavg()[0], 1),
     }
 
@@ -174,10 +208,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default=None, help="where checkpoints and versions are written (tmp)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="frozen weights and autocast (trained weights stay float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="frozen weights and autocast (trained weights stay float32)",
+    )
     parser.add_argument("--model", default=None, help="a model folder (default: the prepared default model)")
-    parser.add_argument("--adapters", default="{}", help="AdapterConfig overrides (JSON), e.g. '{\"top_layers\": 10}'")
+    parser.add_argument(
+        "--adapters", default="{}", help="AdapterConfig overrides (JSON), e.g. '{\"top_layers\": 10}'"
+    )
     parser.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--modes", default="lora,full", help="modes to run, in this order")
     args = parser.parse_args(argv)
@@ -186,9 +226,28 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     results = {}
     for mode in args.modes.split(","):
-        command = [sys.executable, __file__, "--mode", mode, "--rollouts", str(args.rollouts), "--mini-batch",
-                   str(args.mini_batch), "--epochs", str(args.epochs), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-                   "--device", args.device, "--dtype", args.dtype, "--adapters", args.adapters]
+        command = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--rollouts",
+            str(args.rollouts),
+            "--mini-batch",
+            str(args.mini_batch),
+            "--epochs",
+            str(args.epochs),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--adapters",
+            args.adapters,
+        ]
         if args.model:
             command += ["--model", args.model]
         if args.workdir:
@@ -202,13 +261,21 @@ def main(argv: list[str] | None = None) -> dict:
         lora, full = results["lora"], results["full"]
         results["full_over_lora"] = {
             "round": round(full["round_s"] / lora["round_s"], 2),
-            "update_plus_ptx": round((full["update_s"] + full["ptx_s"]) / (lora["update_s"] + lora["ptx_s"]), 2),
+            "update_plus_ptx": round(
+                (full["update_s"] + full["ptx_s"]) / (lora["update_s"] + lora["ptx_s"]), 2
+            ),
             "checkpoint_plus_publish": round(full["checkpoint_publish_s"] / lora["checkpoint_publish_s"], 1),
             "peak_rss_lora_share": round(lora["peak_rss_mb"] / full["peak_rss_mb"], 2),
-            **({"peak_gpu_lora_share": round(lora["peak_gpu_mb"] / full["peak_gpu_mb"], 2)} if lora["peak_gpu_mb"] else {}),
+            **(
+                {"peak_gpu_lora_share": round(lora["peak_gpu_mb"] / full["peak_gpu_mb"], 2)}
+                if lora["peak_gpu_mb"]
+                else {}
+            ),
             "peak_rss_above_imports_lora_share": round(
-                (lora["peak_rss_mb"] - lora["rss_after_imports_mb"]) /
-                (full["peak_rss_mb"] - full["rss_after_imports_mb"]), 2),
+                (lora["peak_rss_mb"] - lora["rss_after_imports_mb"])
+                / (full["peak_rss_mb"] - full["rss_after_imports_mb"]),
+                2,
+            ),
         }
         print(json.dumps(results["full_over_lora"]), flush=True)
     return results

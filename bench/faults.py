@@ -75,8 +75,15 @@ def _cli(*args: str) -> list[str]:
 class FaultStack:
     """redis + serve replicas + learner + gateway under a restarting supervisor, on free loopback ports."""
 
-    def __init__(self, model_dir: Path, workdir: Path, *, replicas: int = 1, appendfsync: str = "always",
-                 clients: int = 4):
+    def __init__(
+        self,
+        model_dir: Path,
+        workdir: Path,
+        *,
+        replicas: int = 1,
+        appendfsync: str = "always",
+        clients: int = 4,
+    ):
         self.model_dir = Path(model_dir)
         self.workdir = Path(workdir)
         self.redis_port = free_port()
@@ -85,51 +92,120 @@ class FaultStack:
         self.metrics_port = free_port()
         self.events: list[str] = []
         keys_file = self.workdir / "gateway" / "keys.jsonl"
-        self.user_keys = [append_key(keys_file, name=f"client-{i}", role=Role.user)[0] for i in range(clients)]
+        self.user_keys = [
+            append_key(keys_file, name=f"client-{i}", role=Role.user)[0] for i in range(clients)
+        ]
         self.probe_key = append_key(keys_file, name="probe", role=Role.user)[0]  # a scenario's own calls
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(REPO_ROOT),
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
         logs = self.workdir / "logs"
         redis_dir = self.workdir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
-        specs = [ComponentSpec(
-            name="redis", log_path=logs / "redis.log", env=env, health=redis_health(self.redis_url),
-            argv=["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
-                  "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "", "--daemonize", "no",
-                  "--maxmemory-policy", "noeviction"])]
+        specs = [
+            ComponentSpec(
+                name="redis",
+                log_path=logs / "redis.log",
+                env=env,
+                health=redis_health(self.redis_url),
+                argv=[
+                    "redis-server",
+                    "--port",
+                    str(self.redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(redis_dir),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    appendfsync,
+                    "--save",
+                    "",
+                    "--daemonize",
+                    "no",
+                    "--maxmemory-policy",
+                    "noeviction",
+                ],
+            )
+        ]
         for i, port in enumerate(self.serve_ports):
-            specs.append(ComponentSpec(
-                name=f"serve-{i}", argv=_cli("serve", "run"), log_path=logs / f"serve-{i}.log",
-                health=http_health(f"http://127.0.0.1:{port}/health"),
-                env={**env, "INSTRUCTLOOP_SERVE_MODEL": str(self.model_dir), "INSTRUCTLOOP_SERVE_DEVICE": "cpu",
-                     "INSTRUCTLOOP_SERVE_HOST": "127.0.0.1", "INSTRUCTLOOP_SERVE_PORT": str(port),
-                     "INSTRUCTLOOP_SERVE_TORCH_THREADS": "1", "INSTRUCTLOOP_SERVE_REGISTRY_DIR": str(self.workdir / "registry"),
-                     "INSTRUCTLOOP_SERVE_LOG_LEVEL": "WARNING"}))
-        specs.append(ComponentSpec(
-            name="learner", argv=_cli("learner", "run"), log_path=logs / "learner.log", after=["redis"],
-            health=http_health(f"http://127.0.0.1:{self.metrics_port}/healthz"),
-            env={**env, "INSTRUCTLOOP_LEARNER_MODEL": str(self.model_dir), "INSTRUCTLOOP_LEARNER_REDIS_URL": self.redis_url,
-                 "INSTRUCTLOOP_LEARNER_STATE_DIR": str(self.state_dir),
-                 "INSTRUCTLOOP_LEARNER_REGISTRY_DIR": str(self.workdir / "registry"),
-                 "INSTRUCTLOOP_LEARNER_METRICS_PORT": str(self.metrics_port),
-                 "INSTRUCTLOOP_LEARNER_CONSUMER_NAME": "learner-0", "INSTRUCTLOOP_LEARNER_POLL_INTERVAL_S": "0.5",
-                 "INSTRUCTLOOP_LEARNER_READ_BLOCK_MS": "200", "INSTRUCTLOOP_LEARNER_REDIS_SOCKET_TIMEOUT_S": "5",
-                 "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS": "100000000", "INSTRUCTLOOP_LEARNER_MIN_PROMPTS": "100000000",
-                 "INSTRUCTLOOP_LEARNER_TRIM_INTERVAL_S": "2", "INSTRUCTLOOP_LEARNER_TORCH_THREADS": "1"}))
-        specs.append(ComponentSpec(
-            name="gateway", argv=_cli("gateway", "run"), log_path=logs / "gateway.log",
-            after=["redis", *[f"serve-{i}" for i in range(replicas)]],
-            health=http_health(f"{self.gateway_url}/readyz"),
-            env={**env, "INSTRUCTLOOP_GATEWAY_MODEL": str(self.model_dir), "INSTRUCTLOOP_GATEWAY_REDIS_URL": self.redis_url,
-                 "INSTRUCTLOOP_GATEWAY_HOST": "127.0.0.1", "INSTRUCTLOOP_GATEWAY_PORT": str(self.gateway_port),
-                 "INSTRUCTLOOP_GATEWAY_BACKENDS": ",".join(self.serve_urls),
-                 "INSTRUCTLOOP_GATEWAY_KEYS_FILE": str(keys_file), "INSTRUCTLOOP_GATEWAY_HEALTH_INTERVAL_S": "0.5",
-                 "INSTRUCTLOOP_GATEWAY_REGISTRY_DIR": str(self.workdir / "registry"),
-                 "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "1000000",
-                 "INSTRUCTLOOP_GATEWAY_FEEDBACK_RATE_LIMIT_PER_MINUTE": "1000000"}))
-        self.supervisor = Supervisor(specs, echo=self._echo, poll_interval_s=0.1,
-                                     restart=RestartPolicy(backoff_initial_s=0.2, backoff_max_s=1.0, max_restarts=50,
-                                                           window_s=600))
+            specs.append(
+                ComponentSpec(
+                    name=f"serve-{i}",
+                    argv=_cli("serve", "run"),
+                    log_path=logs / f"serve-{i}.log",
+                    health=http_health(f"http://127.0.0.1:{port}/health"),
+                    env={
+                        **env,
+                        "INSTRUCTLOOP_SERVE_MODEL": str(self.model_dir),
+                        "INSTRUCTLOOP_SERVE_DEVICE": "cpu",
+                        "INSTRUCTLOOP_SERVE_HOST": "127.0.0.1",
+                        "INSTRUCTLOOP_SERVE_PORT": str(port),
+                        "INSTRUCTLOOP_SERVE_TORCH_THREADS": "1",
+                        "INSTRUCTLOOP_SERVE_REGISTRY_DIR": str(self.workdir / "registry"),
+                        "INSTRUCTLOOP_SERVE_LOG_LEVEL": "WARNING",
+                    },
+                )
+            )
+        specs.append(
+            ComponentSpec(
+                name="learner",
+                argv=_cli("learner", "run"),
+                log_path=logs / "learner.log",
+                after=["redis"],
+                health=http_health(f"http://127.0.0.1:{self.metrics_port}/healthz"),
+                env={
+                    **env,
+                    "INSTRUCTLOOP_LEARNER_MODEL": str(self.model_dir),
+                    "INSTRUCTLOOP_LEARNER_REDIS_URL": self.redis_url,
+                    "INSTRUCTLOOP_LEARNER_STATE_DIR": str(self.state_dir),
+                    "INSTRUCTLOOP_LEARNER_REGISTRY_DIR": str(self.workdir / "registry"),
+                    "INSTRUCTLOOP_LEARNER_METRICS_PORT": str(self.metrics_port),
+                    "INSTRUCTLOOP_LEARNER_CONSUMER_NAME": "learner-0",
+                    "INSTRUCTLOOP_LEARNER_POLL_INTERVAL_S": "0.5",
+                    "INSTRUCTLOOP_LEARNER_READ_BLOCK_MS": "200",
+                    "INSTRUCTLOOP_LEARNER_REDIS_SOCKET_TIMEOUT_S": "5",
+                    "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS": "100000000",
+                    "INSTRUCTLOOP_LEARNER_MIN_PROMPTS": "100000000",
+                    "INSTRUCTLOOP_LEARNER_TRIM_INTERVAL_S": "2",
+                    "INSTRUCTLOOP_LEARNER_TORCH_THREADS": "1",
+                },
+            )
+        )
+        specs.append(
+            ComponentSpec(
+                name="gateway",
+                argv=_cli("gateway", "run"),
+                log_path=logs / "gateway.log",
+                after=["redis", *[f"serve-{i}" for i in range(replicas)]],
+                health=http_health(f"{self.gateway_url}/readyz"),
+                env={
+                    **env,
+                    "INSTRUCTLOOP_GATEWAY_MODEL": str(self.model_dir),
+                    "INSTRUCTLOOP_GATEWAY_REDIS_URL": self.redis_url,
+                    "INSTRUCTLOOP_GATEWAY_HOST": "127.0.0.1",
+                    "INSTRUCTLOOP_GATEWAY_PORT": str(self.gateway_port),
+                    "INSTRUCTLOOP_GATEWAY_BACKENDS": ",".join(self.serve_urls),
+                    "INSTRUCTLOOP_GATEWAY_KEYS_FILE": str(keys_file),
+                    "INSTRUCTLOOP_GATEWAY_HEALTH_INTERVAL_S": "0.5",
+                    "INSTRUCTLOOP_GATEWAY_REGISTRY_DIR": str(self.workdir / "registry"),
+                    "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "1000000",
+                    "INSTRUCTLOOP_GATEWAY_FEEDBACK_RATE_LIMIT_PER_MINUTE": "1000000",
+                },
+            )
+        )
+        self.supervisor = Supervisor(
+            specs,
+            echo=self._echo,
+            poll_interval_s=0.1,
+            restart=RestartPolicy(backoff_initial_s=0.2, backoff_max_s=1.0, max_restarts=50, window_s=600),
+        )
         self._watcher: threading.Thread | None = None
         self.failure = None
 
@@ -186,7 +262,9 @@ class FaultStack:
             if self.failure is not None:
                 raise RuntimeError(f"the supervisor gave up: {self.failure}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} was not restarted and healthy within {timeout:g}s: {self.events[-5:]}")
+                raise TimeoutError(
+                    f"{name} was not restarted and healthy within {timeout:g}s: {self.events[-5:]}"
+                )
             time.sleep(0.05)
         return time.monotonic()
 
@@ -197,8 +275,11 @@ class FaultStack:
 
     def gateway_metric(self, name: str) -> float:
         text = httpx.get(f"{self.gateway_url}/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {")
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {"
+        )
 
     # -- what the learner holds --
     def dataset_comparisons(self) -> list[tuple[str, list[str]]]:
@@ -261,24 +342,44 @@ class Load:
         with self.lock:
             self.calls.append(call)
 
-    def _post(self, http: httpx.Client, kind: str, path: str, body: dict, **headers: str) -> httpx.Response | None:
+    def _post(
+        self, http: httpx.Client, kind: str, path: str, body: dict, **headers: str
+    ) -> httpx.Response | None:
         sent = time.monotonic()
         try:
             response = http.post(path, json=body, headers=headers)
         except httpx.HTTPError as exc:
             self._record(Call(kind, sent, time.monotonic(), None, type(exc).__name__))
             return None
-        self._record(Call(kind, sent, time.monotonic(), response.status_code,
-                          "" if response.status_code < 400 else response.text[:200]))
+        self._record(
+            Call(
+                kind,
+                sent,
+                time.monotonic(),
+                response.status_code,
+                "" if response.status_code < 400 else response.text[:200],
+            )
+        )
         return response
 
     def _client(self, index: int, key: str) -> None:
         rng = random.Random(index)
-        with httpx.Client(base_url=self.gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        with httpx.Client(
+            base_url=self.gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as http:
             while not self.stop.is_set():
-                completion = self._post(http, "completion", "/v1/completions", {
-                    "model": MODEL_NAME, "prompt": f"client {index} question {rng.randrange(10**6)}", "n": 2,
-                    "max_tokens": 4, "temperature": 1.0})
+                completion = self._post(
+                    http,
+                    "completion",
+                    "/v1/completions",
+                    {
+                        "model": MODEL_NAME,
+                        "prompt": f"client {index} question {rng.randrange(10**6)}",
+                        "n": 2,
+                        "max_tokens": 4,
+                        "temperature": 1.0,
+                    },
+                )
                 if completion is None or completion.status_code != 200:
                     time.sleep(0.1)
                     continue
@@ -289,13 +390,19 @@ class Load:
         key = uuid.uuid4().hex
         deadline = time.monotonic() + self.retry_s
         while time.monotonic() < deadline:
-            response = self._post(http, "feedback", "/v1/feedback",
-                                  {"type": "ranking", "completion_id": completion_id, "ranking": [[0], [1]]},
-                                  **{"Idempotency-Key": key})
+            response = self._post(
+                http,
+                "feedback",
+                "/v1/feedback",
+                {"type": "ranking", "completion_id": completion_id, "ranking": [[0], [1]]},
+                **{"Idempotency-Key": key},
+            )
             if response is not None and response.status_code == 202:
                 body = response.json()
                 with self.lock:
-                    self.accepted.append(Accepted(body["id"], completion_id, time.monotonic(), body["duplicate"]))
+                    self.accepted.append(
+                        Accepted(body["id"], completion_id, time.monotonic(), body["duplicate"])
+                    )
                 return
             if response is not None and response.status_code == 503:
                 with self.lock:
@@ -328,7 +435,9 @@ def wait_ingested(stack: FaultStack, load: Load, timeout: float = 90.0) -> dict[
         "accepted_replays": sum(a.duplicate for a in load.accepted),
         "in_dataset": len(held & wanted),
         "lost": len(wanted - held),
-        "double_counted": sum(count - 1 for cid, count in per_completion.items() if cid in ours and count > 1),
+        "double_counted": sum(
+            count - 1 for cid, count in per_completion.items() if cid in ours and count > 1
+        ),
         "lost_ids": sorted(wanted - held)[:10],
     }
 
@@ -353,7 +462,9 @@ def scenario_redis_kill(stack: FaultStack, seconds: float = 10.0) -> dict:
     load, facts = _run_load(stack, seconds, inject)
     result = wait_ingested(stack, load)
     killed = facts.pop("killed_at")
-    result["accepted_in_last_2s_before_kill"] = sum(killed - EVERYSEC_BOUND_S <= a.at <= killed for a in load.accepted)
+    result["accepted_in_last_2s_before_kill"] = sum(
+        killed - EVERYSEC_BOUND_S <= a.at <= killed for a in load.accepted
+    )
     result["feedback_503_while_down"] = len(load.refused_503)
     return {**result, **facts}
 
@@ -382,8 +493,11 @@ def scenario_learner_kill(stack: FaultStack, kills: int = 10, seconds: float = 4
         stack.wait_restarted("learner", restarts + k + 1)
     time.sleep(1.0)
     load.finish()
-    return {"kills": kills, "restarts": stack.supervisor.component("learner").restarts - restarts,
-            **wait_ingested(stack, load)}
+    return {
+        "kills": kills,
+        "restarts": stack.supervisor.component("learner").restarts - restarts,
+        **wait_ingested(stack, load),
+    }
 
 
 def scenario_serve_kill(stack: FaultStack, seconds: float = 10.0) -> dict:
@@ -399,9 +513,14 @@ def scenario_serve_kill(stack: FaultStack, seconds: float = 10.0) -> dict:
     errors = [c for c in completions if c.status is None or c.status >= 500]
     in_flight = [c for c in completions if c.sent <= killed <= c.done]
     result = wait_ingested(stack, load)
-    return {**result, "completions": len(completions), "in_flight_at_kill": len(in_flight),
-            "errors": len(errors), "errors_not_in_flight_at_kill": sum(not (c.sent <= killed <= c.done) for c in errors),
-            "error_statuses": sorted({str(c.status) for c in errors})}
+    return {
+        **result,
+        "completions": len(completions),
+        "in_flight_at_kill": len(in_flight),
+        "errors": len(errors),
+        "errors_not_in_flight_at_kill": sum(not (c.sent <= killed <= c.done) for c in errors),
+        "error_statuses": sorted({str(c.status) for c in errors}),
+    }
 
 
 def _fill_to_maxmemory(client, stop: threading.Event) -> None:
@@ -429,9 +548,16 @@ def scenario_redis_full(stack: FaultStack, seconds: float = 6.0, rated_later: in
     stream = "instructloop:stream:comparisons"
     load = Load(stack.gateway_url, stack.user_keys).start()
     key = stack.probe_key
-    with httpx.Client(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
-        pending = [http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": f"rate me later {i}", "n": 2,
-                                                       "max_tokens": 4}).json()["id"] for i in range(rated_later)]
+    with httpx.Client(
+        base_url=stack.gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    ) as http:
+        pending = [
+            http.post(
+                "/v1/completions",
+                json={"model": MODEL_NAME, "prompt": f"rate me later {i}", "n": 2, "max_tokens": 4},
+            ).json()["id"]
+            for i in range(rated_later)
+        ]
         time.sleep(1.0)
         client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 2 * 1024 * 1024)
         stop_filling = threading.Event()
@@ -442,15 +568,25 @@ def scenario_redis_full(stack: FaultStack, seconds: float = 6.0, rated_later: in
         full_at = time.monotonic()
         length_full = client.xlen(stream)
         body = {"type": "ranking", "ranking": [[0], [1]]}
-        answers = [http.post("/v1/feedback", json={**body, "completion_id": cid}, headers={"Idempotency-Key": cid})
-                   for cid in pending]
+        answers = [
+            http.post("/v1/feedback", json={**body, "completion_id": cid}, headers={"Idempotency-Key": cid})
+            for cid in pending
+        ]
         caller = key_id_of(hash_key(key))
-        refused = [(i, cid) for i, (cid, answer) in enumerate(zip(pending, answers, strict=True))
-                   if answer.status_code == 503]
-        half_written = sum(  # what a 503'd feedback must not have left: its idempotency or one-per-completion key
-            client.exists(f"instructloop:gateway:idempotency:{caller}:comparisons:{cid}")
-            + client.exists(f"instructloop:gateway:rated:{caller}:{fingerprint([[cid], f'rate me later {i}'])}")
-            for i, cid in refused)
+        refused = [
+            (i, cid)
+            for i, (cid, answer) in enumerate(zip(pending, answers, strict=True))
+            if answer.status_code == 503
+        ]
+        half_written = (
+            sum(  # what a 503'd feedback must not have left: its idempotency or one-per-completion key
+                client.exists(f"instructloop:gateway:idempotency:{caller}:comparisons:{cid}")
+                + client.exists(
+                    f"instructloop:gateway:rated:{caller}:{fingerprint([[cid], f'rate me later {i}'])}"
+                )
+                for i, cid in refused
+            )
+        )
         time.sleep(seconds)
         alert = stack.gateway_metric("gateway_redis_full")
         oom = stack.gateway_metric("gateway_redis_oom_total")
@@ -461,30 +597,43 @@ def scenario_redis_full(stack: FaultStack, seconds: float = 6.0, rated_later: in
         client.config_set("maxmemory", 0)
         for ballast in client.scan_iter("ballast:*", count=1000):
             client.unlink(ballast)
-        retried = [http.post("/v1/feedback", json={**body, "completion_id": cid}, headers={"Idempotency-Key": cid})
-                   for cid in pending]
+        retried = [
+            http.post("/v1/feedback", json={**body, "completion_id": cid}, headers={"Idempotency-Key": cid})
+            for cid in pending
+        ]
     for cid, answer in zip(pending, retried, strict=True):
         if answer.status_code == 202:
-            load.accepted.append(Accepted(answer.json()["id"], cid, time.monotonic(), answer.json()["duplicate"]))
+            load.accepted.append(
+                Accepted(answer.json()["id"], cid, time.monotonic(), answer.json()["duplicate"])
+            )
     time.sleep(2.0)
     load.finish()
     result = wait_ingested(stack, load)
     while_full = [c for c in load.calls if full_at <= c.sent and c.done <= freed_at]
     completions = [c for c in while_full if c.kind == "completion"]
-    return {**result,
-            "completions_while_full": len(completions), "completions_ok_while_full": sum(c.status == 200 for c in completions),
-            "feedback_on_stored_completions_while_full": len(answers),
-            "of_which_503_with_retry_after": sum(a.status_code == 503 and bool(a.headers.get("Retry-After"))
-                                                 for a in answers),
-            "accepted_when_retried_after": sum(a.status_code == 202 for a in retried),
-            "comparisons_stream_grew_while_full": length_still - length_full,
-            "keys_left_by_the_503s": half_written,
-            "gateway_redis_full_alert_while_full": alert, "gateway_redis_oom_total": oom}
+    return {
+        **result,
+        "completions_while_full": len(completions),
+        "completions_ok_while_full": sum(c.status == 200 for c in completions),
+        "feedback_on_stored_completions_while_full": len(answers),
+        "of_which_503_with_retry_after": sum(
+            a.status_code == 503 and bool(a.headers.get("Retry-After")) for a in answers
+        ),
+        "accepted_when_retried_after": sum(a.status_code == 202 for a in retried),
+        "comparisons_stream_grew_while_full": length_still - length_full,
+        "keys_left_by_the_503s": half_written,
+        "gateway_redis_full_alert_while_full": alert,
+        "gateway_redis_oom_total": oom,
+    }
 
 
-SCENARIOS = {"redis-kill": scenario_redis_kill, "serve-kill": scenario_serve_kill,
-             "gateway-kill": scenario_gateway_kill, "learner-kill": scenario_learner_kill,
-             "redis-full": scenario_redis_full}
+SCENARIOS = {
+    "redis-kill": scenario_redis_kill,
+    "serve-kill": scenario_serve_kill,
+    "gateway-kill": scenario_gateway_kill,
+    "learner-kill": scenario_learner_kill,
+    "redis-full": scenario_redis_full,
+}
 
 
 def tiny_model(path: Path) -> Path:
@@ -496,10 +645,16 @@ def tiny_model(path: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
-    parser.add_argument("--appendfsync", choices=["everysec", "always", "both"], default="both",
-                        help="Redis AOF policy for redis-kill (both: run it twice)")
+    parser.add_argument(
+        "--appendfsync",
+        choices=["everysec", "always", "both"],
+        default="both",
+        help="Redis AOF policy for redis-kill (both: run it twice)",
+    )
     parser.add_argument("--model", default=None, help="HF model folder (default: a tiny random Llama)")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=12.0)
@@ -514,10 +669,13 @@ def main() -> None:
             policies = ["everysec", "always"] if args.appendfsync == "both" else [args.appendfsync]
             runs += [(name, policy, 1) for policy in policies]
         else:
-            runs.append((name, "always" if name != "redis-full" else "everysec", 2 if name == "serve-kill" else 1))
+            runs.append(
+                (name, "always" if name != "redis-full" else "everysec", 2 if name == "serve-kill" else 1)
+            )
     for name, policy, replicas in runs:
-        stack = FaultStack(model, workroot / f"{name}-{policy}", replicas=replicas, appendfsync=policy,
-                           clients=args.clients)
+        stack = FaultStack(
+            model, workroot / f"{name}-{policy}", replicas=replicas, appendfsync=policy, clients=args.clients
+        )
         started = time.monotonic()
         stack.start()
         try:
@@ -528,8 +686,19 @@ def main() -> None:
         finally:
             stack.stop()
         result.pop("lost_ids", None) if not result.get("lost") else None
-        print(json.dumps({"scenario": name, "appendfsync": policy, "replicas": replicas, "clients": args.clients,
-                          "wall_s": round(time.monotonic() - started, 1), **result}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "scenario": name,
+                    "appendfsync": policy,
+                    "replicas": replicas,
+                    "clients": args.clients,
+                    "wall_s": round(time.monotonic() - started, 1),
+                    **result,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def pct(values: list[float], q: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--requests", type=int, default=200, help="per path")
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -35,11 +37,19 @@ def main() -> None:
     args = parser.parse_args()
     with Stack(args.model) as stack:
         direct = httpx.Client(base_url=stack.serve_url, timeout=120)
-        gateway = httpx.Client(base_url=stack.gateway_url, timeout=120,
-                               headers={"Authorization": f"Bearer {stack.keys['user']}"})
-        direct_body = {"inputs": PROMPT, "parameters": {"max_new_tokens": args.max_tokens, "do_sample": False,
-                                                        "details": True}}
-        gateway_body = {"model": "instructloop", "prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0}
+        gateway = httpx.Client(
+            base_url=stack.gateway_url, timeout=120, headers={"Authorization": f"Bearer {stack.keys['user']}"}
+        )
+        direct_body = {
+            "inputs": PROMPT,
+            "parameters": {"max_new_tokens": args.max_tokens, "do_sample": False, "details": True},
+        }
+        gateway_body = {
+            "model": "instructloop",
+            "prompt": PROMPT,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+        }
 
         def call_direct() -> float:
             started = time.perf_counter()
@@ -71,17 +81,26 @@ def main() -> None:
                 gateway_s.append(call_gateway())
                 direct_s.append(call_direct())
         metrics = httpx.get(f"{stack.gateway_url}/metrics").text
-    logged = next(float(line.split()[-1]) for line in metrics.splitlines()
-                  if line.startswith("gateway_completions_logged_total "))
+    logged = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("gateway_completions_logged_total ")
+    )
     result = {
-        "model": args.model, "requests_per_path": args.requests, "max_tokens": args.max_tokens,
-        "serve_p50_ms": round(pct(direct_s, 50), 2), "serve_p95_ms": round(pct(direct_s, 95), 2),
-        "gateway_p50_ms": round(pct(gateway_s, 50), 2), "gateway_p95_ms": round(pct(gateway_s, 95), 2),
+        "model": args.model,
+        "requests_per_path": args.requests,
+        "max_tokens": args.max_tokens,
+        "serve_p50_ms": round(pct(direct_s, 50), 2),
+        "serve_p95_ms": round(pct(direct_s, 95), 2),
+        "gateway_p50_ms": round(pct(gateway_s, 50), 2),
+        "gateway_p95_ms": round(pct(gateway_s, 95), 2),
         "added_p50_ms": round(pct(gateway_s, 50) - pct(direct_s, 50), 2),
         "added_p95_ms": round(pct(gateway_s, 95) - pct(direct_s, 95), 2),
         "added_p50_ratio": round(pct(gateway_s, 50) / pct(direct_s, 50) - 1, 4),
         "added_p95_ratio": round(pct(gateway_s, 95) / pct(direct_s, 95) - 1, 4),
-        "median_paired_added_ms": round(statistics.median(g - d for g, d in zip(gateway_s, direct_s, strict=True)) * 1000, 2),
+        "median_paired_added_ms": round(
+            statistics.median(g - d for g, d in zip(gateway_s, direct_s, strict=True)) * 1000, 2
+        ),
         "completions_logged": logged,
     }
     print(json.dumps(result, indent=2))

@@ -39,13 +39,22 @@ def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 300.
 
 
 class Stack:
-    def __init__(self, model: str, *, serve: bool = True, gateway_workers: int = 1, gateway_env: dict | None = None,
-                 serve_threads: int = 1):
+    def __init__(
+        self,
+        model: str,
+        *,
+        serve: bool = True,
+        gateway_workers: int = 1,
+        gateway_env: dict | None = None,
+        serve_threads: int = 1,
+    ):
         self.workdir = Path(tempfile.mkdtemp(prefix="instructloop-bench-"))
         self.procs: list[subprocess.Popen] = []
         self.named: dict[str, subprocess.Popen] = {}
         self.model = model
-        self.env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        self.env = dict(
+            os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"
+        )
         self.redis_port = free_port()
         self.serve_port = free_port()
         self.gateway_port = free_port()
@@ -69,7 +78,9 @@ class Stack:
 
     def _spawn(self, args: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            args, cwd=REPO_ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT
+        )
         self.procs.append(proc)
         self.named[name] = proc
         return proc
@@ -77,8 +88,22 @@ class Stack:
     def _start_redis(self) -> None:
         if shutil.which("redis-server") is None:
             raise SystemExit("redis-server is not installed: apt-get install redis-server")
-        proc = self._spawn(["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-                            "--appendonly", "no", "--dir", str(self.workdir)], "redis")
+        proc = self._spawn(
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            "redis",
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -89,10 +114,32 @@ class Stack:
         raise RuntimeError(f"redis-server did not start ({proc.poll()})")
 
     def _start_serve(self, threads: int) -> None:
-        env = dict(self.env, INSTRUCTLOOP_SERVE_TORCH_THREADS=str(threads), INSTRUCTLOOP_SERVE_LOG_LEVEL="WARNING")
-        proc = self._spawn([sys.executable, "-m", "launcher.cli", "serve", "run", "--model", self.model,
-                            "--host", "127.0.0.1", "--port", str(self.serve_port), "--device", "cpu",
-                            "--max-batch-size", "16", "--max-queue", "256"], "serve", env)
+        env = dict(
+            self.env, INSTRUCTLOOP_SERVE_TORCH_THREADS=str(threads), INSTRUCTLOOP_SERVE_LOG_LEVEL="WARNING"
+        )
+        proc = self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "serve",
+                "run",
+                "--model",
+                self.model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.serve_port),
+                "--device",
+                "cpu",
+                "--max-batch-size",
+                "16",
+                "--max-queue",
+                "256",
+            ],
+            "serve",
+            env,
+        )
         wait_http(f"{self.serve_url}/health", proc, "serve")
 
     def _make_keys(self) -> dict[str, str]:
@@ -103,14 +150,37 @@ class Stack:
         return {role.value: append_key(path, name=f"bench-{role.value}", role=role)[0] for role in Role}
 
     def _start_gateway(self, workers: int, extra_env: dict) -> None:
-        env = dict(self.env, INSTRUCTLOOP_GATEWAY_MODEL=self.model, INSTRUCTLOOP_GATEWAY_LOG_LEVEL="WARNING",
-                   INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE="100000000",
-                   INSTRUCTLOOP_GATEWAY_FEEDBACK_RATE_LIMIT_PER_MINUTE="100000000",
-                   INSTRUCTLOOP_GATEWAY_RATE_LIMIT_GENERATIONS_PER_MINUTE="100000000",
-                   INSTRUCTLOOP_GATEWAY_RATE_LIMIT_TOKENS_PER_MINUTE="1000000000", **extra_env)
-        proc = self._spawn([sys.executable, "-m", "launcher.cli", "gateway", "run", "--port", str(self.gateway_port),
-                            "--backends", self.serve_url, "--redis-url", self.redis_url, "--keys-file",
-                            str(self.keys_file), "--workers", str(workers)], "gateway", env)
+        env = dict(
+            self.env,
+            INSTRUCTLOOP_GATEWAY_MODEL=self.model,
+            INSTRUCTLOOP_GATEWAY_LOG_LEVEL="WARNING",
+            INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE="100000000",
+            INSTRUCTLOOP_GATEWAY_FEEDBACK_RATE_LIMIT_PER_MINUTE="100000000",
+            INSTRUCTLOOP_GATEWAY_RATE_LIMIT_GENERATIONS_PER_MINUTE="100000000",
+            INSTRUCTLOOP_GATEWAY_RATE_LIMIT_TOKENS_PER_MINUTE="1000000000",
+            **extra_env,
+        )
+        proc = self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "gateway",
+                "run",
+                "--port",
+                str(self.gateway_port),
+                "--backends",
+                self.serve_url,
+                "--redis-url",
+                self.redis_url,
+                "--keys-file",
+                str(self.keys_file),
+                "--workers",
+                str(workers),
+            ],
+            "gateway",
+            env,
+        )
         wait_http(f"{self.gateway_url}/healthz", proc, "gateway")
 
     def cpu_seconds(self, name: str) -> float:

@@ -42,9 +42,23 @@ def free_port() -> int:
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -92,9 +106,12 @@ def main() -> None:
         key = stream_key(Stream.comparisons, PREFIX)
         pipe = client.pipeline(transaction=False)
         for i in range(args.events):
-            event = ComparisonEvent(prompt=f"Question {i}: explain something.",
-                                    responses=[f"A good answer number {i}.", f"A worse answer {i}.", "meh"],
-                                    ranking=[[0], [1, 2]], labeler_id="bench")
+            event = ComparisonEvent(
+                prompt=f"Question {i}: explain something.",
+                responses=[f"A good answer number {i}.", f"A worse answer {i}.", "meh"],
+                ranking=[[0], [1, 2]],
+                labeler_id="bench",
+            )
             pipe.xadd(key, event.to_fields())
         pipe.execute()
         base_s = baseline(client, key, args.read_count)

@@ -32,10 +32,38 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from bench._serve_common import RedisProcess  # noqa: E402
 
-TOPICS = ["the sea", "a grey cat", "autumn", "bread", "the moon", "trains", "tea", "a library", "rain", "bees",
-          "mountains", "a violin", "snow", "gardens", "clocks", "owls", "rivers", "maps", "coffee", "lanterns"]
-ANSWERS = ["It is lovely.", "I think it is calm and old.", "Short answer: yes.", "Many people like it a lot.",
-           "It can be quiet, bright or strange.", "No idea, sorry.", "A classic subject for poems.", "Hmm."]
+TOPICS = [
+    "the sea",
+    "a grey cat",
+    "autumn",
+    "bread",
+    "the moon",
+    "trains",
+    "tea",
+    "a library",
+    "rain",
+    "bees",
+    "mountains",
+    "a violin",
+    "snow",
+    "gardens",
+    "clocks",
+    "owls",
+    "rivers",
+    "maps",
+    "coffee",
+    "lanterns",
+]
+ANSWERS = [
+    "It is lovely.",
+    "I think it is calm and old.",
+    "Short answer: yes.",
+    "Many people like it a lot.",
+    "It can be quiet, bright or strange.",
+    "No idea, sorry.",
+    "A classic subject for poems.",
+    "Hmm.",
+]
 
 
 def feed(client, prefix: str, comparisons: int, prompts: int, seed: int = 0, first: int = 0) -> None:
@@ -46,14 +74,23 @@ def feed(client, prefix: str, comparisons: int, prompts: int, seed: int = 0, fir
     for i in range(comparisons):
         responses = rng.sample(ANSWERS, 4)
         order = sorted(range(4), key=lambda j: -len(responses[j]))  # any consistent preference will do
-        event = ComparisonEvent(event_id=f"cmp-{i}", prompt=f"Tell me about {TOPICS[i % len(TOPICS)]} ({i}).",
-                                responses=responses, ranking=[[j] for j in order], labeler_id="bench")
+        event = ComparisonEvent(
+            event_id=f"cmp-{i}",
+            prompt=f"Tell me about {TOPICS[i % len(TOPICS)]} ({i}).",
+            responses=responses,
+            ranking=[[j] for j in order],
+            labeler_id="bench",
+        )
         client.xadd(stream_key(Stream.comparisons, prefix), event.to_fields())
     for i in range(first, first + prompts):
-        event = CompletionEvent(event_id=f"cpl-{i}", completion_id=f"c-{i}",
-                                prompt=f"Write two sentences about {TOPICS[i % len(TOPICS)]}, take {i}.",
-                                choices=[Choice(index=0, text="Fine.", finish_reason="stop")],
-                                policy_version="base", caller="bench")
+        event = CompletionEvent(
+            event_id=f"cpl-{i}",
+            completion_id=f"c-{i}",
+            prompt=f"Write two sentences about {TOPICS[i % len(TOPICS)]}, take {i}.",
+            choices=[Choice(index=0, text="Fine.", finish_reason="stop")],
+            policy_version="base",
+            caller="bench",
+        )
         client.xadd(stream_key(Stream.completions, prefix), event.to_fields())
 
 
@@ -65,7 +102,9 @@ def main() -> dict:
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", default="default", help="`default` or a causal-LM folder (a tiny one: smoke run)")
+    parser.add_argument(
+        "--model", default="default", help="`default` or a causal-LM folder (a tiny one: smoke run)"
+    )
     args = parser.parse_args()
 
     import redis
@@ -83,13 +122,28 @@ def main() -> dict:
         n_prompts = max(args.rollouts * 4, args.eval_prompts * 6)
         feed(client, prefix, args.comparisons, n_prompts)
         settings = Settings(
-            model=args.model, redis_url=server.url, stream_prefix=prefix, registry_dir=work / "registry",
-            state_dir=work / "state", training=args.training, heldout_fraction=0.2,
-            min_new_comparisons=1, min_rm_comparisons=1, min_prompts=args.rollouts, prompts_per_round=args.rollouts * 4,
-            eval_prompts=args.eval_prompts, gate_kl_ceiling=1000, metrics_port=0, device="cpu",
-            torch_threads=args.threads, json_logs=False,
-            ppo={"rollout_batch_size": args.rollouts, "mini_batch_size": max(1, args.rollouts // 2),
-                 "max_new_tokens": args.max_new_tokens},
+            model=args.model,
+            redis_url=server.url,
+            stream_prefix=prefix,
+            registry_dir=work / "registry",
+            state_dir=work / "state",
+            training=args.training,
+            heldout_fraction=0.2,
+            min_new_comparisons=1,
+            min_rm_comparisons=1,
+            min_prompts=args.rollouts,
+            prompts_per_round=args.rollouts * 4,
+            eval_prompts=args.eval_prompts,
+            gate_kl_ceiling=1000,
+            metrics_port=0,
+            device="cpu",
+            torch_threads=args.threads,
+            json_logs=False,
+            ppo={
+                "rollout_batch_size": args.rollouts,
+                "mini_batch_size": max(1, args.rollouts // 2),
+                "max_new_tokens": args.max_new_tokens,
+            },
             evaluation={"max_new_tokens": args.max_new_tokens},
         )
         learner = Learner(settings, metrics=LearnerMetrics(), progress=False)
@@ -125,11 +179,16 @@ def main() -> dict:
         server.stop()
     result = {
         "model": "SmolLM2-135M-Instruct (float32, CPU)" if args.model == "default" else args.model,
-        "training": args.training, "threads": args.threads,
+        "training": args.training,
+        "threads": args.threads,
         "load_average": round(os.getloadavg()[0], 1),
-        "sizes": {"comparisons": args.comparisons, "rm_sequences": int(reward["sequences"]) if reward else 0,
-                  "rollouts": args.rollouts, "eval_prompts": eval_prompts,
-                  "max_new_tokens": args.max_new_tokens},
+        "sizes": {
+            "comparisons": args.comparisons,
+            "rm_sequences": int(reward["sequences"]) if reward else 0,
+            "rollouts": args.rollouts,
+            "eval_prompts": eval_prompts,
+            "max_new_tokens": args.max_new_tokens,
+        },
         "events_ingested": ingest.inserted,
         "phases_s": {
             "ingest": phases["ingest"],
@@ -145,8 +204,10 @@ def main() -> dict:
             "publish": round(publish_s, 2),
         },
         "gate_over_ppo_round": round(evaluate_s / ppo["round_s"], 2),
-        "cycle_2_s": {"ppo_round": round(ppo_2["round_s"], 2) if ppo_2 else None,
-                      "gate evaluation (incumbent's samples kept)": round(evaluate_2_s, 2)},
+        "cycle_2_s": {
+            "ppo_round": round(ppo_2["round_s"], 2) if ppo_2 else None,
+            "gate evaluation (incumbent's samples kept)": round(evaluate_2_s, 2),
+        },
         "gate_over_ppo_round_cycle_2": round(evaluate_2_s / ppo_2["round_s"], 2) if ppo_2 else None,
         "promoted": gate.promote if gate else None,
         "rm_heldout_accuracy": reward.get("heldout_accuracy") if reward else None,

@@ -75,9 +75,16 @@ def learner_metrics(url: str) -> dict[str, float]:
     """The learner's gauges and counters we plot, from its /metrics text."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    wanted = {"learner_rm_heldout_accuracy", "learner_reward_mean", "learner_kl", "learner_promotions_total",
-              "learner_rejections_total", "learner_ppo_rounds_total", "learner_rm_updates_total",
-              "learner_ptx_heldout_nll"}
+    wanted = {
+        "learner_rm_heldout_accuracy",
+        "learner_reward_mean",
+        "learner_kl",
+        "learner_promotions_total",
+        "learner_rejections_total",
+        "learner_ppo_rounds_total",
+        "learner_rm_updates_total",
+        "learner_ptx_heldout_nll",
+    }
     values: dict[str, float] = {}
     try:
         text = httpx.get(url, timeout=5).text
@@ -116,41 +123,78 @@ def plot(rows: list[dict], baseline_rate: float, preference: str, path: Path, mo
     panels = [
         (f"win-rate of the served version vs base ({preference})", [("win_rate", "served version")]),
         ("reward-model held-out accuracy", [("learner_rm_heldout_accuracy", "pairwise accuracy")]),
-        ("mean RM reward on held-out prompts (gate)",
-         [("learner_reward_mean:candidate", "candidate"), ("learner_reward_mean:incumbent", "incumbent")]),
-        ("KL to the reference (nats / response)", [("learner_kl:candidate", "candidate"),
-                                                   ("learner_kl:incumbent", "incumbent")]),
-        ("NLL on held-out pretraining text (alignment tax)",
-         [("learner_ptx_heldout_nll:policy", "working policy"), ("learner_ptx_heldout_nll:reference", "reference")]),
-        ("served answers on held-out prompts", [("satisfied_share", "share satisfying the preference"),
-                                                ("length_ratio", "mean length / base's")]),
+        (
+            "mean RM reward on held-out prompts (gate)",
+            [("learner_reward_mean:candidate", "candidate"), ("learner_reward_mean:incumbent", "incumbent")],
+        ),
+        (
+            "KL to the reference (nats / response)",
+            [("learner_kl:candidate", "candidate"), ("learner_kl:incumbent", "incumbent")],
+        ),
+        (
+            "NLL on held-out pretraining text (alignment tax)",
+            [
+                ("learner_ptx_heldout_nll:policy", "working policy"),
+                ("learner_ptx_heldout_nll:reference", "reference"),
+            ],
+        ),
+        (
+            "served answers on held-out prompts",
+            [
+                ("satisfied_share", "share satisfying the preference"),
+                ("length_ratio", "mean length / base's"),
+            ],
+        ),
     ]
     fig, axes = plt.subplots(3, 2, figsize=(11, 11))
     for ax, (title, series) in zip(axes.flat, panels, strict=True):
         drawn = False
         for key, label in series:
-            points = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if r.get(key) is not None
-                      and not (key == "learner_rm_heldout_accuracy" and r[key] == 0.0)]  # 0.0: not measured yet
+            points = [
+                (xi, r[key])
+                for xi, r in zip(x, rows, strict=True)
+                if r.get(key) is not None and not (key == "learner_rm_heldout_accuracy" and r[key] == 0.0)
+            ]  # 0.0: not measured yet
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
                 drawn = True
         if not drawn:
-            ax.text(0.5, 0.5, "no value yet in this run\n(the learner had not reached this step)",
-                    ha="center", va="center", transform=ax.transAxes, fontsize=9, color="grey")
+            ax.text(
+                0.5,
+                0.5,
+                "no value yet in this run\n(the learner had not reached this step)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=9,
+                color="grey",
+            )
         if title.startswith("win-rate"):
             ax.set_ylim(0.0, 1.0)  # a full scale: noise of a few points must not look like a trend
-            ax.axhline(baseline_rate, color="grey", linestyle="--", label=f"base vs itself ({baseline_rate:.2f})")
+            ax.axhline(
+                baseline_rate, color="grey", linestyle="--", label=f"base vs itself ({baseline_rate:.2f})"
+            )
             for r in rows:
                 if r.get("new_version"):
-                    ax.annotate(r["served_version"], (r["rankings"], r["win_rate"]), fontsize=7,
-                                textcoords="offset points", xytext=(3, 4))
+                    ax.annotate(
+                        r["served_version"],
+                        (r["rankings"], r["win_rate"]),
+                        fontsize=7,
+                        textcoords="offset points",
+                        xytext=(3, 4),
+                    )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rankings posted")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-        top = ax.secondary_xaxis("top", functions=(
-            lambda v: _interp(v, x, [r["wall_s"] for r in rows]), lambda v: _interp(v, [r["wall_s"] for r in rows], x)))
+        top = ax.secondary_xaxis(
+            "top",
+            functions=(
+                lambda v: _interp(v, x, [r["wall_s"] for r in rows]),
+                lambda v: _interp(v, [r["wall_s"] for r in rows], x),
+            ),
+        )
         top.set_xlabel("wall time (s)", fontsize=8)
     name = "SmolLM2-135M-Instruct" if model == "default" else Path(model).name
     fig.suptitle(f"instructloop on {name}: scripted feedback over HTTP → served policy", fontsize=11)
@@ -169,26 +213,42 @@ def answer_stats(responses: dict[str, list[str]], preference) -> dict[str, float
     answer length in characters."""
     texts = [t for ts in responses.values() for t in ts]
     scores = [preference(t) for t in texts]
-    return {"satisfied_share": sum(score > 0 for score in scores) / len(scores),
-            "length_mean": sum(len(t) for t in texts) / len(texts)}
+    return {
+        "satisfied_share": sum(score > 0 for score in scores) / len(scores),
+        "length_mean": sum(len(t) for t in texts) / len(texts),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=1800.0, help="Labeling time after the stack is up.")
     parser.add_argument("--preference", default="with:you")
-    parser.add_argument("--learner-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="Extra INSTRUCTLOOP_LEARNER_* settings (repeatable), stored with the result.")
+    parser.add_argument(
+        "--learner-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Extra INSTRUCTLOOP_LEARNER_* settings (repeatable), stored with the result.",
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--run-dir", type=Path, default=None, help="Default: a temporary folder.")
-    parser.add_argument("--name", default="learning_curve", help="Base name of the JSON and PNG written to --out.")
-    parser.add_argument("--replot", type=Path, default=None, help="Only redraw the PNG from a learning_curve.json.")
+    parser.add_argument(
+        "--name", default="learning_curve", help="Base name of the JSON and PNG written to --out."
+    )
+    parser.add_argument(
+        "--replot", type=Path, default=None, help="Only redraw the PNG from a learning_curve.json."
+    )
     args = parser.parse_args()
     if args.replot is not None:
         saved = json.loads(args.replot.read_text())
-        plot(saved["rows"], saved["baseline_win_rate"], saved["preference"], args.replot.with_suffix(".png"),
-             saved.get("model", "default"))
+        plot(
+            saved["rows"],
+            saved["baseline_win_rate"],
+            saved["preference"],
+            args.replot.with_suffix(".png"),
+            saved.get("model", "default"),
+        )
         return
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its stack
@@ -198,19 +258,44 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     learner_env = {**LEARNER_ENV, **dict(item.split("=", 1) for item in args.learner_env)}
     # on a loaded machine a K=4 chat completion can wait minutes for serve: the gateway must not give up first
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "INSTRUCTLOOP_GATEWAY_BACKEND_TIMEOUT_S": "900", **learner_env}
-    argv = [sys.executable, "-m", "launcher.cli", "up", "--run-dir", str(run_dir), "--model", args.model,
-            "--port", str(free_port()), "--stop-timeout", "30"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "INSTRUCTLOOP_GATEWAY_BACKEND_TIMEOUT_S": "900",
+        **learner_env,
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "up",
+        "--run-dir",
+        str(run_dir),
+        "--model",
+        args.model,
+        "--port",
+        str(free_port()),
+        "--stop-timeout",
+        "30",
+    ]
     print(f"run dir: {run_dir}\nlearner settings: {json.dumps(learner_env, indent=1)}", flush=True)
     started = time.monotonic()
     with open(run_dir / "up.log", "wb") as log_file:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"command": "PYTHONPATH=. python bench/learning_curve.py " + " ".join(sys.argv[1:]),
-                    "model": args.model, "preference": args.preference, "k": K, "max_tokens": MAX_TOKENS,
-                    "temperature": TEMPERATURE, "learner_env": learner_env, "chat": True, "cpus": os.cpu_count(),
-                    "rows": rows}
+    result: dict = {
+        "command": "PYTHONPATH=. python bench/learning_curve.py " + " ".join(sys.argv[1:]),
+        "model": args.model,
+        "preference": args.preference,
+        "k": K,
+        "max_tokens": MAX_TOKENS,
+        "temperature": TEMPERATURE,
+        "learner_env": learner_env,
+        "chat": True,
+        "cpus": os.cpu_count(),
+        "rows": rows,
+    }
 
     def save() -> None:  # after every round: a run cut short still leaves its rows
         (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
@@ -223,23 +308,48 @@ def main() -> None:
         print(f"stack up in {startup_s:.0f}s", flush=True)
         result["startup_s"] = round(startup_s, 1)
         with GatewayClient(stack.gateway_url, keys["labeler"], timeout=600, chat=True) as client:
-            base = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=1)
-            again = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=2)
+            base = record(
+                client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=1
+            )
+            again = record(
+                client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=2
+            )
             baseline_rate = win_rate(again["responses"], base["responses"], preference).rate
             base_stats = answer_stats(base["responses"], preference)
-            print(f"baseline: base vs its own recording {baseline_rate:.3f}; base answers {base_stats}", flush=True)
+            print(
+                f"baseline: base vs its own recording {baseline_rate:.3f}; base answers {base_stats}",
+                flush=True,
+            )
             result.update(baseline_win_rate=baseline_rate, base_answers=base_stats)
             t0, rankings, served, current_rate = time.monotonic(), 0, "base", baseline_rate
             current = {**answer_stats(again["responses"], preference)}
             current["length_ratio"] = current["length_mean"] / base_stats["length_mean"]
-            rows.append({"round": 0, "rankings": 0, "wall_s": 0.0, "served_version": "base", "win_rate": baseline_rate,
-                         "new_version": False, **current, **learner_metrics(metrics_url)})
+            rows.append(
+                {
+                    "round": 0,
+                    "rankings": 0,
+                    "wall_s": 0.0,
+                    "served_version": "base",
+                    "win_rate": baseline_rate,
+                    "new_version": False,
+                    **current,
+                    **learner_metrics(metrics_url),
+                }
+            )
             round_index = 0
             while time.monotonic() - t0 < args.budget_s:
                 round_index += 1
                 try:
-                    summary = simulate(client, train, preference, rounds=1, k=K, max_tokens=MAX_TOKENS,
-                                       temperature=TEMPERATURE, seed=round_index * 100_000)
+                    summary = simulate(
+                        client,
+                        train,
+                        preference,
+                        rounds=1,
+                        k=K,
+                        max_tokens=MAX_TOKENS,
+                        temperature=TEMPERATURE,
+                        seed=round_index * 100_000,
+                    )
                 except LabelerError as exc:  # serve starved for minutes: note it, keep labeling
                     print(f"round {round_index}: {exc}", flush=True)
                     continue
@@ -248,14 +358,28 @@ def main() -> None:
                 new_version = latest != served
                 if new_version:
                     served = latest
-                    now = record(client, heldout, n=WINRATE_N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE,
-                                 seed=1000 + round_index)
+                    now = record(
+                        client,
+                        heldout,
+                        n=WINRATE_N,
+                        max_tokens=MAX_TOKENS,
+                        temperature=TEMPERATURE,
+                        seed=1000 + round_index,
+                    )
                     current_rate = win_rate(now["responses"], base["responses"], preference).rate
                     current = answer_stats(now["responses"], preference)
                     current["length_ratio"] = current["length_mean"] / base_stats["length_mean"]
-                row = {"round": round_index, "rankings": rankings, "wall_s": round(time.monotonic() - t0, 1),
-                       "served_version": served, "win_rate": current_rate, "new_version": new_version,
-                       "labeler_errors": summary.errors, **current, **learner_metrics(metrics_url)}
+                row = {
+                    "round": round_index,
+                    "rankings": rankings,
+                    "wall_s": round(time.monotonic() - t0, 1),
+                    "served_version": served,
+                    "win_rate": current_rate,
+                    "new_version": new_version,
+                    "labeler_errors": summary.errors,
+                    **current,
+                    **learner_metrics(metrics_url),
+                }
                 rows.append(row)
                 save()
                 print(json.dumps(row), flush=True)

@@ -72,18 +72,37 @@ def main(argv: list[str] | None = None) -> dict:
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reference = copy.deepcopy(policy)
     reward_model = build_reward_model(str(model_dir))
-    config = PPOConfig(rollout_batch_size=args.rollouts, mini_batch_size=args.mini_batch, ppo_epochs=args.epochs,
-                       max_new_tokens=args.max_new_tokens, ptx_coef=args.ptx_coef, ptx_batch_size=2,
-                       ptx_seq_len=128, max_prompt_tokens=128, seed=0)
+    config = PPOConfig(
+        rollout_batch_size=args.rollouts,
+        mini_batch_size=args.mini_batch,
+        ppo_epochs=args.epochs,
+        max_new_tokens=args.max_new_tokens,
+        ptx_coef=args.ptx_coef,
+        ptx_batch_size=2,
+        ptx_seq_len=128,
+        max_prompt_tokens=128,
+        seed=0,
+    )
 
     # baseline: a plain generate of the same prompts, same sampling (what any RLHF round must at least do)
     torch.manual_seed(0)
     started = time.perf_counter()
-    baseline = generate_rollouts(policy, tokenizer, PROMPTS[: args.rollouts], config.max_prompt_tokens,
-                                 config.max_new_tokens, do_sample=True, temperature=config.temperature)
+    baseline = generate_rollouts(
+        policy,
+        tokenizer,
+        PROMPTS[: args.rollouts],
+        config.max_prompt_tokens,
+        config.max_new_tokens,
+        do_sample=True,
+        temperature=config.temperature,
+    )
     generate_s = time.perf_counter() - started
-    normalize_reward_bias(reward_model, tokenizer, PROMPTS[: args.rollouts],
-                          tokenizer.batch_decode(baseline.responses, skip_special_tokens=True))
+    normalize_reward_bias(
+        reward_model,
+        tokenizer,
+        PROMPTS[: args.rollouts],
+        tokenizer.batch_decode(baseline.responses, skip_special_tokens=True),
+    )
     value_model = copy.deepcopy(reward_model)
     ptx = PtxSource(tokenizer, None, seq_len=config.ptx_seq_len, batch_size=config.ptx_batch_size, seed=0)
     trainer = PPOPtxTrainer(policy, reference, value_model, reward_model, tokenizer, config, ptx)
@@ -93,23 +112,33 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.rounds):
         stats = trainer.round(PROMPTS)
         phases = {k: stats[k] for k in ("rollout_s", "scoring_s", "update_s", "ptx_s")}
-        rounds.append({
-            **{k: round(v, 2) for k, v in phases.items()},
-            "round_s": round(stats["round_s"], 2),
-            "share": {k: round(v / stats["round_s"], 3) for k, v in phases.items()},
-            "response_tokens": int(stats["response_tokens"]),
-            "tokens_per_s": round(stats["tokens_per_s"], 2),
-            "rollout_tokens_per_s": round(stats["rollout_tokens_per_s"], 2),
-            "round_over_plain_generate": round(stats["round_s"] / generate_s, 2),
-            "kl": round(stats["kl"], 4), "ptx_nll": round(stats["ptx_nll"], 3),
-            "clip_fraction": round(stats["clip_fraction"], 3), "entropy": round(stats["entropy"], 3),
-        })
+        rounds.append(
+            {
+                **{k: round(v, 2) for k, v in phases.items()},
+                "round_s": round(stats["round_s"], 2),
+                "share": {k: round(v / stats["round_s"], 3) for k, v in phases.items()},
+                "response_tokens": int(stats["response_tokens"]),
+                "tokens_per_s": round(stats["tokens_per_s"], 2),
+                "rollout_tokens_per_s": round(stats["rollout_tokens_per_s"], 2),
+                "round_over_plain_generate": round(stats["round_s"] / generate_s, 2),
+                "kl": round(stats["kl"], 4),
+                "ptx_nll": round(stats["ptx_nll"], 3),
+                "clip_fraction": round(stats["clip_fraction"], 3),
+                "entropy": round(stats["entropy"], 3),
+            }
+        )
         print(json.dumps(rounds[-1]), flush=True)
     result = {
         "model": "SmolLM2-135M-Instruct (float32, CPU)",
         "threads": args.threads,
-        "config": {"rollouts": args.rollouts, "mini_batch": args.mini_batch, "epochs": args.epochs,
-                   "max_new_tokens": args.max_new_tokens, "ptx_batch": "2x128 tokens", "ptx_coef": args.ptx_coef},
+        "config": {
+            "rollouts": args.rollouts,
+            "mini_batch": args.mini_batch,
+            "epochs": args.epochs,
+            "max_new_tokens": args.max_new_tokens,
+            "ptx_batch": "2x128 tokens",
+            "ptx_coef": args.ptx_coef,
+        },
         "setup_s": round(load_s, 2),
         "plain_generate_s": round(generate_s, 2),
         "plain_generate_tokens": int(baseline.response_mask.sum()),

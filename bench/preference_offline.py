@@ -43,13 +43,26 @@ def main() -> None:
     parser.add_argument("--adapters", default="{}", help="AdapterConfig overrides (JSON).")
     parser.add_argument("--eval-n", type=int, default=4, help="Samples per held-out prompt.")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--zero-value-head", action="store_true", help="The value model keeps the RM's adapter "
-                        "but starts from a zero head (values 0 until it learns).")
-    parser.add_argument("--dump", type=Path, default=None, help="JSONL file: the held-out answers after each step.")
-    parser.add_argument("--rm-cache", type=Path, default=None,
-                        help="Folder keeping the trained RM: written the first time, loaded after (same traffic).")
-    parser.add_argument("--traffic", type=Path, default=None,
-                        help="JSON file keeping the generated traffic: written the first time, read after.")
+    parser.add_argument(
+        "--zero-value-head",
+        action="store_true",
+        help="The value model keeps the RM's adapter but starts from a zero head (values 0 until it learns).",
+    )
+    parser.add_argument(
+        "--dump", type=Path, default=None, help="JSONL file: the held-out answers after each step."
+    )
+    parser.add_argument(
+        "--rm-cache",
+        type=Path,
+        default=None,
+        help="Folder keeping the trained RM: written the first time, loaded after (same traffic).",
+    )
+    parser.add_argument(
+        "--traffic",
+        type=Path,
+        default=None,
+        help="JSON file keeping the generated traffic: written the first time, read after.",
+    )
     args = parser.parse_args()
 
     import torch
@@ -74,12 +87,19 @@ def main() -> None:
 
     preference = load_preference(args.preference)
     state_dir = Path(tempfile.mkdtemp(prefix="pref-offline-"))
-    settings = Settings(redis_url="redis://unused", state_dir=state_dir, registry_dir=state_dir / "registry",
-                        adapters=json.loads(args.adapters))
+    settings = Settings(
+        redis_url="redis://unused",
+        state_dir=state_dir,
+        registry_dir=state_dir / "registry",
+        adapters=json.loads(args.adapters),
+    )
     models = LearnerModels(settings, CheckpointStore(state_dir), lambda: None)
     tokenizer = models.tokenizer
     chat = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in read_prompts(DEFAULT_PROMPTS)]
-    heldout = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in read_prompts(DEFAULT_HELDOUT_PROMPTS)]
+    heldout = [
+        render_chat(tokenizer, [{"role": "user", "content": p}])
+        for p in read_prompts(DEFAULT_HELDOUT_PROMPTS)
+    ]
 
     def answers(policy, prompts: list[str], n: int, seed: int) -> list[list[str]]:
         torch.manual_seed(seed)
@@ -87,8 +107,10 @@ def main() -> None:
         out: list[str] = []
         for start in range(0, len(batch), 16):
             rollouts = generate_rollouts(policy, tokenizer, batch[start : start + 16], 256, 48, True, 0.7)
-            out += [tokenizer.decode(ids[mask], skip_special_tokens=True)
-                    for ids, mask in zip(rollouts.responses, rollouts.response_mask, strict=True)]
+            out += [
+                tokenizer.decode(ids[mask], skip_special_tokens=True)
+                for ids, mask in zip(rollouts.responses, rollouts.response_mask, strict=True)
+            ]
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def share(groups: list[list[str]], step: str = "") -> tuple[float, float]:
@@ -116,12 +138,19 @@ def main() -> None:
                     traffic["train"].append([prompt, texts])
         if args.traffic is not None:
             args.traffic.write_text(json.dumps(traffic))
-    comparisons = [ComparisonEvent(prompt=p, responses=t, ranking=rank_texts(t, preference), labeler_id="x")
-                   for p, t in traffic["train"][: args.rankings]]
+    comparisons = [
+        ComparisonEvent(prompt=p, responses=t, ranking=rank_texts(t, preference), labeler_id="x")
+        for p, t in traffic["train"][: args.rankings]
+    ]
     held_texts = traffic["heldout"]
-    held = [ComparisonEvent(prompt=p, responses=t, ranking=rank_texts(t, preference), labeler_id="x")
-            for p, t in zip(heldout, held_texts, strict=True) if len(rank_texts(t, preference)) > 1]
-    emit(step="traffic", rankings=len(comparisons), heldout_rankings=len(held), s=time.perf_counter() - started)
+    held = [
+        ComparisonEvent(prompt=p, responses=t, ranking=rank_texts(t, preference), labeler_id="x")
+        for p, t in zip(heldout, held_texts, strict=True)
+        if len(rank_texts(t, preference)) > 1
+    ]
+    emit(
+        step="traffic", rankings=len(comparisons), heldout_rankings=len(held), s=time.perf_counter() - started
+    )
 
     t0 = time.perf_counter()
     config = RewardConfig(**{**models.mode_defaults("reward"), **json.loads(args.reward)})
@@ -141,9 +170,14 @@ def main() -> None:
     sat = torch.tensor([preference(t) > 0 for t in flat_t])
     lengths = torch.tensor([float(len(t)) for t in flat_t])
     length_corr = torch.corrcoef(torch.stack([scores, lengths]))[0, 1].item()
-    emit(step="rm", train_accuracy=stats["train_accuracy"], heldout_accuracy=stats.get("heldout_accuracy"),
-         gap=(scores[sat].mean() - scores[~sat].mean()).item() if sat.any() and (~sat).any() else None,
-         length_corr=length_corr, s=time.perf_counter() - t0)
+    emit(
+        step="rm",
+        train_accuracy=stats["train_accuracy"],
+        heldout_accuracy=stats.get("heldout_accuracy"),
+        gap=(scores[sat].mean() - scores[~sat].mean()).item() if sat.any() and (~sat).any() else None,
+        length_corr=length_corr,
+        s=time.perf_counter() - t0,
+    )
     for name, value in stats.items():
         if name.endswith("accuracy") or name == "loss":
             print(f"  rm {name}: {value:.3f}", flush=True)
@@ -155,20 +189,38 @@ def main() -> None:
             value.score.weight.zero_()
             if value.score.bias is not None:
                 value.score.bias.zero_()
-    ppo = PPOConfig(**{"kl_coef": settings.kl_coef, "ptx_coef": settings.ptx_coef, **models.mode_defaults("ppo"),
-                       **json.loads(args.ppo)})
-    ptx = PtxSource(tokenizer, None, seq_len=ppo.ptx_seq_len, batch_size=ppo.ptx_batch_size) \
-        if ppo.reads_ptx_corpus else None
+    ppo = PPOConfig(
+        **{
+            "kl_coef": settings.kl_coef,
+            "ptx_coef": settings.ptx_coef,
+            **models.mode_defaults("ppo"),
+            **json.loads(args.ppo),
+        }
+    )
+    ptx = (
+        PtxSource(tokenizer, None, seq_len=ppo.ptx_seq_len, batch_size=ppo.ptx_batch_size)
+        if ppo.reads_ptx_corpus
+        else None
+    )
     trainer = PPOPtxTrainer(policy, reference, value, rm, tokenizer, ppo, ptx)
     for r in range(args.rounds):
         t0 = time.perf_counter()
         result = trainer.round(chat, [48] * len(chat))
         round_s = time.perf_counter() - t0
         s, length = share(answers(policy, heldout, args.eval_n, seed=1), f"ppo{r + 1}")
-        emit(step=f"ppo{r + 1}", share=s, win_rate=0.5 + 0.5 * (s - base_share), length_ratio=length / base_len,
-             rm_score=result["rm_score_mean"], kl=result["kl"], approx_kl=result["approx_kl"],
-             clip=result["clip_fraction"], ptx_ratio=result.get("ptx_heldout_nll_ratio"), round_s=round_s,
-             s=time.perf_counter() - started)
+        emit(
+            step=f"ppo{r + 1}",
+            share=s,
+            win_rate=0.5 + 0.5 * (s - base_share),
+            length_ratio=length / base_len,
+            rm_score=result["rm_score_mean"],
+            kl=result["kl"],
+            approx_kl=result["approx_kl"],
+            clip=result["clip_fraction"],
+            ptx_ratio=result.get("ptx_heldout_nll_ratio"),
+            round_s=round_s,
+            s=time.perf_counter() - started,
+        )
 
 
 if __name__ == "__main__":

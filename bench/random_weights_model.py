@@ -19,7 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="a model folder (its config.json and tokenizer files are copied)")
+    parser.add_argument(
+        "source", type=Path, help="a model folder (its config.json and tokenizer files are copied)"
+    )
     parser.add_argument("target", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -27,10 +29,16 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.source), dtype=torch.float32)
     model.save_pretrained(args.target)
     for item in args.source.iterdir():
-        if item.is_file() and item.name not in {"config.json", "model.safetensors"} and item.suffix != ".gguf" \
-                and not item.name.startswith("."):
+        if (
+            item.is_file()
+            and item.name not in {"config.json", "model.safetensors"}
+            and item.suffix != ".gguf"
+            and not item.name.startswith(".")
+        ):
             shutil.copy(item, args.target / item.name)
-    print(f"{args.target}: {sum(p.numel() for p in model.parameters()):,} parameters, random (seed {args.seed})")
+    print(
+        f"{args.target}: {sum(p.numel() for p in model.parameters()):,} parameters, random (seed {args.seed})"
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,20 @@ from instructloop.model import load_default_tokenizer  # noqa: E402
 from learner.config import RewardConfig  # noqa: E402
 from learner.reward import build_reward_model, pairwise_accuracy, train_reward_model  # noqa: E402
 
-WORDS = ["river", "stone", "cloud", "paper", "green", "quiet", "north", "table", "light", "music", "apple", "winter"]
+WORDS = [
+    "river",
+    "stone",
+    "cloud",
+    "paper",
+    "green",
+    "quiet",
+    "north",
+    "table",
+    "light",
+    "music",
+    "apple",
+    "winter",
+]
 TARGET = " wonderful"
 PROMPTS = ["Describe your day.", "Say something.", "Write a short line.", "Tell me a thing.", "Any news?"]
 
@@ -54,17 +67,28 @@ def synthetic_ranking(rng: random.Random, k: int) -> ComparisonEvent:
             words.insert(rng.randint(0, len(words)), TARGET)
         responses.append("".join(words).strip())
     ranking = [[i for i in range(k) if counts[i] == c] for c in sorted(set(counts), reverse=True)]
-    return ComparisonEvent(prompt=rng.choice(PROMPTS), responses=responses, ranking=ranking, labeler_id="bench")
+    return ComparisonEvent(
+        prompt=rng.choice(PROMPTS), responses=responses, ranking=ranking, labeler_id="bench"
+    )
 
 
 def build_small_model(path: Path, tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -79,23 +103,44 @@ def run_trl(model_dir: Path, tokenizer, train: list[ComparisonEvent], k: int, lr
     for comparison in train:
         query = comparison.prompt  # the model input itself (the prompt contract)
         for w, lo in comparison.pairs():
-            rows.append({"chosen": query + comparison.responses[w], "rejected": query + comparison.responses[lo]})
+            rows.append(
+                {"chosen": query + comparison.responses[w], "rejected": query + comparison.responses[lo]}
+            )
     model = build_reward_model(str(model_dir))
     args = TRLRewardConfig(
-        output_dir=str(workdir / f"trl-k{k}"), per_device_train_batch_size=k, num_train_epochs=1, learning_rate=lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, report_to=[],
-        save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=True, max_length=128, seed=0,
+        output_dir=str(workdir / f"trl-k{k}"),
+        per_device_train_batch_size=k,
+        num_train_epochs=1,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        use_cpu=True,
+        max_length=128,
+        seed=0,
         dataloader_drop_last=False,
     )
     init_started = time.perf_counter()
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     init_s = time.perf_counter() - init_started
     started = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - started
     model.eval()
-    return model, {"pairs": len(rows), "sequences": 2 * len(rows), "steps": result.global_step,
-                   "train_s": train_s, "init_s": init_s}
+    return model, {
+        "pairs": len(rows),
+        "sequences": 2 * len(rows),
+        "steps": result.global_step,
+        "train_s": train_s,
+        "init_s": init_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,8 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
         # warm-up (untimed): the first forward/backward of a process pays one-off allocation costs, which
         # would otherwise be charged to whichever trainer runs first
         warm = build_reward_model(str(model_dir))
-        train_reward_model(warm, tokenizer, [synthetic_ranking(random.Random(-1), 4) for _ in range(4)],
-                           RewardConfig(lr=args.lr, rankings_per_batch=2, max_length=128))
+        train_reward_model(
+            warm,
+            tokenizer,
+            [synthetic_ranking(random.Random(-1), 4) for _ in range(4)],
+            RewardConfig(lr=args.lr, rankings_per_batch=2, max_length=128),
+        )
         del warm
         for k in args.ks:
             rng = random.Random(k)
@@ -136,12 +185,18 @@ def main(argv: list[str] | None = None) -> dict:
             speedup = trl["train_s"] / ours_s
             results[f"K={k}"] = {
                 "pairs": trl["pairs"],
-                "ours_sequences": int(ours["sequences"]), "trl_sequences": trl["sequences"],
-                "ours_steps": int(ours["steps"]), "trl_steps": trl["steps"],
-                "ours_s": round(ours_s, 2), "trl_train_s": round(trl["train_s"], 2), "trl_init_s": round(trl["init_s"], 2),
-                "speedup": round(speedup, 2), "ideal": k - 1,
+                "ours_sequences": int(ours["sequences"]),
+                "trl_sequences": trl["sequences"],
+                "ours_steps": int(ours["steps"]),
+                "trl_steps": trl["steps"],
+                "ours_s": round(ours_s, 2),
+                "trl_train_s": round(trl["train_s"], 2),
+                "trl_init_s": round(trl["init_s"], 2),
+                "speedup": round(speedup, 2),
+                "ideal": k - 1,
                 "speedup_over_ideal": round(speedup / (k - 1), 2),
-                "ours_heldout_accuracy": round(ours_accuracy, 3), "trl_heldout_accuracy": round(trl_accuracy, 3),
+                "ours_heldout_accuracy": round(ours_accuracy, 3),
+                "trl_heldout_accuracy": round(trl_accuracy, 3),
             }
             print(json.dumps({f"K={k}": results[f"K={k}"]}), flush=True)
     return results

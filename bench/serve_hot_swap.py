@@ -42,9 +42,15 @@ def write_adapter_version(registry, model_dir: str, version: str, seed: int) -> 
     from learner.config import AdapterConfig
 
     defaults = AdapterConfig()
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=defaults.r, lora_alpha=defaults.alpha, lora_dropout=0.0,
-                                      target_modules=list(defaults.target_modules)))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        LoraConfig(
+            r=defaults.r,
+            lora_alpha=defaults.alpha,
+            lora_dropout=0.0,
+            target_modules=list(defaults.target_modules),
+        ),
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -86,12 +92,21 @@ async def probe(url: str, version: str) -> float:
 
 
 def prefetches(url: str) -> float:
-    match = re.search(r"^instructloop_serve_policy_prefetches_total (\S+)", httpx.get(f"{url}/metrics").text, re.M)
+    match = re.search(
+        r"^instructloop_serve_policy_prefetches_total (\S+)", httpx.get(f"{url}/metrics").text, re.M
+    )
     return float(match.group(1)) if match else 0.0
 
 
-async def load_and_swap(url: str, registry, model_dir: str, scenarios: list[tuple[str, bool]], clients: int,
-                        settle_s: float, write=write_version) -> list[dict]:
+async def load_and_swap(
+    url: str,
+    registry,
+    model_dir: str,
+    scenarios: list[tuple[str, bool]],
+    clients: int,
+    settle_s: float,
+    write=write_version,
+) -> list[dict]:
     stop = asyncio.Event()
     first_token: dict[str, float] = {}
     first_response: dict[str, float] = {}
@@ -128,8 +143,10 @@ async def load_and_swap(url: str, registry, model_dir: str, scenarios: list[tupl
     for seed, (version, wait_for_prefetch) in enumerate(scenarios):
         already = prefetches(url)
         await asyncio.to_thread(write, registry, model_dir, version, seed)
-        while wait_for_prefetch and (prefetches(url) <= already or  # the learner's gate would take this long
-                                     version not in httpx.get(f"{url}/info").json().get("policy_versions_loaded", [])):
+        while wait_for_prefetch and (
+            prefetches(url) <= already  # the learner's gate would take this long
+            or version not in httpx.get(f"{url}/info").json().get("policy_versions_loaded", [])
+        ):
             await asyncio.sleep(0.1)
         before = dict(counts)
         calling = time.monotonic()
@@ -144,18 +161,22 @@ async def load_and_swap(url: str, registry, model_dir: str, scenarios: list[tupl
             await asyncio.sleep(0.01)
         await asyncio.sleep(settle_s)
         metrics = httpx.get(f"{url}/metrics").text
-        results.append({
-            "version": version,
-            "prefetched": wait_for_prefetch,
-            "set_current_s": published - calling,
-            "probe_first_token_s": probe_first_token - published,
-            "publish_to_first_token_s": first_token[version] - published,
-            "switched_after_s": switched[version] - published if version in switched else float("nan"),
-            "publish_to_first_response_s": first_response[version] - published,
-            "completed_during": counts["ok"] - before["ok"],
-            "failed_during": counts["failed"] - before["failed"],
-            "load_s_sum": float(re.search(r"^instructloop_serve_policy_swap_duration_sum (\S+)", metrics, re.M).group(1)),
-        })
+        results.append(
+            {
+                "version": version,
+                "prefetched": wait_for_prefetch,
+                "set_current_s": published - calling,
+                "probe_first_token_s": probe_first_token - published,
+                "publish_to_first_token_s": first_token[version] - published,
+                "switched_after_s": switched[version] - published if version in switched else float("nan"),
+                "publish_to_first_response_s": first_response[version] - published,
+                "completed_during": counts["ok"] - before["ok"],
+                "failed_during": counts["failed"] - before["failed"],
+                "load_s_sum": float(
+                    re.search(r"^instructloop_serve_policy_swap_duration_sum (\S+)", metrics, re.M).group(1)
+                ),
+            }
+        )
     stop.set()
     await asyncio.gather(*tasks)
     results.append({"total_ok": counts["ok"], "total_failed": counts["failed"]})
@@ -190,32 +211,49 @@ def main() -> None:
     server = None
     try:
         registry = Registry(work / "registry", redis=redis.Redis.from_url(redis_server.url))
-        server = ServeProcess("--model", model_dir, "--registry-dir", str(work / "registry"), "--redis-url",
-                              redis_server.url, threads=args.threads, log_path=work / "server.log",
-                              device=args.device)
+        server = ServeProcess(
+            "--model",
+            model_dir,
+            "--registry-dir",
+            str(work / "registry"),
+            "--redis-url",
+            redis_server.url,
+            threads=args.threads,
+            log_path=work / "server.log",
+            device=args.device,
+        )
         server.wait_healthy()
         # published right after writing / after the prefetch (adapters: a third one, whose slot is reused)
         scenarios = [("v0001", False), ("v0002", True)] + ([("v0003", True)] if args.adapters else [])
         write = write_adapter_version if args.adapters else write_version
-        results = asyncio.run(load_and_swap(server.url, registry, model_dir, scenarios, args.clients, settle_s=4.0,
-                                            write=write))
+        results = asyncio.run(
+            load_and_swap(server.url, registry, model_dir, scenarios, args.clients, settle_s=4.0, write=write)
+        )
     finally:
         if server is not None:
             server.stop()
         redis_server.stop()
         shutil.rmtree(work / "registry", ignore_errors=True)  # two 540 MB versions; server.log stays
     kind = "LoRA adapter versions" if args.adapters else "full-weight versions"
-    print(f"{args.clients} streaming clients, {args.threads} torch threads, device {args.device}, model {model_dir}, "
-          f"{kind}, logs in {work}")
-    print("| swap | publish → installed (s) | publish → first token, fresh request (s) | publish → first token, "
-          "load clients (s) | publish → first full response, load clients (s) | completed during | failed |")
+    print(
+        f"{args.clients} streaming clients, {args.threads} torch threads, device {args.device}, model {model_dir}, "
+        f"{kind}, logs in {work}"
+    )
+    print(
+        "| swap | publish → installed (s) | publish → first token, fresh request (s) | publish → first token, "
+        "load clients (s) | publish → first full response, load clients (s) | completed during | failed |"
+    )
     print("|---|---|---|---|---|---|---|")
     previous_load = 0.0
     for r in results[:-1]:
-        print(f"| → {r['version']} ({'prefetched' if r['prefetched'] else 'published right after writing'}) | "
-              f"{r['switched_after_s']:.2f} | {r['probe_first_token_s']:.2f} | {r['publish_to_first_token_s']:.2f} | "
-              f"{r['publish_to_first_response_s']:.2f} | {r['completed_during']} | {r['failed_during']} |")
-        print(f"  load + validation inside serve (before the publish when prefetched): {r['load_s_sum'] - previous_load:.2f} s")
+        print(
+            f"| → {r['version']} ({'prefetched' if r['prefetched'] else 'published right after writing'}) | "
+            f"{r['switched_after_s']:.2f} | {r['probe_first_token_s']:.2f} | {r['publish_to_first_token_s']:.2f} | "
+            f"{r['publish_to_first_response_s']:.2f} | {r['completed_during']} | {r['failed_during']} |"
+        )
+        print(
+            f"  load + validation inside serve (before the publish when prefetched): {r['load_s_sum'] - previous_load:.2f} s"
+        )
         print(f"  registry.set_current (sha256 check + pointer + publish) took {r['set_current_s']:.2f} s")
         previous_load = r["load_s_sum"]
     print(f"total completed {results[-1]['total_ok']}, total failed {results[-1]['total_failed']}")

@@ -29,8 +29,20 @@ import httpx  # noqa: E402
 
 from bench._serve_common import ServeProcess, percentile  # noqa: E402
 
-TOPICS = ["the ocean", "a small robot", "winter mornings", "prime numbers", "a busy market", "the moon landing",
-          "learning to cook", "old libraries", "mountain trains", "honey bees", "city parks", "thunderstorms"]
+TOPICS = [
+    "the ocean",
+    "a small robot",
+    "winter mornings",
+    "prime numbers",
+    "a busy market",
+    "the moon landing",
+    "learning to cook",
+    "old libraries",
+    "mountain trains",
+    "honey bees",
+    "city parks",
+    "thunderstorms",
+]
 
 
 def make_requests(n: int, seed: int = 0) -> list[tuple[str, int]]:
@@ -39,7 +51,9 @@ def make_requests(n: int, seed: int = 0) -> list[tuple[str, int]]:
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
         length = rng.choice([1, 2, 4, 8])
-        prompt = f"Write about {topic}. " + " ".join(f"Include detail number {j} about {topic}." for j in range(length))
+        prompt = f"Write about {topic}. " + " ".join(
+            f"Include detail number {j} about {topic}." for j in range(length)
+        )
         requests.append((prompt, rng.choice([16, 32, 48, 64])))
     return requests
 
@@ -110,19 +124,26 @@ def run_hf_static(tokenizer, model, requests: list[tuple[str, int]], batch_size:
     start = time.monotonic()
     with torch.inference_mode():
         for b in range(0, len(requests), batch_size):
-            chunk = requests[b:b + batch_size]
+            chunk = requests[b : b + batch_size]
             inputs = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True)
             clock = StepClock()
-            out = model.generate(**inputs, max_new_tokens=max(n for _, n in chunk), do_sample=False,
-                                 stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=tokenizer.pad_token_id)
-            generated = out[:, inputs["input_ids"].shape[1]:]
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max(n for _, n in chunk),
+                do_sample=False,
+                stopping_criteria=StoppingCriteriaList([clock]),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            generated = out[:, inputs["input_ids"].shape[1] :]
             for row, (_, max_new) in enumerate(chunk):
                 ids = generated[row, :max_new].tolist()
                 useful = ids.index(eos) + 1 if eos in ids else len(ids)
                 tokens += useful
                 # as if static batching streamed: first token when its batch's first step ends
                 ttft.append(clock.times[0] - start)
-                itl.extend(b - a for a, b in zip(clock.times[:useful - 1], clock.times[1:useful], strict=True))
+                itl.extend(
+                    b - a for a, b in zip(clock.times[: useful - 1], clock.times[1:useful], strict=True)
+                )
     wall = time.monotonic() - start
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft": ttft, "itl": itl}
 
@@ -133,11 +154,17 @@ def start_transformers_cb(model, max_batch_tokens: int, num_blocks: int):
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    config = GenerationConfig(do_sample=False, eos_token_id=model.generation_config.eos_token_id,
-                              pad_token_id=model.generation_config.pad_token_id)
+    config = GenerationConfig(
+        do_sample=False,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=model.generation_config.pad_token_id,
+    )
     manager = model.init_continuous_batching(
         generation_config=config,
-        continuous_batching_config=ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens, num_blocks=num_blocks))
+        continuous_batching_config=ContinuousBatchingConfig(
+            max_batch_tokens=max_batch_tokens, num_blocks=num_blocks
+        ),
+    )
     manager.start()
     return manager
 
@@ -146,8 +173,10 @@ def run_transformers_cb(tokenizer, manager, requests: list[tuple[str, int]]) -> 
     """All requests submitted at t=0 (per-request max_new_tokens); TTFT and inter-token times from the
     manager's per-token timestamps."""
     start = time.perf_counter()
-    ids = {manager.add_request(tokenizer(p)["input_ids"], max_new_tokens=n, record_timestamps=True): n
-           for p, n in requests}
+    ids = {
+        manager.add_request(tokenizer(p)["input_ids"], max_new_tokens=n, record_timestamps=True): n
+        for p, n in requests
+    }
     ttft, itl, tokens, done = [], [], 0, 0
     while done < len(ids):
         result = manager.get_result(timeout=600)
@@ -170,14 +199,21 @@ def run_transformers_cb(tokenizer, manager, requests: list[tuple[str, int]]) -> 
 def merge(results: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in results)
     wall = sum(r["wall_s"] for r in results)
-    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft": [x for r in results for x in r["ttft"]], "itl": [x for r in results for x in r["itl"]]}
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "ttft": [x for r in results for x in r["ttft"]],
+        "itl": [x for r in results for x in r["itl"]],
+    }
 
 
 def summary(name: str, result: dict) -> str:
-    return (f"| {name} | {result['tokens']} | {result['wall_s']:.1f} | {result['tok_s']:.1f} | "
-            f"{percentile(result['ttft'], 50):.2f} / {percentile(result['ttft'], 95):.2f} | "
-            f"{1000 * percentile(result['itl'], 50):.0f} / {1000 * percentile(result['itl'], 95):.0f} |")
+    return (
+        f"| {name} | {result['tokens']} | {result['wall_s']:.1f} | {result['tok_s']:.1f} | "
+        f"{percentile(result['ttft'], 50):.2f} / {percentile(result['ttft'], 95):.2f} | "
+        f"{1000 * percentile(result['itl'], 50):.0f} / {1000 * percentile(result['itl'], 95):.0f} |"
+    )
 
 
 def main() -> None:
@@ -187,12 +223,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--model", default="default")
-    parser.add_argument("--rounds", type=int, default=2, help="serve and HF alternate, to share the machine's noise")
-    parser.add_argument("--transformers-cb", action="store_true",
-                        help="also run transformers' own continuous batching (init_continuous_batching) each round")
-    parser.add_argument("--cb-max-batch-tokens", type=int, default=2048,
-                        help="transformers CB: tokens per forward (prefill chunks + one per decoding request)")
-    parser.add_argument("--cb-num-blocks", type=int, default=64, help="transformers CB: KV cache pages of 256 tokens")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="serve and HF alternate, to share the machine's noise"
+    )
+    parser.add_argument(
+        "--transformers-cb",
+        action="store_true",
+        help="also run transformers' own continuous batching (init_continuous_batching) each round",
+    )
+    parser.add_argument(
+        "--cb-max-batch-tokens",
+        type=int,
+        default=2048,
+        help="transformers CB: tokens per forward (prefill chunks + one per decoding request)",
+    )
+    parser.add_argument(
+        "--cb-num-blocks", type=int, default=64, help="transformers CB: KV cache pages of 256 tokens"
+    )
     args = parser.parse_args()
 
     from instructloop.model import resolve_model
@@ -200,8 +247,15 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     requests = make_requests(args.requests)
     log_path = Path(tempfile.gettempdir()) / "serve_throughput_server.log"
-    server = ServeProcess("--model", model_dir, "--max-batch-size", str(args.max_batch_size), threads=args.threads,
-                          log_path=log_path, INSTRUCTLOOP_SERVE_JSON_LOGS="true")
+    server = ServeProcess(
+        "--model",
+        model_dir,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        threads=args.threads,
+        log_path=log_path,
+        INSTRUCTLOOP_SERVE_JSON_LOGS="true",
+    )
     serve_rounds, hf_rounds, cb_rounds = [], [], []
     manager = None
     try:
@@ -212,23 +266,31 @@ def main() -> None:
         for r in range(args.rounds):
             serve_rounds.append(asyncio.run(run_serve(server.url, requests, args.clients)))
             hf_rounds.append(run_hf_static(tokenizer, model, requests, batch_size=8))
-            line = (f"round {r + 1}: serve {serve_rounds[-1]['tok_s']:.1f} tok/s, HF static {hf_rounds[-1]['tok_s']:.1f} "
-                    f"tok/s, ratio {serve_rounds[-1]['tok_s'] / hf_rounds[-1]['tok_s']:.2f}x")
-            if args.transformers_cb:  # started and stopped around its own run: nothing of it runs beside the others
+            line = (
+                f"round {r + 1}: serve {serve_rounds[-1]['tok_s']:.1f} tok/s, HF static {hf_rounds[-1]['tok_s']:.1f} "
+                f"tok/s, ratio {serve_rounds[-1]['tok_s'] / hf_rounds[-1]['tok_s']:.2f}x"
+            )
+            if (
+                args.transformers_cb
+            ):  # started and stopped around its own run: nothing of it runs beside the others
                 manager = start_transformers_cb(model, args.cb_max_batch_tokens, args.cb_num_blocks)
                 run_transformers_cb(tokenizer, manager, make_requests(4, seed=1))  # warm-up
                 cb_rounds.append(run_transformers_cb(tokenizer, manager, requests))
                 manager.stop(block=True, timeout=30)
                 manager = None
-                line += (f"; transformers CB {cb_rounds[-1]['tok_s']:.1f} tok/s, serve / CB "
-                         f"{serve_rounds[-1]['tok_s'] / cb_rounds[-1]['tok_s']:.2f}x")
+                line += (
+                    f"; transformers CB {cb_rounds[-1]['tok_s']:.1f} tok/s, serve / CB "
+                    f"{serve_rounds[-1]['tok_s'] / cb_rounds[-1]['tok_s']:.2f}x"
+                )
             print(line, flush=True)
     finally:
         server.stop()
         if manager is not None:
             manager.stop(block=True, timeout=30)
     serve, hf = merge(serve_rounds), merge(hf_rounds)
-    print(f"{args.rounds} rounds of {args.requests} requests, {args.clients} clients, {args.threads} torch threads, model {model_dir}")
+    print(
+        f"{args.rounds} rounds of {args.requests} requests, {args.clients} clients, {args.threads} torch threads, model {model_dir}"
+    )
     print("| engine | useful tokens | wall s | tokens/s | TTFT p50 / p95 s | inter-token p50 / p95 ms |")
     print("|---|---|---|---|---|---|")
     print(summary("serve (continuous batching, 16 clients)", serve))

@@ -98,7 +98,9 @@ class GatewayMiddleware:
                 message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.lower().encode(), rid.encode())]
             await send(message)
 
-        too_large = APIError(413, f"request body is larger than {limit} bytes", param=None, code="body_too_large")
+        too_large = APIError(
+            413, f"request body is larger than {limit} bytes", param=None, code="body_too_large"
+        )
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await error_response(too_large)(scope, receive, send_wrapper)
@@ -144,16 +146,30 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
     settings = settings or Settings()
     metrics = GatewayMetrics()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
-    backend = Backend(settings.backends, metrics, timeout_s=settings.backend_timeout_s,
-                      connect_timeout_s=settings.backend_connect_timeout_s, health_interval_s=settings.health_interval_s,
-                      token=settings.backend_token.get_secret_value() if settings.backend_token else None)
-    store = Store(settings.redis_url, settings.stream_prefix, metrics, completion_ttl_s=settings.completion_ttl_s,
-                  idempotency_ttl_s=settings.idempotency_ttl_s, timeout_s=settings.redis_timeout_s)
+    backend = Backend(
+        settings.backends,
+        metrics,
+        timeout_s=settings.backend_timeout_s,
+        connect_timeout_s=settings.backend_connect_timeout_s,
+        health_interval_s=settings.health_interval_s,
+        token=settings.backend_token.get_secret_value() if settings.backend_token else None,
+    )
+    store = Store(
+        settings.redis_url,
+        settings.stream_prefix,
+        metrics,
+        completion_ttl_s=settings.completion_ttl_s,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        timeout_s=settings.redis_timeout_s,
+    )
     completion_serving = CompletionServing(settings, backend, store, tokenizer, metrics)
     state = GatewayState(
-        settings=settings, metrics=metrics,
+        settings=settings,
+        metrics=metrics,
         keys=KeyStore(settings.keys_file, dev_key=settings.effective_dev_key),
-        backend=backend, store=store, tokenizer=tokenizer,
+        backend=backend,
+        store=store,
+        tokenizer=tokenizer,
         completions=completion_serving,
         chat=ChatServing(completion_serving),
         feedback=FeedbackServing(settings, store, metrics),
@@ -167,8 +183,15 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await backend.start()
-        log.info("gateway started", extra={"backends": settings.backends, "redis": bool(settings.redis_url),
-                                           "keys": len(state.keys), "dev_mode": settings.dev_mode})
+        log.info(
+            "gateway started",
+            extra={
+                "backends": settings.backends,
+                "redis": bool(settings.redis_url),
+                "keys": len(state.keys),
+                "dev_mode": settings.dev_mode,
+            },
+        )
         try:
             yield
         finally:
@@ -176,8 +199,12 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
             await store.close()
             state.admin.close()
 
-    app = FastAPI(title="instructloop gateway", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible completions, preference feedback, demonstrations and policy admin.")
+    app = FastAPI(
+        title="instructloop gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible completions, preference feedback, demonstrations and policy admin.",
+    )
     app.state.gateway = state
 
     @app.exception_handler(APIError)
@@ -201,15 +228,27 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
             message = f"Method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        return error_response(APIError(exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error",
-                                       code="not_found" if exc.status_code == 404 else None,
-                                       headers=dict(exc.headers or {})))
+        return error_response(
+            APIError(
+                exc.status_code,
+                message,
+                "invalid_request_error" if exc.status_code < 500 else "server_error",
+                code="not_found" if exc.status_code == 404 else None,
+                headers=dict(exc.headers or {}),
+            )
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", extra={"path": request.url.path, "request_id": request_id.get()})
-        return error_response(APIError(500, "The gateway hit an unexpected error; it has been logged.", "server_error",
-                                       code="internal_error"))
+        return error_response(
+            APIError(
+                500,
+                "The gateway hit an unexpected error; it has been logged.",
+                "server_error",
+                code="internal_error",
+            )
+        )
 
     for module in (completions, chat, models, feedback, demonstrations, admin, health):
         app.include_router(module.router)

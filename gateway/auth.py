@@ -86,8 +86,15 @@ def append_key(path: Path, *, name: str, role: Role) -> tuple[str, KeyRecord]:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        line = json.dumps({"key_id": record.key_id, "name": name, "role": role.value, "sha256": digest,
-                           "created_at": round(record.created_at, 3)})
+        line = json.dumps(
+            {
+                "key_id": record.key_id,
+                "name": name,
+                "role": role.value,
+                "sha256": digest,
+                "created_at": round(record.created_at, 3),
+            }
+        )
         os.write(fd, (line + "\n").encode())
         os.fsync(fd)
     finally:
@@ -106,9 +113,15 @@ def read_keys(path: Path) -> list[KeyRecord]:
             digest = str(raw["sha256"]).lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError("sha256 must be 64 hex digits")
-            records.append(KeyRecord(key_id=key_id_of(digest), name=str(raw.get("name", "")),
-                                     role=Role(raw["role"]), sha256=digest,
-                                     created_at=float(raw.get("created_at", 0.0))))
+            records.append(
+                KeyRecord(
+                    key_id=key_id_of(digest),
+                    name=str(raw.get("name", "")),
+                    role=Role(raw["role"]),
+                    sha256=digest,
+                    created_at=float(raw.get("created_at", 0.0)),
+                )
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}:{number}: malformed key entry ({exc}); fix or remove the line") from exc
     return records
@@ -142,7 +155,9 @@ class KeyStore:
                 mtime = self.keys_file.stat().st_mtime_ns
             except FileNotFoundError:
                 if self._by_id:
-                    log.warning("keys file disappeared; no key accepted", extra={"keys_file": str(self.keys_file)})
+                    log.warning(
+                        "keys file disappeared; no key accepted", extra={"keys_file": str(self.keys_file)}
+                    )
                 self._by_id, self._mtime = {}, None
                 return
             if mtime == self._mtime:

@@ -96,8 +96,13 @@ def _parse_generate(payload: Any) -> Response:
 class PolicyAwareClient(AsyncClient):
     """``AsyncClient`` with a persistent session that also returns the policy version of each response."""
 
-    def __init__(self, base_url: str, timeout_s: float = 120.0, connect_timeout_s: float = 2.0,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 2.0,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(base_url, headers=headers)
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -105,7 +110,9 @@ class PolicyAwareClient(AsyncClient):
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                headers=self.headers, cookies=self.cookies, timeout=self.timeout,
+                headers=self.headers,
+                cookies=self.cookies,
+                timeout=self.timeout,
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=BACKEND_KEEP_ALIVE_S),
             )
         return self._session
@@ -132,18 +139,24 @@ class PolicyAwareClient(AsyncClient):
         async with self.session().post(f"{self.base_url}/generate", json=body) as resp:
             payload = await resp.json(content_type=None)
             if resp.status != 200:
-                raise parse_error(resp.status, payload if isinstance(payload, dict) and "error" in payload
-                                  else {"error": str(payload)})
+                raise parse_error(
+                    resp.status,
+                    payload if isinstance(payload, dict) and "error" in payload else {"error": str(payload)},
+                )
             return _parse_generate(payload), _version(resp.headers, payload)
 
-    async def generate_stream_versioned(self, prompt: str, **params: Any) -> AsyncIterator[tuple[StreamResponse, str]]:
+    async def generate_stream_versioned(
+        self, prompt: str, **params: Any
+    ) -> AsyncIterator[tuple[StreamResponse, str]]:
         body = self._request(prompt, True, **params)
         async with self.session().post(f"{self.base_url}/generate_stream", json=body) as resp:
             header_version = resp.headers.get(POLICY_VERSION_HEADER)
             if resp.status != 200:
                 payload = await resp.json(content_type=None)
-                raise parse_error(resp.status, payload if isinstance(payload, dict) and "error" in payload
-                                  else {"error": str(payload)})
+                raise parse_error(
+                    resp.status,
+                    payload if isinstance(payload, dict) and "error" in payload else {"error": str(payload)},
+                )
             async for line in resp.content:
                 if not line.startswith(b"data:"):
                     continue
@@ -153,12 +166,16 @@ class PolicyAwareClient(AsyncClient):
                 if "error" in payload and "token" not in payload:
                     raise parse_error(resp.status, payload)
                 version = payload.get("policy_version") or header_version or UNKNOWN_VERSION
-                yield StreamResponse(**{k: v for k, v in payload.items() if k in StreamResponse.model_fields}), str(version)
+                yield (
+                    StreamResponse(**{k: v for k, v in payload.items() if k in StreamResponse.model_fields}),
+                    str(version),
+                )
 
     async def health(self, timeout_s: float = 2.0) -> tuple[bool, str | None]:
         try:
-            async with self.session().get(f"{self.base_url}/health",
-                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            async with self.session().get(
+                f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
                 await resp.read()
                 return resp.status == 200, resp.headers.get(POLICY_VERSION_HEADER)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -190,7 +207,9 @@ def _translate(exc: Exception) -> BackendError:
 
     message = str(exc) or exc.__class__.__name__
     if isinstance(exc, (errors.ValidationError, errors.BadRequestError)):
-        return BackendError(400, f"the inference backend refused the request: {message}", "invalid_generation_params")
+        return BackendError(
+            400, f"the inference backend refused the request: {message}", "invalid_generation_params"
+        )
     if isinstance(exc, (errors.OverloadedError, errors.RateLimitExceededError)):
         return BackendError(503, f"the inference backend is overloaded: {message}", "backend_overloaded")
     if isinstance(exc, (asyncio.TimeoutError, errors.ShardTimeoutError)):
@@ -201,11 +220,21 @@ def _translate(exc: Exception) -> BackendError:
 class Backend:
     """Least-outstanding-requests balancing over health-checked replicas."""
 
-    def __init__(self, urls: list[str], metrics: GatewayMetrics, *, timeout_s: float = 120.0,
-                 connect_timeout_s: float = 2.0, health_interval_s: float = 2.0, token: str | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        metrics: GatewayMetrics,
+        *,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 2.0,
+        health_interval_s: float = 2.0,
+        token: str | None = None,
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        self.replicas = [Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s, headers=headers))
-                         for url in urls]
+        self.replicas = [
+            Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s, headers=headers))
+            for url in urls
+        ]
         self.metrics = metrics
         self.health_interval_s = health_interval_s
         self._rotation = itertools.count()
@@ -269,15 +298,22 @@ class Backend:
         replica.last_error = str(exc)
         self.metrics.backend_healthy.labels(replica.url).set(0)
         self.metrics.backend_requests.labels(replica.url, "connect_error").inc()
-        log.warning("backend connect failed; trying another replica", extra={"backend": replica.url, "error": str(exc)})
+        log.warning(
+            "backend connect failed; trying another replica",
+            extra={"backend": replica.url, "error": str(exc)},
+        )
 
     # ---- calls --------------------------------------------------------------------------------------
     def _stale(self, replica: Replica, exc: Exception) -> None:
         self.metrics.backend_requests.labels(replica.url, "stale_connection_retry").inc()
-        log.warning("backend connection closed under a reused keep-alive connection; retrying once on a fresh one",
-                    extra={"backend": replica.url, "error": repr(exc)})
+        log.warning(
+            "backend connection closed under a reused keep-alive connection; retrying once on a fresh one",
+            extra={"backend": replica.url, "error": repr(exc)},
+        )
 
-    async def generate(self, prompt: str, params: dict[str, Any], prefer: set[str] | None = None) -> Generation:
+    async def generate(
+        self, prompt: str, params: dict[str, Any], prefer: set[str] | None = None
+    ) -> Generation:
         tried: set[str] = set()
         stale_retried = False
         while True:
@@ -314,7 +350,9 @@ class Backend:
                 backend=replica.url,
             )
 
-    async def stream(self, prompt: str, params: dict[str, Any], prefer: set[str] | None = None) -> AsyncIterator[StreamEvent]:
+    async def stream(
+        self, prompt: str, params: dict[str, Any], prefer: set[str] | None = None
+    ) -> AsyncIterator[StreamEvent]:
         """Tokens of one choice; a connect failure before the first token moves to another replica."""
         tried: set[str] = set()
         stale_retried = False
@@ -324,7 +362,9 @@ class Backend:
             self._count_outstanding(replica, +1)
             started = False
             try:
-                async for response, version in replica.client.generate_stream_versioned(prompt, **dict(params)):
+                async for response, version in replica.client.generate_stream_versioned(
+                    prompt, **dict(params)
+                ):
                     started = True
                     replica.policy_version = version
                     yield StreamEvent(response, version, replica.url)

@@ -26,8 +26,11 @@ def _keys_file(path: Path | None) -> Path:
 def keys_create(
     name: str = typer.Option(..., help="Who the key is for (shown in logs and as labeler name)."),
     role: str = typer.Option("user", help="user, labeler or admin."),
-    keys_file: Path | None = typer.Option(None, help="Keys file (default: $INSTRUCTLOOP_GATEWAY_KEYS_FILE or "
-                                                     "~/.cache/instructloop/gateway/keys.jsonl)."),
+    keys_file: Path | None = typer.Option(
+        None,
+        help="Keys file (default: $INSTRUCTLOOP_GATEWAY_KEYS_FILE or "
+        "~/.cache/instructloop/gateway/keys.jsonl).",
+    ),
 ) -> None:
     """Create a key, append its hash to the keys file and print the key once (it is not stored)."""
     from gateway.auth import Role, append_key
@@ -44,8 +47,11 @@ def keys_create(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(key)
-    typer.echo(f"created {parsed_role.value} key {record.key_id} for {name!r} in {path} "
-               "(this is the only time the key is shown)", err=True)
+    typer.echo(
+        f"created {parsed_role.value} key {record.key_id} for {name!r} in {path} "
+        "(this is the only time the key is shown)",
+        err=True,
+    )
 
 
 @keys_app.command("list")
@@ -55,7 +61,9 @@ def keys_list(keys_file: Path | None = typer.Option(None, help="Keys file.")) ->
 
     path = _keys_file(keys_file)
     if not path.exists():
-        typer.echo(f"error: {path} does not exist; create a key with `instructloop gateway keys create`", err=True)
+        typer.echo(
+            f"error: {path} does not exist; create a key with `instructloop gateway keys create`", err=True
+        )
         raise typer.Exit(2)
     try:
         records = read_keys(path)
@@ -72,8 +80,12 @@ def run(
     host: str | None = typer.Option(None, help="Bind address (default 127.0.0.1)."),
     backends: str | None = typer.Option(None, help="Comma-separated serve / TGI URLs."),
     redis_url: str | None = typer.Option(None, help="Redis for streams, completions, rate limits."),
-    keys_file: Path | None = typer.Option(None, help="Keys file made with `instructloop gateway keys create`."),
-    dev_mode: bool | None = typer.Option(None, "--dev-mode/--no-dev-mode", help="Accept the dev admin key (local only)."),
+    keys_file: Path | None = typer.Option(
+        None, help="Keys file made with `instructloop gateway keys create`."
+    ),
+    dev_mode: bool | None = typer.Option(
+        None, "--dev-mode/--no-dev-mode", help="Accept the dev admin key (local only)."
+    ),
     workers: int | None = typer.Option(None, help="Worker processes (default 1; each has its own /metrics)."),
 ) -> None:
     """Start the gateway."""
@@ -83,8 +95,19 @@ def run(
     from gateway.settings import Settings
     from instructloop.logs import configure_logging
 
-    overrides = {k: v for k, v in dict(port=port, host=host, backends=backends, redis_url=redis_url,
-                                        keys_file=keys_file, dev_mode=dev_mode, workers=workers).items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(
+            port=port,
+            host=host,
+            backends=backends,
+            redis_url=redis_url,
+            keys_file=keys_file,
+            dev_mode=dev_mode,
+            workers=workers,
+        ).items()
+        if v is not None
+    }
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -99,11 +122,25 @@ def run(
         from gateway.settings import ENV_PREFIX
 
         for name, value in overrides.items():
-            os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-        uvicorn.run("gateway.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_config=None, timeout_graceful_shutdown=10)
+            os.environ[f"{ENV_PREFIX}{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
+        uvicorn.run(
+            "gateway.app:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_config=None,
+            timeout_graceful_shutdown=10,
+        )
         return
     from gateway.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )

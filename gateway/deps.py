@@ -49,18 +49,29 @@ bearer = HTTPBearer(auto_error=False, description="An API key made with `instruc
 async def authenticate(state: GatewayState, credentials: HTTPAuthorizationCredentials | None) -> Principal:
     """The caller behind the bearer key, after the per-key rate limit; raises 401 / 429 as ``APIError``."""
     if credentials is None or not credentials.credentials:
-        raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-                       code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     principal = state.keys.authenticate(credentials.credentials)
     if principal is None:
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
     wait = await state.store.hit_rate_limit(principal.key_id, state.settings.rate_limit_per_minute)
     if wait is not None:
         state.metrics.rate_limited.inc()
         state.metrics.rate_limited_budget.labels("requests").inc()
-        raise APIError(429, f"Rate limit reached: {state.settings.rate_limit_per_minute} requests per minute per key; "
-                            f"retry in {wait} s.", "rate_limit_error", code="rate_limit_exceeded",
-                       headers={"Retry-After": str(wait)})
+        raise APIError(
+            429,
+            f"Rate limit reached: {state.settings.rate_limit_per_minute} requests per minute per key; "
+            f"retry in {wait} s.",
+            "rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(wait)},
+        )
     return principal
 
 
@@ -68,12 +79,17 @@ def require(role: Role):
     """A dependency: the authenticated caller, with at least ``role`` (one flat function: this runs on
     every request, and each nested FastAPI dependency costs time)."""
 
-    async def dependency(request: Request,
-                         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Principal:
+    async def dependency(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+    ) -> Principal:
         principal = await authenticate(request.app.state.gateway, credentials)
         if not principal.role.allows(role):
-            raise APIError(403, f"This route needs the {role.value} role; this key has the {principal.role.value} role.",
-                           "permission_error", code="insufficient_role")
+            raise APIError(
+                403,
+                f"This route needs the {role.value} role; this key has the {principal.role.value} role.",
+                "permission_error",
+                code="insufficient_role",
+            )
         return principal
 
     dependency.__name__ = f"require_{role.value}"

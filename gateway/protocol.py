@@ -41,8 +41,16 @@ class ErrorResponse(BaseModel):
 class APIError(Exception):
     """An error value a serving class returns (or raises from deep inside); rendered as ``ErrorResponse``."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *,
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -52,7 +60,9 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def to_response_model(self) -> ErrorResponse:
-        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+        return ErrorResponse(
+            error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
 
 
 def new_completion_id(prefix: str = "cmpl") -> str:
@@ -65,14 +75,24 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 """Bounds on ``stop``: it is copied into every per-prompt completion event, so it must be small."""
 
-Store = Annotated[bool, Field(description=(  # OpenAI's store field, on both completion routes
-    "false: the answer is not kept (no feedback on it) and never reaches the learner's data; for evaluation "
-    "traffic that must stay out of training. Default true: instructloop learns from what it serves."))]
+Store = Annotated[
+    bool,
+    Field(
+        description=(  # OpenAI's store field, on both completion routes
+            "false: the answer is not kept (no feedback on it) and never reaches the learner's data; for evaluation "
+            "traffic that must stay out of training. Default true: instructloop learns from what it serves."
+        )
+    ),
+]
 
-StopSequences = (Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-                 | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
-                             Field(max_length=MAX_STOP_SEQUENCES)]
-                 | None)
+StopSequences = (
+    Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+    | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+        Field(max_length=MAX_STOP_SEQUENCES),
+    ]
+    | None
+)
 
 
 def normalize_stop(value: StopSequences) -> list[str]:
@@ -87,8 +107,12 @@ def normalize_stop(value: StopSequences) -> list[str]:
 
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1), "echo": (False,), "frequency_penalty": (0.0,), "logit_bias": (None, {}),
-    "presence_penalty": (0.0,), "suffix": (None, ""),
+    "best_of": (None, 1),
+    "echo": (False,),
+    "frequency_penalty": (0.0,),
+    "logit_bias": (None, {}),
+    "presence_penalty": (0.0,),
+    "suffix": (None, ""),
 }
 """OpenAI fields the gateway accepts only at their neutral value (anything else is refused, not ignored)."""
 
@@ -104,9 +128,15 @@ class CompletionRequest(BaseModel):
     echo: bool = Field(default=False, description="Not supported (only false).")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (only null / {}).")
-    logprobs: int | None = Field(default=None, ge=0, le=5, description=(
-        "The chosen tokens' logprobs plus this many most likely alternatives per position (0: none). The "
-        "distribution they are taken from is the one the token was drawn from (docs/architecture.md)."))
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=5,
+        description=(
+            "The chosen tokens' logprobs plus this many most likely alternatives per position (0: none). The "
+            "distribution they are taken from is the one the token was drawn from (docs/architecture.md)."
+        ),
+    )
     max_tokens: int = Field(default=16, ge=1)
     n: int = Field(default=1, ge=1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
@@ -161,8 +191,15 @@ class CompletionRequest(BaseModel):
 
     def sampling(self) -> dict[str, Any]:
         """What the completions stream records about how the choices were sampled."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
-                "n": self.n, "seed": self.seed, "stop": list(self.stop or []), "user": self.user}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "n": self.n,
+            "seed": self.seed,
+            "stop": list(self.stop or []),
+            "user": self.user,
+        }
 
 
 class CompletionLogprobs(BaseModel):
@@ -217,8 +254,12 @@ class ChatCompletionRequest(BaseModel):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
     model: str = Field(min_length=1)
     logprobs: bool = Field(default=False, description="Return the logprob of each content token.")
-    top_logprobs: int | None = Field(default=None, ge=0, le=5, description=(
-        "With logprobs: this many most likely alternatives per position."))
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=5,
+        description=("With logprobs: this many most likely alternatives per position."),
+    )
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
@@ -243,15 +284,26 @@ class ChatCompletionRequest(BaseModel):
 
     def template_messages(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them (``developer`` is a ``system`` turn)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            for m in self.messages
+        ]
 
     def to_completion_request(self, prompt: str, default_max_tokens: int) -> CompletionRequest:
         """The equivalent completion request once the chat template has rendered ``prompt``."""
         return CompletionRequest(
-            model=self.model, prompt=prompt, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            model=self.model,
+            prompt=prompt,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-            n=self.n, seed=self.seed, stop=list(self.stop or []) or None, stream=self.stream,
-            temperature=self.temperature, top_p=self.top_p, user=self.user, store=self.store,
+            n=self.n,
+            seed=self.seed,
+            stop=list(self.stop or []) or None,
+            stream=self.stream,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            user=self.user,
+            store=self.store,
         )
 
 
@@ -320,11 +372,15 @@ class RankingFeedback(BaseModel):
 
     type: Literal["ranking"]
     completion_id: str = Field(min_length=1, max_length=128)
-    ranking: Annotated[list[Annotated[list[int], Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=64)]
+    ranking: Annotated[
+        list[Annotated[list[int], Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=64)
+    ]
     rationale: Rationale | None = None
     flags: dict[int, Annotated[list[OutputFlag], Field(max_length=3)]] | None = Field(
-        default=None, description="InstructGPT's per-output flags by choice index (fails_instruction, harmful, "
-                                  "made_up_facts); they travel in the comparison event")
+        default=None,
+        description="InstructGPT's per-output flags by choice index (fails_instruction, harmful, "
+        "made_up_facts); they travel in the comparison event",
+    )
 
 
 class PairwiseFeedback(BaseModel):
@@ -365,11 +421,15 @@ def _feedback_type(value: Any) -> str | None:
 
 
 FeedbackRequest = Annotated[
-    Annotated[RankingFeedback, Tag("ranking")] | Annotated[PairwiseFeedback, Tag("pairwise")]
+    Annotated[RankingFeedback, Tag("ranking")]
+    | Annotated[PairwiseFeedback, Tag("pairwise")]
     | Annotated[ABFeedback, Tag("ab")],
-    Discriminator(_feedback_type, custom_error_type="invalid_feedback_type",
-                  custom_error_message="is missing or unknown; it must be one of " + ", ".join(FEEDBACK_SOURCES),
-                  custom_error_context={"param": "type"}),
+    Discriminator(
+        _feedback_type,
+        custom_error_type="invalid_feedback_type",
+        custom_error_message="is missing or unknown; it must be one of " + ", ".join(FEEDBACK_SOURCES),
+        custom_error_context={"param": "type"},
+    ),
 ]
 """A feedback body; ``type`` picks the kind (an error naming ``type`` and listing the kinds otherwise)."""
 
@@ -378,7 +438,9 @@ class FeedbackAccepted(BaseModel):
     id: str = Field(description="event_id of the ComparisonEvent written to the comparisons stream")
     object: Literal["feedback"] = "feedback"
     status: Literal["accepted"] = "accepted"
-    duplicate: bool = Field(default=False, description="True when an Idempotency-Key replay returned an earlier id")
+    duplicate: bool = Field(
+        default=False, description="True when an Idempotency-Key replay returned an earlier id"
+    )
 
 
 # ---- demonstrations -----------------------------------------------------------------------------------
@@ -407,7 +469,10 @@ class DemonstrationRequest(BaseModel):
     def template_messages(self) -> list[dict[str, str]] | None:
         if self.messages is None:
             return None
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            for m in self.messages
+        ]
 
 
 class DemonstrationAccepted(BaseModel):
@@ -446,5 +511,7 @@ class PolicyAction(BaseModel):
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    to: str | None = Field(default=None, description="Version to roll back to; default: the previous promoted one.")
+    to: str | None = Field(
+        default=None, description="Version to roll back to; default: the previous promoted one."
+    )
     reason: str | None = Field(default=None, max_length=1000)

@@ -44,8 +44,12 @@ def new_request_id(client_value: bytes | None) -> str:
 def log_server_error(status: int, reason: str, code: str | None = None, **extra: object) -> None:
     """Log a 5xx answer with the request id (once per request)."""
     server_error_logged.set(True)
-    errors_log.error("answered %d: %s", status, reason,
-              extra={"request_id": request_id.get(), "status": status, "code": code, **extra})
+    errors_log.error(
+        "answered %d: %s",
+        status,
+        reason,
+        extra={"request_id": request_id.get(), "status": status, "code": code, **extra},
+    )
 
 
 class ClientGone(Exception):

@@ -28,6 +28,7 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Job:
     """One choice to generate: which prompt, which choice index (global across prompts)."""
@@ -72,15 +73,25 @@ class ChoiceGenerator:
 
     def backend_error(self, exc: BackendError) -> APIError:
         """A backend failure as the gateway answers it (503s say when to retry)."""
-        return APIError(exc.status, exc.message, "server_error" if exc.status >= 500 else "invalid_request_error",
-                        code=exc.code, headers=self.retry_after(exc.status))
+        return APIError(
+            exc.status,
+            exc.message,
+            "server_error" if exc.status >= 500 else "invalid_request_error",
+            code=exc.code,
+            headers=self.retry_after(exc.status),
+        )
 
     def retry_after(self, status: int) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after_s)} if status == 503 else {}
 
     def _version_changed(self) -> APIError:
-        return APIError(503, "the policy version changed while the choices were generated; retry the request",
-                        "server_error", code="policy_version_changed", headers=self.retry_after(503))
+        return APIError(
+            503,
+            "the policy version changed while the choices were generated; retry the request",
+            "server_error",
+            code="policy_version_changed",
+            headers=self.retry_after(503),
+        )
 
     def _retarget(self, arrived: list[tuple[str, str]], round_number: int) -> tuple[str, set[str], int]:
         """The target version (the last arrival's: see the module docstring), the replicas that reported
@@ -89,9 +100,15 @@ class ChoiceGenerator:
         stale = sum(version != target for version, _ in arrived)
         if stale:
             self.metrics.version_regenerations.inc(stale)
-            log.info("choices from different policy versions; regenerating",
-                     extra={"round": round_number, "target": target, "regenerate": stale,
-                            "versions": sorted({version for version, _ in arrived})})
+            log.info(
+                "choices from different policy versions; regenerating",
+                extra={
+                    "round": round_number,
+                    "target": target,
+                    "regenerate": stale,
+                    "versions": sorted({version for version, _ in arrived}),
+                },
+            )
         return target, {backend for version, backend in arrived if version == target}, stale
 
     async def generate(self, jobs: list[Job]) -> list[Generation] | APIError:
@@ -110,8 +127,9 @@ class ChoiceGenerator:
                 return results  # type: ignore[return-value]
         return self._version_changed()
 
-    async def _generate_round(self, jobs: list[Job], pending: list[int], prefer: set[str] | None,
-                              results: list[Generation | None]) -> list[int] | APIError:
+    async def _generate_round(
+        self, jobs: list[Job], pending: list[int], prefer: set[str] | None, results: list[Generation | None]
+    ) -> list[int] | APIError:
         """Generate the ``pending`` jobs into ``results``; return their indices in arrival order."""
 
         async def one(i: int) -> int:
@@ -137,8 +155,9 @@ class ChoiceGenerator:
             streams = [self.backend.stream(j.prompt, j.params, prefer) for j in jobs]
             arrivals = await self._first_tokens(streams)
             if not isinstance(arrivals, APIError):
-                target, prefer, stale = self._retarget([(e.policy_version, e.backend) for _, e in arrivals],
-                                                       round_number)
+                target, prefer, stale = self._retarget(
+                    [(e.policy_version, e.backend) for _, e in arrivals], round_number
+                )
                 if not stale:
                     firsts = dict(arrivals)
                     return [(firsts[i], s) for i, s in enumerate(streams)], target
@@ -149,7 +168,9 @@ class ChoiceGenerator:
                 return arrivals
         return self._version_changed()
 
-    async def _first_tokens(self, streams: list[AsyncIterator[StreamEvent]]) -> list[tuple[int, StreamEvent]] | APIError:
+    async def _first_tokens(
+        self, streams: list[AsyncIterator[StreamEvent]]
+    ) -> list[tuple[int, StreamEvent]] | APIError:
         """(stream index, first event) of every stream, in arrival order."""
 
         async def first(i: int) -> tuple[int, StreamEvent]:
@@ -163,8 +184,12 @@ class ChoiceGenerator:
         except BackendError as exc:
             return self.backend_error(exc)
         except StopAsyncIteration:
-            return APIError(502, "the inference backend closed the stream without a token", "server_error",
-                            code="backend_error")
+            return APIError(
+                502,
+                "the inference backend closed the stream without a token",
+                "server_error",
+                code="backend_error",
+            )
         finally:
             await _cancel(tasks)
         return arrivals

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 
 class CompletionServing:
-    def __init__(self, settings: Settings, backend: Backend, store: Store, tokenizer: Any, metrics: GatewayMetrics):
+    def __init__(
+        self, settings: Settings, backend: Backend, store: Store, tokenizer: Any, metrics: GatewayMetrics
+    ):
         self.settings = settings
         self.store = store
         self.tokenizer = tokenizer
@@ -59,14 +61,25 @@ class CompletionServing:
         """Validate against the limits; returns an error or the prompt token count."""
         s = self.settings
         if request.model != s.served_model_name:
-            return APIError(404, f"The model '{request.model}' does not exist; GET /v1/models lists '{s.served_model_name}'.",
-                            param="model", code="model_not_found")
+            return APIError(
+                404,
+                f"The model '{request.model}' does not exist; GET /v1/models lists '{s.served_model_name}'.",
+                param="model",
+                code="model_not_found",
+            )
         if request.n > s.max_n:
             return APIError(400, f"n must be at most {s.max_n}", param="n", code="invalid_value")
         if request.max_tokens > s.max_tokens_limit:
-            return APIError(400, f"max_tokens must be at most {s.max_tokens_limit}", param="max_tokens", code="invalid_value")
+            return APIError(
+                400,
+                f"max_tokens must be at most {s.max_tokens_limit}",
+                param="max_tokens",
+                code="invalid_value",
+            )
         if request.stream and request.logprobs is not None:
-            return APIError(400, "logprobs are not available with stream=true", param="logprobs", code="invalid_value")
+            return APIError(
+                400, "logprobs are not available with stream=true", param="logprobs", code="invalid_value"
+            )
         if (too_big := check_request_size(request, s)) is not None:
             return too_big
         total_tokens = 0
@@ -74,12 +87,20 @@ class CompletionServing:
             if not prompt:
                 return APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
             if len(prompt) > s.max_prompt_chars:
-                return APIError(400, f"prompt is longer than {s.max_prompt_chars} characters", param="prompt",
-                                code="prompt_too_long")
+                return APIError(
+                    400,
+                    f"prompt is longer than {s.max_prompt_chars} characters",
+                    param="prompt",
+                    code="prompt_too_long",
+                )
             tokens = self.count_tokens(prompt)
             if tokens > s.max_prompt_tokens:
-                return APIError(400, f"prompt has {tokens} tokens; the limit is {s.max_prompt_tokens}", param="prompt",
-                                code="prompt_too_long")
+                return APIError(
+                    400,
+                    f"prompt has {tokens} tokens; the limit is {s.max_prompt_tokens}",
+                    param="prompt",
+                    code="prompt_too_long",
+                )
             total_tokens += tokens
         return total_tokens
 
@@ -88,12 +109,17 @@ class CompletionServing:
         checked = self.check(request)
         if isinstance(checked, APIError):
             return checked
-        return await admit_completion(self.store, self.settings, self.metrics, request, checked, principal) or checked
+        return (
+            await admit_completion(self.store, self.settings, self.metrics, request, checked, principal)
+            or checked
+        )
 
     def count_tokens(self, text: str) -> int:
         return len(encode_prompt(self.tokenizer, text))
 
-    async def generate(self, request: CompletionRequest, prompt_tokens: int, prefix: str) -> GeneratedChoices | APIError:
+    async def generate(
+        self, request: CompletionRequest, prompt_tokens: int, prefix: str
+    ) -> GeneratedChoices | APIError:
         """All choices of a plain (not streamed) answer, stop sequences trimmed as OpenAI does."""
         jobs = jobs_for(request)
         generations = await self.choices.generate(jobs)
@@ -102,26 +128,67 @@ class CompletionServing:
         for job, g in zip(jobs, generations, strict=True):
             if g.finish_reason == "stop_sequence":
                 g.text = trim_stop(g.text, job.params["stop_sequences"])
-        return GeneratedChoices(new_completion_id(prefix), int(time.time()), request.prompts, prompt_tokens, jobs,
-                                generations, generations[0].policy_version)
+        return GeneratedChoices(
+            new_completion_id(prefix),
+            int(time.time()),
+            request.prompts,
+            prompt_tokens,
+            jobs,
+            generations,
+            generations[0].policy_version,
+        )
 
-    async def _record(self, result: GeneratedChoices, request: CompletionRequest, principal: Principal,
-                      chat: bool, messages: list[dict[str, str]] | None = None) -> None:
-        prompt_tokens = [self.count_tokens(p) for p in result.prompts] if len(result.prompts) > 1 else [result.prompt_tokens]
+    async def _record(
+        self,
+        result: GeneratedChoices,
+        request: CompletionRequest,
+        principal: Principal,
+        chat: bool,
+        messages: list[dict[str, str]] | None = None,
+    ) -> None:
+        prompt_tokens = (
+            [self.count_tokens(p) for p in result.prompts]
+            if len(result.prompts) > 1
+            else [result.prompt_tokens]
+        )
         stored = StoredCompletion(
-            id=result.completion_id, caller=principal.key_id, prompts=result.prompts,
-            choices=[StoredChoice(j.index, g.text, openai_finish_reason(g.finish_reason), j.prompt_index, g.generated_tokens)
-                     for j, g in zip(result.jobs, result.generations, strict=True)],
-            policy_version=result.policy_version, chat=chat,
+            id=result.completion_id,
+            caller=principal.key_id,
+            prompts=result.prompts,
+            choices=[
+                StoredChoice(
+                    j.index, g.text, openai_finish_reason(g.finish_reason), j.prompt_index, g.generated_tokens
+                )
+                for j, g in zip(result.jobs, result.generations, strict=True)
+            ],
+            policy_version=result.policy_version,
+            chat=chat,
         )
         events = []
         for p, prompt in enumerate(result.prompts):
-            choices = [Choice(index=j.index, text=g.text, finish_reason=openai_finish_reason(g.finish_reason),
-                              prompt_tokens=prompt_tokens[p], completion_tokens=g.generated_tokens)
-                       for j, g in zip(result.jobs, result.generations, strict=True) if j.prompt_index == p]
-            events.append(CompletionEvent(completion_id=result.completion_id, prompt=prompt, choices=choices,
-                                          policy_version=result.policy_version, sampling=request.sampling(),
-                                          caller=principal.key_id, chat=chat, messages=messages))
+            choices = [
+                Choice(
+                    index=j.index,
+                    text=g.text,
+                    finish_reason=openai_finish_reason(g.finish_reason),
+                    prompt_tokens=prompt_tokens[p],
+                    completion_tokens=g.generated_tokens,
+                )
+                for j, g in zip(result.jobs, result.generations, strict=True)
+                if j.prompt_index == p
+            ]
+            events.append(
+                CompletionEvent(
+                    completion_id=result.completion_id,
+                    prompt=prompt,
+                    choices=choices,
+                    policy_version=result.policy_version,
+                    sampling=request.sampling(),
+                    caller=principal.key_id,
+                    chat=chat,
+                    messages=messages,
+                )
+            )
         completion_tokens = sum(g.generated_tokens for g in result.generations)
         self.metrics.tokens_in.inc(result.prompt_tokens)
         self.metrics.tokens_out.inc(completion_tokens)
@@ -129,20 +196,31 @@ class CompletionServing:
             await self.store.save_completion(stored, events)
         else:
             self.metrics.completions_unstored.inc()
-        log.info("completion served", extra={"completion_id": result.completion_id, "caller": principal.key_id,
-                                             "policy_version": result.policy_version, "choices": len(result.jobs),
-                                             "prompt_tokens": result.prompt_tokens,
-                                             "completion_tokens": completion_tokens, "chat": chat,
-                                             "stored": request.store})
+        log.info(
+            "completion served",
+            extra={
+                "completion_id": result.completion_id,
+                "caller": principal.key_id,
+                "policy_version": result.policy_version,
+                "choices": len(result.jobs),
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "chat": chat,
+                "stored": request.store,
+            },
+        )
 
     @staticmethod
     def usage(result: GeneratedChoices) -> Usage:
         out = sum(g.generated_tokens for g in result.generations)
-        return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=out, total_tokens=result.prompt_tokens + out)
+        return Usage(
+            prompt_tokens=result.prompt_tokens, completion_tokens=out, total_tokens=result.prompt_tokens + out
+        )
 
     # ---- /v1/completions -----------------------------------------------------------------------------
-    async def create_completion(self, request: CompletionRequest, principal: Principal,
-                                raw_request: Request | None = None) -> CompletionResponse | CompletionStream | APIError:
+    async def create_completion(
+        self, request: CompletionRequest, principal: Principal, raw_request: Request | None = None
+    ) -> CompletionResponse | CompletionStream | APIError:
         """Raises ``ClientGone`` when the client disconnects before the answer is ready."""
         checked = await self.check_and_admit(request, principal)
         if isinstance(checked, APIError):
@@ -154,12 +232,22 @@ class CompletionServing:
             return result
         await self._record(result, request, principal, chat=False)
         choices = [
-            CompletionChoice(text=g.text, index=j.index, finish_reason=openai_finish_reason(g.finish_reason),
-                             logprobs=self._logprobs(j.prompt, g) if request.logprobs is not None else None)
+            CompletionChoice(
+                text=g.text,
+                index=j.index,
+                finish_reason=openai_finish_reason(g.finish_reason),
+                logprobs=self._logprobs(j.prompt, g) if request.logprobs is not None else None,
+            )
             for j, g in zip(result.jobs, result.generations, strict=True)
         ]
-        return CompletionResponse(id=result.completion_id, created=result.created, model=request.model, choices=choices,
-                                  usage=self.usage(result), policy_version=result.policy_version)
+        return CompletionResponse(
+            id=result.completion_id,
+            created=result.created,
+            model=request.model,
+            choices=choices,
+            usage=self.usage(result),
+            policy_version=result.policy_version,
+        )
 
     @staticmethod
     def _logprobs(prompt: str, g: Generation) -> CompletionLogprobs:
@@ -172,5 +260,9 @@ class CompletionServing:
             offset += len(token.text) if not token.special else 0
         top = None
         if g.top_tokens:
-            top = [{t.text: t.logprob for t in position if t.logprob is not None} for position in g.top_tokens]
-        return CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets)
+            top = [
+                {t.text: t.logprob for t in position if t.logprob is not None} for position in g.top_tokens
+            ]
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets
+        )

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 SSE_DONE = "data: [DONE]\n\n"
 
-Recorder = Callable[[GeneratedChoices, CompletionRequest, Principal, bool, "list[dict[str, str]] | None"],
-                   Awaitable[None]]
+Recorder = Callable[
+    [GeneratedChoices, CompletionRequest, Principal, bool, "list[dict[str, str]] | None"], Awaitable[None]
+]
 """How a finished answer is recorded (``CompletionServing._record``)."""
 
 
@@ -84,10 +85,16 @@ class CompletionChunks:
     def opening(self, cid: str, created: int, version: str, index: int) -> BaseModel | None:
         return None
 
-    def piece(self, cid: str, created: int, version: str, index: int, text: str,
-              finish_reason: str | None) -> BaseModel:
-        return CompletionChunk(id=cid, created=created, model=self.model, policy_version=version,
-                               choices=[CompletionChunkChoice(text=text, index=index, finish_reason=finish_reason)])
+    def piece(
+        self, cid: str, created: int, version: str, index: int, text: str, finish_reason: str | None
+    ) -> BaseModel:
+        return CompletionChunk(
+            id=cid,
+            created=created,
+            model=self.model,
+            policy_version=version,
+            choices=[CompletionChunkChoice(text=text, index=index, finish_reason=finish_reason)],
+        )
 
 
 @dataclass
@@ -98,16 +105,29 @@ class ChatChunks:
     chat = True
     id_prefix = "chatcmpl"
 
-    def _chunk(self, cid: str, created: int, version: str, index: int, delta: ChatDelta,
-               finish_reason: str | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=cid, created=created, model=self.model, policy_version=version,
-                                   choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)])
+    def _chunk(
+        self,
+        cid: str,
+        created: int,
+        version: str,
+        index: int,
+        delta: ChatDelta,
+        finish_reason: str | None = None,
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=cid,
+            created=created,
+            model=self.model,
+            policy_version=version,
+            choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
+        )
 
     def opening(self, cid: str, created: int, version: str, index: int) -> BaseModel | None:
         return self._chunk(cid, created, version, index, ChatDelta(role="assistant", content=""))
 
-    def piece(self, cid: str, created: int, version: str, index: int, text: str,
-              finish_reason: str | None) -> BaseModel:
+    def piece(
+        self, cid: str, created: int, version: str, index: int, text: str, finish_reason: str | None
+    ) -> BaseModel:
         return self._chunk(cid, created, version, index, ChatDelta(content=text or None), finish_reason)
 
 
@@ -139,10 +159,10 @@ class ChoiceProgress:
             self.tokens = response.details.generated_tokens
             if self.reason == "stop_sequence":
                 self.text = trim_stop(self.text, self.job.params["stop_sequences"])
-            delta, self.sent = self.text[self.sent:], len(self.text)
+            delta, self.sent = self.text[self.sent :], len(self.text)
             return delta, openai_finish_reason(self.reason)
         if len(self.text) - self.holdback > self.sent:
-            delta = self.text[self.sent: len(self.text) - self.holdback]
+            delta = self.text[self.sent : len(self.text) - self.holdback]
             self.sent += len(delta)
             return delta, None
         return None
@@ -157,8 +177,14 @@ class StreamServing:
         self.record = record
         self.metrics = metrics
 
-    async def open(self, request: CompletionRequest, principal: Principal, prompt_tokens: int,
-                   chunks: ChunkFormat, messages: list[dict[str, str]] | None = None) -> CompletionStream | APIError:
+    async def open(
+        self,
+        request: CompletionRequest,
+        principal: Principal,
+        prompt_tokens: int,
+        chunks: ChunkFormat,
+        messages: list[dict[str, str]] | None = None,
+    ) -> CompletionStream | APIError:
         """Open every choice's backend stream (one version); the body sends and then records them."""
         jobs = jobs_for(request)
         opened = await self.choices.open_streams(jobs)
@@ -166,17 +192,31 @@ class StreamServing:
             return opened
         streams, version = opened
         completion_id = new_completion_id(chunks.id_prefix)
-        body = self._body(request, principal, prompt_tokens, chunks, jobs, streams, version, completion_id, messages)
+        body = self._body(
+            request, principal, prompt_tokens, chunks, jobs, streams, version, completion_id, messages
+        )
         return CompletionStream(policy_version=version, body=body, completion_id=completion_id)
 
-    async def _body(self, request: CompletionRequest, principal: Principal, prompt_tokens: int, chunks: ChunkFormat,
-                    jobs: list[Job], streams: list[Stream], version: str, cid: str,
-                    messages: list[dict[str, str]] | None) -> AsyncIterator[str]:
+    async def _body(
+        self,
+        request: CompletionRequest,
+        principal: Principal,
+        prompt_tokens: int,
+        chunks: ChunkFormat,
+        jobs: list[Job],
+        streams: list[Stream],
+        version: str,
+        cid: str,
+        messages: list[dict[str, str]] | None,
+    ) -> AsyncIterator[str]:
         created = int(time.time())
         holdback = max((len(s) for s in request.stop or []), default=0)
         progress = [ChoiceProgress(job, holdback) for job in jobs]
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._pump(i, first, rest, queue)) for i, (first, rest) in enumerate(streams)]
+        tasks = [
+            asyncio.ensure_future(self._pump(i, first, rest, queue))
+            for i, (first, rest) in enumerate(streams)
+        ]
         completed = False
         try:
             for job in jobs:
@@ -190,7 +230,11 @@ class StreamServing:
                     open_choices -= 1
                 elif isinstance(item, BackendError):
                     progress[i].reason = progress[i].reason or "error"
-                    yield sse(StreamError(error=ErrorDetail(message=item.message, type="server_error", code=item.code)))
+                    yield sse(
+                        StreamError(
+                            error=ErrorDetail(message=item.message, type="server_error", code=item.code)
+                        )
+                    )
                 else:
                     if item.policy_version != version:
                         log.warning("policy version changed mid-stream", extra={"completion_id": cid})
@@ -210,12 +254,18 @@ class StreamServing:
                 with contextlib.suppress(Exception):
                     await rest.aclose()
         if completed and all(p.reason not in (None, "error") for p in progress):
-            generations = [Generation(p.text, p.reason or "length", p.tokens, policy_version=version) for p in progress]
-            result = GeneratedChoices(cid, created, request.prompts, prompt_tokens, jobs, generations, version)
+            generations = [
+                Generation(p.text, p.reason or "length", p.tokens, policy_version=version) for p in progress
+            ]
+            result = GeneratedChoices(
+                cid, created, request.prompts, prompt_tokens, jobs, generations, version
+            )
             await self.record(result, request, principal, chunks.chat, messages)
 
     @staticmethod
-    async def _pump(i: int, first: StreamEvent, rest: AsyncIterator[StreamEvent], queue: asyncio.Queue) -> None:
+    async def _pump(
+        i: int, first: StreamEvent, rest: AsyncIterator[StreamEvent], queue: asyncio.Queue
+    ) -> None:
         """Forward choice ``i``'s events to the queue: its tokens, a ``BackendError``, then None (done)."""
         try:
             await queue.put((i, first))

@@ -30,9 +30,12 @@ class Settings(BaseSettings):
     model_config = settings_config(ENV_PREFIX)
 
     # ---- network ----------------------------------------------------------------------------------
-    host: str = Field(default="127.0.0.1", description="Interface to listen on. Loopback by default (a laptop); "
-                      "in a container it must be 0.0.0.0 (the images and the k8s ConfigMap set it), or the "
-                      "kubelet's probes and the Service are refused.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Interface to listen on. Loopback by default (a laptop); "
+        "in a container it must be 0.0.0.0 (the images and the k8s ConfigMap set it), or the "
+        "kubelet's probes and the Service are refused.",
+    )
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (`gateway run`).")
 
@@ -42,47 +45,70 @@ class Settings(BaseSettings):
         description="Base URLs of the TGI-protocol servers, comma-separated or a JSON list.",
     )
     backend_token: SecretStr | None = Field(
-        default=None, description="Bearer token sent to every backend (serve's INSTRUCTLOOP_SERVE_AUTH_TOKEN).")
-    backend_timeout_s: float = Field(default=120.0, gt=0, description="Total time allowed for one backend call.")
+        default=None,
+        description="Bearer token sent to every backend (serve's INSTRUCTLOOP_SERVE_AUTH_TOKEN).",
+    )
+    backend_timeout_s: float = Field(
+        default=120.0, gt=0, description="Total time allowed for one backend call."
+    )
     backend_connect_timeout_s: float = Field(default=2.0, gt=0)
     health_interval_s: float = Field(default=2.0, gt=0, description="Seconds between backend health checks.")
     version_retry_rounds: int = Field(
-        default=2, ge=0, le=10,
+        default=2,
+        ge=0,
+        le=10,
         description="How many times the choices of one completion are regenerated when they came from "
-                    "different policy versions (serve swapped between the n requests).",
+        "different policy versions (serve swapped between the n requests).",
     )
 
     # ---- model ------------------------------------------------------------------------------------
-    model: str = Field(default=DEFAULT_MODEL, description="Tokenizer source: 'default' or an HF folder / hub id.")
-    served_model_name: str = Field(default=SERVED_MODEL_NAME, min_length=1, description="The `model` clients name.")
+    model: str = Field(
+        default=DEFAULT_MODEL, description="Tokenizer source: 'default' or an HF folder / hub id."
+    )
+    served_model_name: str = Field(
+        default=SERVED_MODEL_NAME, min_length=1, description="The `model` clients name."
+    )
 
     # ---- redis, registry --------------------------------------------------------------------------
     redis_url: str | None = Field(default=None, description="Unset = no Redis: feedback answers 503.")
     stream_prefix: str = DEFAULT_PREFIX
     registry_dir: Path = Field(default_factory=lambda: home_dir() / "registry")
-    completion_ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="How long feedback can refer to a completion.")
+    completion_ttl_s: int = Field(
+        default=7 * 24 * 3600, gt=0, description="How long feedback can refer to a completion."
+    )
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
     redis_timeout_s: float = Field(default=1.0, gt=0)
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503s.")
 
     # ---- security ---------------------------------------------------------------------------------
     dev_mode: bool = Field(default=False, description="Local development only: accepts the dev admin key.")
-    dev_api_key: str | None = Field(default=None, description="Admin key accepted in dev mode (default: DEV_API_KEY).")
+    dev_api_key: str | None = Field(
+        default=None, description="Admin key accepted in dev mode (default: DEV_API_KEY)."
+    )
     keys_file: Path | None = Field(default=None, description="JSON-lines file of hashed API keys.")
     rate_limit_per_minute: int = Field(default=600, ge=1, description="Requests per API key per minute.")
     rate_limit_generations_per_minute: int = Field(
-        default=2000, ge=1, description="Generations (n × prompts of each completion) per API key per minute.")
+        default=2000, ge=1, description="Generations (n × prompts of each completion) per API key per minute."
+    )
     rate_limit_tokens_per_minute: int = Field(
-        default=1_000_000, ge=1, description="Tokens per API key per minute, charged at admission: prompt tokens × n "
-                                             "plus max_tokens × generations (the most the request can cost).")
+        default=1_000_000,
+        ge=1,
+        description="Tokens per API key per minute, charged at admission: prompt tokens × n "
+        "plus max_tokens × generations (the most the request can cost).",
+    )
     feedback_rate_limit_per_minute: int = Field(
-        default=300, ge=1, description="Feedback calls per API key per minute (besides the request limit).")
+        default=300, ge=1, description="Feedback calls per API key per minute (besides the request limit)."
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
-    max_prompt_chars: int = Field(default=32_000, ge=1, description="Characters of one prompt (or rendered chat).")
+    max_prompt_chars: int = Field(
+        default=32_000, ge=1, description="Characters of one prompt (or rendered chat)."
+    )
     max_total_prompt_chars: int = Field(
-        default=64_000, ge=1, description="Characters of all prompts of one request together (a list prompt).")
+        default=64_000, ge=1, description="Characters of all prompts of one request together (a list prompt)."
+    )
     max_generations: int = Field(
-        default=64, ge=1, description="n × prompts of one request: the choices it generates, stores and logs.")
+        default=64, ge=1, description="n × prompts of one request: the choices it generates, stores and logs."
+    )
     max_prompt_tokens: int = Field(default=4096, ge=1)
     max_tokens_limit: int = Field(default=2048, ge=1, description="Upper bound for `max_tokens`.")
     max_n: int = Field(default=9, ge=1, le=64, description="Upper bound for `n` (K responses to rank).")
@@ -90,12 +116,20 @@ class Settings(BaseSettings):
     # ---- labeling page (/label, gateway/labeling/) ---------------------------------------------------
     label_k: int = Field(default=4, ge=2, le=9, description="Completions per ranking task (K, 2-9).")
     label_live_prompts: bool = Field(
-        default=True, description="Labeling tasks may use prompts from live traffic (stored completions); an admin "
-                                  "can turn this off at run time on /label/admin (privacy).")
-    label_overlap_rate: float = Field(default=0.1, ge=0, le=1,
-                                      description="Share of ranking tasks also shown to a second labeler (agreement).")
+        default=True,
+        description="Labeling tasks may use prompts from live traffic (stored completions); an admin "
+        "can turn this off at run time on /label/admin (privacy).",
+    )
+    label_overlap_rate: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Share of ranking tasks also shown to a second labeler (agreement).",
+    )
     label_max_tokens: int = Field(default=128, ge=1, description="max_tokens of each labeling completion.")
-    label_temperature: float = Field(default=0.9, ge=0, le=2, description="Sampling temperature of labeling completions.")
+    label_temperature: float = Field(
+        default=0.9, ge=0, le=2, description="Sampling temperature of labeling completions."
+    )
 
     # ---- logs -------------------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -123,10 +157,14 @@ class Settings(BaseSettings):
     @classmethod
     def _check_backends(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError(f"no backend: set {ENV_PREFIX}BACKENDS to one or more serve URLs, e.g. http://127.0.0.1:8080")
+            raise ValueError(
+                f"no backend: set {ENV_PREFIX}BACKENDS to one or more serve URLs, e.g. http://127.0.0.1:8080"
+            )
         for url in value:
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"backend {url!r} is not an http(s) URL: set {ENV_PREFIX}BACKENDS=http://host:port")
+                raise ValueError(
+                    f"backend {url!r} is not an http(s) URL: set {ENV_PREFIX}BACKENDS=http://host:port"
+                )
         return [url.rstrip("/") for url in value]
 
     @model_validator(mode="after")

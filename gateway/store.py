@@ -157,8 +157,16 @@ def fingerprint(body: Any) -> str:
 
 
 class Store:
-    def __init__(self, url: str | None, prefix: str, metrics: GatewayMetrics, *, completion_ttl_s: int,
-                 idempotency_ttl_s: int, timeout_s: float = 1.0):
+    def __init__(
+        self,
+        url: str | None,
+        prefix: str,
+        metrics: GatewayMetrics,
+        *,
+        completion_ttl_s: int,
+        idempotency_ttl_s: int,
+        timeout_s: float = 1.0,
+    ):
         self.url = url
         self.prefix = prefix
         self.metrics = metrics
@@ -167,8 +175,11 @@ class Store:
         self.redis: aioredis.Redis | None = None
         if url:
             self.redis = aioredis.Redis.from_url(
-                url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 0), health_check_interval=0,
+                url,
+                socket_connect_timeout=timeout_s,
+                socket_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
             )
             self._append_once = self.redis.register_script(_APPEND_ONCE)
             self._charge_budgets = self.redis.register_script(_CHARGE_BUDGETS)
@@ -214,14 +225,19 @@ class Store:
             return False
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(self._key("completion", completion.id), completion.to_json(), ex=self.completion_ttl_s)
+                pipe.set(
+                    self._key("completion", completion.id), completion.to_json(), ex=self.completion_ttl_s
+                )
                 for event in events:
                     pipe.xadd(stream_key(Stream.completions, self.prefix), event.to_fields())
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             reason = self._failed("save_completion", exc)
-            log.warning("completion served but not logged (nothing of it written): %s", reason,
-                        extra={"completion_id": completion.id, "error": str(exc)})
+            log.warning(
+                "completion served but not logged (nothing of it written): %s",
+                reason,
+                extra={"completion_id": completion.id, "error": str(exc)},
+            )
             return False
         self._wrote()
         self.metrics.completions_logged.inc(len(events))
@@ -235,9 +251,16 @@ class Store:
         return StoredCompletion.from_json(raw) if raw is not None else None
 
     # ---- feedback, demonstrations -------------------------------------------------------------------
-    async def append_event(self, stream: Stream, event: Event, *, idempotency_key: str | None = None,
-                           caller: str = "", request_fingerprint: str = "", subject: str | None = None
-                           ) -> tuple[str, bool]:
+    async def append_event(
+        self,
+        stream: Stream,
+        event: Event,
+        *,
+        idempotency_key: str | None = None,
+        caller: str = "",
+        request_fingerprint: str = "",
+        subject: str | None = None,
+    ) -> tuple[str, bool]:
         """XADD ``event`` once. Returns (event id, duplicate). ``subject``: at most one event per (caller,
         subject) is ever written (kept as long as a completion can be rated). Raises StoreUnavailable,
         IdempotencyConflict, FeedbackExists."""
@@ -247,8 +270,13 @@ class Store:
         try:
             written, event_id, previous_fp = await self._append_once(
                 keys=[stream_key(stream, self.prefix), idem, once],
-                args=[event.model_dump_json(), event.event_id, request_fingerprint, self.idempotency_ttl_s,
-                      self.completion_ttl_s],
+                args=[
+                    event.model_dump_json(),
+                    event.event_id,
+                    request_fingerprint,
+                    self.idempotency_ttl_s,
+                    self.completion_ttl_s,
+                ],
                 client=client,
             )
         except (RedisError, OSError) as exc:
@@ -275,9 +303,13 @@ class Store:
         names = list(budgets)
         if self.redis is not None:
             try:
-                over = int(await self._charge_budgets(
-                    keys=[self._key("ratelimit", key_id, name, str(window)) for name in names],
-                    args=[WINDOW_S + 1, *[v for name in names for v in budgets[name]]], client=self.redis))
+                over = int(
+                    await self._charge_budgets(
+                        keys=[self._key("ratelimit", key_id, name, str(window)) for name in names],
+                        args=[WINDOW_S + 1, *[v for name in names for v in budgets[name]]],
+                        client=self.redis,
+                    )
+                )
                 return (names[over - 1], wait) if over else None
             except (RedisError, OSError) as exc:
                 self._failed("rate_limit", exc)

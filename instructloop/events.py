@@ -88,11 +88,15 @@ class CompletionEvent(Event):
     prompt: str
     choices: list[Choice] = Field(min_length=1)
     policy_version: str
-    sampling: dict[str, Any] = Field(default_factory=dict, description="temperature, top_p, max_tokens, seed…")
+    sampling: dict[str, Any] = Field(
+        default_factory=dict, description="temperature, top_p, max_tokens, seed…"
+    )
     caller: str = Field(description="hashed API key id of the caller")
     chat: bool = False
     route: Route = Field(COMPLETIONS_ROUTE, description="the OpenAI route that produced it (follows chat)")
-    messages: list[Message] | None = Field(None, description="chat only: the messages the prompt was rendered from")
+    messages: list[Message] | None = Field(
+        None, description="chat only: the messages the prompt was rendered from"
+    )
 
     _route = model_validator(mode="before")(_route_of)
 
@@ -122,7 +126,8 @@ class ComparisonEvent(Event):
     flags: list[list[OutputFlag]] = Field(
         default_factory=list,
         description="per-output flags, one list per response (empty = none given); added in schema 1 without a "
-                    "version bump: events without it read as no flags")
+        "version bump: events without it read as no flags",
+    )
 
     @model_validator(mode="after")
     def _check_ranking(self) -> ComparisonEvent:
@@ -146,7 +151,9 @@ class DemonstrationEvent(Event):
     response: str = Field(min_length=1)
     labeler_id: str
     chat: bool = False
-    route: Route = Field(COMPLETIONS_ROUTE, description="completions (raw text) or chat.completions (rendered)")
+    route: Route = Field(
+        COMPLETIONS_ROUTE, description="completions (raw text) or chat.completions (rendered)"
+    )
     messages: list[Message] | None = None
 
     _route = model_validator(mode="before")(_route_of)
@@ -180,7 +187,12 @@ class PolicyEvent(Event):
 
 
 def validate_version_name(version: str) -> None:
-    if not version or len(version) > 64 or not all(c.isalnum() or c in "-_." for c in version) or version[0] == ".":
+    if (
+        not version
+        or len(version) > 64
+        or not all(c.isalnum() or c in "-_." for c in version)
+        or version[0] == "."
+    ):
         raise ValueError(f"invalid policy version {version!r}: use 1-64 letters, digits, '-', '_' or '.'")
 
 

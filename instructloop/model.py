@@ -123,7 +123,9 @@ def prepare_default_tokenizer(home: Path | None = None) -> Path:
 
         gguf = default_gguf_file()
         tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-        _write_folder(target, lambda staging: save_tokenizer(tokenizer, staging), f"tokenizer from {gguf.name}")
+        _write_folder(
+            target, lambda staging: save_tokenizer(tokenizer, staging), f"tokenizer from {gguf.name}"
+        )
         return target
 
 

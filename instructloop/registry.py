@@ -75,9 +75,13 @@ class Manifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     base_model: str | None = None
     reason: str | None = None
-    kind: VersionKind = Field(default=VersionKind.full, description="full weights or a LoRA adapter over the base")
-    base_sha256: str | None = Field(default=None, description="adapter versions: base_weights_sha256 of the base "
-                                    "model the adapter was trained on")
+    kind: VersionKind = Field(
+        default=VersionKind.full, description="full weights or a LoRA adapter over the base"
+    )
+    base_sha256: str | None = Field(
+        default=None,
+        description="adapter versions: base_weights_sha256 of the base model the adapter was trained on",
+    )
 
 
 @dataclass
@@ -182,7 +186,9 @@ class Registry:
         then ``tokenizer.save_pretrained``); then the manifest is computed and the folder renamed into
         place. Raises ``FileExistsError`` if the version exists."""
         if kind == VersionKind.adapter and not base_sha256:
-            raise ValueError(f"version {version}: an adapter version needs the base's sha256 (base_weights_sha256)")
+            raise ValueError(
+                f"version {version}: an adapter version needs the base's sha256 (base_weights_sha256)"
+            )
         target = self.version_dir(version)
         if target.exists():
             raise FileExistsError(f"policy version {version} already exists in {self.policies_dir}")
@@ -190,12 +196,18 @@ class Registry:
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=self.policies_dir))
         try:
             save(staging)
-            files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
+            files = {
+                p.name: sha256_file(p)
+                for p in sorted(staging.iterdir())
+                if p.is_file() and p.name != MANIFEST
+            }
             if not any(name.endswith(".safetensors") for name in files):
                 raise InvalidCheckpoint(f"version {version}: save() wrote no .safetensors file")
             if kind == VersionKind.adapter and not {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= set(files):
-                raise InvalidCheckpoint(f"version {version}: an adapter version needs {ADAPTER_CONFIG} and "
-                                        f"{ADAPTER_WEIGHTS}; save() wrote {sorted(files)}")
+                raise InvalidCheckpoint(
+                    f"version {version}: an adapter version needs {ADAPTER_CONFIG} and "
+                    f"{ADAPTER_WEIGHTS}; save() wrote {sorted(files)}"
+                )
             manifest = Manifest(
                 version=version,
                 parent=parent,
@@ -213,7 +225,10 @@ class Registry:
             fsync_dir(self.policies_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        log.info("policy version written", extra={"version": version, "sha256": manifest.sha256, "status": status.value})
+        log.info(
+            "policy version written",
+            extra={"version": version, "sha256": manifest.sha256, "status": status.value},
+        )
         self._announce(manifest, status)
         return manifest
 
@@ -227,8 +242,9 @@ class Registry:
 
         return self.write_version(version, save, **kwargs)
 
-    def write_adapter(self, version: str, peft_model: Any, *, base_sha256: str, adapter_name: str = "default",
-                      **kwargs: Any) -> Manifest:
+    def write_adapter(
+        self, version: str, peft_model: Any, *, base_sha256: str, adapter_name: str = "default", **kwargs: Any
+    ) -> Manifest:
         """``write_version`` for one adapter of a ``peft.PeftModel``: a standard PEFT folder
         (``adapter_config.json`` + ``adapter_model.safetensors``, what ``PeftModel.from_pretrained`` and vLLM's
         runtime LoRA loading read) plus the manifest naming the base and its sha256."""
@@ -236,14 +252,19 @@ class Registry:
         def save(folder: Path) -> None:
             # save_embedding_layers=False: with lm_head (or embed_tokens) among the targets peft's default
             # ("auto") also writes the whole *base* layer, which is not an adapter tensor (serve refuses it)
-            peft_model.save_pretrained(folder, selected_adapters=[adapter_name], safe_serialization=True,
-                                       save_embedding_layers=False)
+            peft_model.save_pretrained(
+                folder, selected_adapters=[adapter_name], safe_serialization=True, save_embedding_layers=False
+            )
             nested = folder / adapter_name  # peft puts a non-"default" adapter in a sub-folder
             if adapter_name != "default" and nested.is_dir():
                 for path in nested.iterdir():
                     os.replace(path, folder / path.name)
                 nested.rmdir()
-            stray = [p.name for p in folder.iterdir() if p.is_file() and p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+            stray = [
+                p.name
+                for p in folder.iterdir()
+                if p.is_file() and p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+            ]
             for name in stray:  # peft may add a README.md model card: not part of the version
                 (folder / name).unlink()
 
@@ -267,16 +288,27 @@ class Registry:
                 try:
                     manifests.append(self.manifest(folder.name))
                 except InvalidCheckpoint as exc:
-                    log.warning("skipping unreadable version", extra={"version": folder.name, "error": str(exc)})
+                    log.warning(
+                        "skipping unreadable version", extra={"version": folder.name, "error": str(exc)}
+                    )
         return sorted(manifests, key=lambda m: (m.created_at, m.version))
 
     def next_version(self) -> str:
-        numbers = [int(m.group(1)) for f in (self.policies_dir.iterdir() if self.policies_dir.exists() else [])
-                   if (m := re.fullmatch(r"v(\d+)", f.name))]
+        numbers = [
+            int(m.group(1))
+            for f in (self.policies_dir.iterdir() if self.policies_dir.exists() else [])
+            if (m := re.fullmatch(r"v(\d+)", f.name))
+        ]
         return f"v{max(numbers, default=0) + 1:04d}"
 
-    def set_status(self, version: str, status: PolicyStatus, *, metrics: dict[str, float] | None = None,
-                   reason: str | None = None) -> Manifest:
+    def set_status(
+        self,
+        version: str,
+        status: PolicyStatus,
+        *,
+        metrics: dict[str, float] | None = None,
+        reason: str | None = None,
+    ) -> Manifest:
         manifest = self.manifest(version)
         manifest.status = status
         if metrics:
@@ -300,19 +332,24 @@ class Registry:
                 raise InvalidCheckpoint(f"policy version {version}: {name} is missing")
             actual = sha256_file(path)
             if actual != expected:
-                raise InvalidCheckpoint(f"policy version {version}: {name} sha256 {actual[:12]}… != manifest {expected[:12]}…")
+                raise InvalidCheckpoint(
+                    f"policy version {version}: {name} sha256 {actual[:12]}… != manifest {expected[:12]}…"
+                )
         return manifest
 
-    def load_state_dict(self, version: str, expected_shapes: dict[str, tuple[int, ...]] | None = None,
-                        device: str = "cpu") -> dict[str, Any]:
+    def load_state_dict(
+        self, version: str, expected_shapes: dict[str, tuple[int, ...]] | None = None, device: str = "cpu"
+    ) -> dict[str, Any]:
         """Verified, finite, shape-checked weights of a version (safetensors only, never pickle)."""
         import torch
         from safetensors.torch import load_file
 
         manifest = self.verify(version)
         if manifest.kind != VersionKind.full:
-            raise InvalidCheckpoint(f"policy version {version} is a {manifest.kind.value} version, not full weights "
-                                    "(load it with load_adapter)")
+            raise InvalidCheckpoint(
+                f"policy version {version} is a {manifest.kind.value} version, not full weights "
+                "(load it with load_adapter)"
+            )
         folder = self.version_dir(version)
         state: dict[str, Any] = {}
         for name in sorted(manifest.files):
@@ -330,8 +367,9 @@ class Registry:
                 raise InvalidCheckpoint(f"policy version {version}: {key} has non-finite values")
         return state
 
-    def load_adapter(self, version: str, *, base_sha256: str, base_shapes: dict[str, tuple[int, ...]],
-                     device: str = "cpu") -> AdapterWeights:
+    def load_adapter(
+        self, version: str, *, base_sha256: str, base_shapes: dict[str, tuple[int, ...]], device: str = "cpu"
+    ) -> AdapterWeights:
         """A verified adapter version: sha256 of every file, the base it was trained on is the one the caller
         holds (``base_sha256``), plain LoRA on linear layers of the base (``base_shapes`` = the base's state
         dict shapes), A (r, in) and B (out, r) fitting those layers, finite values. Raises InvalidCheckpoint."""
@@ -340,44 +378,57 @@ class Registry:
 
         manifest = self.verify(version)
         if manifest.kind != VersionKind.adapter:
-            raise InvalidCheckpoint(f"policy version {version} is a {manifest.kind.value} version, not an adapter")
+            raise InvalidCheckpoint(
+                f"policy version {version} is a {manifest.kind.value} version, not an adapter"
+            )
         if manifest.base_sha256 != base_sha256:
             raise InvalidCheckpoint(
                 f"policy version {version} was trained on base {manifest.base_model} (sha256 "
-                f"{(manifest.base_sha256 or '?')[:12]}…), not on the loaded base (sha256 {base_sha256[:12]}…)")
+                f"{(manifest.base_sha256 or '?')[:12]}…), not on the loaded base (sha256 {base_sha256[:12]}…)"
+            )
         folder = self.version_dir(version)
         try:
             config = json.loads((folder / ADAPTER_CONFIG).read_text())
         except ValueError as exc:
             raise InvalidCheckpoint(f"policy version {version}: unreadable {ADAPTER_CONFIG} ({exc})") from exc
         if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("modules_to_save"):
-            raise InvalidCheckpoint(f"policy version {version}: only plain LoRA adapters (no DoRA, no "
-                                    f"modules_to_save) are served; got peft_type={config.get('peft_type')!r}")
+            raise InvalidCheckpoint(
+                f"policy version {version}: only plain LoRA adapters (no DoRA, no "
+                f"modules_to_save) are served; got peft_type={config.get('peft_type')!r}"
+            )
         state = load_file(folder / ADAPTER_WEIGHTS, device=device)
         ranks: dict[str, dict[str, int]] = {}
         for key, tensor in state.items():
             suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
             if not key.startswith(_PEFT_PREFIX) or suffix is None:
                 raise InvalidCheckpoint(f"policy version {version}: unexpected adapter tensor {key}")
-            module = key[len(_PEFT_PREFIX):-len(suffix)]
+            module = key[len(_PEFT_PREFIX) : -len(suffix)]
             base_shape = base_shapes.get(f"{module}.weight")
             if base_shape is None or len(base_shape) != 2 or tensor.dim() != 2:
-                raise InvalidCheckpoint(f"policy version {version}: {key} adapts {module}, which is not a linear "
-                                        "layer of the base model")
+                raise InvalidCheckpoint(
+                    f"policy version {version}: {key} adapts {module}, which is not a linear "
+                    "layer of the base model"
+                )
             out_features, in_features = base_shape
             side = "A" if suffix == ".lora_A.weight" else "B"
-            rank, fits = (tensor.shape[0], tensor.shape[1] == in_features) if side == "A" else \
-                (tensor.shape[1], tensor.shape[0] == out_features)
+            rank, fits = (
+                (tensor.shape[0], tensor.shape[1] == in_features)
+                if side == "A"
+                else (tensor.shape[1], tensor.shape[0] == out_features)
+            )
             if not fits:
-                raise InvalidCheckpoint(f"policy version {version}: {key} has shape {tuple(tensor.shape)}, which does "
-                                        f"not fit {module} ({out_features}x{in_features}) of the base")
+                raise InvalidCheckpoint(
+                    f"policy version {version}: {key} has shape {tuple(tensor.shape)}, which does "
+                    f"not fit {module} ({out_features}x{in_features}) of the base"
+                )
             ranks.setdefault(module, {})[side] = rank
             if not bool(torch.isfinite(tensor).all()):
                 raise InvalidCheckpoint(f"policy version {version}: {key} has non-finite values")
         for module, sides in ranks.items():
             if set(sides) != {"A", "B"} or sides["A"] != sides["B"]:
-                raise InvalidCheckpoint(f"policy version {version}: {module} needs lora_A and lora_B of one rank, "
-                                        f"got {sides}")
+                raise InvalidCheckpoint(
+                    f"policy version {version}: {module} needs lora_A and lora_B of one rank, got {sides}"
+                )
         if not ranks:
             raise InvalidCheckpoint(f"policy version {version}: the adapter holds no LoRA tensors")
         return AdapterWeights(version=version, config=config, state=state)
@@ -391,8 +442,9 @@ class Registry:
         except FileNotFoundError:
             return None
 
-    def set_current(self, version: str, *, status: PolicyStatus = PolicyStatus.promoted,
-                    reason: str | None = None) -> Manifest:
+    def set_current(
+        self, version: str, *, status: PolicyStatus = PolicyStatus.promoted, reason: str | None = None
+    ) -> Manifest:
         """Make ``version`` the served one (after verifying it): the ``CURRENT`` file is replaced atomically
         and fsynced; then (best effort) replicas are notified through Redis. A Redis outage never stops or
         undoes the change: replicas also poll the file."""
@@ -404,8 +456,11 @@ class Registry:
             try:
                 self.redis.publish(policy_channel(self.prefix), version)
             except Exception as exc:
-                log.warning("current policy set but not announced (Redis unavailable); replicas will see it at "
-                            "their next poll of CURRENT", extra={"version": version, "error": str(exc)})
+                log.warning(
+                    "current policy set but not announced (Redis unavailable); replicas will see it at "
+                    "their next poll of CURRENT",
+                    extra={"version": version, "error": str(exc)},
+                )
         log.info("current policy set", extra={"version": version, "status": status.value, "reason": reason})
         return manifest
 
@@ -413,7 +468,10 @@ class Registry:
         """Remove staging folders and temporary files left by a writer that died mid-write (call at start,
         from the only writer of versions: the learner). Returns the names removed."""
         removed = []
-        for folder, pattern in ((self.policies_dir, f"{STAGING_PREFIX}*"), (self.root, f".{CURRENT_FILE}.*.tmp")):
+        for folder, pattern in (
+            (self.policies_dir, f"{STAGING_PREFIX}*"),
+            (self.root, f".{CURRENT_FILE}.*.tmp"),
+        ):
             for leftover in sorted(folder.glob(pattern)) if folder.exists() else []:
                 if leftover.is_dir():
                     shutil.rmtree(leftover, ignore_errors=True)
@@ -439,4 +497,6 @@ class Registry:
         try:
             self.redis.xadd(stream_key(Stream.policies, self.prefix), event.to_fields())
         except Exception as exc:
-            log.warning("policies stream write failed", extra={"version": manifest.version, "error": str(exc)})
+            log.warning(
+                "policies stream write failed", extra={"version": manifest.version, "error": str(exc)}
+            )

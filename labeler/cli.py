@@ -23,13 +23,18 @@ from labeler.preferences import (
 API_KEY_ENV = "INSTRUCTLOOP_API_KEY"
 GATEWAY_URL_ENV = "INSTRUCTLOOP_GATEWAY_URL"
 
-app = typer.Typer(help="A scripted labeler for the gateway API (simulate feedback, measure win-rate).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="A scripted labeler for the gateway API (simulate feedback, measure win-rate).", no_args_is_help=True
+)
 
-_RUN_DIR_HELP = "Read the gateway URL and the API key from the stack.json and key file `instructloop up` wrote here."
+_RUN_DIR_HELP = (
+    "Read the gateway URL and the API key from the stack.json and key file `instructloop up` wrote here."
+)
 
 
-def _connection(gateway_url: str | None, api_key: str | None, run_dir: Path | None, role: str) -> tuple[str, str]:
+def _connection(
+    gateway_url: str | None, api_key: str | None, run_dir: Path | None, role: str
+) -> tuple[str, str]:
     """Gateway URL and key from the options, else the environment, else ``<run_dir>/stack.json``."""
     gateway_url = gateway_url or os.environ.get(GATEWAY_URL_ENV)
     api_key = api_key or os.environ.get(API_KEY_ENV)
@@ -47,7 +52,9 @@ def _connection(gateway_url: str | None, api_key: str | None, run_dir: Path | No
     if not gateway_url:
         raise typer.BadParameter(f"no gateway URL: pass --gateway-url, set {GATEWAY_URL_ENV}, or --run-dir")
     if not api_key:
-        raise typer.BadParameter(f"no API key: pass --api-key, set {API_KEY_ENV}, or --run-dir (a {role} key)")
+        raise typer.BadParameter(
+            f"no API key: pass --api-key, set {API_KEY_ENV}, or --run-dir (a {role} key)"
+        )
     return gateway_url, api_key
 
 
@@ -72,20 +79,33 @@ def simulate_command(
     gateway_url: str | None = typer.Option(None, help=f"Gateway base URL (or {GATEWAY_URL_ENV})."),
     api_key: str | None = typer.Option(None, help=f"A labeler API key (or {API_KEY_ENV})."),
     run_dir: Path | None = typer.Option(Path("run"), help=_RUN_DIR_HELP),
-    model: str = typer.Option(DEFAULT_MODEL_NAME, help="The `model` field sent with each completion request."),
+    model: str = typer.Option(
+        DEFAULT_MODEL_NAME, help="The `model` field sent with each completion request."
+    ),
     chat: bool = typer.Option(False, help="Ask /v1/chat/completions (the prompt as one user message)."),
 ) -> None:
     """Ask for K completions per prompt, rank them with the preference, post the rankings as feedback."""
     preference_fn = _preference_option(preference)
     prompt_list = read_prompts(prompts)
     url, key = _connection(gateway_url, api_key, run_dir, role="labeler")
-    typer.echo(f"labeling {len(prompt_list)} prompts x {rounds} rounds (k={k}) on {url} with preference {preference}")
+    typer.echo(
+        f"labeling {len(prompt_list)} prompts x {rounds} rounds (k={k}) on {url} with preference {preference}"
+    )
     with GatewayClient(url, key, model=model, chat=chat) as client:
         try:
-            summary = simulate(client, prompt_list, preference_fn, rounds=rounds, k=k, max_tokens=max_tokens,
-                               temperature=temperature, seed=seed, concurrency=concurrency,
-                               stop_on_new_version=stop_on_new_version,
-                               progress=typer.echo)
+            summary = simulate(
+                client,
+                prompt_list,
+                preference_fn,
+                rounds=rounds,
+                k=k,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                concurrency=concurrency,
+                stop_on_new_version=stop_on_new_version,
+                progress=typer.echo,
+            )
         except LabelerError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
@@ -113,7 +133,9 @@ def record_command(
         recorded = record(client, prompt_list, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
     recorded["sampling"]["chat"] = chat
     out.write_text(json.dumps(recorded, indent=2))
-    typer.echo(f"recorded {n} responses x {len(prompt_list)} prompts of {recorded['policy_versions']} to {out}")
+    typer.echo(
+        f"recorded {n} responses x {len(prompt_list)} prompts of {recorded['policy_versions']} to {out}"
+    )
 
 
 @app.command("winrate")
@@ -130,13 +152,29 @@ def winrate_command(
     """Win-rate of the version served now against the recorded baseline, by the preference (ties = half)."""
     preference_fn = _preference_option(preference)
     if not baseline.exists():
-        raise typer.BadParameter(f"{baseline} does not exist: write it first with `instructloop labeler record`")
+        raise typer.BadParameter(
+            f"{baseline} does not exist: write it first with `instructloop labeler record`"
+        )
     recorded = json.loads(baseline.read_text())
     sampling = recorded.get("sampling", {})
     url, key = _connection(gateway_url, api_key, run_dir, role="user")
     with GatewayClient(url, key, model=model, chat=sampling.get("chat", False)) as client:  # as recorded
-        current = record(client, list(recorded["responses"]), n=n, max_tokens=sampling.get("max_tokens", 32),
-                         temperature=sampling.get("temperature", 1.0), seed=seed)
+        current = record(
+            client,
+            list(recorded["responses"]),
+            n=n,
+            max_tokens=sampling.get("max_tokens", 32),
+            temperature=sampling.get("temperature", 1.0),
+            seed=seed,
+        )
     result = win_rate(current["responses"], recorded["responses"], preference_fn)
-    typer.echo(json.dumps({"new_versions": current["policy_versions"],
-                           "baseline_versions": recorded.get("policy_versions"), **result.as_dict()}, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "new_versions": current["policy_versions"],
+                "baseline_versions": recorded.get("policy_versions"),
+                **result.as_dict(),
+            },
+            indent=2,
+        )
+    )

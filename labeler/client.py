@@ -46,8 +46,16 @@ class Completion:
 class GatewayClient:
     """The few gateway calls the labeler makes (httpx, bearer key, OpenAI error JSON surfaced)."""
 
-    def __init__(self, base_url: str, api_key: str, timeout: float = 120.0, model: str = DEFAULT_MODEL_NAME,
-                 retries: int = 2, rate_limit_wait_s: float = 180.0, chat: bool = False):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        timeout: float = 120.0,
+        model: str = DEFAULT_MODEL_NAME,
+        retries: int = 2,
+        rate_limit_wait_s: float = 180.0,
+        chat: bool = False,
+    ):
         import httpx
 
         self.chat = chat
@@ -86,7 +94,8 @@ class GatewayClient:
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise LabelerError(
-                        f"cannot reach the gateway at {self.base_url} ({exc!r}): is it running?") from exc
+                        f"cannot reach the gateway at {self.base_url} ({exc!r}): is it running?"
+                    ) from exc
                 attempt += 1
                 continue
             if response.status_code == 429:
@@ -107,10 +116,22 @@ class GatewayClient:
             raise LabelerError(f"POST {self.base_url}{path} -> {response.status_code}: {response.text[:500]}")
         return response
 
-    def complete(self, prompt: str, n: int, max_tokens: int, temperature: float,
-                 seed: int | None = None, store: bool = True) -> Completion:
+    def complete(
+        self,
+        prompt: str,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+        store: bool = True,
+    ) -> Completion:
         """One completion (chat or raw); ``store=False`` keeps it out of the learner's data (evaluation)."""
-        payload: dict[str, Any] = {"model": self.model, "n": n, "max_tokens": max_tokens, "temperature": temperature}
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "n": n,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
         if not store:
             payload["store"] = False
         if self.chat:
@@ -172,8 +193,16 @@ class Labeled:
     ranking: list[list[int]] | None
 
 
-def label_one(client: GatewayClient, prompt: str, preference: PreferenceFunction, *, k: int, max_tokens: int,
-              temperature: float, seed: int | None) -> Labeled:
+def label_one(
+    client: GatewayClient,
+    prompt: str,
+    preference: PreferenceFunction,
+    *,
+    k: int,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+) -> Labeled:
     """Ask for ``k`` completions of ``prompt``, rank them, post the ranking (unless all tied)."""
     completion = client.complete(prompt, k, max_tokens, temperature, seed)
     scores = score_texts(completion.texts, preference)
@@ -223,9 +252,21 @@ def simulate(
             futures = []
             for prompt_index, prompt in enumerate(prompts):
                 # choice i of a request gets seed + i at the gateway: space request seeds k apart
-                request_seed = None if seed is None else seed + (round_index * len(prompts) + prompt_index) * k
-                futures.append(pool.submit(label_one, client, prompt, preference, k=k, max_tokens=max_tokens,
-                                           temperature=temperature, seed=request_seed))
+                request_seed = (
+                    None if seed is None else seed + (round_index * len(prompts) + prompt_index) * k
+                )
+                futures.append(
+                    pool.submit(
+                        label_one,
+                        client,
+                        prompt,
+                        preference,
+                        k=k,
+                        max_tokens=max_tokens,
+                        temperature=temperature,
+                        seed=request_seed,
+                    )
+                )
             for future in futures:  # in prompt order, whatever order they finished in
                 try:
                     labeled = future.result()
@@ -278,15 +319,25 @@ def record(
 
     prompts = list(prompts)
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="record") as pool:
-        completions = list(pool.map(
-            lambda item: client.complete(item[1], n, max_tokens, temperature,
-                                         None if seed is None else seed + item[0] * n, store=False),
-            enumerate(prompts),
-        ))
+        completions = list(
+            pool.map(
+                lambda item: client.complete(
+                    item[1],
+                    n,
+                    max_tokens,
+                    temperature,
+                    None if seed is None else seed + item[0] * n,
+                    store=False,
+                ),
+                enumerate(prompts),
+            )
+        )
     versions: list[str] = []
     for completion in completions:
         if completion.policy_version not in versions:
             versions.append(completion.policy_version)
-    return {"policy_versions": versions,
-            "responses": {prompt: c.texts for prompt, c in zip(prompts, completions, strict=True)},
-            "sampling": {"n": n, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}}
+    return {
+        "policy_versions": versions,
+        "responses": {prompt: c.texts for prompt, c in zip(prompts, completions, strict=True)},
+        "sampling": {"n": n, "max_tokens": max_tokens, "temperature": temperature, "seed": seed},
+    }

@@ -133,7 +133,9 @@ def score_texts(texts: Sequence[str], preference: PreferenceFunction) -> list[fl
         value = preference(text)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             name = getattr(preference, "__name__", repr(preference))
-            raise PreferenceError(f"preference {name} returned {value!r} for {text[:40]!r}: it must return a finite float")
+            raise PreferenceError(
+                f"preference {name} returned {value!r} for {text[:40]!r}: it must return a finite float"
+            )
         scores.append(float(value))
     return scores
 
@@ -175,7 +177,13 @@ class WinRate:
         return (self.wins + 0.5 * self.ties) / self.pairs if self.pairs else float("nan")
 
     def as_dict(self) -> dict[str, float]:
-        return {"win_rate": self.rate, "wins": self.wins, "ties": self.ties, "losses": self.losses, "pairs": self.pairs}
+        return {
+            "win_rate": self.rate,
+            "wins": self.wins,
+            "ties": self.ties,
+            "losses": self.losses,
+            "pairs": self.pairs,
+        }
 
 
 def win_rate(

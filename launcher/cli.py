@@ -25,17 +25,26 @@ app = typer.Typer(
 app.command("up")(up)
 model_app = typer.Typer(help="The default model and model folders.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-app.add_typer(serve_app, name="serve", help="The inference server (TGI protocol, continuous batching, hot-swap).")
-app.add_typer(gateway_app, name="gateway", help="The OpenAI-compatible gateway (completions, feedback, admin).")
+app.add_typer(
+    serve_app, name="serve", help="The inference server (TGI protocol, continuous batching, hot-swap)."
+)
+app.add_typer(
+    gateway_app, name="gateway", help="The OpenAI-compatible gateway (completions, feedback, admin)."
+)
 app.add_typer(learner_app, name="learner", help="The learner (reward model, PPO-ptx, gate, publish).")
-app.add_typer(labeler_app, name="labeler",
-              help="A scripted labeler: ranks completions over the gateway API, measures win-rate.")
+app.add_typer(
+    labeler_app,
+    name="labeler",
+    help="A scripted labeler: ranks completions over the gateway API, measures win-rate.",
+)
 
 
 @model_app.command("prepare")
 def model_prepare(
     force: bool = typer.Option(False, help="Convert again even if the folder is already prepared."),
-    tokenizer_only: bool = typer.Option(False, help="Save only the fixed tokenizer (what the gateway needs)."),
+    tokenizer_only: bool = typer.Option(
+        False, help="Save only the fixed tokenizer (what the gateway needs)."
+    ),
 ) -> None:
     """Convert the embedded SmolLM2-135M-Instruct GGUF into a plain HF folder (once) and print its path."""
     from instructloop.model import ModelNotAvailable, prepare_default_model, prepare_default_tokenizer

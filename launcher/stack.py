@@ -121,7 +121,9 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher.cli", *args]
 
 
-def _child_env(project_root: Path, overrides: dict[str, str], defaults: dict[str, str] | None = None) -> dict[str, str]:
+def _child_env(
+    project_root: Path, overrides: dict[str, str], defaults: dict[str, str] | None = None
+) -> dict[str, str]:
     """This process's environment (knobs pass through), ``defaults`` where unset, then ``up``'s wiring."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(project_root), env.get("PYTHONPATH", "")) if p)
@@ -170,17 +172,34 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
         # one ACL user per component (launcher/credentials.py); the default user is off
         secure_args, component_urls = secure_redis(redis_dir, redis_port, config.redis_maxmemory)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"  # shown and written to stack.json: no password
-        specs.append(ComponentSpec(
-            name="redis",
-            argv=["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
-                  "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-                  *secure_args],
-            health=redis_health(component_urls["probe"]),
-            log_path=config.log_path("redis").resolve(),
-            env=dict(os.environ),
-            url=redis_url,
-            startup_timeout_s=min(config.startup_timeout_s, 60.0),
-        ))
+        specs.append(
+            ComponentSpec(
+                name="redis",
+                argv=[
+                    "redis-server",
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(redis_dir),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--save",
+                    "",
+                    "--daemonize",
+                    "no",
+                    *secure_args,
+                ],
+                health=redis_health(component_urls["probe"]),
+                log_path=config.log_path("redis").resolve(),
+                env=dict(os.environ),
+                url=redis_url,
+                startup_timeout_s=min(config.startup_timeout_s, 60.0),
+            )
+        )
     else:
         component_urls = {user: redis_url for user in ("gateway", "learner", "serve")}
         redis_url = redact_url(redis_url)
@@ -194,56 +213,98 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
     serve_port = pick_port(config.serve_port or 8080, host)
     serve_url = f"http://{host}:{serve_port}"
     urls["serve"] = serve_url
-    specs.append(ComponentSpec(
-        name="serve",
-        argv=_cli("serve", "run"),
-        health=http_health(f"{serve_url}/health"),
-        log_path=config.log_path("serve").resolve(),
-        env=_child_env(root, {f"INSTRUCTLOOP_SERVE_{k}": v for k, v in
-                              {**shared, "REDIS_URL": component_urls["serve"], "HOST": host, "PORT": str(serve_port),
-                               "AUTH_TOKEN": serve_token}.items()},
-                       defaults={"INSTRUCTLOOP_SERVE_TORCH_THREADS": str(serve_threads),
-                                 "OMP_NUM_THREADS": str(serve_threads)}),
-        after=needs_redis,
-        url=serve_url,
-        startup_timeout_s=config.startup_timeout_s,
-    ))
+    specs.append(
+        ComponentSpec(
+            name="serve",
+            argv=_cli("serve", "run"),
+            health=http_health(f"{serve_url}/health"),
+            log_path=config.log_path("serve").resolve(),
+            env=_child_env(
+                root,
+                {
+                    f"INSTRUCTLOOP_SERVE_{k}": v
+                    for k, v in {
+                        **shared,
+                        "REDIS_URL": component_urls["serve"],
+                        "HOST": host,
+                        "PORT": str(serve_port),
+                        "AUTH_TOKEN": serve_token,
+                    }.items()
+                },
+                defaults={
+                    "INSTRUCTLOOP_SERVE_TORCH_THREADS": str(serve_threads),
+                    "OMP_NUM_THREADS": str(serve_threads),
+                },
+            ),
+            after=needs_redis,
+            url=serve_url,
+            startup_timeout_s=config.startup_timeout_s,
+        )
+    )
 
     if config.learner:
         metrics_port = pick_port(config.learner_metrics_port or 9100)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         urls["learner"] = metrics_url
-        specs.append(ComponentSpec(
-            name="learner",
-            argv=_cli("learner", "run"),
-            health=http_health(f"http://127.0.0.1:{metrics_port}/healthz"),  # the main loop's heartbeat
-            log_path=config.log_path("learner").resolve(),
-            env=_child_env(root, {f"INSTRUCTLOOP_LEARNER_{k}": v for k, v in
-                                  {**shared, "REDIS_URL": component_urls["learner"], "STATE_DIR": str(run_dir / "learner"),
-                                   "METRICS_PORT": str(metrics_port), "CONSUMER_NAME": "learner-0"}.items()},
-                           defaults={"INSTRUCTLOOP_LEARNER_TORCH_THREADS": str(learner_threads),
-                                     "OMP_NUM_THREADS": str(learner_threads)}),
-            after=needs_redis,
-            url=metrics_url,
-            startup_timeout_s=config.startup_timeout_s,
-        ))
+        specs.append(
+            ComponentSpec(
+                name="learner",
+                argv=_cli("learner", "run"),
+                health=http_health(f"http://127.0.0.1:{metrics_port}/healthz"),  # the main loop's heartbeat
+                log_path=config.log_path("learner").resolve(),
+                env=_child_env(
+                    root,
+                    {
+                        f"INSTRUCTLOOP_LEARNER_{k}": v
+                        for k, v in {
+                            **shared,
+                            "REDIS_URL": component_urls["learner"],
+                            "STATE_DIR": str(run_dir / "learner"),
+                            "METRICS_PORT": str(metrics_port),
+                            "CONSUMER_NAME": "learner-0",
+                        }.items()
+                    },
+                    defaults={
+                        "INSTRUCTLOOP_LEARNER_TORCH_THREADS": str(learner_threads),
+                        "OMP_NUM_THREADS": str(learner_threads),
+                    },
+                ),
+                after=needs_redis,
+                url=metrics_url,
+                startup_timeout_s=config.startup_timeout_s,
+            )
+        )
 
     gateway_url = f"http://{host}:{config.port}"
     urls["gateway"] = gateway_url
-    specs.append(ComponentSpec(
-        name="gateway",
-        argv=_cli("gateway", "run"),
-        health=http_health(f"{gateway_url}/readyz"),
-        log_path=config.log_path("gateway").resolve(),
-        env=_child_env(root, {f"INSTRUCTLOOP_GATEWAY_{k}": v for k, v in
-                              {**shared, "REDIS_URL": component_urls["gateway"], "HOST": host, "PORT": str(config.port),
-                               "BACKENDS": serve_url, "BACKEND_TOKEN": serve_token,
-                               "KEYS_FILE": str(config.gateway_keys_file.resolve()), "DEV_MODE": "false"}.items()},
-                       defaults={"OMP_NUM_THREADS": "1"}),
-        after=["serve"],
-        url=gateway_url,
-        startup_timeout_s=config.startup_timeout_s,
-    ))
+    specs.append(
+        ComponentSpec(
+            name="gateway",
+            argv=_cli("gateway", "run"),
+            health=http_health(f"{gateway_url}/readyz"),
+            log_path=config.log_path("gateway").resolve(),
+            env=_child_env(
+                root,
+                {
+                    f"INSTRUCTLOOP_GATEWAY_{k}": v
+                    for k, v in {
+                        **shared,
+                        "REDIS_URL": component_urls["gateway"],
+                        "HOST": host,
+                        "PORT": str(config.port),
+                        "BACKENDS": serve_url,
+                        "BACKEND_TOKEN": serve_token,
+                        "KEYS_FILE": str(config.gateway_keys_file.resolve()),
+                        "DEV_MODE": "false",
+                    }.items()
+                },
+                defaults={"OMP_NUM_THREADS": "1"},
+            ),
+            after=["serve"],
+            url=gateway_url,
+            startup_timeout_s=config.startup_timeout_s,
+        )
+    )
     return specs, urls
 
 
@@ -264,17 +325,31 @@ def ensure_api_keys(config: StackConfig, echo: Callable[[str], None] = print) ->
     env = _child_env(project_root(), {"INSTRUCTLOOP_GATEWAY_KEYS_FILE": str(gateway_keys.resolve())})
     creating = {  # the three run side by side; each appends one line (O_APPEND) to the keys file
         role: subprocess.Popen(
-            _cli("gateway", "keys", "create", "--role", role, "--name", f"up-{role}",
-                 "--keys-file", str(gateway_keys.resolve())),
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            _cli(
+                "gateway",
+                "keys",
+                "create",
+                "--role",
+                role,
+                "--name",
+                f"up-{role}",
+                "--keys-file",
+                str(gateway_keys.resolve()),
+            ),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for role in KEY_ROLES
     }
     for role, proc in creating.items():
         stdout, stderr = proc.communicate(timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"`instructloop gateway keys create --role {role}` failed ({proc.returncode}): "
-                               f"{(stderr or stdout).strip()[-2000:]}")
+            raise RuntimeError(
+                f"`instructloop gateway keys create --role {role}` failed ({proc.returncode}): "
+                f"{(stderr or stdout).strip()[-2000:]}"
+            )
         keys[role] = _parse_created_key(stdout)
     fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -341,8 +416,13 @@ def run_stack(config: StackConfig, echo: Callable[[str], None] = print) -> int:
         return 2
     config.stack_file.unlink(missing_ok=True)
     specs, urls = build_specs(config)
-    supervisor = Supervisor(specs, stop_timeout_s=config.stop_timeout_s, echo=echo, restart=config.restart,
-                            on_change=lambda: _write_stack_file(config, supervisor, urls))
+    supervisor = Supervisor(
+        specs,
+        stop_timeout_s=config.stop_timeout_s,
+        echo=echo,
+        restart=config.restart,
+        on_change=lambda: _write_stack_file(config, supervisor, urls),
+    )
     supervisor.install_signal_handlers()
     status = 0
     try:
@@ -380,9 +460,13 @@ def _prepare_default_model(config: StackConfig, supervisor: Supervisor, echo: Ca
     if is_prepared(default_model_dir()):
         return
     echo("preparing the default model once (about 30 s)…")
-    spec = ComponentSpec(name="model-prepare", argv=_cli("model", "prepare"), health=lambda: False,
-                         log_path=config.log_path("model-prepare").resolve(),
-                         env=_child_env(project_root(), {}))
+    spec = ComponentSpec(
+        name="model-prepare",
+        argv=_cli("model", "prepare"),
+        health=lambda: False,
+        log_path=config.log_path("model-prepare").resolve(),
+        env=_child_env(project_root(), {}),
+    )
     component = Component(spec)
     component.start()
     assert component.proc is not None
@@ -393,8 +477,12 @@ def _prepare_default_model(config: StackConfig, supervisor: Supervisor, echo: Ca
         supervisor.wake.wait(1.0)
         supervisor.wake.clear()
     if component.proc.returncode != 0:
-        raise ComponentFailed("model-prepare", f"exited ({describe_exit(component.proc.returncode)})", spec.log_path,
-                              exit_code=component.proc.returncode)
+        raise ComponentFailed(
+            "model-prepare",
+            f"exited ({describe_exit(component.proc.returncode)})",
+            spec.log_path,
+            exit_code=component.proc.returncode,
+        )
 
 
 def _write_stack_file(config: StackConfig, supervisor: Supervisor, urls: dict[str, str]) -> None:
@@ -403,31 +491,64 @@ def _write_stack_file(config: StackConfig, supervisor: Supervisor, urls: dict[st
         keys_file=str(config.keys_file),
         run_dir=str(config.run_dir),
         up_pid=os.getpid(),
-        components={c.name: ComponentInfo(pid=c.proc.pid if c.proc else None, url=c.spec.url, log=str(c.spec.log_path),
-                                          restarts=c.restarts, healthy=c.healthy)
-                    for c in supervisor.components},
+        components={
+            c.name: ComponentInfo(
+                pid=c.proc.pid if c.proc else None,
+                url=c.spec.url,
+                log=str(c.spec.log_path),
+                restarts=c.restarts,
+                healthy=c.healthy,
+            )
+            for c in supervisor.components
+        },
     ).write(config.run_dir)
 
 
 def up(
-    run_dir: Path = typer.Option(Path("run"), help="Folder for logs, Redis data, registry, learner state, keys."),
-    model: str = typer.Option(DEFAULT_MODEL, help="'default' (embedded SmolLM2-135M-Instruct) or an HF model folder."),
-    redis_url: str | None = typer.Option(None, envvar="INSTRUCTLOOP_REDIS_URL",
-                                         help="Use this Redis instead of starting redis-server."),
+    run_dir: Path = typer.Option(
+        Path("run"), help="Folder for logs, Redis data, registry, learner state, keys."
+    ),
+    model: str = typer.Option(
+        DEFAULT_MODEL, help="'default' (embedded SmolLM2-135M-Instruct) or an HF model folder."
+    ),
+    redis_url: str | None = typer.Option(
+        None, envvar="INSTRUCTLOOP_REDIS_URL", help="Use this Redis instead of starting redis-server."
+    ),
     port: int = typer.Option(8000, min=1, max=65535, help="Gateway port."),
     host: str = typer.Option("127.0.0.1", help="Interface the gateway and serve listen on."),
     serve_port: int | None = typer.Option(None, help="Serve port (default 8080, or a free one if taken)."),
-    learner_metrics_port: int | None = typer.Option(None, help="Learner /metrics port (default 9100, or a free one)."),
-    redis_port: int | None = typer.Option(None, help="Port of the redis-server `up` starts (default: a free one)."),
-    redis_maxmemory: str = typer.Option("1gb", help="maxmemory of the redis-server `up` starts (noeviction: when "
-                                                    "full, feedback answers 503 and nothing accepted is lost)."),
-    learner: bool = typer.Option(True, "--learner/--no-learner", help="Run the learner (off: serve + gateway only)."),
-    startup_timeout: float = typer.Option(600.0, min=1.0, help="Seconds each component may take to become healthy."),
-    stop_timeout: float = typer.Option(20.0, min=0.0, help="Seconds between SIGTERM and SIGKILL when stopping."),
-    max_restarts: int = typer.Option(5, min=0, help="Crashes of one component tolerated within --restart-window "
-                                                    "(each restarted with backoff); one more stops everything."),
-    restart_window: float = typer.Option(300.0, min=1.0, help="Seconds over which --max-restarts is counted."),
-    restart_backoff_max: float = typer.Option(30.0, min=1.0, help="Longest wait before restarting a crashed component."),
+    learner_metrics_port: int | None = typer.Option(
+        None, help="Learner /metrics port (default 9100, or a free one)."
+    ),
+    redis_port: int | None = typer.Option(
+        None, help="Port of the redis-server `up` starts (default: a free one)."
+    ),
+    redis_maxmemory: str = typer.Option(
+        "1gb",
+        help="maxmemory of the redis-server `up` starts (noeviction: when "
+        "full, feedback answers 503 and nothing accepted is lost).",
+    ),
+    learner: bool = typer.Option(
+        True, "--learner/--no-learner", help="Run the learner (off: serve + gateway only)."
+    ),
+    startup_timeout: float = typer.Option(
+        600.0, min=1.0, help="Seconds each component may take to become healthy."
+    ),
+    stop_timeout: float = typer.Option(
+        20.0, min=0.0, help="Seconds between SIGTERM and SIGKILL when stopping."
+    ),
+    max_restarts: int = typer.Option(
+        5,
+        min=0,
+        help="Crashes of one component tolerated within --restart-window "
+        "(each restarted with backoff); one more stops everything.",
+    ),
+    restart_window: float = typer.Option(
+        300.0, min=1.0, help="Seconds over which --max-restarts is counted."
+    ),
+    restart_backoff_max: float = typer.Option(
+        30.0, min=1.0, help="Longest wait before restarting a crashed component."
+    ),
 ) -> None:
     """Start Redis, serve, the learner and the gateway; print how to use them; Ctrl-C stops all.
 
@@ -435,11 +556,22 @@ def up(
     ..._MIN_NEW_COMPARISONS, ...). A component that dies is restarted with backoff; only a crash loop
     (more than --max-restarts crashes within --restart-window) stops everything.
     """
-    config = StackConfig(run_dir=run_dir, model=model, redis_url=redis_url, host=host, port=port,
-                         serve_port=serve_port, learner_metrics_port=learner_metrics_port, redis_port=redis_port,
-                         redis_maxmemory=redis_maxmemory,
-                         learner=learner, startup_timeout_s=startup_timeout, stop_timeout_s=stop_timeout,
-                         restart=RestartPolicy(backoff_max_s=restart_backoff_max, max_restarts=max_restarts,
-                                               window_s=restart_window))
+    config = StackConfig(
+        run_dir=run_dir,
+        model=model,
+        redis_url=redis_url,
+        host=host,
+        port=port,
+        serve_port=serve_port,
+        learner_metrics_port=learner_metrics_port,
+        redis_port=redis_port,
+        redis_maxmemory=redis_maxmemory,
+        learner=learner,
+        startup_timeout_s=startup_timeout,
+        stop_timeout_s=stop_timeout,
+        restart=RestartPolicy(
+            backoff_max_s=restart_backoff_max, max_restarts=max_restarts, window_s=restart_window
+        ),
+    )
     status = run_stack(config, echo=lambda message: typer.echo(message, err=message.startswith("error")))
     raise typer.Exit(status)

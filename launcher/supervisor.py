@@ -43,7 +43,9 @@ class ComponentFailed(RuntimeError):
     def report(self, lines: int = TAIL_LINES) -> str:
         tail = tail_lines(self.log_path, lines)
         body = "\n".join(f"  | {line}" for line in tail) if tail else "  | (the log is empty)"
-        return f"error: {self.name} {self.reason}\n  log: {self.log_path}\n  last {len(tail)} log lines:\n{body}"
+        return (
+            f"error: {self.name} {self.reason}\n  log: {self.log_path}\n  last {len(tail)} log lines:\n{body}"
+        )
 
 
 def describe_exit(code: int | None) -> str:
@@ -198,7 +200,11 @@ class Component:
         self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spec.log_path, "ab") as log_file:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            what = f"restarting {self.name} (restart {self.restarts})" if self.restarts else f"starting {self.name}"
+            what = (
+                f"restarting {self.name} (restart {self.restarts})"
+                if self.restarts
+                else f"starting {self.name}"
+            )
             log_file.write(f"==== instructloop up: {what} at {stamp}: {' '.join(self.spec.argv)}\n".encode())
             log_file.flush()
             try:
@@ -225,7 +231,9 @@ class Component:
         """Raise ``ComponentFailed`` if the process exited; else run the health check (once healthy, stays)."""
         code = self.exit_code()
         if code is not None:
-            raise ComponentFailed(self.name, f"exited ({describe_exit(code)})", self.spec.log_path, exit_code=code)
+            raise ComponentFailed(
+                self.name, f"exited ({describe_exit(code)})", self.spec.log_path, exit_code=code
+            )
         if not self.healthy:
             self.healthy = self.spec.health()
         return self.healthy
@@ -267,9 +275,16 @@ class Supervisor:
     next health check); nothing waits a fixed time to "let something start".
     """
 
-    def __init__(self, specs: list[ComponentSpec], *, stop_timeout_s: float = 20.0, poll_interval_s: float = 0.25,
-                 echo: Callable[[str], None] = print, restart: RestartPolicy | None = None,
-                 on_change: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        specs: list[ComponentSpec],
+        *,
+        stop_timeout_s: float = 20.0,
+        poll_interval_s: float = 0.25,
+        echo: Callable[[str], None] = print,
+        restart: RestartPolicy | None = None,
+        on_change: Callable[[], None] | None = None,
+    ):
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate component names: {names}")
@@ -336,8 +351,10 @@ class Supervisor:
                     continue
                 if component.check_health():
                     took = time.monotonic() - component.started_at
-                    self.echo(f"{component.name} is healthy after {took:.1f}s"
-                              + (f" at {component.spec.url}" if component.spec.url else ""))
+                    self.echo(
+                        f"{component.name} is healthy after {took:.1f}s"
+                        + (f" at {component.spec.url}" if component.spec.url else "")
+                    )
                     waiting.remove(component)
                 elif time.monotonic() - component.started_at > component.spec.startup_timeout_s:
                     raise ComponentFailed(
@@ -386,14 +403,18 @@ class Supervisor:
                     self.echo(f"{component.name} is healthy again after {now - component.started_at:.1f}s")
                     self._changed()
                 elif now - component.started_at > component.spec.startup_timeout_s:
-                    self.echo(f"{component.name} did not become healthy within "
-                              f"{component.spec.startup_timeout_s:g}s after a restart: killing it")
+                    self.echo(
+                        f"{component.name} did not become healthy within "
+                        f"{component.spec.startup_timeout_s:g}s after a restart: killing it"
+                    )
                     component.stop(0.0)
                     return self._crashed(component, "did not become healthy after a restart", now)
             return None
         return self._crashed(component, f"exited ({describe_exit(code)})", now, code)
 
-    def _crashed(self, component: Component, reason: str, now: float, code: int | None = None) -> ComponentFailed | None:
+    def _crashed(
+        self, component: Component, reason: str, now: float, code: int | None = None
+    ) -> ComponentFailed | None:
         """Schedule a restart with backoff, or give up (a crash loop): returns the failure to report."""
         window = self.restart.window_s
         if component.crash_times and now - component.started_at > window:
@@ -402,16 +423,29 @@ class Supervisor:
         component.healthy = False
         recent = len(component.crash_times)
         if recent > self.restart.max_restarts:
-            return ComponentFailed(component.name, f"{reason}; crash loop: {recent} crashes within {window:g}s "
-                                   f"(more than --max-restarts {self.restart.max_restarts})",
-                                   component.spec.log_path, exit_code=code)
+            return ComponentFailed(
+                component.name,
+                f"{reason}; crash loop: {recent} crashes within {window:g}s "
+                f"(more than --max-restarts {self.restart.max_restarts})",
+                component.spec.log_path,
+                exit_code=code,
+            )
         delay = self.restart.backoff(recent)
         component.restart_at = now + delay
-        self.echo(f"{component.name} {reason}: restarting in {delay:.1f}s "
-                  f"(crash {recent} of at most {self.restart.max_restarts} within {window:g}s; "
-                  f"log: {component.spec.log_path})")
-        log.warning("component crashed; restarting", extra={"component": component.name, "reason": reason,
-                                                            "restart_in_s": delay, "recent_crashes": recent})
+        self.echo(
+            f"{component.name} {reason}: restarting in {delay:.1f}s "
+            f"(crash {recent} of at most {self.restart.max_restarts} within {window:g}s; "
+            f"log: {component.spec.log_path})"
+        )
+        log.warning(
+            "component crashed; restarting",
+            extra={
+                "component": component.name,
+                "reason": reason,
+                "restart_in_s": delay,
+                "recent_crashes": recent,
+            },
+        )
         return None
 
     def _changed(self) -> None:

@@ -53,8 +53,14 @@ def is_adapter_folder(folder: str | Path) -> bool:
 class AdapterBase:
     """The frozen base causal LM, loaded once, with named LoRA adapters."""
 
-    def __init__(self, model_path: str, config: AdapterConfig, tokenizer: Any, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model_path: str,
+        config: AdapterConfig,
+        tokenizer: Any,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         """The base's weights are held in ``dtype`` (frozen); peft keeps every adapter's tensors in float32."""
         from transformers import AutoModelForCausalLM
 
@@ -64,8 +70,15 @@ class AdapterBase:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         self.model = disable_dropout(model).to(device).eval().requires_grad_(False)
-        log.info("adapter base loaded", extra={"model": model_path, "device": str(device), "dtype": str(dtype),
-                                               "top_layers": config.top_layers})
+        log.info(
+            "adapter base loaded",
+            extra={
+                "model": model_path,
+                "device": str(device),
+                "dtype": str(dtype),
+                "top_layers": config.top_layers,
+            },
+        )
         self.peft: Any | None = None
         self._selected: str | None = None
         self._sha256: str | None = None
@@ -84,10 +97,18 @@ class AdapterBase:
         if self.config.top_layers is not None:
             n = self.model.config.num_hidden_layers
             if self.config.top_layers > n:
-                raise ValueError(f"AdapterConfig.top_layers={self.config.top_layers}, but {self.model_path} has {n} layers")
+                raise ValueError(
+                    f"AdapterConfig.top_layers={self.config.top_layers}, but {self.model_path} has {n} layers"
+                )
             layers = list(range(n - self.config.top_layers, n))
-        return LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=0.0,
-                          target_modules=list(self.config.target_modules), bias="none", layers_to_transform=layers)
+        return LoraConfig(
+            r=self.config.r,
+            lora_alpha=self.config.alpha,
+            lora_dropout=0.0,
+            target_modules=list(self.config.target_modules),
+            bias="none",
+            layers_to_transform=layers,
+        )
 
     def has(self, name: str) -> bool:
         return self.peft is not None and name in self.peft.peft_config
@@ -106,7 +127,9 @@ class AdapterBase:
             self.peft.add_adapter(name, config)
         if state is not None:
             device = next(self.model.parameters()).device
-            result = set_peft_model_state_dict(self.peft, {k: v.to(device) for k, v in state.items()}, adapter_name=name)
+            result = set_peft_model_state_dict(
+                self.peft, {k: v.to(device) for k, v in state.items()}, adapter_name=name
+            )
             missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
             if missing:
                 raise ValueError(f"adapter {name}: tensors missing from the saved state: {missing[:3]}")
@@ -207,8 +230,13 @@ class PolicyAdapter(nn.Module):
         self.base.select(self.adapter_name)
         tokenizer = kwargs.pop("tokenizer", None)
         if kwargs.pop("served_base", True):
-            return registry.write_adapter(version, self.base.peft, adapter_name=self.adapter_name,
-                                          base_sha256=self.base.sha256, **kwargs)
+            return registry.write_adapter(
+                version,
+                self.base.peft,
+                adapter_name=self.adapter_name,
+                base_sha256=self.base.sha256,
+                **kwargs,
+            )
         merged = copy.deepcopy(self.base.peft)
         for other in [n for n in merged.peft_config if n != self.adapter_name]:
             merged.delete_adapter(other)

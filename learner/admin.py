@@ -50,7 +50,9 @@ def follow_rollback(learner) -> str | None:
     """Read the policy events past the learner's cursor; after an admin rollback, save the version now
     current as the working policy (fresh PPO optimizer state) and return it. None: nothing to follow."""
     state = learner.state
-    rolled_back, cursor = rollbacks_since(learner.redis, learner.settings.stream_prefix, state.policy_events_cursor)
+    rolled_back, cursor = rollbacks_since(
+        learner.redis, learner.settings.stream_prefix, state.policy_events_cursor
+    )
     if cursor == state.policy_events_cursor:
         return None
     state.policy_events_cursor = cursor  # saved with the next checkpoint; re-reading is harmless
@@ -60,10 +62,18 @@ def follow_rollback(learner) -> str | None:
     policy = learner.models.policy_from_version(learner.registry, target)
     if policy is None:
         return None
-    log.info("rolled back by an admin: the working policy restarts from the version rolled back to",
-             extra={"rolled_back": rolled_back, "to": target, "dropped_candidate": state.pending_candidate})
-    state.record({"kind": "rollback", "rolled_back": rolled_back, "to": target,
-                  "dropped_candidate": state.pending_candidate})
+    log.info(
+        "rolled back by an admin: the working policy restarts from the version rolled back to",
+        extra={"rolled_back": rolled_back, "to": target, "dropped_candidate": state.pending_candidate},
+    )
+    state.record(
+        {
+            "kind": "rollback",
+            "rolled_back": rolled_back,
+            "to": target,
+            "dropped_candidate": state.pending_candidate,
+        }
+    )
     state.incumbent = target
     state.pending_candidate = None  # trained on the line the admin rolled back
     learner.store.save(state, models={"policy": (policy, learner.tokenizer)}, optimizers={"ppo": {}})

@@ -30,9 +30,18 @@ def _settings():
 
 
 def _redis_unreachable(settings, exc: Exception, waited_s: float = 0.0) -> None:
-    waited = f" after {waited_s:g} s (INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S sets the wait)" if waited_s else ""
-    typer.echo(redact_url(f"error: cannot reach Redis at {settings.redis_url} ({exc}){waited}; start it or fix "
-                          "INSTRUCTLOOP_LEARNER_REDIS_URL"), err=True)
+    waited = (
+        f" after {waited_s:g} s (INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S sets the wait)"
+        if waited_s
+        else ""
+    )
+    typer.echo(
+        redact_url(
+            f"error: cannot reach Redis at {settings.redis_url} ({exc}){waited}; start it or fix "
+            "INSTRUCTLOOP_LEARNER_REDIS_URL"
+        ),
+        err=True,
+    )
     raise typer.Exit(2) from exc
 
 
@@ -53,10 +62,15 @@ def _wait_for_redis(settings, client) -> None:
             if time.monotonic() >= deadline:
                 _redis_unreachable(settings, exc, settings.redis_connect_timeout_s)
             if not waiting:
-                log.info("learner waiting for redis", extra={
-                    "redis_url": redact_url(settings.redis_url), "error": str(exc),
-                    "timeout_s": settings.redis_connect_timeout_s,
-                    "knob": "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S"})
+                log.info(
+                    "learner waiting for redis",
+                    extra={
+                        "redis_url": redact_url(settings.redis_url),
+                        "error": str(exc),
+                        "timeout_s": settings.redis_connect_timeout_s,
+                        "knob": "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S",
+                    },
+                )
                 waiting = True
             time.sleep(0.5)
 
@@ -73,8 +87,11 @@ def _learner(settings, serve_metrics: bool):
         try:
             metrics.serve(settings.metrics_port)
         except OSError as exc:
-            typer.echo(f"error: cannot serve metrics on port {settings.metrics_port} ({exc}); set "
-                       "INSTRUCTLOOP_LEARNER_METRICS_PORT to a free port or 0", err=True)
+            typer.echo(
+                f"error: cannot serve metrics on port {settings.metrics_port} ({exc}); set "
+                "INSTRUCTLOOP_LEARNER_METRICS_PORT to a free port or 0",
+                err=True,
+            )
             raise typer.Exit(2) from exc
     learner = Learner(settings, metrics=metrics, progress=sys.stderr.isatty())
     _wait_for_redis(settings, learner.redis)
@@ -88,7 +105,9 @@ def _learner(settings, serve_metrics: bool):
 
 @app.command("run")
 def run(
-    max_rounds: int = typer.Option(None, help="Stop after this many training rounds (default: run until SIGTERM)."),
+    max_rounds: int = typer.Option(
+        None, help="Stop after this many training rounds (default: run until SIGTERM)."
+    ),
 ) -> None:
     """Ingest the streams and learn forever: RM updates, PPO-ptx rounds, gate, publish."""
     settings = _settings()

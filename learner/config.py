@@ -45,14 +45,22 @@ class RewardConfig:
     """Seed of the shuffle."""
 
     def __post_init__(self) -> None:
-        _positive("RewardConfig", lr=self.lr, epochs=self.epochs, rankings_per_batch=self.rankings_per_batch,
-                  single_pass_above=self.single_pass_above,
-                  max_length=self.max_length, max_grad_norm=self.max_grad_norm,
-                  score_batch_size=self.score_batch_size)
+        _positive(
+            "RewardConfig",
+            lr=self.lr,
+            epochs=self.epochs,
+            rankings_per_batch=self.rankings_per_batch,
+            single_pass_above=self.single_pass_above,
+            max_length=self.max_length,
+            max_grad_norm=self.max_grad_norm,
+            score_batch_size=self.score_batch_size,
+        )
         if self.weight_decay < 0:
             raise ValueError(f"RewardConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_length < 8:
-            raise ValueError(f"RewardConfig.max_length={self.max_length} leaves no room for a prompt and response")
+            raise ValueError(
+                f"RewardConfig.max_length={self.max_length} leaves no room for a prompt and response"
+            )
 
 
 @dataclass
@@ -81,9 +89,16 @@ class SFTConfig:
     """Log every this many optimizer steps."""
 
     def __post_init__(self) -> None:
-        _positive("SFTConfig", lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
-                  gradient_accumulation_steps=self.gradient_accumulation_steps, max_length=self.max_length,
-                  min_demonstrations=self.min_demonstrations, logging_steps=self.logging_steps)
+        _positive(
+            "SFTConfig",
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            max_length=self.max_length,
+            min_demonstrations=self.min_demonstrations,
+            logging_steps=self.logging_steps,
+        )
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"SFTConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -165,12 +180,24 @@ class PPOConfig:
         return self.ptx_coef > 0 or self.ptx_eval_windows > 0
 
     def __post_init__(self) -> None:
-        _positive("PPOConfig", rollout_batch_size=self.rollout_batch_size, mini_batch_size=self.mini_batch_size,
-                  ppo_epochs=self.ppo_epochs, lr=self.lr, max_grad_norm=self.max_grad_norm,
-                  kl_target=self.kl_target, kl_horizon=self.kl_horizon, ptx_batch_size=self.ptx_batch_size,
-                  ptx_seq_len=self.ptx_seq_len, cliprange=self.cliprange, cliprange_value=self.cliprange_value,
-                  temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                  max_prompt_tokens=self.max_prompt_tokens, forward_batch_size=self.forward_batch_size)
+        _positive(
+            "PPOConfig",
+            rollout_batch_size=self.rollout_batch_size,
+            mini_batch_size=self.mini_batch_size,
+            ppo_epochs=self.ppo_epochs,
+            lr=self.lr,
+            max_grad_norm=self.max_grad_norm,
+            kl_target=self.kl_target,
+            kl_horizon=self.kl_horizon,
+            ptx_batch_size=self.ptx_batch_size,
+            ptx_seq_len=self.ptx_seq_len,
+            cliprange=self.cliprange,
+            cliprange_value=self.cliprange_value,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            max_prompt_tokens=self.max_prompt_tokens,
+            forward_batch_size=self.forward_batch_size,
+        )
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"PPOConfig.mini_batch_size={self.mini_batch_size} must divide "
@@ -183,7 +210,9 @@ class PPOConfig:
         if self.ptx_eval_windows < 0:
             raise ValueError("PPOConfig.ptx_eval_windows must be >= 0")
         if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ValueError(f"PPOConfig.gamma must be in (0, 1] and lam in [0, 1], got {self.gamma}, {self.lam}")
+            raise ValueError(
+                f"PPOConfig.gamma must be in (0, 1] and lam in [0, 1], got {self.gamma}, {self.lam}"
+            )
         if self.value_lr is not None and not self.value_lr > 0:
             raise ValueError(f"PPOConfig.value_lr must be > 0 or None, got {self.value_lr}")
         if self.ptx_seq_len < 2:
@@ -211,8 +240,13 @@ class EvalConfig:
     """Seed of sampling (with ``do_sample``)."""
 
     def __post_init__(self) -> None:
-        _positive("EvalConfig", max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                  batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens)
+        _positive(
+            "EvalConfig",
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            batch_size=self.batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
 
 
 @dataclass
@@ -224,7 +258,15 @@ class AdapterConfig:
     """LoRA rank."""
     alpha: float = 32.0
     """LoRA scaling numerator (the update is ``alpha / r · B A``)."""
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     """Linear layers that get an adapter (Llama/Qwen/Mistral names): every projection of attention and MLP."""
     top_layers: int | None = None
     """Adapt only the top N transformer layers (peft's ``layers_to_transform``); None = every layer. Below the
@@ -248,5 +290,7 @@ class AdapterConfig:
         if not self.target_modules:
             raise ValueError("AdapterConfig.target_modules must name at least one linear layer")
         if self.top_layers is not None and self.top_layers < 1:
-            raise ValueError(f"AdapterConfig.top_layers must be at least 1 (or null for every layer), got {self.top_layers}")
+            raise ValueError(
+                f"AdapterConfig.top_layers must be at least 1 (or null for every layer), got {self.top_layers}"
+            )
         self.target_modules = tuple(self.target_modules)

@@ -123,7 +123,9 @@ class StoredComparison:
 
 def _seeded_rank(seed: int, text: str) -> int:
     """A seeded pseudo-random rank of ``text`` (64 bits of blake2b): ordering by it is a seeded shuffle."""
-    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8, key=str(seed).encode()[:64])
+    digest = hashlib.blake2b(
+        text.encode("utf-8", errors="replace"), digest_size=8, key=str(seed).encode()[:64]
+    )
     return int.from_bytes(digest.digest(), "big") >> 1  # SQLite integers are signed 64-bit
 
 
@@ -149,7 +151,9 @@ class Dataset:
             self._conn.close()
 
     # ---- writes ----------------------------------------------------------------------------------
-    def add(self, entries: Iterable[IngestedEntry], dead_letters: Iterable[tuple[str, str, str]] = ()) -> AddResult:
+    def add(
+        self, entries: Iterable[IngestedEntry], dead_letters: Iterable[tuple[str, str, str]] = ()
+    ) -> AddResult:
         """Store parsed entries and dead-letter records ``(stream, entry_id, reason)`` in ONE transaction.
 
         When this returns the rows are committed and on disk (WAL + synchronous=FULL).
@@ -186,20 +190,42 @@ class Dataset:
             cur.execute(
                 "INSERT OR IGNORE INTO prompts (event_id, entry_id, prompt, heldout, policy_version, chat, created_at,"
                 " ingested_at, max_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (event.event_id, entry.entry_id, event.prompt, heldout, event.policy_version, int(event.chat),
-                 event.created_at, now, max_tokens),
+                (
+                    event.event_id,
+                    entry.entry_id,
+                    event.prompt,
+                    heldout,
+                    event.policy_version,
+                    int(event.chat),
+                    event.created_at,
+                    now,
+                    max_tokens,
+                ),
             )
         else:
             table = TABLE_OF[type(event)]
             cur.execute(
                 f"INSERT OR IGNORE INTO {table} (event_id, entry_id, prompt, heldout, created_at, ingested_at, event)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (event.event_id, entry.entry_id, event.prompt, heldout, event.created_at, now, event.model_dump_json()),
+                (
+                    event.event_id,
+                    entry.entry_id,
+                    event.prompt,
+                    heldout,
+                    event.created_at,
+                    now,
+                    event.model_dump_json(),
+                ),
             )
         return cur.rowcount == 1
 
     def has_dead_letter(self, stream: str, entry_id: str) -> bool:
-        return self._one("SELECT COUNT(*) FROM dead_letters WHERE stream = ? AND entry_id = ?", (stream, entry_id)) > 0
+        return (
+            self._one(
+                "SELECT COUNT(*) FROM dead_letters WHERE stream = ? AND entry_id = ?", (stream, entry_id)
+            )
+            > 0
+        )
 
     # ---- reads -----------------------------------------------------------------------------------
     def _one(self, sql: str, args: tuple = ()) -> int:
@@ -213,8 +239,10 @@ class Dataset:
 
     def counts(self) -> dict[str, int]:
         """Rows per table (the ``dataset_rows`` metric)."""
-        return {table: self._one(f"SELECT COUNT(*) FROM {table}")
-                for table in ("comparisons", "demonstrations", "prompts", "dead_letters")}
+        return {
+            table: self._one(f"SELECT COUNT(*) FROM {table}")
+            for table in ("comparisons", "demonstrations", "prompts", "dead_letters")
+        }
 
     def event_ids(self, table: str) -> list[str]:
         if table not in ("comparisons", "demonstrations", "prompts"):
@@ -228,8 +256,14 @@ class Dataset:
         """Training comparisons the reward model has not seen (``seq`` past the checkpoint's cursor)."""
         return self._one("SELECT COUNT(*) FROM comparisons WHERE heldout = 0 AND seq > ?", (after_seq,))
 
-    def comparisons(self, *, after_seq: int = 0, up_to_seq: int | None = None, heldout: bool = False,
-                    limit: int | None = None) -> list[StoredComparison]:
+    def comparisons(
+        self,
+        *,
+        after_seq: int = 0,
+        up_to_seq: int | None = None,
+        heldout: bool = False,
+        limit: int | None = None,
+    ) -> list[StoredComparison]:
         """Comparisons of one split in ``seq`` order, ``after_seq < seq <= up_to_seq``."""
         sql = "SELECT seq, event FROM comparisons WHERE heldout = ? AND seq > ?"
         args: list = [int(heldout), after_seq]
@@ -240,9 +274,14 @@ class Dataset:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [StoredComparison(seq, ComparisonEvent.model_validate_json(event)) for seq, event in self._all(sql, tuple(args))]
+        return [
+            StoredComparison(seq, ComparisonEvent.model_validate_json(event))
+            for seq, event in self._all(sql, tuple(args))
+        ]
 
-    def demonstrations(self, *, heldout: bool | None = None, limit: int | None = None) -> list[DemonstrationEvent]:
+    def demonstrations(
+        self, *, heldout: bool | None = None, limit: int | None = None
+    ) -> list[DemonstrationEvent]:
         sql = "SELECT event FROM demonstrations"
         args: list = []
         if heldout is not None:
@@ -264,7 +303,8 @@ class Dataset:
         return self._one(
             "SELECT COUNT(DISTINCT p.prompt) FROM prompts p WHERE p.heldout = ? AND p.seq > ? AND NOT EXISTS "
             "(SELECT 1 FROM prompts q WHERE q.heldout = p.heldout AND q.prompt = p.prompt AND q.seq <= ?)",
-            (int(heldout), after_seq, after_seq))
+            (int(heldout), after_seq, after_seq),
+        )
 
     def max_prompt_seq(self) -> int:
         return self._one("SELECT MAX(seq) FROM prompts")
@@ -287,9 +327,14 @@ class Dataset:
 
     def _queries(self, order: str, args: tuple) -> list[TrafficPrompt]:
         """Distinct prompts of one split (args: heldout, the ``order`` expression's arguments, limit)."""
-        return [TrafficPrompt(text, max_tokens) for text, max_tokens in self._all(
-            "SELECT prompt, MAX(max_tokens) FROM prompts WHERE heldout = ? GROUP BY prompt "
-            f"ORDER BY {order} LIMIT ?", args)]
+        return [
+            TrafficPrompt(text, max_tokens)
+            for text, max_tokens in self._all(
+                "SELECT prompt, MAX(max_tokens) FROM prompts WHERE heldout = ? GROUP BY prompt "
+                f"ORDER BY {order} LIMIT ?",
+                args,
+            )
+        ]
 
     def live_win_rate(self, version: str, against: str) -> tuple[float, int]:
         """Win-rate of ``version`` over ``against`` in live comparisons that ranked responses of both.
@@ -298,8 +343,10 @@ class Dataset:
         once; returns (win rate, number of pairs) — (0.5, 0) when there are none.
         """
         wins = total = 0
-        rows = self._all("SELECT event FROM comparisons WHERE event LIKE ? AND event LIKE ?",
-                         (f"%{json.dumps(version)}%", f"%{json.dumps(against)}%"))
+        rows = self._all(
+            "SELECT event FROM comparisons WHERE event LIKE ? AND event LIKE ?",
+            (f"%{json.dumps(version)}%", f"%{json.dumps(against)}%"),
+        )
         for (raw,) in rows:
             comparison = ComparisonEvent.model_validate_json(raw)
             versions = comparison.policy_versions

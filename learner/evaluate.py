@@ -35,8 +35,14 @@ class PolicySamples:
 
 
 @torch.no_grad()
-def sample_policy(policy, reference, tokenizer, prompts: list[str], config: EvalConfig,
-                  max_tokens: Sequence[int | None] | None = None) -> PolicySamples:
+def sample_policy(
+    policy,
+    reference,
+    tokenizer,
+    prompts: list[str],
+    config: EvalConfig,
+    max_tokens: Sequence[int | None] | None = None,
+) -> PolicySamples:
     """Generate ``policy``'s responses to ``prompts`` (model inputs, used verbatim) and their exact KL to
     ``reference``; each response is cut at its prompt's traffic ``max_tokens`` where given (capped by
     ``config.max_new_tokens``), as serve cut it."""
@@ -46,27 +52,46 @@ def sample_policy(policy, reference, tokenizer, prompts: list[str], config: Eval
     temperature = config.temperature if config.do_sample else 1.0
     if config.do_sample:
         torch.manual_seed(config.seed)
-    limits = [min(m, config.max_new_tokens) if m else config.max_new_tokens
-              for m in (max_tokens if max_tokens is not None else [None] * len(prompts))]
+    limits = [
+        min(m, config.max_new_tokens) if m else config.max_new_tokens
+        for m in (max_tokens if max_tokens is not None else [None] * len(prompts))
+    ]
     all_rollouts, kls, eos, lengths = [], [], [], []
     for start in range(0, len(prompts), config.batch_size):
         rows = slice(start, start + config.batch_size)
-        rollouts = generate_rollouts(policy, tokenizer, prompts[rows], config.max_prompt_tokens, limits[rows],
-                                     config.do_sample, temperature)
+        rollouts = generate_rollouts(
+            policy,
+            tokenizer,
+            prompts[rows],
+            config.max_prompt_tokens,
+            limits[rows],
+            config.do_sample,
+            temperature,
+        )
         all_rollouts.append(rollouts)
         kls.append(response_kl(policy, reference, rollouts, temperature, config.batch_size).sum(1))  # (b,)
         eos.append(rollouts.has_eos.float())
         lengths.append(rollouts.response_mask.sum(1).float())
-    return PolicySamples(all_rollouts, torch.cat(kls), torch.cat(eos), torch.cat(lengths),
-                         time.perf_counter() - started, tokenizer.eos_token_id)
+    return PolicySamples(
+        all_rollouts,
+        torch.cat(kls),
+        torch.cat(eos),
+        torch.cat(lengths),
+        time.perf_counter() - started,
+        tokenizer.eos_token_id,
+    )
 
 
 @torch.no_grad()
 def score_samples(samples: PolicySamples, reward_model, config: EvalConfig) -> dict:
     """The gate's numbers for ``samples`` under ``reward_model`` (see ``evaluate_policy``)."""
     started = time.perf_counter()
-    score = torch.cat([rollout_scores(reward_model, rollouts, config.batch_size, samples.eos_token_id)
-                       for rollouts in samples.rollouts])
+    score = torch.cat(
+        [
+            rollout_scores(reward_model, rollouts, config.batch_size, samples.eos_token_id)
+            for rollouts in samples.rollouts
+        ]
+    )
     return {
         "reward_mean": score.mean().item(),
         "reward_std": score.std().item() if score.numel() > 1 else 0.0,
@@ -79,8 +104,15 @@ def score_samples(samples: PolicySamples, reward_model, config: EvalConfig) -> d
     }
 
 
-def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[str], config: EvalConfig,
-                    max_tokens: Sequence[int | None] | None = None) -> dict:
+def evaluate_policy(
+    policy,
+    reference,
+    reward_model,
+    tokenizer,
+    prompts: list[str],
+    config: EvalConfig,
+    max_tokens: Sequence[int | None] | None = None,
+) -> dict:
     """Score ``policy`` on ``prompts`` (responses cut at their traffic ``max_tokens``, see ``sample_policy``).
 
     Returns a dict of floats (and one list): ``reward_mean`` / ``reward_std`` (RM score at the last real
@@ -91,20 +123,30 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[st
     ``scores`` (each prompt's RM score, a list in prompt order: the gate's paired standard error) and
     ``duration_s``. With ``policy is reference`` (or equal weights) ``kl`` is exactly 0.
     """
-    return score_samples(sample_policy(policy, reference, tokenizer, prompts, config, max_tokens), reward_model,
-                         config)
+    return score_samples(
+        sample_policy(policy, reference, tokenizer, prompts, config, max_tokens), reward_model, config
+    )
 
 
 @torch.no_grad()
 def reference_samples(reference, tokenizer, queries: list, config: EvalConfig) -> list[str]:
     """Greedy responses of the reference policy to ``queries`` (``TrafficPrompt``s; EOS and padding
     stripped), each cut at its traffic's ``max_tokens`` as serve would cut it (the RM bias samples)."""
-    limits = [min(q.max_tokens, config.max_new_tokens) if q.max_tokens else config.max_new_tokens for q in queries]
+    limits = [
+        min(q.max_tokens, config.max_new_tokens) if q.max_tokens else config.max_new_tokens for q in queries
+    ]
     responses: list[str] = []
     for start in range(0, len(queries), config.batch_size):
         rows = slice(start, start + config.batch_size)
-        rollouts = generate_rollouts(reference, tokenizer, [q.text for q in queries[rows]], config.max_prompt_tokens,
-                                     limits[rows], False, 1.0)
+        rollouts = generate_rollouts(
+            reference,
+            tokenizer,
+            [q.text for q in queries[rows]],
+            config.max_prompt_tokens,
+            limits[rows],
+            False,
+            1.0,
+        )
         for ids, mask in zip(rollouts.responses, rollouts.response_mask, strict=True):
             responses.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
     return responses

@@ -59,8 +59,12 @@ class GateResult:
 
     def hold_back(self, pinned: str) -> GateResult:
         """This result for a candidate that passed the gate while ``pinned`` is pinned: held back, not promoted."""
-        return replace(self, promote=False, held_back_by=pinned,
-                       reasons=[*self.reasons, f"held back: {pinned} is pinned by an admin"])
+        return replace(
+            self,
+            promote=False,
+            held_back_by=pinned,
+            reasons=[*self.reasons, f"held back: {pinned} is pinned by an admin"],
+        )
 
     def summary(self) -> str:
         head = "held back: " if self.held_back_by else "promoted: " if self.promote else "rejected: "
@@ -78,7 +82,9 @@ def paired_standard_error(candidate: Sequence[float], incumbent: Sequence[float]
         raise ValueError(f"{len(candidate)} candidate scores but {len(incumbent)} incumbent scores")
     if len(candidate) < 2:
         return 0.0
-    return statistics.stdev(c - i for c, i in zip(candidate, incumbent, strict=True)) / math.sqrt(len(candidate))
+    return statistics.stdev(c - i for c, i in zip(candidate, incumbent, strict=True)) / math.sqrt(
+        len(candidate)
+    )
 
 
 def gate_decision(
@@ -112,14 +118,24 @@ def gate_decision(
     else:
         gain = reward_c - reward_i
         needed = config.min_reward_gain - config.reward_tolerance_se * reward_gain_se
-        metrics["reward_gain"], metrics["reward_gain_se"], metrics["reward_gain_needed"] = gain, reward_gain_se, needed
-        bar = (f"{needed:.4f} (margin {config.min_reward_gain} less {config.reward_tolerance_se} × standard error "
-               f"{reward_gain_se:.4f})" if needed != config.min_reward_gain else f"{config.min_reward_gain}")
+        metrics["reward_gain"], metrics["reward_gain_se"], metrics["reward_gain_needed"] = (
+            gain,
+            reward_gain_se,
+            needed,
+        )
+        bar = (
+            f"{needed:.4f} (margin {config.min_reward_gain} less {config.reward_tolerance_se} × standard error "
+            f"{reward_gain_se:.4f})"
+            if needed != config.min_reward_gain
+            else f"{config.min_reward_gain}"
+        )
         if gain > needed:
             reasons.append(f"reward {reward_c:.4f} against incumbent {reward_i:.4f}: gain {gain:.4f} > {bar}")
         else:
             promote = False
-            reasons.append(f"reward {reward_c:.4f} does not beat incumbent {reward_i:.4f}: gain {gain:.4f} <= {bar}")
+            reasons.append(
+                f"reward {reward_c:.4f} does not beat incumbent {reward_i:.4f}: gain {gain:.4f} <= {bar}"
+            )
 
     if not _finite(kl_c):
         promote = False

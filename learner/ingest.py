@@ -123,16 +123,26 @@ class Ingestor:
         for key in self.event_types:
             last_id = "0"
             while True:
-                response = self.redis.xreadgroup(self.group, self.consumer, {key: last_id}, count=self.read_count)
-                entries = [(key, entry_id, fields) for _, batch in response or [] for entry_id, fields in batch]
+                response = self.redis.xreadgroup(
+                    self.group, self.consumer, {key: last_id}, count=self.read_count
+                )
+                entries = [
+                    (key, entry_id, fields) for _, batch in response or [] for entry_id, fields in batch
+                ]
                 if not entries:
                     break
                 last_id = _text(entries[-1][1])
                 stats.add(self._process(entries))
             start = "0-0"
             while True:
-                reply = self.redis.xautoclaim(key, self.group, self.consumer, self.claim_min_idle_ms,
-                                              start_id=start, count=self.read_count)
+                reply = self.redis.xautoclaim(
+                    key,
+                    self.group,
+                    self.consumer,
+                    self.claim_min_idle_ms,
+                    start_id=start,
+                    count=self.read_count,
+                )
                 start, claimed = _text(reply[0]), reply[1]
                 entries = [(key, entry_id, fields) for entry_id, fields in claimed]
                 if entries:
@@ -153,10 +163,17 @@ class Ingestor:
         configured wait, ``0`` = do not wait) and store it."""
         wait = self.block_ms if block_ms is None else block_ms
         response = self.redis.xreadgroup(
-            self.group, self.consumer, {key: ">" for key in self.event_types}, count=self.read_count,
-            block=wait if wait > 0 else None,  # redis-py: block=None returns at once, block=0 would wait forever
+            self.group,
+            self.consumer,
+            {key: ">" for key in self.event_types},
+            count=self.read_count,
+            block=wait
+            if wait > 0
+            else None,  # redis-py: block=None returns at once, block=0 would wait forever
         )
-        entries = [(_text(key), entry_id, fields) for key, batch in response or [] for entry_id, fields in batch]
+        entries = [
+            (_text(key), entry_id, fields) for key, batch in response or [] for entry_id, fields in batch
+        ]
         return self._process(entries) if entries else IngestStats()
 
     def drain(self, max_entries: int | None = None) -> IngestStats:
@@ -200,7 +217,9 @@ class Ingestor:
                 self.metrics.stream_trimmed.labels(name).inc(removed[name])
                 self.metrics.stream_length.labels(name).set(int(self.redis.xlen(key)))
         if any(removed.values()):
-            log.info("streams trimmed below what every consumer group acknowledged", extra={"removed": removed})
+            log.info(
+                "streams trimmed below what every consumer group acknowledged", extra={"removed": removed}
+            )
         return removed
 
     def update_lag(self) -> dict[str, dict[str, int]]:
@@ -260,8 +279,14 @@ class Ingestor:
             for name, _, _ in dead:
                 self.metrics.events_dead_lettered.labels(name).inc()
         if stats.duplicates or dead:
-            log.info("batch ingested", extra={"inserted": stats.inserted, "duplicates": stats.duplicates,
-                                               "dead_lettered": stats.dead_lettered})
+            log.info(
+                "batch ingested",
+                extra={
+                    "inserted": stats.inserted,
+                    "duplicates": stats.duplicates,
+                    "dead_lettered": stats.dead_lettered,
+                },
+            )
         return stats
 
     def _dead_letter(self, key: str, entry_id: str, fields: Any, reason: str) -> None:

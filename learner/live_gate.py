@@ -31,20 +31,33 @@ def awaiting_live_votes(learner: Any) -> bool:
     if not learner.registry.exists(version):
         trainer = learner._ppo_trainer()
         # the same writer publishing uses: an adapter version in lora mode, full weights otherwise
-        learner.models.write_candidate(learner.registry, version, trainer.policy, status=PolicyStatus.candidate,
-                                       parent=None if incumbent == BASE_VERSION else incumbent,
-                                       base_model=settings.model)
+        learner.models.write_candidate(
+            learner.registry,
+            version,
+            trainer.policy,
+            status=PolicyStatus.candidate,
+            parent=None if incumbent == BASE_VERSION else incumbent,
+            base_model=settings.model,
+        )
         state.candidate_listed_at = time.time()
         learner.store.save(state)
-        log.info("candidate listed for live votes; the gate waits",
-                 extra={"candidate": version, "incumbent": incumbent, "wait_s": settings.gate_live_wait_s,
-                        "pairs_needed": settings.gate_min_live_comparisons,
-                        "knobs": "INSTRUCTLOOP_LEARNER_GATE_LIVE_WAIT_S, ..._GATE_MIN_LIVE_COMPARISONS"})
+        log.info(
+            "candidate listed for live votes; the gate waits",
+            extra={
+                "candidate": version,
+                "incumbent": incumbent,
+                "wait_s": settings.gate_live_wait_s,
+                "pairs_needed": settings.gate_min_live_comparisons,
+                "knobs": "INSTRUCTLOOP_LEARNER_GATE_LIVE_WAIT_S, ..._GATE_MIN_LIVE_COMPARISONS",
+            },
+        )
         return True
     _, pairs = learner.dataset.live_win_rate(version, incumbent)
     waited = time.time() - (state.candidate_listed_at or 0.0)
     if pairs < settings.gate_min_live_comparisons and waited < settings.gate_live_wait_s:
         return True
-    log.info("live votes collected; gating", extra={"candidate": version, "incumbent": incumbent, "pairs": pairs,
-                                                    "waited_s": round(waited, 1)})
+    log.info(
+        "live votes collected; gating",
+        extra={"candidate": version, "incumbent": incumbent, "pairs": pairs, "waited_s": round(waited, 1)},
+    )
     return False

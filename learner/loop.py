@@ -52,22 +52,35 @@ class Learner:
         self.metrics = metrics or LearnerMetrics()
         self.progress = progress
         self.redis = redis.Redis.from_url(  # bytes: malformed entries must not crash decode
-            settings.require_redis(), socket_timeout=settings.redis_socket_timeout_s,
-            socket_connect_timeout=min(10.0, settings.redis_socket_timeout_s), health_check_interval=30)
+            settings.require_redis(),
+            socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=min(10.0, settings.redis_socket_timeout_s),
+            health_check_interval=30,
+        )
         self.metrics.liveness_max_age_s = settings.liveness_max_age_s
-        self.dataset = Dataset(settings.state_dir / "dataset.sqlite3", heldout_fraction=settings.heldout_fraction)
+        self.dataset = Dataset(
+            settings.state_dir / "dataset.sqlite3", heldout_fraction=settings.heldout_fraction
+        )
         self.store = CheckpointStore(settings.state_dir, keep=settings.keep_checkpoints)
         self.state: LearnerState = self.store.load_state()
         self.registry = Registry(settings.registry_dir, redis=self.redis, prefix=settings.stream_prefix)
         self.ingestor = Ingestor(
-            self.redis, self.dataset, prefix=settings.stream_prefix, group=settings.consumer_group,
-            consumer=settings.consumer_name, read_count=settings.read_count, block_ms=settings.read_block_ms,
-            claim_min_idle_ms=settings.claim_min_idle_ms, metrics=self.metrics,
+            self.redis,
+            self.dataset,
+            prefix=settings.stream_prefix,
+            group=settings.consumer_group,
+            consumer=settings.consumer_name,
+            read_count=settings.read_count,
+            block_ms=settings.read_block_ms,
+            claim_min_idle_ms=settings.claim_min_idle_ms,
+            metrics=self.metrics,
         )
         self.gate_config = GateConfig(
-            min_reward_gain=settings.gate_min_reward_gain, reward_tolerance_se=settings.gate_reward_tolerance_se,
+            min_reward_gain=settings.gate_min_reward_gain,
+            reward_tolerance_se=settings.gate_reward_tolerance_se,
             kl_ceiling=settings.gate_kl_ceiling,
-            min_live_comparisons=settings.gate_min_live_comparisons, min_win_rate=settings.gate_min_win_rate,
+            min_live_comparisons=settings.gate_min_live_comparisons,
+            min_win_rate=settings.gate_min_win_rate,
         )
         self.stop_requested = False
         self.models = LearnerModels(settings, self.store, lambda: self.state.reference_model)
@@ -90,8 +103,10 @@ class Learner:
         self.registry.clean_staging()  # the learner is the only writer of versions (leftovers are logged)
         self._started = True
         self.metrics.beat()
-        log.info("learner started", extra={"state": self.state.model_dump(exclude={"history"}),
-                                            "dataset": self.dataset.counts()})
+        log.info(
+            "learner started",
+            extra={"state": self.state.model_dump(exclude={"history"}), "dataset": self.dataset.counts()},
+        )
 
     def request_stop(self, *_: Any) -> None:
         if not self.stop_requested:
@@ -128,14 +143,27 @@ class Learner:
             for table, rows in self.dataset.counts().items():
                 self.metrics.dataset_rows.labels(table).set(rows)
         if stats.read:
-            log.info("ingested", extra={"read": stats.read, "inserted": stats.inserted, "duplicates": stats.duplicates,
-                                         "dead_lettered": stats.dead_lettered, "per_stream": stats.per_stream})
+            log.info(
+                "ingested",
+                extra={
+                    "read": stats.read,
+                    "inserted": stats.inserted,
+                    "duplicates": stats.duplicates,
+                    "dead_lettered": stats.dead_lettered,
+                    "per_stream": stats.per_stream,
+                },
+            )
         return stats
 
     def maybe_run_sft(self) -> str | None:
         """SFT once, before the first PPO round, when enabled and enough demonstrations exist; the SFT model
         then is the reference (and the start of the policy)."""
-        if not self.settings.sft_on_start or self.state.sft_done or self.state.ppo_rounds or self.store.model_dir("policy"):
+        if (
+            not self.settings.sft_on_start
+            or self.state.sft_done
+            or self.state.ppo_rounds
+            or self.store.model_dir("policy")
+        ):
             return None
         from learner.config import SFTConfig
 
@@ -169,30 +197,61 @@ class Learner:
         from learner.reward import normalize_reward_bias, train_reward_model
 
         up_to = self.dataset.max_comparison_seq()
-        comparisons = [s.comparison for s in self.dataset.comparisons(after_seq=self.state.rm_cursor, up_to_seq=up_to)]
+        comparisons = [
+            s.comparison for s in self.dataset.comparisons(after_seq=self.state.rm_cursor, up_to_seq=up_to)
+        ]
         if not any(c.pairs() for c in comparisons):  # only ties: nothing to learn, move past them
             self.state.rm_cursor = up_to
             self.store.save(self.state)
             return None
-        heldout = [s.comparison for s in self.dataset.comparisons(heldout=True, limit=HELDOUT_COMPARISONS_MAX)]
-        log.info("reward model update started", extra={"comparisons": len(comparisons), "heldout": len(heldout),
-                                                        "rm_update": self.state.rm_updates + 1})
+        heldout = [
+            s.comparison for s in self.dataset.comparisons(heldout=True, limit=HELDOUT_COMPARISONS_MAX)
+        ]
+        log.info(
+            "reward model update started",
+            extra={
+                "comparisons": len(comparisons),
+                "heldout": len(heldout),
+                "rm_update": self.state.rm_updates + 1,
+            },
+        )
         with self.metrics.step_seconds.labels("reward_model").time():
             model = self.reward_model or self.models.new_reward_model()
-            config = RewardConfig(**{"seed": self.settings.seed + self.state.rm_updates,
-                                     **self.models.mode_defaults("reward"), **self.settings.reward})
-            stats = numeric(train_reward_model(model, self.tokenizer, comparisons, config, heldout or None,
-                                                progress=self.progress))
+            config = RewardConfig(
+                **{
+                    "seed": self.settings.seed + self.state.rm_updates,
+                    **self.models.mode_defaults("reward"),
+                    **self.settings.reward,
+                }
+            )
+            stats = numeric(
+                train_reward_model(
+                    model, self.tokenizer, comparisons, config, heldout or None, progress=self.progress
+                )
+            )
             prompts, responses = self._bias_samples()
-            stats["bias"] = normalize_reward_bias(model, self.tokenizer, prompts, responses,
-                                                  batch_size=config.score_batch_size, max_length=config.max_length)
+            stats["bias"] = normalize_reward_bias(
+                model,
+                self.tokenizer,
+                prompts,
+                responses,
+                batch_size=config.score_batch_size,
+                max_length=config.max_length,
+            )
             model.eval().requires_grad_(False)
         self.state.rm_updates += 1
         self.state.rm_cursor = up_to
         self.state.rm_comparisons_trained += len(comparisons)
         self.state.rm_heldout_accuracy = stats.get("heldout_accuracy")
-        self.state.record({"kind": "reward", "rm_update": self.state.rm_updates, "cursor": up_to,
-                           "comparisons": len(comparisons), **stats})
+        self.state.record(
+            {
+                "kind": "reward",
+                "rm_update": self.state.rm_updates,
+                "cursor": up_to,
+                "comparisons": len(comparisons),
+                **stats,
+            }
+        )
         self.store.save(self.state, models={"reward": (model, self.models.part_tokenizer)})
         self.metrics.rm_updates.inc()
         if "heldout_accuracy" in stats:
@@ -208,8 +267,10 @@ class Learner:
             return [d.prompt for d in demonstrations], [d.response for d in demonstrations]
         queries = self.dataset.sample_queries(BIAS_SAMPLES, seed=self.settings.seed)
         if not queries:
-            queries = [TrafficPrompt(p) for p in
-                       sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=BIAS_SAMPLES)})]
+            queries = [
+                TrafficPrompt(p)
+                for p in sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=BIAS_SAMPLES)})
+            ]
         return [q.text for q in queries], self.models.reference_answers(queries, self._eval_config())
 
     def _eval_config(self):
@@ -224,14 +285,34 @@ class Learner:
             from learner.ptx import PtxSource
 
             policy, value, restored = self.models.policy_and_value()  # the value model starts from the RM
-            config = PPOConfig(**{"kl_coef": self.settings.kl_coef, "ptx_coef": self.settings.ptx_coef,
-                                  "seed": self.settings.seed, **self.models.mode_defaults("ppo"), **self.settings.ppo})
+            config = PPOConfig(
+                **{
+                    "kl_coef": self.settings.kl_coef,
+                    "ptx_coef": self.settings.ptx_coef,
+                    "seed": self.settings.seed,
+                    **self.models.mode_defaults("ppo"),
+                    **self.settings.ppo,
+                }
+            )
             ptx = None
             if config.reads_ptx_corpus:
-                ptx = PtxSource(self.tokenizer, self.settings.ptx_corpus, seq_len=config.ptx_seq_len,
-                                batch_size=config.ptx_batch_size, seed=config.seed)
-            trainer = PPOPtxTrainer(policy, self.reference, value, self.reward_model, self.tokenizer, config, ptx,
-                                    progress=self.progress)
+                ptx = PtxSource(
+                    self.tokenizer,
+                    self.settings.ptx_corpus,
+                    seq_len=config.ptx_seq_len,
+                    batch_size=config.ptx_batch_size,
+                    seed=config.seed,
+                )
+            trainer = PPOPtxTrainer(
+                policy,
+                self.reference,
+                value,
+                self.reward_model,
+                self.tokenizer,
+                config,
+                ptx,
+                progress=self.progress,
+            )
             saved = self.store.optimizer_state("ppo")
             if saved and restored:  # {}: the policy restarted from a version (after a rollback)
                 trainer.load_state_dict(saved)
@@ -259,8 +340,9 @@ class Learner:
         if not self.ppo_round_due():
             return None
         prompt_cursor = self.dataset.max_prompt_seq()
-        queries = self.dataset.sample_queries(self.settings.prompts_per_round,
-                                              seed=self.settings.seed + self.state.ppo_rounds)
+        queries = self.dataset.sample_queries(
+            self.settings.prompts_per_round, seed=self.settings.seed + self.state.ppo_rounds
+        )
         prompts = [q.text for q in queries]
         log.info("ppo round started", extra={"ppo_round": self.state.ppo_rounds + 1, "prompts": len(prompts)})
         with self.metrics.step_seconds.labels("ppo").time():
@@ -271,12 +353,21 @@ class Learner:
         self.state.ppo_prompt_cursor = prompt_cursor
         self.state.ppo_rm_update = self.state.rm_updates
         self.state.pending_candidate = self.registry.next_version()
-        self.state.record({"kind": "ppo", "ppo_round": self.state.ppo_rounds, "prompts": len(prompts),
-                           "candidate": self.state.pending_candidate, **stats})
+        self.state.record(
+            {
+                "kind": "ppo",
+                "ppo_round": self.state.ppo_rounds,
+                "prompts": len(prompts),
+                "candidate": self.state.pending_candidate,
+                **stats,
+            }
+        )
         self.store.save(
             self.state,
-            models={"policy": (trainer.policy, self.models.part_tokenizer),
-                    "value": (trainer.value_model, self.models.part_tokenizer)},
+            models={
+                "policy": (trainer.policy, self.models.part_tokenizer),
+                "value": (trainer.value_model, self.models.part_tokenizer),
+            },
             optimizers={"ppo": trainer.state_dict()},
         )
         self.metrics.ppo_rounds.inc()
@@ -302,8 +393,11 @@ class Learner:
         manifest = self.registry.manifest(version)
         if manifest.status not in (PolicyStatus.promoted, PolicyStatus.rejected):
             return None
-        result = GateResult(promote=manifest.status == PolicyStatus.promoted,
-                            reasons=[manifest.reason or "decided before a restart"], metrics=dict(manifest.metrics))
+        result = GateResult(
+            promote=manifest.status == PolicyStatus.promoted,
+            reasons=[manifest.reason or "decided before a restart"],
+            metrics=dict(manifest.metrics),
+        )
         return manifest.parent or BASE_VERSION, result
 
     def gate_and_publish(self) -> GateResult | None:
@@ -317,7 +411,10 @@ class Learner:
         decided = self._decided_before_crash(version)
         prompts = [] if decided else self._heldout_prompts()
         incumbent_version = decided[0] if decided else (self.registry.current() or BASE_VERSION)
-        log.info("gate started", extra={"candidate": version, "incumbent": incumbent_version, "prompts": len(prompts)})
+        log.info(
+            "gate started",
+            extra={"candidate": version, "incumbent": incumbent_version, "prompts": len(prompts)},
+        )
         with self.metrics.step_seconds.labels("evaluate").time():
             if decided:
                 result = decided[1]
@@ -325,14 +422,21 @@ class Learner:
                 config = self._eval_config()
                 # the incumbent's samples are deterministic: generated once per (version, prompts), re-scored
                 texts, lengths = [q.text for q in prompts], [q.max_tokens for q in prompts]
-                incumbent_version, incumbent = self.models.incumbent_samples(self.registry, texts, config, lengths)
-                candidate = sample_policy(trainer.policy, self.reference, self.tokenizer, texts, config, lengths)
+                incumbent_version, incumbent = self.models.incumbent_samples(
+                    self.registry, texts, config, lengths
+                )
+                candidate = sample_policy(
+                    trainer.policy, self.reference, self.tokenizer, texts, config, lengths
+                )
                 candidate_eval = score_samples(candidate, self.reward_model, config)
                 incumbent_eval = score_samples(incumbent, self.reward_model, config)
-                result = gate_decision(numeric(candidate_eval), numeric(incumbent_eval), self.gate_config,
-                                       live_win_rate=self.dataset.live_win_rate(version, incumbent_version),
-                                       reward_gain_se=paired_standard_error(candidate_eval["scores"],
-                                                                            incumbent_eval["scores"]))
+                result = gate_decision(
+                    numeric(candidate_eval),
+                    numeric(incumbent_eval),
+                    self.gate_config,
+                    live_win_rate=self.dataset.live_win_rate(version, incumbent_version),
+                    reward_gain_se=paired_standard_error(candidate_eval["scores"], incumbent_eval["scores"]),
+                )
                 pinned = pinned_version(self.registry)
                 if result.promote and pinned:
                     result = result.hold_back(pinned)
@@ -340,13 +444,25 @@ class Learner:
                     self.models.remember_incumbent(version, texts, config, candidate, lengths)
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
-        result.metrics.update({"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)})
-        if self.state.rm_heldout_accuracy is not None:  # the admin dashboard charts it from the policies stream
+        result.metrics.update(
+            {"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)}
+        )
+        if (
+            self.state.rm_heldout_accuracy is not None
+        ):  # the admin dashboard charts it from the policies stream
             result.metrics["rm_heldout_accuracy"] = float(self.state.rm_heldout_accuracy)
         with self.metrics.step_seconds.labels("publish").time():
             parent = None if incumbent_version == BASE_VERSION else incumbent_version
-            publish_candidate(self.registry, version, trainer.policy, self.tokenizer, result, parent=parent,
-                              base_model=self.settings.model, write=self.models.write_candidate)
+            publish_candidate(
+                self.registry,
+                version,
+                trainer.policy,
+                self.tokenizer,
+                result,
+                parent=parent,
+                base_model=self.settings.model,
+                write=self.models.write_candidate,
+            )
         outcome = "promotions" if result.promote else "held_back" if result.held_back_by else "rejections"
         setattr(self.state, outcome, getattr(self.state, outcome) + 1)
         getattr(self.metrics, outcome).inc()
@@ -358,10 +474,20 @@ class Learner:
         self.state.incumbent = self.registry.current()
         self.state.pending_candidate = None
         self.state.candidate_listed_at = None
-        self.state.record({"kind": "gate", "version": version, "promote": result.promote,
-                           "held_back_by": result.held_back_by, "reasons": result.reasons, **result.metrics})
+        self.state.record(
+            {
+                "kind": "gate",
+                "version": version,
+                "promote": result.promote,
+                "held_back_by": result.held_back_by,
+                "reasons": result.reasons,
+                **result.metrics,
+            }
+        )
         self.store.save(self.state)
-        log.info("gate done", extra={"version": version, "promote": result.promote, "reasons": result.reasons})
+        log.info(
+            "gate done", extra={"version": version, "promote": result.promote, "reasons": result.reasons}
+        )
         return result
 
     # ---- the loop --------------------------------------------------------------------------------

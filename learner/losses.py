@@ -118,7 +118,9 @@ class RankingPairs:
     num_rankings: int
 
 
-def ranking_pairs_flat(rankings: Sequence[Sequence[Sequence[int]]], num_responses: Sequence[int]) -> RankingPairs:
+def ranking_pairs_flat(
+    rankings: Sequence[Sequence[Sequence[int]]], num_responses: Sequence[int]
+) -> RankingPairs:
     """Flatten the pairs of several rankings into index tensors over the concatenated responses.
 
     rankings[r] is best-first groups of response indices of ranking r; its pairs are
@@ -160,7 +162,9 @@ def kwise_ranking_loss(scores: torch.Tensor, pairs: RankingPairs) -> tuple[torch
     pair_losses = -F.logsigmoid(margins)  # (P,)
     R = pairs.num_rankings
     owner = pairs.ranking_of_pair.to(scores.device)
-    per_ranking_sum = torch.zeros(R, dtype=scores.dtype, device=scores.device).index_add(0, owner, pair_losses)
+    per_ranking_sum = torch.zeros(R, dtype=scores.dtype, device=scores.device).index_add(
+        0, owner, pair_losses
+    )
     per_ranking_count = torch.bincount(owner, minlength=R).to(scores.dtype)  # (R,)
     has_pairs = per_ranking_count > 0
     loss = (per_ranking_sum[has_pairs] / per_ranking_count[has_pairs]).mean()
@@ -293,7 +297,9 @@ def clipped_value_loss(
     return loss, clip_fraction.detach()
 
 
-def ptx_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, ptx_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ptx_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, ptx_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The pretraining term of paper eq. (2), γ·E_{x~D_pretrain}[log π(x)], as a loss: -γ·mean log π(x_t).
 
     logits: (B, T, V) of the policy on ``input_ids`` (B, T) (no temperature: this is plain LM likelihood);

@@ -29,53 +29,107 @@ class LearnerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.events_ingested = Counter("learner_events_ingested_total", "Events written to the dataset.", ["stream"], registry=r)
+        self.events_ingested = Counter(
+            "learner_events_ingested_total", "Events written to the dataset.", ["stream"], registry=r
+        )
         self.events_duplicate = Counter(
-            "learner_events_duplicate_total", "Re-delivered events dropped by event_id.", ["stream"], registry=r)
+            "learner_events_duplicate_total",
+            "Re-delivered events dropped by event_id.",
+            ["stream"],
+            registry=r,
+        )
         self.events_dead_lettered = Counter(
-            "learner_events_dead_lettered_total", "Malformed entries sent to the dead-letter stream.", ["stream"], registry=r)
+            "learner_events_dead_lettered_total",
+            "Malformed entries sent to the dead-letter stream.",
+            ["stream"],
+            registry=r,
+        )
         self.entries_reclaimed = Counter(
-            "learner_entries_reclaimed_total", "Pending entries of another consumer reclaimed (XAUTOCLAIM).", ["stream"],
-            registry=r)
+            "learner_entries_reclaimed_total",
+            "Pending entries of another consumer reclaimed (XAUTOCLAIM).",
+            ["stream"],
+            registry=r,
+        )
         self.consumer_lag = Gauge(
-            "learner_consumer_lag", "Entries in the stream not yet delivered to the group (XINFO GROUPS lag).", ["stream"],
-            registry=r)
+            "learner_consumer_lag",
+            "Entries in the stream not yet delivered to the group (XINFO GROUPS lag).",
+            ["stream"],
+            registry=r,
+        )
         self.consumer_pending = Gauge(
-            "learner_consumer_pending", "Entries delivered to the group but not acknowledged.", ["stream"], registry=r)
+            "learner_consumer_pending",
+            "Entries delivered to the group but not acknowledged.",
+            ["stream"],
+            registry=r,
+        )
         self.stream_trimmed = Counter(
-            "learner_stream_trimmed_total", "Entries trimmed (XTRIM MINID) once every group acknowledged them.",
-            ["stream"], registry=r)
-        self.stream_length = Gauge("learner_stream_length", "Entries in the stream after the last trim.", ["stream"],
-                                   registry=r)
-        self.dataset_rows = Gauge("learner_dataset_rows", "Rows in the learner's dataset.", ["table"], registry=r)
+            "learner_stream_trimmed_total",
+            "Entries trimmed (XTRIM MINID) once every group acknowledged them.",
+            ["stream"],
+            registry=r,
+        )
+        self.stream_length = Gauge(
+            "learner_stream_length", "Entries in the stream after the last trim.", ["stream"], registry=r
+        )
+        self.dataset_rows = Gauge(
+            "learner_dataset_rows", "Rows in the learner's dataset.", ["table"], registry=r
+        )
         self.rm_heldout_accuracy = Gauge(
-            "learner_rm_heldout_accuracy", "Reward model pairwise accuracy on held-out comparisons.", registry=r)
+            "learner_rm_heldout_accuracy",
+            "Reward model pairwise accuracy on held-out comparisons.",
+            registry=r,
+        )
         self.rm_updates = Counter("learner_rm_updates_total", "Reward model updates.", registry=r)
-        self.reward = Gauge("learner_reward_mean", "Mean RM score on held-out prompts.", ["policy"], registry=r)
-        self.kl = Gauge("learner_kl", "KL to the reference policy on held-out prompts (nats per response).", ["policy"],
-                        registry=r)
-        self.ptx_loss = Gauge("learner_ptx_loss", "Pretraining (ptx) loss of the last PPO-ptx round.", registry=r)
+        self.reward = Gauge(
+            "learner_reward_mean", "Mean RM score on held-out prompts.", ["policy"], registry=r
+        )
+        self.kl = Gauge(
+            "learner_kl",
+            "KL to the reference policy on held-out prompts (nats per response).",
+            ["policy"],
+            registry=r,
+        )
+        self.ptx_loss = Gauge(
+            "learner_ptx_loss", "Pretraining (ptx) loss of the last PPO-ptx round.", registry=r
+        )
         self.ptx_heldout_nll = Gauge(
-            "learner_ptx_heldout_nll", "Per-token NLL on held-out pretraining text (never trained on) after the last "
-            "PPO-ptx round, of the working policy and of the reference: the alignment tax.", ["policy"], registry=r)
+            "learner_ptx_heldout_nll",
+            "Per-token NLL on held-out pretraining text (never trained on) after the last "
+            "PPO-ptx round, of the working policy and of the reference: the alignment tax.",
+            ["policy"],
+            registry=r,
+        )
         self.ppo_rounds = Counter("learner_ppo_rounds_total", "PPO-ptx rounds.", registry=r)
         self.step_seconds = Histogram(
-            "learner_step_duration_seconds", "Duration of a learner step.", ["step"], buckets=STEP_BUCKETS, registry=r)
+            "learner_step_duration_seconds",
+            "Duration of a learner step.",
+            ["step"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.promotions = Counter("learner_promotions_total", "Candidates promoted to current.", registry=r)
         self.rejections = Counter("learner_rejections_total", "Candidates rejected by the gate.", registry=r)
         self.heartbeat = Gauge(
-            "learner_heartbeat_timestamp_seconds", "Unix time the main loop last made progress (see /healthz).",
-            registry=r)
+            "learner_heartbeat_timestamp_seconds",
+            "Unix time the main loop last made progress (see /healthz).",
+            registry=r,
+        )
         self.liveness_max_age_s = 900.0
         self._last_beat = time.monotonic()
         self.heartbeat.set(time.time())
         self.server: ThreadingHTTPServer | None = None
         self.held_back = Counter(
-            "learner_held_back_total", "Candidates that passed the gate but were held back: the current version is pinned.",
-            registry=r)
+            "learner_held_back_total",
+            "Candidates that passed the gate but were held back: the current version is pinned.",
+            registry=r,
+        )
         self.waiting = Gauge(
-            "learner_waiting", "Items a step still needs before it runs (0: not waiting); the `knob` label is the "
-            "setting that changes the need (learner status and the log say more).", ["step", "knob"], registry=r)
+            "learner_waiting",
+            "Items a step still needs before it runs (0: not waiting); the `knob` label is the "
+            "setting that changes the need (learner status and the log say more).",
+            ["step", "knob"],
+            registry=r,
+        )
 
     def observe_ppo(self, stats: dict[str, float]) -> None:
         """The gauges a PPO-ptx round sets: ptx loss, and the held-out pretraining NLL (the alignment tax)."""
@@ -107,8 +161,11 @@ class LearnerMetrics:
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
                 elif path == "/healthz":
                     age, alive = metrics.heartbeat_age_s(), metrics.alive()
-                    body = {"status": "ok" if alive else "stale", "heartbeat_age_s": round(age, 3),
-                            "max_age_s": metrics.liveness_max_age_s}
+                    body = {
+                        "status": "ok" if alive else "stale",
+                        "heartbeat_age_s": round(age, 3),
+                        "max_age_s": metrics.liveness_max_age_s,
+                    }
                     self._send(200 if alive else 503, "application/json", json.dumps(body).encode())
                 else:
                     self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")

@@ -93,7 +93,10 @@ class LearnerModels:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.reference_path)
-            if self._tokenizer.pad_token_id is None or self._tokenizer.pad_token_id == self._tokenizer.eos_token_id:
+            if (
+                self._tokenizer.pad_token_id is None
+                or self._tokenizer.pad_token_id == self._tokenizer.eos_token_id
+            ):
                 raise ValueError(
                     f"model {self.settings.model}: the tokenizer needs a pad token distinct from EOS for PPO "
                     "(set one in the model folder's tokenizer_config.json)"
@@ -125,8 +128,9 @@ class LearnerModels:
         if self._adapter_base is None:
             from learner.adapters import AdapterBase
 
-            self._adapter_base = AdapterBase(self.reference_path, self.adapter_config(), self.tokenizer, self.device,
-                                             self.dtype)
+            self._adapter_base = AdapterBase(
+                self.reference_path, self.adapter_config(), self.tokenizer, self.device, self.dtype
+            )
         return self._adapter_base
 
     def _causal_lm(self, path: str | Path, frozen: bool = False):
@@ -138,7 +142,10 @@ class LearnerModels:
 
         dtype = self.dtype if frozen else torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        log.info("model loaded", extra={"model": str(path), "device": self.device, "dtype": str(dtype), "frozen": frozen})
+        log.info(
+            "model loaded",
+            extra={"model": str(path), "device": self.device, "dtype": str(dtype), "frozen": frozen},
+        )
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         model.generation_config.eos_token_id = self.tokenizer.eos_token_id
         return disable_dropout(model).to(self.device)
@@ -150,7 +157,8 @@ class LearnerModels:
             saved = "LoRA adapters" if is_adapter_folder(folder) else "full weights"
             raise ValueError(
                 f"checkpoint part {part} in {folder.parent} holds {saved}, but INSTRUCTLOOP_LEARNER_TRAINING="
-                f"{self.settings.training}: set it back, or start from a fresh state_dir")
+                f"{self.settings.training}: set it back, or start from a fresh state_dir"
+            )
 
     # ---- the models ------------------------------------------------------------------------------
     @property
@@ -162,7 +170,9 @@ class LearnerModels:
 
                 self._reference = ReferenceModel(self.adapter_base)
             else:
-                self._reference = self._causal_lm(self.reference_path, frozen=True).eval().requires_grad_(False)
+                self._reference = (
+                    self._causal_lm(self.reference_path, frozen=True).eval().requires_grad_(False)
+                )
         return self._reference
 
     @property
@@ -187,8 +197,9 @@ class LearnerModels:
         if self.lora:
             from learner.adapters import ScoreAdapter
 
-            self._reward = ScoreAdapter.fresh(self.adapter_base, "reward", self.tokenizer.pad_token_id,
-                                              seed=self.settings.seed)
+            self._reward = ScoreAdapter.fresh(
+                self.adapter_base, "reward", self.tokenizer.pad_token_id, seed=self.settings.seed
+            )
         else:
             from learner.reward import build_reward_model
 
@@ -209,8 +220,11 @@ class LearnerModels:
             base = self.adapter_base
             base.add("policy", base.load_state(policy_dir) if policy_dir is not None else None)
             policy = PolicyAdapter(base, "policy")
-            value = ScoreAdapter.load(base, "value", value_dir) if value_dir is not None else \
-                self.reward_model.copy_as("value")
+            value = (
+                ScoreAdapter.load(base, "value", value_dir)
+                if value_dir is not None
+                else self.reward_model.copy_as("value")
+            )
         else:
             from learner.reward import build_reward_model
 
@@ -223,12 +237,16 @@ class LearnerModels:
         manifest = registry.manifest(version)
         if manifest.kind == VersionKind.adapter:
             if not self.lora or self.reference_path != self.base_path:
-                raise InvalidCheckpoint(f"{version} is an adapter version; this learner has no adapter base that "
-                                        "matches it (training=full, or the base changed by SFT)")
+                raise InvalidCheckpoint(
+                    f"{version} is an adapter version; this learner has no adapter base that "
+                    "matches it (training=full, or the base changed by SFT)"
+                )
             from learner.adapters import PolicyAdapter
 
             base = self.adapter_base
-            shapes = {name: tuple(t.shape) for name, t in base.model.state_dict().items() if "lora_" not in name}
+            shapes = {
+                name: tuple(t.shape) for name, t in base.model.state_dict().items() if "lora_" not in name
+            }
             shapes = {name.replace(".base_layer.", "."): shape for name, shape in shapes.items()}
             adapter = registry.load_adapter(version, base_sha256=base.sha256, base_shapes=shapes)
             base.add("incumbent", adapter.state)
@@ -236,8 +254,9 @@ class LearnerModels:
         registry.verify(version)
         return self._causal_lm(registry.version_dir(version), frozen=True).eval()
 
-    def incumbent_samples(self, registry: Registry, prompts: list[str], config: Any,
-                          max_tokens: list[int | None] | None = None) -> tuple[str, Any]:
+    def incumbent_samples(
+        self, registry: Registry, prompts: list[str], config: Any, max_tokens: list[int | None] | None = None
+    ) -> tuple[str, Any]:
         """(version, ``PolicySamples``) of the current version on ``prompts`` (the reference as ``base`` when
         none is current or it cannot be loaded). A version never changes and its evaluation is deterministic,
         so its samples are kept for the next gate with the same prompts and config (only re-scored, since the
@@ -256,8 +275,10 @@ class LearnerModels:
                 validate_version_name(current)
                 version, model = current, self.incumbent(registry, current)
             except (InvalidCheckpoint, OSError, ValueError) as exc:
-                log.warning("incumbent not loadable, gating against the reference",
-                            extra={"version": current, "error": str(exc)})
+                log.warning(
+                    "incumbent not loadable, gating against the reference",
+                    extra={"version": current, "error": str(exc)},
+                )
         samples = sample_policy(model, self.reference, self.tokenizer, prompts, config, max_tokens)
         self._incumbent_cache = (key, version, samples)
         return version, samples
@@ -272,7 +293,9 @@ class LearnerModels:
             return query.text, query.max_tokens, repr(config)
 
         missing = list({key(q): q for q in queries if key(q) not in self._reference_answers}.values())
-        if len(self._reference_answers) + len(missing) > 4096:  # bounded: a long-running learner sees many prompts
+        if (
+            len(self._reference_answers) + len(missing) > 4096
+        ):  # bounded: a long-running learner sees many prompts
             self._reference_answers.clear()
             missing = list({key(q): q for q in queries}.values())
         if missing:
@@ -280,8 +303,14 @@ class LearnerModels:
             self._reference_answers.update(zip(map(key, missing), answers, strict=True))
         return [self._reference_answers[key(q)] for q in queries]
 
-    def remember_incumbent(self, version: str, prompts: list[str], config: Any, samples: Any,
-                           max_tokens: list[int | None] | None = None) -> None:
+    def remember_incumbent(
+        self,
+        version: str,
+        prompts: list[str],
+        config: Any,
+        samples: Any,
+        max_tokens: list[int | None] | None = None,
+    ) -> None:
         """A promoted candidate's samples, kept as the next incumbent's."""
         key = (version, self.reference_path, tuple(prompts), repr(config), repr(max_tokens))
         self._incumbent_cache = (key, version, samples)
@@ -303,8 +332,10 @@ class LearnerModels:
         state = None
         if version != BASE_VERSION:
             if registry.manifest(version).kind != VersionKind.adapter:
-                log.warning("cannot restart the adapter policy from a full-weight version; it keeps training",
-                            extra={"version": version})
+                log.warning(
+                    "cannot restart the adapter policy from a full-weight version; it keeps training",
+                    extra={"version": version},
+                )
                 return None
             self.incumbent(registry, version)  # verified and attached as the "incumbent" adapter
             state = base.state_of("incumbent")
@@ -316,6 +347,11 @@ class LearnerModels:
         """Publish ``policy`` as ``version``: an adapter version (lora, over the served base), else full weights
         (full mode; or lora after SFT changed the base, merged, since serve holds the original base)."""
         if self.lora:
-            return policy.write_version(registry, version, served_base=self.reference_path == self.base_path,
-                                        tokenizer=self.tokenizer, **kwargs)
+            return policy.write_version(
+                registry,
+                version,
+                served_base=self.reference_path == self.base_path,
+                tokenizer=self.tokenizer,
+                **kwargs,
+            )
         return registry.write_pretrained(version, policy, self.tokenizer, **kwargs)

@@ -55,8 +55,13 @@ from learner.rollout import Rollouts, generate_rollouts, response_limits, scorin
 log = logging.getLogger(__name__)
 
 
-def response_logits(model, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                    temperature: float) -> torch.Tensor:
+def response_logits(
+    model,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float,
+) -> torch.Tensor:
     """Logits that predict each response token, divided by the sampling temperature. Returns (B, Tr, V)."""
     response_length = query_responses.size(1) - context_length
     logits = model(
@@ -77,8 +82,13 @@ def response_logprobs(model, rollouts: Rollouts, temperature: float, batch_size:
         for start in range(0, rollouts.query_responses.size(0), batch_size):
             rows = slice(start, start + batch_size)
             query_responses = rollouts.query_responses[rows].to(device)
-            logits = response_logits(model, query_responses, rollouts.attention_mask[rows].to(device),
-                                     rollouts.context_length, temperature)
+            logits = response_logits(
+                model,
+                query_responses,
+                rollouts.attention_mask[rows].to(device),
+                rollouts.context_length,
+                temperature,
+            )
             out.append(logprobs_from_logits(logits, query_responses[:, rollouts.context_length :]).cpu())
     return torch.cat(out)
 
@@ -93,9 +103,12 @@ def response_kl(policy, reference, rollouts: Rollouts, temperature: float, batch
             rows = slice(start, start + batch_size)
             query_responses = rollouts.query_responses[rows].to(device)
             attention_mask = rollouts.attention_mask[rows].to(device)
-            logits = response_logits(policy, query_responses, attention_mask, rollouts.context_length, temperature)
-            ref_logits = response_logits(reference, query_responses, attention_mask, rollouts.context_length,
-                                         temperature)
+            logits = response_logits(
+                policy, query_responses, attention_mask, rollouts.context_length, temperature
+            )
+            ref_logits = response_logits(
+                reference, query_responses, attention_mask, rollouts.context_length, temperature
+            )
             out.append(kl_from_logits(logits, ref_logits).cpu())
     return torch.cat(out) * rollouts.response_mask
 
@@ -107,8 +120,11 @@ def response_values(value_model, rollouts: Rollouts, batch_size: int) -> torch.T
     with torch.no_grad():
         for start in range(0, rollouts.query_responses.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            values = token_scores(value_model, rollouts.query_responses[rows].to(device),
-                                  rollouts.attention_mask[rows].to(device))  # (b, Tq + Tr)
+            values = token_scores(
+                value_model,
+                rollouts.query_responses[rows].to(device),
+                rollouts.attention_mask[rows].to(device),
+            )  # (b, Tq + Tr)
             out.append(values[:, rollouts.context_length - 1 : -1].float().cpu())
     return torch.cat(out)
 
@@ -121,8 +137,11 @@ def rollout_scores(reward_model, rollouts: Rollouts, batch_size: int, eos_token_
     with torch.no_grad():
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            out.append(sequence_scores(reward_model, input_ids[rows].to(device),
-                                       attention_mask[rows].to(device)).float().cpu())
+            out.append(
+                sequence_scores(reward_model, input_ids[rows].to(device), attention_mask[rows].to(device))
+                .float()
+                .cpu()
+            )
     return torch.cat(out)
 
 
@@ -138,13 +157,29 @@ def round_prompt_indices(n_prompts: int, n: int, rng: random.Random) -> list[int
 class PPOPtxTrainer:
     """Runs PPO-ptx rounds on ``policy`` (and ``value_model``) in place; owns their optimizers."""
 
-    def __init__(self, policy, reference, value_model, reward_model, tokenizer, config: PPOConfig,
-                 ptx_source: PtxSource | None = None, progress: bool = False):
+    def __init__(
+        self,
+        policy,
+        reference,
+        value_model,
+        reward_model,
+        tokenizer,
+        config: PPOConfig,
+        ptx_source: PtxSource | None = None,
+        progress: bool = False,
+    ):
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("PPO needs a pad token distinct from EOS (see instructloop.model.fix_tokenizer)")
         if config.ptx_coef > 0 and ptx_source is None:
-            raise ValueError("PPOConfig.ptx_coef > 0 needs a ptx_source (learner.ptx.PtxSource); set ptx_coef=0 for plain PPO")
-        self.policy, self.reference, self.value_model, self.reward_model = policy, reference, value_model, reward_model
+            raise ValueError(
+                "PPOConfig.ptx_coef > 0 needs a ptx_source (learner.ptx.PtxSource); set ptx_coef=0 for plain PPO"
+            )
+        self.policy, self.reference, self.value_model, self.reward_model = (
+            policy,
+            reference,
+            value_model,
+            reward_model,
+        )
         self.tokenizer, self.config, self.ptx_source, self.progress = tokenizer, config, ptx_source, progress
         for model in (policy, reference, value_model, reward_model):
             disable_dropout(model)
@@ -155,7 +190,9 @@ class PPOPtxTrainer:
             # the value model may be a copy of the (frozen) RM; only the RM's normalisation bias stays fixed
             parameter.requires_grad_(name != "score.bias")
         policy.requires_grad_(True)
-        self.policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr)
+        self.policy_optimizer = torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad], lr=config.lr
+        )
         self.value_optimizer = torch.optim.AdamW(
             [p for p in value_model.parameters() if p.requires_grad], lr=config.value_lr or config.lr
         )
@@ -198,8 +235,11 @@ class PPOPtxTrainer:
     def heldout_ptx_nll(self) -> dict[str, float]:
         """Per-token NLL of the policy (and, once, of the reference) on ``config.ptx_eval_windows`` held-out
         pretraining windows, and their ratio: the alignment tax on text ptx never trains on."""
-        batch = self.ptx_source.heldout_batch(self.config.ptx_eval_windows) \
-            if self.ptx_source is not None and self.config.ptx_eval_windows else None
+        batch = (
+            self.ptx_source.heldout_batch(self.config.ptx_eval_windows)
+            if self.ptx_source is not None and self.config.ptx_eval_windows
+            else None
+        )
         if batch is None:
             return {}
         device = next(self.policy.parameters()).device
@@ -208,17 +248,30 @@ class PPOPtxTrainer:
         def nll(model) -> float:
             was_training = model.training
             model.eval()
-            values = [ptx_loss(model(input_ids=input_ids[i : i + 4], attention_mask=attention_mask[i : i + 4],
-                                     use_cache=False).logits, input_ids[i : i + 4], attention_mask[i : i + 4], 1.0)[1]
-                      for i in range(0, input_ids.size(0), 4)]
+            values = [
+                ptx_loss(
+                    model(
+                        input_ids=input_ids[i : i + 4],
+                        attention_mask=attention_mask[i : i + 4],
+                        use_cache=False,
+                    ).logits,
+                    input_ids[i : i + 4],
+                    attention_mask[i : i + 4],
+                    1.0,
+                )[1]
+                for i in range(0, input_ids.size(0), 4)
+            ]
             model.train(was_training)
             return torch.stack(values).mean().item()
 
         if self._reference_heldout_nll is None:
             self._reference_heldout_nll = nll(self.reference)
         policy_nll = nll(self.policy)
-        return {"ptx_heldout_nll": policy_nll, "ptx_heldout_nll_reference": self._reference_heldout_nll,
-                "ptx_heldout_nll_ratio": policy_nll / self._reference_heldout_nll}
+        return {
+            "ptx_heldout_nll": policy_nll,
+            "ptx_heldout_nll_reference": self._reference_heldout_nll,
+            "ptx_heldout_nll_ratio": policy_nll / self._reference_heldout_nll,
+        }
 
     def round(self, prompts: list[str], max_tokens: Sequence[int | None] | None = None) -> dict[str, float]:
         """One PPO-ptx round on prompts drawn from ``prompts``. Returns the round's statistics.
@@ -247,19 +300,31 @@ class PPOPtxTrainer:
         # 2. rollouts from the current policy: left-padded queries, temperature sampling
         # 3. truncate at the first EOS (inside generate_rollouts)
         torch.manual_seed(round_seed)
-        rollouts = generate_rollouts(self.policy, self.tokenizer, batch_prompts, config.max_prompt_tokens,
-                                     limits, do_sample=True, temperature=config.temperature)
+        rollouts = generate_rollouts(
+            self.policy,
+            self.tokenizer,
+            batch_prompts,
+            config.max_prompt_tokens,
+            limits,
+            do_sample=True,
+            temperature=config.temperature,
+        )
         rollout_s = time.perf_counter() - started
         mask = rollouts.response_mask  # (B, Tr)
 
         # 4. logprobs (policy at sampling time, frozen reference), values, and RM scores at the EOS
         scoring_started = time.perf_counter()
         self.policy.eval()
-        logprobs = response_logprobs(self.policy, rollouts, config.temperature, config.forward_batch_size)  # (B, Tr)
-        ref_logprobs = response_logprobs(self.reference, rollouts, config.temperature, config.forward_batch_size)
+        logprobs = response_logprobs(
+            self.policy, rollouts, config.temperature, config.forward_batch_size
+        )  # (B, Tr)
+        ref_logprobs = response_logprobs(
+            self.reference, rollouts, config.temperature, config.forward_batch_size
+        )
         values = response_values(self.value_model, rollouts, config.forward_batch_size)  # (B, Tr)
-        rm_scores = rollout_scores(self.reward_model, rollouts, config.forward_batch_size,
-                                   self.tokenizer.eos_token_id)  # (B,)
+        rm_scores = rollout_scores(
+            self.reward_model, rollouts, config.forward_batch_size, self.tokenizer.eos_token_id
+        )  # (B,)
         scores = rm_scores.clone()
         penalised = ~rollouts.has_eos & penalisable  # (B,)
         if config.missing_eos_penalty is not None:
@@ -284,27 +349,46 @@ class PPOPtxTrainer:
         self.value_model.train()
         device = next(self.policy.parameters()).device
         value_device = next(self.value_model.parameters()).device
-        stats: dict[str, list[float]] = {k: [] for k in (
-            "policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy",
-            "ptx_loss", "ptx_nll")}
+        stats: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "policy_loss",
+                "value_loss",
+                "clip_fraction",
+                "value_clip_fraction",
+                "approx_kl",
+                "entropy",
+                "ptx_loss",
+                "ptx_nll",
+            )
+        }
         ptx_s = 0.0
         ptx_tokens = 0
         # minibatch indices are drawn from one permutation per epoch
         minibatches = []
         for _epoch in range(config.ppo_epochs):
             permutation = torch.randperm(n, generator=self.generator)
-            minibatches.extend(permutation[s : s + config.mini_batch_size] for s in range(0, n, config.mini_batch_size))
+            minibatches.extend(
+                permutation[s : s + config.mini_batch_size] for s in range(0, n, config.mini_batch_size)
+            )
         for rows in progress_iter(minibatches, len(minibatches), "ppo update", self.progress):
             mb_mask = mask[rows].to(device)  # (b, Tr)
             query_responses = rollouts.query_responses[rows].to(device)
             attention_mask = rollouts.attention_mask[rows].to(device)
 
             # 7a. policy: clipped ratio on whitened advantages
-            logits = response_logits(self.policy, query_responses, attention_mask, rollouts.context_length,
-                                     config.temperature)  # (b, Tr, V)
-            new_logprobs = logprobs_from_logits(logits, query_responses[:, rollouts.context_length :])  # (b, Tr)
+            logits = response_logits(
+                self.policy, query_responses, attention_mask, rollouts.context_length, config.temperature
+            )  # (b, Tr, V)
+            new_logprobs = logprobs_from_logits(
+                logits, query_responses[:, rollouts.context_length :]
+            )  # (b, Tr)
             policy_loss, clip_fraction, approx_kl = clipped_policy_loss(
-                new_logprobs, logprobs[rows].to(device), advantages[rows].to(device), mb_mask, config.cliprange
+                new_logprobs,
+                logprobs[rows].to(device),
+                advantages[rows].to(device),
+                mb_mask,
+                config.cliprange,
             )
             with torch.no_grad():
                 entropy = masked_mean(entropy_from_logits(logits), mb_mask)
@@ -329,20 +413,29 @@ class PPOPtxTrainer:
             self.policy_optimizer.step()
 
             # 7c. value model: clipped value loss toward the GAE returns
-            new_values = token_scores(self.value_model, query_responses.to(value_device),
-                                      attention_mask.to(value_device))[:, rollouts.context_length - 1 : -1]
+            new_values = token_scores(
+                self.value_model, query_responses.to(value_device), attention_mask.to(value_device)
+            )[:, rollouts.context_length - 1 : -1]
             value_loss, value_clip_fraction = clipped_value_loss(
-                new_values.float(), values[rows].to(value_device), returns[rows].to(value_device),
-                mb_mask.to(value_device), config.cliprange_value,
+                new_values.float(),
+                values[rows].to(value_device),
+                returns[rows].to(value_device),
+                mb_mask.to(value_device),
+                config.cliprange_value,
             )
             self.value_optimizer.zero_grad(set_to_none=True)
             value_loss.backward()
             torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), config.max_grad_norm)
             self.value_optimizer.step()
 
-            for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
-                               ("clip_fraction", clip_fraction), ("value_clip_fraction", value_clip_fraction),
-                               ("approx_kl", approx_kl), ("entropy", entropy)):
+            for key, value in (
+                ("policy_loss", policy_loss),
+                ("value_loss", value_loss),
+                ("clip_fraction", clip_fraction),
+                ("value_clip_fraction", value_clip_fraction),
+                ("approx_kl", approx_kl),
+                ("entropy", entropy),
+            ):
                 stats[key].append(value.item())  # CPU/GPU sync
         self.policy.eval()
         self.value_model.eval()
@@ -368,7 +461,9 @@ class PPOPtxTrainer:
             "non_score_reward": non_score_reward.sum(1).mean().item(),
             "kl_coef": self.kl_controller.value,
             "eos_rate": rollouts.has_eos.float().mean().item(),
-            "penalised_rate": penalised.float().mean().item() if config.missing_eos_penalty is not None else 0.0,
+            "penalised_rate": penalised.float().mean().item()
+            if config.missing_eos_penalty is not None
+            else 0.0,
             "length_cap_mean": rollouts.limits.float().mean().item(),
             "response_length_mean": mask.sum(1).float().mean().item(),
             "rollout_s": rollout_s,

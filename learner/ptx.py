@@ -43,9 +43,11 @@ def default_corpus() -> Path:
     """WordNet's glosses when ``wordnet-base`` is installed, else the shipped corpus (with a warning)."""
     if (WORDNET_DIR / "data.noun").exists():
         return WORDNET_DIR
-    log.warning("ptx: WordNet (Debian package wordnet-base) is not installed; using the small shipped corpus "
-                "(run `make install`, or `apt-get install wordnet-base`, or set INSTRUCTLOOP_LEARNER_PTX_CORPUS)",
-                extra={"corpus": str(SHIPPED_CORPUS)})
+    log.warning(
+        "ptx: WordNet (Debian package wordnet-base) is not installed; using the small shipped corpus "
+        "(run `make install`, or `apt-get install wordnet-base`, or set INSTRUCTLOOP_LEARNER_PTX_CORPUS)",
+        extra={"corpus": str(SHIPPED_CORPUS)},
+    )
     return SHIPPED_CORPUS
 
 
@@ -67,7 +69,9 @@ def wordnet_glosses(folder: Path) -> list[str]:
 
 def is_heldout_document(text: str, fraction: float) -> bool:
     """A fixed split of the corpus: the first 8 bytes of sha256(text) as a number in [0, 1) below ``fraction``."""
-    return fraction > 0 and int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64 < fraction
+    return (
+        fraction > 0 and int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64 < fraction
+    )
 
 
 def _split_documents(text: str) -> list[str]:
@@ -75,7 +79,9 @@ def _split_documents(text: str) -> list[str]:
     return [doc for doc in documents if doc]
 
 
-def load_documents(path: str | Path | None = None, text_field: str = "text", max_documents: int | None = None) -> list[str]:
+def load_documents(
+    path: str | Path | None = None, text_field: str = "text", max_documents: int | None = None
+) -> list[str]:
     """The documents of a corpus (see the module docstring for what ``path`` may be)."""
     if path is None:
         path = default_corpus()
@@ -102,7 +108,9 @@ def _load_hf_dataset(path: str, text_field: str) -> list[str]:
     try:
         import datasets
     except ImportError as error:  # pragma: no cover - datasets comes with trl
-        raise ValueError(f"ptx corpus {path!r}: not a file or folder, and `datasets` is not installed") from error
+        raise ValueError(
+            f"ptx corpus {path!r}: not a file or folder, and `datasets` is not installed"
+        ) from error
     source = Path(path).expanduser()
     try:
         if (source / "dataset_info.json").exists() or (source / "state.json").exists():
@@ -117,7 +125,9 @@ def _load_hf_dataset(path: str, text_field: str) -> list[str]:
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     if text_field not in dataset.column_names:
-        raise ValueError(f"ptx dataset {path!r} has no column {text_field!r} (columns: {dataset.column_names})")
+        raise ValueError(
+            f"ptx dataset {path!r} has no column {text_field!r} (columns: {dataset.column_names})"
+        )
     return [text for text in dataset[text_field] if text and text.strip()]
 
 
@@ -157,15 +167,27 @@ class PtxSource:
         stream = streams[False]
         n_windows = len(stream) // seq_len
         if n_windows < 1:
-            raise ValueError(f"the ptx corpus {self.path} has {len(stream)} tokens, fewer than seq_len={seq_len}")
-        self.windows = torch.tensor(stream[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)  # (W, T)
+            raise ValueError(
+                f"the ptx corpus {self.path} has {len(stream)} tokens, fewer than seq_len={seq_len}"
+            )
+        self.windows = torch.tensor(stream[: n_windows * seq_len], dtype=torch.long).view(
+            n_windows, seq_len
+        )  # (W, T)
         n_heldout = len(streams[True]) // seq_len
         self.heldout_windows = torch.tensor(streams[True][: n_heldout * seq_len], dtype=torch.long).view(
-            n_heldout, seq_len)  # (W_h, T)
+            n_heldout, seq_len
+        )  # (W_h, T)
         self.generator = torch.Generator().manual_seed(seed)
-        log.info("ptx corpus loaded", extra={"path": self.path, "documents": len(documents),
-                                             "tokens": len(stream), "windows": n_windows,
-                                             "heldout_windows": n_heldout})
+        log.info(
+            "ptx corpus loaded",
+            extra={
+                "path": self.path,
+                "documents": len(documents),
+                "tokens": len(stream),
+                "windows": n_windows,
+                "heldout_windows": n_heldout,
+            },
+        )
 
     def heldout_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first ``n`` held-out windows (never trained on), or None when the corpus has none."""

@@ -48,8 +48,12 @@ def publish_candidate(
         manifest = registry.manifest(version)
         log.info("candidate already in the registry (resumed publish)", extra={"version": version})
     else:
-        fields = {"parent": parent, "metrics": result.metrics, "status": PolicyStatus.candidate,
-                  "base_model": base_model}
+        fields = {
+            "parent": parent,
+            "metrics": result.metrics,
+            "status": PolicyStatus.candidate,
+            "base_model": base_model,
+        }
         if write is None:
             manifest = registry.write_pretrained(version, policy, tokenizer, **fields)
         else:
@@ -58,14 +62,24 @@ def publish_candidate(
     if result.promote:
         if registry.current() != version or manifest.status != PolicyStatus.promoted:
             manifest = registry.set_current(version, status=PolicyStatus.promoted, reason=reason)
-        log.info("candidate promoted", extra={"version": version, "parent": parent, "metrics": result.metrics})
+        log.info(
+            "candidate promoted", extra={"version": version, "parent": parent, "metrics": result.metrics}
+        )
     elif result.held_back_by:
         if manifest.status != PolicyStatus.held_back:
-            manifest = registry.set_status(version, PolicyStatus.held_back, metrics=result.metrics, reason=reason)
-        log.info("candidate held back by a pin", extra={"version": version, "pinned": result.held_back_by,
-                                                        "metrics": result.metrics})
+            manifest = registry.set_status(
+                version, PolicyStatus.held_back, metrics=result.metrics, reason=reason
+            )
+        log.info(
+            "candidate held back by a pin",
+            extra={"version": version, "pinned": result.held_back_by, "metrics": result.metrics},
+        )
     else:
         if manifest.status != PolicyStatus.rejected:
-            manifest = registry.set_status(version, PolicyStatus.rejected, metrics=result.metrics, reason=reason)
-        log.info("candidate rejected", extra={"version": version, "parent": parent, "reasons": result.reasons})
+            manifest = registry.set_status(
+                version, PolicyStatus.rejected, metrics=result.metrics, reason=reason
+            )
+        log.info(
+            "candidate rejected", extra={"version": version, "parent": parent, "reasons": result.reasons}
+        )
     return manifest

@@ -114,8 +114,9 @@ def backbone(model: nn.Module) -> nn.Module:
 def _install_bias(model: nn.Module, bias: float) -> None:
     head = score_head(model)
     if head.bias is None:
-        new_head = nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype,
-                             device=head.weight.device)
+        new_head = nn.Linear(
+            head.in_features, head.out_features, bias=True, dtype=head.weight.dtype, device=head.weight.device
+        )
         with torch.no_grad():
             new_head.weight.copy_(head.weight)
         model.score = new_head
@@ -196,14 +197,20 @@ def _ranked_sequences(tokenizer, comparison, max_length: int) -> tuple[list[list
     """Encode only the responses a ranking mentions; return (sequences, ranking over them)."""
     ranked = [i for group in comparison.ranking for i in group]
     compact = {original: position for position, original in enumerate(ranked)}
-    sequences = [encode_sequence(tokenizer, comparison.prompt, comparison.responses[i], max_length) for i in ranked]
+    sequences = [
+        encode_sequence(tokenizer, comparison.prompt, comparison.responses[i], max_length) for i in ranked
+    ]
     ranking = [[compact[i] for i in group] for group in comparison.ranking]
     return sequences, ranking
 
 
-def kwise_batch_loss(model, tokenizer, comparisons, max_length: int,
-                     encoded: list[tuple[list[list[int]], list[list[int]]]] | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def kwise_batch_loss(
+    model,
+    tokenizer,
+    comparisons,
+    max_length: int,
+    encoded: list[tuple[list[list[int]], list[list[int]]]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One forward over every response of every ranking in ``comparisons``; the K-wise loss of the batch.
 
     ``encoded`` (optional) is ``_ranked_sequences`` of each comparison, already computed.
@@ -242,7 +249,9 @@ def train_reward_model(
     comparisons = [c for c in comparisons if c.pairs()]  # a tie ([[0, 1]]) implies no pair
     heldout = [c for c in heldout if c.pairs()] if heldout else heldout
     if not comparisons:
-        raise ValueError("train_reward_model needs at least one comparison that implies a (winner, loser) pair")
+        raise ValueError(
+            "train_reward_model needs at least one comparison that implies a (winner, loser) pair"
+        )
     disable_dropout(model)
     model.train()
     # Train every weight but the normalisation bias, whatever froze the model before (the PPO trainer
@@ -261,12 +270,19 @@ def train_reward_model(
     for _ in range(epochs):
         order = list(range(len(comparisons)))
         order_rng.shuffle(order)
-        batches.extend(order[start : start + config.rankings_per_batch]
-                       for start in range(0, len(order), config.rankings_per_batch))
+        batches.extend(
+            order[start : start + config.rankings_per_batch]
+            for start in range(0, len(order), config.rankings_per_batch)
+        )
     losses, accuracies, sequences = [], [], 0
     for batch in progress_iter(batches, len(batches), "reward model", progress):
-        loss, accuracy, n = kwise_batch_loss(model, tokenizer, [comparisons[i] for i in batch], config.max_length,
-                                             encoded=[encoded[i] for i in batch])
+        loss, accuracy, n = kwise_batch_loss(
+            model,
+            tokenizer,
+            [comparisons[i] for i in batch],
+            config.max_length,
+            encoded=[encoded[i] for i in batch],
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -288,8 +304,9 @@ def train_reward_model(
         "sequences_per_s": sequences / duration if duration > 0 else math.inf,
     }
     if heldout:
-        stats["heldout_accuracy"], stats["heldout_loss"] = ranking_metrics(model, tokenizer, heldout,
-                                                                           config.score_batch_size, config.max_length)
+        stats["heldout_accuracy"], stats["heldout_loss"] = ranking_metrics(
+            model, tokenizer, heldout, config.score_batch_size, config.max_length
+        )
     log.info("reward model trained", extra={"stats": stats})
     return stats
 
@@ -298,12 +315,20 @@ def train_reward_model(
 
 
 @torch.no_grad()
-def reward_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16,
-                  max_length: int = 512) -> torch.Tensor:
+def reward_scores(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> torch.Tensor:
     """r(x, y) of each (prompt, response) pair (EOS appended as in training). Returns (len(prompts),) float32."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    sequences = [encode_sequence(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    sequences = [
+        encode_sequence(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)
+    ]
     return _score_sequences(model, tokenizer, sequences, batch_size)
 
 
@@ -321,27 +346,39 @@ def _score_sequences(model, tokenizer, sequences: Sequence[Sequence[int]], batch
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def ranking_metrics(model, tokenizer, comparisons: list, batch_size: int = 16,
-                    max_length: int = 512) -> tuple[float, float]:
+def ranking_metrics(
+    model, tokenizer, comparisons: list, batch_size: int = 16, max_length: int = 512
+) -> tuple[float, float]:
     """(pair accuracy, K-wise loss) of ``comparisons`` under the RM, from one scoring pass: each ranked
     response is scored once (``batch_size`` per forward), then ``kwise_ranking_loss`` over all rankings
     gives the loss (mean over rankings, as in training) and the share of implied (winner, loser) pairs
     ordered correctly (a tie in score counts as wrong)."""
     encoded = [_ranked_sequences(tokenizer, comparison, max_length) for comparison in comparisons]
-    scores = _score_sequences(model, tokenizer, [s for sequences, _ in encoded for s in sequences], batch_size)
-    loss, accuracy = kwise_ranking_loss(scores, ranking_pairs_flat([r for _, r in encoded],
-                                                                  [len(sequences) for sequences, _ in encoded]))
+    scores = _score_sequences(
+        model, tokenizer, [s for sequences, _ in encoded for s in sequences], batch_size
+    )
+    loss, accuracy = kwise_ranking_loss(
+        scores, ranking_pairs_flat([r for _, r in encoded], [len(sequences) for sequences, _ in encoded])
+    )
     return accuracy.item(), loss.item()
 
 
-def pairwise_accuracy(model, tokenizer, comparisons: list, batch_size: int = 16, max_length: int = 512) -> float:
+def pairwise_accuracy(
+    model, tokenizer, comparisons: list, batch_size: int = 16, max_length: int = 512
+) -> float:
     """Fraction of the (winner, loser) pairs implied by ``comparisons`` that the RM orders correctly
     (a tie in score counts as wrong); ``ranking_metrics``' first half."""
     return ranking_metrics(model, tokenizer, comparisons, batch_size, max_length)[0]
 
 
-def normalize_reward_bias(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                          batch_size: int = 16, max_length: int = 512) -> float:
+def normalize_reward_bias(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> float:
     """Shift the score head's bias so these (prompt, response) pairs score mean 0 (paper: the RM is
     normalised so labeler demonstrations score 0; use reference-policy samples when there are none).
 

@@ -73,15 +73,24 @@ def generate_rollouts(
     queries = [encode_query(tokenizer, prompt, max_prompt_tokens) for prompt in prompts]
     query_ids, query_mask = left_pad(queries, pad)  # (B, Tq)
     device = next(policy.parameters()).device
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        if do_sample
+        else {"do_sample": False}
+    )
     generation_config = GenerationConfig(
-        max_new_tokens=int(limits.max()), eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
+        max_new_tokens=int(limits.max()),
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=tokenizer.bos_token_id,
         **sampling,
     )
     was_training = policy.training
     policy.eval()
     output = policy.generate(
-        input_ids=query_ids.to(device), attention_mask=query_mask.to(device), generation_config=generation_config
+        input_ids=query_ids.to(device),
+        attention_mask=query_mask.to(device),
+        generation_config=generation_config,
     ).cpu()  # (B, Tq + Tr); CPU/GPU sync
     policy.train(was_training)
     context_length = query_ids.size(1)

@@ -32,9 +32,14 @@ def run_forever(learner: Learner, max_rounds: int | None = None) -> int:
             learner.report_waiting()
             if not report.trained:
                 if not idle:  # once per idle spell, not once per poll
-                    log.info("learner idle", extra={"dataset": learner.dataset.counts(),
-                                                     "rm_updates": learner.state.rm_updates,
-                                                     "ppo_rounds": learner.state.ppo_rounds})
+                    log.info(
+                        "learner idle",
+                        extra={
+                            "dataset": learner.dataset.counts(),
+                            "rm_updates": learner.state.rm_updates,
+                            "ppo_rounds": learner.state.ppo_rounds,
+                        },
+                    )
                     idle = True
                 wait_for_events(learner)
                 continue
@@ -48,7 +53,9 @@ def run_forever(learner: Learner, max_rounds: int | None = None) -> int:
         idle = False
         if max_rounds is not None and trained >= max_rounds:
             break
-    log.info("learner stopped", extra={"rounds": trained, "state": learner.state.model_dump(exclude={"history"})})
+    log.info(
+        "learner stopped", extra={"rounds": trained, "state": learner.state.model_dump(exclude={"history"})}
+    )
     return trained
 
 
@@ -67,7 +74,14 @@ def wait_for_events(learner: Learner) -> None:
         stats = learner.ingestor.poll(block_ms=block)
         learner.metrics.beat()
         if stats.read:
-            log.info("ingested", extra={"read": stats.read, "inserted": stats.inserted,
-                                         "duplicates": stats.duplicates, "dead_lettered": stats.dead_lettered})
+            log.info(
+                "ingested",
+                extra={
+                    "read": stats.read,
+                    "inserted": stats.inserted,
+                    "duplicates": stats.duplicates,
+                    "dead_lettered": stats.dead_lettered,
+                },
+            )
     learner.ingestor.update_lag()
     learner.ingestor.trim_every(settings.trim_interval_s)

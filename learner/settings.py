@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     model_config = settings_config("INSTRUCTLOOP_LEARNER_")
 
     # ---- shared by name with the other deployables ------------------------------------------------
-    model: str = Field(DEFAULT_MODEL, description="Base (SFT) model: 'default' or an HF causal-LM folder / hub id.")
+    model: str = Field(
+        DEFAULT_MODEL, description="Base (SFT) model: 'default' or an HF causal-LM folder / hub id."
+    )
     redis_url: str | None = Field(None, description="Redis holding the streams. The learner needs it.")
     stream_prefix: str = DEFAULT_PREFIX
     registry_dir: Path = Field(default_factory=lambda: home_dir() / "registry")
@@ -44,55 +46,87 @@ class Settings(BaseSettings):
         description="Stable per replica (a StatefulSet pod name): a restarted learner re-reads its own pending entries.",
     )
     claim_min_idle_ms: int = Field(
-        60_000, ge=0, description="Pending entries of another consumer idle this long are reclaimed (XAUTOCLAIM)."
+        60_000,
+        ge=0,
+        description="Pending entries of another consumer idle this long are reclaimed (XAUTOCLAIM).",
     )
     read_count: int = Field(256, ge=1, description="Entries per XREADGROUP call (per stream).")
     read_block_ms: int = Field(1000, ge=0, description="How long one read waits for new entries.")
     trim_interval_s: float = Field(
-        60.0, gt=0, description="How often the streams are trimmed below what every consumer group acknowledged.")
+        60.0,
+        gt=0,
+        description="How often the streams are trimmed below what every consumer group acknowledged.",
+    )
     heldout_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of events (by a hash of event_id) kept out of training for evaluation."
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of events (by a hash of event_id) kept out of training for evaluation.",
     )
 
     # ---- the loop --------------------------------------------------------------------------------
-    min_new_comparisons: int = Field(64, ge=1, description="New (training) comparisons needed for an RM update.")
+    min_new_comparisons: int = Field(
+        64, ge=1, description="New (training) comparisons needed for an RM update."
+    )
     min_prompts: int = Field(64, ge=1, description="Training prompts needed for a PPO-ptx round.")
     min_rm_comparisons: int = Field(
-        32, ge=0, description="Comparisons the RM must have been trained on, in total, before PPO-ptx rounds start "
+        32,
+        ge=0,
+        description="Comparisons the RM must have been trained on, in total, before PPO-ptx rounds start "
         "(binds when min_new_comparisons is lower): PPO on an RM from a handful of rankings optimises its noise, "
-        "and the gate rejects the candidate (docs/benchmarks.md). 0 = no minimum.")
+        "and the gate rejects the candidate (docs/benchmarks.md). 0 = no minimum.",
+    )
     prompts_per_round: int = Field(64, ge=1, description="Prompts sampled (at most) for one PPO-ptx round.")
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts used by the gate (at most).")
-    poll_interval_s: float = Field(5.0, gt=0, description="Pause between rounds when there was nothing to do.")
-    max_rounds: int | None = Field(None, ge=1, description="`learner run` stops after this many rounds (None = forever).")
+    poll_interval_s: float = Field(
+        5.0, gt=0, description="Pause between rounds when there was nothing to do."
+    )
+    max_rounds: int | None = Field(
+        None, ge=1, description="`learner run` stops after this many rounds (None = forever)."
+    )
 
     # ---- gate ------------------------------------------------------------------------------------
     gate_min_reward_gain: float = Field(
         0.0, description="Candidate mean RM score must exceed the incumbent's by more than this."
     )
     gate_reward_tolerance_se: float = Field(
-        GateConfig.reward_tolerance_se, ge=0, description="Standard errors of the per-prompt score difference by which the candidate's gain "
+        GateConfig.reward_tolerance_se,
+        ge=0,
+        description="Standard errors of the per-prompt score difference by which the candidate's gain "
         "may fall short of gate_min_reward_gain and still pass: a step the held-out prompts cannot tell from noise "
-        "is not rejected, one they show to be worse is. 0 = the gain itself must clear the margin.")
+        "is not rejected, one they show to be worse is. 0 = the gain itself must clear the margin.",
+    )
     gate_kl_ceiling: float = Field(
-        10.0, gt=0, description="Candidate KL to the reference (nats per response, summed over tokens) must stay below."
+        10.0,
+        gt=0,
+        description="Candidate KL to the reference (nats per response, summed over tokens) must stay below.",
     )
     gate_min_live_comparisons: int = Field(
         20, ge=1, description="Live comparisons between the two versions needed before their win-rate counts."
     )
-    gate_min_win_rate: float = Field(0.5, ge=0, le=1, description="Candidate live win-rate against the incumbent must reach this.")
+    gate_min_win_rate: float = Field(
+        0.5, ge=0, le=1, description="Candidate live win-rate against the incumbent must reach this."
+    )
     gate_live_wait_s: float = Field(
-        0.0, ge=0, description="Seconds a new candidate waits in the registry (status candidate, servable by name, "
-                               "shown by the labeling page's compare mode) for gate_min_live_comparisons live A/B "
-                               "pairs against the incumbent before the gate decides; 0 = decide at once.")
+        0.0,
+        ge=0,
+        description="Seconds a new candidate waits in the registry (status candidate, servable by name, "
+        "shown by the labeling page's compare mode) for gate_min_live_comparisons live A/B "
+        "pairs against the incumbent before the gate decides; 0 = decide at once.",
+    )
 
     # ---- hyperparameters -------------------------------------------------------------------------
-    kl_coef: float = Field(PPOConfig.kl_coef, ge=0, description="β: per-token KL penalty to the reference policy.")
+    kl_coef: float = Field(
+        PPOConfig.kl_coef, ge=0, description="β: per-token KL penalty to the reference policy."
+    )
     ptx_coef: float = Field(
-        PPOConfig.ptx_coef, ge=0,
+        PPOConfig.ptx_coef,
+        ge=0,
         description="γ: weight of the pretraining log-likelihood (0 = plain PPO; not the paper's 27.8: see PPOConfig).",
     )
-    ptx_corpus: str | None = Field(None, description="Text corpus for ptx (file, folder, HF dataset path); None = the shipped default.")
+    ptx_corpus: str | None = Field(
+        None, description="Text corpus for ptx (file, folder, HF dataset path); None = the shipped default."
+    )
     reward: dict[str, Any] = Field(default_factory=dict, description="Overrides for RewardConfig (JSON).")
     sft: dict[str, Any] = Field(default_factory=dict, description="Overrides for SFTConfig (JSON).")
     ppo: dict[str, Any] = Field(default_factory=dict, description="Overrides for PPOConfig (JSON).")
@@ -103,8 +137,10 @@ class Settings(BaseSettings):
         "the base model (the reference is that base with adapters off; versions are PEFT adapter folders), "
         "'full' = every weight, one model per role (full-weight versions; for GPUs).",
     )
-    adapters: dict[str, Any] = Field(default_factory=dict, description="Overrides for AdapterConfig (JSON), "
-                                     "e.g. '{\"r\": 8}'; training=lora only.")
+    adapters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides for AdapterConfig (JSON), e.g. '{\"r\": 8}'; training=lora only.",
+    )
     sft_on_start: bool = Field(
         False,
         description="Run SFT once, before the first PPO round, when SFTConfig.min_demonstrations training "
@@ -114,26 +150,44 @@ class Settings(BaseSettings):
     # ---- runtime ---------------------------------------------------------------------------------
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'…")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="Compute dtype ('auto': bfloat16 on CUDA, float32 on CPU). bfloat16 = mixed precision: "
+        "auto",
+        description="Compute dtype ('auto': bfloat16 on CUDA, float32 on CPU). bfloat16 = mixed precision: "
         "frozen weights (the LoRA base, full mode's reference) are held in bfloat16 and every forward pass runs "
         "under torch.autocast; trained weights (adapters, score heads, full mode's policy, value model and RM) "
-        "and their optimizer state stay float32.")
+        "and their optimizer state stay float32.",
+    )
     seed: int = 0
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads (None = torch's default). 1 avoids spin-wait thrashing on "
-        "a CPU shared with other processes.")
-    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics and /healthz port (0 = off).")
+        None,
+        ge=1,
+        description="torch intra-op threads (None = torch's default). 1 avoids spin-wait thrashing on "
+        "a CPU shared with other processes.",
+    )
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="Prometheus /metrics and /healthz port (0 = off)."
+    )
     liveness_max_age_s: float = Field(
-        900.0, gt=0, description="/healthz on the metrics port fails (503) when the main loop's heartbeat is older "
-        "than this; it must exceed the longest single step (see learner_step_duration_seconds).")
+        900.0,
+        gt=0,
+        description="/healthz on the metrics port fails (503) when the main loop's heartbeat is older "
+        "than this; it must exceed the longest single step (see learner_step_duration_seconds).",
+    )
     redis_socket_timeout_s: float = Field(
-        30.0, gt=0, description="Socket timeout of the learner's Redis client (a hung Redis raises instead of "
-        "blocking forever); must exceed read_block_ms.")
+        30.0,
+        gt=0,
+        description="Socket timeout of the learner's Redis client (a hung Redis raises instead of "
+        "blocking forever); must exceed read_block_ms.",
+    )
     redis_connect_timeout_s: float = Field(
-        60.0, ge=0, description="At start, how long the learner waits for Redis to answer before it exits (2) with "
+        60.0,
+        ge=0,
+        description="At start, how long the learner waits for Redis to answer before it exits (2) with "
         "an error: components of one deployment start together, and Redis may come up after the learner. "
-        "0 = exit at once.")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in state_dir (older ones are deleted).")
+        "0 = exit at once.",
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints kept in state_dir (older ones are deleted)."
+    )
     log_level: str = "INFO"
     json_logs: bool = True
 
@@ -147,8 +201,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _timeout_exceeds_block(self) -> Settings:
         if self.redis_socket_timeout_s * 1000 <= self.read_block_ms + 1000:
-            raise ValueError(f"redis_socket_timeout_s ({self.redis_socket_timeout_s}) must exceed read_block_ms "
-                             f"({self.read_block_ms} ms) by at least 1 s: raise INSTRUCTLOOP_LEARNER_REDIS_SOCKET_TIMEOUT_S")
+            raise ValueError(
+                f"redis_socket_timeout_s ({self.redis_socket_timeout_s}) must exceed read_block_ms "
+                f"({self.read_block_ms} ms) by at least 1 s: raise INSTRUCTLOOP_LEARNER_REDIS_SOCKET_TIMEOUT_S"
+            )
         return self
 
     def require_redis(self) -> str:

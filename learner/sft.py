@@ -31,12 +31,19 @@ def demonstrations_dataset(demonstrations: list, tokenizer, max_length: int):
     rows = []
     for demo in demonstrations:
         query, response = encode_pair(tokenizer, demo.prompt, demo.response, max_length)
-        rows.append({"input_ids": query + response, "completion_mask": [0] * len(query) + [1] * len(response)})
+        rows.append(
+            {"input_ids": query + response, "completion_mask": [0] * len(query) + [1] * len(response)}
+        )
     return Dataset.from_list(rows)
 
 
-def run_sft(model_path: str | Path, demonstrations: list, output_dir: str | Path, config: SFTConfig,
-            progress: bool = False) -> Path:
+def run_sft(
+    model_path: str | Path,
+    demonstrations: list,
+    output_dir: str | Path,
+    config: SFTConfig,
+    progress: bool = False,
+) -> Path:
     """Fine-tune the causal LM at ``model_path`` on ``demonstrations``; save model + tokenizer to
     ``output_dir`` (plus ``sft_metrics.json``: train loss, steps, runtime) and return it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,15 +57,20 @@ def run_sft(model_path: str | Path, demonstrations: list, output_dir: str | Path
     result = trainer.train()
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    metrics = {"train_loss": float(result.training_loss), "steps": int(result.global_step),
-               "runtime_s": float(result.metrics.get("train_runtime", 0.0)), "demonstrations": len(demonstrations)}
+    metrics = {
+        "train_loss": float(result.training_loss),
+        "steps": int(result.global_step),
+        "runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "demonstrations": len(demonstrations),
+    }
     (output_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("sft done", extra={"output_dir": str(output_dir), **metrics})
     return output_dir
 
 
-def build_sft_trainer(model, tokenizer, demonstrations: list, output_dir: Path, config: SFTConfig,
-                      progress: bool = False):
+def build_sft_trainer(
+    model, tokenizer, demonstrations: list, output_dir: Path, config: SFTConfig, progress: bool = False
+):
     """TRL's ``SFTTrainer`` over the tokenized demonstrations (``demonstrations_dataset``), loss on the
     response only; its state goes to ``output_dir / "trainer-state"``."""
     from trl import SFTConfig as TRLSFTConfig
@@ -82,12 +94,18 @@ def build_sft_trainer(model, tokenizer, demonstrations: list, output_dir: Path, 
         bf16=False,
         fp16=False,
     )
-    return SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                      train_dataset=demonstrations_dataset(demonstrations, tokenizer, config.max_length))
+    return SFTTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=demonstrations_dataset(demonstrations, tokenizer, config.max_length),
+    )
 
 
 @torch.no_grad()
-def completion_nll(model, tokenizer, demonstrations: list, max_length: int = 512, batch_size: int = 8) -> float:
+def completion_nll(
+    model, tokenizer, demonstrations: list, max_length: int = 512, batch_size: int = 8
+) -> float:
     """Mean per-token negative log-likelihood of the demonstrations' responses (+ ``<|im_end|>``) given
     their queries: the quantity SFT minimises, measured independently of TRL."""
     total_nll, total_tokens = 0.0, 0
@@ -99,9 +117,17 @@ def completion_nll(model, tokenizer, demonstrations: list, max_length: int = 512
             sequences.append(query + response)
             response_lengths.append(len(response))
         input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)  # (b, T)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).logits
+        logp = (
+            torch.log_softmax(logits[:, :-1].float(), -1)
+            .gather(2, input_ids[:, 1:].unsqueeze(-1))
+            .squeeze(-1)
+        )
         width = input_ids.size(1)
         for row, n in enumerate(response_lengths):
             total_nll -= logp[row, width - 1 - n :].sum().item()

@@ -45,24 +45,37 @@ class LearnerState(BaseModel):
     step: int = Field(0, description="Checkpoints written so far (the folder number of this one).")
     rm_updates: int = 0
     rm_cursor: int = Field(0, description="comparisons.seq up to which the reward model has trained.")
-    rm_comparisons_trained: int = Field(0, description="Training comparisons consumed by RM updates, in total.")
+    rm_comparisons_trained: int = Field(
+        0, description="Training comparisons consumed by RM updates, in total."
+    )
     rm_heldout_accuracy: float | None = None
     sft_done: bool = False
-    reference_model: str | None = Field(None, description="The reference (SFT) model folder; None = settings.model.")
+    reference_model: str | None = Field(
+        None, description="The reference (SFT) model folder; None = settings.model."
+    )
     ppo_rounds: int = 0
     ppo_prompts: int = Field(0, description="Prompts used by PPO rounds, in total.")
-    ppo_prompt_cursor: int = Field(0, description="prompts.seq of the newest prompt when the last PPO round ran.")
+    ppo_prompt_cursor: int = Field(
+        0, description="prompts.seq of the newest prompt when the last PPO round ran."
+    )
     ppo_rm_update: int = Field(0, description="rm_updates when the last PPO round ran.")
     incumbent: str | None = Field(None, description="The current version when the gate last ran.")
     pending_candidate: str | None = Field(
-        None, description="Version reserved for the policy of the last PPO round, not gated yet.")
+        None, description="Version reserved for the policy of the last PPO round, not gated yet."
+    )
     candidate_listed_at: float | None = Field(
-        None, description="When the pending candidate was written to the registry to collect live votes "
-                          "(gate_live_wait_s); None while it is not there.")
+        None,
+        description="When the pending candidate was written to the registry to collect live votes "
+        "(gate_live_wait_s); None while it is not there.",
+    )
     promotions: int = 0
     rejections: int = 0
-    held_back: int = Field(0, description="Candidates that passed the gate while the current version was pinned.")
-    policy_events_cursor: str = Field("0-0", description="Last policies-stream entry read for admin rollbacks.")
+    held_back: int = Field(
+        0, description="Candidates that passed the gate while the current version was pinned."
+    )
+    policy_events_cursor: str = Field(
+        "0-0", description="Last policies-stream entry read for admin rollbacks."
+    )
     history: list[dict[str, Any]] = Field(default_factory=list, description="The latest round records.")
     saved_at: float = 0.0
 
@@ -96,7 +109,9 @@ class CheckpointStore:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def checkpoints(self) -> list[Path]:
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _CKPT.fullmatch(p.name)) and p.is_dir()]
+        found = [
+            (int(m.group(1)), p) for p in self.root.iterdir() if (m := _CKPT.fullmatch(p.name)) and p.is_dir()
+        ]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
@@ -176,6 +191,13 @@ class CheckpointStore:
             raise
         for old in self.checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint written", extra={"checkpoint": target.name, "parts": sorted(models),
-                                              "rm_updates": state.rm_updates, "ppo_rounds": state.ppo_rounds})
+        log.info(
+            "checkpoint written",
+            extra={
+                "checkpoint": target.name,
+                "parts": sorted(models),
+                "rm_updates": state.rm_updates,
+                "ppo_rounds": state.ppo_rounds,
+            },
+        )
         return target

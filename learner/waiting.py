@@ -42,35 +42,70 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
     new_comparisons = dataset.count_new_comparisons(state.rm_cursor)
     if new_comparisons < settings.min_new_comparisons:
         knob = ENV_PREFIX + "MIN_NEW_COMPARISONS"
-        out.append(Wait("reward_model", new_comparisons, settings.min_new_comparisons, knob,
-                        f"reward model update waits for {settings.min_new_comparisons} new training comparisons "
-                        f"(has {new_comparisons}; rank more completions or lower {knob})"))
+        out.append(
+            Wait(
+                "reward_model",
+                new_comparisons,
+                settings.min_new_comparisons,
+                knob,
+                f"reward model update waits for {settings.min_new_comparisons} new training comparisons "
+                f"(has {new_comparisons}; rank more completions or lower {knob})",
+            )
+        )
     prompts = dataset.count_prompts()
     if prompts < settings.min_prompts:
         knob = ENV_PREFIX + "MIN_PROMPTS"
-        out.append(Wait("ppo", prompts, settings.min_prompts, knob,
-                        f"PPO round waits for {settings.min_prompts} distinct training prompts (has {prompts}; send "
-                        f"completions on more prompts or lower {knob})"))
+        out.append(
+            Wait(
+                "ppo",
+                prompts,
+                settings.min_prompts,
+                knob,
+                f"PPO round waits for {settings.min_prompts} distinct training prompts (has {prompts}; send "
+                f"completions on more prompts or lower {knob})",
+            )
+        )
     elif not has_reward_model and not state.pending_candidate:
         knob = ENV_PREFIX + "MIN_NEW_COMPARISONS"
         out.append(Wait("ppo", 0, 1, knob, f"PPO round waits for the first reward model update (see {knob})"))
     elif state.rm_comparisons_trained < settings.min_rm_comparisons and not state.pending_candidate:
         knob = ENV_PREFIX + "MIN_RM_COMPARISONS"
-        out.append(Wait("ppo", state.rm_comparisons_trained, settings.min_rm_comparisons, knob,
-                        f"PPO round waits for a reward model trained on {settings.min_rm_comparisons} comparisons "
-                        f"(it has seen {state.rm_comparisons_trained}; rank more completions or lower {knob})"))
+        out.append(
+            Wait(
+                "ppo",
+                state.rm_comparisons_trained,
+                settings.min_rm_comparisons,
+                knob,
+                f"PPO round waits for a reward model trained on {settings.min_rm_comparisons} comparisons "
+                f"(it has seen {state.rm_comparisons_trained}; rank more completions or lower {knob})",
+            )
+        )
     elif state.rm_updates <= state.ppo_rm_update and not state.pending_candidate:
         fresh = dataset.count_new_prompts(state.ppo_prompt_cursor)
         if fresh < settings.min_prompts:
             knob = ENV_PREFIX + "MIN_PROMPTS"
-            out.append(Wait("ppo", fresh, settings.min_prompts, knob,
-                            f"PPO round waits for new data since round {state.ppo_rounds}: a reward model update or "
-                            f"{settings.min_prompts} prompts never served before (has {fresh}; lower {knob})"))
+            out.append(
+                Wait(
+                    "ppo",
+                    fresh,
+                    settings.min_prompts,
+                    knob,
+                    f"PPO round waits for new data since round {state.ppo_rounds}: a reward model update or "
+                    f"{settings.min_prompts} prompts never served before (has {fresh}; lower {knob})",
+                )
+            )
     if dataset.count_prompts(heldout=True) == 0 and not dataset.comparisons(heldout=True, limit=1):
         knob = ENV_PREFIX + "HELDOUT_FRACTION"
-        out.append(Wait("gate", 0, 1, knob,
-                        f"the gate has no held-out prompt to evaluate on (a hash of each prompt keeps "
-                        f"{settings.heldout_fraction:.0%} of them out of training; send more or raise {knob})"))
+        out.append(
+            Wait(
+                "gate",
+                0,
+                1,
+                knob,
+                f"the gate has no held-out prompt to evaluate on (a hash of each prompt keeps "
+                f"{settings.heldout_fraction:.0%} of them out of training; send more or raise {knob})",
+            )
+        )
     return out
 
 
@@ -79,8 +114,16 @@ def report_waits(metrics, now: list[Wait], before: list[Wait]) -> list[Wait]:
     steps that stopped waiting). Returns ``now``."""
     if [w.message for w in now] != [w.message for w in before]:
         for wait in now:
-            log.info("learner waiting", extra={"step": wait.step, "have": wait.have, "need": wait.need,
-                                                "knob": wait.knob, "reason": wait.message})
+            log.info(
+                "learner waiting",
+                extra={
+                    "step": wait.step,
+                    "have": wait.have,
+                    "need": wait.need,
+                    "knob": wait.knob,
+                    "reason": wait.message,
+                },
+            )
     for wait in before:
         metrics.waiting.labels(wait.step, wait.knob).set(0)
     for wait in now:

@@ -31,8 +31,16 @@ from instructloop.registry import AdapterWeights
 
 log = logging.getLogger(__name__)
 
-_LORA_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora", "bias", "fan_in_fan_out", "layers_to_transform",
-                "layers_pattern")
+_LORA_FIELDS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "use_rslora",
+    "bias",
+    "fan_in_fan_out",
+    "layers_to_transform",
+    "layers_pattern",
+)
 
 
 def _slot_shape(config: dict[str, Any]) -> tuple:
@@ -41,8 +49,11 @@ def _slot_shape(config: dict[str, Any]) -> tuple:
     for name in _LORA_FIELDS:
         value = config.get(name)
         key.append(tuple(sorted(value)) if isinstance(value, list | set | tuple) else value)
-    return (*key, repr(sorted((config.get("rank_pattern") or {}).items())),
-            repr(sorted((config.get("alpha_pattern") or {}).items())))
+    return (
+        *key,
+        repr(sorted((config.get("rank_pattern") or {}).items())),
+        repr(sorted((config.get("alpha_pattern") or {}).items())),
+    )
 
 
 class SharedBase:
@@ -98,13 +109,17 @@ class SharedBase:
         params = self._slot_params[slot]
         if set(adapter.state) != set(params):  # Registry.load_adapter checked shapes, not coverage
             missing = sorted(set(params) - set(adapter.state))[:3]
-            raise ValueError(f"adapter {adapter.version}: its tensors do not cover its target modules {missing}")
+            raise ValueError(
+                f"adapter {adapter.version}: its tensors do not cover its target modules {missing}"
+            )
         with torch.no_grad():
             for key, tensor in adapter.state.items():
                 params[key].copy_(tensor)
         self.slot_of[adapter.version] = slot
-        log.info("adapter attached", extra={"policy_version": adapter.version, "slot": slot,
-                                            "attached": sorted(self.slot_of)})
+        log.info(
+            "adapter attached",
+            extra={"policy_version": adapter.version, "slot": slot, "attached": sorted(self.slot_of)},
+        )
 
     def _new_slot(self, config: dict[str, Any], shape: tuple) -> str:
         from peft import LoraConfig, get_peft_model
@@ -121,12 +136,16 @@ class SharedBase:
         self._layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         marker = f".{slot}."
         self._slot_params[slot] = {
-            name.replace(marker, "."): param for name, param in self.peft.named_parameters() if marker in name}
+            name.replace(marker, "."): param for name, param in self.peft.named_parameters() if marker in name
+        }
         self._slot_shapes[slot] = shape
         self.model.eval()
         self._selected = "\0"  # peft changed which slot is active: select explicitly again
         self._select(selected)
-        log.info("adapter slot created", extra={"slot": slot, "r": config.get("r"), "slots": len(self._slot_shapes)})
+        log.info(
+            "adapter slot created",
+            extra={"slot": slot, "r": config.get("r"), "slots": len(self._slot_shapes)},
+        )
         return slot
 
     def prune(self, keep: set[str]) -> None:

@@ -78,8 +78,13 @@ def build_runtime(settings: Settings) -> ServeRuntime:
     model_id, base = load_base_policy(settings)
     metrics = ServeMetrics()
     loaded = LoadedVersions(settings.max_loaded_versions)
-    engine = Engine(base, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, metrics=metrics,
-                    loaded=loaded)
+    engine = Engine(
+        base,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        metrics=metrics,
+        loaded=loaded,
+    )
     watcher = None
     loader = None
     if settings.registry_dir is not None:
@@ -92,10 +97,17 @@ def build_runtime(settings: Settings) -> ServeRuntime:
             redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         registry = Registry(settings.registry_dir, redis=redis, prefix=settings.stream_prefix)
         loader = PolicyLoader(registry, base, base_dir=model_id)
-        watcher = PolicyWatcher(registry, engine, loader, metrics=metrics,
-                                poll_interval_s=settings.poll_interval_s, retry_after_s=settings.swap_retry_s,
-                                redis=redis, prefix=settings.stream_prefix,
-                                prefetch_candidates=settings.prefetch_candidates)
+        watcher = PolicyWatcher(
+            registry,
+            engine,
+            loader,
+            metrics=metrics,
+            poll_interval_s=settings.poll_interval_s,
+            retry_after_s=settings.swap_retry_s,
+            redis=redis,
+            prefix=settings.stream_prefix,
+            prefetch_candidates=settings.prefetch_candidates,
+        )
     versions = PolicyVersions(engine, base, loaded, loader)
     serving = GenerateServing(engine, base.tokenizer, settings, metrics, versions)
     return ServeRuntime(settings, model_id, base, engine, metrics, watcher, serving)
@@ -127,8 +139,9 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
         if settings.metrics_port:
             from prometheus_client import start_http_server
 
-            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host,
-                                                  registry=runtime.metrics.registry)
+            metrics_server, _ = start_http_server(
+                settings.metrics_port, addr=settings.host, registry=runtime.metrics.registry
+            )
         try:
             yield
         finally:
@@ -138,16 +151,20 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
 
     app = FastAPI(title="instructloop serve", version=instructloop.__version__, lifespan=lifespan)
     if settings.auth_token is not None:
-        app.add_middleware(BearerTokenAuth, token=settings.auth_token.get_secret_value(),
-                           on_refused=runtime.metrics.request_failure.labels(err="unauthorized").inc)
+        app.add_middleware(
+            BearerTokenAuth,
+            token=settings.auth_token.get_secret_value(),
+            on_refused=runtime.metrics.request_failure.labels(err="unauthorized").inc,
+        )
     app.state.runtime = runtime
     serving = runtime.serving
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         runtime.metrics.request_failure.labels(err="validation").inc()
-        return JSONResponse({"error": _validation_message(exc), "error_type": ErrorType.validation.value},
-                            status_code=422)
+        return JSONResponse(
+            {"error": _validation_message(exc), "error_type": ErrorType.validation.value}, status_code=422
+        )
 
     @app.exception_handler(TGIError)
     async def _tgi_error(request: Request, exc: TGIError) -> JSONResponse:
@@ -159,14 +176,19 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
 
     async def stream(body: GenerateRequest, request: Request) -> Response:
         version, lines = await serving.generate_stream(body, request)
-        return StreamingResponse(lines, media_type="text/event-stream",
-                                 headers={POLICY_VERSION_HEADER: version, "Cache-Control": "no-cache"})
+        return StreamingResponse(
+            lines,
+            media_type="text/event-stream",
+            headers={POLICY_VERSION_HEADER: version, "Cache-Control": "no-cache"},
+        )
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, request: Request) -> Response:
         result = await serving.generate(body, request)
-        return JSONResponse(result.model_dump(mode="json", exclude_none=False),
-                            headers={POLICY_VERSION_HEADER: result.policy_version})
+        return JSONResponse(
+            result.model_dump(mode="json", exclude_none=False),
+            headers={POLICY_VERSION_HEADER: result.policy_version},
+        )
 
     @app.post("/generate_stream")
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
@@ -177,7 +199,9 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
         if body.stream:
             return await stream(body, request)
         result = await serving.generate(body, request)
-        return JSONResponse([result.model_dump(mode="json")], headers={POLICY_VERSION_HEADER: result.policy_version})
+        return JSONResponse(
+            [result.model_dump(mode="json")], headers={POLICY_VERSION_HEADER: result.policy_version}
+        )
 
     @app.get("/info", response_model=Info)
     async def info() -> Info:
@@ -201,17 +225,27 @@ def create_app(settings: Settings | None = None, runtime: ServeRuntime | None = 
     async def health() -> Response:
         version = runtime.engine.active_version
         if not runtime.engine.alive:
-            return JSONResponse({"status": "model loop not running", "policy_version": version}, status_code=503,
-                                headers={POLICY_VERSION_HEADER: version})
+            return JSONResponse(
+                {"status": "model loop not running", "policy_version": version},
+                status_code=503,
+                headers={POLICY_VERSION_HEADER: version},
+            )
         if runtime.watcher is not None and not runtime.watcher.alive():
-            return JSONResponse({"status": "policy watcher not running", "policy_version": version,
-                                 "error": runtime.watcher.last_error}, status_code=503,
-                                headers={POLICY_VERSION_HEADER: version})
-        return JSONResponse({"status": "ok", "policy_version": version}, headers={POLICY_VERSION_HEADER: version})
+            return JSONResponse(
+                {
+                    "status": "policy watcher not running",
+                    "policy_version": version,
+                    "error": runtime.watcher.last_error,
+                },
+                status_code=503,
+                headers={POLICY_VERSION_HEADER: version},
+            )
+        return JSONResponse(
+            {"status": "ok", "policy_version": version}, headers={POLICY_VERSION_HEADER: version}
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-

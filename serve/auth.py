@@ -24,7 +24,9 @@ class BearerTokenAuth:
 
     def __init__(self, app, token: str, on_refused=None):
         if not token:
-            raise ValueError("an empty serve auth token would accept anything: set INSTRUCTLOOP_SERVE_AUTH_TOKEN")
+            raise ValueError(
+                "an empty serve auth token would accept anything: set INSTRUCTLOOP_SERVE_AUTH_TOKEN"
+            )
         self.app = app
         self._expected = f"Bearer {token}".encode()
         self._on_refused = on_refused
@@ -40,14 +42,28 @@ class BearerTokenAuth:
         if hmac.compare_digest(given, self._expected):
             return await self.app(scope, receive, send)
         reason = "missing" if not given else "wrong"
-        log.warning("refused a request without the serve token",
-                    extra={"path": scope["path"], "reason": reason, "client": (scope.get("client") or ("?",))[0]})
+        log.warning(
+            "refused a request without the serve token",
+            extra={"path": scope["path"], "reason": reason, "client": (scope.get("client") or ("?",))[0]},
+        )
         if self._on_refused is not None:
             self._on_refused()
-        body = json.dumps({"error": f"{reason} bearer token: serve answers only the gateway "
-                                    "(INSTRUCTLOOP_GATEWAY_BACKEND_TOKEN must equal INSTRUCTLOOP_SERVE_AUTH_TOKEN)",
-                           "error_type": "unauthorized"}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-                                (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            {
+                "error": f"{reason} bearer token: serve answers only the gateway "
+                "(INSTRUCTLOOP_GATEWAY_BACKEND_TOKEN must equal INSTRUCTLOOP_SERVE_AUTH_TOKEN)",
+                "error_type": "unauthorized",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", b"Bearer"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -87,16 +87,21 @@ class Batch:
 
     # ---- building ------------------------------------------------------------------------------
     @classmethod
-    def prefill(cls, policy_version: str, sequences: list[SequenceState], pad_token_id: int,
-                device: torch.device | str) -> Batch:
+    def prefill(
+        cls,
+        policy_version: str,
+        sequences: list[SequenceState],
+        pad_token_id: int,
+        device: torch.device | str,
+    ) -> Batch:
         """A batch of new sequences whose prompts still have to go through the model."""
         longest = max(len(seq.prompt_ids) for seq in sequences)
         input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (B, T)
         for row, seq in enumerate(sequences):
             n = len(seq.prompt_ids)
-            input_ids[row, longest - n:] = torch.tensor(seq.prompt_ids, dtype=torch.long)
-            attention_mask[row, longest - n:] = 1
+            input_ids[row, longest - n :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
+            attention_mask[row, longest - n :] = 1
         # Same rule as HF generate: positions count real tokens; padding gets a harmless 1.
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (B, T)
         return cls(
@@ -128,10 +133,15 @@ class Batch:
         cut = min(first_real, self.past_length)
         cache = None
         if self.past_key_values is not None:
-            cache = DynamicCache(ddp_cache_data=[
-                (layer.keys.index_select(0, index)[:, :, cut:], layer.values.index_select(0, index)[:, :, cut:])
-                for layer in self.past_key_values.layers
-            ])
+            cache = DynamicCache(
+                ddp_cache_data=[
+                    (
+                        layer.keys.index_select(0, index)[:, :, cut:],
+                        layer.values.index_select(0, index)[:, :, cut:],
+                    )
+                    for layer in self.past_key_values.layers
+                ]
+            )
         return Batch(
             policy_version=self.policy_version,
             sequences=[self.sequences[i] for i in rows],
@@ -156,23 +166,34 @@ class Batch:
         if len(versions) != 1:
             raise ValueError(f"cannot concatenate batches of different policy versions: {sorted(versions)}")
         if any(b.past_key_values is None or b.input_ids.shape[1] != 1 for b in batches):
-            raise ValueError("only batches in decode state (after prefill, one pending token) can be concatenated")
+            raise ValueError(
+                "only batches in decode state (after prefill, one pending token) can be concatenated"
+            )
         past = max(b.past_length for b in batches)
         masks, layers_per_batch = [], []
         for b in batches:
             pad = past - b.past_length
             masks.append(torch.nn.functional.pad(b.attention_mask, (pad, 0), value=0))  # (B_i, past + 1)
             # keys/values (B_i, H, T_i, D) -> (B_i, H, past, D): pad dimension -2 on the left.
-            layers_per_batch.append([
-                (torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)), torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
-                for layer in b.past_key_values.layers
-            ])
+            layers_per_batch.append(
+                [
+                    (
+                        torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)),
+                        torch.nn.functional.pad(layer.values, (0, 0, pad, 0)),
+                    )
+                    for layer in b.past_key_values.layers
+                ]
+            )
         n_layers = len(layers_per_batch[0])
-        cache = DynamicCache(ddp_cache_data=[
-            (torch.cat([layers[i][0] for layers in layers_per_batch], dim=0),
-             torch.cat([layers[i][1] for layers in layers_per_batch], dim=0))
-            for i in range(n_layers)
-        ])
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (
+                    torch.cat([layers[i][0] for layers in layers_per_batch], dim=0),
+                    torch.cat([layers[i][1] for layers in layers_per_batch], dim=0),
+                )
+                for i in range(n_layers)
+            ]
+        )
         return cls(
             policy_version=batches[0].policy_version,
             sequences=[seq for b in batches for seq in b.sequences],

@@ -6,13 +6,17 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="The inference server (TGI protocol, continuous batching, hot-swap).", no_args_is_help=True)
+app = typer.Typer(
+    help="The inference server (TGI protocol, continuous batching, hot-swap).", no_args_is_help=True
+)
 
 
 @app.command("run")
 def run(
     port: int | None = typer.Option(None, help="Port (default 8080; env INSTRUCTLOOP_SERVE_PORT)."),
-    host: str | None = typer.Option(None, help="Bind address (default 127.0.0.1; any other needs INSTRUCTLOOP_SERVE_AUTH_TOKEN)."),
+    host: str | None = typer.Option(
+        None, help="Bind address (default 127.0.0.1; any other needs INSTRUCTLOOP_SERVE_AUTH_TOKEN)."
+    ),
     model: str | None = typer.Option(None, help="`default`, an HF model folder or a hub id."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     dtype: str | None = typer.Option(None, help="auto, float32, bfloat16, float16."),
@@ -30,9 +34,21 @@ def run(
     from instructloop.wire import SERVE_KEEP_ALIVE_S
     from serve.settings import Settings
 
-    overrides = {k: v for k, v in dict(port=port, host=host, model=model, device=device, dtype=dtype,
-                                        registry_dir=registry_dir, redis_url=redis_url,
-                                        max_batch_size=max_batch_size, max_queue=max_queue).items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(
+            port=port,
+            host=host,
+            model=model,
+            device=device,
+            dtype=dtype,
+            registry_dir=registry_dir,
+            redis_url=redis_url,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+        ).items()
+        if v is not None
+    }
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -46,5 +62,11 @@ def run(
     except ModelNotAvailable as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    uvicorn.run(application, host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=10, timeout_keep_alive=SERVE_KEEP_ALIVE_S)
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=SERVE_KEEP_ALIVE_S,
+    )

@@ -64,7 +64,9 @@ class GenerationRequest:
 class RequestHandle:
     """The asyncio side of one request: its event queue and its cancel switch."""
 
-    def __init__(self, engine: Engine, request_id: int, state: SequenceState, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self, engine: Engine, request_id: int, state: SequenceState, loop: asyncio.AbstractEventLoop
+    ):
         self.engine = engine
         self.request_id = request_id
         self.state = state
@@ -104,8 +106,15 @@ class RequestHandle:
 
 
 class Engine:
-    def __init__(self, policy: PolicyModel, *, max_batch_size: int, max_queue: int,
-                 metrics: ServeMetrics | None = None, loaded: LoadedVersions | None = None):
+    def __init__(
+        self,
+        policy: PolicyModel,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        metrics: ServeMetrics | None = None,
+        loaded: LoadedVersions | None = None,
+    ):
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics or ServeMetrics()
@@ -176,7 +185,9 @@ class Engine:
     def batch_size(self) -> int:
         return sum(len(b) for b in list(self._batches.values()))
 
-    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+    def submit(
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None
+    ) -> RequestHandle:
         loop = loop or asyncio.get_running_loop()
         request_id = next(self._ids)
         state = SequenceState(
@@ -192,8 +203,10 @@ class Engine:
         state.sink = handle
         with self._lock:
             if len(self._waiting) >= self.max_queue:
-                raise Overloaded(f"Model is overloaded: {len(self._waiting)} requests already waiting "
-                                 f"(max_queue={self.max_queue})")
+                raise Overloaded(
+                    f"Model is overloaded: {len(self._waiting)} requests already waiting "
+                    f"(max_queue={self.max_queue})"
+                )
             self._waiting.append(handle)
             self.metrics.queue_size.set(len(self._waiting))
         self.wake()
@@ -257,10 +270,16 @@ class Engine:
         if self.loaded is not None and previous.adapter is not None:
             self.loaded.put(previous)  # a named request for the previous adapter version needs no reload
         self.metrics.set_version(pending.version)
-        log.info("policy version switched", extra={
-            "policy_version": pending.version, "previous": previous.version,
-            "previous_in_flight": len(self._batches[previous.version]) if previous.version in self._batches else 0,
-        })
+        log.info(
+            "policy version switched",
+            extra={
+                "policy_version": pending.version,
+                "previous": previous.version,
+                "previous_in_flight": len(self._batches[previous.version])
+                if previous.version in self._batches
+                else 0,
+            },
+        )
 
     def _admit(self) -> list[RequestHandle]:
         free = self.max_batch_size - self.batch_size()
@@ -306,7 +325,10 @@ class Engine:
         cancelled = [seq for seq in batch.sequences if seq.cancelled]
         if cancelled:
             self.metrics.request_cancelled.inc(len(cancelled))
-            log.info("cancelled sequences leave the batch", extra={"request_ids": [s.request_id for s in cancelled]})
+            log.info(
+                "cancelled sequences leave the batch",
+                extra={"request_ids": [s.request_id for s in cancelled]},
+            )
             batch = batch.filter([seq.request_id for seq in batch.sequences if not seq.cancelled])
         if batch is not None:
             batch = self._run_step(self._policies[version], batch, "decode")
@@ -321,8 +343,10 @@ class Engine:
         try:
             generations, next_batch = policy.generate_token(batch)
         except Exception as exc:
-            log.exception("generation step failed", extra={"policy_version": policy.version, "method": method,
-                                                           "batch_size": len(batch)})
+            log.exception(
+                "generation step failed",
+                extra={"policy_version": policy.version, "method": method, "batch_size": len(batch)},
+            )
             for seq in batch.sequences:
                 seq.sink.deliver(GenerationFailed(f"generation failed: {exc}"))
                 self.metrics.request_failure.labels(err="generation").inc()

@@ -29,8 +29,9 @@ def decode_next(tokenizer, ids: list[int], prefix_offset: int, read_offset: int)
     prefix_text = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=False)
     new_text = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=False)
     if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-        return new_text[len(prefix_text):], read_offset, len(ids)
+        return new_text[len(prefix_text) :], read_offset, len(ids)
     return "", prefix_offset, read_offset
+
 
 class FinishReason(str, Enum):
     length = "length"
@@ -85,8 +86,16 @@ class PolicyModel:
     """One policy version: a causal LM with its own weights (the base, a full-weight version), or an adapter
     version over the shared base (``shared`` + ``adapter``), plus the tokenizer all versions share."""
 
-    def __init__(self, version: str, model: Any, tokenizer: Any, device: torch.device, *,
-                 shared: SharedBase | None = None, adapter: AdapterWeights | None = None):
+    def __init__(
+        self,
+        version: str,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        *,
+        shared: SharedBase | None = None,
+        adapter: AdapterWeights | None = None,
+    ):
         self.version = version
         self.model = model
         self.tokenizer = tokenizer
@@ -97,7 +106,9 @@ class PolicyModel:
         self.adapter = adapter
         """This version's LoRA tensors (None for the base and full-weight versions)."""
         self.eos_token_ids = self._eos_ids(model, tokenizer)
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        )
         self.special_ids = set(tokenizer.all_special_ids)
         self.fingerprint: tuple | None = None
         """What the registry files looked like when this policy was validated (None for the base model)."""
@@ -132,10 +143,15 @@ class PolicyModel:
         """The ``n`` most likely tokens of a (V,) log-distribution, most likely first; tokens the
         distribution rules out (-inf after top-k / top-p) are left out, so there may be fewer."""
         values, ids = torch.topk(logprobs, min(n, logprobs.shape[-1]))
-        pairs = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True) if math.isfinite(v)]
-        texts = self.tokenizer.batch_decode([[i] for i, _ in pairs], skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False)
-        return [TopToken(i, text, v, i in self.special_ids) for (i, v), text in zip(pairs, texts, strict=True)]
+        pairs = [
+            (int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True) if math.isfinite(v)
+        ]
+        texts = self.tokenizer.batch_decode(
+            [[i] for i, _ in pairs], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        return [
+            TopToken(i, text, v, i in self.special_ids) for (i, v), text in zip(pairs, texts, strict=True)
+        ]
 
     def generate_token(self, batch: Batch) -> tuple[list[Generation], Batch | None]:
         """One forward for the whole batch, one token per sequence; finished sequences leave the batch."""
@@ -193,7 +209,10 @@ class PolicyModel:
             sequences=batch.sequences,
             input_ids=torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1),  # (B, 1)
             attention_mask=torch.cat(
-                [batch.attention_mask, torch.ones((len(batch), 1), dtype=batch.attention_mask.dtype, device=device)],
+                [
+                    batch.attention_mask,
+                    torch.ones((len(batch), 1), dtype=batch.attention_mask.dtype, device=device),
+                ],
                 dim=1,
             ),  # (B, T_past + T_in + 1)
             position_ids=batch.position_ids[:, -1:] + 1,  # (B, 1)

@@ -226,5 +226,8 @@ class Info(BaseModel):
     docker_label: str | None = None
     policy_version: str
     policy_versions_in_flight: list[str] = Field(default_factory=list)
-    policy_versions_loaded: list[str] = Field(default_factory=list, description="versions a request can name "
-                                              "without a load: the LRU and the adapters attached to the base")
+    policy_versions_loaded: list[str] = Field(
+        default_factory=list,
+        description="versions a request can name "
+        "without a load: the LRU and the adapters attached to the base",
+    )

@@ -108,5 +108,5 @@ class StopSequences:
         """True when a stop string ends in the part of ``text`` added after ``previous_length`` chars."""
         if not self.stops:
             return False
-        window = text[max(0, previous_length - self.longest):]
+        window = text[max(0, previous_length - self.longest) :]
         return any(stop in window for stop in self.stops)

@@ -89,8 +89,14 @@ async def _client_left(request: Request) -> None:
 
 
 class GenerateServing:
-    def __init__(self, engine: Engine, tokenizer: Any, settings: Settings, metrics: ServeMetrics,
-                 versions: PolicyVersions | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        settings: Settings,
+        metrics: ServeMetrics,
+        versions: PolicyVersions | None = None,
+    ):
         self.engine = engine
         self.versions = versions
         self.tokenizer = tokenizer
@@ -102,27 +108,37 @@ class GenerateServing:
         params = request.parameters
         settings = self.settings
         if len(params.stop) > settings.max_stop_sequences:
-            raise validation_error("stop", f"at most {settings.max_stop_sequences} stop sequences are allowed, "
-                                           f"got {len(params.stop)}")
+            raise validation_error(
+                "stop",
+                f"at most {settings.max_stop_sequences} stop sequences are allowed, got {len(params.stop)}",
+            )
         if params.top_n_tokens is not None and params.top_n_tokens > settings.max_top_n_tokens:
             raise validation_error("top_n_tokens", f"must be <= {settings.max_top_n_tokens}")
         if params.truncate is not None and params.truncate > settings.max_input_tokens:
             raise validation_error("truncate", f"must be <= max_input_tokens = {settings.max_input_tokens}")
-        prompt_ids = encode_prompt(self.tokenizer, request.inputs)  # the prompt contract, shared with the learner
+        prompt_ids = encode_prompt(
+            self.tokenizer, request.inputs
+        )  # the prompt contract, shared with the learner
         if params.truncate is not None:
-            prompt_ids = prompt_ids[-params.truncate:]
+            prompt_ids = prompt_ids[-params.truncate :]
         if not prompt_ids:
             raise validation_error("inputs", "tokenizes to no tokens")
         if len(prompt_ids) > settings.max_input_tokens:
-            raise validation_error("inputs", f"must have at most {settings.max_input_tokens} tokens, got "
-                                             f"{len(prompt_ids)} (set `truncate` to keep the last tokens)")
+            raise validation_error(
+                "inputs",
+                f"must have at most {settings.max_input_tokens} tokens, got "
+                f"{len(prompt_ids)} (set `truncate` to keep the last tokens)",
+            )
         room = settings.max_total_tokens - len(prompt_ids)
         if params.max_new_tokens is None:
             max_new_tokens = min(settings.default_max_new_tokens, room)
         elif params.max_new_tokens > room:
-            raise validation_error("max_new_tokens", f"inputs tokens + max_new_tokens must be <= "
-                                                     f"{settings.max_total_tokens}; given {len(prompt_ids)} input "
-                                                     f"tokens and {params.max_new_tokens} max_new_tokens")
+            raise validation_error(
+                "max_new_tokens",
+                f"inputs tokens + max_new_tokens must be <= "
+                f"{settings.max_total_tokens}; given {len(prompt_ids)} input "
+                f"tokens and {params.max_new_tokens} max_new_tokens",
+            )
         else:
             max_new_tokens = params.max_new_tokens
         engine_request = GenerationRequest(
@@ -161,7 +177,9 @@ class GenerateServing:
             raise validation_error("adapter_id", str(exc)) from exc
 
     # ---- non-streaming -------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest, raw_request: Request | None = None) -> GenerateResponse:
+    async def generate(
+        self, request: GenerateRequest, raw_request: Request | None = None
+    ) -> GenerateResponse:
         """Raises ``ClientGone`` (the request cancelled) when the client disconnects before the answer."""
         started = time.monotonic()
         handle, prompt_ids = await self.submit(request)
@@ -185,7 +203,8 @@ class GenerateServing:
                 generated_tokens=last.generated_tokens,
                 seed=last.seed,
                 prefill=[PrefillToken(id=i, text=self.tokenizer.decode([i])) for i in prompt_ids]
-                if params.decoder_input_details else [],
+                if params.decoder_input_details
+                else [],
                 tokens=[_token(g) for g in generations],
                 top_tokens=[_top_tokens(g) for g in generations] if params.top_n_tokens else [],
             )
@@ -196,8 +215,9 @@ class GenerateServing:
             generations.append(generation)
 
     # ---- streaming -----------------------------------------------------------------------------
-    async def generate_stream(self, request: GenerateRequest,
-                              raw_request: Request | None = None) -> tuple[str, AsyncIterator[str]]:
+    async def generate_stream(
+        self, request: GenerateRequest, raw_request: Request | None = None
+    ) -> tuple[str, AsyncIterator[str]]:
         """Wait for the first token (so errors before it are plain HTTP errors and the version header is
         known), then return (policy_version, SSE lines)."""
         started = time.monotonic()
@@ -212,16 +232,27 @@ class GenerateServing:
             raise TGIError(424, ErrorType.generation, str(exc)) from exc
         return first.policy_version, self._sse(request, handle, events, first, len(prompt_ids), started)
 
-    async def _sse(self, request: GenerateRequest, handle: RequestHandle, events: AsyncIterator[Generation],
-                   first: Generation, input_length: int, started: float) -> AsyncIterator[str]:
+    async def _sse(
+        self,
+        request: GenerateRequest,
+        handle: RequestHandle,
+        events: AsyncIterator[Generation],
+        first: Generation,
+        input_length: int,
+        started: float,
+    ) -> AsyncIterator[str]:
         params = request.parameters
         index = 0
         generation: Generation | None = first
         try:
             while generation is not None:
                 index += 1
-                event = StreamResponse(index=index, token=_token(generation), top_tokens=_top_tokens(generation),
-                                       policy_version=generation.policy_version)
+                event = StreamResponse(
+                    index=index,
+                    token=_token(generation),
+                    top_tokens=_top_tokens(generation),
+                    policy_version=generation.policy_version,
+                )
                 if generation.finish_reason is not None:
                     text = generation.generated_text or ""
                     event.generated_text = request.inputs + text if params.return_full_text else text
@@ -252,8 +283,12 @@ class GenerateServing:
 
 
 def _token(generation: Generation) -> Token:
-    return Token(id=generation.token_id, text=generation.token_text, logprob=generation.logprob,
-                 special=generation.special)
+    return Token(
+        id=generation.token_id,
+        text=generation.token_text,
+        logprob=generation.logprob,
+        special=generation.special,
+    )
 
 
 def _top_tokens(generation: Generation) -> list[Token]:

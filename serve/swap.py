@@ -64,7 +64,9 @@ class PolicyLoader:
         """sha256 of the served base's weight files (computed once, on the first adapter version)."""
         if self._base_sha256 is None:
             if self.base_dir is None:
-                raise InvalidCheckpoint("adapter versions need the base model's folder (its sha256) to be known")
+                raise InvalidCheckpoint(
+                    "adapter versions need the base model's folder (its sha256) to be known"
+                )
             self._base_sha256 = base_weights_sha256(self.base_dir)
         return self._base_sha256
 
@@ -75,12 +77,21 @@ class PolicyLoader:
 
     def load_adapter(self, version: str) -> PolicyModel:
         if self.template.shared is None:
-            raise InvalidCheckpoint(f"policy version {version}: this server cannot attach adapters to its base")
+            raise InvalidCheckpoint(
+                f"policy version {version}: this server cannot attach adapters to its base"
+            )
         fingerprint = self.fingerprint(version)
-        adapter = self.registry.load_adapter(version, base_sha256=self.base_sha256,
-                                             base_shapes=self.expected_shapes, device="cpu")
-        policy = PolicyModel(version, self.template.model, self.template.tokenizer, self.template.device,
-                             shared=self.template.shared, adapter=adapter)
+        adapter = self.registry.load_adapter(
+            version, base_sha256=self.base_sha256, base_shapes=self.expected_shapes, device="cpu"
+        )
+        policy = PolicyModel(
+            version,
+            self.template.model,
+            self.template.tokenizer,
+            self.template.device,
+            shared=self.template.shared,
+            adapter=adapter,
+        )
         policy.fingerprint = fingerprint
         return policy
 
@@ -94,8 +105,10 @@ class PolicyLoader:
                 missing -= group  # the file holds one name of a tied group: the others follow it
             for name in in_file[1:]:
                 if not torch.equal(state[name], state[in_file[0]]):
-                    raise InvalidCheckpoint(f"policy version {version}: {name} and {in_file[0]} are tied in the "
-                                            "served architecture but differ in the checkpoint")
+                    raise InvalidCheckpoint(
+                        f"policy version {version}: {name} and {in_file[0]} are tied in the "
+                        "served architecture but differ in the checkpoint"
+                    )
         # Non-persistent buffers (rotary inv_freq) are not in the state dict at all; anything else must be.
         if missing:
             raise InvalidCheckpoint(f"policy version {version}: missing tensors {sorted(missing)[:5]}")
@@ -141,8 +154,11 @@ class PolicyLoader:
                     setattr(module, attr, getattr(source, attr))
             for buffer_name, buffer in list(module.named_buffers(recurse=False)):
                 if buffer.is_meta:
-                    module.register_buffer(buffer_name, getattr(source, buffer_name),
-                                           persistent=buffer_name not in module._non_persistent_buffers_set)
+                    module.register_buffer(
+                        buffer_name,
+                        getattr(source, buffer_name),
+                        persistent=buffer_name not in module._non_persistent_buffers_set,
+                    )
         leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
         if leftover:
             raise InvalidCheckpoint(f"tensors not provided by the checkpoint: {leftover[:5]}")
@@ -153,9 +169,19 @@ class PolicyLoader:
 class PolicyWatcher:
     """Follows the registry's current pointer and hot-swaps the engine to each new valid version."""
 
-    def __init__(self, registry: Registry, engine: Engine, loader: PolicyLoader, *, metrics: ServeMetrics,
-                 poll_interval_s: float = 1.0, retry_after_s: float = 60.0, redis: Any | None = None,
-                 prefix: str = "instructloop", prefetch_candidates: bool = True):
+    def __init__(
+        self,
+        registry: Registry,
+        engine: Engine,
+        loader: PolicyLoader,
+        *,
+        metrics: ServeMetrics,
+        poll_interval_s: float = 1.0,
+        retry_after_s: float = 60.0,
+        redis: Any | None = None,
+        prefix: str = "instructloop",
+        prefetch_candidates: bool = True,
+    ):
         self.registry = registry
         self.engine = engine
         self.loader = loader
@@ -232,8 +258,10 @@ class PolicyWatcher:
 
     def _load(self, version: str, purpose: str) -> PolicyModel | None:
         started = time.monotonic()
-        log.info("loading policy version", extra={"policy_version": version, "purpose": purpose,
-                                                  "serving": self.engine.active_version})
+        log.info(
+            "loading policy version",
+            extra={"policy_version": version, "purpose": purpose, "serving": self.engine.active_version},
+        )
         try:
             policy = self.loader.load(version)
         except Exception as exc:  # InvalidCheckpoint and anything else: the old version keeps serving
@@ -241,9 +269,16 @@ class PolicyWatcher:
             self.failed[version] = (time.monotonic() + backoff, backoff)
             self.last_error = f"{version}: {exc}"
             self.metrics.policy_swap_failures.inc()
-            log.error("policy version refused; it is never served", extra={
-                "policy_version": version, "serving": self.engine.active_version, "error": str(exc),
-                "retry_in_s": backoff, "purpose": purpose})
+            log.error(
+                "policy version refused; it is never served",
+                extra={
+                    "policy_version": version,
+                    "serving": self.engine.active_version,
+                    "error": str(exc),
+                    "retry_in_s": backoff,
+                    "purpose": purpose,
+                },
+            )
             return None
         self.failed.pop(version, None)
         self.metrics.policy_swap_duration.observe(time.monotonic() - started)
@@ -265,8 +300,14 @@ class PolicyWatcher:
             return None
         self.engine.install(policy)
         self.metrics.policy_swaps.inc()
-        log.info("policy version installed", extra={"policy_version": version, "prefetched": policy is prefetched,
-                                                    "swap_s": round(time.monotonic() - started, 3)})
+        log.info(
+            "policy version installed",
+            extra={
+                "policy_version": version,
+                "prefetched": policy is prefetched,
+                "swap_s": round(time.monotonic() - started, 3),
+            },
+        )
         return version
 
     # ---- the thread ----------------------------------------------------------------------------
@@ -281,17 +322,25 @@ class PolicyWatcher:
         except Exception as exc:
             self.last_error = f"watcher: {type(exc).__name__}: {exc}"
             self.metrics.policy_watcher_errors.inc()
-            log.exception("policy watcher check failed; serving %s and trying again at the next poll",
-                          self.engine.active_version, extra={"error": str(exc)})
+            log.exception(
+                "policy watcher check failed; serving %s and trying again at the next poll",
+                self.engine.active_version,
+                extra={"error": str(exc)},
+            )
 
     def _run(self) -> None:
         if self.loader.base_dir is not None:
             started = time.monotonic()
             try:  # once, now, so that no adapter version's swap pays for hashing the base
                 self.loader.base_sha256  # noqa: B018
-                log.info("base model sha256 computed", extra={"seconds": round(time.monotonic() - started, 2)})
+                log.info(
+                    "base model sha256 computed", extra={"seconds": round(time.monotonic() - started, 2)}
+                )
             except Exception as exc:
-                log.warning("base model sha256 unavailable: adapter versions will be refused", extra={"error": str(exc)})
+                log.warning(
+                    "base model sha256 unavailable: adapter versions will be refused",
+                    extra={"error": str(exc)},
+                )
         next_poll = 0.0
         while not self._stop.is_set():
             woke_by_message = self._wait_for_message(self.poll_interval_s)

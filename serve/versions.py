@@ -61,7 +61,9 @@ class LoadedVersions:
             self._policies.move_to_end(policy.version)
             while len(self._policies) > self.capacity:
                 evicted, _ = self._policies.popitem(last=False)
-                log.info("policy version evicted from the loaded-versions cache", extra={"policy_version": evicted})
+                log.info(
+                    "policy version evicted from the loaded-versions cache", extra={"policy_version": evicted}
+                )
 
     def versions(self) -> set[str]:
         with self._lock:
@@ -98,8 +100,10 @@ class PolicyVersions:
         except ValueError as exc:
             raise UnknownVersion(f"{version!r} is not a policy version name: {exc}") from exc
         if self.loader is None:
-            raise UnknownVersion(f"policy version {version} is unknown: this server has no registry "
-                                 f"(it serves {active.version!r} and {BASE_VERSION!r})")
+            raise UnknownVersion(
+                f"policy version {version} is unknown: this server has no registry "
+                f"(it serves {active.version!r} and {BASE_VERSION!r})"
+            )
         if not self.loader.registry.exists(version):
             raise UnknownVersion(f"policy version {version} is not in the registry")
         pending = self._loading.get(version)
@@ -110,13 +114,17 @@ class PolicyVersions:
         return await asyncio.shield(pending)
 
     def _load(self, version: str) -> PolicyModel:
-        log.info("loading a requested policy version", extra={"policy_version": version,
-                                                               "serving": self.engine.active_version})
+        log.info(
+            "loading a requested policy version",
+            extra={"policy_version": version, "serving": self.engine.active_version},
+        )
         try:
             policy = self.loader.load(version)
         except (InvalidCheckpoint, OSError, ValueError) as exc:
-            log.error("requested policy version refused; it is never served",
-                      extra={"policy_version": version, "error": str(exc)})
+            log.error(
+                "requested policy version refused; it is never served",
+                extra={"policy_version": version, "error": str(exc)},
+            )
             raise RefusedVersion(f"policy version {version} is not servable: {exc}") from exc
         self.loaded.put(policy)
         return policy

@@ -61,8 +61,9 @@ def _parity(tmp_path, tokenizer, top_layers: int | None) -> None:
     manifest = policy.write_version(registry, "v0001", served_base=True, tokenizer=tokenizer, parent=None)
     assert manifest.kind == VersionKind.adapter
 
-    server = ServerThread(model=str(varied_model_dir), device="cpu", registry_dir=str(registry.root),
-                          poll_interval_s=0.1).start()
+    server = ServerThread(
+        model=str(varied_model_dir), device="cpu", registry_dir=str(registry.root), poll_interval_s=0.1
+    ).start()
     try:
         registry.set_current("v0001")
         deadline = time.monotonic() + 60
@@ -71,8 +72,11 @@ def _parity(tmp_path, tokenizer, top_layers: int | None) -> None:
             time.sleep(0.1)
 
         # 1. over HTTP: serve's logprob of each greedy token = the learner's log-softmax at that position
-        response = httpx.post(f"{server.url}/generate", timeout=120, json={
-            "inputs": PROMPT, "parameters": {"max_new_tokens": 12, "details": True}}).json()
+        response = httpx.post(
+            f"{server.url}/generate",
+            timeout=120,
+            json={"inputs": PROMPT, "parameters": {"max_new_tokens": 12, "details": True}},
+        ).json()
         assert response["policy_version"] == "v0001"
         generated = [t["id"] for t in response["details"]["tokens"]]
         served_logprobs = torch.tensor([t["logprob"] for t in response["details"]["tokens"]])
@@ -80,17 +84,26 @@ def _parity(tmp_path, tokenizer, top_layers: int | None) -> None:
         ids = torch.tensor([prompt_ids + generated])
         with torch.no_grad():
             logits = policy(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]  # (T_gen, V)
-        learner_logprobs = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(generated)[:, None])[:, 0]
+        learner_logprobs = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(generated)[:, None])[
+            :, 0
+        ]
         assert generated == logits.argmax(-1).tolist()  # serve's greedy tokens are the learner's argmax
         assert_close(served_logprobs, learner_logprobs, rtol=1e-4, atol=1e-4)
 
         # 2. serve's own forward (the active version of the running engine, called while it is idle)
         served = server.runtime.engine.active_policy
         assert served.version == "v0001" and served.adapter is not None
-        state = SequenceState(request_id=10**9, prompt_ids=prompt_ids, max_new_tokens=1,
-                              chooser=NextTokenChooser(SamplingParams()), stop=StopSequences([]))
+        state = SequenceState(
+            request_id=10**9,
+            prompt_ids=prompt_ids,
+            max_new_tokens=1,
+            chooser=NextTokenChooser(SamplingParams()),
+            stop=StopSequences([]),
+        )
         with torch.inference_mode():
-            serve_logits, _ = served.forward(Batch.prefill("v0001", [state], served.pad_token_id, served.device))
+            serve_logits, _ = served.forward(
+                Batch.prefill("v0001", [state], served.pad_token_id, served.device)
+            )
         with torch.no_grad():
             learner_logits = policy(input_ids=torch.tensor([prompt_ids])).logits[:, -1]
         assert_close(serve_logits, learner_logits.float())

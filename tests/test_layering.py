@@ -31,10 +31,16 @@ def _imported_rooms(path: Path) -> set[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
-              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
-              and str(node.args[0].value).split(".")[0] in ROOMS):
-            pytest.fail(f"{path.relative_to(ROOT)}:{node.lineno} mounts a room through importlib; import it visibly")
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and str(node.args[0].value).split(".")[0] in ROOMS
+        ):
+            pytest.fail(
+                f"{path.relative_to(ROOT)}:{node.lineno} mounts a room through importlib; import it visibly"
+            )
         else:
             continue
         rooms |= {name.split(".")[0] for name in names} & set(ROOMS)
@@ -45,10 +51,16 @@ def _imported_rooms(path: Path) -> set[str]:
 def test_a_room_imports_only_what_the_architecture_allows(room):
     for path in _modules(room):
         forbidden = _imported_rooms(path) - MAY_IMPORT[room] - {room}
-        assert not forbidden, f"{path.relative_to(ROOT)} imports {sorted(forbidden)}; {room} may import {sorted(MAY_IMPORT[room])}"
+        assert not forbidden, (
+            f"{path.relative_to(ROOT)} imports {sorted(forbidden)}; {room} may import {sorted(MAY_IMPORT[room])}"
+        )
 
 
 @pytest.mark.parametrize("room", ROOMS)
 def test_no_module_is_over_the_size_a_reader_can_hold(room):
-    too_long = {str(p.relative_to(ROOT)): n for p in _modules(room) if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    too_long = {
+        str(p.relative_to(ROOT)): n
+        for p in _modules(room)
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert not too_long, f"split these modules (over {MAX_MODULE_LINES} lines): {too_long}"

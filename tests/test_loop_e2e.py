@@ -87,15 +87,19 @@ STARTUP_TIMEOUT_S = 120
 LEARNING_TIMEOUT_S = 240
 
 
-def build_concentrated_model(path: Path, tokenizer, seed: int = 0, p_target: float = 0.15, p_eos: float = 0.06,
-                             p_rest: float = 0.01) -> Path:
+def build_concentrated_model(
+    path: Path, tokenizer, seed: int = 0, p_target: float = 0.15, p_eos: float = 0.06, p_rest: float = 0.01
+) -> Path:
     """A tiny Llama whose next-token distribution sits on a few tokens (see the module docstring)."""
     import torch
 
     model = tiny_llama(tokenizer, seed, tie_word_embeddings=False).eval()
     word_ids = [tokenizer.encode(word)[0] for word in WORDS]
     target_id = tokenizer.encode(TARGET_WORD)[0]
-    assert tokenizer.decode([target_id]) == TARGET_WORD and len({*word_ids, target_id, tokenizer.eos_token_id}) == 14
+    assert (
+        tokenizer.decode([target_id]) == TARGET_WORD
+        and len({*word_ids, target_id, tokenizer.eos_token_id}) == 14
+    )
     others = len(tokenizer) - len(word_ids) - 2
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -135,15 +139,30 @@ LEARNER_ENV = {
     # the test's claim is about the first version the gate lets through: it must be a clear step (2 RM units
     # by itself), without the benefit of the doubt the default gives a step within the held-out noise
     "INSTRUCTLOOP_LEARNER_GATE_REWARD_TOLERANCE_SE": "0",
-    "INSTRUCTLOOP_LEARNER_REWARD": json.dumps({"lr": 3e-3, "epochs": 2, "rankings_per_batch": 8, "max_length": 96,
-                                                "single_pass_above": 100_000}),
-    "INSTRUCTLOOP_LEARNER_PPO": json.dumps({
-        "lr": 5e-3, "rollout_batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 2, "temperature": TEMPERATURE,
-        "max_new_tokens": MAX_TOKENS, "ptx_batch_size": 2, "ptx_seq_len": 32, "max_prompt_tokens": 64,
-    }),
-    "INSTRUCTLOOP_LEARNER_EVALUATION": json.dumps({
-        "do_sample": True, "temperature": TEMPERATURE, "max_new_tokens": MAX_TOKENS, "batch_size": 16,
-    }),
+    "INSTRUCTLOOP_LEARNER_REWARD": json.dumps(
+        {"lr": 3e-3, "epochs": 2, "rankings_per_batch": 8, "max_length": 96, "single_pass_above": 100_000}
+    ),
+    "INSTRUCTLOOP_LEARNER_PPO": json.dumps(
+        {
+            "lr": 5e-3,
+            "rollout_batch_size": 16,
+            "mini_batch_size": 4,
+            "ppo_epochs": 2,
+            "temperature": TEMPERATURE,
+            "max_new_tokens": MAX_TOKENS,
+            "ptx_batch_size": 2,
+            "ptx_seq_len": 32,
+            "max_prompt_tokens": 64,
+        }
+    ),
+    "INSTRUCTLOOP_LEARNER_EVALUATION": json.dumps(
+        {
+            "do_sample": True,
+            "temperature": TEMPERATURE,
+            "max_new_tokens": MAX_TOKENS,
+            "batch_size": 16,
+        }
+    ),
 }
 
 
@@ -186,15 +205,35 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
     run_dir = tmp_path / "run"
     log_path = tmp_path / "up.log"
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "INSTRUCTLOOP_SERVE_TORCH_THREADS": "1",
-           "INSTRUCTLOOP_HOME": str(tmp_path / "home"), **LEARNER_ENV,
-           # this test is about learning, not throttling: on a quiet machine the labeler outpaces the
-           # default 600 requests/min per key (it would then wait out the 429s, slowing the test down)
-           "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "100000",
-           "INSTRUCTLOOP_GATEWAY_FEEDBACK_RATE_LIMIT_PER_MINUTE": "100000",
-           "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_GENERATIONS_PER_MINUTE": "100000"}
-    argv = [sys.executable, "-m", "launcher.cli", "up", "--run-dir", str(run_dir), "--model", str(model_dir),
-            "--port", str(port), "--startup-timeout", str(STARTUP_TIMEOUT_S), "--stop-timeout", "20"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "INSTRUCTLOOP_SERVE_TORCH_THREADS": "1",
+        "INSTRUCTLOOP_HOME": str(tmp_path / "home"),
+        **LEARNER_ENV,
+        # this test is about learning, not throttling: on a quiet machine the labeler outpaces the
+        # default 600 requests/min per key (it would then wait out the 429s, slowing the test down)
+        "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "100000",
+        "INSTRUCTLOOP_GATEWAY_FEEDBACK_RATE_LIMIT_PER_MINUTE": "100000",
+        "INSTRUCTLOOP_GATEWAY_RATE_LIMIT_GENERATIONS_PER_MINUTE": "100000",
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "up",
+        "--run-dir",
+        str(run_dir),
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--startup-timeout",
+        str(STARTUP_TIMEOUT_S),
+        "--stop-timeout",
+        "20",
+    ]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
@@ -205,8 +244,10 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
         heldout = read_prompts(DEFAULT_HELDOUT_PROMPTS)
         train = read_prompts(DEFAULT_PROMPTS)
 
-        with GatewayClient(stack.gateway_url, keys["labeler"]) as labeler, \
-                GatewayClient(stack.gateway_url, keys["user"]) as user:
+        with (
+            GatewayClient(stack.gateway_url, keys["labeler"]) as labeler,
+            GatewayClient(stack.gateway_url, keys["user"]) as user,
+        ):
             baseline = record(user, heldout, n=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=1000)
             assert baseline["policy_versions"] == ["base"]
 
@@ -215,20 +256,34 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
             versions: list[str] = []
             rounds = 0
             while time.monotonic() < deadline:
-                summary = simulate(labeler, train, preference, rounds=1, k=K, max_tokens=MAX_TOKENS,
-                                   temperature=TEMPERATURE, seed=rounds * 10_000, progress=print)
+                summary = simulate(
+                    labeler,
+                    train,
+                    preference,
+                    rounds=1,
+                    k=K,
+                    max_tokens=MAX_TOKENS,
+                    temperature=TEMPERATURE,
+                    seed=rounds * 10_000,
+                    progress=print,
+                )
                 rounds += 1
                 assert summary.errors == 0 and summary.rankings_posted + summary.all_tied == len(train)
                 versions += [v for v in summary.versions if v not in versions]
                 if any(v != "base" for v in versions):
                     break
             new_versions = [v for v in versions if v != "base"]
-            assert new_versions, f"no version promoted after {rounds} rounds of feedback:\n{_learner_tail(run_dir)}"
+            assert new_versions, (
+                f"no version promoted after {rounds} rounds of feedback:\n{_learner_tail(run_dir)}"
+            )
 
             # serve hot-swapped: the answer and its header name the promoted version
-            response = httpx.post(f"{stack.gateway_url}/v1/completions",
-                                  headers={"Authorization": f"Bearer {keys['user']}"},
-                                  json={"model": "instructloop", "prompt": heldout[0], "max_tokens": 4}, timeout=60)
+            response = httpx.post(
+                f"{stack.gateway_url}/v1/completions",
+                headers={"Authorization": f"Bearer {keys['user']}"},
+                json={"model": "instructloop", "prompt": heldout[0], "max_tokens": 4},
+                timeout=60,
+            )
             response.raise_for_status()
             served = response.json()["policy_version"]
             assert served != "base"
@@ -241,8 +296,10 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
         print("base answers:", baseline["responses"][heldout[0]][:4])
         print(f"{served} answers:", new["responses"][heldout[0]][:4])
         result = win_rate(new["responses"], baseline["responses"], preference)
-        print(f"win-rate of {served} against base after {rounds} rounds ({rounds * len(train)} rankings): "
-              f"{result.as_dict()}")
+        print(
+            f"win-rate of {served} against base after {rounds} rounds ({rounds * len(train)} rankings): "
+            f"{result.as_dict()}"
+        )
         assert result.rate >= 0.70, result.as_dict()
     finally:
         status = _stop(proc)

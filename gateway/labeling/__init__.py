@@ -16,10 +16,26 @@ def install(app: Any, state: Any) -> None:
     from gateway.routes import label
 
     settings = state.settings
-    store = LabelingStore(state.store, LabelingConfig(live_prompts=settings.label_live_prompts),
-                          task_ttl_s=settings.completion_ttl_s)
-    tasks = Counter("gateway_labeling_tasks_total", "Labeling tasks by mode and outcome (created, answered, skipped, "
-                    "refused_<status>)", ["mode", "outcome"], registry=state.metrics.registry)
-    app.state.labeling = LabelingServing(settings, store, state.backend, state.store, state.tokenizer, state.feedback,
-                                         state.demonstrations, state.admin.registry, tasks_counter=tasks)
+    store = LabelingStore(
+        state.store,
+        LabelingConfig(live_prompts=settings.label_live_prompts),
+        task_ttl_s=settings.completion_ttl_s,
+    )
+    tasks = Counter(
+        "gateway_labeling_tasks_total",
+        "Labeling tasks by mode and outcome (created, answered, skipped, refused_<status>)",
+        ["mode", "outcome"],
+        registry=state.metrics.registry,
+    )
+    app.state.labeling = LabelingServing(
+        settings,
+        store,
+        state.backend,
+        state.store,
+        state.tokenizer,
+        state.feedback,
+        state.demonstrations,
+        state.admin.registry,
+        tasks_counter=tasks,
+    )
     app.include_router(label.router)

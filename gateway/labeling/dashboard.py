@@ -55,9 +55,12 @@ def live_win_rates(events: list[ComparisonEvent]) -> list[LiveWinRate]:
         else:
             winner = event.policy_versions[event.ranking[0][0]]
             tally[0 if winner == version else 1] += 1
-    return [LiveWinRate(version=v, against=a, wins=w, losses=lo, ties=t,
-                        win_rate=(w / (w + lo)) if w + lo else None)
-            for (v, a), (w, lo, t) in sorted(tallies.items())]
+    return [
+        LiveWinRate(
+            version=v, against=a, wins=w, losses=lo, ties=t, win_rate=(w / (w + lo)) if w + lo else None
+        )
+        for (v, a), (w, lo, t) in sorted(tallies.items())
+    ]
 
 
 async def build_dashboard(store: LabelingStore, registry: Registry, now: float) -> Dashboard:
@@ -69,14 +72,22 @@ async def build_dashboard(store: LabelingStore, registry: Registry, now: float) 
         counts = {k: int(v) for k, v in row.items() if k != "name" and v.lstrip("-").isdigit()}
         pairs = counts.pop("pairs", 0)
         agree = counts.pop("agree", 0)
-        labelers.append(LabelerStats(key_id=key_id, name=row.get("name", ""), agreement=(agree / pairs) if pairs else None,
-                                     agreement_pairs=pairs, **{k: v for k, v in counts.items()
-                                                               if k in LabelerStats.model_fields}))
+        labelers.append(
+            LabelerStats(
+                key_id=key_id,
+                name=row.get("name", ""),
+                agreement=(agree / pairs) if pairs else None,
+                agreement_pairs=pairs,
+                **{k: v for k, v in counts.items() if k in LabelerStats.model_fields},
+            )
+        )
     return Dashboard(
         config=await store.config(),
         current=await asyncio.to_thread(registry.current),
-        policies=[PolicyPoint(time=t, version=e.version, status=e.status.value, reason=e.reason, metrics=e.metrics)
-                  for t, e in policies],
+        policies=[
+            PolicyPoint(time=t, version=e.version, status=e.status.value, reason=e.reason, metrics=e.metrics)
+            for t, e in policies
+        ],
         labelers=labelers,
         volume=volume_buckets([t for t, _ in comparisons], [t for t, _ in demonstrations], now),
         live_win_rates=live_win_rates([e for _, e in comparisons]),

@@ -40,7 +40,9 @@ class Task(BaseModel):
     task_id: str
     mode: Mode
     prompt: str
-    responses: list[TaskResponseItem] = Field(default_factory=list, description="in display order (slot order)")
+    responses: list[TaskResponseItem] = Field(
+        default_factory=list, description="in display order (slot order)"
+    )
     source: Literal["live", "uploaded"]
     overlap: bool = Field(default=False, description="another labeler ranks the same responses (agreement)")
 
@@ -48,7 +50,9 @@ class Task(BaseModel):
 class RankSubmission(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ranking: Annotated[list[Annotated[list[int], Field(min_length=1, max_length=9)]], Field(min_length=1, max_length=9)]
+    ranking: Annotated[
+        list[Annotated[list[int], Field(min_length=1, max_length=9)]], Field(min_length=1, max_length=9)
+    ]
     rationale: Rationale | None = None
     flags: dict[int, Annotated[list[OutputFlag], Field(max_length=3)]] = Field(default_factory=dict)
 
@@ -75,16 +79,23 @@ class DemonstrationSubmission(BaseModel):
 class Submitted(BaseModel):
     id: str = Field(description="event_id of the event written to its stream")
     duplicate: bool = False
-    agreement: float | None = Field(default=None, description="agreement with the other labeler on an overlap task")
+    agreement: float | None = Field(
+        default=None, description="agreement with the other labeler on an overlap task"
+    )
 
 
 class LabelingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    live_prompts: bool = Field(description="use prompts from live traffic (off: only the uploaded prompt set)")
+    live_prompts: bool = Field(
+        description="use prompts from live traffic (off: only the uploaded prompt set)"
+    )
     compare_versions: list[str] | None = Field(
-        default=None, min_length=2, max_length=2,
-        description="the two versions compare mode shows; null = the current version and the newest candidate")
+        default=None,
+        min_length=2,
+        max_length=2,
+        description="the two versions compare mode shows; null = the current version and the newest candidate",
+    )
 
 
 class PromptUpload(BaseModel):
@@ -107,7 +118,9 @@ class LabelerStats(BaseModel):
     skips: int = 0
     flagged: int = 0
     overlaps: int = 0
-    agreement: float | None = Field(default=None, description="share of response pairs ordered like the other labeler")
+    agreement: float | None = Field(
+        default=None, description="share of response pairs ordered like the other labeler"
+    )
     agreement_pairs: int = 0
 
 

@@ -58,9 +58,18 @@ log = logging.getLogger(__name__)
 
 
 class LabelingServing:
-    def __init__(self, settings: Settings, store: LabelingStore, backend: Backend, completion_store: Store,
-                 tokenizer: Any, feedback: FeedbackServing, demonstrations: DemonstrationServing, registry: Registry,
-                 tasks_counter: Any = None):
+    def __init__(
+        self,
+        settings: Settings,
+        store: LabelingStore,
+        backend: Backend,
+        completion_store: Store,
+        tokenizer: Any,
+        feedback: FeedbackServing,
+        demonstrations: DemonstrationServing,
+        registry: Registry,
+        tasks_counter: Any = None,
+    ):
         self.settings = settings
         self.tasks_counter = tasks_counter
         self.store = store
@@ -73,12 +82,22 @@ class LabelingServing:
         self.random = random.SystemRandom()
 
     def _unavailable(self) -> APIError:
-        return APIError(503, "labeling storage is unavailable (redis unavailable); retry later", "server_error",
-                        code="storage_unavailable", headers={"Retry-After": str(self.settings.retry_after_s)})
+        return APIError(
+            503,
+            "labeling storage is unavailable (redis unavailable); retry later",
+            "server_error",
+            code="storage_unavailable",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
 
     def whoami(self, principal: Principal) -> Whoami:
-        return Whoami(key_id=principal.key_id, name=principal.name, role=principal.role.value,
-                      k=self.settings.label_k, flags=list(OUTPUT_FLAGS))
+        return Whoami(
+            key_id=principal.key_id,
+            name=principal.name,
+            role=principal.role.value,
+            k=self.settings.label_k,
+            flags=list(OUTPUT_FLAGS),
+        )
 
     # ---- choosing a prompt --------------------------------------------------------------------------
     async def _prompt(self, mode: str, principal: Principal) -> tuple[str, str] | APIError:
@@ -92,20 +111,31 @@ class LabelingServing:
             fit = [p for p in prompts if len(p) <= self.settings.max_prompt_chars]
             candidates += [(p, source) for p in await self.store.unseen(mode, principal.key_id, fit)]
         if not candidates:
-            where = "the uploaded prompt set" + (" or live traffic" if config.live_prompts else
-                                                 " (live prompts are turned off)")
-            return APIError(404, f"no prompt left to label: you have seen every prompt of {where}; an admin can upload "
-                                 "more on /label/admin", code="no_prompts_left")
+            where = "the uploaded prompt set" + (
+                " or live traffic" if config.live_prompts else " (live prompts are turned off)"
+            )
+            return APIError(
+                404,
+                f"no prompt left to label: you have seen every prompt of {where}; an admin can upload "
+                "more on /label/admin",
+                code="no_prompts_left",
+            )
         return self.random.choice(candidates)
 
     # ---- generating ---------------------------------------------------------------------------------
-    async def _generate(self, prompt: str, n: int, version: str | None, principal: Principal
-                        ) -> StoredCompletion | APIError:
+    async def _generate(
+        self, prompt: str, n: int, version: str | None, principal: Principal
+    ) -> StoredCompletion | APIError:
         """n choices from one policy version (``version``: that one, via ``adapter_id``; None: the current
         one), stored like a served completion (caller = the labeler, marked as the labeling queue's)."""
         s = self.settings
-        request = CompletionRequest(model=s.served_model_name, prompt=prompt, n=n, max_tokens=s.label_max_tokens,
-                                    temperature=s.label_temperature)
+        request = CompletionRequest(
+            model=s.served_model_name,
+            prompt=prompt,
+            n=n,
+            max_tokens=s.label_max_tokens,
+            temperature=s.label_temperature,
+        )
         params = [request.to_generate_params(i) for i in range(n)]
         if version is not None:
             for choice_params in params:
@@ -115,23 +145,49 @@ class LabelingServing:
             return generations
         served = generations[0].policy_version
         if version is not None and served != version:
-            return APIError(503, f"serve answered with version {served!r} when asked for {version!r}: it does not hold "
-                                 "that version (adapter_id)", "server_error", code="version_not_served",
-                            headers={"Retry-After": str(s.retry_after_s)})
+            return APIError(
+                503,
+                f"serve answered with version {served!r} when asked for {version!r}: it does not hold "
+                "that version (adapter_id)",
+                "server_error",
+                code="version_not_served",
+                headers={"Retry-After": str(s.retry_after_s)},
+            )
         completion = StoredCompletion(
-            id=new_completion_id("label"), caller=principal.key_id, prompts=[prompt],
-            choices=[StoredChoice(i, g.text, "length" if g.finish_reason == "length" else "stop", 0, g.generated_tokens)
-                     for i, g in enumerate(generations)],
-            policy_version=served, chat=False)
+            id=new_completion_id("label"),
+            caller=principal.key_id,
+            prompts=[prompt],
+            choices=[
+                StoredChoice(
+                    i, g.text, "length" if g.finish_reason == "length" else "stop", 0, g.generated_tokens
+                )
+                for i, g in enumerate(generations)
+            ],
+            policy_version=served,
+            chat=False,
+        )
         prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         sampling = {**request.sampling(), "source": LABELING_SOURCE}
         if version is not None:
             sampling["adapter_id"] = version
-        event = CompletionEvent(completion_id=completion.id, prompt=prompt, policy_version=served, sampling=sampling,
-                                caller=principal.key_id, chat=False,
-                                choices=[Choice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                                                prompt_tokens=prompt_tokens,
-                                                completion_tokens=c.completion_tokens) for c in completion.choices])
+        event = CompletionEvent(
+            completion_id=completion.id,
+            prompt=prompt,
+            policy_version=served,
+            sampling=sampling,
+            caller=principal.key_id,
+            chat=False,
+            choices=[
+                Choice(
+                    index=c.index,
+                    text=c.text,
+                    finish_reason=c.finish_reason,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=c.completion_tokens,
+                )
+                for c in completion.choices
+            ],
+        )
         if not await self.completion_store.save_completion(completion, [event]):
             return self._unavailable()
         return completion
@@ -153,9 +209,13 @@ class LabelingServing:
             try:
                 await asyncio.gather(*tasks)
             except BackendError as exc:
-                return APIError(exc.status, exc.message, "server_error" if exc.status >= 500 else "invalid_request_error",
-                                code=exc.code, headers={"Retry-After": str(self.settings.retry_after_s)}
-                                if exc.status == 503 else {})
+                return APIError(
+                    exc.status,
+                    exc.message,
+                    "server_error" if exc.status >= 500 else "invalid_request_error",
+                    code=exc.code,
+                    headers={"Retry-After": str(self.settings.retry_after_s)} if exc.status == 503 else {},
+                )
             finally:
                 for task in tasks:
                     task.cancel()
@@ -164,9 +224,13 @@ class LabelingServing:
             if not pending:
                 return results  # type: ignore[return-value]
             prefer = {g.backend for g in results if g.policy_version == target}
-        return APIError(503, "the policy version changed while the task's responses were generated; ask again",
-                        "server_error", code="policy_version_changed",
-                        headers={"Retry-After": str(self.settings.retry_after_s)})
+        return APIError(
+            503,
+            "the policy version changed while the task's responses were generated; ask again",
+            "server_error",
+            code="policy_version_changed",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
 
     async def compare_versions(self) -> tuple[str, str] | None:
         """The two versions compare mode shows: the admin's choice, else the current version and the newest
@@ -177,8 +241,11 @@ class LabelingServing:
 
         def pick() -> tuple[str, str] | None:
             current = self.registry.current() or BASE_VERSION
-            others = sorted((m for m in self.registry.list_versions() if m.version != current),
-                            key=lambda m: m.created_at, reverse=True)
+            others = sorted(
+                (m for m in self.registry.list_versions() if m.version != current),
+                key=lambda m: m.created_at,
+                reverse=True,
+            )
             candidates = [m for m in others if m.status == PolicyStatus.candidate]
             fallback = [m for m in others if m.status != PolicyStatus.rejected]
             chosen = (candidates or fallback or [None])[0]
@@ -189,7 +256,9 @@ class LabelingServing:
     # ---- tasks --------------------------------------------------------------------------------------
     def _count(self, mode: str, result: Any, ok: str) -> Any:
         if self.tasks_counter is not None:
-            self.tasks_counter.labels(mode, f"refused_{result.status}" if isinstance(result, APIError) else ok).inc()
+            self.tasks_counter.labels(
+                mode, f"refused_{result.status}" if isinstance(result, APIError) else ok
+            ).inc()
         return result
 
     async def next_task(self, mode: Mode, principal: Principal) -> Task | APIError:
@@ -200,8 +269,14 @@ class LabelingServing:
         return self._count(mode, result, "created")
 
     async def _next_task(self, mode: Mode, principal: Principal) -> Task | APIError:
-        task: dict[str, Any] = {"task_id": uuid.uuid4().hex, "mode": mode, "labeler": principal.key_id,
-                                "created": time.time(), "slots": [], "overlap_of": None}
+        task: dict[str, Any] = {
+            "task_id": uuid.uuid4().hex,
+            "mode": mode,
+            "labeler": principal.key_id,
+            "created": time.time(),
+            "slots": [],
+            "overlap_of": None,
+        }
         overlap = await self.store.take_overlap(principal.key_id) if mode == "rank" else None
         if overlap is not None:
             completion = await self.completion_store.get_completion(overlap["completion_id"])
@@ -225,8 +300,12 @@ class LabelingServing:
         elif mode == "compare":
             versions = await self.compare_versions()
             if versions is None or versions[0] == versions[1]:
-                return APIError(409, "compare mode needs two policy versions: the registry has no version besides the "
-                                     "current one (an admin can name two on /label/admin)", code="no_versions_to_compare")
+                return APIError(
+                    409,
+                    "compare mode needs two policy versions: the registry has no version besides the "
+                    "current one (an admin can name two on /label/admin)",
+                    code="no_versions_to_compare",
+                )
             results = await asyncio.gather(*(self._generate(prompt, 1, v, principal) for v in versions))
             error = next((r for r in results if isinstance(r, APIError)), None)
             if error is not None:
@@ -241,33 +320,61 @@ class LabelingServing:
             for completion_id in {cid for cid, _ in task["slots"]}:
                 stored = await self.completion_store.get_completion(completion_id)
                 texts.update({(completion_id, c.index): c.text for c in stored.choices})
-        log.info("labeling task", extra={"task_id": task["task_id"], "mode": mode, "labeler": principal.key_id,
-                                         "source": source, "overlap": overlap is not None})
-        return Task(task_id=task["task_id"], mode=mode, prompt=prompt, source=source, overlap=overlap is not None,
-                    responses=[TaskResponseItem(slot=i, text=texts[(cid, index)])
-                               for i, (cid, index) in enumerate(task["slots"])])
+        log.info(
+            "labeling task",
+            extra={
+                "task_id": task["task_id"],
+                "mode": mode,
+                "labeler": principal.key_id,
+                "source": source,
+                "overlap": overlap is not None,
+            },
+        )
+        return Task(
+            task_id=task["task_id"],
+            mode=mode,
+            prompt=prompt,
+            source=source,
+            overlap=overlap is not None,
+            responses=[
+                TaskResponseItem(slot=i, text=texts[(cid, index)])
+                for i, (cid, index) in enumerate(task["slots"])
+            ],
+        )
 
-    async def _own_task(self, task_id: str, mode: Mode, principal: Principal, idempotency_key: str | None
-                        ) -> dict[str, Any] | APIError:
+    async def _own_task(
+        self, task_id: str, mode: Mode, principal: Principal, idempotency_key: str | None
+    ) -> dict[str, Any] | APIError:
         """The labeler's open task. An answered one only under the Idempotency-Key of its answer, so a retry
         reaches the feedback path (which returns the first event) and a second, different answer is refused."""
         task = await self.store.task(task_id)
         if task is None or task["labeler"] != principal.key_id:
-            return APIError(404, f"task {task_id!r} is unknown, expired or not yours; ask for a new one",
-                            param="task_id", code="task_not_found")
+            return APIError(
+                404,
+                f"task {task_id!r} is unknown, expired or not yours; ask for a new one",
+                param="task_id",
+                code="task_not_found",
+            )
         if task["mode"] != mode:
-            return APIError(422, f"task {task_id!r} is a {task['mode']} task", param="task_id", code="wrong_task_mode")
+            return APIError(
+                422, f"task {task_id!r} is a {task['mode']} task", param="task_id", code="wrong_task_mode"
+            )
         if task.get("answered") and (idempotency_key is None or idempotency_key != task["answered"]):
-            return APIError(409, f"task {task_id!r} is already answered; ask for a new one", param="task_id",
-                            code="task_already_answered")
+            return APIError(
+                409,
+                f"task {task_id!r} is already answered; ask for a new one",
+                param="task_id",
+                code="task_already_answered",
+            )
         return task
 
     async def _answered(self, task: dict[str, Any], idempotency_key: str | None) -> None:
         task["answered"] = idempotency_key or "-"
         await self.store.save_task(task)
 
-    async def _submit_rank(self, task_id: str, body: RankSubmission, principal: Principal,
-                          idempotency_key: str | None) -> Submitted | APIError:
+    async def _submit_rank(
+        self, task_id: str, body: RankSubmission, principal: Principal, idempotency_key: str | None
+    ) -> Submitted | APIError:
         try:
             task = await self._own_task(task_id, "rank", principal, idempotency_key)
             if isinstance(task, APIError):
@@ -275,14 +382,26 @@ class LabelingServing:
             slots = task["slots"]
             for slot in [s for group in body.ranking for s in group] + list(body.flags):
                 if not 0 <= slot < len(slots):
-                    return APIError(422, f"slot {slot} is out of range: the task shows {len(slots)} responses",
-                                    param="ranking", code="invalid_feedback")
+                    return APIError(
+                        422,
+                        f"slot {slot} is out of range: the task shows {len(slots)} responses",
+                        param="ranking",
+                        code="invalid_feedback",
+                    )
             completion_id = slots[0][0]
             ranking = [[slots[s][1] for s in group] for group in body.ranking]
             flags = {slots[s][1]: names for s, names in body.flags.items() if names}
             accepted = await self.feedback.submit(
-                RankingFeedback(type="ranking", completion_id=completion_id, ranking=ranking, rationale=body.rationale,
-                                flags=flags or None), principal, idempotency_key)
+                RankingFeedback(
+                    type="ranking",
+                    completion_id=completion_id,
+                    ranking=ranking,
+                    rationale=body.rationale,
+                    flags=flags or None,
+                ),
+                principal,
+                idempotency_key,
+            )
             if isinstance(accepted, APIError):
                 return accepted
             agreement = None
@@ -293,8 +412,14 @@ class LabelingServing:
         except StoreUnavailable:
             return self._unavailable()
 
-    async def _after_ranking(self, task: dict[str, Any], completion_id: str, ranking: list[list[int]],
-                             principal: Principal, flagged: bool) -> float | None:
+    async def _after_ranking(
+        self,
+        task: dict[str, Any],
+        completion_id: str,
+        ranking: list[list[int]],
+        principal: Principal,
+        flagged: bool,
+    ) -> float | None:
         """Counters, the agreement of an overlap task, and now and then an offer to a second labeler."""
         answers = await self.store.record_answer(completion_id, principal.key_id, ranking)
         await self.store.count(principal.key_id, principal.name, rankings=1, flagged=int(flagged))
@@ -304,16 +429,26 @@ class LabelingServing:
             agree, pairs = pair_agreement(answers[other], ranking)
             agreement = agree / pairs if pairs else None
             for labeler in (principal.key_id, other):
-                name = principal.name if labeler == principal.key_id else (await self.store.labelers()).get(
-                    other, {}).get("name", "")
+                name = (
+                    principal.name
+                    if labeler == principal.key_id
+                    else (await self.store.labelers()).get(other, {}).get("name", "")
+                )
                 await self.store.count(labeler, name, overlaps=1, agree=agree, pairs=pairs)
         elif not other and self.random.random() < self.settings.label_overlap_rate:
-            await self.store.offer_overlap({"completion_id": completion_id, "prompt": task["prompt"],
-                                            "source": task["source"], "labeler": principal.key_id})
+            await self.store.offer_overlap(
+                {
+                    "completion_id": completion_id,
+                    "prompt": task["prompt"],
+                    "source": task["source"],
+                    "labeler": principal.key_id,
+                }
+            )
         return agreement
 
-    async def _submit_compare(self, task_id: str, body: CompareSubmission, principal: Principal,
-                             idempotency_key: str | None) -> Submitted | APIError:
+    async def _submit_compare(
+        self, task_id: str, body: CompareSubmission, principal: Principal, idempotency_key: str | None
+    ) -> Submitted | APIError:
         try:
             task = await self._own_task(task_id, "compare", principal, idempotency_key)
             if isinstance(task, APIError):
@@ -321,9 +456,16 @@ class LabelingServing:
             (left_id, left_index), (right_id, right_index) = task["slots"]
             preferred = {"left": "a", "right": "b", "tie": "tie"}[body.preferred]
             accepted = await self.feedback.submit(
-                ABFeedback(type="ab", a=ABChoiceRef(completion_id=left_id, index=left_index),
-                           b=ABChoiceRef(completion_id=right_id, index=right_index), preferred=preferred,
-                           rationale=body.rationale), principal, idempotency_key)
+                ABFeedback(
+                    type="ab",
+                    a=ABChoiceRef(completion_id=left_id, index=left_index),
+                    b=ABChoiceRef(completion_id=right_id, index=right_index),
+                    preferred=preferred,
+                    rationale=body.rationale,
+                ),
+                principal,
+                idempotency_key,
+            )
             if isinstance(accepted, APIError):
                 return accepted
             if not accepted.duplicate:
@@ -333,14 +475,18 @@ class LabelingServing:
         except StoreUnavailable:
             return self._unavailable()
 
-    async def _submit_demonstration(self, task_id: str, body: DemonstrationSubmission, principal: Principal,
-                                   idempotency_key: str | None) -> Submitted | APIError:
+    async def _submit_demonstration(
+        self, task_id: str, body: DemonstrationSubmission, principal: Principal, idempotency_key: str | None
+    ) -> Submitted | APIError:
         try:
             task = await self._own_task(task_id, "demonstration", principal, idempotency_key)
             if isinstance(task, APIError):
                 return task
-            accepted = await self.demonstrations.submit(DemonstrationRequest(prompt=task["prompt"], response=body.response),
-                                                        principal, idempotency_key)
+            accepted = await self.demonstrations.submit(
+                DemonstrationRequest(prompt=task["prompt"], response=body.response),
+                principal,
+                idempotency_key,
+            )
             if isinstance(accepted, APIError):
                 return accepted
             if not accepted.duplicate:
@@ -350,16 +496,23 @@ class LabelingServing:
         except StoreUnavailable:
             return self._unavailable()
 
-    async def submit_rank(self, task_id: str, body: RankSubmission, principal: Principal,
-                          idempotency_key: str | None) -> Submitted | APIError:
-        return self._count("rank", await self._submit_rank(task_id, body, principal, idempotency_key), "answered")
+    async def submit_rank(
+        self, task_id: str, body: RankSubmission, principal: Principal, idempotency_key: str | None
+    ) -> Submitted | APIError:
+        return self._count(
+            "rank", await self._submit_rank(task_id, body, principal, idempotency_key), "answered"
+        )
 
-    async def submit_compare(self, task_id: str, body: CompareSubmission, principal: Principal,
-                             idempotency_key: str | None) -> Submitted | APIError:
-        return self._count("compare", await self._submit_compare(task_id, body, principal, idempotency_key), "answered")
+    async def submit_compare(
+        self, task_id: str, body: CompareSubmission, principal: Principal, idempotency_key: str | None
+    ) -> Submitted | APIError:
+        return self._count(
+            "compare", await self._submit_compare(task_id, body, principal, idempotency_key), "answered"
+        )
 
-    async def submit_demonstration(self, task_id: str, body: DemonstrationSubmission, principal: Principal,
-                                   idempotency_key: str | None) -> Submitted | APIError:
+    async def submit_demonstration(
+        self, task_id: str, body: DemonstrationSubmission, principal: Principal, idempotency_key: str | None
+    ) -> Submitted | APIError:
         result = await self._submit_demonstration(task_id, body, principal, idempotency_key)
         return self._count("demonstration", result, "answered")
 
@@ -367,8 +520,12 @@ class LabelingServing:
         try:
             task = await self.store.task(task_id)
             if task is None or task["labeler"] != principal.key_id:
-                return APIError(404, f"task {task_id!r} is unknown, expired or not yours", param="task_id",
-                                code="task_not_found")
+                return APIError(
+                    404,
+                    f"task {task_id!r} is unknown, expired or not yours",
+                    param="task_id",
+                    code="task_not_found",
+                )
             await self.store.delete_task(task_id)
             await self.store.count(principal.key_id, principal.name, skips=1)
             return self._count(task["mode"], FeedbackAccepted(id=task_id), "skipped")
@@ -393,12 +550,18 @@ class LabelingServing:
     async def upload_prompts(self, upload: PromptUpload, principal: Principal) -> PromptsUploaded | APIError:
         too_long = next((p for p in upload.prompts if len(p) > self.settings.max_prompt_chars), None)
         if too_long is not None:
-            return APIError(400, f"a prompt is longer than {self.settings.max_prompt_chars} characters",
-                            param="prompts", code="prompt_too_long")
+            return APIError(
+                400,
+                f"a prompt is longer than {self.settings.max_prompt_chars} characters",
+                param="prompts",
+                code="prompt_too_long",
+            )
         prompts = [p for p in (p.strip() for p in upload.prompts) if p]
         try:
             added, total = await self.store.add_prompts(prompts)
         except StoreUnavailable:
             return self._unavailable()
-        log.info("labeling prompts uploaded", extra={"admin": principal.key_id, "added": added, "total": total})
+        log.info(
+            "labeling prompts uploaded", extra={"admin": principal.key_id, "added": added, "total": total}
+        )
         return PromptsUploaded(added=added, total=total)

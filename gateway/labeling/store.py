@@ -41,7 +41,9 @@ def prompt_hash(prompt: str) -> str:
 
 
 class LabelingStore:
-    def __init__(self, store: Store, default_config: LabelingConfig, task_ttl_s: int, live_window: int = 2000):
+    def __init__(
+        self, store: Store, default_config: LabelingConfig, task_ttl_s: int, live_window: int = 2000
+    ):
         self.store = store
         self.prefix = store.prefix
         self.default_config = default_config
@@ -74,6 +76,7 @@ class LabelingStore:
         """Append the prompts not uploaded before. Returns (added, total)."""
         redis = self._redis()
         added = 0
+
         async def work() -> int:
             nonlocal added
             for prompt in prompts:
@@ -81,6 +84,7 @@ class LabelingStore:
                     await redis.rpush(self._key("prompts"), prompt)
                     added += 1
             return await redis.llen(self._key("prompts"))
+
         total = await self._call("prompts", work())
         return added, total
 
@@ -93,8 +97,10 @@ class LabelingStore:
 
     async def live_prompts(self) -> list[str]:
         """Distinct prompts of recent live traffic (newest first), without the labeling queue's own."""
-        entries = await self._call("live", self._redis().xrevrange(
-            stream_key(Stream.completions, self.prefix), count=self.live_window))
+        entries = await self._call(
+            "live",
+            self._redis().xrevrange(stream_key(Stream.completions, self.prefix), count=self.live_window),
+        )
         prompts: dict[str, None] = {}
         for _, fields in entries:
             try:
@@ -108,8 +114,10 @@ class LabelingStore:
     async def unseen(self, mode: str, labeler: str, prompts: list[str]) -> list[str]:
         if not prompts:
             return []
-        seen = await self._call("seen", self._redis().smismember(self._key("seen", mode, labeler),
-                                                                 [prompt_hash(p) for p in prompts]))
+        seen = await self._call(
+            "seen",
+            self._redis().smismember(self._key("seen", mode, labeler), [prompt_hash(p) for p in prompts]),
+        )
         return [p for p, was_seen in zip(prompts, seen, strict=True) if not was_seen]
 
     async def mark_seen(self, mode: str, labeler: str, prompt: str) -> None:
@@ -117,8 +125,10 @@ class LabelingStore:
 
     # ---- tasks --------------------------------------------------------------------------------------
     async def save_task(self, task: dict[str, Any]) -> None:
-        await self._call("task", self._redis().set(self._key("task", task["task_id"]), json.dumps(task),
-                                                   ex=self.task_ttl_s))
+        await self._call(
+            "task",
+            self._redis().set(self._key("task", task["task_id"]), json.dumps(task), ex=self.task_ttl_s),
+        )
 
     async def task(self, task_id: str) -> dict[str, Any] | None:
         raw = await self._call("task", self._redis().get(self._key("task", task_id)))
@@ -143,20 +153,25 @@ class LabelingStore:
                 return item  # removed by us, so no third labeler gets it
         return None
 
-    async def record_answer(self, completion_id: str, labeler: str, ranking: list[list[int]]) -> dict[str, list[list[int]]]:
+    async def record_answer(
+        self, completion_id: str, labeler: str, ranking: list[list[int]]
+    ) -> dict[str, list[list[int]]]:
         """Remember this labeler's ranking of a completion; return every ranking of it (labeler → ranking)."""
         redis = self._redis()
         key = self._key("answer", completion_id)
+
         async def work():
             await redis.hset(key, labeler, json.dumps(ranking))
             await redis.expire(key, self.task_ttl_s)
             return await redis.hgetall(key)
+
         raw = await self._call("answer", work())
         return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
     # ---- per-labeler counters -----------------------------------------------------------------------
     async def count(self, labeler: str, name: str, **increments: int) -> None:
         redis = self._redis()
+
         async def work():
             async with redis.pipeline(transaction=True) as pipe:
                 pipe.sadd(self._key("labelers"), labeler)
@@ -165,24 +180,35 @@ class LabelingStore:
                     if amount:
                         pipe.hincrby(self._key("labeler", labeler), field, amount)
                 await pipe.execute()
+
         await self._call("counts", work())
 
     async def labelers(self) -> dict[str, dict[str, str]]:
         redis = self._redis()
+
         async def work():
-            ids = sorted(x.decode() if isinstance(x, bytes) else x for x in await redis.smembers(self._key("labelers")))
+            ids = sorted(
+                x.decode() if isinstance(x, bytes) else x for x in await redis.smembers(self._key("labelers"))
+            )
             rows = {}
             for key_id in ids:
                 raw = await redis.hgetall(self._key("labeler", key_id))
-                rows[key_id] = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                                for k, v in raw.items()}
+                rows[key_id] = {
+                    (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                    for k, v in raw.items()
+                }
             return rows
+
         return await self._call("counts", work())
 
     # ---- streams, read back for the dashboard -------------------------------------------------------
-    async def read_stream(self, stream: Stream, event_type: type[Event], count: int) -> list[tuple[float, Event]]:
+    async def read_stream(
+        self, stream: Stream, event_type: type[Event], count: int
+    ) -> list[tuple[float, Event]]:
         """The newest ``count`` entries of a stream, oldest first, as (entry time in s, event)."""
-        entries = await self._call("dashboard", self._redis().xrevrange(stream_key(stream, self.prefix), count=count))
+        entries = await self._call(
+            "dashboard", self._redis().xrevrange(stream_key(stream, self.prefix), count=count)
+        )
         events = []
         for entry_id, fields in reversed(entries):
             entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id

@@ -17,7 +17,9 @@ def error_response(error: APIError) -> JSONResponse:
     """The OpenAI-shaped error answer; a 5xx is logged with the request id and its reason."""
     if error.status >= 500:
         log_server_error(error.status, error.message, error.code, type=error.type)
-    return JSONResponse(error.to_response_model().model_dump(), status_code=error.status, headers=error.headers)
+    return JSONResponse(
+        error.to_response_model().model_dump(), status_code=error.status, headers=error.headers
+    )
 
 
 def client_gone() -> Response:
@@ -30,9 +32,16 @@ def render(result: BaseModel | CompletionStream | APIError, status_code: int = 2
     if isinstance(result, APIError):
         return error_response(result)
     if isinstance(result, CompletionStream):
-        return StreamingResponse(result.body, media_type="text/event-stream",
-                                 headers={POLICY_VERSION_HEADER: result.policy_version, "Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no", **result.headers})
+        return StreamingResponse(
+            result.body,
+            media_type="text/event-stream",
+            headers={
+                POLICY_VERSION_HEADER: result.policy_version,
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **result.headers,
+            },
+        )
     headers = {}
     version = getattr(result, "policy_version", None)
     if version:

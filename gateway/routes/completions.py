@@ -10,6 +10,8 @@ router = APIRouter(tags=["completions"])
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
-async def create_completion(body: CompletionRequest, caller: AnyCaller, serving: Completions, request: Request):
+async def create_completion(
+    body: CompletionRequest, caller: AnyCaller, serving: Completions, request: Request
+):
     """OpenAI legacy completions; ``stream=true`` answers SSE ending in ``data: [DONE]``."""
     return render(await serving.create_completion(body, caller, request))

@@ -12,8 +12,12 @@ router = APIRouter(tags=["feedback"])
 
 
 @router.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted, responses=ERRORS)
-async def submit_feedback(body: Annotated[FeedbackRequest, Body()], caller: AnyCaller, serving: Feedback,
-                          idempotency_key: IdempotencyKey = None):
+async def submit_feedback(
+    body: Annotated[FeedbackRequest, Body()],
+    caller: AnyCaller,
+    serving: Feedback,
+    idempotency_key: IdempotencyKey = None,
+):
     """A ranking of a completion's choices, a pairwise vote, or an A/B vote between two completions.
 
     Answers 202 once the comparison is on the comparisons stream; ``Idempotency-Key`` makes retries safe.

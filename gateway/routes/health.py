@@ -19,13 +19,23 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(state: State):
     """Ready when at least one backend is healthy; Redis is reported (it does not gate completions)."""
-    backends = {r.url: {"healthy": r.healthy, "outstanding": r.outstanding, "policy_version": r.policy_version}
-                for r in state.backend.replicas}
+    backends = {
+        r.url: {"healthy": r.healthy, "outstanding": r.outstanding, "policy_version": r.policy_version}
+        for r in state.backend.replicas
+    }
     ready = any(r.healthy for r in state.backend.replicas)
-    body = {"status": "ready" if ready else "not_ready", "backends": backends, "redis": await state.store.ping()}
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "backends": backends,
+        "redis": await state.store.ping(),
+    }
     if not ready:
-        log_server_error(503, "not ready: no healthy inference backend", "not_ready",
-                         backends={url: r.last_error for url, r in ((r.url, r) for r in state.backend.replicas)})
+        log_server_error(
+            503,
+            "not ready: no healthy inference backend",
+            "not_ready",
+            backends={url: r.last_error for url, r in ((r.url, r) for r in state.backend.replicas)},
+        )
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -35,10 +35,17 @@ from gateway.routes import ERRORS, render
 
 router = APIRouter(tags=["labeling"])
 
-CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-ASSETS = {"label.js": "text/javascript", "admin.js": "text/javascript", "common.js": "text/javascript",
-          "charts.js": "text/javascript", "label.css": "text/css"}
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+ASSETS = {
+    "label.js": "text/javascript",
+    "admin.js": "text/javascript",
+    "common.js": "text/javascript",
+    "charts.js": "text/javascript",
+    "label.css": "text/css",
+}
 PAGES = {"label": "label.html", "admin": "admin.html"}
 
 
@@ -54,20 +61,28 @@ def _web_file(name: str) -> bytes:
 
 
 def _page_headers(cache: str) -> dict[str, str]:
-    return {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer", "Cache-Control": cache}
+    return {
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": cache,
+    }
 
 
 @router.get("/label", include_in_schema=False)
 async def label_page() -> Response:
     """The labeling page: rank, compare, write demonstrations (signs in with a labeler key)."""
-    return Response(_web_file(PAGES["label"]), media_type="text/html; charset=utf-8", headers=_page_headers("no-store"))
+    return Response(
+        _web_file(PAGES["label"]), media_type="text/html; charset=utf-8", headers=_page_headers("no-store")
+    )
 
 
 @router.get("/label/admin", include_in_schema=False)
 async def admin_page() -> Response:
     """The admin dashboard (signs in with an admin key)."""
-    return Response(_web_file(PAGES["admin"]), media_type="text/html; charset=utf-8", headers=_page_headers("no-store"))
+    return Response(
+        _web_file(PAGES["admin"]), media_type="text/html; charset=utf-8", headers=_page_headers("no-store")
+    )
 
 
 @router.get("/label/assets/{name}", include_in_schema=False)
@@ -93,24 +108,45 @@ async def next_task(labeler: Labeler, serving: Labeling, body: Annotated[TaskReq
 
 
 @router.post("/v1/label/tasks/{task_id}/ranking", status_code=202, response_model=Submitted, responses=ERRORS)
-async def submit_ranking(task_id: str, body: RankSubmission, labeler: Labeler, serving: Labeling,
-                         idempotency_key: IdempotencyKey = None):
+async def submit_ranking(
+    task_id: str,
+    body: RankSubmission,
+    labeler: Labeler,
+    serving: Labeling,
+    idempotency_key: IdempotencyKey = None,
+):
     """The ranking of a rank task, in display slots (best first, ties grouped), flags and rationale."""
     return render(await serving.submit_rank(task_id, body, labeler, idempotency_key), status_code=202)
 
 
-@router.post("/v1/label/tasks/{task_id}/comparison", status_code=202, response_model=Submitted, responses=ERRORS)
-async def submit_comparison(task_id: str, body: CompareSubmission, labeler: Labeler, serving: Labeling,
-                            idempotency_key: IdempotencyKey = None):
+@router.post(
+    "/v1/label/tasks/{task_id}/comparison", status_code=202, response_model=Submitted, responses=ERRORS
+)
+async def submit_comparison(
+    task_id: str,
+    body: CompareSubmission,
+    labeler: Labeler,
+    serving: Labeling,
+    idempotency_key: IdempotencyKey = None,
+):
     """The vote of a compare task: left, right or tie (an A/B comparison between two versions)."""
     return render(await serving.submit_compare(task_id, body, labeler, idempotency_key), status_code=202)
 
 
-@router.post("/v1/label/tasks/{task_id}/demonstration", status_code=202, response_model=Submitted, responses=ERRORS)
-async def submit_demonstration(task_id: str, body: DemonstrationSubmission, labeler: Labeler, serving: Labeling,
-                               idempotency_key: IdempotencyKey = None):
+@router.post(
+    "/v1/label/tasks/{task_id}/demonstration", status_code=202, response_model=Submitted, responses=ERRORS
+)
+async def submit_demonstration(
+    task_id: str,
+    body: DemonstrationSubmission,
+    labeler: Labeler,
+    serving: Labeling,
+    idempotency_key: IdempotencyKey = None,
+):
     """The ideal answer written for a demonstration task's prompt."""
-    return render(await serving.submit_demonstration(task_id, body, labeler, idempotency_key), status_code=202)
+    return render(
+        await serving.submit_demonstration(task_id, body, labeler, idempotency_key), status_code=202
+    )
 
 
 @router.post("/v1/label/tasks/{task_id}/skip", response_model=FeedbackAccepted, responses=ERRORS)

@@ -11,8 +11,11 @@ router = APIRouter(tags=["models"])
 
 def _card(state) -> ModelCard:
     versions = {r.policy_version for r in state.backend.healthy() if r.policy_version}
-    return ModelCard(id=state.settings.served_model_name, created=state.started,
-                     policy_version=versions.pop() if len(versions) == 1 else None)
+    return ModelCard(
+        id=state.settings.served_model_name,
+        created=state.started,
+        policy_version=versions.pop() if len(versions) == 1 else None,
+    )
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
@@ -23,5 +26,7 @@ async def list_models(caller: AnyCaller, state: State) -> ModelList:
 @router.get("/v1/models/{model}", response_model=ModelCard, responses=ERRORS)
 async def retrieve_model(model: str, caller: AnyCaller, state: State):
     if model != state.settings.served_model_name:
-        return error_response(APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found"))
+        return error_response(
+            APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+        )
     return _card(state)

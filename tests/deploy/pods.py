@@ -37,7 +37,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 DOCKER_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "m": 1e-3}
+_QUANTITY = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "m": 1e-3,
+}
 
 
 def quantity(value: str | int) -> float:
@@ -51,8 +60,11 @@ def quantity(value: str | int) -> float:
 
 def expand(value: str, env: dict[str, str]) -> str:
     """The kubelet's ``$(VAR)`` expansion: defined names are replaced, ``$$`` escapes, others stay."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
-                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        value,
+    )
 
 
 @dataclass
@@ -91,9 +103,17 @@ class Pod:
 class Cluster:
     """Pods on one bridge, Services as /etc/hosts names, probes from the node address."""
 
-    def __init__(self, workdir: Path, config_maps: dict[str, dict], secrets: dict[str, dict[str, str]],
-                 services: list[dict], images: dict[str, Image], namespace: str, baked_model: Path | None = None,
-                 venv: Path | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        config_maps: dict[str, dict],
+        secrets: dict[str, dict[str, str]],
+        services: list[dict],
+        images: dict[str, Image],
+        namespace: str,
+        baked_model: Path | None = None,
+        venv: Path | None = None,
+    ):
         self.workdir = workdir
         self.config_maps = config_maps
         self.secrets = secrets
@@ -163,8 +183,12 @@ class Cluster:
         assert pods, f"Service {name} selects no pod"
         target = port.get("targetPort", port["port"])
         if isinstance(target, str):
-            target = next(cp["containerPort"] for c in pods[0].spec["containers"] for cp in c.get("ports", [])
-                          if cp.get("name") == target)
+            target = next(
+                cp["containerPort"]
+                for c in pods[0].spec["containers"]
+                for cp in c.get("ports", [])
+                if cp.get("name") == target
+            )
         return pods[0].ip, int(target)
 
     def hosts_file(self, pod: Pod) -> str:
@@ -180,7 +204,8 @@ class Cluster:
                 if svc["spec"].get("type") == "ClusterIP" or svc["spec"].get("clusterIP") == "None":
                     assert target == port["port"], (
                         f"Service {name} port {port['port']} -> {target}: the test maps Service names to pod IPs "
-                        "in /etc/hosts, which needs port == targetPort")
+                        "in /etc/hosts, which needs port == targetPort"
+                    )
             fqdn = f"{name}.{self.namespace}.svc.cluster.local"
             lines.append(f"{pods[0].ip} {name} {name}.{self.namespace} {name}.{self.namespace}.svc {fqdn}")
         return "\n".join(lines) + "\n"
@@ -212,8 +237,11 @@ class Cluster:
                     value = str(int(-(-amount // quantity(field_ref.get("divisor", 1)))))
                 elif "fieldRef" in ref:
                     path = ref["fieldRef"]["fieldPath"]
-                    value = {"status.podIP": pod.ip, "metadata.name": pod.name,
-                             "metadata.namespace": self.namespace}[path]
+                    value = {
+                        "status.podIP": pod.ip,
+                        "metadata.name": pod.name,
+                        "metadata.namespace": self.namespace,
+                    }[path]
                 else:
                     raise AssertionError(f"unsupported env source {ref}")
             k8s_env[item["name"]] = value
@@ -222,8 +250,10 @@ class Cluster:
 
     def secret(self, name: str) -> dict[str, str]:
         if name not in self.secrets:
-            raise AssertionError(f"the manifests use Secret {name!r}, which docs/deploy.md does not tell the "
-                                 f"operator to create (known: {sorted(self.secrets)})")
+            raise AssertionError(
+                f"the manifests use Secret {name!r}, which docs/deploy.md does not tell the "
+                f"operator to create (known: {sorted(self.secrets)})"
+            )
         return self.secrets[name]
 
     def _volume_dir(self, pod: Pod, volume: dict, fs_group: int | None) -> Path:
@@ -238,8 +268,11 @@ class Cluster:
                 return path
             path.mkdir(parents=True)
             source = volume.get("configMap") or volume.get("secret")
-            data = (self.config_maps[source["name"]] if "configMap" in volume
-                    else self.secret(source["secretName"]))
+            data = (
+                self.config_maps[source["name"]]
+                if "configMap" in volume
+                else self.secret(source["secretName"])
+            )
             mode = source.get("defaultMode", 0o644)
             for key, value in data.items():
                 (path / key).write_text(value)
@@ -259,7 +292,9 @@ class Cluster:
         pod.dir.mkdir(parents=True)
         volumes = list(pod.spec.get("volumes", []))
         for claim in claim_templates or []:  # a StatefulSet's volumeClaimTemplates: PVC <name>-<pod>
-            volumes.append({"name": claim["metadata"]["name"], "claim": f"{claim['metadata']['name']}-{name}"})
+            volumes.append(
+                {"name": claim["metadata"]["name"], "claim": f"{claim['metadata']['name']}-{name}"}
+            )
         pod.spec = {**pod.spec, "volumes": volumes}
         self._attach(pod, len(self.pods))
         self.pods.append(pod)
@@ -291,27 +326,31 @@ class Cluster:
                 inside = shlex.quote(f"{root}{host_path}")
                 unmask += [f"mkdir -p {inside}", f"mount --bind {shlex.quote(str(host_path))} {inside}"]
         if image.baked_model and self.baked_model is not None:
-            extra += [f"mkdir -p {root}/opt/instructloop",
-                      f"mount --bind {self.baked_model} {root}/opt/instructloop",
-                      f"mount -o remount,bind,ro {root}/opt/instructloop"]
+            extra += [
+                f"mkdir -p {root}/opt/instructloop",
+                f"mount --bind {self.baked_model} {root}/opt/instructloop",
+                f"mount -o remount,bind,ro {root}/opt/instructloop",
+            ]
         hosts = pod.dir / "hosts"
         hosts.write_text(self.hosts_file(pod))
         upper, work = pod.dir / f"upper-{container.name}", pod.dir / f"work-{container.name}"
         upper.mkdir()
         work.mkdir()
-        return "\n".join([
-            "set -e",
-            f"mount -t overlay overlay -o lowerdir=/,upperdir={upper},workdir={work} {root}",
-            *(f"mount --rbind /{d} {root}/{d}" for d in ("proc", "dev", "sys")),
-            f"chmod 711 {root}/root",  # the venv's interpreter lives under /root here (see module docstring)
-            f"mount -t tmpfs -o size=64m,mode=1777 tmpfs {root}/tmp",
-            f"mount --bind {hosts} {root}/etc/hosts",
-            f"hostname {shlex.quote(pod.name)}",
-            *extra,
-            *mounts,
-            *unmask,
-            *([f"mount -o remount,bind,ro {root}"] if ro else []),
-        ])
+        return "\n".join(
+            [
+                "set -e",
+                f"mount -t overlay overlay -o lowerdir=/,upperdir={upper},workdir={work} {root}",
+                *(f"mount --rbind /{d} {root}/{d}" for d in ("proc", "dev", "sys")),
+                f"chmod 711 {root}/root",  # the venv's interpreter lives under /root here (see module docstring)
+                f"mount -t tmpfs -o size=64m,mode=1777 tmpfs {root}/tmp",
+                f"mount --bind {hosts} {root}/etc/hosts",
+                f"hostname {shlex.quote(pod.name)}",
+                *extra,
+                *mounts,
+                *unmask,
+                *([f"mount -o remount,bind,ro {root}"] if ro else []),
+            ]
+        )
 
     def start_container(self, pod: Pod, spec: dict, *, init: bool = False) -> Container:
         container = Container(pod, spec["name"], spec)
@@ -328,14 +367,31 @@ class Cluster:
         root.mkdir()
         setup = self._root_script(pod, container, root, sc.get("readOnlyRootFilesystem", False))
         env_args = " ".join(shlex.quote(f"{k}={v}") for k, v in container.env.items())
-        run = (f"exec chroot --userspec={container.uid}:{container.gid} --groups={groups} {root} "
-               f"env -i {env_args} {' '.join(shlex.quote(a) for a in argv)}")
+        run = (
+            f"exec chroot --userspec={container.uid}:{container.gid} --groups={groups} {root} "
+            f"env -i {env_args} {' '.join(shlex.quote(a) for a in argv)}"
+        )
         container.log_path = pod.dir / f"{container.name}.log"
         with open(container.log_path, "wb") as log:
             container.proc = subprocess.Popen(
-                ["ip", "netns", "exec", pod.netns, "unshare", "--mount", "--uts", "--propagation", "private",
-                 "sh", "-c", f"{setup}\ncd /\n{run}"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    pod.netns,
+                    "unshare",
+                    "--mount",
+                    "--uts",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    f"{setup}\ncd /\n{run}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         pod.containers.append(container)
         return container
 
@@ -367,16 +423,36 @@ class Cluster:
         if "exec" in probe:
             # at least 10 s: spawning nsenter + sh + the command on a loaded 2-core machine can take seconds
             result = self.exec(container, probe["exec"]["command"], timeout=max(timeout, 10))
-            return result.returncode == 0, f"exec {probe['exec']['command']}: rc={result.returncode} " \
-                                           f"{(result.stdout + result.stderr).strip()[-300:]}"
+            return (
+                result.returncode == 0,
+                f"exec {probe['exec']['command']}: rc={result.returncode} "
+                f"{(result.stdout + result.stderr).strip()[-300:]}",
+            )
         raise AssertionError(f"unsupported probe {probe}")
 
-    def exec(self, container: Container, command: list[str], timeout: float = 10) -> subprocess.CompletedProcess:
+    def exec(
+        self, container: Container, command: list[str], timeout: float = 10
+    ) -> subprocess.CompletedProcess:
         """``kubectl exec``: the container's namespaces, root, user and env."""
         assert container.proc is not None
-        argv = ["nsenter", "-t", str(container.proc.pid), "--mount", "--net", "--uts", "--root", "--wd",
-                "-S", str(container.uid), "-G", str(container.gid),
-                "env", "-i", *(f"{k}={v}" for k, v in container.env.items()), *command]
+        argv = [
+            "nsenter",
+            "-t",
+            str(container.proc.pid),
+            "--mount",
+            "--net",
+            "--uts",
+            "--root",
+            "--wd",
+            "-S",
+            str(container.uid),
+            "-G",
+            str(container.gid),
+            "env",
+            "-i",
+            *(f"{k}={v}" for k, v in container.env.items()),
+            *command,
+        ]
         try:
             return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

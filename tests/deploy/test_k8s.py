@@ -54,7 +54,9 @@ def workloads(docs: list[dict]) -> list[dict]:
 
 
 def workload(docs: list[dict], component: str) -> dict:
-    found = [w for w in workloads(docs) if component_of(w["spec"]["template"]["metadata"]["labels"]) == component]
+    found = [
+        w for w in workloads(docs) if component_of(w["spec"]["template"]["metadata"]["labels"]) == component
+    ]
     assert len(found) == 1, f"expected one workload for {component}, found {len(found)}"
     return found[0]
 
@@ -93,10 +95,17 @@ def config_data(docs: list[dict], work: dict, container_name: str | None = None)
 
 def mounts_of_claim(work: dict, claim: str) -> list[tuple[dict, dict]]:
     """(volume, volumeMount) pairs of the PVC ``claim`` across the pod's containers."""
-    volumes = {v["name"]: v for v in pod_spec(work).get("volumes", [])
-               if v.get("persistentVolumeClaim", {}).get("claimName") == claim}
-    return [(volumes[m["name"]], m) for c in pod_spec(work)["containers"]
-            for m in c.get("volumeMounts", []) if m["name"] in volumes]
+    volumes = {
+        v["name"]: v
+        for v in pod_spec(work).get("volumes", [])
+        if v.get("persistentVolumeClaim", {}).get("claimName") == claim
+    }
+    return [
+        (volumes[m["name"]], m)
+        for c in pod_spec(work)["containers"]
+        for m in c.get("volumeMounts", [])
+        if m["name"] in volumes
+    ]
 
 
 # ---- rendering and validation --------------------------------------------------------------------
@@ -117,17 +126,28 @@ def test_overlay_renders_and_passes_strict_schema_validation(rendered, tmp_path,
 
 
 def _builtin_kinds(docs: list[dict]) -> set[str]:
-    return {doc["kind"] for doc in docs
-            if "." not in doc["apiVersion"].split("/")[0] or doc["apiVersion"].split("/")[0].endswith(".k8s.io")}
+    return {
+        doc["kind"]
+        for doc in docs
+        if "." not in doc["apiVersion"].split("/")[0] or doc["apiVersion"].split("/")[0].endswith(".k8s.io")
+    }
 
 
 def test_strict_validation_rejects_an_unknown_field(tmp_path):
     """The validator really is strict here: a misspelt field in a Deployment fails it."""
     bad = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "typo"},
-        "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
-            "metadata": {"labels": {"a": "b"}},
-            "spec": {"containers": [{"name": "c", "image": "busybox:1.36", "imagePullPolicyy": "Always"}]}}},
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "typo"},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "template": {
+                "metadata": {"labels": {"a": "b"}},
+                "spec": {
+                    "containers": [{"name": "c", "image": "busybox:1.36", "imagePullPolicyy": "Always"}]
+                },
+            },
+        },
     }
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
@@ -151,8 +171,11 @@ def test_every_component_has_a_servicemonitor_that_matches_its_service_and_port(
             assert endpoint.get("path", "/metrics").startswith("/")
     for component in COMPONENTS:
         service = service_for(docs, component)
-        matching = [m for m in monitors if selector_matches(m["spec"]["selector"]["matchLabels"],
-                                                            service["metadata"]["labels"])]
+        matching = [
+            m
+            for m in monitors
+            if selector_matches(m["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        ]
         assert len(matching) == 1, f"{component}: {len(matching)} ServiceMonitors select its Service"
         port_names = {p["name"] for p in service["spec"]["ports"]}
         for endpoint in matching[0]["spec"]["endpoints"]:
@@ -191,8 +214,12 @@ def test_every_container_has_requests_limits_and_probes(rendered, name):
             where = f"{work['metadata']['name']}/{c['name']}"
             for bound in ("requests", "limits"):
                 for resource in ("cpu", "memory"):
-                    assert c.get("resources", {}).get(bound, {}).get(resource), f"{where}: no {bound}.{resource}"
-            if c in spec["containers"]:  # init containers run to completion: Kubernetes refuses probes on them
+                    assert c.get("resources", {}).get(bound, {}).get(resource), (
+                        f"{where}: no {bound}.{resource}"
+                    )
+            if (
+                c in spec["containers"]
+            ):  # init containers run to completion: Kubernetes refuses probes on them
                 for probe in ("readinessProbe", "livenessProbe"):
                     assert probe in c, f"{where}: no {probe}"
 
@@ -254,8 +281,11 @@ def test_images_are_pinned_and_gpu_overlay_uses_cuda_images(rendered, name):
 @pytest.mark.parametrize("name", ALL)
 def test_only_the_gateway_service_is_exposed(rendered, name):
     docs = rendered[name]
-    exposed = [s for s in objects(docs, "Service") if s["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort")
-               or s["spec"].get("externalIPs")]
+    exposed = [
+        s
+        for s in objects(docs, "Service")
+        if s["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort") or s["spec"].get("externalIPs")
+    ]
     assert [s["metadata"]["name"] for s in exposed] == [service_for(docs, "gateway")["metadata"]["name"]]
     for ingress in objects(docs, "Ingress"):
         for rule in ingress["spec"].get("rules", []):
@@ -269,12 +299,19 @@ def test_only_the_gateway_service_is_exposed(rendered, name):
 def test_services_select_their_pods_and_name_real_ports(rendered, name):
     docs = rendered[name]
     for service in objects(docs, "Service"):
-        pods = [w for w in workloads(docs)
-                if selector_matches(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])]
+        pods = [
+            w
+            for w in workloads(docs)
+            if selector_matches(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+        ]
         assert len(pods) == 1, f"Service {service['metadata']['name']} selects {len(pods)} workloads"
-        container_ports = {p["name"]: p["containerPort"] for c in pod_spec(pods[0])["containers"] for p in c["ports"]}
+        container_ports = {
+            p["name"]: p["containerPort"] for c in pod_spec(pods[0])["containers"] for p in c["ports"]
+        }
         for port in service["spec"]["ports"]:
-            assert port["targetPort"] in container_ports, f"{service['metadata']['name']}: {port['targetPort']}"
+            assert port["targetPort"] in container_ports, (
+                f"{service['metadata']['name']}: {port['targetPort']}"
+            )
 
 
 # ---- storage ------------------------------------------------------------------------------------
@@ -287,8 +324,12 @@ def test_serve_mounts_the_registry_read_only_and_only_learner_and_gateway_write_
     for volume, mount in pairs:
         assert mount.get("readOnly") is True and volume["persistentVolumeClaim"].get("readOnly") is True
         assert config_data(docs, serve)["INSTRUCTLOOP_SERVE_REGISTRY_DIR"] == mount["mountPath"]
-    writers = {component_of(w["spec"]["template"]["metadata"]["labels"]) for w in workloads(docs)
-               for _, mount in mounts_of_claim(w, "instructloop-registry") if not mount.get("readOnly")}
+    writers = {
+        component_of(w["spec"]["template"]["metadata"]["labels"])
+        for w in workloads(docs)
+        for _, mount in mounts_of_claim(w, "instructloop-registry")
+        if not mount.get("readOnly")
+    }
     # The learner publishes versions; the gateway's admin routes move the current pointer.
     assert writers == {"learner", "gateway"}
     for component in ("learner", "gateway"):
@@ -312,9 +353,11 @@ def test_registry_access_mode_fits_the_overlay(rendered, name):
         if not mounts_of_claim(work, "instructloop-registry") or work is workload(docs, "learner"):
             continue
         terms = pod_spec(work)["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-        assert any(t["topologyKey"] == "kubernetes.io/hostname"
-                   and selector_matches(t["labelSelector"]["matchLabels"], learner_labels) for t in terms), \
-            work["metadata"]["name"]
+        assert any(
+            t["topologyKey"] == "kubernetes.io/hostname"
+            and selector_matches(t["labelSelector"]["matchLabels"], learner_labels)
+            for t in terms
+        ), work["metadata"]["name"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -324,8 +367,11 @@ def test_learner_is_one_replica_recreated_with_its_state_on_a_pvc(rendered, name
     assert learner["kind"] == "Deployment"
     assert learner["spec"]["replicas"] == 1
     assert learner["spec"]["strategy"]["type"] == "Recreate"
-    assert not [h for h in objects(docs, "HorizontalPodAutoscaler")
-                if h["spec"]["scaleTargetRef"]["name"] == learner["metadata"]["name"]]
+    assert not [
+        h
+        for h in objects(docs, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == learner["metadata"]["name"]
+    ]
     ((_, mount),) = mounts_of_claim(learner, "instructloop-learner-state")
     assert config_data(docs, learner)["INSTRUCTLOOP_LEARNER_STATE_DIR"] == mount["mountPath"]
     one(docs, "PersistentVolumeClaim", "instructloop-learner-state")
@@ -361,7 +407,9 @@ def test_redis_keeps_an_aof_fsynced_every_second_on_a_pvc(rendered, name):
     assert server["resources"]["limits"]["memory"]
     # closed: ACL users from the Secret, the default user off, no protected-mode escape hatch
     assert directives["protected-mode"] == "yes"
-    acl_mount = next(m for m in server["volumeMounts"] if directives["aclfile"].startswith(m["mountPath"] + "/"))
+    acl_mount = next(
+        m for m in server["volumeMounts"] if directives["aclfile"].startswith(m["mountPath"] + "/")
+    )
     assert acl_mount.get("readOnly") is True
     (init,) = pod_spec(redis)["initContainers"]
     assert any(m["name"] == acl_mount["name"] and not m.get("readOnly") for m in init["volumeMounts"])
@@ -370,7 +418,8 @@ def test_redis_keeps_an_aof_fsynced_every_second_on_a_pvc(rendered, name):
     assert volume["emptyDir"].get("medium") == "Memory", "the ACL file never reaches a disk"
     users = {e["valueFrom"]["secretKeyRef"]["key"] for e in init["env"] if "valueFrom" in e}
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in init["env"] if "valueFrom" in e} == {
-        "instructloop-redis-users"}
+        "instructloop-redis-users"
+    }
     from launcher.credentials import USERS
 
     assert users == set(USERS)
@@ -448,14 +497,20 @@ def test_gateway_reads_hashed_api_keys_from_a_secret(rendered, name):
 def test_gateway_autoscales_and_disruption_budgets_cover_serve_and_gateway(rendered, name):
     docs = rendered[name]
     gateway = workload(docs, "gateway")
-    (hpa,) = [h for h in objects(docs, "HorizontalPodAutoscaler")
-              if h["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]]
+    (hpa,) = [
+        h
+        for h in objects(docs, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
+    ]
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     assert "replicas" not in gateway["spec"], "the HPA owns the gateway's replica count"
     for component in ("serve", "gateway"):
         labels = workload(docs, component)["spec"]["template"]["metadata"]["labels"]
-        budgets = [p for p in objects(docs, "PodDisruptionBudget")
-                   if selector_matches(p["spec"]["selector"]["matchLabels"], labels)]
+        budgets = [
+            p
+            for p in objects(docs, "PodDisruptionBudget")
+            if selector_matches(p["spec"]["selector"]["matchLabels"], labels)
+        ]
         assert len(budgets) == 1, component
         # maxUnavailable (not minAvailable: N) so a single-replica overlay can still drain a node.
         assert budgets[0]["spec"]["maxUnavailable"] == 1
@@ -508,8 +563,11 @@ def _peer_matches(rule_peers: list[dict] | None, peer: Peer) -> bool:
             return True  # conservative: an ipBlock may match anything
         if peer.labels is None:
             continue  # pod/namespace selectors never match traffic from outside the cluster
-        ns_ok = (_selects(entry["namespaceSelector"], peer.namespace_labels) if "namespaceSelector" in entry
-                 else peer.namespace == NAMESPACE)
+        ns_ok = (
+            _selects(entry["namespaceSelector"], peer.namespace_labels)
+            if "namespaceSelector" in entry
+            else peer.namespace == NAMESPACE
+        )
         pod_ok = _selects(entry["podSelector"], peer.labels) if "podSelector" in entry else True
         if ns_ok and pod_ok:
             return True
@@ -530,15 +588,24 @@ def _allowed(policies: list[dict], direction: str, subject: Peer, other: Peer, p
     if subject.labels is None or subject.namespace != NAMESPACE:
         return True  # our policies only isolate our own pods
     key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
-    isolating = [p for p in policies if direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], subject.labels)]
+    isolating = [
+        p
+        for p in policies
+        if direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], subject.labels)
+    ]
     if not isolating:
         return True
-    return any(_peer_matches(rule.get(peers_key), other) and _port_matches(rule.get("ports"), port)
-               for p in isolating for rule in p["spec"].get(key) or [])
+    return any(
+        _peer_matches(rule.get(peers_key), other) and _port_matches(rule.get("ports"), port)
+        for p in isolating
+        for rule in p["spec"].get(key) or []
+    )
 
 
 def connection_allowed(policies: list[dict], source: Peer, dest: Peer, port: int) -> bool:
-    return _allowed(policies, "Egress", source, dest, port) and _allowed(policies, "Ingress", dest, source, port)
+    return _allowed(policies, "Egress", source, dest, port) and _allowed(
+        policies, "Ingress", dest, source, port
+    )
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -546,17 +613,25 @@ def test_network_policies_allow_exactly_the_documented_flows(rendered, name):
     docs = rendered[name]
     policies = objects(docs, "NetworkPolicy")
     ns_labels = {"kubernetes.io/metadata.name": NAMESPACE}
-    pods = {c: Peer(workload(docs, c)["spec"]["template"]["metadata"]["labels"], NAMESPACE, ns_labels)
-            for c in COMPONENTS}
+    pods = {
+        c: Peer(workload(docs, c)["spec"]["template"]["metadata"]["labels"], NAMESPACE, ns_labels)
+        for c in COMPONENTS
+    }
     outside = Peer(None)
     other_namespace = Peer({"app": "curious"}, "default", {"kubernetes.io/metadata.name": "default"})
-    prometheus = Peer({"app.kubernetes.io/name": "prometheus"}, "monitoring",
-                      {"kubernetes.io/metadata.name": "monitoring"})
+    prometheus = Peer(
+        {"app.kubernetes.io/name": "prometheus"}, "monitoring", {"kubernetes.io/metadata.name": "monitoring"}
+    )
     ports = {"gateway": 8000, "serve": 8080, "learner": 9100, "redis": 6379}
     expected_open = {
-        ("outside", "gateway"), ("other", "gateway"), ("gateway", "serve"),
-        ("gateway", "redis"), ("serve", "redis"), ("learner", "redis"),
-        ("prometheus", "gateway"), ("prometheus", "learner"),
+        ("outside", "gateway"),
+        ("other", "gateway"),
+        ("gateway", "serve"),
+        ("gateway", "redis"),
+        ("serve", "redis"),
+        ("learner", "redis"),
+        ("prometheus", "gateway"),
+        ("prometheus", "learner"),
     }
     sources = {"outside": outside, "other": other_namespace, "prometheus": prometheus, **pods}
     for source_name, source in sources.items():
@@ -564,13 +639,15 @@ def test_network_policies_allow_exactly_the_documented_flows(rendered, name):
             if source_name == dest_name:
                 continue
             allowed = connection_allowed(policies, source, pods[dest_name], ports[dest_name])
-            assert allowed == ((source_name, dest_name) in expected_open), \
+            assert allowed == ((source_name, dest_name) in expected_open), (
                 f"{source_name} -> {dest_name}:{ports[dest_name]} allowed={allowed}"
+            )
             # Each side must hold on its own: the destination's ingress rules alone (as if the source had
             # no egress policy) admit only the documented callers; the gateway is public by design.
             ingress_only = _allowed(policies, "Ingress", pods[dest_name], source, ports[dest_name])
-            assert ingress_only == ((source_name, dest_name) in expected_open or dest_name == "gateway"), \
+            assert ingress_only == ((source_name, dest_name) in expected_open or dest_name == "gateway"), (
                 f"{dest_name} ingress admits {source_name}"
+            )
     # serve: Prometheus reaches its metrics port (only /metrics is there), never its API port
     assert connection_allowed(policies, prometheus, pods["serve"], 9090)
     assert not connection_allowed(policies, other_namespace, pods["serve"], 9090)
@@ -582,14 +659,23 @@ def test_network_policies_allow_exactly_the_documented_flows(rendered, name):
         assert not connection_allowed(policies, pods[component], outside, 443), component
     # Every ServiceMonitor's port is open to Prometheus.
     for monitor in objects(docs, "ServiceMonitor"):
-        service = next(s for s in objects(docs, "Service")
-                       if selector_matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"]))
+        service = next(
+            s
+            for s in objects(docs, "Service")
+            if selector_matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+        )
         component = component_of(service["metadata"]["labels"])
         for endpoint in monitor["spec"]["endpoints"]:
             port = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
-            target = next(cp["containerPort"] for c in pod_spec(workload(docs, component))["containers"]
-                          for cp in c["ports"] if cp["name"] == port["targetPort"])
-            assert connection_allowed(policies, prometheus, pods[component], target), monitor["metadata"]["name"]
+            target = next(
+                cp["containerPort"]
+                for c in pod_spec(workload(docs, component))["containers"]
+                for cp in c["ports"]
+                if cp["name"] == port["targetPort"]
+            )
+            assert connection_allowed(policies, prometheus, pods[component], target), monitor["metadata"][
+                "name"
+            ]
 
 
 # ---- the Redis config, on a real redis-server ----------------------------------------------------
@@ -616,14 +702,29 @@ def test_rendered_redis_conf_runs_on_a_real_redis_server_with_aof_everysec(rende
         (config_dir / name).write_text(text)
     passwords = {user: f"pw-{user}-0123456789" for user in USERS}
     render = conf_map["data"]["render-acl.sh"].replace("/etc/redis/", f"{config_dir}/")
-    rendered_acl = subprocess.run(["sh", "-c", render], capture_output=True, text=True, timeout=30, env={
-        "PATH": "/usr/bin:/bin", "ACL_FILE": str(tmp_path / "users.acl"),
-        **{f"REDIS_PASSWORD_{user.upper()}": pw for user, pw in passwords.items()}})
+    rendered_acl = subprocess.run(
+        ["sh", "-c", render],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "ACL_FILE": str(tmp_path / "users.acl"),
+            **{f"REDIS_PASSWORD_{user.upper()}": pw for user, pw in passwords.items()},
+        },
+    )
     assert rendered_acl.returncode == 0, rendered_acl.stderr
     assert not any(pw in (tmp_path / "users.acl").read_text() for pw in passwords.values()), "only hashes"
-    overrides = {"dir": str(tmp_path), "port": str(port), "bind": "127.0.0.1", "aclfile": str(tmp_path / "users.acl")}
-    lines = [f"{key} {overrides[key]}" if (key := line.split(" ", 1)[0]) in overrides else line
-             for line in conf_map["data"]["redis.conf"].splitlines()]
+    overrides = {
+        "dir": str(tmp_path),
+        "port": str(port),
+        "bind": "127.0.0.1",
+        "aclfile": str(tmp_path / "users.acl"),
+    }
+    lines = [
+        f"{key} {overrides[key]}" if (key := line.split(" ", 1)[0]) in overrides else line
+        for line in conf_map["data"]["redis.conf"].splitlines()
+    ]
     conf = tmp_path / "redis.conf"
     conf.write_text("\n".join(lines) + "\n")
     process = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -658,8 +759,10 @@ def test_rendered_redis_conf_runs_on_a_real_redis_server_with_aof_everysec(rende
         process.wait(timeout=10)
 
 
-@pytest.mark.parametrize(("component", "module"), [("serve", "serve.settings"), ("gateway", "gateway.settings"),
-                                                   ("learner", "learner.settings")])
+@pytest.mark.parametrize(
+    ("component", "module"),
+    [("serve", "serve.settings"), ("gateway", "gateway.settings"), ("learner", "learner.settings")],
+)
 def test_every_configmap_variable_is_a_setting_of_its_deployable(component, module):
     """A misspelt variable is silently ignored by pydantic-settings, so the pod would start on defaults
     (or, for the gateway's keys file, refuse to start): every INSTRUCTLOOP_* variable we ship must name a
@@ -672,5 +775,5 @@ def test_every_configmap_variable_is_a_setting_of_its_deployable(component, modu
     names = [line.split("=", 1)[0] for line in lines if line.strip() and not line.startswith("#")]
     assert names, f"no variables in k8s/base/config/{component}.env"
     fields = {name.upper() for name in settings.model_fields}
-    unknown = [n for n in names if not n.startswith(prefix) or n[len(prefix):] not in fields]
+    unknown = [n for n in names if not n.startswith(prefix) or n[len(prefix) :] not in fields]
     assert not unknown, f"{component}.env sets variables {unknown} that {module}.Settings does not read"

@@ -89,7 +89,7 @@ def dockerfile_image(path: Path, stage: str) -> Image:
                 for key, value in re.findall(r'(\w+)=("[^"]*"|\S+)', line[4:]):
                     env[key] = value.strip('"')
             elif line.startswith("ENTRYPOINT "):
-                entrypoint = json.loads(line[len("ENTRYPOINT "):])
+                entrypoint = json.loads(line[len("ENTRYPOINT ") :])
             elif line.startswith("HEALTHCHECK ") and " CMD " in line:
                 healthcheck = json.loads(line.split(" CMD ", 1)[1])
             elif line.startswith("COPY --from=build /opt/instructloop"):
@@ -146,22 +146,27 @@ def _wait_probes(cluster: Cluster, container, kind: str, deadline: float) -> str
     last = ""
     while True:
         if container.proc.poll() is not None:
-            pytest.fail(f"{container.pod.name}/{container.name} exited ({container.proc.returncode}) before its "
-                        f"{kind} passed; its log:\n{cluster.log_tail(container)}")
+            pytest.fail(
+                f"{container.pod.name}/{container.name} exited ({container.proc.returncode}) before its "
+                f"{kind} passed; its log:\n{cluster.log_tail(container)}"
+            )
         ok, last = cluster.probe(container, probe)
         if ok:
             return f"{last} (after {time.monotonic() - START[0]:.1f} s)"
         if time.monotonic() > until:
             break
         time.sleep(min(period, 0.5))
-    pytest.fail(f"{container.pod.name}/{container.name}: {kind} fails as the kubelet would see it ({last}); "
-                f"its log:\n{cluster.log_tail(container)}")
+    pytest.fail(
+        f"{container.pod.name}/{container.name}: {kind} fails as the kubelet would see it ({last}); "
+        f"its log:\n{cluster.log_tail(container)}"
+    )
 
 
 def _http(method: str, url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -207,8 +212,16 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
             elif name in _HOST_IMAGES:
                 images[spec["image"]] = _HOST_IMAGES[name]
     venv = Path(sys.executable).parent.parent
-    cluster = Cluster(tmp, config_maps, secrets, services, images, namespace,
-                      baked_model=_baked_model(tmp, tiny_model_dir, tokenizer), venv=venv)
+    cluster = Cluster(
+        tmp,
+        config_maps,
+        secrets,
+        services,
+        images,
+        namespace,
+        baked_model=_baked_model(tmp, tiny_model_dir, tokenizer),
+        venv=venv,
+    )
     skipped: list[str] = []
     try:
         cluster.create_network()
@@ -223,10 +236,13 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
             for init in pod.spec.get("initContainers", []):
                 container = cluster.start_container(pod, init, init=True)
                 assert container.proc.wait(timeout=30) == 0, (
-                    f"{pod.name}: init container {init['name']} failed:\n{cluster.log_tail(container)}")
+                    f"{pod.name}: init container {init['name']} failed:\n{cluster.log_tail(container)}"
+                )
             for spec in pod.spec["containers"]:
                 if spec["image"] not in images:
-                    skipped.append(f"{pod.name}/{spec['name']} ({spec['image']}: not available on this machine)")
+                    skipped.append(
+                        f"{pod.name}/{spec['name']} ({spec['image']}: not available on this machine)"
+                    )
                     continue
                 started.append(cluster.start_container(pod, spec))
         START[0] = time.monotonic()
@@ -234,14 +250,17 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
         results = {}
         for container in started:  # the kubelet: startup first, then readiness and liveness
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-                results[f"{container.pod.name}/{container.name} {kind}"] = _wait_probes(cluster, container, kind,
-                                                                                        deadline)
+                results[f"{container.pod.name}/{container.name} {kind}"] = _wait_probes(
+                    cluster, container, kind, deadline
+                )
         for container in started:  # the image's HEALTHCHECK, run inside the container as Docker runs it
             check = images[container.spec["image"]].healthcheck
             if check:
                 result = cluster.exec(container, check, timeout=30)
-                assert result.returncode == 0, (f"{container.pod.name}/{container.name}: the image's HEALTHCHECK "
-                                                f"fails in the pod: {result.stderr[-500:]}")
+                assert result.returncode == 0, (
+                    f"{container.pod.name}/{container.name}: the image's HEALTHCHECK "
+                    f"fails in the pod: {result.stderr[-500:]}"
+                )
                 results[f"{container.pod.name}/{container.name} HEALTHCHECK"] = "ok"
         print("\n".join(f"{k}: {v}" for k, v in results.items()))
         print("skipped:", skipped, "substituted:", substituted)
@@ -250,13 +269,20 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
         ip, port = cluster.service_address("instructloop-gateway", "http")
         gateway = f"http://{ip}:{port}"
         auth = {"Authorization": f"Bearer {api_keys['user']}"}
-        status, body = _http("POST", f"{gateway}/v1/completions",
-                             {"model": "instructloop", "prompt": "Hello", "n": 2, "max_tokens": 4}, auth)
+        status, body = _http(
+            "POST",
+            f"{gateway}/v1/completions",
+            {"model": "instructloop", "prompt": "Hello", "n": 2, "max_tokens": 4},
+            auth,
+        )
         assert status == 200, (status, body)
         assert len(body["choices"]) == 2
-        status, feedback = _http("POST", f"{gateway}/v1/feedback",
-                                 {"type": "ranking", "completion_id": body["id"], "ranking": [[1], [0]]},
-                                 {"Authorization": f"Bearer {api_keys['labeler']}"})
+        status, feedback = _http(
+            "POST",
+            f"{gateway}/v1/feedback",
+            {"type": "ranking", "completion_id": body["id"], "ranking": [[1], [0]]},
+            {"Authorization": f"Bearer {api_keys['labeler']}"},
+        )
         assert status == 202, (status, feedback)
 
         # serve answers only the gateway: no token, no generation; its probes and metrics stay open
@@ -276,14 +302,20 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host=ip, port=port).get("anything")
         gateway_user = redis.Redis(host=ip, port=port, username="gateway", password=users["gateway"])
-        for forbidden in (("FLUSHALL",), ("CONFIG", "GET", "maxmemory"), ("XRANGE", "instructloop:stream:comparisons",
-                                                                          "-", "+")):
+        for forbidden in (
+            ("FLUSHALL",),
+            ("CONFIG", "GET", "maxmemory"),
+            ("XRANGE", "instructloop:stream:comparisons", "-", "+"),
+        ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 gateway_user.execute_command(*forbidden)
         admin = redis.Redis(host=ip, port=port, username="admin", password=users["admin"])
         assert admin.xlen("instructloop:stream:comparisons") == 1  # outside -> gateway -> Redis
-        limit = next(c for c in cluster.pods_for({"app.kubernetes.io/name": "redis"})[0].spec["containers"]
-                     if c["name"] == "redis")["resources"]["limits"]["memory"]
+        limit = next(
+            c
+            for c in cluster.pods_for({"app.kubernetes.io/name": "redis"})[0].spec["containers"]
+            if c["name"] == "redis"
+        )["resources"]["limits"]["memory"]
         assert int(admin.config_get("maxmemory")["maxmemory"]) == int(quantity(limit)) // 10 * 8
         assert admin.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
     finally:

@@ -12,7 +12,9 @@ from bench.faults import FaultStack, scenario_gateway_kill, scenario_learner_kil
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir, tmp_path_factory):
-    stack = FaultStack(tiny_model_dir, tmp_path_factory.mktemp("faults"), replicas=1, appendfsync="always", clients=3)
+    stack = FaultStack(
+        tiny_model_dir, tmp_path_factory.mktemp("faults"), replicas=1, appendfsync="always", clients=3
+    )
     stack.start()
     yield stack
     stack.stop()

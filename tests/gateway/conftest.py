@@ -28,15 +28,41 @@ class ServeProcess:
     def __init__(self, model_dir: Path, log_path: Path, **env_overrides: str):
         self.port = free_port()
         self.log_path = log_path
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), INSTRUCTLOOP_SERVE_TORCH_THREADS="1",
-                   INSTRUCTLOOP_SERVE_JSON_LOGS="false", INSTRUCTLOOP_SERVE_LOG_LEVEL="WARNING",
-                   INSTRUCTLOOP_SERVE_MAX_INPUT_TOKENS="1024", INSTRUCTLOOP_SERVE_MAX_TOTAL_TOKENS="1536",
-                   **env_overrides)
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(REPO_ROOT),
+            INSTRUCTLOOP_SERVE_TORCH_THREADS="1",
+            INSTRUCTLOOP_SERVE_JSON_LOGS="false",
+            INSTRUCTLOOP_SERVE_LOG_LEVEL="WARNING",
+            INSTRUCTLOOP_SERVE_MAX_INPUT_TOKENS="1024",
+            INSTRUCTLOOP_SERVE_MAX_TOTAL_TOKENS="1536",
+            **env_overrides,
+        )
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "serve", "run", "--model", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), "--device", "cpu", "--max-batch-size", "16", "--max-queue", "64"],
-            cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "serve",
+                "run",
+                "--model",
+                str(model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--device",
+                "cpu",
+                "--max-batch-size",
+                "16",
+                "--max-queue",
+                "64",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     @property
@@ -47,7 +73,9 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"serve exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return self
@@ -119,7 +147,9 @@ class GatewayServer:
     def start(self) -> GatewayServer:
         import uvicorn
 
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"gateway-{self.port}", daemon=True)
         self.thread.start()
@@ -152,9 +182,17 @@ def start_gateway(tmp_path, tokenizer) -> Iterator[Callable[..., GatewayServer]]
         keys_file = tmp_path / f"keys-{len(gateways)}.jsonl"
         keys = {name: append_key(keys_file, name=name, role=Role(role))[0] for name, role in ROLES.items()}
         port = free_port()
-        settings = Settings(backends=backends, redis_url=redis_url, keys_file=keys_file, port=port,
-                            served_model_name=MODEL_NAME, registry_dir=overrides.pop("registry_dir", tmp_path / "registry"),
-                            health_interval_s=overrides.pop("health_interval_s", 0.5), json_logs=False, **overrides)
+        settings = Settings(
+            backends=backends,
+            redis_url=redis_url,
+            keys_file=keys_file,
+            port=port,
+            served_model_name=MODEL_NAME,
+            registry_dir=overrides.pop("registry_dir", tmp_path / "registry"),
+            health_interval_s=overrides.pop("health_interval_s", 0.5),
+            json_logs=False,
+            **overrides,
+        )
         gateway = GatewayServer(create_app(settings, tokenizer=tokenizer), port, keys).start()
         gateways.append(gateway)
         return gateway

@@ -20,16 +20,23 @@ def registry_dir(tmp_path_factory, tokenizer) -> Path:
     root = tmp_path_factory.mktemp("registry")
     registry = Registry(root)
     for seed, version in enumerate(("v0001", "v0002", "v0003"), start=1):
-        registry.write_version(version, lambda folder, seed=seed: build_tiny_model_dir(folder, tokenizer, seed=seed),
-                               metrics={"rm_score": 0.1 * seed, "kl": 0.01 * seed})
+        registry.write_version(
+            version,
+            lambda folder, seed=seed: build_tiny_model_dir(folder, tokenizer, seed=seed),
+            metrics={"rm_score": 0.1 * seed, "kl": 0.01 * seed},
+        )
     return root
 
 
 @pytest.fixture(scope="module")
 def registry_serve(tiny_model_dir, registry_dir, tmp_path_factory):
     """A serve that follows the registry's CURRENT file (polled every 0.2 s)."""
-    process = ServeProcess(tiny_model_dir, tmp_path_factory.mktemp("serve-registry") / "serve.log",
-                           INSTRUCTLOOP_SERVE_REGISTRY_DIR=str(registry_dir), INSTRUCTLOOP_SERVE_POLL_INTERVAL_S="0.2")
+    process = ServeProcess(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("serve-registry") / "serve.log",
+        INSTRUCTLOOP_SERVE_REGISTRY_DIR=str(registry_dir),
+        INSTRUCTLOOP_SERVE_POLL_INTERVAL_S="0.2",
+    )
     try:
         yield process.wait_ready()
     finally:
@@ -37,7 +44,9 @@ def registry_serve(tiny_model_dir, registry_dir, tmp_path_factory):
 
 
 def served_version(gateway) -> str:
-    completion = gateway.openai("alice").completions.with_raw_response.create(model=MODEL_NAME, prompt="v?", max_tokens=1)
+    completion = gateway.openai("alice").completions.with_raw_response.create(
+        model=MODEL_NAME, prompt="v?", max_tokens=1
+    )
     return completion.headers["X-Policy-Version"]
 
 
@@ -63,7 +72,9 @@ def test_list_promote_pin_rollback(start_gateway, registry_serve, registry_dir, 
     assert listed["data"][1]["metrics"] == {"rm_score": pytest.approx(0.2), "kl": pytest.approx(0.02)}
 
     promoted = admin(gateway, "POST", "/policies/v0001/promote", json={"reason": "passed the gate"})
-    assert promoted.status_code == 200 and promoted.json()["current"] and promoted.json()["status"] == "promoted"
+    assert (
+        promoted.status_code == 200 and promoted.json()["current"] and promoted.json()["status"] == "promoted"
+    )
     assert (registry_dir / "CURRENT").read_text().strip() == "v0001"
     wait_for_version(gateway, "v0001")
 
@@ -84,7 +95,9 @@ def test_list_promote_pin_rollback(start_gateway, registry_serve, registry_dir, 
 
     assert admin(gateway, "POST", "/policies/v9999/promote").status_code == 404
     assert admin(gateway, "POST", "/policies/bad name!/promote").status_code == 400
-    assert admin(gateway, "POST", "/policies/rollback", json={"to": "v0003"}).status_code == 409  # already current
+    assert (
+        admin(gateway, "POST", "/policies/rollback", json={"to": "v0003"}).status_code == 409
+    )  # already current
 
     # Finding 6: a manual rollback while Redis is down works (CURRENT is the one pointer) and stays
     # rolled back when Redis returns (before: refused with 503; with a Redis copy it would be undone)
@@ -99,7 +112,9 @@ def test_list_promote_pin_rollback(start_gateway, registry_serve, registry_dir, 
     assert admin(gateway, "GET", "/policies").json()["current"] == "v0001"
 
 
-def test_n_choices_come_from_one_policy_version(start_gateway, serve, registry_serve, registry_dir, redis_server):
+def test_n_choices_come_from_one_policy_version(
+    start_gateway, serve, registry_serve, registry_dir, redis_server
+):
     """Two replicas on different versions (base and a registry version): the n choices of one completion
     are spread over both, detected, and regenerated on the replicas of one version."""
     Registry(registry_dir).set_current("v0002")
@@ -112,10 +127,13 @@ def test_n_choices_come_from_one_policy_version(start_gateway, serve, registry_s
     assert len(set(versions.values())) == 2, versions
     client = gateway.openai("alice")
     for _ in range(3):
-        raw = client.completions.with_raw_response.create(model=MODEL_NAME, prompt="Consistent?", max_tokens=3, n=4,
-                                                          temperature=1.0)
+        raw = client.completions.with_raw_response.create(
+            model=MODEL_NAME, prompt="Consistent?", max_tokens=3, n=4, temperature=1.0
+        )
         assert raw.headers["X-Policy-Version"] in versions.values()
         assert raw.parse().model_extra["policy_version"] == raw.headers["X-Policy-Version"]
     assert gateway.metric("gateway_policy_version_regenerations_total") >= 2
-    streamed = list(client.completions.create(model=MODEL_NAME, prompt="Consistent?", max_tokens=3, n=4, stream=True))
+    streamed = list(
+        client.completions.create(model=MODEL_NAME, prompt="Consistent?", max_tokens=3, n=4, stream=True)
+    )
     assert len({c.model_extra["policy_version"] for c in streamed}) == 1

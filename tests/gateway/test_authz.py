@@ -14,11 +14,22 @@ RANK = {"alice": 0, "lara": 1, "ada": 2}
 # (method, path, json body, minimum role, status when allowed)
 ROUTES = [
     ("POST", "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}, "alice", 200),
-    ("POST", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
-                                       "max_tokens": 2}, "alice", 200),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        "alice",
+        200,
+    ),
     ("GET", "/v1/models", None, "alice", 200),
     ("GET", f"/v1/models/{MODEL_NAME}", None, "alice", 200),
-    ("POST", "/v1/feedback", {"type": "pairwise", "completion_id": "cmpl-unknown", "chosen": 0, "rejected": 1}, "alice", 404),
+    (
+        "POST",
+        "/v1/feedback",
+        {"type": "pairwise", "completion_id": "cmpl-unknown", "chosen": 0, "rejected": 1},
+        "alice",
+        404,
+    ),
     ("POST", "/v1/demonstrations", {"prompt": "p", "response": "r"}, "lara", 202),
     ("GET", "/v1/admin/policies", None, "ada", 200),
     ("POST", "/v1/admin/policies/v0042/promote", None, "ada", 404),
@@ -41,7 +52,9 @@ def test_authorization_matrix(gateway):
             else:
                 expected = allowed_status
             if response.status_code != expected:
-                failures.append(f"{method} {path} as {caller}: {response.status_code} != {expected} {response.text[:200]}")
+                failures.append(
+                    f"{method} {path} as {caller}: {response.status_code} != {expected} {response.text[:200]}"
+                )
                 continue
             if expected >= 400:
                 error = response.json()["error"]

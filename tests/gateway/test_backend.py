@@ -24,9 +24,13 @@ def test_connect_failure_is_retried_on_another_replica(start_gateway, serve, red
     replicas[dead].healthy = True
     client = gateway.openai("alice")
     for _ in range(4):
-        assert len(client.completions.create(model=MODEL_NAME, prompt="retry", max_tokens=2, n=2).choices) == 2
+        assert (
+            len(client.completions.create(model=MODEL_NAME, prompt="retry", max_tokens=2, n=2).choices) == 2
+        )
     assert replicas[dead].healthy is False
-    assert gateway.metric("gateway_backend_requests_total", f'{{backend="{dead}",outcome="connect_error"}}') == 1
+    assert (
+        gateway.metric("gateway_backend_requests_total", f'{{backend="{dead}",outcome="connect_error"}}') == 1
+    )
     assert gateway.metric("gateway_backend_requests_total", f'{{backend="{serve.url}",outcome="ok"}}') >= 8
     assert gateway.metric("gateway_backend_healthy", f'{{backend="{dead}"}}') == 0
 
@@ -49,12 +53,21 @@ def test_least_outstanding_balancing_spreads_concurrent_choices(start_gateway, s
     alias = serve.url.replace("127.0.0.1", "localhost")
     gateway = start_gateway([serve.url, alias], redis_server.url)
     gateway.openai("alice").completions.create(model=MODEL_NAME, prompt="spread", max_tokens=2, n=6)
-    ok = [gateway.metric("gateway_backend_requests_total", f'{{backend="{u}",outcome="ok"}}') for u in (serve.url, alias)]
+    ok = [
+        gateway.metric("gateway_backend_requests_total", f'{{backend="{u}",outcome="ok"}}')
+        for u in (serve.url, alias)
+    ]
     assert ok == [3, 3]
 
 
 def test_client_gone_mid_stream_is_counted(gateway):
-    body = {"model": MODEL_NAME, "prompt": "A long story:", "max_tokens": 400, "stream": True, "temperature": 1.0}
+    body = {
+        "model": MODEL_NAME,
+        "prompt": "A long story:",
+        "max_tokens": 400,
+        "stream": True,
+        "temperature": 1.0,
+    }
     with httpx.Client(base_url=gateway.url, headers=gateway.headers("alice"), timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
@@ -73,8 +86,12 @@ class _ClosesReusedConnections:
     """A TGI-protocol server that, like uvicorn closing an idle keep-alive connection at the moment the gateway
     reuses it, drops the second /generate that arrives on one connection without answering."""
 
-    ANSWER = json.dumps({"generated_text": "ok", "details": {"finish_reason": "length", "generated_tokens": 1,
-                                                             "prefill": [], "tokens": []}}).encode()
+    ANSWER = json.dumps(
+        {
+            "generated_text": "ok",
+            "details": {"finish_reason": "length", "generated_tokens": 1, "prefill": [], "tokens": []},
+        }
+    ).encode()
 
     def __init__(self) -> None:
         self.sock = socket.socket()
@@ -110,8 +127,10 @@ class _ClosesReusedConnections:
                         self.dropped += 1
                         return  # closed under the client's feet
                 body = self.ANSWER if b"/generate" in request_line else b"{}"
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Policy-Version: base\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Policy-Version: base\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
 
     def close(self) -> None:
         self.sock.close()

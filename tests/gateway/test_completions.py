@@ -20,8 +20,9 @@ def completion_events(redis_server) -> list[CompletionEvent]:
 
 def test_completion_n_choices_one_version_logged(gateway, redis_server):
     client = gateway.openai("alice")
-    raw = client.completions.with_raw_response.create(model=MODEL_NAME, prompt="The sky is", max_tokens=6, n=3,
-                                                      temperature=1.0, seed=7, user="u-1")
+    raw = client.completions.with_raw_response.create(
+        model=MODEL_NAME, prompt="The sky is", max_tokens=6, n=3, temperature=1.0, seed=7, user="u-1"
+    )
     completion = raw.parse()
     assert completion.id.startswith("cmpl-")
     assert completion.object == "text_completion"
@@ -52,15 +53,20 @@ def test_seeded_sampling_is_reproducible_and_greedy_is_deterministic(gateway):
     second = [c.text for c in client.completions.create(**kwargs).choices]
     assert first == second
     assert first[0] != first[1]  # choice i samples with seed + i
-    greedy = [client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=8,
-                                        temperature=0).choices[0].text for _ in range(2)]
+    greedy = [
+        client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=8, temperature=0)
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
     assert greedy[0] == greedy[1] and greedy[0]
 
 
 def test_list_prompt_and_logprobs(gateway, redis_server):
     client = gateway.openai("alice")
-    completion = client.completions.create(model=MODEL_NAME, prompt=["Hello", "Goodbye"], max_tokens=4, n=2,
-                                           temperature=0.8, logprobs=0)
+    completion = client.completions.create(
+        model=MODEL_NAME, prompt=["Hello", "Goodbye"], max_tokens=4, n=2, temperature=0.8, logprobs=0
+    )
     assert [c.index for c in completion.choices] == [0, 1, 2, 3]
     for choice in completion.choices:
         assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == 4
@@ -72,11 +78,17 @@ def test_list_prompt_and_logprobs(gateway, redis_server):
 
 def test_stop_sequence_is_trimmed(gateway):
     client = gateway.openai("alice")
-    greedy = client.completions.create(model=MODEL_NAME, prompt="Tell me", max_tokens=12, temperature=0).choices[0].text
+    greedy = (
+        client.completions.create(model=MODEL_NAME, prompt="Tell me", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
     words = greedy.split()
     assert len(words) >= 3
     stop = words[2]
-    stopped = client.completions.create(model=MODEL_NAME, prompt="Tell me", max_tokens=12, temperature=0, stop=[stop])
+    stopped = client.completions.create(
+        model=MODEL_NAME, prompt="Tell me", max_tokens=12, temperature=0, stop=[stop]
+    )
     choice = stopped.choices[0]
     assert choice.finish_reason == "stop"
     assert stop not in choice.text
@@ -88,8 +100,9 @@ def test_stream_completion_n2_ends_with_done(gateway, redis_server):
     texts: dict[int, str] = {0: "", 1: ""}
     finish: dict[int, str] = {}
     ids, versions = set(), set()
-    with client.completions.with_streaming_response.create(model=MODEL_NAME, prompt="Why", max_tokens=6, n=2,
-                                                           stream=True, temperature=1.0, seed=3) as response:
+    with client.completions.with_streaming_response.create(
+        model=MODEL_NAME, prompt="Why", max_tokens=6, n=2, stream=True, temperature=1.0, seed=3
+    ) as response:
         assert response.headers["X-Policy-Version"]
         header_version = response.headers["X-Policy-Version"]
         lines = [line for line in response.iter_lines() if line]
@@ -105,7 +118,9 @@ def test_stream_completion_n2_ends_with_done(gateway, redis_server):
     assert len(ids) == 1 and versions == {header_version}
     assert finish == {0: "length", 1: "length"}
     # the same choices as the non-streamed call with the same seed
-    same = client.completions.create(model=MODEL_NAME, prompt="Why", max_tokens=6, n=2, temperature=1.0, seed=3)
+    same = client.completions.create(
+        model=MODEL_NAME, prompt="Why", max_tokens=6, n=2, temperature=1.0, seed=3
+    )
     assert [c.text for c in same.choices] == [texts[0], texts[1]]
     completion_id = ids.pop()
     streamed = [e for e in completion_events(redis_server) if e.completion_id == completion_id]
@@ -114,16 +129,25 @@ def test_stream_completion_n2_ends_with_done(gateway, redis_server):
 
 def test_stream_with_openai_client(gateway):
     client = gateway.openai("alice")
-    chunks = list(client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=5, stream=True, temperature=0))
+    chunks = list(
+        client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=5, stream=True, temperature=0)
+    )
     text = "".join(c.choices[0].text for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
-    assert text == client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=5, temperature=0).choices[0].text
+    assert (
+        text
+        == client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=5, temperature=0)
+        .choices[0]
+        .text
+    )
 
 
 def test_chat_completion_uses_chat_template(gateway, redis_server, tokenizer):
     client = gateway.openai("alice")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
-    chat = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=5, n=2, temperature=0.7)
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=5, n=2, temperature=0.7
+    )
     assert chat.id.startswith("chatcmpl-") and chat.object == "chat.completion"
     assert [c.message.role for c in chat.choices] == ["assistant", "assistant"]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -135,13 +159,21 @@ def test_chat_completion_uses_chat_template(gateway, redis_server, tokenizer):
 
 def test_chat_stream(gateway):
     client = gateway.openai("alice")
-    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=5, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "length"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
-    full = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=5, temperature=0)
+    full = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0
+    )
     assert streamed == full.choices[0].message.content
 
 
@@ -179,7 +211,11 @@ def test_bad_completion_requests_get_openai_errors(gateway, body, status, param)
 
 def test_body_size_limit_and_unknown_route(gateway):
     with gateway.http("alice") as http:
-        big = http.post("/v1/completions", content=b"{" + b" " * (2 << 20) + b"}", headers={"Content-Type": "application/json"})
+        big = http.post(
+            "/v1/completions",
+            content=b"{" + b" " * (2 << 20) + b"}",
+            headers={"Content-Type": "application/json"},
+        )
         assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
         missing = http.get("/v1/nothing-here")
         assert missing.status_code == 404 and missing.json()["error"]["message"].startswith("Invalid URL")
@@ -208,14 +244,24 @@ def test_store_false_keeps_an_answer_out_of_the_learners_data(gateway, redis_ser
     """``store: false`` (OpenAI's field): the answer is served as usual, but neither logged to the completions
     stream nor kept for feedback, so evaluation traffic never becomes training data."""
     client = gateway.openai("alice")
-    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=4, n=2, temperature=0.7, store=False)
-    raw = client.completions.create(model=MODEL_NAME, prompt="The sea is", max_tokens=4, extra_body={"store": False})
+    chat = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        n=2,
+        temperature=0.7,
+        store=False,
+    )
+    raw = client.completions.create(
+        model=MODEL_NAME, prompt="The sea is", max_tokens=4, extra_body={"store": False}
+    )
     assert len(chat.choices) == 2 and raw.choices[0].text is not None
     kept = client.completions.create(model=MODEL_NAME, prompt="The sea is", max_tokens=4)
     assert [e.completion_id for e in completion_events(redis_server)] == [kept.id]
     with gateway.http("alice") as http:
-        refused = http.post("/v1/feedback", json={"type": "ranking", "completion_id": chat.id, "ranking": [[0], [1]]})
+        refused = http.post(
+            "/v1/feedback", json={"type": "ranking", "completion_id": chat.id, "ranking": [[0], [1]]}
+        )
         metrics = http.get("/metrics").text
     assert refused.status_code == 404 and "store=false" in refused.json()["error"]["message"]
     assert "gateway_completions_unstored_total 2.0" in metrics

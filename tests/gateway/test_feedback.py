@@ -12,13 +12,17 @@ from tests.gateway.conftest import MODEL_NAME
 
 
 def make_completion(gateway, who: str = "alice", prompt: str = "Rank these", n: int = 4) -> dict:
-    completion = gateway.openai(who).completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, n=n,
-                                                        temperature=1.0)
+    completion = gateway.openai(who).completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=4, n=n, temperature=1.0
+    )
     return completion.model_dump()
 
 
 def comparisons(redis_server) -> list[ComparisonEvent]:
-    return [ComparisonEvent.from_fields(f) for _, f in redis_server.client().xrange(stream_key(Stream.comparisons))]
+    return [
+        ComparisonEvent.from_fields(f)
+        for _, f in redis_server.client().xrange(stream_key(Stream.comparisons))
+    ]
 
 
 def post(gateway, who, body, path="/v1/feedback", **headers):
@@ -32,8 +36,16 @@ def key_id(gateway, who):
 
 def test_ranking_with_ties_becomes_one_self_contained_comparison(gateway, redis_server):
     completion = make_completion(gateway)
-    response = post(gateway, "alice", {"type": "ranking", "completion_id": completion["id"],
-                                       "ranking": [[0], [2, 1], [3]], "rationale": "0 is on topic"})
+    response = post(
+        gateway,
+        "alice",
+        {
+            "type": "ranking",
+            "completion_id": completion["id"],
+            "ranking": [[0], [2, 1], [3]],
+            "rationale": "0 is on topic",
+        },
+    )
     assert response.status_code == 202, response.text
     body = response.json()
     assert body["status"] == "accepted" and body["duplicate"] is False
@@ -52,7 +64,9 @@ def test_ranking_with_ties_becomes_one_self_contained_comparison(gateway, redis_
 
 def test_pairwise_vote(gateway, redis_server):
     completion = make_completion(gateway, n=2)
-    response = post(gateway, "alice", {"type": "pairwise", "completion_id": completion["id"], "chosen": 1, "rejected": 0})
+    response = post(
+        gateway, "alice", {"type": "pairwise", "completion_id": completion["id"], "chosen": 1, "rejected": 0}
+    )
     assert response.status_code == 202, response.text
     [event] = comparisons(redis_server)
     assert event.source == "pairwise" and event.ranking == [[1], [0]]
@@ -62,8 +76,16 @@ def test_pairwise_vote(gateway, redis_server):
 def test_ab_vote_between_two_completions_of_one_prompt(gateway, redis_server):
     first = make_completion(gateway, prompt="Same prompt", n=1)
     second = make_completion(gateway, prompt="Same prompt", n=2)
-    response = post(gateway, "alice", {"type": "ab", "a": {"completion_id": first["id"]},
-                                       "b": {"completion_id": second["id"], "index": 1}, "preferred": "b"})
+    response = post(
+        gateway,
+        "alice",
+        {
+            "type": "ab",
+            "a": {"completion_id": first["id"]},
+            "b": {"completion_id": second["id"], "index": 1},
+            "preferred": "b",
+        },
+    )
     assert response.status_code == 202, response.text
     [event] = comparisons(redis_server)
     assert event.source == "ab"
@@ -73,9 +95,14 @@ def test_ab_vote_between_two_completions_of_one_prompt(gateway, redis_server):
 
 
 def test_list_prompt_ranking_uses_the_choices_of_one_prompt(gateway, redis_server):
-    completion = gateway.openai("alice").completions.create(model=MODEL_NAME, prompt=["P one", "P two"], max_tokens=3,
-                                                            n=2).model_dump()
-    mixed = post(gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[1], [2]]})
+    completion = (
+        gateway.openai("alice")
+        .completions.create(model=MODEL_NAME, prompt=["P one", "P two"], max_tokens=3, n=2)
+        .model_dump()
+    )
+    mixed = post(
+        gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[1], [2]]}
+    )
     assert mixed.status_code == 422 and "different prompts" in mixed.json()["error"]["message"]
     ok = post(gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[3], [2]]})
     assert ok.status_code == 202
@@ -86,7 +113,9 @@ def test_list_prompt_ranking_uses_the_choices_of_one_prompt(gateway, redis_serve
 
 def test_an_all_tied_ranking_is_recorded_without_pairs(gateway, redis_server):
     completion = make_completion(gateway)
-    response = post(gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[0, 1]]})
+    response = post(
+        gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[0, 1]]}
+    )
     assert response.status_code == 202, response.text
     [event] = comparisons(redis_server)
     assert event.ranking == [[0, 1]] and event.pairs() == []
@@ -104,7 +133,11 @@ def test_an_all_tied_ranking_is_recorded_without_pairs(gateway, redis_server):
         ({"type": "ranking", "ranking": [[0], []]}, 422, "validation_error"),
         ({"type": "pairwise", "chosen": 1, "rejected": 1}, 422, "invalid_feedback"),
         ({"type": "pairwise", "chosen": 0, "rejected": 4}, 422, "invalid_feedback"),
-        ({"type": "ranking", "completion_id": "cmpl-doesnotexist", "ranking": [[0], [1]]}, 404, "completion_not_found"),
+        (
+            {"type": "ranking", "completion_id": "cmpl-doesnotexist", "ranking": [[0], [1]]},
+            404,
+            "completion_not_found",
+        ),
         ({"type": "pairwise"}, 422, "validation_error"),
         ({"type": "stars", "ranking": [[0], [1]]}, 422, "validation_error"),
         ({"type": "ranking", "ranking": [[0], [1]], "extra": 1}, 422, "validation_error"),
@@ -128,7 +161,9 @@ def test_a_missing_or_unknown_type_is_named_with_the_accepted_kinds(gateway, red
     error = response.json()["error"]
     assert error["param"] == "type" and error["code"] == "validation_error"
     assert error["type"] == "invalid_request_error"
-    assert error["message"].startswith("type: ") and all(f"{k}" in error["message"] for k in ("ranking", "pairwise", "ab"))
+    assert error["message"].startswith("type: ") and all(
+        f"{k}" in error["message"] for k in ("ranking", "pairwise", "ab")
+    )
     assert "discriminator" not in error["message"]
     assert comparisons(redis_server) == []
 
@@ -137,20 +172,42 @@ def test_ab_refusals(gateway, redis_server):
     a = make_completion(gateway, prompt="Prompt A", n=1)
     b = make_completion(gateway, prompt="Prompt B", n=1)
     same = make_completion(gateway, prompt="Prompt A", n=1)
-    different = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]}, "b": {"completion_id": b["id"]},
-                                        "preferred": "a"})
+    different = post(
+        gateway,
+        "alice",
+        {"type": "ab", "a": {"completion_id": a["id"]}, "b": {"completion_id": b["id"]}, "preferred": "a"},
+    )
     assert different.status_code == 422 and different.json()["error"]["code"] == "different_prompts"
-    tie = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]}, "b": {"completion_id": same["id"]},
-                                  "preferred": "tie"})
+    tie = post(
+        gateway,
+        "alice",
+        {
+            "type": "ab",
+            "a": {"completion_id": a["id"]},
+            "b": {"completion_id": same["id"]},
+            "preferred": "tie",
+        },
+    )
     assert tie.status_code == 202, tie.text
     recorded = comparisons(redis_server)
     assert len(recorded) == 1 and recorded[0].ranking == [[0, 1]] and recorded[0].source == "ab"
     assert recorded[0].pairs() == []
-    itself = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]}, "b": {"completion_id": a["id"]},
-                                     "preferred": "a"})
+    itself = post(
+        gateway,
+        "alice",
+        {"type": "ab", "a": {"completion_id": a["id"]}, "b": {"completion_id": a["id"]}, "preferred": "a"},
+    )
     assert itself.status_code == 422
-    out_of_range = post(gateway, "alice", {"type": "ab", "a": {"completion_id": a["id"]},
-                                           "b": {"completion_id": same["id"], "index": 3}, "preferred": "a"})
+    out_of_range = post(
+        gateway,
+        "alice",
+        {
+            "type": "ab",
+            "a": {"completion_id": a["id"]},
+            "b": {"completion_id": same["id"], "index": 3},
+            "preferred": "a",
+        },
+    )
     assert out_of_range.status_code == 422 and out_of_range.json()["error"]["param"] == "b.index"
     assert len(comparisons(redis_server)) == 1  # only the tie was recorded
 
@@ -163,10 +220,20 @@ def test_who_may_rate_which_completion(gateway, redis_server):
     assert post(gateway, "lara", body).status_code == 202  # labelers rate any completion
     assert post(gateway, "ada", body).status_code == 202
     assert post(gateway, "alice", body).status_code == 202
-    assert [e.labeler_id for e in comparisons(redis_server)] == [key_id(gateway, w) for w in ("lara", "ada", "alice")]
+    assert [e.labeler_id for e in comparisons(redis_server)] == [
+        key_id(gateway, w) for w in ("lara", "ada", "alice")
+    ]
     bobs = make_completion(gateway, "bob", prompt="Rank these", n=1)
-    cross = post(gateway, "alice", {"type": "ab", "a": {"completion_id": alices["id"]}, "b": {"completion_id": bobs["id"]},
-                                    "preferred": "a"})
+    cross = post(
+        gateway,
+        "alice",
+        {
+            "type": "ab",
+            "a": {"completion_id": alices["id"]},
+            "b": {"completion_id": bobs["id"]},
+            "preferred": "a",
+        },
+    )
     assert cross.status_code == 403
 
 
@@ -174,7 +241,9 @@ def test_expired_completion_is_refused(start_gateway, serve, redis_server):
     gateway = start_gateway([serve.url], redis_server.url, completion_ttl_s=1)
     completion = make_completion(gateway, n=2)
     time.sleep(2.1)
-    response = post(gateway, "alice", {"type": "pairwise", "completion_id": completion["id"], "chosen": 0, "rejected": 1})
+    response = post(
+        gateway, "alice", {"type": "pairwise", "completion_id": completion["id"], "chosen": 0, "rejected": 1}
+    )
     assert response.status_code == 404 and "unknown or expired" in response.json()["error"]["message"]
 
 
@@ -201,7 +270,9 @@ def test_concurrent_retries_with_one_key_write_one_event(gateway, redis_server):
     completion = make_completion(gateway)
     body = {"type": "ranking", "completion_id": completion["id"], "ranking": [[0], [1]]}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda _: post(gateway, "alice", body, **{"Idempotency-Key": "race"}), range(16)))
+        responses = list(
+            pool.map(lambda _: post(gateway, "alice", body, **{"Idempotency-Key": "race"}), range(16))
+        )
     assert {r.status_code for r in responses} == {202}
     assert len({r.json()["id"] for r in responses}) == 1
     assert sum(not r.json()["duplicate"] for r in responses) == 1
@@ -219,7 +290,10 @@ def test_redis_down_feedback_503_then_retry_succeeds(start_gateway, serve, redis
     demo = post(gateway, "lara", {"prompt": "p", "response": "r"}, path="/v1/demonstrations")
     assert demo.status_code == 503 and demo.headers["Retry-After"]
     # completions keep working while Redis is down
-    assert len(gateway.openai("alice").completions.create(model=MODEL_NAME, prompt="up", max_tokens=2).choices) == 1
+    assert (
+        len(gateway.openai("alice").completions.create(model=MODEL_NAME, prompt="up", max_tokens=2).choices)
+        == 1
+    )
     redis_server_aof.start()  # AOF: the served completion is still there, no comparison was half-written
     assert comparisons(redis_server_aof) == []
     retried = post(gateway, "alice", body, **{"Idempotency-Key": "k1"})
@@ -230,18 +304,32 @@ def test_redis_down_feedback_503_then_retry_succeeds(start_gateway, serve, redis
 
 
 def test_demonstrations(gateway, redis_server):
-    body = {"prompt": "Write a haiku about Redis.", "response": "Streams flow in order\nentries wait for the learner\nnothing is ever lost"}
+    body = {
+        "prompt": "Write a haiku about Redis.",
+        "response": "Streams flow in order\nentries wait for the learner\nnothing is ever lost",
+    }
     accepted = post(gateway, "lara", body, path="/v1/demonstrations", **{"Idempotency-Key": "d1"})
     assert accepted.status_code == 202, accepted.text
-    assert post(gateway, "lara", body, path="/v1/demonstrations", **{"Idempotency-Key": "d1"}).json()["id"] == accepted.json()["id"]
+    assert (
+        post(gateway, "lara", body, path="/v1/demonstrations", **{"Idempotency-Key": "d1"}).json()["id"]
+        == accepted.json()["id"]
+    )
     entries = redis_server.client().xrange(stream_key(Stream.demonstrations))
     [event] = [DemonstrationEvent.from_fields(f) for _, f in entries]
     assert event.event_id == accepted.json()["id"]
-    assert (event.prompt, event.response, event.labeler_id) == (body["prompt"], body["response"], key_id(gateway, "lara"))
+    assert (event.prompt, event.response, event.labeler_id) == (
+        body["prompt"],
+        body["response"],
+        key_id(gateway, "lara"),
+    )
     assert post(gateway, "alice", body, path="/v1/demonstrations").status_code == 403
     blank = post(gateway, "lara", {"prompt": "  ", "response": "x"}, path="/v1/demonstrations")
     assert blank.status_code == 422 and blank.json()["error"]["type"] == "invalid_request_error"
-    assert (event.chat, event.route, event.messages) == (False, "completions", None)  # raw text, learned as is
+    assert (event.chat, event.route, event.messages) == (
+        False,
+        "completions",
+        None,
+    )  # raw text, learned as is
 
 
 def test_chat_demonstration_carries_the_rendered_model_input(gateway, redis_server, tokenizer):
@@ -251,10 +339,21 @@ def test_chat_demonstration_carries_the_rendered_model_input(gateway, redis_serv
     accepted = post(gateway, "lara", {"messages": messages, "response": "Hi!"}, path="/v1/demonstrations")
     assert accepted.status_code == 202, accepted.text
     entries = redis_server.client().xrange(stream_key(Stream.demonstrations))
-    [event] = [e for e in (DemonstrationEvent.from_fields(f) for _, f in entries) if e.event_id == accepted.json()["id"]]
+    [event] = [
+        e
+        for e in (DemonstrationEvent.from_fields(f) for _, f in entries)
+        if e.event_id == accepted.json()["id"]
+    ]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert (event.prompt, event.chat, event.route, event.messages) == (rendered, True, "chat.completions", messages)
-    both = post(gateway, "lara", {"prompt": "p", "messages": messages, "response": "r"}, path="/v1/demonstrations")
+    assert (event.prompt, event.chat, event.route, event.messages) == (
+        rendered,
+        True,
+        "chat.completions",
+        messages,
+    )
+    both = post(
+        gateway, "lara", {"prompt": "p", "messages": messages, "response": "r"}, path="/v1/demonstrations"
+    )
     neither = post(gateway, "lara", {"response": "r"}, path="/v1/demonstrations")
     for refused in (both, neither):
         assert refused.status_code == 422 and "exactly one of prompt" in refused.json()["error"]["message"]
@@ -262,10 +361,14 @@ def test_chat_demonstration_carries_the_rendered_model_input(gateway, redis_serv
 
 def test_feedback_through_the_openai_client_as_in_the_readme(gateway, redis_server):
     client = gateway.openai("alice")
-    completion = client.completions.create(model=MODEL_NAME, prompt="Write a haiku about autumn.", max_tokens=4, n=4,
-                                           temperature=0.8)
-    accepted = client.post("/feedback", cast_to=object, body={"type": "pairwise", "completion_id": completion.id,
-                                                              "chosen": 2, "rejected": 0})
+    completion = client.completions.create(
+        model=MODEL_NAME, prompt="Write a haiku about autumn.", max_tokens=4, n=4, temperature=0.8
+    )
+    accepted = client.post(
+        "/feedback",
+        cast_to=object,
+        body={"type": "pairwise", "completion_id": completion.id, "chosen": 2, "rejected": 0},
+    )
     assert accepted["status"] == "accepted"
     [event] = comparisons(redis_server)
     assert event.event_id == accepted["id"]

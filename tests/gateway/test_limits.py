@@ -32,18 +32,30 @@ def test_request_sizes_are_bounded(gateway):
     many = complete(gateway, prompt=["p"] * 16, n=9)  # 144 generations in one request
     assert many.status_code == 400 and many.json()["error"]["code"] == "too_many_generations"
 
-    wide = complete(gateway, prompt=["w" * 20_000] * 4)  # each under max_prompt_chars, together over the total
+    wide = complete(
+        gateway, prompt=["w" * 20_000] * 4
+    )  # each under max_prompt_chars, together over the total
     assert wide.status_code == 400 and wide.json()["error"]["code"] == "prompt_too_long"
 
     with gateway.http("alice") as http:
-        chat = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "max_tokens": 2,
-                                                        "messages": [{"role": "user", "content": "m" * 32_001}]})
+        chat = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": MODEL_NAME,
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "m" * 32_001}],
+            },
+        )
     assert chat.status_code == 422
 
 
 def test_generations_and_tokens_are_budgeted_per_key(start_gateway, serve, redis_server):
-    gateway = start_gateway([serve.url], redis_server.url, rate_limit_generations_per_minute=10,
-                            rate_limit_tokens_per_minute=100_000)
+    gateway = start_gateway(
+        [serve.url],
+        redis_server.url,
+        rate_limit_generations_per_minute=10,
+        rate_limit_tokens_per_minute=100_000,
+    )
     assert complete(gateway, prompt=["a", "b"], n=4).status_code == 200  # 8 generations
     refused = complete(gateway, prompt="c", n=4)  # 12 > 10
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
@@ -77,25 +89,38 @@ def test_one_feedback_per_caller_and_completion_first_wins(gateway, redis_server
     first = post(gateway, "alice", body, **{"Idempotency-Key": "k1"})
     assert first.status_code == 202
     replay = post(gateway, "alice", body, **{"Idempotency-Key": "k1"})  # a retry: same event, not a new one
-    assert replay.status_code == 202 and replay.json()["id"] == first.json()["id"] and replay.json()["duplicate"]
+    assert (
+        replay.status_code == 202 and replay.json()["id"] == first.json()["id"] and replay.json()["duplicate"]
+    )
     for flood in range(5):  # the same ranking again (or a different one), under fresh keys: refused
-        again = post(gateway, "alice", {**body, "ranking": [[1], [0]] if flood % 2 else [[0], [1]]},
-                     **{"Idempotency-Key": f"flood-{flood}"})
+        again = post(
+            gateway,
+            "alice",
+            {**body, "ranking": [[1], [0]] if flood % 2 else [[0], [1]]},
+            **{"Idempotency-Key": f"flood-{flood}"},
+        )
         assert again.status_code == 409 and again.json()["error"]["code"] == "feedback_already_given"
         assert first.json()["id"] in again.json()["error"]["message"]
-    pairwise = post(gateway, "alice", {"type": "pairwise", "completion_id": completion["id"], "chosen": 1, "rejected": 0})
+    pairwise = post(
+        gateway, "alice", {"type": "pairwise", "completion_id": completion["id"], "chosen": 1, "rejected": 0}
+    )
     assert pairwise.status_code == 409
     assert post(gateway, "lara", body).status_code == 202  # a labeler's own judgement of the same completion
-    assert [e.labeler_id for e in comparisons(redis_server)].count(gateway.state.keys.authenticate(
-        gateway.keys["alice"]).key_id) == 1
+    assert [e.labeler_id for e in comparisons(redis_server)].count(
+        gateway.state.keys.authenticate(gateway.keys["alice"]).key_id
+    ) == 1
     assert len(comparisons(redis_server)) == 2
 
 
 def test_feedback_has_its_own_per_key_budget(start_gateway, serve, redis_server):
     gateway = start_gateway([serve.url], redis_server.url, feedback_rate_limit_per_minute=2)
     completions = [make_completion(gateway, prompt=f"budget {i}", n=2) for i in range(3)]
-    statuses = [post(gateway, "alice", {"type": "ranking", "completion_id": c["id"], "ranking": [[0], [1]]}).status_code
-                for c in completions]
+    statuses = [
+        post(
+            gateway, "alice", {"type": "ranking", "completion_id": c["id"], "ranking": [[0], [1]]}
+        ).status_code
+        for c in completions
+    ]
     assert statuses == [202, 202, 429]
     assert gateway.metric("gateway_rate_limited_budget_total", '{budget="feedback"}') == 1
 
@@ -125,6 +150,7 @@ def test_redis_full_completions_serve_feedback_503_nothing_half_written_alert(ga
     client = redis_server.client()
     completion = make_completion(gateway, n=2)
     comparisons_key = stream_key(Stream.comparisons)
+
     def stored_keys() -> set[bytes]:
         return {k for k in client.keys("instructloop:gateway:*") if b"ratelimit" not in k}
 
@@ -133,8 +159,12 @@ def test_redis_full_completions_serve_feedback_503_nothing_half_written_alert(ga
 
     served = complete(gateway, prompt="serve me while redis is full")
     assert served.status_code == 200  # completions keep serving (they are not logged meanwhile)
-    feedback = post(gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[0], [1]]},
-                    **{"Idempotency-Key": "while-full"})
+    feedback = post(
+        gateway,
+        "alice",
+        {"type": "ranking", "completion_id": completion["id"], "ranking": [[0], [1]]},
+        **{"Idempotency-Key": "while-full"},
+    )
     assert feedback.status_code == 503 and feedback.headers["Retry-After"], feedback.text
     assert "full" in feedback.json()["error"]["message"]
     assert client.xlen(comparisons_key) == 0  # nothing half-written: no event, no idempotency or "rated" key
@@ -143,8 +173,12 @@ def test_redis_full_completions_serve_feedback_503_nothing_half_written_alert(ga
     assert gateway.metric("gateway_redis_oom_total") >= 2
 
     client.config_set("maxmemory", 0)  # the operator adds memory
-    retried = post(gateway, "alice", {"type": "ranking", "completion_id": completion["id"], "ranking": [[0], [1]]},
-                   **{"Idempotency-Key": "while-full"})
+    retried = post(
+        gateway,
+        "alice",
+        {"type": "ranking", "completion_id": completion["id"], "ranking": [[0], [1]]},
+        **{"Idempotency-Key": "while-full"},
+    )
     assert retried.status_code == 202 and client.xlen(comparisons_key) == 1
     assert gateway.metric("gateway_redis_full") == 0
 
@@ -158,9 +192,14 @@ def test_every_5xx_is_logged_with_the_request_id(start_gateway, redis_server, ca
     gateway = start_gateway([f"http://127.0.0.1:{free_port()}"], redis_server.url)  # no backend listens
     caplog.set_level(logging.ERROR, logger="gateway.errors")
     with gateway.http("alice") as http:
-        answer = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "anyone?", "max_tokens": 2},
-                           headers={"X-Request-Id": "req-abc.123"})
-        generated_id = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2})
+        answer = http.post(
+            "/v1/completions",
+            json={"model": MODEL_NAME, "prompt": "anyone?", "max_tokens": 2},
+            headers={"X-Request-Id": "req-abc.123"},
+        )
+        generated_id = http.post(
+            "/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}
+        )
     assert answer.status_code == 503 and answer.headers["X-Request-Id"] == "req-abc.123"
     records = [r for r in caplog.records if getattr(r, "request_id", None) == "req-abc.123"]
     assert records and records[0].status == 503 and records[0].code == "backend_unavailable"

@@ -19,35 +19,57 @@ from learner.ppo import generate_rollouts, scoring_inputs
 from learner.reward import encode_sequence
 from tests.gateway.conftest import MODEL_NAME
 
-MESSAGES = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a prime (contract)."}]
+MESSAGES = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "Name a prime (contract)."},
+]
 RAW_PROMPT = "A raw prompt for the contract test: the capital of France is"
 
 
 def serve_input_ids(serve_url: str, text: str) -> list[int]:
     """The token ids serve generates from for ``text`` (TGI ``details.prefill`` with decoder_input_details)."""
-    response = httpx.post(f"{serve_url}/generate", timeout=60, json={
-        "inputs": text, "parameters": {"max_new_tokens": 1, "details": True, "decoder_input_details": True}})
+    response = httpx.post(
+        f"{serve_url}/generate",
+        timeout=60,
+        json={
+            "inputs": text,
+            "parameters": {"max_new_tokens": 1, "details": True, "decoder_input_details": True},
+        },
+    )
     response.raise_for_status()
     return [token["id"] for token in response.json()["details"]["prefill"]]
 
 
-def test_learner_query_and_rm_input_are_the_ids_serve_generated_from(gateway, serve, redis_server, tokenizer,
-                                                                       tiny_model_dir, tmp_path):
+def test_learner_query_and_rm_input_are_the_ids_serve_generated_from(
+    gateway, serve, redis_server, tokenizer, tiny_model_dir, tmp_path
+):
     client = gateway.openai("alice")
-    chat = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=7, n=2, temperature=0.7)
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=7, n=2, temperature=0.7
+    )
     raw = client.completions.create(model=MODEL_NAME, prompt=RAW_PROMPT, max_tokens=5, n=2, temperature=0.7)
 
     # the events the gateway recorded: the exact model input, the route, the messages for chat
-    events = {e.completion_id: e for e in (CompletionEvent.from_fields(f) for _, f in
-                                           redis_server.client().xrange(stream_key(Stream.completions)))}
+    events = {
+        e.completion_id: e
+        for e in (
+            CompletionEvent.from_fields(f)
+            for _, f in redis_server.client().xrange(stream_key(Stream.completions))
+        )
+    }
     chat_event, raw_event = events[chat.id], events[raw.id]
     assert (chat_event.route, chat_event.messages) == (CHAT_ROUTE, MESSAGES)
     assert (raw_event.route, raw_event.messages, raw_event.prompt) == (COMPLETIONS_ROUTE, None, RAW_PROMPT)
 
     # the learner's dataset, filled by its real ingestor from the streams
     dataset = Dataset(tmp_path / "dataset.sqlite3", heldout_fraction=0.0)
-    ingestor = Ingestor(redis_lib.Redis.from_url(redis_server.url), dataset, prefix=DEFAULT_PREFIX,
-                        group="contract-test", consumer="c1")
+    ingestor = Ingestor(
+        redis_lib.Redis.from_url(redis_server.url),
+        dataset,
+        prefix=DEFAULT_PREFIX,
+        group="contract-test",
+        consumer="c1",
+    )
     ingestor.ensure_groups()
     ingestor.drain()
     queries = {q.text: q for q in dataset.sample_queries(10_000)}
@@ -57,8 +79,15 @@ def test_learner_query_and_rm_input_are_the_ids_serve_generated_from(gateway, se
     # what PPO rolls out from and what the RM scores, built by the learner's own functions
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    rollouts = generate_rollouts(policy, tokenizer, [q.text for q in learned], 512, [q.max_tokens for q in learned],
-                                 do_sample=True, temperature=1.0)
+    rollouts = generate_rollouts(
+        policy,
+        tokenizer,
+        [q.text for q in learned],
+        512,
+        [q.max_tokens for q in learned],
+        do_sample=True,
+        temperature=1.0,
+    )
     rm_ids, rm_mask = scoring_inputs(rollouts, tokenizer.eos_token_id)
     assert rollouts.limits.tolist() == [7, 5] and (rollouts.response_mask.sum(1) <= rollouts.limits).all()
 
@@ -79,7 +108,9 @@ def test_learner_query_and_rm_input_are_the_ids_serve_generated_from(gateway, se
         assert ppo_query == served
         rm_input = rm_ids[row][rm_mask[row].bool()].tolist()
         assert rm_input[: len(served)] == served and rm_input[-1] == tokenizer.eos_token_id
-        response = tokenizer.decode(rollouts.responses[row][rollouts.response_mask[row]], skip_special_tokens=True)
+        response = tokenizer.decode(
+            rollouts.responses[row][rollouts.response_mask[row]], skip_special_tokens=True
+        )
         assert encode_sequence(tokenizer, query.text, response, 512)[: len(served)] == served
     dataset.close()
 
@@ -92,15 +123,25 @@ def test_scripted_labeler_ranks_chat_completions(gateway, redis_server):
     from labeler.preferences import shorter
 
     with GatewayClient(gateway.url, gateway.keys["lara"], chat=True) as client:
-        labeled = label_one(client, "Say something (labeler chat).", shorter, k=3, max_tokens=6, temperature=1.0,
-                            seed=5)
+        labeled = label_one(
+            client, "Say something (labeler chat).", shorter, k=3, max_tokens=6, temperature=1.0, seed=5
+        )
     assert labeled.completion.id.startswith("chatcmpl-") and len(labeled.completion.texts) == 3
-    events = [CompletionEvent.from_fields(f) for _, f in redis_server.client().xrange(stream_key(Stream.completions))]
+    events = [
+        CompletionEvent.from_fields(f)
+        for _, f in redis_server.client().xrange(stream_key(Stream.completions))
+    ]
     [event] = [e for e in events if e.completion_id == labeled.completion.id]
-    assert event.route == CHAT_ROUTE and event.messages == [{"role": "user", "content": "Say something (labeler chat)."}]
+    assert event.route == CHAT_ROUTE and event.messages == [
+        {"role": "user", "content": "Say something (labeler chat)."}
+    ]
     assert [c.text for c in event.choices] == labeled.completion.texts
     if labeled.ranking is not None:
-        comparisons = [ComparisonEvent.from_fields(f) for _, f in
-                       redis_server.client().xrange(stream_key(Stream.comparisons))]
-        [comparison] = [c for c in comparisons if c.completion_ids and c.completion_ids[0] == labeled.completion.id]
+        comparisons = [
+            ComparisonEvent.from_fields(f)
+            for _, f in redis_server.client().xrange(stream_key(Stream.comparisons))
+        ]
+        [comparison] = [
+            c for c in comparisons if c.completion_ids and c.completion_ids[0] == labeled.completion.id
+        ]
         assert comparison.prompt == event.prompt and comparison.ranking == labeled.ranking

@@ -19,9 +19,14 @@ from tests.gateway.conftest import REPO_ROOT
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "gateway", *args], cwd=REPO_ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), **(env or {})),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "gateway", *args],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_no_keys_outside_dev_mode_is_refused_with_the_fix(monkeypatch):
@@ -83,11 +88,31 @@ def test_gateway_run_smoke(tmp_path, serve, tiny_model_dir):
     port = free_port()
     refused = cli("run", "--port", str(port), env={"INSTRUCTLOOP_GATEWAY_KEYS_FILE": ""})
     assert refused.returncode == 2 and "keys create" in refused.stderr
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), INSTRUCTLOOP_GATEWAY_MODEL=str(tiny_model_dir),
-               INSTRUCTLOOP_GATEWAY_SERVED_MODEL_NAME="tiny")
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "gateway", "run", "--port", str(port),
-                             "--backends", serve.url, "--keys-file", str(path)],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT),
+        INSTRUCTLOOP_GATEWAY_MODEL=str(tiny_model_dir),
+        INSTRUCTLOOP_GATEWAY_SERVED_MODEL_NAME="tiny",
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "gateway",
+            "run",
+            "--port",
+            str(port),
+            "--backends",
+            serve.url,
+            "--keys-file",
+            str(path),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -99,12 +124,20 @@ def test_gateway_run_smoke(tmp_path, serve, tiny_model_dir):
                 time.sleep(0.2)
         else:
             pytest.fail("gateway run did not become ready")
-        response = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                              json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        response = httpx.post(
+            f"{url}/v1/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+            timeout=60,
+        )
         assert response.status_code == 200 and response.json()["choices"][0]["index"] == 0
         # no Redis configured: feedback is refused with 503 + Retry-After, not lost silently
-        feedback = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {key}"}, timeout=10,
-                              json={"type": "pairwise", "completion_id": response.json()["id"], "chosen": 0, "rejected": 1})
+        feedback = httpx.post(
+            f"{url}/v1/feedback",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+            json={"type": "pairwise", "completion_id": response.json()["id"], "chosen": 0, "rejected": 1},
+        )
         assert feedback.status_code == 503 and feedback.headers["Retry-After"]
     finally:
         proc.terminate()

@@ -50,10 +50,19 @@ def test_per_output_flags_are_optional_and_one_list_per_response():
     old = ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x").model_dump()
     del old["flags"]  # an event written before flags existed
     assert ComparisonEvent.model_validate(old).flags == []
-    event = ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x",
-                            flags=[["harmful", "made_up_facts"], []])
+    event = ComparisonEvent(
+        prompt="p",
+        responses=["a", "b"],
+        ranking=[[0], [1]],
+        labeler_id="x",
+        flags=[["harmful", "made_up_facts"], []],
+    )
     assert ComparisonEvent.from_fields(event.to_fields()).flags == [["harmful", "made_up_facts"], []]
     with pytest.raises(ValidationError, match="flags has 1 entries for 2 responses"):
-        ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x", flags=[["harmful"]])
+        ComparisonEvent(
+            prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x", flags=[["harmful"]]
+        )
     with pytest.raises(ValidationError):
-        ComparisonEvent(prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x", flags=[["rude"], []])
+        ComparisonEvent(
+            prompt="p", responses=["a", "b"], ranking=[[0], [1]], labeler_id="x", flags=[["rude"], []]
+        )

@@ -35,5 +35,6 @@ def test_the_prepared_default_tokenizer_equals_the_one_from_the_gguf(tmp_path, m
     texts = ["Tell me about cats.", "  spaces\tand\nnewlines <|im_end|> ünïcødé 123"]
     assert baked(texts)["input_ids"] == tokenizer(texts)["input_ids"]
     chat = [{"role": "user", "content": "Hi there"}]
-    assert (baked.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            == tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert baked.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    ) == tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)

@@ -73,7 +73,10 @@ def test_current_pointer_with_redis_notifies_and_logs(tmp_path, redis_server):
     message = pubsub.get_message(timeout=2)
     assert message is not None and message["data"] == b"v0001"
     events = [PolicyEvent.from_fields(f) for _, f in client.xrange(stream_key(Stream.policies))]
-    assert [(e.version, e.status) for e in events] == [("v0001", PolicyStatus.candidate), ("v0001", PolicyStatus.promoted)]
+    assert [(e.version, e.status) for e in events] == [
+        ("v0001", PolicyStatus.candidate),
+        ("v0001", PolicyStatus.promoted),
+    ]
     # another process on the same registry volume reads the same pointer
     assert Registry(tmp_path, redis=client).current() == "v0001"
 

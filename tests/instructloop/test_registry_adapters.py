@@ -25,8 +25,9 @@ from instructloop.registry import (
 def _peft_model(model_dir, adapter_name="default", seed=0):
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=False)  # random A and B: the adapter visibly changes the model
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )  # random A and B: the adapter visibly changes the model
     return get_peft_model(base, config, adapter_name=adapter_name)
 
 
@@ -40,8 +41,9 @@ def test_adapter_version_is_a_standard_peft_folder(tmp_path, tiny_model_dir, bas
     registry = Registry(tmp_path)
     base_sha = base_weights_sha256(tiny_model_dir)
     peft_model = _peft_model(tiny_model_dir, adapter_name="policy")
-    manifest = registry.write_adapter("v0001", peft_model, adapter_name="policy", base_sha256=base_sha,
-                                      base_model="tiny")
+    manifest = registry.write_adapter(
+        "v0001", peft_model, adapter_name="policy", base_sha256=base_sha, base_model="tiny"
+    )
     assert manifest.kind == VersionKind.adapter and manifest.base_sha256 == base_sha
     assert set(manifest.files) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
     folder = registry.version_dir("v0001")
@@ -83,6 +85,7 @@ def test_bad_adapters_are_refused(tmp_path, tiny_model_dir, base_shapes, tokeniz
             state = load_file(folder / ADAPTER_WEIGHTS)
             edit(state)
             save_file(state, str(folder / ADAPTER_WEIGHTS))
+
         return mutate
 
     some_a = next(k for k in peft_model.state_dict() if "lora_A" in k).replace(".default", "")
@@ -101,6 +104,7 @@ def test_bad_adapters_are_refused(tmp_path, tiny_model_dir, base_shapes, tokeniz
 
     def rename(state):
         state["base_model.model.model.layers.0.mlp.nowhere.lora_A.weight"] = state.pop(some_a)
+
     write("module", edit_tensors(rename))
     with pytest.raises(InvalidCheckpoint, match="not a linear layer"):
         registry.load_adapter("module", base_sha256=base_sha, base_shapes=base_shapes)
@@ -108,6 +112,7 @@ def test_bad_adapters_are_refused(tmp_path, tiny_model_dir, base_shapes, tokeniz
     def dora(folder):
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
         (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
+
     write("dora", dora)
     with pytest.raises(InvalidCheckpoint, match="plain LoRA"):
         registry.load_adapter("dora", base_sha256=base_sha, base_shapes=base_shapes)

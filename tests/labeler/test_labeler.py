@@ -42,14 +42,26 @@ def test_builtin_preferences():
     assert rank_texts(["a long answer", "short", "mid answer"], shorter) == [[1], [2], [0]]
 
     without = load_preference("without:cat")
-    assert score_texts(["the cat sat", "Cat and cat", "concatenate", "a dog"], without) == [-1.0, -2.0, 0.0, 0.0]
+    assert score_texts(["the cat sat", "Cat and cat", "concatenate", "a dog"], without) == [
+        -1.0,
+        -2.0,
+        0.0,
+        0.0,
+    ]
     assert rank_texts(["the cat sat", "Cat and cat", "concatenate", "a dog"], without) == [[2, 3], [0], [1]]
 
     with_word = load_preference("with:sea")
     assert score_texts(["the sea", "SEA sea", "season"], with_word) == [1.0, 1.0, 0.0]
 
     start = load_preference("start:The")
-    assert score_texts(["The sea.", "  The\nend", "the sea", "Then", "", "A The"], start) == [1, 1, 0, 0, 0, 0]
+    assert score_texts(["The sea.", "  The\nend", "the sea", "Then", "", "A The"], start) == [
+        1,
+        1,
+        0,
+        0,
+        0,
+        0,
+    ]
     with pytest.raises(PreferenceError, match="one word"):
         load_preference("start:The sea")
 
@@ -60,7 +72,8 @@ def test_punctuation_word_matches_as_substring():
 
 
 def test_plugin_preference_is_loaded_from_module_function(tmp_path, monkeypatch):
-    (tmp_path / "my_prefs.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_prefs.py").write_text(
+        textwrap.dedent("""
         def vowels(text):
             return float(sum(c in "aeiou" for c in text))
 
@@ -68,7 +81,8 @@ def test_plugin_preference_is_loaded_from_module_function(tmp_path, monkeypatch)
 
         def broken(text):
             return "high"
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     vowels = load_preference("my_prefs:vowels")
     assert rank_texts(["xyz", "aaa", "ab"], vowels) == [[1], [2], [0]]
@@ -96,8 +110,9 @@ def test_bad_preference_names_the_accepted_forms(spec, message):
 
 
 def test_bad_preference_on_the_cli_is_a_clear_usage_error():
-    result = CliRunner().invoke(app, ["simulate", "--preference", "nope", "--gateway-url", "http://127.0.0.1:9",
-                                      "--api-key", "k"])
+    result = CliRunner().invoke(
+        app, ["simulate", "--preference", "nope", "--gateway-url", "http://127.0.0.1:9", "--api-key", "k"]
+    )
     assert result.exit_code == 2
     assert "unknown preference 'nope'" in result.output
     assert "module:function" in result.output
@@ -143,7 +158,10 @@ class _RateLimitedGateway:
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 owner.requests += 1
                 if owner.requests <= limited:
-                    body, status = b'{"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}', 429
+                    body, status = (
+                        b'{"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}',
+                        429,
+                    )
                 else:
                     body, status = b'{"id": "fb-1", "status": "accepted"}', 202
                 self.send_response(status)
@@ -176,8 +194,10 @@ def test_labeler_waits_out_the_rate_limit_instead_of_dropping_rankings():
 
 
 def test_labeler_gives_up_on_the_rate_limit_after_its_wait_budget():
-    with _RateLimitedGateway(limited=100) as gateway, \
-            GatewayClient(gateway.url, "key", rate_limit_wait_s=0.6) as client:
+    with (
+        _RateLimitedGateway(limited=100) as gateway,
+        GatewayClient(gateway.url, "key", rate_limit_wait_s=0.6) as client,
+    ):
         with pytest.raises(LabelerError, match="429"):
             client._post("/v1/feedback", {"type": "ranking"})
         assert gateway.requests == 2  # one wait of 0.5 s fits the budget, a second does not

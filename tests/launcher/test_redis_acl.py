@@ -30,9 +30,25 @@ def acl_redis(tmp_path):
     acl = tmp_path / "users.acl"
     acl.write_text(acl_file_text(passwords, PREFIX))
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--aclfile", str(acl), "--dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--aclfile",
+            str(acl),
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     admin = redis_lib.Redis(port=port, username="admin", password=passwords["admin"])
     deadline = time.monotonic() + 10
     while True:
@@ -54,7 +70,8 @@ def client(port: int, passwords: dict[str, str], user: str) -> redis_lib.Redis:
 
 def test_k8s_renders_the_same_rules_as_up():
     assert (REPO / "k8s" / "base" / "config" / "users.acl.template").read_text() == acl_template_text(), (
-        "regenerate it: python -m launcher.credentials > k8s/base/config/users.acl.template")
+        "regenerate it: python -m launcher.credentials > k8s/base/config/users.acl.template"
+    )
 
 
 def test_passwords_are_private_and_kept(tmp_path):
@@ -78,8 +95,16 @@ def test_nobody_gets_in_without_a_password(acl_redis):
 def test_no_app_user_may_flush_reconfigure_or_escalate(acl_redis, user):
     port, passwords = acl_redis
     conn = client(port, passwords, user)
-    for command in (("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "SET", "maxmemory", "0"), ("ACL", "SETUSER", user, "+@all"),
-                    ("SCRIPT", "FLUSH"), ("SHUTDOWN", "NOSAVE"), ("KEYS", "*"), ("MODULE", "LIST")):
+    for command in (
+        ("FLUSHALL",),
+        ("FLUSHDB",),
+        ("CONFIG", "SET", "maxmemory", "0"),
+        ("ACL", "SETUSER", user, "+@all"),
+        ("SCRIPT", "FLUSH"),
+        ("SHUTDOWN", "NOSAVE"),
+        ("KEYS", "*"),
+        ("MODULE", "LIST"),
+    ):
         with pytest.raises(redis_lib.exceptions.NoPermissionError):
             conn.execute_command(*command)
     if user != "exporter":
@@ -89,20 +114,33 @@ def test_no_app_user_may_flush_reconfigure_or_escalate(acl_redis, user):
 
 async def test_the_gateway_does_its_job_and_cannot_read_or_forge_elsewhere(acl_redis):
     port, passwords = acl_redis
-    store = Store(user_url("127.0.0.1", port, "gateway", passwords["gateway"]), PREFIX, GatewayMetrics(),
-                  completion_ttl_s=60, idempotency_ttl_s=60)
+    store = Store(
+        user_url("127.0.0.1", port, "gateway", passwords["gateway"]),
+        PREFIX,
+        GatewayMetrics(),
+        completion_ttl_s=60,
+        idempotency_ttl_s=60,
+    )
     try:
         assert await store.ping()
-        stored = StoredCompletion(id="cmpl-1", caller="k", prompts=["p"], policy_version="base", chat=False,
-                                  choices=[StoredChoice(0, "a", "stop", 0, 1), StoredChoice(1, "b", "stop", 0, 1)])
+        stored = StoredCompletion(
+            id="cmpl-1",
+            caller="k",
+            prompts=["p"],
+            policy_version="base",
+            chat=False,
+            choices=[StoredChoice(0, "a", "stop", 0, 1), StoredChoice(1, "b", "stop", 0, 1)],
+        )
         assert await store.save_completion(stored, [completion(1)])
         assert (await store.get_completion("cmpl-1")).id == "cmpl-1"
         first, duplicate = await store.append_event(Stream.comparisons, comparison(1))  # no idempotency key
         assert not duplicate
-        again = await store.append_event(Stream.comparisons, comparison(2), idempotency_key="k1", caller="k",
-                                         request_fingerprint="fp")
-        assert await store.append_event(Stream.comparisons, comparison(2), idempotency_key="k1", caller="k",
-                                        request_fingerprint="fp") == (again[0], True)
+        again = await store.append_event(
+            Stream.comparisons, comparison(2), idempotency_key="k1", caller="k", request_fingerprint="fp"
+        )
+        assert await store.append_event(
+            Stream.comparisons, comparison(2), idempotency_key="k1", caller="k", request_fingerprint="fp"
+        ) == (again[0], True)
         assert await store.hit_rate_limit("key-1", 10) is None
     finally:
         await store.close()
@@ -125,8 +163,14 @@ def test_the_learner_consumes_and_serve_only_reads_the_pointer(acl_redis, tmp_pa
         admin.xadd(stream_key(Stream.comparisons, PREFIX), {"event": comparison(i).model_dump_json()})
     admin.xadd(stream_key(Stream.comparisons, PREFIX), {"event": "not json"})  # goes to the dead letters
     learner = client(port, passwords, "learner")
-    ingestor = Ingestor(learner, Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.0), prefix=PREFIX,
-                        group="learner", consumer="c1", block_ms=50)
+    ingestor = Ingestor(
+        learner,
+        Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.0),
+        prefix=PREFIX,
+        group="learner",
+        consumer="c1",
+        block_ms=50,
+    )
     ingestor.ensure_groups()
     ingestor.recover()
     stats = ingestor.drain()
@@ -143,10 +187,12 @@ def test_the_learner_consumes_and_serve_only_reads_the_pointer(acl_redis, tmp_pa
     assert serve.get(f"{PREFIX}:policy:current") == b"v0001"
     pubsub = serve.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(policy_channel(PREFIX))
-    for forbidden in (lambda: serve.set(f"{PREFIX}:policy:current", "rejected-candidate"),
-                      lambda: serve.xadd(stream_key(Stream.comparisons, PREFIX), {"event": "{}"}),
-                      lambda: serve.publish(policy_channel(PREFIX), "v9"),
-                      lambda: serve.get(f"{PREFIX}:gateway:completion:x")):
+    for forbidden in (
+        lambda: serve.set(f"{PREFIX}:policy:current", "rejected-candidate"),
+        lambda: serve.xadd(stream_key(Stream.comparisons, PREFIX), {"event": "{}"}),
+        lambda: serve.publish(policy_channel(PREFIX), "v9"),
+        lambda: serve.get(f"{PREFIX}:gateway:completion:x"),
+    ):
         with pytest.raises(redis_lib.exceptions.NoPermissionError):
             forbidden()
     pubsub.close()
@@ -173,7 +219,9 @@ def test_up_wires_acl_users_maxmemory_and_the_serve_token(tmp_path):
     for component in ("gateway", "learner", "serve"):
         url = env[component][f"INSTRUCTLOOP_{component.upper()}_REDIS_URL"]
         assert url.startswith(f"redis://{component}:{passwords[component]}@127.0.0.1:")
-    assert env["serve"]["INSTRUCTLOOP_SERVE_AUTH_TOKEN"] == env["gateway"]["INSTRUCTLOOP_GATEWAY_BACKEND_TOKEN"]
+    assert (
+        env["serve"]["INSTRUCTLOOP_SERVE_AUTH_TOKEN"] == env["gateway"]["INSTRUCTLOOP_GATEWAY_BACKEND_TOKEN"]
+    )
     assert len(env["serve"]["INSTRUCTLOOP_SERVE_AUTH_TOKEN"]) >= 32
     assert "INSTRUCTLOOP_SERVE_AUTH_TOKEN" not in env["learner"]
     # the redis-server argv up builds really starts, and really enforces it

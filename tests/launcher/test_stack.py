@@ -91,8 +91,12 @@ def test_component_that_fails_to_start_is_reported_with_exit_code_and_log(tmp_pa
 
 def test_component_that_never_gets_healthy_times_out_with_a_clear_message(tmp_path: Path, supervisors):
     spec = ComponentSpec(
-        name="learner", argv=_python("import time; time.sleep(60)"), health=lambda: False,
-        log_path=tmp_path / "learner.log", env=dict(os.environ), startup_timeout_s=0.5,
+        name="learner",
+        argv=_python("import time; time.sleep(60)"),
+        health=lambda: False,
+        log_path=tmp_path / "learner.log",
+        env=dict(os.environ),
+        startup_timeout_s=0.5,
     )
     supervisor = _supervisor(supervisors, [spec])
     with pytest.raises(ComponentFailed, match="learner did not become healthy within 0.5s") as failed:
@@ -108,19 +112,30 @@ def test_dependents_start_only_after_their_dependencies_are_healthy(tmp_path: Pa
     port = free_port()
     order_file = tmp_path / "order"
     specs = [
-        ComponentSpec(name="gateway", argv=_python(f"open({str(order_file)!r}, 'a').write('gateway\\n')"
-                                                   "; import time; time.sleep(60)"),
-                      health=lambda: order_file.exists() and "gateway" in order_file.read_text(),
-                      log_path=tmp_path / "gateway.log", env=dict(os.environ), after=["serve"]),
-        ComponentSpec(name="serve", argv=_http_server(port), health=http_health(f"http://127.0.0.1:{port}/"),
-                      log_path=tmp_path / "serve.log", env=dict(os.environ), url=f"http://127.0.0.1:{port}"),
+        ComponentSpec(
+            name="gateway",
+            argv=_python(f"open({str(order_file)!r}, 'a').write('gateway\\n'); import time; time.sleep(60)"),
+            health=lambda: order_file.exists() and "gateway" in order_file.read_text(),
+            log_path=tmp_path / "gateway.log",
+            env=dict(os.environ),
+            after=["serve"],
+        ),
+        ComponentSpec(
+            name="serve",
+            argv=_http_server(port),
+            health=http_health(f"http://127.0.0.1:{port}/"),
+            log_path=tmp_path / "serve.log",
+            env=dict(os.environ),
+            url=f"http://127.0.0.1:{port}",
+        ),
     ]
     supervisor = _supervisor(supervisors, specs)
     assert supervisor.start_all()
     assert [c.name for c in supervisor.started_order] == ["serve", "gateway"]
     messages = supervisor.messages
     assert messages.index(next(m for m in messages if m.startswith("serve is healthy"))) < messages.index(
-        next(m for m in messages if m.startswith("starting gateway")))
+        next(m for m in messages if m.startswith("starting gateway"))
+    )
     pids = [c.proc.pid for c in supervisor.started_order]
     supervisor.stop_all()
     assert all(not _alive(pid) for pid in pids)
@@ -129,19 +144,35 @@ def test_dependents_start_only_after_their_dependencies_are_healthy(tmp_path: Pa
     assert [m.split()[1] for m in stops] == ["gateway", "serve"]
 
 
-def test_a_crashed_component_is_restarted_with_a_new_pid_and_the_rest_keeps_running(tmp_path: Path, supervisors):
+def test_a_crashed_component_is_restarted_with_a_new_pid_and_the_rest_keeps_running(
+    tmp_path: Path, supervisors
+):
     """Finding 8: one component dying (SIGKILL) no longer stops the stack; it is restarted after its backoff,
     its log says so, the change callback (stack.json) runs, and the other components are untouched."""
     port_a, port_b = free_port(), free_port()
     specs = [
-        ComponentSpec(name="serve", argv=_http_server(port_a), health=http_health(f"http://127.0.0.1:{port_a}/"),
-                      log_path=tmp_path / "serve" / "serve.log", env=dict(os.environ)),
-        ComponentSpec(name="learner", argv=_http_server(port_b), health=http_health(f"http://127.0.0.1:{port_b}/"),
-                      log_path=tmp_path / "learner" / "learner.log", env=dict(os.environ)),
+        ComponentSpec(
+            name="serve",
+            argv=_http_server(port_a),
+            health=http_health(f"http://127.0.0.1:{port_a}/"),
+            log_path=tmp_path / "serve" / "serve.log",
+            env=dict(os.environ),
+        ),
+        ComponentSpec(
+            name="learner",
+            argv=_http_server(port_b),
+            health=http_health(f"http://127.0.0.1:{port_b}/"),
+            log_path=tmp_path / "learner" / "learner.log",
+            env=dict(os.environ),
+        ),
     ]
     changes: list[tuple[int, bool]] = []
-    supervisor = _supervisor(supervisors, specs, restart=RestartPolicy(backoff_initial_s=0.2, max_restarts=3),
-                             on_change=lambda: changes.append((learner.proc.pid, learner.healthy)))
+    supervisor = _supervisor(
+        supervisors,
+        specs,
+        restart=RestartPolicy(backoff_initial_s=0.2, max_restarts=3),
+        on_change=lambda: changes.append((learner.proc.pid, learner.healthy)),
+    )
     supervisor.install_signal_handlers()  # SIGCHLD wakes watch() as soon as the learner dies
     learner = supervisor.component("learner")
     try:
@@ -163,8 +194,13 @@ def test_a_crashed_component_is_restarted_with_a_new_pid_and_the_rest_keeps_runn
     assert learner.proc.pid != old_pid and _alive(learner.proc.pid)
     assert (learner.proc.pid, True) in changes  # stack.json was rewritten with the new pid once healthy
     assert supervisor.component("serve").proc.pid == serve_pid and _alive(serve_pid)
-    assert any(m.startswith("learner exited (killed by SIGKILL): restarting in 0.2s") for m in supervisor.messages)
-    assert "==== instructloop up: restarting learner (restart 1)" in (tmp_path / "learner" / "learner.log").read_text()
+    assert any(
+        m.startswith("learner exited (killed by SIGKILL): restarting in 0.2s") for m in supervisor.messages
+    )
+    assert (
+        "==== instructloop up: restarting learner (restart 1)"
+        in (tmp_path / "learner" / "learner.log").read_text()
+    )
     supervisor.stop_all()
     assert not _alive(serve_pid) and not _alive(learner.proc.pid)
 
@@ -185,10 +221,15 @@ def test_a_crash_loop_gives_up_and_reports_the_component(tmp_path: Path, supervi
             print("Traceback: learner cannot reach Redis", flush=True)
             sys.exit(4)
         """),
-        health=ready.exists, log_path=tmp_path / "learner.log", env=dict(os.environ),
+        health=ready.exists,
+        log_path=tmp_path / "learner.log",
+        env=dict(os.environ),
     )
-    supervisor = _supervisor(supervisors, [spec], restart=RestartPolicy(backoff_initial_s=0.1, backoff_max_s=1.0,
-                                                                        max_restarts=2, window_s=60))
+    supervisor = _supervisor(
+        supervisors,
+        [spec],
+        restart=RestartPolicy(backoff_initial_s=0.1, backoff_max_s=1.0, max_restarts=2, window_s=60),
+    )
     assert supervisor.start_all()
     failure = supervisor.watch()
     assert failure is not None
@@ -217,7 +258,9 @@ def test_stop_escalates_to_sigkill_for_a_component_ignoring_sigterm(tmp_path: Pa
             pathlib.Path({str(ready)!r}).write_text("ok")
             time.sleep(60)
         """),
-        health=ready.exists, log_path=tmp_path / "stubborn.log", env=dict(os.environ),
+        health=ready.exists,
+        log_path=tmp_path / "stubborn.log",
+        env=dict(os.environ),
     )
     supervisor = _supervisor(supervisors, [spec], stop_timeout_s=0.5)
     assert supervisor.start_all()
@@ -227,8 +270,13 @@ def test_stop_escalates_to_sigkill_for_a_component_ignoring_sigterm(tmp_path: Pa
 
 def test_sigterm_to_the_supervisor_ends_watch(tmp_path: Path, supervisors):
     port = free_port()
-    spec = ComponentSpec(name="serve", argv=_http_server(port), health=http_health(f"http://127.0.0.1:{port}/"),
-                         log_path=tmp_path / "serve.log", env=dict(os.environ))
+    spec = ComponentSpec(
+        name="serve",
+        argv=_http_server(port),
+        health=http_health(f"http://127.0.0.1:{port}/"),
+        log_path=tmp_path / "serve.log",
+        env=dict(os.environ),
+    )
     supervisor = _supervisor(supervisors, [spec])
     supervisor.install_signal_handlers()
     try:
@@ -246,8 +294,9 @@ def test_redis_health_against_a_real_redis(redis_server):
 
 
 def test_unknown_dependency_is_refused(tmp_path: Path):
-    spec = ComponentSpec(name="gateway", argv=["true"], health=lambda: True, log_path=tmp_path / "g.log",
-                         after=["serve"])
+    spec = ComponentSpec(
+        name="gateway", argv=["true"], health=lambda: True, log_path=tmp_path / "g.log", after=["serve"]
+    )
     with pytest.raises(ValueError, match="unknown components"):
         Supervisor([spec])
 
@@ -264,8 +313,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run_up(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "up", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "up", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_up_reports_a_component_that_fails_to_start_and_stops_the_rest(tmp_path: Path):
@@ -274,8 +329,19 @@ def test_up_reports_a_component_that_fails_to_start_and_stops_the_rest(tmp_path:
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     run_dir, redis_port = tmp_path / "run", free_port()
-    result = _run_up("--run-dir", str(run_dir), "--model", str(not_a_model), "--port", str(free_port()),
-                     "--redis-port", str(redis_port), "--no-learner", "--startup-timeout", "120")
+    result = _run_up(
+        "--run-dir",
+        str(run_dir),
+        "--model",
+        str(not_a_model),
+        "--port",
+        str(free_port()),
+        "--redis-port",
+        str(redis_port),
+        "--no-learner",
+        "--startup-timeout",
+        "120",
+    )
     output = result.stdout + result.stderr
     serve_log = run_dir / "logs" / "serve" / "serve.log"
     assert result.returncode == 1, output

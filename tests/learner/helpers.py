@@ -34,8 +34,12 @@ def completion(i: int, **overrides) -> CompletionEvent:
 
 
 def demonstration(i: int, **overrides) -> DemonstrationEvent:
-    fields = dict(event_id=f"dem-{i}", prompt=f"Say hello {i} times.", response="hello " * (i % 3 + 1),
-                  labeler_id="labeler-b")
+    fields = dict(
+        event_id=f"dem-{i}",
+        prompt=f"Say hello {i} times.",
+        response="hello " * (i % 3 + 1),
+        labeler_id="labeler-b",
+    )
     fields.update(overrides)
     return DemonstrationEvent(**fields)
 
@@ -56,13 +60,24 @@ PTX_TEXT = "\n\n".join(
 )
 
 # Hyperparameters small enough for a tiny model on 2 CPU cores (a round takes seconds).
-TINY_PPO = {"rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 8,
-            "ptx_batch_size": 2, "ptx_seq_len": 32, "forward_batch_size": 8, "max_prompt_tokens": 64, "lr": 1e-4}
+TINY_PPO = {
+    "rollout_batch_size": 4,
+    "mini_batch_size": 2,
+    "ppo_epochs": 1,
+    "max_new_tokens": 8,
+    "ptx_batch_size": 2,
+    "ptx_seq_len": 32,
+    "forward_batch_size": 8,
+    "max_prompt_tokens": 64,
+    "lr": 1e-4,
+}
 TINY_REWARD = {"rankings_per_batch": 4, "max_length": 64, "lr": 1e-3}
 TINY_EVAL = {"max_new_tokens": 8, "batch_size": 8, "max_prompt_tokens": 64}
 
 
-def learner_env(redis_url: str, model_dir, state_dir, registry_dir, ptx_corpus, **overrides) -> dict[str, str]:
+def learner_env(
+    redis_url: str, model_dir, state_dir, registry_dir, ptx_corpus, **overrides
+) -> dict[str, str]:
     """INSTRUCTLOOP_LEARNER_* for a tiny learner (values as the env holds them)."""
     import json
 

@@ -48,8 +48,16 @@ def test_roles_share_one_frozen_base_and_round_trip(tmp_path, tiny_model_dir, to
     assert {n.split(".")[0] for n, _ in policy.named_parameters()} == {"lora"}
 
     # one PPO round trains the policy and value adapters (and the value head), never the base
-    config = PPOConfig(rollout_batch_size=4, mini_batch_size=2, ppo_epochs=1, lr=5e-2, ptx_coef=0.0,
-                       max_new_tokens=6, max_prompt_tokens=32, seed=0)
+    config = PPOConfig(
+        rollout_batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=1,
+        lr=5e-2,
+        ptx_coef=0.0,
+        max_new_tokens=6,
+        max_prompt_tokens=32,
+        seed=0,
+    )
     normalize_reward_bias(reward, tokenizer, PROMPTS[:2], ["Blue.", "Hi!"])
     trainer = PPOPtxTrainer(policy, reference, value, reward, tokenizer, config)
     value_head = value.score.weight.detach().clone()
@@ -78,16 +86,18 @@ def test_roles_share_one_frozen_base_and_round_trip(tmp_path, tiny_model_dir, to
     restored_policy = PolicyAdapter(restored_base, "policy")
     restored_value = ScoreAdapter.load(restored_base, "value", tmp_path / "value")
     restored_reward = ScoreAdapter.load(restored_base, "reward", tmp_path / "reward")
-    peft_policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                            tmp_path / "policy").eval()
+    peft_policy = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "policy"
+    ).eval()
     with torch.no_grad():
         assert_close(restored_policy(input_ids=input_ids, attention_mask=attention_mask).logits, trained)
         assert_close(peft_policy(input_ids=input_ids, attention_mask=attention_mask).logits, trained)
         assert_close(token_scores(restored_value, input_ids, attention_mask), values)
         assert_close(sequence_scores(restored_reward, input_ids, attention_mask), rewards)
     assert restored_reward.score.bias is not None and not restored_reward.score.bias.requires_grad
-    restored_trainer = PPOPtxTrainer(restored_policy, ReferenceModel(restored_base), restored_value,
-                                     restored_reward, tokenizer, config)
+    restored_trainer = PPOPtxTrainer(
+        restored_policy, ReferenceModel(restored_base), restored_value, restored_reward, tokenizer, config
+    )
     restored_trainer.load_state_dict(optimizer_state)
     saved = optimizer_state["policy_optimizer"]["state"]
     loaded = restored_trainer.policy_optimizer.state_dict()["state"]
@@ -96,7 +106,9 @@ def test_roles_share_one_frozen_base_and_round_trip(tmp_path, tiny_model_dir, to
         assert_close(loaded[key]["exp_avg"], saved[key]["exp_avg"])
 
 
-def test_an_lm_head_adapter_is_published_and_checkpointed_without_the_base_layer(tmp_path, tiny_model_dir, tokenizer):
+def test_an_lm_head_adapter_is_published_and_checkpointed_without_the_base_layer(
+    tmp_path, tiny_model_dir, tokenizer
+):
     """lm_head among the target modules: peft's default ``save_embedding_layers="auto"`` also writes the
     base lm_head itself (``…lm_head.base_layer.weight``) into the adapter, which serve refuses as "unexpected
     adapter tensor" (an e2e run promoted versions that were never served). Only LoRA tensors are written."""
@@ -114,15 +126,19 @@ def test_an_lm_head_adapter_is_published_and_checkpointed_without_the_base_layer
 
     registry = Registry(tmp_path / "registry")
     policy.write_version(registry, "v0001", base_model=str(tiny_model_dir))
-    shapes = {name.replace(".base_layer.", "."): tuple(t.shape)
-              for name, t in base.model.state_dict().items() if "lora_" not in name}
+    shapes = {
+        name.replace(".base_layer.", "."): tuple(t.shape)
+        for name, t in base.model.state_dict().items()
+        if "lora_" not in name
+    }
     adapter = registry.load_adapter("v0001", base_sha256=base.sha256, base_shapes=shapes)
     lm_head_b = next(k for k in adapter.state if "lm_head.lora_B" in k)
     assert_close(adapter.state[lm_head_b], base.state_of("policy")[lm_head_b])
 
 
-def test_generation_with_the_adapter_merged_equals_the_adapter_and_restores_the_base_exactly(tiny_model_dir,
-                                                                                              tokenizer):
+def test_generation_with_the_adapter_merged_equals_the_adapter_and_restores_the_base_exactly(
+    tiny_model_dir, tokenizer
+):
     """``PolicyAdapter.generate`` runs with W + s·B·A merged into the base (no LoRA path per decode step): the
     logits of its steps equal the adapter's own forward, the greedy tokens are the same, and afterwards every
     base weight is bit-for-bit what it was. A tied lm_head among the targets is not merged (it would change the
@@ -136,8 +152,15 @@ def test_generation_with_the_adapter_merged_equals_the_adapter_and_restores_the_
             parameter.add_(0.3 * torch.randn_like(parameter))  # B != 0: the adapter changes the model
     base_weights = {k: v.clone() for k, v in base.model.state_dict().items() if "lora_" not in k}
     input_ids, attention_mask = _inputs(tokenizer)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": 8, "do_sample": False,
-              "output_logits": True, "return_dict_in_generate": True, "pad_token_id": tokenizer.pad_token_id}
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "max_new_tokens": 8,
+        "do_sample": False,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
     merged = policy.generate(**kwargs)
     base.select("policy")
@@ -145,18 +168,27 @@ def test_generation_with_the_adapter_merged_equals_the_adapter_and_restores_the_
     assert torch.equal(merged.sequences, unmerged.sequences)
     assert_close(torch.stack(merged.logits), torch.stack(unmerged.logits), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
-        policy_logits = base.model(input_ids=input_ids, attention_mask=attention_mask).logits  # adapter selected
+        policy_logits = base.model(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).logits  # adapter selected
     for name, tensor in base.model.state_dict().items():
         if "lora_" not in name:
             assert torch.equal(tensor, base_weights[name]), name
     with base.merged("policy") as did_merge, torch.no_grad():
         assert did_merge  # adapters off, merged weights: the policy's logits
-        assert_close(base.model(input_ids=input_ids, attention_mask=attention_mask).logits, policy_logits,
-                     rtol=1e-4, atol=1e-4)
+        assert_close(
+            base.model(input_ids=input_ids, attention_mask=attention_mask).logits,
+            policy_logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
-    tied = AdapterBase(str(tiny_model_dir), AdapterConfig(r=4, alpha=8, target_modules=("q_proj", "lm_head")),
-                       tokenizer)
-    assert tied.model.get_input_embeddings().weight is tied.model.get_output_embeddings().weight  # as SmolLM2's
+    tied = AdapterBase(
+        str(tiny_model_dir), AdapterConfig(r=4, alpha=8, target_modules=("q_proj", "lm_head")), tokenizer
+    )
+    assert (
+        tied.model.get_input_embeddings().weight is tied.model.get_output_embeddings().weight
+    )  # as SmolLM2's
     tied.add("policy")
     with tied.merged("policy") as did_merge:
         assert not did_merge
@@ -170,8 +202,14 @@ def test_top_layers_adapts_only_the_top_layers_and_backward_stops_below_them(tin
     assert names and all(".layers.1." in n for n in names)
     needs_grad: dict[int, bool] = {}
     layers = base.model.model.layers
-    hooks = [layer.register_forward_hook(lambda _m, _i, out, k=k: needs_grad.__setitem__(
-        k, (out[0] if isinstance(out, tuple) else out).requires_grad)) for k, layer in enumerate(layers)]
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, _i, out, k=k: needs_grad.__setitem__(
+                k, (out[0] if isinstance(out, tuple) else out).requires_grad
+            )
+        )
+        for k, layer in enumerate(layers)
+    ]
     input_ids, attention_mask = _inputs(tokenizer)
     before = [p.detach().clone() for p in policy.parameters()]
     loss = policy(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
@@ -182,5 +220,7 @@ def test_top_layers_adapts_only_the_top_layers_and_backward_stops_below_them(tin
     torch.optim.SGD(policy.parameters(), lr=1.0).step()
     assert any(not torch.equal(b, p) for b, p in zip(before, policy.parameters(), strict=True))
     with torch.no_grad():
-        assert torch.equal(ReferenceModel(base)(input_ids=input_ids).logits,
-                           AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=input_ids).logits)
+        assert torch.equal(
+            ReferenceModel(base)(input_ids=input_ids).logits,
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=input_ids).logits,
+        )

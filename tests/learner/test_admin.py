@@ -31,8 +31,16 @@ def learner_settings(redis_server, tmp_path, tiny_model_dir, monkeypatch):
     corpus = tmp_path / "ptx.txt"
     corpus.write_text(PTX_TEXT)
     # the gate always passes: these tests are about what happens to a candidate that passed it
-    env = learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", corpus,
-                      gate_min_reward_gain=-1e9, min_new_comparisons=8, min_prompts=8)
+    env = learner_env(
+        redis_server.url,
+        tiny_model_dir,
+        tmp_path / "state",
+        tmp_path / "registry",
+        corpus,
+        gate_min_reward_gain=-1e9,
+        min_new_comparisons=8,
+        min_prompts=8,
+    )
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
@@ -65,8 +73,9 @@ def weights_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize("training", ["lora", "full"])
-def test_pin_holds_back_candidates_and_rollback_restarts_the_policy(redis_server, learner_settings, monkeypatch,
-                                                                    training):
+def test_pin_holds_back_candidates_and_rollback_restarts_the_policy(
+    redis_server, learner_settings, monkeypatch, training
+):
     monkeypatch.setenv("INSTRUCTLOOP_LEARNER_TRAINING", training)
     client = redis_lib.Redis.from_url(redis_server.url)
     learner = Learner(Settings(), metrics=LearnerMetrics(), progress=False)
@@ -98,7 +107,9 @@ def test_pin_holds_back_candidates_and_rollback_restarts_the_policy(redis_server
         assert learner.follow_rollback() == "v0001"
         learner._ppo_trainer()
         assert weights_equal(policy_weights(learner), v0001)
-        assert learner.state.history[-1]["kind"] == "rollback" and learner.state.history[-1]["rolled_back"] == ["v0002"]
+        assert learner.state.history[-1]["kind"] == "rollback" and learner.state.history[-1][
+            "rolled_back"
+        ] == ["v0002"]
         assert learner.follow_rollback() is None  # each rollback is followed once
 
         # the restart is durable: a new learner process resumes from the rolled-back-to weights
@@ -127,30 +138,53 @@ def test_a_waiting_learner_says_why_with_the_knob(redis_server, learner_settings
         rm, ppo = waits["reward_model"], waits["ppo"]
         assert rm.need == 20 and rm.have == learner.dataset.count_new_comparisons(0) < 20
         assert rm.knob == "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS" and rm.knob in rm.message
-        assert (ppo.need, ppo.have, ppo.knob) == (30, learner.dataset.count_prompts(), "INSTRUCTLOOP_LEARNER_MIN_PROMPTS")
+        assert (ppo.need, ppo.have, ppo.knob) == (
+            30,
+            learner.dataset.count_prompts(),
+            "INSTRUCTLOOP_LEARNER_MIN_PROMPTS",
+        )
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert f'learner_waiting{{knob="INSTRUCTLOOP_LEARNER_MIN_PROMPTS",step="ppo"}} {float(ppo.missing)}' in body
+        assert (
+            f'learner_waiting{{knob="INSTRUCTLOOP_LEARNER_MIN_PROMPTS",step="ppo"}} {float(ppo.missing)}'
+            in body
+        )
 
-        status = CliRunner().invoke(app, ["status"], env={**learner_settings,
-                                                          "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS": "20",
-                                                          "INSTRUCTLOOP_LEARNER_MIN_PROMPTS": "30"})
+        status = CliRunner().invoke(
+            app,
+            ["status"],
+            env={
+                **learner_settings,
+                "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS": "20",
+                "INSTRUCTLOOP_LEARNER_MIN_PROMPTS": "30",
+            },
+        )
         assert status.exit_code == 0, status.output
         assert json.loads(status.output)["waiting"] == [rm.message, ppo.message]
 
-        push(client, 24, 10)  # 22 training comparisons of 34: enough for the RM; 23 training prompts, fewer than 30
+        push(
+            client, 24, 10
+        )  # 22 training comparisons of 34: enough for the RM; 23 training prompts, fewer than 30
         assert learner.round().reward is not None and learner.state.rm_updates == 1
         waits = {w.step: w for w in learner.report_waiting()}
         assert waits["reward_model"].have == 0  # it just trained on them: it waits for the next 20
         ppo = waits["ppo"]
-        assert ppo.knob == "INSTRUCTLOOP_LEARNER_MIN_PROMPTS" and ppo.have == learner.dataset.count_prompts() < 30
+        assert (
+            ppo.knob == "INSTRUCTLOOP_LEARNER_MIN_PROMPTS"
+            and ppo.have == learner.dataset.count_prompts() < 30
+        )
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert f'learner_waiting{{knob="INSTRUCTLOOP_LEARNER_MIN_PROMPTS",step="ppo"}} {float(ppo.missing)}' in body
+        assert (
+            f'learner_waiting{{knob="INSTRUCTLOOP_LEARNER_MIN_PROMPTS",step="ppo"}} {float(ppo.missing)}'
+            in body
+        )
     finally:
         learner.close()
         client.close()
 
 
-def test_ppo_waits_for_a_reward_model_trained_on_min_rm_comparisons(redis_server, learner_settings, monkeypatch):
+def test_ppo_waits_for_a_reward_model_trained_on_min_rm_comparisons(
+    redis_server, learner_settings, monkeypatch
+):
     monkeypatch.setenv("INSTRUCTLOOP_LEARNER_MIN_RM_COMPARISONS", "16")
     learner = Learner(Settings(), metrics=LearnerMetrics(), progress=False)
     client = redis_lib.Redis.from_url(redis_server.url)

@@ -44,19 +44,33 @@ def test_comparison_cursor_counts_only_new_training_rows(tmp_path):
     cursor = dataset.max_comparison_seq()
     dataset.add(entries([comparison(i) for i in range(5, 8)], "comparisons"))
     assert dataset.count_new_comparisons(after_seq=cursor) == 3
-    assert [s.comparison.event_id for s in dataset.comparisons(after_seq=cursor)] == ["cmp-5", "cmp-6", "cmp-7"]
+    assert [s.comparison.event_id for s in dataset.comparisons(after_seq=cursor)] == [
+        "cmp-5",
+        "cmp-6",
+        "cmp-7",
+    ]
     assert [s.seq for s in dataset.comparisons(after_seq=0, up_to_seq=2)] == [1, 2]
 
 
 def test_prompt_sampling_is_distinct_and_seeded(tmp_path):
     dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.0)
-    events = [completion(i) for i in range(30)] + [completion(100 + i, prompt=completion(i).prompt) for i in range(5)]
+    events = [completion(i) for i in range(30)] + [
+        completion(100 + i, prompt=completion(i).prompt) for i in range(5)
+    ]
     dataset.add(entries(events, "completions"))
     assert dataset.count_prompts() == 30
     assert dataset.count_new_prompts(0) == 30
     last = dataset.max_prompt_seq()
-    dataset.add(entries([completion(200, prompt=completion(3).prompt), completion(201, prompt="never asked before"),
-                         completion(202, prompt="never asked before")], "completions"))
+    dataset.add(
+        entries(
+            [
+                completion(200, prompt=completion(3).prompt),
+                completion(201, prompt="never asked before"),
+                completion(202, prompt="never asked before"),
+            ],
+            "completions",
+        )
+    )
     assert dataset.count_new_prompts(last) == 1  # a prompt asked again is not new; a new one counts once
     assert dataset.count_prompts() == 31
     first = dataset.sample_prompts(8, seed=3)
@@ -71,12 +85,18 @@ def test_the_gates_heldout_prompts_grow_to_n_then_stay_fixed(tmp_path):
     samples on it stay valid gate after gate (a seeded sample of a growing pool changed with every prompt)."""
     dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.0)
     dataset.add(entries([completion(i) for i in range(3)], "completions"))
-    assert [q.text for q in dataset.earliest_queries(5, heldout=False)] == [completion(i).prompt for i in range(3)]
+    assert [q.text for q in dataset.earliest_queries(5, heldout=False)] == [
+        completion(i).prompt for i in range(3)
+    ]
     dataset.add(entries([completion(i) for i in range(3, 30)], "completions"))
     full = [q.text for q in dataset.earliest_queries(5, heldout=False)]
     assert full == [completion(i).prompt for i in range(5)]
-    dataset.add(entries([completion(i) for i in range(30, 60)] + [completion(99, prompt=completion(7).prompt)],
-                        "completions"))
+    dataset.add(
+        entries(
+            [completion(i) for i in range(30, 60)] + [completion(99, prompt=completion(7).prompt)],
+            "completions",
+        )
+    )
     assert [q.text for q in dataset.earliest_queries(5, heldout=False)] == full
     assert dataset.earliest_queries(5, heldout=True) == []
 
@@ -108,7 +128,9 @@ def test_prompt_sampling_memory_does_not_grow_with_the_number_of_prompts(tmp_pat
 def test_a_failed_batch_stores_nothing(tmp_path):
     dataset = Dataset(tmp_path / "d.sqlite3")
     dataset.add(entries([comparison(0)], "comparisons"))
-    batch = entries([comparison(1), comparison(2)], "comparisons") + [IngestedEntry("policies", "9-0", PolicyEvent(version="v1", status="promoted"))]
+    batch = entries([comparison(1), comparison(2)], "comparisons") + [
+        IngestedEntry("policies", "9-0", PolicyEvent(version="v1", status="promoted"))
+    ]
     with pytest.raises(TypeError):
         dataset.add(batch)
     assert dataset.event_ids("comparisons") == ["cmp-0"]

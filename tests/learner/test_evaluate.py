@@ -19,7 +19,9 @@ PROMPTS = ["Say hello.", "What is the capital of France?", "Write a haiku about 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_model_dir, tokenizer):
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    reward_model = build_reward_model(str(build_tiny_model_dir(tmp_path_factory.mktemp("eval-rm"), tokenizer, seed=2)))
+    reward_model = build_reward_model(
+        str(build_tiny_model_dir(tmp_path_factory.mktemp("eval-rm"), tokenizer, seed=2))
+    )
     return policy, reward_model
 
 
@@ -40,7 +42,9 @@ def test_a_different_policy_has_positive_kl_and_sampling_is_seeded(models, token
     with torch.no_grad():
         for parameter in other.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    config = EvalConfig(max_new_tokens=8, do_sample=True, temperature=1.0, batch_size=4, max_prompt_tokens=64, seed=5)
+    config = EvalConfig(
+        max_new_tokens=8, do_sample=True, temperature=1.0, batch_size=4, max_prompt_tokens=64, seed=5
+    )
     first = evaluate_policy(other, policy, reward_model, tokenizer, PROMPTS, config)
     second = evaluate_policy(other, policy, reward_model, tokenizer, PROMPTS, config)
     assert first["kl"] > 0.0

@@ -23,8 +23,16 @@ def client(redis_server):
 
 
 def make_ingestor(client, dataset, consumer="c1", **kwargs) -> Ingestor:
-    ingestor = Ingestor(client, dataset, prefix=PREFIX, group="learner", consumer=consumer,
-                        block_ms=50, metrics=kwargs.pop("metrics", None), **kwargs)
+    ingestor = Ingestor(
+        client,
+        dataset,
+        prefix=PREFIX,
+        group="learner",
+        consumer=consumer,
+        block_ms=50,
+        metrics=kwargs.pop("metrics", None),
+        **kwargs,
+    )
     ingestor.ensure_groups()
     return ingestor
 
@@ -85,7 +93,9 @@ def test_malformed_entry_goes_to_dead_letter_and_ingestion_continues(client, tmp
     xadd(client, Stream.comparisons, comparison(1))
     bad_json = client.xadd(key, {"event": "{not json"}).decode()
     no_field = client.xadd(key, {"payload": "x"}).decode()
-    bad_ranking = client.xadd(key, {"event": comparison(9).model_dump_json().replace('"ranking":[[0],[1]]', '"ranking":[[0,0]]')}).decode()
+    bad_ranking = client.xadd(
+        key, {"event": comparison(9).model_dump_json().replace('"ranking":[[0],[1]]', '"ranking":[[0,0]]')}
+    ).decode()
     wrong_kind = client.xadd(key, demonstration(3).to_fields()).decode()
     not_utf8 = client.xadd(key, {"event": b"\xff\xfe\x00"}).decode()
     xadd(client, Stream.comparisons, comparison(2))
@@ -104,7 +114,10 @@ def test_malformed_entry_goes_to_dead_letter_and_ingestion_continues(client, tmp
     assert json.loads(by_entry[bad_json][b"fields"]) == {"event": "{not json"}
     assert all(fields[b"stream"] == b"comparisons" for fields in by_entry.values())
     assert dataset.counts()["dead_letters"] == 5
-    assert metrics.registry.get_sample_value("learner_events_dead_lettered_total", {"stream": "comparisons"}) == 5
+    assert (
+        metrics.registry.get_sample_value("learner_events_dead_lettered_total", {"stream": "comparisons"})
+        == 5
+    )
 
 
 def test_pending_entries_of_a_dead_consumer_are_reclaimed(client, tmp_path):
@@ -168,7 +181,9 @@ def test_streams_are_trimmed_only_below_what_every_group_acknowledged(client, tm
     client.xack(key, "audit", ids[3], ids[4])
     client.xgroup_destroy(key, "audit")
     more = [xadd(client, Stream.comparisons, comparison(i)) for i in range(10, 13)]
-    client.xreadgroup("learner", "c1", {key: ">"}, count=2)  # delivered to the learner, not acknowledged (a crash)
+    client.xreadgroup(
+        "learner", "c1", {key: ">"}, count=2
+    )  # delivered to the learner, not acknowledged (a crash)
     ingestor.trim_acknowledged()
     assert [e[0].decode() for e in client.xrange(key)] == more  # everything before the learner's pending one
     assert ingestor.recover().inserted == 2 and ingestor.drain().inserted == 1

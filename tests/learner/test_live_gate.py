@@ -14,12 +14,20 @@ from learner.settings import Settings
 from tests.learner.helpers import PREFIX, PTX_TEXT, comparison, completion, learner_env, xadd
 
 
-def test_a_listed_candidate_waits_for_live_votes_which_then_decide_the_gate(redis_server, tmp_path, tiny_model_dir,
-                                                                         monkeypatch):
+def test_a_listed_candidate_waits_for_live_votes_which_then_decide_the_gate(
+    redis_server, tmp_path, tiny_model_dir, monkeypatch
+):
     corpus = tmp_path / "ptx.txt"
     corpus.write_text(PTX_TEXT)
-    env = learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", corpus,
-                      gate_live_wait_s=3600, gate_min_live_comparisons=3)
+    env = learner_env(
+        redis_server.url,
+        tiny_model_dir,
+        tmp_path / "state",
+        tmp_path / "registry",
+        corpus,
+        gate_live_wait_s=3600,
+        gate_min_live_comparisons=3,
+    )
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     learner = Learner(Settings(), progress=False)
@@ -36,20 +44,43 @@ def test_a_listed_candidate_waits_for_live_votes_which_then_decide_the_gate(redi
         assert registry.current() is None
 
         for i in range(2):  # two votes are not enough: the gate keeps waiting
-            xadd(client, Stream.comparisons, ComparisonEvent(
-                prompt=f"Compare {i}", responses=["from the candidate", "from the base"], ranking=[[1], [0]],
-                labeler_id="lara", source="ab", policy_versions=[version, BASE_VERSION]))
+            xadd(
+                client,
+                Stream.comparisons,
+                ComparisonEvent(
+                    prompt=f"Compare {i}",
+                    responses=["from the candidate", "from the base"],
+                    ranking=[[1], [0]],
+                    labeler_id="lara",
+                    source="ab",
+                    policy_versions=[version, BASE_VERSION],
+                ),
+            )
         assert learner.round().gate is None and learner.state.pending_candidate == version
 
-        xadd(client, Stream.comparisons, ComparisonEvent(
-            prompt="Compare 2", responses=["from the base", "from the candidate"], ranking=[[0], [1]],
-            labeler_id="lara", source="ab", policy_versions=[BASE_VERSION, version]))
+        xadd(
+            client,
+            Stream.comparisons,
+            ComparisonEvent(
+                prompt="Compare 2",
+                responses=["from the base", "from the candidate"],
+                ranking=[[0], [1]],
+                labeler_id="lara",
+                source="ab",
+                policy_versions=[BASE_VERSION, version],
+            ),
+        )
         report = learner.round()
         assert report.gate is not None and not report.gate.promote
         assert "live win-rate 0.000 < 0.5 over 3 pairs" in report.gate.summary()
         assert report.gate.metrics["live_pairs"] == pytest.approx(3)
-        assert learner.state.pending_candidate is None and registry.manifest(version).status is PolicyStatus.rejected
-        statuses = [PolicyEvent.from_fields(f).status for _, f in client.xrange(stream_key(Stream.policies, PREFIX))]
+        assert (
+            learner.state.pending_candidate is None
+            and registry.manifest(version).status is PolicyStatus.rejected
+        )
+        statuses = [
+            PolicyEvent.from_fields(f).status for _, f in client.xrange(stream_key(Stream.policies, PREFIX))
+        ]
         assert statuses == [PolicyStatus.candidate, PolicyStatus.rejected]
     finally:
         learner.close()

@@ -17,8 +17,15 @@ from learner.settings import Settings
 
 
 def _settings(tmp_path, redis_url: str, **overrides) -> Settings:
-    return Settings(redis_url=redis_url, state_dir=tmp_path / "state", registry_dir=tmp_path / "registry",
-                    stream_prefix="t", consumer_name="learner-0", metrics_port=0, **overrides)
+    return Settings(
+        redis_url=redis_url,
+        state_dir=tmp_path / "state",
+        registry_dir=tmp_path / "registry",
+        stream_prefix="t",
+        consumer_name="learner-0",
+        metrics_port=0,
+        **overrides,
+    )
 
 
 def test_healthz_fails_when_the_heartbeat_is_stale_while_metrics_still_answer():
@@ -41,8 +48,12 @@ def test_healthz_fails_when_the_heartbeat_is_stale_while_metrics_still_answer():
         metrics.server.shutdown()
 
 
-def test_the_main_loop_keeps_the_heartbeat_fresh_and_it_goes_stale_once_the_loop_stops(tmp_path, redis_server):
-    settings = _settings(tmp_path, redis_server.url, poll_interval_s=0.2, read_block_ms=100, liveness_max_age_s=1.0)
+def test_the_main_loop_keeps_the_heartbeat_fresh_and_it_goes_stale_once_the_loop_stops(
+    tmp_path, redis_server
+):
+    settings = _settings(
+        tmp_path, redis_server.url, poll_interval_s=0.2, read_block_ms=100, liveness_max_age_s=1.0
+    )
     metrics = LearnerMetrics()
     learner = Learner(settings, metrics=metrics, progress=False)
     port = metrics.serve(0, addr="127.0.0.1")
@@ -66,7 +77,9 @@ def test_redis_client_times_out_on_a_redis_that_never_answers(tmp_path):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
-        learner = Learner(_settings(tmp_path, url, redis_socket_timeout_s=1.5, read_block_ms=100), progress=False)
+        learner = Learner(
+            _settings(tmp_path, url, redis_socket_timeout_s=1.5, read_block_ms=100), progress=False
+        )
         outcome: list[BaseException] = []
 
         def ping() -> None:

@@ -35,7 +35,6 @@ from tests.learner.helpers import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-
 @pytest.fixture
 def ptx_corpus(tmp_path) -> Path:
     path = tmp_path / "ptx.txt"
@@ -55,12 +54,27 @@ def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_di
     push_round_of_events(client)
     xadd(client, Stream.comparisons, comparison(0))  # a duplicate delivery
     client.xadd(stream_key(Stream.comparisons, PREFIX), {"event": "garbage"})
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           **learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus,
-                         training=training)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        **learner_env(
+            redis_server.url,
+            tiny_model_dir,
+            tmp_path / "state",
+            tmp_path / "registry",
+            ptx_corpus,
+            training=training,
+        ),
+    }
 
-    done = subprocess.run([sys.executable, "-m", "launcher.cli", "learner", "once"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "learner", "once"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -73,11 +87,16 @@ def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_di
     registry = Registry(tmp_path / "registry", redis=client, prefix=PREFIX)
     manifest = registry.verify(version)
     if training == "lora":  # a standard PEFT folder over the base, which it names by sha256
-        assert manifest.kind == VersionKind.adapter and set(manifest.files) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+        assert manifest.kind == VersionKind.adapter and set(manifest.files) == {
+            ADAPTER_CONFIG,
+            ADAPTER_WEIGHTS,
+        }
         assert manifest.base_sha256 == base_weights_sha256(tiny_model_dir)
     else:
         assert manifest.kind == VersionKind.full and "model.safetensors" in manifest.files
-    assert {"candidate_reward_mean", "incumbent_reward_mean", "candidate_kl", "reward_gain"} <= set(manifest.metrics)
+    assert {"candidate_reward_mean", "incumbent_reward_mean", "candidate_kl", "reward_gain"} <= set(
+        manifest.metrics
+    )
     events = [PolicyEvent.from_fields(f) for _, f in client.xrange(stream_key(Stream.policies, PREFIX))]
     statuses = [(e.version, e.status) for e in events]
     if summary["promoted"]:
@@ -94,11 +113,19 @@ def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_di
     client.close()
 
 
-def test_learner_thresholds_metrics_and_graceful_stop(redis_server, tmp_path, tiny_model_dir, ptx_corpus,
-                                                      monkeypatch):
+def test_learner_thresholds_metrics_and_graceful_stop(
+    redis_server, tmp_path, tiny_model_dir, ptx_corpus, monkeypatch
+):
     """In process: nothing trains below the thresholds; a round above them trains; metrics are served."""
-    env = learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus,
-                      min_new_comparisons=20, min_prompts=30)
+    env = learner_env(
+        redis_server.url,
+        tiny_model_dir,
+        tmp_path / "state",
+        tmp_path / "registry",
+        ptx_corpus,
+        min_new_comparisons=20,
+        min_prompts=30,
+    )
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = Settings()
@@ -138,12 +165,14 @@ def test_learner_thresholds_metrics_and_graceful_stop(redis_server, tmp_path, ti
         client.close()
 
 
-def test_a_ppo_round_waits_for_an_rm_update_or_prompts_never_served_before(redis_server, tmp_path, tiny_model_dir,
-                                                                         ptx_corpus, monkeypatch):
+def test_a_ppo_round_waits_for_an_rm_update_or_prompts_never_served_before(
+    redis_server, tmp_path, tiny_model_dir, ptx_corpus, monkeypatch
+):
     """After a round, traffic that only asks the same prompts again is not new data: the next round waits
     (and says so) until the RM changes or ``min_prompts`` prompts never served before arrive."""
-    for name, value in learner_env(redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry",
-                                   ptx_corpus, min_prompts=8).items():
+    for name, value in learner_env(
+        redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus, min_prompts=8
+    ).items():
         monkeypatch.setenv(name, value)
     learner = Learner(Settings(), progress=False)
     client = redis_lib.Redis.from_url(redis_server.url)
@@ -169,15 +198,25 @@ def test_a_ppo_round_waits_for_an_rm_update_or_prompts_never_served_before(redis
 
 
 def test_the_learner_waits_for_a_redis_that_starts_after_it_and_names_the_knob_when_it_never_does(
-        tmp_path, tiny_model_dir, ptx_corpus):
+    tmp_path, tiny_model_dir, ptx_corpus
+):
     """Components of one deployment start together: a learner up before its Redis waits (and says so)
     instead of exiting; one whose Redis never answers exits (2) after REDIS_CONNECT_TIMEOUT_S, naming it."""
     (tmp_path / "redis").mkdir()
     late = RedisServer(tmp_path / "redis")
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           **learner_env(late.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus)}
-    learner = subprocess.Popen([sys.executable, "-m", "launcher.cli", "learner", "once"], env=env, cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        **learner_env(late.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus),
+    }
+    learner = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "learner", "once"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(3)
         assert learner.poll() is None  # still waiting, not exited
@@ -191,12 +230,23 @@ def test_the_learner_waits_for_a_redis_that_starts_after_it_and_names_the_knob_w
     assert len(waited) == 1 and waited[0]["knob"] == "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S"
     assert json.loads(out.strip().splitlines()[-1])["ingested"] == 0
 
-    never = subprocess.run([sys.executable, "-m", "launcher.cli", "learner", "once"], cwd=tmp_path, timeout=120,
-                           env={**env, "INSTRUCTLOOP_LEARNER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-                                "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S": "1"},
-                           capture_output=True, text=True)
+    never = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "learner", "once"],
+        cwd=tmp_path,
+        timeout=120,
+        env={
+            **env,
+            "INSTRUCTLOOP_LEARNER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S": "1",
+        },
+        capture_output=True,
+        text=True,
+    )
     assert never.returncode == 2
-    assert "cannot reach Redis" in never.stderr and "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S" in never.stderr
+    assert (
+        "cannot reach Redis" in never.stderr
+        and "INSTRUCTLOOP_LEARNER_REDIS_CONNECT_TIMEOUT_S" in never.stderr
+    )
 
 
 def test_settings_parse_json_hyperparameters_and_refuse_bad_values(monkeypatch):

@@ -95,7 +95,12 @@ def test_kwise_loss_with_ties_equals_mean_of_pairwise():
     scores = torch.tensor([0.5, 1.5, -0.25, 3.0, 0.1, -0.7], requires_grad=True)
     pairs = ranking_pairs_flat([[[1], [0, 3], [2]], [[1], [0]]], [4, 2])
     assert list(zip(pairs.winners.tolist(), pairs.losers.tolist(), strict=True)) == [
-        (1, 0), (1, 3), (1, 2), (0, 2), (3, 2), (5, 4)
+        (1, 0),
+        (1, 3),
+        (1, 2),
+        (0, 2),
+        (3, 2),
+        (5, 4),
     ]
     loss, accuracy = kwise_ranking_loss(scores, pairs)
     s = scores.tolist()
@@ -148,7 +153,9 @@ def test_gae_hand_computed():
     assert_close(advantages, torch.tensor([[a0, a1, a2], [b0, b1, 0.0]]))
     assert_close(returns, torch.tensor([[a0 + 0.5, a1 + 1.0, a2 + 1.5], [b0 + 2.0, b1 + 3.0, 0.0]]))
     # γ=0.5, λ=1 on one row: A_t = Σ_k γ^k δ_{t+k}
-    adv, _ = gae_advantages(torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[True, True]]), 0.5, 1.0)
+    adv, _ = gae_advantages(
+        torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[True, True]]), 0.5, 1.0
+    )
     assert_close(adv, torch.tensor([[1.5, 1.0]]))
 
 
@@ -165,7 +172,9 @@ def test_clipped_policy_loss():
     expected_kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3
     assert_close(approx_kl, torch.tensor(expected_kl))
     # a masked token does not count
-    loss_masked, _, _ = clipped_policy_loss(logprobs, old, advantages, torch.tensor([[True, True, False]]), 0.2)
+    loss_masked, _, _ = clipped_policy_loss(
+        logprobs, old, advantages, torch.tensor([[True, True, False]]), 0.2
+    )
     assert_close(loss_masked, torch.tensor((-1.2 - 0.5) / 2))
 
 

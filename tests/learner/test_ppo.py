@@ -36,9 +36,20 @@ ROUNDS = 6
 
 
 def ppo_config(ptx_coef: float) -> PPOConfig:
-    return PPOConfig(rollout_batch_size=16, mini_batch_size=4, ppo_epochs=2, lr=1e-3, kl_coef=0.05,
-                     ptx_coef=ptx_coef, ptx_batch_size=4, ptx_seq_len=32, temperature=1.0, max_new_tokens=16,
-                     max_prompt_tokens=64, seed=0)
+    return PPOConfig(
+        rollout_batch_size=16,
+        mini_batch_size=4,
+        ppo_epochs=2,
+        lr=1e-3,
+        kl_coef=0.05,
+        ptx_coef=ptx_coef,
+        ptx_batch_size=4,
+        ptx_seq_len=32,
+        temperature=1.0,
+        max_new_tokens=16,
+        max_prompt_tokens=64,
+        seed=0,
+    )
 
 
 def target_count(policy, tokenizer, prompts: list[str]) -> float:
@@ -74,7 +85,9 @@ def run_experiment(tmp_path_factory, tokenizer) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-3)
     for _ in range(60):
         input_ids, attention_mask = pretrain.next_batch()
-        loss, _ = ptx_loss(policy(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids, attention_mask, 1.0)
+        loss, _ = ptx_loss(
+            policy(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids, attention_mask, 1.0
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -84,7 +97,9 @@ def run_experiment(tmp_path_factory, tokenizer) -> dict:
     reward_model = build_reward_model(str(build_tiny_model_dir(root / "rm", tokenizer, seed=1)))
     comparisons_rng = random.Random(1)
     rm_stats = train_reward_model(
-        reward_model, tokenizer, [synthetic_comparison(comparisons_rng) for _ in range(192)],
+        reward_model,
+        tokenizer,
+        [synthetic_comparison(comparisons_rng) for _ in range(192)],
         RewardConfig(lr=2e-3, epochs=2, rankings_per_batch=4, max_length=96, single_pass_above=192),
         heldout=[synthetic_comparison(comparisons_rng) for _ in range(48)],
     )
@@ -97,21 +112,33 @@ def run_experiment(tmp_path_factory, tokenizer) -> dict:
             return ptx_loss(logits, heldout_windows[0], heldout_windows[1], 1.0)[1].item()
 
     eval_prompts = PROMPTS * 4
-    eval_config = EvalConfig(max_new_tokens=16, do_sample=True, temperature=1.0, batch_size=20, max_prompt_tokens=64)
+    eval_config = EvalConfig(
+        max_new_tokens=16, do_sample=True, temperature=1.0, batch_size=20, max_prompt_tokens=64
+    )
     reference = copy.deepcopy(policy)
     result = {
         "rm_stats": rm_stats,
         "before": evaluate_policy(policy, reference, reward_model, tokenizer, eval_prompts, eval_config),
         "before_target": target_count(policy, tokenizer, eval_prompts),
         "before_nll": pretraining_nll(policy),
-        "policy": policy, "reference": reference, "reward_model": reward_model, "corpus": corpus,
+        "policy": policy,
+        "reference": reference,
+        "reward_model": reward_model,
+        "corpus": corpus,
     }
 
     # 3. the same seeded rounds with and without the ptx term
     for ptx_coef in (1.0, 0.0):
         trained = copy.deepcopy(policy)
-        trainer = PPOPtxTrainer(trained, reference, copy.deepcopy(reward_model), reward_model, tokenizer,
-                                ppo_config(ptx_coef), PtxSource(tokenizer, corpus, seq_len=32, batch_size=4, seed=1))
+        trainer = PPOPtxTrainer(
+            trained,
+            reference,
+            copy.deepcopy(reward_model),
+            reward_model,
+            tokenizer,
+            ppo_config(ptx_coef),
+            PtxSource(tokenizer, corpus, seq_len=32, batch_size=4, seed=1),
+        )
         rounds = [trainer.round(PROMPTS) for _ in range(ROUNDS)]
         # 4. evaluate
         result[ptx_coef] = {
@@ -153,10 +180,30 @@ def test_ptx_term_limits_pretraining_drift(experiment):
 
 def test_round_stats_are_complete_and_finite(experiment):
     stats = experiment[1.0]["rounds"][-1]
-    for key in ("reward_mean", "score_mean", "rm_score_mean", "kl", "kl_coef", "ptx_loss", "ptx_nll", "policy_loss",
-                "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy", "eos_rate",
-                "response_length_mean", "rollout_s", "scoring_s", "update_s", "ptx_s", "round_s",
-                "tokens_per_s", "rollout_tokens_per_s"):
+    for key in (
+        "reward_mean",
+        "score_mean",
+        "rm_score_mean",
+        "kl",
+        "kl_coef",
+        "ptx_loss",
+        "ptx_nll",
+        "policy_loss",
+        "value_loss",
+        "clip_fraction",
+        "value_clip_fraction",
+        "approx_kl",
+        "entropy",
+        "eos_rate",
+        "response_length_mean",
+        "rollout_s",
+        "scoring_s",
+        "update_s",
+        "ptx_s",
+        "round_s",
+        "tokens_per_s",
+        "rollout_tokens_per_s",
+    ):
         assert torch.isfinite(torch.tensor(stats[key])), key
     assert stats["round"] == ROUNDS
     assert stats["rollout_s"] > 0 and stats["update_s"] > 0 and stats["ptx_s"] > 0
@@ -166,9 +213,15 @@ def test_round_stats_are_complete_and_finite(experiment):
 def test_trainer_state_dict_round_trip(experiment, tokenizer):
     trainer = experiment[1.0]["trainer"]
     state = trainer.state_dict()
-    fresh = PPOPtxTrainer(copy.deepcopy(trainer.policy), experiment["reference"], copy.deepcopy(trainer.value_model),
-                          experiment["reward_model"], tokenizer, ppo_config(1.0),
-                          PtxSource(tokenizer, experiment["corpus"], seq_len=32, batch_size=4, seed=7))
+    fresh = PPOPtxTrainer(
+        copy.deepcopy(trainer.policy),
+        experiment["reference"],
+        copy.deepcopy(trainer.value_model),
+        experiment["reward_model"],
+        tokenizer,
+        ppo_config(1.0),
+        PtxSource(tokenizer, experiment["corpus"], seq_len=32, batch_size=4, seed=7),
+    )
     fresh.load_state_dict(state)
     assert fresh.rounds_done == ROUNDS
     restored = fresh.policy_optimizer.state_dict()["state"]
@@ -181,8 +234,15 @@ def test_trainer_state_dict_round_trip(experiment, tokenizer):
 def test_batched_logprobs_match_plain_forward(experiment, tokenizer):
     policy = experiment["policy"]
     torch.manual_seed(3)
-    rollouts = generate_rollouts(policy, tokenizer, ["Hi", "A much longer prompt than the first one"], 64, 8,
-                                 do_sample=True, temperature=0.7)
+    rollouts = generate_rollouts(
+        policy,
+        tokenizer,
+        ["Hi", "A much longer prompt than the first one"],
+        64,
+        8,
+        do_sample=True,
+        temperature=0.7,
+    )
     ours = response_logprobs(policy, rollouts, temperature=0.7, batch_size=8)  # (2, Tr)
     for row in range(2):
         real = rollouts.attention_mask[row].bool()
@@ -207,17 +267,28 @@ def test_config_and_trainer_refuse_bad_setups(experiment, tokenizer):
     with pytest.raises(ValueError, match="must divide"):
         PPOConfig(rollout_batch_size=10, mini_batch_size=4)
     with pytest.raises(ValueError, match="needs a ptx_source"):
-        PPOPtxTrainer(experiment["policy"], experiment["reference"], experiment["reward_model"],
-                      experiment["reward_model"], tokenizer, ppo_config(1.0), ptx_source=None)
+        PPOPtxTrainer(
+            experiment["policy"],
+            experiment["reference"],
+            experiment["reward_model"],
+            experiment["reward_model"],
+            tokenizer,
+            ppo_config(1.0),
+            ptx_source=None,
+        )
 
 
 def test_ptx_source_reads_file_folder_dataset_and_the_shipped_default(tmp_path, tokenizer):
     import datasets
 
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "a.txt").write_text("The first document.\n\nThe second one, a little longer than the first.")
+    (tmp_path / "docs" / "a.txt").write_text(
+        "The first document.\n\nThe second one, a little longer than the first."
+    )
     (tmp_path / "docs" / "b.txt").write_text("A third document in another file.")
-    datasets.Dataset.from_dict({"text": ["One row of text.", "Another row of text here."]}).save_to_disk(tmp_path / "hf")
+    datasets.Dataset.from_dict({"text": ["One row of text.", "Another row of text here."]}).save_to_disk(
+        tmp_path / "hf"
+    )
     for path in (tmp_path / "docs" / "a.txt", tmp_path / "docs", tmp_path / "hf"):
         source = PtxSource(tokenizer, path, seq_len=4, batch_size=2, seed=0)
         input_ids, attention_mask = source.next_batch()

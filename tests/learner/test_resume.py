@@ -44,7 +44,9 @@ def test_checkpoint_is_atomic_carries_parts_over_and_prunes(tmp_path, tiny_model
     optimizer.step()
 
     state = LearnerState(rm_updates=1, rm_cursor=7)
-    first = store.save(state, models={"policy": (model, tokenizer)}, optimizers={"ppo": optimizer.state_dict()})
+    first = store.save(
+        state, models={"policy": (model, tokenizer)}, optimizers={"ppo": optimizer.state_dict()}
+    )
     assert state.step == 1 and first.name == "ckpt-000001"
 
     state.rm_cursor = 9
@@ -52,9 +54,13 @@ def test_checkpoint_is_atomic_carries_parts_over_and_prunes(tmp_path, tiny_model
     policy_weights = second / "policy" / "model.safetensors"
     assert os.stat(policy_weights).st_ino == os.stat(first / "policy" / "model.safetensors").st_ino
     assert store.load_state().rm_cursor == 9 and store.load_state().step == 2
-    restored = torch.optim.AdamW(AutoModelForCausalLM.from_pretrained(store.model_dir("policy")).parameters(), lr=1e-3)
+    restored = torch.optim.AdamW(
+        AutoModelForCausalLM.from_pretrained(store.model_dir("policy")).parameters(), lr=1e-3
+    )
     restored.load_state_dict(store.optimizer_state("ppo"))
-    torch.testing.assert_close(restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    torch.testing.assert_close(
+        restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+    )
     assert store.model_dir("reward") is None
 
     store.save(state)
@@ -78,8 +84,12 @@ class LearnerProcess:
 
     def __init__(self, env: dict[str, str], cwd: Path):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "learner", "run"], env=env, cwd=cwd,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "launcher.cli", "learner", "run"],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.lines: queue.Queue = queue.Queue()
         self.tail: list[str] = []
@@ -99,8 +109,9 @@ class LearnerProcess:
                 entry = self.lines.get(timeout=0.5)
             except queue.Empty:
                 if self.proc.poll() is not None:
-                    raise AssertionError(f"learner exited ({self.proc.returncode}) before {message!r}:\n"
-                                         + "".join(self.tail)) from None
+                    raise AssertionError(
+                        f"learner exited ({self.proc.returncode}) before {message!r}:\n" + "".join(self.tail)
+                    ) from None
                 continue
             if entry["msg"] == message:
                 return entry
@@ -127,8 +138,11 @@ def test_sigkill_at_any_point_loses_and_duplicates_nothing(redis_server_aof, tmp
     client = redis_lib.Redis.from_url(redis_server_aof.url)
     (tmp_path / "ptx.txt").write_text(PTX_TEXT)
     state_dir, registry_dir = tmp_path / "state", tmp_path / "registry"
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           **learner_env(redis_server_aof.url, tiny_model_dir, state_dir, registry_dir, tmp_path / "ptx.txt")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        **learner_env(redis_server_aof.url, tiny_model_dir, state_dir, registry_dir, tmp_path / "ptx.txt"),
+    }
     comparisons, prompts, malformed = set(), set(), set()
 
     def push(start: int, n: int) -> None:
@@ -153,7 +167,9 @@ def test_sigkill_at_any_point_loses_and_duplicates_nothing(redis_server_aof, tmp
     # 2. More events, a re-delivered event and a malformed entry arrive while it is down; killed mid-PPO.
     push(12, 6)
     xadd(client, Stream.comparisons, comparison(3))
-    malformed.add(client.xadd(stream_key(Stream.completions, PREFIX), {"event": '{"kind": "completion"}'}).decode())
+    malformed.add(
+        client.xadd(stream_key(Stream.completions, PREFIX), {"event": '{"kind": "completion"}'}).decode()
+    )
     run = learner()
     run.wait_for("ppo round started")
     time.sleep(0.3)  # inside the round (building the trainer + the round take well over a second)
@@ -173,9 +189,14 @@ def test_sigkill_at_any_point_loses_and_duplicates_nothing(redis_server_aof, tmp
     assert run.proc.wait(timeout=120) == 0, "".join(run.tail)
     after = run.remaining()
     assert [e["msg"] for e in after if e["msg"] in ("checkpoint written", "reward model updated")] == [
-        "checkpoint written", "reward model updated"]
+        "checkpoint written",
+        "reward model updated",
+    ]
     assert not any(e["msg"] in ("ppo round started", "gate started") for e in after)
-    assert CheckpointStore(state_dir).load_state().ppo_rm_update < CheckpointStore(state_dir).load_state().rm_updates
+    assert (
+        CheckpointStore(state_dir).load_state().ppo_rm_update
+        < CheckpointStore(state_dir).load_state().rm_updates
+    )
 
     # 5. Killed right after a checkpoint (the PPO round that the new RM made due).
     run = learner()
@@ -211,7 +232,9 @@ def test_sigkill_at_any_point_loses_and_duplicates_nothing(redis_server_aof, tmp
     trained_once = dataset.count_new_comparisons(0) - dataset.count_new_comparisons(state.rm_cursor)
     assert state.rm_comparisons_trained == sum(h["comparisons"] for h in rm_records) == trained_once
     assert dataset.count_new_comparisons(state.rm_cursor) < 8  # caught up
-    assert state.ppo_rounds == len(ppo_records) == len(gate_records) == state.promotions + state.rejections >= 2
+    assert (
+        state.ppo_rounds == len(ppo_records) == len(gate_records) == state.promotions + state.rejections >= 2
+    )
     assert state.pending_candidate is None
     registry = Registry(registry_dir, redis=client, prefix=PREFIX)
     versions = registry.list_versions()

@@ -44,7 +44,9 @@ def synthetic_comparison(rng: random.Random, k: int = 4) -> ComparisonEvent:
             words.insert(rng.randint(0, len(words)), TARGET)
         responses.append("".join(words).strip())
     ranking = [[i for i in range(k) if counts[i] == c] for c in sorted(set(counts), reverse=True)]
-    return ComparisonEvent(prompt=rng.choice(PROMPTS), responses=responses, ranking=ranking, labeler_id="synthetic")
+    return ComparisonEvent(
+        prompt=rng.choice(PROMPTS), responses=responses, ranking=ranking, labeler_id="synthetic"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,10 @@ def rm_dir(tmp_path_factory, tokenizer):
 def test_scores_match_plain_hf_forward_with_left_padding(rm_dir, tokenizer):
     model = build_reward_model(str(rm_dir))
     assert model.config.pad_token_id == tokenizer.pad_token_id
-    sequences = [encode_sequence(tokenizer, p, r, 128) for p, r in [("Hi", "Hello there, friend."), ("A much longer prompt here", "ok")]]
+    sequences = [
+        encode_sequence(tokenizer, p, r, 128)
+        for p, r in [("Hi", "Hello there, friend."), ("A much longer prompt here", "ok")]
+    ]
     input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
     with torch.no_grad():
         ours = sequence_scores(model, input_ids, attention_mask)
@@ -107,7 +112,9 @@ def test_heldout_metrics_from_one_scoring_pass_equal_the_training_loss_and_per_p
         expected_loss = sum(kwise_batch_loss(model, tokenizer, [c], 96)[0].item() for c in comparisons) / 6
     right = total = 0
     for c in comparisons:
-        scores = reward_scores(model, tokenizer, [c.prompt] * len(c.responses), c.responses, max_length=96).tolist()
+        scores = reward_scores(
+            model, tokenizer, [c.prompt] * len(c.responses), c.responses, max_length=96
+        ).tolist()
         right += sum(scores[w] > scores[lo] for w, lo in c.pairs())
         total += len(c.pairs())
     assert loss == pytest.approx(expected_loss, rel=1e-4)
@@ -117,7 +124,9 @@ def test_heldout_metrics_from_one_scoring_pass_equal_the_training_loss_and_per_p
 
 def test_ties_are_skipped_and_a_batch_of_only_ties_is_refused(rm_dir, tokenizer):
     model = build_reward_model(str(rm_dir))
-    tie = ComparisonEvent(prompt="Say hi", responses=["hi", "hello"], ranking=[[0, 1]], labeler_id="l", source="ab")
+    tie = ComparisonEvent(
+        prompt="Say hi", responses=["hi", "hello"], ranking=[[0, 1]], labeler_id="l", source="ab"
+    )
     vote = ComparisonEvent(prompt="Say hi", responses=["hi", "go away"], ranking=[[0], [1]], labeler_id="l")
     config = RewardConfig(epochs=1, rankings_per_batch=2)
     stats = train_reward_model(model, tokenizer, [tie, vote], config, heldout=[tie, vote])
@@ -128,8 +137,10 @@ def test_ties_are_skipped_and_a_batch_of_only_ties_is_refused(rm_dir, tokenizer)
 
 def test_a_backlog_above_single_pass_above_is_trained_once(rm_dir, tokenizer):
     model = build_reward_model(str(rm_dir))
-    votes = [ComparisonEvent(prompt=f"Say hi {i}", responses=["hi", "go away"], ranking=[[0], [1]], labeler_id="l")
-             for i in range(3)]
+    votes = [
+        ComparisonEvent(prompt=f"Say hi {i}", responses=["hi", "go away"], ranking=[[0], [1]], labeler_id="l")
+        for i in range(3)
+    ]
     config = RewardConfig(epochs=2, rankings_per_batch=1, single_pass_above=2)
     assert train_reward_model(model, tokenizer, votes[:2], config)["steps"] == 4.0  # 2 rankings: 2 passes
     stats = train_reward_model(model, tokenizer, votes, config)  # 3 > 2: one pass

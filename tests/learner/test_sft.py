@@ -25,7 +25,9 @@ def test_run_sft_lowers_completion_loss(tiny_model_dir, tmp_path):
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
     metrics = json.loads((out / "sft_metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["demonstrations"] == 8
-    after = completion_nll(AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), DEMOS)
+    after = completion_nll(
+        AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), DEMOS
+    )
     assert after < before - 1.0, (before, after)
 
 
@@ -44,14 +46,21 @@ def test_sft_trains_on_the_token_ids_the_rm_and_ppo_see(tiny_model_dir, tmp_path
     from learner.sft import build_sft_trainer
 
     demos = [
-        DemonstrationEvent(prompt=render_chat(tokenizer, [{"role": "user", "content": "Name a prime."}]),
-                           response="Seven.", labeler_id="l1", chat=True, route="chat.completions"),
+        DemonstrationEvent(
+            prompt=render_chat(tokenizer, [{"role": "user", "content": "Name a prime."}]),
+            response="Seven.",
+            labeler_id="l1",
+            chat=True,
+            route="chat.completions",
+        ),
         DemonstrationEvent(prompt="The capital of France is", response=" Paris.", labeler_id="l1"),
         DemonstrationEvent(prompt="The capital of France is ", response="Paris.", labeler_id="l1"),
         DemonstrationEvent(prompt="word " * 100, response="end " * 40, labeler_id="l1"),
     ]
     joined = tokenizer(demos[2].prompt + demos[2].response)["input_ids"]
-    assert joined != encode_sequence(tokenizer, demos[2].prompt, demos[2].response, 512)[:-1]  # the case is real
+    assert (
+        joined != encode_sequence(tokenizer, demos[2].prompt, demos[2].response, 512)[:-1]
+    )  # the case is real
     config = SFTConfig(batch_size=4, max_length=64, min_demonstrations=1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = build_sft_trainer(model, tokenizer, demos, tmp_path, config)
@@ -59,6 +68,10 @@ def test_sft_trains_on_the_token_ids_the_rm_and_ppo_see(tiny_model_dir, tmp_path
     for row, demo in enumerate(demos):
         query, response = encode_pair(tokenizer, demo.prompt, demo.response, config.max_length)
         ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
-        assert ids == encode_sequence(tokenizer, demo.prompt, demo.response, config.max_length) == query + response
+        assert (
+            ids
+            == encode_sequence(tokenizer, demo.prompt, demo.response, config.max_length)
+            == query + response
+        )
         trained = batch["labels"][row][batch["labels"][row] != -100].tolist()
         assert trained == response and response[-1] == tokenizer.eos_token_id

@@ -38,7 +38,9 @@ class ServerThread:
         self.settings = Settings(host="127.0.0.1", port=self.port, **overrides)
         self.app = create_app(self.settings)
         self.runtime = self.app.state.runtime
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
@@ -71,7 +73,9 @@ class ServerThread:
 @pytest.fixture(scope="session")
 def varied_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny random Llama with a wide init, so greedy outputs vary token to token (a strict parity check)."""
-    return build_tiny_model_dir(tmp_path_factory.mktemp("varied-model"), tokenizer, seed=0, initializer_range=0.3)
+    return build_tiny_model_dir(
+        tmp_path_factory.mktemp("varied-model"), tokenizer, seed=0, initializer_range=0.3
+    )
 
 
 @pytest.fixture
@@ -91,8 +95,16 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory, tokenizer) -> Iterator[ServerThread]:
     """One server on the varied tiny model shared by a module's protocol tests."""
-    model_dir = build_tiny_model_dir(tmp_path_factory.mktemp("tiny-served"), tokenizer, seed=0, initializer_range=0.3)
-    server = ServerThread(model=str(model_dir), device="cpu", max_batch_size=8, max_queue=16,
-                          max_input_tokens=256, max_total_tokens=512).start()
+    model_dir = build_tiny_model_dir(
+        tmp_path_factory.mktemp("tiny-served"), tokenizer, seed=0, initializer_range=0.3
+    )
+    server = ServerThread(
+        model=str(model_dir),
+        device="cpu",
+        max_batch_size=8,
+        max_queue=16,
+        max_input_tokens=256,
+        max_total_tokens=512,
+    ).start()
     yield server
     server.stop()

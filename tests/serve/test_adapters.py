@@ -37,13 +37,20 @@ MAX_NEW = 24
 def write_adapter_version(registry: Registry, version: str, base_dir, seed: int) -> None:
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     peft_model = get_peft_model(base, config)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:  # big enough that greedy tokens differ from the base's
             param.data.normal_(0, 0.5)
-    registry.write_adapter(version, peft_model, base_sha256=base_weights_sha256(base_dir), base_model=str(base_dir))
+    registry.write_adapter(
+        version, peft_model, base_sha256=base_weights_sha256(base_dir), base_model=str(base_dir)
+    )
 
 
 def peft_greedy(base_dir, adapter_dir, prompts: list[str]) -> list[list[int]]:
@@ -57,7 +64,7 @@ def peft_greedy(base_dir, adapter_dir, prompts: list[str]) -> list[list[int]]:
         inputs = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
-        out.append(ids[0, inputs["input_ids"].shape[1]:].tolist())
+        out.append(ids[0, inputs["input_ids"].shape[1] :].tolist())
     return out
 
 
@@ -76,7 +83,9 @@ async def _ask(http: httpx.AsyncClient, url: str, prompt: str, version: str | No
     body = {"inputs": prompt, "parameters": parameters}
     if stream:
         async with http.stream("POST", f"{url}/generate_stream", json=body) as response:
-            events = [json.loads(line[5:]) async for line in response.aiter_lines() if line.startswith("data:")]
+            events = [
+                json.loads(line[5:]) async for line in response.aiter_lines() if line.startswith("data:")
+            ]
         assert {e["policy_version"] for e in events} == {response.headers[POLICY_VERSION_HEADER]}
         return response.headers[POLICY_VERSION_HEADER], [e["token"]["id"] for e in events]
     response = await http.post(f"{url}/generate", json=body)
@@ -94,12 +103,22 @@ async def test_named_versions_answer_with_their_own_weights(start_server, varied
     assert expected["v0001"] != expected["base"] and expected["v0002"] != expected["v0001"]
     registry.set_current("v0001")
 
-    server = start_server(model=str(varied_model_dir), device="cpu", max_batch_size=16,
-                          registry_dir=str(registry.root), poll_interval_s=0.2, max_loaded_versions=1)
+    server = start_server(
+        model=str(varied_model_dir),
+        device="cpu",
+        max_batch_size=16,
+        registry_dir=str(registry.root),
+        poll_interval_s=0.2,
+        max_loaded_versions=1,
+    )
     assert httpx.get(f"{server.url}/info").json()["policy_version"] == "v0001"
     async with httpx.AsyncClient(timeout=120) as http:
         # all versions at once: each request is answered by the version it names (none = the current one)
-        asks = [(i, version, bool(i % 2)) for i in range(len(PROMPTS)) for version in (None, "base", "v0001", "v0002")]
+        asks = [
+            (i, version, bool(i % 2))
+            for i in range(len(PROMPTS))
+            for version in (None, "base", "v0001", "v0002")
+        ]
         answers = await asyncio.gather(*(_ask(http, server.url, PROMPTS[i], v, s) for i, v, s in asks))
         for (i, version, _), (answered_by, tokens) in zip(asks, answers, strict=True):
             assert answered_by == (version or "v0001")
@@ -107,10 +126,14 @@ async def test_named_versions_answer_with_their_own_weights(start_server, varied
         # max_loaded_versions=1: v0002 was evicted after base/v0001 traffic? it reloads and still answers right
         assert (await _ask(http, server.url, PROMPTS[0], "v0002", False)) == ("v0002", expected["v0002"][0])
 
-        missing = await http.post(f"{server.url}/generate", json={"inputs": "hi", "parameters": {"adapter_id": "v0042"}})
+        missing = await http.post(
+            f"{server.url}/generate", json={"inputs": "hi", "parameters": {"adapter_id": "v0042"}}
+        )
         assert missing.status_code == 404
         assert missing.json()["error_type"] == "validation" and "v0042" in missing.json()["error"]
-        bad_name = await http.post(f"{server.url}/generate", json={"inputs": "hi", "parameters": {"adapter_id": "../x"}})
+        bad_name = await http.post(
+            f"{server.url}/generate", json={"inputs": "hi", "parameters": {"adapter_id": "../x"}}
+        )
         assert bad_name.status_code == 404 and "adapter_id" in bad_name.json()["error"]
 
     # the base module is shared: every adapter version's tensors sit on the one base model
@@ -131,21 +154,32 @@ async def test_invalid_adapter_is_refused_and_never_served(start_server, varied_
     manifest.sha256 = combined_sha256(manifest.files)
     (folder / MANIFEST).write_text(manifest.model_dump_json())
 
-    server = start_server(model=str(varied_model_dir), device="cpu", registry_dir=str(registry.root),
-                          poll_interval_s=0.2)
-    refused = httpx.post(f"{server.url}/generate", json={"inputs": "hi", "parameters": {"adapter_id": "v0002"}})
+    server = start_server(
+        model=str(varied_model_dir), device="cpu", registry_dir=str(registry.root), poll_interval_s=0.2
+    )
+    refused = httpx.post(
+        f"{server.url}/generate", json={"inputs": "hi", "parameters": {"adapter_id": "v0002"}}
+    )
     assert refused.status_code == 422
     assert "non-finite" in refused.json()["error"] and refused.json()["error_type"] == "validation"
     assert "v0002" not in server.runtime.base.shared.attached
 
 
-async def test_promoting_an_adapter_version_hot_swaps_without_failures(start_server, varied_model_dir,
-                                                                        adapter_registry):
+async def test_promoting_an_adapter_version_hot_swaps_without_failures(
+    start_server, varied_model_dir, adapter_registry
+):
     registry = adapter_registry
-    expected = {"base": peft_greedy(varied_model_dir, None, PROMPTS),
-                "v0001": peft_greedy(varied_model_dir, registry.version_dir("v0001"), PROMPTS)}
-    server = start_server(model=str(varied_model_dir), device="cpu", max_batch_size=8,
-                          registry_dir=str(registry.root), poll_interval_s=0.1)
+    expected = {
+        "base": peft_greedy(varied_model_dir, None, PROMPTS),
+        "v0001": peft_greedy(varied_model_dir, registry.version_dir("v0001"), PROMPTS),
+    }
+    server = start_server(
+        model=str(varied_model_dir),
+        device="cpu",
+        max_batch_size=8,
+        registry_dir=str(registry.root),
+        poll_interval_s=0.1,
+    )
     results: list[tuple[int, int, str, list[int]]] = []
     stop = asyncio.Event()
 
@@ -153,11 +187,16 @@ async def test_promoting_an_adapter_version_hot_swaps_without_failures(start_ser
         async with httpx.AsyncClient(timeout=120) as http:
             i = w
             while not stop.is_set():
-                body = {"inputs": PROMPTS[i % len(PROMPTS)], "parameters": {"max_new_tokens": MAX_NEW, "details": True}}
+                body = {
+                    "inputs": PROMPTS[i % len(PROMPTS)],
+                    "parameters": {"max_new_tokens": MAX_NEW, "details": True},
+                }
                 response = await http.post(f"{server.url}/generate", json=body)
                 payload = response.json()
                 tokens = [t["id"] for t in payload.get("details", {}).get("tokens", [])]
-                results.append((i % len(PROMPTS), response.status_code, payload.get("policy_version"), tokens))
+                results.append(
+                    (i % len(PROMPTS), response.status_code, payload.get("policy_version"), tokens)
+                )
                 i += 1
 
     tasks = [asyncio.create_task(worker(w)) for w in range(4)]
@@ -166,7 +205,9 @@ async def test_promoting_an_adapter_version_hot_swaps_without_failures(start_ser
         await asyncio.sleep(0.1)
     await asyncio.to_thread(registry.set_current, "v0001")
     deadline = asyncio.get_running_loop().time() + 60
-    while not any(v == "v0001" for _, _, v, _ in results[-4:]) and asyncio.get_running_loop().time() < deadline:
+    while (
+        not any(v == "v0001" for _, _, v, _ in results[-4:]) and asyncio.get_running_loop().time() < deadline
+    ):
         await asyncio.sleep(0.2)
     await asyncio.sleep(1.0)
     stop.set()

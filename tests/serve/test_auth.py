@@ -21,9 +21,19 @@ def closed_server(tmp_path_factory, tokenizer):
     from tests.conftest import build_tiny_model_dir
     from tests.serve.conftest import ServerThread
 
-    model_dir = build_tiny_model_dir(tmp_path_factory.mktemp("tiny-closed"), tokenizer, seed=0, initializer_range=0.3)
-    server = ServerThread(model=str(model_dir), device="cpu", max_batch_size=8, max_queue=16, auth_token=TOKEN,
-                          metrics_port=free_port(), max_input_tokens=256, max_total_tokens=512).start()
+    model_dir = build_tiny_model_dir(
+        tmp_path_factory.mktemp("tiny-closed"), tokenizer, seed=0, initializer_range=0.3
+    )
+    server = ServerThread(
+        model=str(model_dir),
+        device="cpu",
+        max_batch_size=8,
+        max_queue=16,
+        auth_token=TOKEN,
+        metrics_port=free_port(),
+        max_input_tokens=256,
+        max_total_tokens=512,
+    ).start()
     yield server
     server.stop()
 
@@ -40,22 +50,29 @@ def test_serve_binds_loopback_by_default_and_refuses_an_open_bind_without_a_toke
     assert TOKEN not in repr(open_with_token) and TOKEN not in str(open_with_token.model_dump())
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                                     {"Authorization": f"Bearer {TOKEN}x"}])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Bearer {TOKEN}x"}],
+)
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/", "/info"])
 def test_every_route_but_health_and_metrics_needs_the_token(closed_server, headers, path):
     method = httpx.get if path == "/info" else httpx.post
     kwargs = {} if path == "/info" else {"json": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}}
     resp = method(f"{closed_server.url}{path}", headers=headers, timeout=30, **kwargs)
     assert resp.status_code == 401
-    assert resp.json()["error_type"] == "unauthorized" and "INSTRUCTLOOP_GATEWAY_BACKEND_TOKEN" in resp.json()["error"]
+    assert (
+        resp.json()["error_type"] == "unauthorized"
+        and "INSTRUCTLOOP_GATEWAY_BACKEND_TOKEN" in resp.json()["error"]
+    )
     assert resp.headers["www-authenticate"] == "Bearer"
 
 
 def test_health_and_metrics_stay_open_and_metrics_has_a_port_of_its_own(closed_server):
     assert httpx.get(f"{closed_server.url}/health").status_code == 200
     assert httpx.get(f"{closed_server.url}/metrics").status_code == 200
-    resp = httpx.post(f"{closed_server.url}/generate", json={"inputs": "Hi"}, headers={"Authorization": "Bearer x"})
+    resp = httpx.post(
+        f"{closed_server.url}/generate", json={"inputs": "Hi"}, headers={"Authorization": "Bearer x"}
+    )
     assert resp.status_code == 401
     metrics = httpx.get(f"http://127.0.0.1:{closed_server.settings.metrics_port}/metrics").text
     assert 'tgi_request_failure_total{err="unauthorized"}' in metrics
@@ -81,13 +98,24 @@ async def test_extreme_sampling_values_answer_and_do_not_disturb_other_requests(
     greedy = {"inputs": "Tell me about cats.", "parameters": {"max_new_tokens": 12, "details": True}}
     async with httpx.AsyncClient(base_url=closed_server.url, headers=auth, timeout=120) as client:
         alone = (await client.post("/generate", json=greedy)).json()["generated_text"]
-        extreme = [{"inputs": "Hello", "parameters": {"max_new_tokens": 12, "do_sample": True, "details": True, **params,
-                                                  "seed": i}}
-                   for i, params in enumerate([{"temperature": 1e38}, {"repetition_penalty": 1e38},
-                                               {"temperature": 1e38, "repetition_penalty": 1e38},
-                                               {"temperature": 1e-38}, {"repetition_penalty": 1e-38}])]
-        answers = await asyncio.gather(*(client.post("/generate", json=body) for body in extreme),
-                                       client.post("/generate", json=greedy))
+        extreme = [
+            {
+                "inputs": "Hello",
+                "parameters": {"max_new_tokens": 12, "do_sample": True, "details": True, **params, "seed": i},
+            }
+            for i, params in enumerate(
+                [
+                    {"temperature": 1e38},
+                    {"repetition_penalty": 1e38},
+                    {"temperature": 1e38, "repetition_penalty": 1e38},
+                    {"temperature": 1e-38},
+                    {"repetition_penalty": 1e-38},
+                ]
+            )
+        ]
+        answers = await asyncio.gather(
+            *(client.post("/generate", json=body) for body in extreme), client.post("/generate", json=greedy)
+        )
     for body, resp in zip(extreme, answers[:-1], strict=True):
         assert resp.status_code == 200, (body, resp.text)
         assert resp.json()["details"]["generated_tokens"] >= 1

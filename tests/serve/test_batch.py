@@ -12,7 +12,9 @@ from serve.model import FinishReason, PolicyModel
 from serve.sampling import NextTokenChooser, SamplingParams, StopSequences
 
 
-def _seq(request_id: int, prompt: list[int] | None = None, max_new_tokens: int = 8, **sampling) -> SequenceState:
+def _seq(
+    request_id: int, prompt: list[int] | None = None, max_new_tokens: int = 8, **sampling
+) -> SequenceState:
     return SequenceState(
         request_id=request_id,
         prompt_ids=prompt or [1, 2, 3],
@@ -22,7 +24,9 @@ def _seq(request_id: int, prompt: list[int] | None = None, max_new_tokens: int =
     )
 
 
-def _cache(batch: int, past: int, layers: int = 2, heads: int = 1, dim: int = 2, offset: float = 0.0) -> DynamicCache:
+def _cache(
+    batch: int, past: int, layers: int = 2, heads: int = 1, dim: int = 2, offset: float = 0.0
+) -> DynamicCache:
     data = []
     for layer in range(layers):
         keys = torch.arange(batch * heads * past * dim, dtype=torch.float32).reshape(batch, heads, past, dim)
@@ -52,7 +56,9 @@ def test_filter_keeps_rows_and_cuts_shared_left_padding():
 
     assert kept.request_ids == [7, 8]
     # column 0 is padding for both remaining rows: it is cut from mask and cache
-    torch.testing.assert_close(kept.attention_mask, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        kept.attention_mask, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), rtol=0, atol=0
+    )
     torch.testing.assert_close(kept.input_ids, torch.tensor([[107], [108]]), rtol=0, atol=0)
     torch.testing.assert_close(kept.position_ids, torch.tensor([[2], [3]]), rtol=0, atol=0)
     for layer, keys, values in zip(kept.past_key_values.layers, original_keys, original_values, strict=True):
@@ -67,7 +73,9 @@ def test_filter_single_row_and_edge_cases():
 
     only_first = batch.filter([7])
     torch.testing.assert_close(only_first.attention_mask, torch.tensor([[1, 1, 1]]), rtol=0, atol=0)
-    torch.testing.assert_close(only_first.past_key_values.layers[0].keys, keys0[[0], :, 2:, :], rtol=0, atol=0)
+    torch.testing.assert_close(
+        only_first.past_key_values.layers[0].keys, keys0[[0], :, 2:, :], rtol=0, atol=0
+    )
 
     only_last = batch.filter({9})
     torch.testing.assert_close(only_last.attention_mask, torch.tensor([[1, 1, 1, 1, 1]]), rtol=0, atol=0)
@@ -87,7 +95,10 @@ def test_concatenate_left_pads_the_shorter_cache():
     assert joined.request_ids == [1, 2, 3]
     assert joined.past_length == 4
     torch.testing.assert_close(
-        joined.attention_mask, torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), rtol=0, atol=0
+        joined.attention_mask,
+        torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]),
+        rtol=0,
+        atol=0,
     )
     torch.testing.assert_close(joined.input_ids, torch.tensor([[101], [102], [103]]), rtol=0, atol=0)
     torch.testing.assert_close(joined.position_ids, torch.tensor([[2], [3], [4]]), rtol=0, atol=0)
@@ -97,8 +108,12 @@ def test_concatenate_left_pads_the_shorter_cache():
         expected = torch.cat([torch.cat([torch.zeros(1, 1, 2, 2), short_keys], dim=2), long_keys], dim=0)
         torch.testing.assert_close(layer.keys, expected, rtol=0, atol=0)
         expected_values = torch.cat(
-            [torch.cat([torch.zeros(1, 1, 2, 2), short.past_key_values.layers[i].values], dim=2),
-             long.past_key_values.layers[i].values], dim=0)
+            [
+                torch.cat([torch.zeros(1, 1, 2, 2), short.past_key_values.layers[i].values], dim=2),
+                long.past_key_values.layers[i].values,
+            ],
+            dim=0,
+        )
         torch.testing.assert_close(layer.values, expected_values, rtol=0, atol=0)
 
 
@@ -107,8 +122,12 @@ def test_concatenate_then_filter_round_trips():
     b = _decode_batch([2], [[1, 1, 1, 1, 1]], [4], offset=0.5)
     back = Batch.concatenate([a, b]).filter([1])
     torch.testing.assert_close(back.attention_mask, a.attention_mask, rtol=0, atol=0)
-    torch.testing.assert_close(back.past_key_values.layers[1].keys, a.past_key_values.layers[1].keys, rtol=0, atol=0)
-    torch.testing.assert_close(back.past_key_values.layers[1].values, a.past_key_values.layers[1].values, rtol=0, atol=0)
+    torch.testing.assert_close(
+        back.past_key_values.layers[1].keys, a.past_key_values.layers[1].keys, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        back.past_key_values.layers[1].values, a.past_key_values.layers[1].values, rtol=0, atol=0
+    )
 
 
 def test_concatenate_refuses_mixed_versions_and_prefill_batches():
@@ -135,27 +154,35 @@ def test_requests_joining_at_different_steps_match_hf_generate(varied_model_dir,
     step 5; every greedy sequence equals HF ``generate`` for its prompt alone, token for token."""
     model = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.float32).eval()
     policy = PolicyModel("base", model, tokenizer, torch.device("cpu"))
-    prompts = ["Hello there, how are", "The capital of France is a city that", "a",
-               "Once upon a time in a land far away, there lived a"]
+    prompts = [
+        "Hello there, how are",
+        "The capital of France is a city that",
+        "a",
+        "Once upon a time in a land far away, there lived a",
+    ]
     expected = []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        expected.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+        expected.append(out[0, inputs["input_ids"].shape[1] :].tolist())
 
     def seq(i: int, prompt: str, n: int, sample: bool = False) -> SequenceState:
         return _seq(i, tokenizer(prompt)["input_ids"], n, do_sample=sample, seed=i)
 
-    schedule = {0: [seq(0, prompts[0], 12), seq(1, prompts[1], 12), seq(9, prompts[3], 5, True)],
-                2: [seq(2, prompts[2], 12)],
-                5: [seq(3, prompts[3], 12), seq(10, prompts[1], 30, True)]}
+    schedule = {
+        0: [seq(0, prompts[0], 12), seq(1, prompts[1], 12), seq(9, prompts[3], 5, True)],
+        2: [seq(2, prompts[2], 12)],
+        5: [seq(3, prompts[3], 12), seq(10, prompts[1], 30, True)],
+    }
     got: dict[int, list[int]] = {}
     finished: dict[int, FinishReason] = {}
     running: Batch | None = None
     step = 0
     while running is not None or any(s >= step for s in schedule):
         if step in schedule:
-            generations, joined = policy.generate_token(Batch.prefill("base", schedule[step], policy.pad_token_id, "cpu"))
+            generations, joined = policy.generate_token(
+                Batch.prefill("base", schedule[step], policy.pad_token_id, "cpu")
+            )
             for g in generations:
                 got.setdefault(g.request_id, []).append(g.token_id)
             running = joined if running is None else Batch.concatenate([running, joined])

@@ -25,9 +25,25 @@ def _env(**extra: str) -> dict[str, str]:
 def test_serve_run_smoke(tiny_model_dir):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "serve", "run", "--port", str(port), "--host", "127.0.0.1",
-         "--model", str(tiny_model_dir), "--device", "cpu"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "serve",
+            "run",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 90
@@ -54,7 +70,10 @@ def test_serve_run_smoke(tiny_model_dir):
 def test_serve_run_refuses_bad_settings():
     result = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "serve", "run", "--max-batch-size", "0"],
-        env=_env(), capture_output=True, text=True, timeout=60,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "max_batch_size must be >= 1" in result.stderr

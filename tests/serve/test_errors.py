@@ -46,7 +46,9 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("field", "parameters"), INVALID, ids=[f"{f}={list(p.values())[0]!r}" for f, p in INVALID])
+@pytest.mark.parametrize(
+    ("field", "parameters"), INVALID, ids=[f"{f}={list(p.values())[0]!r}" for f, p in INVALID]
+)
 def test_invalid_parameter_is_422_naming_the_field(tiny_server, field, parameters):
     response = httpx.post(f"{tiny_server.url}/generate", json={"inputs": PROMPT, "parameters": parameters})
     assert response.status_code == 422
@@ -55,19 +57,24 @@ def test_invalid_parameter_is_422_naming_the_field(tiny_server, field, parameter
     assert f"`{field}`" in body["error"]
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"inputs": ""}, "inputs"),
-    ({"parameters": {}}, "inputs"),
-    ({"inputs": 12}, "inputs"),
-    ({"inputs": "word " * 400}, "inputs"),  # over max_input_tokens = 256
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"inputs": ""}, "inputs"),
+        ({"parameters": {}}, "inputs"),
+        ({"inputs": 12}, "inputs"),
+        ({"inputs": "word " * 400}, "inputs"),  # over max_input_tokens = 256
+    ],
+)
 def test_invalid_inputs_is_422(tiny_server, body, field):
     response = httpx.post(f"{tiny_server.url}/generate", json=body)
     assert response.status_code == 422 and f"`{field}`" in response.json()["error"]
 
 
 def test_malformed_json_is_422(tiny_server):
-    response = httpx.post(f"{tiny_server.url}/generate", content=b"{not json", headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{tiny_server.url}/generate", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422 and response.json()["error_type"] == "validation"
 
 
@@ -77,13 +84,22 @@ def test_client_raises_validation_error(tiny_server):
 
 
 async def test_queue_full_is_429(start_server, varied_model_dir):
-    server = start_server(model=str(varied_model_dir), device="cpu", max_batch_size=1, max_queue=1,
-                          max_input_tokens=64, max_total_tokens=4096)
+    server = start_server(
+        model=str(varied_model_dir),
+        device="cpu",
+        max_batch_size=1,
+        max_queue=1,
+        max_input_tokens=64,
+        max_total_tokens=4096,
+    )
     engine = server.runtime.engine
     client = text_generation.AsyncClient(server.url, timeout=120)
     async with httpx.AsyncClient(timeout=120) as http:
-        running = http.stream("POST", f"{server.url}/generate_stream",
-                              json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4000}})
+        running = http.stream(
+            "POST",
+            f"{server.url}/generate_stream",
+            json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4000}},
+        )
         async with running as first:
             assert first.status_code == 200  # headers arrive after the first token: it is in the batch
             queued = asyncio.create_task(client.generate(PROMPT, max_new_tokens=2))
@@ -109,13 +125,21 @@ def _wait_for(predicate, timeout: float = 10.0) -> None:
 
 
 def test_stream_disconnect_cancels_the_sequence(start_server, varied_model_dir):
-    server = start_server(model=str(varied_model_dir), device="cpu", max_input_tokens=64, max_total_tokens=8192)
+    server = start_server(
+        model=str(varied_model_dir), device="cpu", max_input_tokens=64, max_total_tokens=8192
+    )
     engine = server.runtime.engine
-    with httpx.stream("POST", f"{server.url}/generate_stream",
-                      json={"inputs": PROMPT, "parameters": {"max_new_tokens": 8000}}, timeout=60) as stream:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/generate_stream",
+        json={"inputs": PROMPT, "parameters": {"max_new_tokens": 8000}},
+        timeout=60,
+    ) as stream:
         lines = stream.iter_lines()
-        seen = [json.loads(line[5:]) for line, _ in zip((x for x in lines if x.startswith("data:")), range(3),
-                                                         strict=False)]
+        seen = [
+            json.loads(line[5:])
+            for line, _ in zip((x for x in lines if x.startswith("data:")), range(3), strict=False)
+        ]
         assert len(seen) == 3
         assert engine.batch_size() == 1
     # the connection is closed: the sequence leaves the batch long before 8000 tokens
@@ -125,11 +149,16 @@ def test_stream_disconnect_cancels_the_sequence(start_server, varied_model_dir):
 
 
 def test_non_streaming_disconnect_cancels_the_sequence(start_server, varied_model_dir):
-    server = start_server(model=str(varied_model_dir), device="cpu", max_input_tokens=64, max_total_tokens=8192)
+    server = start_server(
+        model=str(varied_model_dir), device="cpu", max_input_tokens=64, max_total_tokens=8192
+    )
     engine = server.runtime.engine
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 8000}},
-                   timeout=httpx.Timeout(60, read=0.5))
+        httpx.post(
+            f"{server.url}/generate",
+            json={"inputs": PROMPT, "parameters": {"max_new_tokens": 8000}},
+            timeout=httpx.Timeout(60, read=0.5),
+        )
     _wait_for(lambda: server.metric("instructloop_serve_request_cancelled_total") == 1)
     _wait_for(lambda: engine.batch_size() == 0)
     assert server.metric("tgi_request_success_total") == 0
@@ -164,12 +193,24 @@ def test_decoder_input_details_report_the_prompt_ids_serve_generated_from(tiny_s
     tokenizer's ids of the text with its default special tokens, cut by ``truncate`` from the left."""
     ids = tokenizer(PROMPT)["input_ids"]
     for parameters, expected in (({}, ids), ({"truncate": 3}, ids[-3:])):
-        response = httpx.post(f"{tiny_server.url}/generate", json={"inputs": PROMPT, "parameters": {
-            "max_new_tokens": 2, "details": True, "decoder_input_details": True, **parameters}})
+        response = httpx.post(
+            f"{tiny_server.url}/generate",
+            json={
+                "inputs": PROMPT,
+                "parameters": {
+                    "max_new_tokens": 2,
+                    "details": True,
+                    "decoder_input_details": True,
+                    **parameters,
+                },
+            },
+        )
         assert response.status_code == 200, response.text
         prefill = response.json()["details"]["prefill"]
         assert [t["id"] for t in prefill] == expected
         assert [t["text"] for t in prefill] == [tokenizer.decode([i]) for i in expected]
-    plain = httpx.post(f"{tiny_server.url}/generate", json={"inputs": PROMPT, "parameters": {
-        "max_new_tokens": 2, "details": True}}).json()
+    plain = httpx.post(
+        f"{tiny_server.url}/generate",
+        json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True}},
+    ).json()
     assert plain["details"]["prefill"] == []

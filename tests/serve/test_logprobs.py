@@ -18,7 +18,9 @@ PROMPT = "Write a haiku about autumn leaves"
 
 
 @torch.inference_mode()
-def hf_log_distributions(model_dir, prompt: str, generated: list[int], temperature: float = 1.0) -> torch.Tensor:
+def hf_log_distributions(
+    model_dir, prompt: str, generated: list[int], temperature: float = 1.0
+) -> torch.Tensor:
     """(len(generated), V): log-softmax(logits / temperature) at each generated position, one forward."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -28,8 +30,9 @@ def hf_log_distributions(model_dir, prompt: str, generated: list[int], temperatu
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
-@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.7, "seed": 11}],
-                         ids=["greedy", "sampled-t0.7"])
+@pytest.mark.parametrize(
+    "sampling", [{}, {"do_sample": True, "temperature": 0.7, "seed": 11}], ids=["greedy", "sampled-t0.7"]
+)
 def test_logprobs_and_top_n_tokens_match_an_hf_forward(start_server, varied_model_dir, sampling):
     server = start_server(model=str(varied_model_dir), device="cpu")
     response = Client(server.url, timeout=120).generate(PROMPT, max_new_tokens=8, top_n_tokens=5, **sampling)
@@ -38,13 +41,19 @@ def test_logprobs_and_top_n_tokens_match_an_hf_forward(start_server, varied_mode
     expected = hf_log_distributions(varied_model_dir, PROMPT, generated, sampling.get("temperature", 1.0))
 
     positions = torch.arange(len(generated))
-    torch.testing.assert_close(torch.tensor([t.logprob for t in details.tokens]),
-                               expected[positions, torch.tensor(generated)], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor([t.logprob for t in details.tokens]),
+        expected[positions, torch.tensor(generated)],
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert len(details.top_tokens) == len(generated)
     for step, alternatives in enumerate(details.top_tokens):
         top = torch.topk(expected[step], 5)
         assert [t.id for t in alternatives] == top.indices.tolist()
-        torch.testing.assert_close(torch.tensor([t.logprob for t in alternatives]), top.values, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in alternatives]), top.values, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_top_n_tokens_streams_and_is_bounded(start_server, varied_model_dir):

@@ -28,7 +28,7 @@ def hf_greedy(model_dir, prompts: list[str], max_new_tokens: list[int]) -> list[
     for prompt, n in zip(prompts, max_new_tokens, strict=True):
         inputs = tokenizer(prompt, return_tensors="pt")
         ids = model.generate(**inputs, max_new_tokens=n, do_sample=False)
-        out.append(ids[0, inputs["input_ids"].shape[1]:].tolist())
+        out.append(ids[0, inputs["input_ids"].shape[1] :].tolist())
     return out
 
 
@@ -45,12 +45,19 @@ async def _mixed_load(url: str, prompts: list[str], max_new_tokens: list[int], s
 
     async def sampled(i: int):
         await asyncio.sleep(stagger_s * i / 2)
-        return await client.generate(prompts[i], max_new_tokens=max_new_tokens[i] + 5, do_sample=True,
-                                     temperature=0.9, top_p=0.9, seed=i, repetition_penalty=1.2)
+        return await client.generate(
+            prompts[i],
+            max_new_tokens=max_new_tokens[i] + 5,
+            do_sample=True,
+            temperature=0.9,
+            top_p=0.9,
+            seed=i,
+            repetition_penalty=1.2,
+        )
 
     tasks = [greedy(i) for i in range(len(prompts))] + [sampled(i) for i in range(len(prompts))]
     results = await asyncio.gather(*tasks)
-    return results[: len(prompts)], results[len(prompts):]
+    return results[: len(prompts)], results[len(prompts) :]
 
 
 async def test_concurrent_mixed_batch_greedy_parity_tiny(start_server, varied_model_dir):

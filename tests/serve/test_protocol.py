@@ -39,10 +39,16 @@ def test_client_generate_stream_with_details(tiny_server):
 
 async def test_async_client_generate_and_stream(tiny_server):
     client = AsyncClient(tiny_server.url)
-    response = await client.generate(PROMPT, max_new_tokens=5, do_sample=True, seed=7, top_k=20, temperature=0.8)
+    response = await client.generate(
+        PROMPT, max_new_tokens=5, do_sample=True, seed=7, top_k=20, temperature=0.8
+    )
     assert response.details.seed == 7 and response.details.generated_tokens == 5
-    streamed = [e async for e in client.generate_stream(PROMPT, max_new_tokens=5, do_sample=True, seed=7,
-                                                         top_k=20, temperature=0.8)]
+    streamed = [
+        e
+        async for e in client.generate_stream(
+            PROMPT, max_new_tokens=5, do_sample=True, seed=7, top_k=20, temperature=0.8
+        )
+    ]
     # same seed, same parameters: same tokens, whatever else was in the batch
     assert [e.token.id for e in streamed] == [t.id for t in response.details.tokens]
     assert streamed[-1].details.seed == 7
@@ -75,7 +81,9 @@ def test_policy_version_in_header_body_and_every_event(tiny_server):
     with httpx.stream("POST", f"{tiny_server.url}/generate_stream", json=body) as stream:
         assert stream.headers["x-policy-version"] == "base"
         assert stream.headers["content-type"].startswith("text/event-stream")
-        events = [json.loads(line[len("data:"):]) for line in stream.iter_lines() if line.startswith("data:")]
+        events = [
+            json.loads(line[len("data:") :]) for line in stream.iter_lines() if line.startswith("data:")
+        ]
     assert len(events) == 3 and all(e["policy_version"] == "base" for e in events)
     assert [e["index"] for e in events] == [1, 2, 3]
     assert events[-1]["details"]["input_length"] > 0
@@ -83,8 +91,9 @@ def test_policy_version_in_header_body_and_every_event(tiny_server):
 
 
 def test_generate_without_details_omits_them(tiny_server):
-    payload = httpx.post(f"{tiny_server.url}/generate",
-                         json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}).json()
+    payload = httpx.post(
+        f"{tiny_server.url}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+    ).json()
     assert payload["details"] is None and isinstance(payload["generated_text"], str)
 
 
@@ -107,10 +116,17 @@ def test_info_health_metrics(tiny_server):
     assert health.status_code == 200 and health.json()["policy_version"] == "base"
     Client(tiny_server.url).generate(PROMPT, max_new_tokens=2)
     text = httpx.get(f"{tiny_server.url}/metrics").text
-    for name in ("tgi_request_count_total", "tgi_request_success_total", "tgi_request_duration_bucket",
-                 "tgi_request_queue_duration_bucket", "tgi_request_generated_tokens_bucket",
-                 "tgi_batch_current_size", "tgi_queue_size", 'instructloop_serve_policy_version{version="base"} 1.0',
-                 "instructloop_serve_policy_swap_failures_total"):
+    for name in (
+        "tgi_request_count_total",
+        "tgi_request_success_total",
+        "tgi_request_duration_bucket",
+        "tgi_request_queue_duration_bucket",
+        "tgi_request_generated_tokens_bucket",
+        "tgi_batch_current_size",
+        "tgi_queue_size",
+        'instructloop_serve_policy_version{version="base"} 1.0',
+        "instructloop_serve_policy_swap_failures_total",
+    ):
         assert name in text, name
     assert tiny_server.metric("tgi_request_success_total") >= 1
 

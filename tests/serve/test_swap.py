@@ -42,18 +42,38 @@ async def _worker(url: str, worker: int, stop: asyncio.Event, out: list[Outcome]
             sent = time.monotonic()
             if i % 2:  # half streaming: every event carries the version
                 async with http.stream("POST", f"{url}/generate_stream", json=body) as response:
-                    events = [json.loads(line[5:]) async for line in response.aiter_lines() if line.startswith("data:")]
+                    events = [
+                        json.loads(line[5:])
+                        async for line in response.aiter_lines()
+                        if line.startswith("data:")
+                    ]
                 versions = {e.get("policy_version") for e in events}
                 assert len(versions) == 1, f"one stream, several versions: {versions}"
                 assert response.headers.get("x-policy-version") in versions
-                out.append(Outcome(prompt, sent, time.monotonic(), response.status_code, versions.pop(),
-                                   [e["token"]["id"] for e in events if "token" in e]))
+                out.append(
+                    Outcome(
+                        prompt,
+                        sent,
+                        time.monotonic(),
+                        response.status_code,
+                        versions.pop(),
+                        [e["token"]["id"] for e in events if "token" in e],
+                    )
+                )
             else:
                 response = await http.post(f"{url}/generate", json=body)
                 payload = response.json()
                 assert response.headers.get("x-policy-version") == payload.get("policy_version")
-                out.append(Outcome(prompt, sent, time.monotonic(), response.status_code, payload.get("policy_version"),
-                                   [t["id"] for t in payload.get("details", {}).get("tokens", [])]))
+                out.append(
+                    Outcome(
+                        prompt,
+                        sent,
+                        time.monotonic(),
+                        response.status_code,
+                        payload.get("policy_version"),
+                        [t["id"] for t in payload.get("details", {}).get("tokens", [])],
+                    )
+                )
             i += 1
 
 
@@ -69,13 +89,21 @@ async def test_hot_swap_under_load(start_server, varied_model_dir, tokenizer, tm
     registry_dir = tmp_path / "registry"
     registry = Registry(registry_dir, redis=redis_server.client())
     _save_version(registry, "v0001", new_dir, tokenizer)
-    expected = {"base": hf_greedy(varied_model_dir, PROMPTS, [MAX_NEW] * len(PROMPTS)),
-                "v0001": hf_greedy(new_dir, PROMPTS, [MAX_NEW] * len(PROMPTS))}
+    expected = {
+        "base": hf_greedy(varied_model_dir, PROMPTS, [MAX_NEW] * len(PROMPTS)),
+        "v0001": hf_greedy(new_dir, PROMPTS, [MAX_NEW] * len(PROMPTS)),
+    }
     assert expected["base"] != expected["v0001"]  # the swap must visibly change the outputs
 
     # poll every 30 s: the swap below can only come from the pub/sub message
-    server = start_server(model=str(varied_model_dir), device="cpu", max_batch_size=8, registry_dir=str(registry_dir),
-                          redis_url=redis_server.url, poll_interval_s=30)
+    server = start_server(
+        model=str(varied_model_dir),
+        device="cpu",
+        max_batch_size=8,
+        registry_dir=str(registry_dir),
+        redis_url=redis_server.url,
+        poll_interval_s=30,
+    )
     assert httpx.get(f"{server.url}/info").json()["policy_version"] == "base"
     outcomes: list[Outcome] = []
     stop = asyncio.Event()
@@ -138,8 +166,13 @@ def test_bad_checkpoint_is_never_served(start_server, varied_model_dir, tokenize
         _save_version(registry, "v0001", good_dir, tokenizer, mutate=_untie)
     else:
         _save_version(registry, "v0001", good_dir, tokenizer, mutate=_nan if kind == "nan" else None)
-    server = start_server(model=str(varied_model_dir), device="cpu", registry_dir=str(registry_dir),
-                          poll_interval_s=0.05, swap_retry_s=60)
+    server = start_server(
+        model=str(varied_model_dir),
+        device="cpu",
+        registry_dir=str(registry_dir),
+        poll_interval_s=0.05,
+        swap_retry_s=60,
+    )
     if kind == "tampered":
         _tamper(registry, "v0001")
         (registry_dir / CURRENT_FILE).write_text("v0001\n")  # set_current would refuse it: write the pointer
@@ -154,9 +187,13 @@ def test_bad_checkpoint_is_never_served(start_server, varied_model_dir, tokenize
     assert server.metric("instructloop_serve_policy_swap_failures_total") == 1
     assert server.metric("instructloop_serve_policy_swaps_total") == 0
     assert httpx.get(f"{server.url}/info").json()["policy_version"] == "base"
-    response = httpx.post(f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}})
+    response = httpx.post(
+        f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}}
+    )
     assert response.status_code == 200 and response.json()["policy_version"] == "base"
-    reason = {"tampered": "sha256", "nan": "non-finite", "wrong_shape": "shape", "untied_lm_head": "tied"}[kind]
+    reason = {"tampered": "sha256", "nan": "non-finite", "wrong_shape": "shape", "untied_lm_head": "tied"}[
+        kind
+    ]
     assert reason in server.runtime.watcher.last_error
 
     # a good version published afterwards is served
@@ -167,8 +204,9 @@ def test_bad_checkpoint_is_never_served(start_server, varied_model_dir, tokenize
         assert time.monotonic() < deadline, "the good version was not installed"
         time.sleep(0.05)
     expected = hf_greedy(good_dir, ["Hi"], [3])[0]
-    payload = httpx.post(f"{server.url}/generate",
-                         json={"inputs": "Hi", "parameters": {"max_new_tokens": 3, "details": True}}).json()
+    payload = httpx.post(
+        f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3, "details": True}}
+    ).json()
     assert payload["policy_version"] == "v0002"
     assert [t["id"] for t in payload["details"]["tokens"]] == expected
 
@@ -180,19 +218,26 @@ def test_starts_on_the_registry_current_version(start_server, varied_model_dir, 
     registry.set_current("v0001")
     server = start_server(model=str(varied_model_dir), device="cpu", registry_dir=str(tmp_path / "registry"))
     assert httpx.get(f"{server.url}/info").json()["policy_version"] == "v0001"
-    payload = httpx.post(f"{server.url}/generate",
-                         json={"inputs": "Hi", "parameters": {"max_new_tokens": 4, "details": True}})
+    payload = httpx.post(
+        f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4, "details": True}}
+    )
     assert payload.headers["x-policy-version"] == "v0001"
     assert [t["id"] for t in payload.json()["details"]["tokens"]] == hf_greedy(new_dir, ["Hi"], [4])[0]
 
 
-def test_missed_message_is_caught_by_polling_the_current_file(start_server, varied_model_dir, tokenizer, tmp_path,
-                                                              redis_server):
+def test_missed_message_is_caught_by_polling_the_current_file(
+    start_server, varied_model_dir, tokenizer, tmp_path, redis_server
+):
     registry = Registry(tmp_path / "registry", redis=redis_server.client())
     new_dir = build_tiny_model_dir(tmp_path / "v1", tokenizer, seed=4, initializer_range=0.3)
     _save_version(registry, "v0001", new_dir, tokenizer)
-    server = start_server(model=str(varied_model_dir), device="cpu", registry_dir=str(tmp_path / "registry"),
-                          redis_url=redis_server.url, poll_interval_s=0.2)
+    server = start_server(
+        model=str(varied_model_dir),
+        device="cpu",
+        registry_dir=str(tmp_path / "registry"),
+        redis_url=redis_server.url,
+        poll_interval_s=0.2,
+    )
     Registry(tmp_path / "registry").set_current("v0001")  # the pointer changes, no message is published
     deadline = time.monotonic() + 20
     while httpx.get(f"{server.url}/info").json()["policy_version"] != "v0001":
@@ -200,10 +245,16 @@ def test_missed_message_is_caught_by_polling_the_current_file(start_server, vari
         time.sleep(0.05)
 
 
-def test_candidate_is_prefetched_and_promotion_is_a_switch(start_server, varied_model_dir, tokenizer, tmp_path):
+def test_candidate_is_prefetched_and_promotion_is_a_switch(
+    start_server, varied_model_dir, tokenizer, tmp_path
+):
     registry = Registry(tmp_path / "registry")
-    server = start_server(model=str(varied_model_dir), device="cpu", registry_dir=str(tmp_path / "registry"),
-                          poll_interval_s=0.05)
+    server = start_server(
+        model=str(varied_model_dir),
+        device="cpu",
+        registry_dir=str(tmp_path / "registry"),
+        poll_interval_s=0.05,
+    )
     new_dir = build_tiny_model_dir(tmp_path / "v1", tokenizer, seed=5, initializer_range=0.3)
     _save_version(registry, "v0001", new_dir, tokenizer)  # a candidate: not served yet
     deadline = time.monotonic() + 20
@@ -217,21 +268,24 @@ def test_candidate_is_prefetched_and_promotion_is_a_switch(start_server, varied_
         assert time.monotonic() < deadline, "the promoted candidate was not installed"
         time.sleep(0.05)
     assert server.metric("instructloop_serve_policy_swap_duration_count") == loads_before  # no second load
-    payload = httpx.post(f"{server.url}/generate",
-                         json={"inputs": "Hi", "parameters": {"max_new_tokens": 4, "details": True}}).json()
+    payload = httpx.post(
+        f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4, "details": True}}
+    ).json()
     assert [t["id"] for t in payload["details"]["tokens"]] == hf_greedy(new_dir, ["Hi"], [4])[0]
 
 
 def test_watcher_survives_an_unreadable_manifest_and_health_reflects_a_dead_watcher(
-        start_server, varied_model_dir, tokenizer, tmp_path):
+    start_server, varied_model_dir, tokenizer, tmp_path
+):
     """Finding 7: a manifest that cannot be read (here: replaced by a folder after the candidate was prefetched)
     used to kill the watcher thread silently; serve then never swapped again and stayed healthy. Now the
     error is logged and counted, the watcher goes on (it swaps once the manifest is back), and /health
     fails if the thread ends anyway."""
     registry_dir = tmp_path / "registry"
     registry = Registry(registry_dir)
-    server = start_server(model=str(varied_model_dir), device="cpu", registry_dir=str(registry_dir),
-                          poll_interval_s=0.05)
+    server = start_server(
+        model=str(varied_model_dir), device="cpu", registry_dir=str(registry_dir), poll_interval_s=0.05
+    )
     new_dir = build_tiny_model_dir(tmp_path / "v1", tokenizer, seed=6, initializer_range=0.3)
     _save_version(registry, "v0001", new_dir, tokenizer)
     deadline = time.monotonic() + 30

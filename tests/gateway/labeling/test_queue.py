@@ -18,18 +18,24 @@ def labeling_gateway(start_gateway, serve, redis_server):
     def start(**overrides):
         settings = {"label_k": 3, "label_max_tokens": 4, "label_overlap_rate": 0.0, **overrides}
         return start_gateway([serve.url], redis_server.url, **settings)
+
     return start
 
 
 def comparisons(redis_server) -> list[ComparisonEvent]:
-    return [ComparisonEvent.from_fields(f) for _, f in redis_server.client().xrange(stream_key(Stream.comparisons))]
+    return [
+        ComparisonEvent.from_fields(f)
+        for _, f in redis_server.client().xrange(stream_key(Stream.comparisons))
+    ]
 
 
 def slots(redis_server, task_id: str) -> list[list]:
     return json.loads(redis_server.client().get(f"instructloop:gateway:labeling:task:{task_id}"))["slots"]
 
 
-def test_live_prompts_are_used_once_per_labeler_and_an_admin_can_turn_them_off(labeling_gateway, redis_server):
+def test_live_prompts_are_used_once_per_labeler_and_an_admin_can_turn_them_off(
+    labeling_gateway, redis_server
+):
     gateway = labeling_gateway()
     client = gateway.openai("alice")
     for prompt in ("Tell me a joke.", "What is rain?"):
@@ -44,15 +50,21 @@ def test_live_prompts_are_used_once_per_labeler_and_an_admin_can_turn_them_off(l
             assert [r["slot"] for r in body["responses"]] == [0, 1, 2]
             seen.append(body["prompt"])
         empty = http.post("/v1/label/tasks", json={"mode": "rank"})
-    assert sorted(seen) == ["Tell me a joke.", "What is rain?"]  # each once, although each now has 2 completions
+    assert sorted(seen) == [
+        "Tell me a joke.",
+        "What is rain?",
+    ]  # each once, although each now has 2 completions
     assert empty.status_code == 404 and empty.json()["error"]["code"] == "no_prompts_left"
 
     with gateway.http("ada") as admin:
         assert admin.put("/v1/admin/labeling/config", json={"live_prompts": False}).status_code == 200
         refused = admin.post("/v1/label/tasks", json={"mode": "rank"})  # ada has seen nothing yet
-        assert refused.status_code == 404 and "live prompts are turned off" in refused.json()["error"]["message"]
-        assert admin.post("/v1/admin/labeling/prompts", json={"prompts": ["Uploaded one", "Uploaded one"]}).json() \
-            == {"added": 1, "total": 1}
+        assert (
+            refused.status_code == 404 and "live prompts are turned off" in refused.json()["error"]["message"]
+        )
+        assert admin.post(
+            "/v1/admin/labeling/prompts", json={"prompts": ["Uploaded one", "Uploaded one"]}
+        ).json() == {"added": 1, "total": 1}
         task = admin.post("/v1/label/tasks", json={"mode": "demonstration"}).json()
         assert task["prompt"] == "Uploaded one" and task["source"] == "uploaded" and task["responses"] == []
     with gateway.http("alice") as user:  # the task API is for labelers
@@ -113,7 +125,9 @@ def test_a_retried_answer_is_stored_once_and_a_second_answer_is_refused(labeling
     assert bad.status_code == 404 and bad.json()["error"]["code"] == "task_not_found"
     assert out_of_range.status_code == 404  # the only prompt was shown already
     for outcome, count in (("created", 1), ("answered", 2), ("refused_409", 1), ("refused_404", 2)):
-        assert gateway.metric("gateway_labeling_tasks_total", f'{{mode="rank",outcome="{outcome}"}}') == count, outcome
+        assert (
+            gateway.metric("gateway_labeling_tasks_total", f'{{mode="rank",outcome="{outcome}"}}') == count
+        ), outcome
     [event] = comparisons(redis_server)
     choice = [index for _, index in slots(redis_server, task["task_id"])]
     assert event.ranking == [[choice[2]], [choice[0], choice[1]]]
@@ -130,14 +144,37 @@ def test_compare_mode_without_a_second_version_says_why(labeling_gateway):
 
 def test_flags_travel_through_v1_feedback(labeling_gateway, redis_server):
     gateway = labeling_gateway()
-    completion = gateway.openai("alice").completions.create(model=MODEL_NAME, prompt="Flag me", max_tokens=2, n=3)
+    completion = gateway.openai("alice").completions.create(
+        model=MODEL_NAME, prompt="Flag me", max_tokens=2, n=3
+    )
     with gateway.http("alice") as http:
-        ok = http.post("/v1/feedback", json={"type": "ranking", "completion_id": completion.id, "ranking": [[1], [0]],
-                                             "flags": {"2": ["fails_instruction"]}})
-        unknown_flag = http.post("/v1/feedback", json={"type": "ranking", "completion_id": completion.id,
-                                                       "ranking": [[1], [0]], "flags": {"0": ["rude"]}})
-        out_of_range = http.post("/v1/feedback", json={"type": "ranking", "completion_id": completion.id,
-                                                       "ranking": [[1], [0]], "flags": {"7": ["harmful"]}})
+        ok = http.post(
+            "/v1/feedback",
+            json={
+                "type": "ranking",
+                "completion_id": completion.id,
+                "ranking": [[1], [0]],
+                "flags": {"2": ["fails_instruction"]},
+            },
+        )
+        unknown_flag = http.post(
+            "/v1/feedback",
+            json={
+                "type": "ranking",
+                "completion_id": completion.id,
+                "ranking": [[1], [0]],
+                "flags": {"0": ["rude"]},
+            },
+        )
+        out_of_range = http.post(
+            "/v1/feedback",
+            json={
+                "type": "ranking",
+                "completion_id": completion.id,
+                "ranking": [[1], [0]],
+                "flags": {"7": ["harmful"]},
+            },
+        )
     assert ok.status_code == 202, ok.text
     assert unknown_flag.status_code == 422 and "flags" in unknown_flag.json()["error"]["param"]
     assert out_of_range.status_code == 422 and out_of_range.json()["error"]["param"] == "flags"

@@ -19,9 +19,18 @@ import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1000"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1000",
+]
 SCREENSHOT_DIR = os.environ.get("INSTRUCTLOOP_SCREENSHOT_DIR")
 """Set (e.g. to docs/) to save the pages' screenshots: docs/labeling.md names the command."""
 
@@ -29,8 +38,10 @@ SCREENSHOT_DIR = os.environ.get("INSTRUCTLOOP_SCREENSHOT_DIR")
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("chromium / chromedriver are missing: run `make install` "
-                    "(or `sudo apt-get install -y chromium chromium-driver`)")
+        pytest.fail(
+            "chromium / chromedriver are missing: run `make install` "
+            "(or `sudo apt-get install -y chromium chromium-driver`)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -74,7 +85,9 @@ def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str =
         except Exception as exc:  # the element may not exist yet
             last_error = exc
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+    raise AssertionError(
+        f"timed out waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
+    )
 
 
 def sign_in(driver, url: str, key: str) -> None:
@@ -95,8 +108,12 @@ def press(driver, *keys: str) -> None:
 
 
 def upload_prompts(gateway, prompts: list[str]) -> None:
-    response = httpx.post(f"{gateway.url}/v1/admin/labeling/prompts", json={"prompts": prompts},
-                          headers=gateway.headers("ada"), timeout=30)
+    response = httpx.post(
+        f"{gateway.url}/v1/admin/labeling/prompts",
+        json={"prompts": prompts},
+        headers=gateway.headers("ada"),
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
 
 
@@ -123,10 +140,19 @@ def write_adapter_version(registry, version: str, base_dir: Path, seed: int, **k
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            init_lora_weights=False,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+        ),
+    )
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
-    registry.write_adapter(version, peft_model, base_sha256=base_weights_sha256(base_dir), base_model=str(base_dir),
-                           **kwargs)
+    registry.write_adapter(
+        version, peft_model, base_sha256=base_weights_sha256(base_dir), base_model=str(base_dir), **kwargs
+    )

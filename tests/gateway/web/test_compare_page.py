@@ -39,8 +39,11 @@ def registry_dir(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def versioned_serve(tiny_model_dir, registry_dir, tmp_path_factory):
-    process = ServeProcess(tiny_model_dir, tmp_path_factory.mktemp("serve-log") / "serve.log",
-                           INSTRUCTLOOP_SERVE_REGISTRY_DIR=str(registry_dir))
+    process = ServeProcess(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("serve-log") / "serve.log",
+        INSTRUCTLOOP_SERVE_REGISTRY_DIR=str(registry_dir),
+    )
     try:
         yield process.wait_ready()
     finally:
@@ -57,22 +60,30 @@ def side_versions(redis_server, task_id: str) -> list[str]:
     return versions
 
 
-def test_compare_votes_name_both_versions_and_decide_the_gate(start_gateway, versioned_serve, redis_server,
-                                                              registry_dir, page, tmp_path):
+def test_compare_votes_name_both_versions_and_decide_the_gate(
+    start_gateway, versioned_serve, redis_server, registry_dir, page, tmp_path
+):
     from learner.dataset import Dataset
     from learner.gate import GateConfig, gate_decision
     from learner.ingest import Ingestor
     from learner.publish import publish_candidate
 
-    gateway = start_gateway([versioned_serve.url], redis_server.url, registry_dir=registry_dir, label_max_tokens=6)
+    gateway = start_gateway(
+        [versioned_serve.url], redis_server.url, registry_dir=registry_dir, label_max_tokens=6
+    )
     upload_prompts(gateway, [f"Question {i}: what is {i} plus {i}?" for i in range(VOTES + 2)])
 
     # 1. In the browser: compare mode (Shift+C), the labeler prefers the candidate's side.
     sign_in(page, f"{gateway.url}/label", gateway.keys["lara"])
     wait_for(lambda: page.find_element(By.ID, "modes").is_displayed(), what="sign-in")
     press(page, "C")
-    wait_for(lambda: page.find_element(By.ID, "compare-view").is_displayed()
-             and page.find_element(By.ID, "work").get_attribute("data-task-id"), what="a compare task")
+    wait_for(
+        lambda: (
+            page.find_element(By.ID, "compare-view").is_displayed()
+            and page.find_element(By.ID, "work").get_attribute("data-task-id")
+        ),
+        what="a compare task",
+    )
     task_id = page.find_element(By.ID, "work").get_attribute("data-task-id")
     versions = side_versions(redis_server, task_id)
     assert sorted(versions) == ["base", CANDIDATE]
@@ -82,7 +93,10 @@ def test_compare_votes_name_both_versions_and_decide_the_gate(start_gateway, ver
     press(page, "\ue007")  # Enter
     wait_for(lambda: "Recorded" in page.find_element(By.ID, "status").text, what="the vote to be recorded")
 
-    [event] = [ComparisonEvent.from_fields(f) for _, f in redis_server.client().xrange(stream_key(Stream.comparisons))]
+    [event] = [
+        ComparisonEvent.from_fields(f)
+        for _, f in redis_server.client().xrange(stream_key(Stream.comparisons))
+    ]
     assert event.source == "ab" and sorted(event.policy_versions) == ["base", CANDIDATE]
     assert event.policy_versions[event.ranking[0][0]] == CANDIDATE and len(event.ranking) == 2
     assert event.labeler_id == gateway.state.keys.authenticate(gateway.keys["lara"]).key_id
@@ -93,15 +107,22 @@ def test_compare_votes_name_both_versions_and_decide_the_gate(start_gateway, ver
             task = http.post("/v1/label/tasks", json={"mode": "compare"})
             assert task.status_code == 200, task.text
             sides = side_versions(redis_server, task.json()["task_id"])
-            answer = http.post(f"/v1/label/tasks/{task.json()['task_id']}/comparison",
-                               json={"preferred": "left" if sides[0] == "base" else "right"},
-                               headers={"Idempotency-Key": task.json()["task_id"]})
+            answer = http.post(
+                f"/v1/label/tasks/{task.json()['task_id']}/comparison",
+                json={"preferred": "left" if sides[0] == "base" else "right"},
+                headers={"Idempotency-Key": task.json()["task_id"]},
+            )
             assert answer.status_code == 202, answer.text
 
     # 3. The learner ingests the votes; its live win-rate is what the gate checks.
     dataset = Dataset(tmp_path / "dataset.sqlite3")
-    ingestor = Ingestor(redis.Redis.from_url(redis_server.url), dataset, prefix="instructloop", group="learner",
-                        consumer="test")
+    ingestor = Ingestor(
+        redis.Redis.from_url(redis_server.url),
+        dataset,
+        prefix="instructloop",
+        group="learner",
+        consumer="test",
+    )
     ingestor.ensure_groups()
     ingestor.drain()
     rate, pairs = dataset.live_win_rate(CANDIDATE, "base")
@@ -114,12 +135,17 @@ def test_compare_votes_name_both_versions_and_decide_the_gate(start_gateway, ver
     assert any(r.startswith(f"live win-rate {rate:.3f} < 0.5 over {pairs} pairs") for r in result.reasons)
     registry = Registry(registry_dir, redis=redis.Redis.from_url(redis_server.url))
     publish_candidate(registry, CANDIDATE, None, None, result, parent=None)
-    [policy] = [PolicyEvent.from_fields(f) for _, f in redis_server.client().xrange(stream_key(Stream.policies))]
+    [policy] = [
+        PolicyEvent.from_fields(f) for _, f in redis_server.client().xrange(stream_key(Stream.policies))
+    ]
     assert policy.status.value == "rejected" and "live win-rate" in policy.reason
 
     # 4. The admin dashboard shows the votes, the decision and its reason (admin key, its own page).
     sign_in(page, f"{gateway.url}/label/admin", gateway.keys["ada"])
-    wait_for(lambda: "v0001 vs base" in page.find_element(By.ID, "panel-winrate").text, what="the live win-rate table")
+    wait_for(
+        lambda: "v0001 vs base" in page.find_element(By.ID, "panel-winrate").text,
+        what="the live win-rate table",
+    )
     assert f"1 / {VOTES} / 0" in page.find_element(By.ID, "panel-winrate").text
     history = page.find_element(By.ID, "panel-history").text
     assert "rejected" in history and "live win-rate" in history

@@ -30,7 +30,9 @@ def key_id(gateway, who: str) -> str:
 
 def shown_task(page, k: int) -> str:
     """Wait until a task with ``k`` responses is on screen; its id."""
-    wait_for(lambda: len(page.find_elements(By.CSS_SELECTOR, "#responses li.response")) == k, what=f"{k} responses")
+    wait_for(
+        lambda: len(page.find_elements(By.CSS_SELECTOR, "#responses li.response")) == k, what=f"{k} responses"
+    )
     return page.find_element(By.ID, "work").get_attribute("data-task-id")
 
 
@@ -79,11 +81,16 @@ def gateway(start_gateway, serve, redis_server):
     return start_gateway([serve.url], redis_server.url, label_k=4, label_max_tokens=6, label_overlap_rate=0.0)
 
 
-def test_labeler_ranks_four_by_keyboard_with_a_tie_and_the_stream_holds_that_ranking(gateway, redis_server, page):
+def test_labeler_ranks_four_by_keyboard_with_a_tie_and_the_stream_holds_that_ranking(
+    gateway, redis_server, page
+):
     upload_prompts(gateway, ["Name three colours of the sea."])
     sign_in(page, f"{gateway.url}/label", gateway.keys["lara"])
     task_id = shown_task(page, 4)
-    texts = [item.get_attribute("textContent") for item in page.find_elements(By.CSS_SELECTOR, "#responses li .text")]
+    texts = [
+        item.get_attribute("textContent")
+        for item in page.find_elements(By.CSS_SELECTOR, "#responses li .text")
+    ]
     assert page.find_element(By.ID, "prompt").text == "Name three colours of the sea."
 
     # 2 is best, 4 ties with it; then 1; then 3. Flag response 2 as made-up facts (j moves to it), a rationale.
@@ -98,10 +105,14 @@ def test_labeler_ranks_four_by_keyboard_with_a_tie_and_the_stream_holds_that_ran
     screenshot(page, "labeling-rank-narrow.png")
     page.set_window_size(1280, 1000)
     press(page, Keys.ENTER)
-    wait_for(lambda: "Recorded" in page.find_element(By.ID, "status").text, what="the submission to be recorded")
+    wait_for(
+        lambda: "Recorded" in page.find_element(By.ID, "status").text, what="the submission to be recorded"
+    )
 
     [event] = events(redis_server, Stream.comparisons, ComparisonEvent)
-    slots = task_record(redis_server, task_id)["slots"]  # slot shown on screen -> [completion id, choice index]
+    slots = task_record(redis_server, task_id)[
+        "slots"
+    ]  # slot shown on screen -> [completion id, choice index]
     choice = [index for _, index in slots]
     assert event.ranking == [[choice[1], choice[3]], [choice[0]], [choice[2]]]
     assert [event.responses[choice[s]] for s in range(4)] == texts  # what the labeler read is what was ranked
@@ -126,14 +137,18 @@ def test_a_wrong_key_shows_a_clear_error_and_an_admin_key_is_refused(gateway, pa
     screenshot(page, "labeling-signin-error.png")
 
 
-def test_a_model_answer_with_a_script_tag_is_shown_as_text_and_runs_nothing(start_gateway, markup_serve,
-                                                                             redis_server, page):
+def test_a_model_answer_with_a_script_tag_is_shown_as_text_and_runs_nothing(
+    start_gateway, markup_serve, redis_server, page
+):
     gateway = start_gateway([markup_serve.url], redis_server.url, label_k=2, label_max_tokens=12)
     upload_prompts(gateway, ["Say hi"])
     sign_in(page, f"{gateway.url}/label", gateway.keys["lara"])
     page.execute_script("window.alert = () => { window.__alerted = true; };")  # before the task renders
     shown_task(page, 2)
-    texts = [item.get_attribute("textContent") for item in page.find_elements(By.CSS_SELECTOR, "#responses li .text")]
+    texts = [
+        item.get_attribute("textContent")
+        for item in page.find_elements(By.CSS_SELECTOR, "#responses li .text")
+    ]
     assert texts == [MARKUP, MARKUP]  # what the model wrote, character for character
     assert page.execute_script("return window.__alerted === undefined && document.scripts.length === 2")
     assert [e for e in page.get_log("browser") if e["source"] != "network"] == []
@@ -143,26 +158,43 @@ def test_markup_in_model_text_is_shown_as_text_and_runs_nothing(gateway, redis_s
     """A completion whose text is markup: stored like a served completion and offered to the labeler as an
     agreement item (another labeler ranked it), so the page shows exactly this text."""
 
-    hostile = ['<script>window.__pwned = "script"</script>',
-               '<img src="x" onerror="window.__pwned = \'img\'">',
-               "<b>bold?</b> & &amp;",
-               '"><svg onload="window.__pwned = \'svg\'">']
+    hostile = [
+        '<script>window.__pwned = "script"</script>',
+        '<img src="x" onerror="window.__pwned = \'img\'">',
+        "<b>bold?</b> & &amp;",
+        '"><svg onload="window.__pwned = \'svg\'">',
+    ]
     prompt = "<script>window.__pwned = 'prompt'</script> Say hi"
-    completion = StoredCompletion(id="label-hostile", caller="someone", prompts=[prompt], policy_version="base", chat=False,
-                                  choices=[StoredChoice(i, text, "stop", 0, 5) for i, text in enumerate(hostile)])
+    completion = StoredCompletion(
+        id="label-hostile",
+        caller="someone",
+        prompts=[prompt],
+        policy_version="base",
+        chat=False,
+        choices=[StoredChoice(i, text, "stop", 0, 5) for i, text in enumerate(hostile)],
+    )
     client = redis_server.client()
     client.set(f"instructloop:gateway:completion:{completion.id}", completion.to_json())
-    client.rpush("instructloop:gateway:labeling:overlap", json.dumps(
-        {"completion_id": completion.id, "prompt": prompt, "source": "uploaded", "labeler": "someone"}))
+    client.rpush(
+        "instructloop:gateway:labeling:overlap",
+        json.dumps(
+            {"completion_id": completion.id, "prompt": prompt, "source": "uploaded", "labeler": "someone"}
+        ),
+    )
     sign_in(page, f"{gateway.url}/label", gateway.keys["lara"])
     shown_task(page, 4)
-    shown = sorted(item.get_attribute("textContent") for item in page.find_elements(By.CSS_SELECTOR, "#responses li .text"))
+    shown = sorted(
+        item.get_attribute("textContent")
+        for item in page.find_elements(By.CSS_SELECTOR, "#responses li .text")
+    )
     assert shown == sorted(hostile)
     assert page.find_element(By.ID, "prompt").get_attribute("textContent") == prompt
     assert page.execute_script("return window.__pwned === undefined")
     assert page.execute_script("return document.querySelectorAll('img, svg:not(.chart), b').length") == 0
     assert page.execute_script("return document.scripts.length") == 2  # common.js and label.js, nothing else
-    errors = [entry for entry in page.get_log("browser") if entry["source"] != "network"]  # JS errors, CSP reports
+    errors = [
+        entry for entry in page.get_log("browser") if entry["source"] != "network"
+    ]  # JS errors, CSP reports
     assert errors == [], errors
 
 
@@ -172,11 +204,18 @@ def test_demonstration_mode_posts_a_demonstration(gateway, redis_server, page):
     shown_task(page, 4)
     page.find_element(By.CSS_SELECTOR, '#modes button[data-mode="demonstration"]').click()
     wait_for(lambda: page.find_element(By.ID, "demo-view").is_displayed(), what="the demonstration view")
-    wait_for(lambda: page.switch_to.active_element.get_attribute("id") == "demonstration", what="the text box focus")
-    page.switch_to.active_element.send_keys("Clouds hold tiny drops of water; when they get heavy, they fall.")
+    wait_for(
+        lambda: page.switch_to.active_element.get_attribute("id") == "demonstration",
+        what="the text box focus",
+    )
+    page.switch_to.active_element.send_keys(
+        "Clouds hold tiny drops of water; when they get heavy, they fall."
+    )
     screenshot(page, "labeling-demonstration.png")
     page.switch_to.active_element.send_keys(Keys.CONTROL, Keys.ENTER)
-    wait_for(lambda: "Recorded" in page.find_element(By.ID, "status").text, what="the demonstration to be recorded")
+    wait_for(
+        lambda: "Recorded" in page.find_element(By.ID, "status").text, what="the demonstration to be recorded"
+    )
     [event] = events(redis_server, Stream.demonstrations, DemonstrationEvent)
     assert event.prompt == "Explain rain to a child."
     assert event.response == "Clouds hold tiny drops of water; when they get heavy, they fall."
@@ -204,15 +243,19 @@ def test_ranking_by_drag(gateway, redis_server, page):
         target = page.find_element(By.CSS_SELECTOR, f'#ranking [data-drop="{drop}"]')
         ActionChains(page).click_and_hold(handle).move_to_element(target).release().perform()
 
-    drag(2, "insert:0")   # response 3 first
-    drag(0, "group:0")    # response 1 ties with it
-    drag(3, "insert:1")   # response 4 below them
-    drag(1, "insert:0")   # response 2 above everything
-    groups = [[chip.text for chip in group.find_elements(By.CSS_SELECTOR, ".chip")]
-              for group in page.find_elements(By.CSS_SELECTOR, "#ranking li.group")]
+    drag(2, "insert:0")  # response 3 first
+    drag(0, "group:0")  # response 1 ties with it
+    drag(3, "insert:1")  # response 4 below them
+    drag(1, "insert:0")  # response 2 above everything
+    groups = [
+        [chip.text for chip in group.find_elements(By.CSS_SELECTOR, ".chip")]
+        for group in page.find_elements(By.CSS_SELECTOR, "#ranking li.group")
+    ]
     assert groups == [["2"], ["3", "1"], ["4"]]
     press(page, Keys.ENTER)
-    wait_for(lambda: "Recorded" in page.find_element(By.ID, "status").text, what="the submission to be recorded")
+    wait_for(
+        lambda: "Recorded" in page.find_element(By.ID, "status").text, what="the submission to be recorded"
+    )
     [event] = events(redis_server, Stream.comparisons, ComparisonEvent)
     choice = [index for _, index in task_record(redis_server, task_id)["slots"]]
     assert event.ranking == [[choice[1]], [choice[2], choice[0]], [choice[3]]]
