@@ -17,7 +17,9 @@ MAY_IMPORT = {
     "labeler": {"instructloop"},
     "launcher": set(ROOMS) - {"launcher"},
 }
-MAX_MODULE_LINES = 450
+# Counted on ruff-formatted source, which puts each argument of a long call on its own line: the same
+# modules measured ~1.3x longer after the tree was formatted than before (450 unformatted).
+MAX_MODULE_LINES = 600
 
 
 def _modules(room: str) -> list[Path]:
