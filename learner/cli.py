@@ -202,12 +202,21 @@ def export(
 
     configure_logging("INFO", json_logs=False)
     kinds = kind.expand()
+    started = time.monotonic()
     dataset_obj = None
     try:
-        path = exporting.resolve_dataset_path(run_dir, dataset, _default_state_dir())
+        default_run_dir = _default_state_dir() if run_dir is None and dataset is None else Path()
+        path = exporting.resolve_dataset_path(run_dir, dataset, default_run_dir)
         exporting.prepare_out_dir(out, kinds, format, overwrite=force)
         dataset_obj = Dataset(path)
-        log.info("export: reading %s (%s) into %s as %s", path, dataset_obj.counts(), out, format.value)
+        log.info(
+            "export: reading %s %s into %s as %s (the dataset only: events the learner has not yet ingested "
+            "from the Redis streams are not included)",
+            path,
+            dataset_obj.counts(),
+            out,
+            format.value,
+        )
         counts = exporting.export_dataset(dataset_obj, out, kinds, format, excluded_labelers=exclude_labeler)
     except exporting.ExportError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -222,7 +231,7 @@ def export(
     finally:
         if dataset_obj is not None:
             dataset_obj.close()
-    log.info("export: done")
+    log.info("export: done in %.1f s", time.monotonic() - started)
     typer.echo(json.dumps(exporting.summary(counts), indent=2))
 
 

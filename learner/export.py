@@ -294,7 +294,7 @@ def resolve_dataset_path(run_dir: Path | None, dataset: Path | None, default_run
         how = (
             "--dataset"
             if dataset is not None
-            else "--run-dir (the learner's INSTRUCTLOOP_LEARNER_STATE_DIR)"
+            else "the learner's state folder (its INSTRUCTLOOP_LEARNER_STATE_DIR) as --run-dir"
             if run_dir is not None
             else "--run-dir or set INSTRUCTLOOP_LEARNER_STATE_DIR to the learner's state folder, or --dataset"
         )
