@@ -191,22 +191,31 @@ def test_export_round_trips_through_datasets(collected, tmp_path, fmt):
     assert chat_demo["messages"] == CHAT_MESSAGES
 
 
-def test_paged_export_equals_the_cli_export_and_kind_selects_files(collected, tmp_path):
+def test_paged_export_equals_the_cli_export_and_kind_selects_files(collected, tmp_path, caplog):
     state_dir, _, _ = collected
+    dataset = Dataset(state_dir / "dataset.sqlite3")
+    try:  # before the CLI run: the CLI's logging setup replaces caplog's handler on the root logger
+        with caplog.at_level(logging.INFO, logger="learner.export"):
+            counts = export_dataset(
+                dataset,
+                tmp_path / "paged",
+                [ExportKind.pairs],
+                ExportFormat.jsonl,
+                page_size=3,
+                progress_every_s=0,
+            )
+    finally:
+        dataset.close()
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export progress")]
+    assert len(progress) == 4  # 12 comparisons, 3 a page
+    assert progress[-1].startswith("export progress: comparisons 12/12 rows read")
+
     result = run_export("--run-dir", str(state_dir), "--out", str(tmp_path / "cli"), "--kind", "pairs")
     assert result.exit_code == 0, result.output
     assert [p.name for p in (tmp_path / "cli").iterdir()] == ["pairs.jsonl"]
-    dataset = Dataset(state_dir / "dataset.sqlite3")
-    try:
-        counts = export_dataset(
-            dataset, tmp_path / "paged", [ExportKind.pairs], ExportFormat.jsonl, page_size=3
-        )
-    finally:
-        dataset.close()
     assert counts.pairs == json.loads(result.stdout)["pairs"] == 5 + 1 + 0 + 1 + 8 * 3
-    assert (tmp_path / "paged" / "pairs.jsonl").read_bytes() == (
-        tmp_path / "cli" / "pairs.jsonl"
-    ).read_bytes()
+    paged, whole = tmp_path / "paged" / "pairs.jsonl", tmp_path / "cli" / "pairs.jsonl"
+    assert paged.read_bytes() == whole.read_bytes()
 
 
 def test_cli_errors_name_the_fix_and_never_show_a_traceback(collected, tmp_path):
