@@ -1,15 +1,19 @@
-"""``instructloop learner run|once|status`` (settings from ``INSTRUCTLOOP_LEARNER_*``; heavy imports inside)."""
+"""``instructloop learner run|once|status|export`` (settings from ``INSTRUCTLOOP_LEARNER_*``; heavy imports
+inside commands)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 import time
+from pathlib import Path
 
 import typer
 
 from instructloop.logs import redact_url
+from learner.export import ExportFormat, ExportKind
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 log = logging.getLogger("learner")
@@ -168,3 +172,77 @@ def status() -> None:
     finally:
         learner.close()
     typer.echo(json.dumps(out, indent=2))
+
+
+@app.command("export")
+def export(
+    out: Path = typer.Option(..., help="Folder to write into (created): <kind>.jsonl or <kind>.parquet."),
+    run_dir: Path = typer.Option(
+        None,
+        help="The learner's state folder holding dataset.sqlite3 "
+        "(default: INSTRUCTLOOP_LEARNER_STATE_DIR, ~/.cache/instructloop/learner).",
+    ),
+    dataset: Path = typer.Option(None, help="The dataset file itself, instead of --run-dir."),
+    format: ExportFormat = typer.Option(ExportFormat.jsonl, help="File format."),
+    kind: ExportKind = typer.Option(
+        ExportKind.all,
+        help="rankings (K-wise), pairs (chosen/rejected), demonstrations (prompt/completion), or all.",
+    ),
+    exclude_labeler: list[str] = typer.Option(
+        [], help="Leave out every event by this labeler id (repeat the option for several)."
+    ),
+    force: bool = typer.Option(False, help="Overwrite files of an earlier export in --out."),
+) -> None:
+    """Write the collected data (the learner's dataset) as K-wise rankings, chosen/rejected pairs and
+    prompt/completion demonstrations, JSONL or parquet, loadable with `datasets` (schema: docs/data.md).
+    Reads the dataset file only (the learner may keep running); events not yet ingested are not included."""
+    from instructloop.logs import configure_logging
+    from learner import export as exporting
+    from learner.dataset import Dataset
+
+    configure_logging("INFO", json_logs=False)
+    kinds = kind.expand()
+    started = time.monotonic()
+    dataset_obj = None
+    try:
+        default_run_dir = _default_state_dir() if run_dir is None and dataset is None else Path()
+        path = exporting.resolve_dataset_path(run_dir, dataset, default_run_dir)
+        exporting.prepare_out_dir(out, kinds, format, overwrite=force)
+        dataset_obj = Dataset(path)
+        log.info(
+            "export: reading %s %s into %s as %s (the dataset only: events the learner has not yet ingested "
+            "from the Redis streams are not included)",
+            path,
+            dataset_obj.counts(),
+            out,
+            format.value,
+        )
+        counts = exporting.export_dataset(dataset_obj, out, kinds, format, excluded_labelers=exclude_labeler)
+    except exporting.ExportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except (sqlite3.Error, OSError) as exc:
+        typer.echo(
+            f"error: export of {dataset or run_dir or 'the learner dataset'} failed ({exc}); check the "
+            "dataset file and that --out is writable",
+            err=True,
+        )
+        raise typer.Exit(2) from exc
+    finally:
+        if dataset_obj is not None:
+            dataset_obj.close()
+    log.info("export: done in %.1f s", time.monotonic() - started)
+    typer.echo(json.dumps(exporting.summary(counts), indent=2))
+
+
+def _default_state_dir() -> Path:
+    """The learner's ``state_dir`` from its settings (``INSTRUCTLOOP_LEARNER_STATE_DIR``); no Redis needed."""
+    from pydantic import ValidationError
+
+    from learner.settings import Settings
+
+    try:
+        return Settings().state_dir
+    except ValidationError as exc:
+        typer.echo(f"error: invalid learner settings (INSTRUCTLOOP_LEARNER_*): {exc}", err=True)
+        raise typer.Exit(2) from exc

@@ -121,6 +121,15 @@ class StoredComparison:
     comparison: ComparisonEvent
 
 
+@dataclass(frozen=True)
+class StoredEvent:
+    """One row of ``comparisons`` or ``demonstrations`` as stored: its cursor, its split and the event."""
+
+    seq: int
+    heldout: bool
+    event: ComparisonEvent | DemonstrationEvent
+
+
 def _seeded_rank(seed: int, text: str) -> int:
     """A seeded pseudo-random rank of ``text`` (64 bits of blake2b): ordering by it is a seeded shuffle."""
     digest = hashlib.blake2b(
@@ -292,6 +301,36 @@ class Dataset:
             sql += " LIMIT ?"
             args.append(limit)
         return [DemonstrationEvent.model_validate_json(row[0]) for row in self._all(sql, tuple(args))]
+
+    def stored_events(self, table: str, *, after_seq: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Up to ``limit`` rows of ``comparisons`` or ``demonstrations``, both splits, ``seq > after_seq`` in
+        ``seq`` order: a reader pages through a table of any size with it (the export does)."""
+        kinds = {"comparisons": ComparisonEvent, "demonstrations": DemonstrationEvent}
+        if table not in kinds:
+            raise ValueError(f"stored_events reads comparisons or demonstrations, not {table}")
+        rows = self._all(
+            f"SELECT seq, heldout, event FROM {table} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+        )
+        return [
+            StoredEvent(seq, bool(heldout), kinds[table].model_validate_json(raw))
+            for seq, heldout, raw in rows
+        ]
+
+    def chat_of_prompts(self, prompts: Iterable[str]) -> dict[str, bool]:
+        """For each of ``prompts`` that traffic served (a row of ``prompts``): whether it came from the chat
+        route (True if any completion of that exact model input was a chat one). Others are absent."""
+        found: dict[str, bool] = {}
+        distinct = list(dict.fromkeys(prompts))
+        for start in range(0, len(distinct), 500):  # well under SQLite's bound-parameter limit
+            chunk = distinct[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._all(
+                f"SELECT prompt, MAX(chat) FROM prompts WHERE heldout IN (0, 1) AND prompt IN ({marks}) "
+                "GROUP BY prompt",
+                tuple(chunk),
+            )
+            found.update((prompt, bool(chat)) for prompt, chat in rows)
+        return found
 
     def count_prompts(self, *, heldout: bool = False) -> int:
         """Distinct prompt texts of one split."""
