@@ -137,3 +137,29 @@ def test_the_model_loader_pod_is_valid_and_restricted(tmp_path):
 def test_every_component_is_tested_here(component):
     tested = {"model-pvc", "model-hub", "gateway-loadbalancer"}
     assert component in tested, f"k8s/components/{component} has no test in {__file__}"
+
+
+def test_the_example_overlay_in_docs_deploy_md_builds_as_written(tmp_path):
+    """The `deploy/prod/kustomization.yaml` block of docs/deploy.md, in a folder two levels below a checkout."""
+    text = (K8S.parent / "docs" / "deploy.md").read_text()
+    after = text[text.index("(`deploy/prod/kustomization.yaml` in your checkout)") :]
+    start = after.index("```yaml\n") + len("```yaml\n")
+    block = after[start : after.index("\n```", start)]
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "k8s").symlink_to(K8S)  # the checkout's k8s/, as ../../k8s from deploy/prod
+    prod = checkout / "deploy" / "prod"
+    prod.mkdir(parents=True)
+    (prod / "kustomization.yaml").write_text(block)
+    docs = kustomize_build(prod)
+    validate_strict(docs, tmp_path)
+    (ingress,) = objects(docs, "Ingress")
+    assert ingress["spec"]["rules"][0]["host"] == "llm.example.org"
+    assert ingress["spec"]["tls"][0]["hosts"] == ["llm.example.org"]
+    (model_map,) = [
+        c for c in objects(docs, "ConfigMap") if c["metadata"]["name"].startswith("instructloop-model")
+    ]
+    assert model_map["data"]["model"] == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert {e["name"]: e.get("value") for e in container(workload(docs, "serve"))["env"]}[
+        "HF_HUB_OFFLINE"
+    ] == "0"
