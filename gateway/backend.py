@@ -22,6 +22,7 @@ that way before its first byte is retried once on a fresh connection (generation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -35,7 +36,7 @@ from text_generation import AsyncClient
 from text_generation.errors import parse_error
 from text_generation.types import Parameters, Request, Response, StreamResponse
 
-from gateway.discovery import DiscoveryError, DnsDiscovery
+from gateway.discovery import DnsDiscovery
 from gateway.metrics import GatewayMetrics
 from instructloop.wire import BACKEND_KEEP_ALIVE_S, POLICY_VERSION_HEADER, UNKNOWN_VERSION
 
@@ -254,8 +255,8 @@ class Backend:
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         if self.discovery is not None:
-            await self.refresh_replicas()
-            self._discovery_task = asyncio.create_task(self._discovery_loop(), name="backend-discovery")
+            await self.discovery.refresh(self)
+            self._discovery_task = asyncio.create_task(self.discovery.follow(self), name="backend-discovery")
         await self.check_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="backend-health")
 
@@ -296,45 +297,15 @@ class Backend:
             replica = current.pop(url)
             replica.retired, replica.healthy = True, False
             for gauge in (self.metrics.backend_healthy, self.metrics.backend_outstanding):
-                try:
+                with contextlib.suppress(KeyError):  # never checked / never called
                     gauge.remove(url)
-                except KeyError:  # never checked / never called
-                    pass
             if replica.outstanding == 0:
                 self._close_later(replica)
         self.replicas = [current[url] for url in wanted]
         self.metrics.backend_replicas.set(len(self.replicas))
         if added or removed:
-            log.info(
-                "backend replicas changed",
-                extra={"added": added, "removed": removed, "replicas": len(self.replicas)},
-            )
+            log.info("backend replicas changed", extra={"added": added, "removed": removed})
         return added, removed
-
-    async def refresh_replicas(self) -> None:
-        """Resolve ``discovery`` once and apply it; on a failed lookup keep the replicas we have."""
-        assert self.discovery is not None
-        try:
-            urls = await self.discovery.resolve()
-        except DiscoveryError as exc:
-            self.metrics.backend_discovery_errors.inc()
-            log.warning(
-                "backend discovery failed; keeping the current replicas",
-                extra={"error": str(exc), "replicas": [r.url for r in self.replicas]},
-            )
-            return
-        added, _ = self.set_replicas(urls)
-        if added:  # joiners take traffic once healthy: check them now, not at the next health tick
-            await self.check_health([r for r in self.replicas if r.url in added])
-
-    async def _discovery_loop(self) -> None:
-        assert self.discovery is not None
-        while True:
-            await asyncio.sleep(self.discovery.refresh_s)
-            try:
-                await self.refresh_replicas()
-            except Exception:  # a bug here must not stop discovery
-                log.exception("backend discovery failed")
 
     def _close_later(self, replica: Replica) -> None:
         """Close a retired replica's client in the background (``close()`` waits for it)."""

@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from gateway.backend import Backend
+
+log = logging.getLogger(__name__)
 
 
 class DiscoveryError(RuntimeError):
@@ -62,3 +69,28 @@ class DnsDiscovery:
             raise DiscoveryError(f"cannot resolve {self.host!r} (from {self.url}): {exc}") from exc
         addresses = {info[4][0] for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)}
         return sorted(replica_url(self.url, address) for address in addresses)
+
+    async def refresh(self, backend: Backend) -> None:
+        """Resolve once and make the result ``backend``'s replicas; on a failed lookup keep the ones it has
+        (counted in ``gateway_backend_discovery_errors_total``, logged). Joiners are health-checked at once."""
+        try:
+            urls = await self.resolve()
+        except DiscoveryError as exc:
+            backend.metrics.backend_discovery_errors.inc()
+            log.warning(
+                "backend discovery failed; keeping the current replicas",
+                extra={"error": str(exc), "replicas": [r.url for r in backend.replicas]},
+            )
+            return
+        added, _ = backend.set_replicas(urls)
+        if added:  # they take traffic once healthy: check them now, not at the next health tick
+            await backend.check_health([r for r in backend.replicas if r.url in added])
+
+    async def follow(self, backend: Backend) -> None:
+        """``refresh`` every ``refresh_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh(backend)
+            except Exception:  # a bug here must not stop discovery
+                log.exception("backend discovery failed")

@@ -69,10 +69,10 @@ async def test_a_failed_lookup_keeps_the_replicas_and_is_counted():
     metrics = GatewayMetrics()
     port = free_port()
     backend = Backend([], metrics, discovery=DnsDiscovery(f"http://127.0.0.1:{port}"), health_interval_s=3600)
-    await backend.refresh_replicas()
+    await backend.discovery.refresh(backend)
     assert [r.url for r in backend.replicas] == [f"http://127.0.0.1:{port}"]
     backend.discovery = DnsDiscovery(f"http://no-such-serve.invalid:{port}")
-    await backend.refresh_replicas()
+    await backend.discovery.refresh(backend)
     assert [r.url for r in backend.replicas] == [f"http://127.0.0.1:{port}"]
     assert metrics.registry.get_sample_value("gateway_backend_discovery_errors_total") == 1
     await backend.close()
