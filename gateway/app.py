@@ -22,6 +22,7 @@ from gateway import labeling
 from gateway.auth import KeyStore
 from gateway.backend import Backend
 from gateway.deps import GatewayState
+from gateway.discovery import DnsDiscovery
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import APIError
 from gateway.request_context import (
@@ -153,6 +154,11 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
         connect_timeout_s=settings.backend_connect_timeout_s,
         health_interval_s=settings.health_interval_s,
         token=settings.backend_token.get_secret_value() if settings.backend_token else None,
+        discovery=(
+            DnsDiscovery(settings.backends_dns, settings.backends_dns_refresh_s)
+            if settings.backends_dns
+            else None
+        ),
     )
     store = Store(
         settings.redis_url,
@@ -183,10 +189,18 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await backend.start()
+        metrics_server = None
+        if settings.metrics_port:  # /metrics alone, on its own port (the API port does not answer it)
+            from prometheus_client import start_http_server
+
+            metrics_server, _ = start_http_server(
+                settings.metrics_port, addr=settings.host, registry=metrics.registry
+            )
         log.info(
             "gateway started",
             extra={
-                "backends": settings.backends,
+                "backends": settings.backends_dns or settings.backends,
+                "metrics_port": settings.metrics_port or settings.port,
                 "redis": bool(settings.redis_url),
                 "keys": len(state.keys),
                 "dev_mode": settings.dev_mode,
@@ -195,6 +209,8 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
         try:
             yield
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
             await backend.close()
             await store.close()
             state.admin.close()
@@ -252,6 +268,8 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
 
     for module in (completions, chat, models, feedback, demonstrations, admin, health):
         app.include_router(module.router)
+    if not settings.metrics_port:
+        app.include_router(health.metrics_router)
     labeling.install(app, state)  # /label, /label/admin and the task API (gateway/labeling/)
     app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app

@@ -8,7 +8,9 @@ it keeps one aiohttp session per replica (no TCP handshake per call), posts to t
 
 ``Backend`` balances over replicas by least outstanding requests (ties rotate), health-checks them in
 the background (``GET /health``), retries a connect failure on another replica, and raises
-``NoHealthyBackend`` when none is left.
+``NoHealthyBackend`` when none is left. Its replicas are a fixed list of URLs, or (``discovery``) the
+addresses a DNS name resolves to, re-resolved periodically (``gateway/discovery.py``: one replica per
+pod of a headless Service); a replica that leaves the name is retired once its in-flight calls end.
 
 Stale keep-alive connections: a pooled connection the replica closed at the moment it was reused fails
 with "Server disconnected" / "Connection reset" before any answer. That was the gateway's unexplained 502
@@ -20,6 +22,7 @@ that way before its first byte is retried once on a fresh connection (generation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -33,6 +36,7 @@ from text_generation import AsyncClient
 from text_generation.errors import parse_error
 from text_generation.types import Parameters, Request, Response, StreamResponse
 
+from gateway.discovery import DnsDiscovery
 from gateway.metrics import GatewayMetrics
 from instructloop.wire import BACKEND_KEEP_ALIVE_S, POLICY_VERSION_HEADER, UNKNOWN_VERSION
 
@@ -191,6 +195,7 @@ class Replica:
     checked: bool = False
     policy_version: str | None = None
     last_error: str | None = None
+    retired: bool = False  # left the discovered set: no new calls; its client closes when idle
 
 
 STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
@@ -218,7 +223,10 @@ def _translate(exc: Exception) -> BackendError:
 
 
 class Backend:
-    """Least-outstanding-requests balancing over health-checked replicas."""
+    """Least-outstanding-requests balancing over health-checked replicas.
+
+    The replicas are ``urls``, or with ``discovery`` whatever its name resolves to (refreshed every
+    ``discovery.refresh_s``; ``urls`` is then ignored)."""
 
     def __init__(
         self,
@@ -229,31 +237,40 @@ class Backend:
         connect_timeout_s: float = 2.0,
         health_interval_s: float = 2.0,
         token: str | None = None,
+        discovery: DnsDiscovery | None = None,
     ):
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self.replicas = [
-            Replica(url, PolicyAwareClient(url, timeout_s, connect_timeout_s, headers=headers))
-            for url in urls
-        ]
+        self._headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._timeouts = (timeout_s, connect_timeout_s)
         self.metrics = metrics
+        self.discovery = discovery
+        self.replicas: list[Replica] = []
+        self._closing: set[asyncio.Task] = set()
+        if discovery is None:
+            self.set_replicas(urls)
         self.health_interval_s = health_interval_s
         self._rotation = itertools.count()
         self._health_task: asyncio.Task | None = None
+        self._discovery_task: asyncio.Task | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.refresh(self)
+            self._discovery_task = asyncio.create_task(self.discovery.follow(self), name="backend-discovery")
         await self.check_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="backend-health")
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            try:
-                await self._health_task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._discovery_task, self._health_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         for replica in self.replicas:
             await replica.client.close()
+        await asyncio.gather(*self._closing)
 
     async def _health_loop(self) -> None:
         while True:
@@ -263,9 +280,45 @@ class Backend:
             except Exception:  # a bug here must not stop health checking
                 log.exception("health check failed")
 
-    async def check_health(self) -> None:
-        results = await asyncio.gather(*(r.client.health() for r in self.replicas))
-        for replica, (ok, version) in zip(self.replicas, results, strict=True):
+    # ---- discovery ----------------------------------------------------------------------------------
+    def set_replicas(self, urls: list[str]) -> tuple[list[str], list[str]]:
+        """Make ``urls`` the replicas: new ones join unchecked (not picked until a health check passes),
+        ones not listed are retired (no new calls; closed once their in-flight calls end) and their
+        metric series removed. Returns (added, removed)."""
+        wanted = list(dict.fromkeys(urls))
+        current = {r.url: r for r in self.replicas}
+        added = [url for url in wanted if url not in current]
+        removed = [url for url in current if url not in wanted]
+        timeout_s, connect_timeout_s = self._timeouts
+        for url in added:
+            client = PolicyAwareClient(url, timeout_s, connect_timeout_s, headers=self._headers)
+            current[url] = Replica(url, client)
+        for url in removed:
+            replica = current.pop(url)
+            replica.retired, replica.healthy = True, False
+            for gauge in (self.metrics.backend_healthy, self.metrics.backend_outstanding):
+                with contextlib.suppress(KeyError):  # never checked / never called
+                    gauge.remove(url)
+            if replica.outstanding == 0:
+                self._close_later(replica)
+        self.replicas = [current[url] for url in wanted]
+        self.metrics.backend_replicas.set(len(self.replicas))
+        if added or removed:
+            log.info("backend replicas changed", extra={"added": added, "removed": removed})
+        return added, removed
+
+    def _close_later(self, replica: Replica) -> None:
+        """Close a retired replica's client in the background (``close()`` waits for it)."""
+        task = asyncio.get_running_loop().create_task(replica.client.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def check_health(self, replicas: list[Replica] | None = None) -> None:
+        replicas = list(self.replicas if replicas is None else replicas)
+        results = await asyncio.gather(*(r.client.health() for r in replicas))
+        for replica, (ok, version) in zip(replicas, results, strict=True):
+            if replica.retired:  # left the discovered set while we were asking
+                continue
             if ok != replica.healthy or not replica.checked:
                 log.info("backend health", extra={"backend": replica.url, "healthy": ok})
             replica.healthy, replica.checked = ok, True
@@ -291,12 +344,17 @@ class Backend:
     def _count_outstanding(self, replica: Replica, delta: int) -> None:
         """Requests in flight on ``replica`` (what least-outstanding balancing picks by), and its gauge."""
         replica.outstanding += delta
+        if replica.retired:
+            if replica.outstanding == 0:
+                self._close_later(replica)
+            return
         self.metrics.backend_outstanding.labels(replica.url).set(replica.outstanding)
 
     def _mark_down(self, replica: Replica, exc: Exception) -> None:
         replica.healthy = False
         replica.last_error = str(exc)
-        self.metrics.backend_healthy.labels(replica.url).set(0)
+        if not replica.retired:
+            self.metrics.backend_healthy.labels(replica.url).set(0)
         self.metrics.backend_requests.labels(replica.url, "connect_error").inc()
         log.warning(
             "backend connect failed; trying another replica",

@@ -40,6 +40,16 @@ class GatewayMetrics:
             ["backend"],
             registry=r,
         )
+        self.backend_replicas = Gauge(
+            "gateway_backend_replicas",
+            "Backend replicas known: the static list, or the addresses the discovery name resolved to",
+            registry=r,
+        )
+        self.backend_discovery_errors = Counter(
+            "gateway_backend_discovery_errors_total",
+            "Failed lookups of the backend discovery name (the replicas known before are kept)",
+            registry=r,
+        )
         self.backend_outstanding = Gauge(
             "gateway_backend_outstanding", "Requests in flight per backend", ["backend"], registry=r
         )

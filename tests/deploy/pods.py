@@ -8,9 +8,12 @@ Each container runs in its own mount namespace with a root built like a containe
 an overlay of this machine's ``/`` (so the binaries and the project's venv are there), made read-only
 when the container asks for ``readOnlyRootFilesystem``, with the pod's volumes bind-mounted at their
 ``mountPath`` (PVC = a folder per claim shared by the pods that mount it, emptyDir = a folder per pod,
-configMap / secret = their files, mode and fsGroup as the kubelet sets them), an ``/etc/hosts`` mapping
-every Service name to the pod behind it (a Service's port must equal its target port for that to be the
-same path kube-proxy takes; ``service_address`` checks it), and the process started as ``runAsUser`` /
+configMap / secret = their files, mode and fsGroup as the kubelet sets them), an ``/etc/hosts`` standing
+in for the cluster DNS: a headless Service's name maps to every pod it selects that is in its endpoints
+(one line each, as its A records; ``remove_endpoint`` takes a pod out, like the endpoints controller after
+a failed readiness probe, and rewrites every pod's file in place), a ClusterIP Service's name to the first
+pod behind it (its port must equal its target port for that to be the same path kube-proxy takes; checked,
+except for ``entry_services``, which only the Ingress / outside reaches), and the process started as ``runAsUser`` /
 ``runAsGroup`` with ``fsGroup`` as a supplementary group, with exactly the env the kubelet would give it
 (image ENV, then envFrom, then env, with ``$(VAR)`` expansion, secretKeyRef and resourceFieldRef).
 
@@ -98,6 +101,7 @@ class Pod:
     netns: str = ""
     dir: Path = Path()
     containers: list[Container] = field(default_factory=list)
+    in_endpoints: bool = True  # listed in its Services' endpoints (DNS records); see Cluster.remove_endpoint
 
 
 class Cluster:
@@ -113,6 +117,7 @@ class Cluster:
         namespace: str,
         baked_model: Path | None = None,
         venv: Path | None = None,
+        entry_services: frozenset[str] = frozenset(),
     ):
         self.workdir = workdir
         self.config_maps = config_maps
@@ -122,6 +127,7 @@ class Cluster:
         self.namespace = namespace
         self.baked_model = baked_model
         self.venv = venv
+        self.entry_services = entry_services
         self.tag = f"{random.randrange(16**4):04x}"
         self.subnet = self._free_subnet()
         self.node_ip = f"{self.subnet}.1"
@@ -192,23 +198,44 @@ class Cluster:
         return pods[0].ip, int(target)
 
     def hosts_file(self, pod: Pod) -> str:
-        """Service DNS names → the (first) pod each selects. Valid only where port == targetPort (checked)."""
+        """Service DNS names: a headless Service → every pod in its endpoints (one line each, its A records);
+        a ClusterIP Service → the first pod it selects, valid only where port == targetPort (checked)."""
         lines = ["127.0.0.1 localhost", f"{pod.ip} {pod.name}"]
         for svc in self.services:
             name = svc["metadata"]["name"]
             pods = self.pods_for(svc["spec"].get("selector", {}))
             if not pods:
                 continue
+            headless = svc["spec"].get("clusterIP") == "None"
             for port in svc["spec"]["ports"]:
                 _, target = self.service_address(name, port["name"])
-                if svc["spec"].get("type") == "ClusterIP" or svc["spec"].get("clusterIP") == "None":
+                if svc["spec"].get("type", "ClusterIP") == "ClusterIP" and name not in self.entry_services:
                     assert target == port["port"], (
                         f"Service {name} port {port['port']} -> {target}: the test maps Service names to pod IPs "
                         "in /etc/hosts, which needs port == targetPort"
                     )
-            fqdn = f"{name}.{self.namespace}.svc.cluster.local"
-            lines.append(f"{pods[0].ip} {name} {name}.{self.namespace} {name}.{self.namespace}.svc {fqdn}")
+            names = f"{name} {name}.{self.namespace} {name}.{self.namespace}.svc {name}.{self.namespace}.svc.cluster.local"
+            for target_pod in [p for p in pods if p.in_endpoints] if headless else pods[:1]:
+                lines.append(f"{target_pod.ip} {names}")
         return "\n".join(lines) + "\n"
+
+    def write_hosts(self) -> None:
+        """(Re)write every pod's /etc/hosts in place (the containers bind-mount the file, so they see it)."""
+        for pod in self.pods:
+            (pod.dir / "hosts").write_text(self.hosts_file(pod))
+
+    def remove_endpoint(self, pod: Pod) -> None:
+        """What the endpoints controller does once a pod's readiness fails: its Services stop listing it, so a
+        headless Service's name no longer resolves to it."""
+        pod.in_endpoints = False
+        self.write_hosts()
+
+    def kill(self, pod: Pod) -> None:
+        """SIGKILL every container of ``pod`` (a crash or a lost node: no preStop, no graceful drain)."""
+        for container in pod.containers:
+            if container.proc is not None and container.proc.poll() is None:
+                os.killpg(container.proc.pid, signal.SIGKILL)
+                container.proc.wait(timeout=10)
 
     # ---- env and volumes ------------------------------------------------------------------------------
     def container_env(self, pod: Pod, spec: dict, image: Image) -> dict[str, str]:
@@ -325,6 +352,15 @@ class Cluster:
             if host_path.is_relative_to("/tmp"):
                 inside = shlex.quote(f"{root}{host_path}")
                 unmask += [f"mkdir -p {inside}", f"mount --bind {shlex.quote(str(host_path))} {inside}"]
+        # The image installs this checkout. When the venv's editable install points at another checkout
+        # (a venv shared by several worktrees), the pod sees this checkout's packages there (bound over
+        # them in its own mount namespace only; nothing outside the pod changes).
+        installed = installed_checkout(self.venv) if self.venv is not None else None
+        if installed is not None and installed != REPO:
+            for package in sorted(p.parent.name for p in REPO.glob("*/__init__.py")):
+                if (installed / package / "__init__.py").exists():
+                    inside = shlex.quote(f"{root}{installed / package}")
+                    unmask.append(f"mount --bind {shlex.quote(str(REPO / package))} {inside}")
         if image.baked_model and self.baked_model is not None:
             extra += [
                 f"mkdir -p {root}/opt/instructloop",
@@ -332,7 +368,8 @@ class Cluster:
                 f"mount -o remount,bind,ro {root}/opt/instructloop",
             ]
         hosts = pod.dir / "hosts"
-        hosts.write_text(self.hosts_file(pod))
+        if not hosts.exists():
+            hosts.write_text(self.hosts_file(pod))
         upper, work = pod.dir / f"upper-{container.name}", pod.dir / f"work-{container.name}"
         upper.mkdir()
         work.mkdir()
@@ -484,6 +521,23 @@ class Cluster:
         for netns in self._netns:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         shutil.rmtree(self.workdir / "pods", ignore_errors=True)
+
+
+def installed_checkout(venv: Path) -> Path | None:
+    """The checkout the venv imports the project from (an editable install), as a clean env sees it."""
+    result = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import gateway, pathlib; print(pathlib.Path(gateway.__file__).parents[1])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PATH": DOCKER_DEFAULT_PATH},
+        timeout=60,
+    )
+    return Path(result.stdout.strip()).resolve() if result.returncode == 0 else None
 
 
 def expand_shell(value: str, env: dict[str, str]) -> str:

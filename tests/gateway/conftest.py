@@ -183,7 +183,7 @@ def start_gateway(tmp_path, tokenizer) -> Iterator[Callable[..., GatewayServer]]
         keys = {name: append_key(keys_file, name=name, role=Role(role))[0] for name, role in ROLES.items()}
         port = free_port()
         settings = Settings(
-            backends=backends,
+            **({"backends": backends} if backends else {}),  # none: backends_dns in the overrides
             redis_url=redis_url,
             keys_file=keys_file,
             port=port,
