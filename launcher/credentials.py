@@ -26,7 +26,7 @@ What each user may do (nobody may FLUSHALL, FLUSHDB, CONFIG, DEBUG or touch ACLs
 - ``admin``: an operator's user (backups: BGSAVE, CONFIG SET of AOF rewrites; inspection), everything
   but FLUSHALL / FLUSHDB / DEBUG / SWAPDB.
 - ``default``: off: an unauthenticated connection can do nothing (every command answers NOAUTH), and
-  nobody can sign in as it. Its rules are nonetheless ``+@all ~* &*``: Redis (7.0 to 8.2, redis#14541)
+  nobody can sign in as it. Its rules are nonetheless ``+@all ~* &*``: Redis (7.0.15 here; redis#14541)
   replays the AOF at start as ``default`` and re-checks each MULTI/EXEC against that user's rules, so with
   ``-@all`` every transaction in the AOF (a served completion and its event; every feedback event, which
   the Lua script's effects replicate as MULTI/EXEC) was silently dropped at a restart.
@@ -65,8 +65,9 @@ GATEWAY_COMMANDS = {
     # instructloop/registry.py through the admin routes: the policy-changed notification
     "pubsub": "+publish",
 }
-"""Every Redis command the gateway issues, by kind (``tests/launcher/test_redis_acl.py`` runs each code path
-as the ``gateway`` user against the ACL file, so a missing one fails a test)."""
+"""Every Redis command the gateway issues, by kind. The tests run every code path as the ``gateway``
+user against this ACL file (``tests/conftest.py`` ``RedisServer``; ``tests/gateway/labeling/test_acl.py``
+calls each labeling store method), so a missing one fails a test."""
 
 
 def acl_rules(prefix: str = DEFAULT_PREFIX) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""What the labeling page keeps in Redis (all under ``<prefix>:gateway:labeling:``; only the gateway reads it).
+"""What the labeling page keeps in Redis (under ``<prefix>:gateway:labeling:``, read by the gateway only).
 
 | key | type | holds |
 |---|---|---|
