@@ -1,8 +1,9 @@
 """``create_app(settings)``: the gateway's FastAPI app.
 
 Every error leaves in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): ``APIError``
-values from the serving classes, validation errors (422), unknown routes (404), oversized bodies (413)
-and unexpected failures (500). A pure ASGI middleware limits the body size and records per-route
+values from the serving classes, validation errors (422), unknown routes (404), oversized bodies (413),
+Redis refusing the gateway's user a command (500 ``redis_permission_denied``, naming the command and the
+user) and unexpected failures (500). A pure ASGI middleware limits the body size and records per-route
 request counts and latency.
 """
 
@@ -48,7 +49,7 @@ from gateway.serving_chat import ChatServing
 from gateway.serving_completions import CompletionServing
 from gateway.serving_feedback import DemonstrationServing, FeedbackServing
 from gateway.settings import Settings
-from gateway.store import Store
+from gateway.store import Store, StorePermissionDenied
 from instructloop.wire import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,12 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
                 code="not_found" if exc.status_code == 404 else None,
                 headers=dict(exc.headers or {}),
             )
+        )
+
+    @app.exception_handler(StorePermissionDenied)
+    async def _redis_denied(request: Request, exc: StorePermissionDenied) -> JSONResponse:
+        return error_response(
+            APIError(500, exc.message, "server_error", param=None, code="redis_permission_denied")
         )
 
     @app.exception_handler(Exception)

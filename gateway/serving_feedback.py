@@ -249,6 +249,8 @@ class FeedbackServing:
                 headers={"Retry-After": str(refused[1])},
             )
         try:
+            if await self.store.labeler_excluded(principal.key_id):
+                return labeler_excluded(principal)
             event = await self._build(feedback, principal)
             if isinstance(event, APIError):
                 return event
@@ -295,6 +297,17 @@ class FeedbackServing:
         return FeedbackAccepted(id=event_id, duplicate=duplicate)
 
 
+def labeler_excluded(principal: Principal) -> APIError:
+    """The answer to feedback from a key an admin excluded (its events no longer train the reward model)."""
+    return APIError(
+        403,
+        f"an admin excluded the key {principal.key_id!r} from giving feedback; its feedback is not recorded "
+        "and no longer trains the reward model (ask your admin)",
+        "permission_error",
+        code="labeler_excluded",
+    )
+
+
 class DemonstrationServing:
     def __init__(self, settings: Settings, store: Store, metrics: GatewayMetrics, tokenizer: Any = None):
         self.settings = settings
@@ -335,6 +348,9 @@ class DemonstrationServing:
             messages=messages,
         )
         try:
+            if await self.store.labeler_excluded(principal.key_id):
+                self.metrics.demonstrations.labels("excluded").inc()
+                return labeler_excluded(principal)
             event_id, duplicate = await self.store.append_event(
                 Stream.demonstrations,
                 event,

@@ -15,6 +15,9 @@
   ``gateway_rate_limit_fallback_total`` counts it.
 - Redis full (``maxmemory`` reached, OOM answers): counted in ``gateway_redis_oom_total`` and shown by the
   ``gateway_redis_full`` gauge (1 until the next write succeeds): the alert to page on.
+- Redis refusing a command (NOPERM: the gateway's Redis user lacks it in its ACL, a deployment defect and
+  not an outage): ``StorePermissionDenied``, logged as an error naming the command and the user, answered
+  500 (the app's handler), never "redis unavailable".
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import NoPermissionError, OutOfMemoryError, RedisError
 from redis.retry import Retry
 
 from gateway.metrics import GatewayMetrics
 from instructloop.events import CompletionEvent, Event
+from instructloop.labeling import excluded_labelers_key
 from instructloop.streams import Stream, stream_key
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,49 @@ log = logging.getLogger(__name__)
 
 class StoreUnavailable(Exception):
     """Redis is not configured or not reachable; the caller should answer 503 + Retry-After."""
+
+
+class StorePermissionDenied(Exception):
+    """Redis refused a command with NOPERM: the gateway's Redis user is not allowed it (its ACL rules,
+    ``launcher/credentials.py`` ``acl_rules`` and ``k8s/base/config/users.acl.template``). Not an outage and
+    not the client's fault: the app answers 500 naming the command and the user."""
+
+    def __init__(self, operation: str, command: str, user: str, detail: str):
+        self.operation = operation
+        self.command = command
+        self.user = user
+        self.detail = detail
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return (
+            f"Redis refused {self.command} to the gateway's Redis user {self.user!r} (NOPERM: {self.detail}); "
+            "the user's ACL rules lack it, a deployment defect: see launcher/credentials.py acl_rules"
+        )
+
+
+_NOPERM_COMMAND = re.compile(r"run the '([^']+)' command")
+
+
+def denied_command(exc: BaseException) -> str | None:
+    """What Redis refused when ``exc`` is a NOPERM answer (the command, 'a key', 'a channel' or a command of
+    a Lua script); None when ``exc`` is something else."""
+    text = str(exc)
+    if not isinstance(exc, RedisError):
+        return None
+    if isinstance(exc, NoPermissionError) or text.startswith("NOPERM") or "no permissions" in text:
+        found = _NOPERM_COMMAND.search(text)
+        if found:
+            return found.group(1).upper()
+        if "keys" in text or "key " in text:
+            return "access to a key"
+        if "channel" in text:
+            return "access to a channel"
+        return "a command"
+    if "user executing the script can't run" in text:
+        return "a command inside a Lua script"
+    return None
 
 
 class IdempotencyConflict(Exception):
@@ -173,6 +222,7 @@ class Store:
         self.completion_ttl_s = completion_ttl_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self.redis: aioredis.Redis | None = None
+        self.user = unquote(urlsplit(url).username or "default") if url else "default"
         if url:
             self.redis = aioredis.Redis.from_url(
                 url,
@@ -206,6 +256,20 @@ class Store:
             return "redis is full (maxmemory reached)"
         return "redis unavailable"
 
+    def error(self, operation: str, exc: BaseException) -> StoreUnavailable | StorePermissionDenied:
+        """The exception to raise for a failed Redis call: ``StorePermissionDenied`` for NOPERM (logged
+        here, as an error naming the command and the user), else ``StoreUnavailable`` with the reason."""
+        command = denied_command(exc)
+        if command is None:
+            return StoreUnavailable(self._failed(operation, exc))
+        self.metrics.redis_failures.labels(operation).inc()
+        denied = StorePermissionDenied(operation, command, self.user, str(exc))
+        log.error(
+            "redis refused a command (NOPERM): the gateway's Redis user lacks it in its ACL",
+            extra={"operation": operation, "command": command, "redis_user": self.user, "error": str(exc)},
+        )
+        return denied
+
     def _wrote(self) -> None:
         self.metrics.redis_full.set(0)
 
@@ -218,10 +282,16 @@ class Store:
             return False
 
     # ---- completions --------------------------------------------------------------------------------
-    async def save_completion(self, completion: StoredCompletion, events: list[CompletionEvent]) -> bool:
-        """Keep the completion for feedback and log it to the completions stream. Never raises."""
+    async def save_completion(
+        self, completion: StoredCompletion, events: list[CompletionEvent], *, required: bool = False
+    ) -> bool:
+        """Keep the completion for feedback and log it to the completions stream. Never raises, unless
+        ``required`` (the labeling queue, whose task needs it): then a failure raises ``StoreUnavailable`` or
+        ``StorePermissionDenied`` like every other call."""
         if self.redis is None:
             self.metrics.redis_failures.labels("save_completion").inc()
+            if required:
+                raise StoreUnavailable("no Redis configured (set INSTRUCTLOOP_GATEWAY_REDIS_URL)")
             return False
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -232,10 +302,12 @@ class Store:
                     pipe.xadd(stream_key(Stream.completions, self.prefix), event.to_fields())
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            reason = self._failed("save_completion", exc)
+            error = self.error("save_completion", exc)
+            if required:
+                raise error from exc
             log.warning(
                 "completion served but not logged (nothing of it written): %s",
-                reason,
+                error,
                 extra={"completion_id": completion.id, "error": str(exc)},
             )
             return False
@@ -247,7 +319,7 @@ class Store:
         try:
             raw = await self._client().get(self._key("completion", completion_id))
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(self._failed("get_completion", exc)) from exc
+            raise self.error("get_completion", exc) from exc
         return StoredCompletion.from_json(raw) if raw is not None else None
 
     # ---- feedback, demonstrations -------------------------------------------------------------------
@@ -280,7 +352,7 @@ class Store:
                 client=client,
             )
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(self._failed(f"append_{stream.value}", exc)) from exc
+            raise self.error(f"append_{stream.value}", exc) from exc
         event_id = event_id.decode() if isinstance(event_id, bytes) else str(event_id)
         previous_fp = previous_fp.decode() if isinstance(previous_fp, bytes) else str(previous_fp)
         if int(written) == 2:
@@ -290,6 +362,14 @@ class Store:
         if written:
             self._wrote()
         return event_id, not written
+
+    async def labeler_excluded(self, key_id: str) -> bool:
+        """Whether an admin excluded this key's feedback (``instructloop/labeling.py``). Raises like
+        ``append_event``."""
+        try:
+            return bool(await self._client().hexists(excluded_labelers_key(self.prefix), key_id))
+        except (RedisError, OSError) as exc:
+            raise self.error("labeler_excluded", exc) from exc
 
     # ---- rate limits --------------------------------------------------------------------------------
     async def charge(self, key_id: str, budgets: dict[str, tuple[int, int]]) -> tuple[str, int] | None:
@@ -312,7 +392,7 @@ class Store:
                 )
                 return (names[over - 1], wait) if over else None
             except (RedisError, OSError) as exc:
-                self._failed("rate_limit", exc)
+                self.error("rate_limit", exc)  # counted (and a NOPERM logged as an error); never fails open
                 self.metrics.rate_limit_fallback.inc()
         refused = self.local_limiter.charge(key_id, budgets, window)
         return (refused, wait) if refused else None

@@ -9,19 +9,27 @@ rules (``k8s/base/config/users.acl.template``; a test keeps the two equal) from 
 
 What each user may do (nobody may FLUSHALL, FLUSHDB, CONFIG, DEBUG or touch ACLs except ``admin``):
 
-- ``gateway``: write the completions / comparisons / demonstrations streams, its own keys
-  (``<prefix>:gateway:*``: served completions, idempotency keys, rate limits), the policy pointer and the
-  policies stream (admin routes), publish on the policy channel; no stream reads. Also the empty key
-  (a lone ``~``): the feedback script is passed ``""`` as its idempotency key when there is none, and
-  Redis checks every key a script declares.
+- ``gateway``: exactly the commands ``gateway/`` issues (``GATEWAY_COMMANDS``, each with where it comes
+  from). Keys: its own (``<prefix>:gateway:*``: served completions, idempotency keys, rate limits, the
+  labeling page's queue and counters), the two shared labeling keys (guidelines, excluded labelers), the
+  completions / comparisons / demonstrations / policies streams: XADD, and XREVRANGE only (the labeling
+  page's live prompts and the admin dashboard read the newest entries back; no XRANGE / XREAD, no consumer
+  groups, so it can never take or acknowledge the learner's entries); publish on the policy channel. Also
+  the empty key (a lone ``~``): the feedback script is passed ``""`` as its idempotency key when there is
+  none, and Redis checks every key a script declares.
 - ``learner``: consumer groups on every stream (create, read, claim, acknowledge, inspect), the
-  dead-letter and policies streams, the policy pointer, publish on the policy channel.
+  dead-letter and policies streams, the policy pointer, publish on the policy channel, and read the
+  excluded-labelers hash (HKEYS; ``instructloop/labeling.py``) before each reward-model update.
 - ``serve``: read the policy pointer, subscribe to the policy channel. Nothing else.
 - ``exporter`` (redis_exporter in k8s): INFO, CONFIG GET, SCAN and read-only stream inspection.
 - ``probe``: PING (the kubelet's exec probes, ``up``'s health check).
 - ``admin``: an operator's user (backups: BGSAVE, CONFIG SET of AOF rewrites; inspection), everything
   but FLUSHALL / FLUSHDB / DEBUG / SWAPDB.
-- ``default``: off (an unauthenticated connection can do nothing).
+- ``default``: off: an unauthenticated connection can do nothing (every command answers NOAUTH), and
+  nobody can sign in as it. Its rules are nonetheless ``+@all ~* &*``: Redis (7.0.15 here; redis#14541)
+  replays the AOF at start as ``default`` and re-checks each MULTI/EXEC against that user's rules, so with
+  ``-@all`` every transaction in the AOF (a served completion and its event; every feedback event, which
+  the Lua script's effects replicate as MULTI/EXEC) was silently dropped at a restart.
 """
 
 from __future__ import annotations
@@ -33,10 +41,33 @@ import secrets
 from pathlib import Path
 from urllib.parse import quote
 
+from instructloop.labeling import excluded_labelers_key, guidelines_key
 from instructloop.streams import DEFAULT_PREFIX, Stream, policy_channel, stream_key
 
 USERS = ("gateway", "learner", "serve", "exporter", "probe", "admin")
+DEFAULT_USER_RULES = "+@all ~* &*"
+"""Rules of the disabled ``default`` user: only Redis's AOF-loading client runs as it (module docstring)."""
 _CONNECT = "-@all +@connection -@admin -@dangerous"
+
+GATEWAY_COMMANDS = {
+    # gateway/store.py: MULTI/EXEC pipelines (completion + its event; labeling counters); the two Lua
+    # scripts run by EVALSHA, loaded with SCRIPT LOAD when Redis does not know them. The scripts' own calls
+    # are checked against the same rules: GET, SET, XADD (feedback), GET, INCRBY, EXPIRE (rate limits).
+    "transactions": "+multi +exec +discard",
+    "scripts": "+evalsha +script|load",
+    "strings": "+get +set +incrby +del +expire",
+    "streams": "+xadd +xrevrange",
+    # gateway/labeling/store.py: the prompt set, seen prompts, overlap queue, answers, per-labeler counters;
+    # the excluded-labelers hash (gateway/labeling/serving.py)
+    "sets": "+sadd +smismember +smembers",
+    "lists": "+rpush +llen +lrange +lrem",
+    "hashes": "+hset +hdel +hexists +hgetall +hincrby",
+    # instructloop/registry.py through the admin routes: the policy-changed notification
+    "pubsub": "+publish",
+}
+"""Every Redis command the gateway issues, by kind. The tests run every code path as the ``gateway``
+user against this ACL file (``tests/conftest.py`` ``RedisServer``; ``tests/gateway/labeling/test_acl.py``
+calls each labeling store method), so a missing one fails a test."""
 
 
 def acl_rules(prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
@@ -47,12 +78,13 @@ def acl_rules(prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
     )
     channel = f"&{policy_channel(prefix)}"
     pointer = f"~{prefix}:policy:*"
+    labeling = f"~{guidelines_key(prefix)} ~{excluded_labelers_key(prefix)}"
     return {
-        "gateway": f"{_CONNECT} +multi +exec +discard +watch +unwatch +eval +evalsha +script|load +script|exists "
-        f"+get +set +incr +incrby +decrby +expire +ttl +exists +del +xadd +xtrim +xlen +xinfo|groups +xinfo|stream "
-        f"+publish ~{prefix}:gateway:* {streams} {pointer} ~ {channel}",
+        "gateway": f"{_CONNECT} {' '.join(GATEWAY_COMMANDS.values())} "
+        f"~{prefix}:gateway:* {labeling} {streams} ~ {channel}",
         "learner": f"{_CONNECT} +multi +exec +discard +get +set +publish +xadd +xtrim +xlen +xinfo +xgroup "
-        f"+xreadgroup +xautoclaim +xclaim +xack +xpending +xrange ~{prefix}:stream:* {pointer} {channel}",
+        f"+xreadgroup +xautoclaim +xclaim +xack +xpending +xrange +hkeys ~{prefix}:stream:* {pointer} "
+        f"%R~{excluded_labelers_key(prefix)} {channel}",
         "serve": f"{_CONNECT} +get +subscribe +unsubscribe %R~{prefix}:policy:* {channel}",
         "exporter": f"{_CONNECT} +info +config|get +client|list +slowlog|get +slowlog|len +latency|latest +dbsize "
         "+scan +type +xinfo +xlen +memory|usage %R~* &*",
@@ -66,7 +98,7 @@ def password_hash(password: str) -> str:
 
 
 def _acl_text(hashes: dict[str, str], prefix: str) -> str:
-    lines = ["user default off resetkeys resetchannels -@all"]
+    lines = [f"user default off resetkeys resetchannels {DEFAULT_USER_RULES}"]
     for user, rules in acl_rules(prefix).items():
         lines.append(f"user {user} on #{hashes[user]} resetkeys resetchannels {rules}")
     return "\n".join(lines) + "\n"

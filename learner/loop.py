@@ -27,6 +27,7 @@ from instructloop.registry import Registry
 from instructloop.wire import BASE_VERSION
 from learner.admin import follow_rollback, pinned_version
 from learner.dataset import Dataset, TrafficPrompt
+from learner.exclusion import excluded_labelers, without_excluded
 from learner.gate import GateConfig, GateResult, gate_decision, paired_standard_error
 from learner.ingest import Ingestor, IngestStats
 from learner.live_gate import awaiting_live_votes
@@ -197,22 +198,26 @@ class Learner:
         from learner.reward import normalize_reward_bias, train_reward_model
 
         up_to = self.dataset.max_comparison_seq()
-        comparisons = [
-            s.comparison for s in self.dataset.comparisons(after_seq=self.state.rm_cursor, up_to_seq=up_to)
-        ]
-        if not any(c.pairs() for c in comparisons):  # only ties: nothing to learn, move past them
+        excluded = excluded_labelers(self.redis, self.settings.stream_prefix)  # learner/exclusion.py
+        comparisons = without_excluded(
+            (s.comparison for s in self.dataset.comparisons(after_seq=self.state.rm_cursor, up_to_seq=up_to)),
+            excluded,
+        )
+        if not any(c.pairs() for c in comparisons):  # only ties (or excluded labelers): move past them
             self.state.rm_cursor = up_to
             self.store.save(self.state)
             return None
-        heldout = [
-            s.comparison for s in self.dataset.comparisons(heldout=True, limit=HELDOUT_COMPARISONS_MAX)
-        ]
+        heldout = without_excluded(
+            (s.comparison for s in self.dataset.comparisons(heldout=True, limit=HELDOUT_COMPARISONS_MAX)),
+            excluded,
+        )
         log.info(
             "reward model update started",
             extra={
                 "comparisons": len(comparisons),
                 "heldout": len(heldout),
                 "rm_update": self.state.rm_updates + 1,
+                "excluded_labelers": len(excluded),
             },
         )
         with self.metrics.step_seconds.labels("reward_model").time():

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from instructloop.streams import DEFAULT_PREFIX
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -27,19 +29,38 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real redis-server process owned by a test. ``stop``/``start`` simulate an outage."""
+    """A real redis-server process owned by a test, started as ``instructloop up`` starts it: with the stack's
+    own ACL file (``launcher/credentials.py``: ``default`` off, one user per component). A test connects as
+    the user of the component it plays (``url_for("gateway")`` for a gateway, ``"learner"``, ``"serve"``) and
+    sets up or inspects as ``admin`` (``client()``), so a command missing from a user's rules fails a test.
+    ``stop``/``start`` simulate an outage. ``prefix``: the stream prefix the ACL rules are written for."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False):
+    def __init__(self, workdir: Path, appendonly: bool = False, prefix: str = DEFAULT_PREFIX):
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed: run `make install` (apt-get install redis-server)")
+        from launcher.credentials import acl_file_text, ensure_passwords, write_private
+
         self.port = free_port()
         self.workdir = workdir
         self.appendonly = appendonly
+        self.prefix = prefix
+        self.passwords = ensure_passwords(workdir / "passwords.json")
+        self.acl_file = workdir / "users.acl"
+        write_private(self.acl_file, acl_file_text(self.passwords, prefix))
         self.proc: subprocess.Popen | None = None
+
+    def url_for(self, user: str) -> str:
+        """``redis://user:password@127.0.0.1:port/0`` for one of the ACL file's users."""
+        from launcher.credentials import user_url
+
+        return user_url("127.0.0.1", self.port, user, self.passwords[user])
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        raise AttributeError(
+            "RedisServer has no single URL: connect as the component's user, url_for('gateway' | 'learner' | "
+            "'serve'), or url_for('admin') / client() to set up and inspect"
+        )
 
     def start(self) -> None:
         args = [
@@ -52,6 +73,8 @@ class RedisServer:
             "",
             "--dir",
             str(self.workdir),
+            "--aclfile",
+            str(self.acl_file),
             "--daemonize",
             "no",
             "--loglevel",
@@ -61,12 +84,19 @@ class RedisServer:
             ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         )
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        hello = f"AUTH probe {self.passwords['probe']}\r\nPING\r\n".encode()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    sock.sendall(hello)
+                    reply = b""
+                    while reply.count(b"\r\n") < 2:
+                        chunk = sock.recv(64)
+                        if not chunk:
+                            break
+                        reply += chunk
+                    if reply == b"+OK\r\n+PONG\r\n":
                         return
             except OSError:
                 time.sleep(0.02)
@@ -81,10 +111,11 @@ class RedisServer:
                 self.proc.kill()
             self.proc = None
 
-    def client(self):
+    def client(self, user: str = "admin"):
+        """A client as ``user`` (``admin`` by default: the test's own setup and inspection)."""
         import redis
 
-        return redis.Redis.from_url(self.url)
+        return redis.Redis.from_url(self.url_for(user))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ def install(app: Any, state: Any) -> None:
     """Build the labeling serving over the gateway's state and mount the pages and the task API."""
     from prometheus_client import Counter
 
+    from gateway.labeling.admin import LabelingAdminServing
     from gateway.labeling.protocol import LabelingConfig
     from gateway.labeling.serving import LabelingServing
     from gateway.labeling.store import LabelingStore
@@ -38,4 +39,5 @@ def install(app: Any, state: Any) -> None:
         state.admin.registry,
         tasks_counter=tasks,
     )
+    app.state.labeling_admin = LabelingAdminServing(settings, store)
     app.include_router(label.router)

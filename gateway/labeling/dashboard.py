@@ -68,7 +68,11 @@ async def build_dashboard(store: LabelingStore, registry: Registry, now: float) 
     comparisons = await store.read_stream(Stream.comparisons, ComparisonEvent, FEEDBACK_EVENTS)
     demonstrations = await store.read_stream(Stream.demonstrations, DemonstrationEvent, FEEDBACK_EVENTS)
     labelers = []
-    for key_id, row in (await store.labelers()).items():
+    excluded = await store.excluded()
+    rows = await store.labelers()
+    for key_id, record in excluded.items():  # excluded before they ever labeled: listed too
+        rows.setdefault(key_id, {"name": record.get("name") or ""})
+    for key_id, row in rows.items():
         counts = {k: int(v) for k, v in row.items() if k != "name" and v.lstrip("-").isdigit()}
         pairs = counts.pop("pairs", 0)
         agree = counts.pop("agree", 0)
@@ -76,6 +80,7 @@ async def build_dashboard(store: LabelingStore, registry: Registry, now: float) 
             LabelerStats(
                 key_id=key_id,
                 name=row.get("name", ""),
+                excluded=key_id in excluded,
                 agreement=(agree / pairs) if pairs else None,
                 agreement_pairs=pairs,
                 **{k: v for k, v in counts.items() if k in LabelerStats.model_fields},
@@ -83,6 +88,7 @@ async def build_dashboard(store: LabelingStore, registry: Registry, now: float) 
         )
     return Dashboard(
         config=await store.config(),
+        guidelines=await store.guidelines(),
         current=await asyncio.to_thread(registry.current),
         policies=[
             PolicyPoint(time=t, version=e.version, status=e.status.value, reason=e.reason, metrics=e.metrics)

@@ -11,10 +11,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from instructloop.events import OutputFlag
+from instructloop.events import Message, OutputFlag
 
 Mode = Literal["rank", "compare", "demonstration"]
 Rationale = Annotated[str, Field(max_length=4000)]
+GUIDELINES_MAX_CHARS = 20_000
+
+
+class LabelerCounts(BaseModel):
+    """What this labeler submitted (the page shows it as their progress)."""
+
+    rankings: int = 0
+    comparisons: int = 0
+    demonstrations: int = 0
+    skips: int = 0
 
 
 class Whoami(BaseModel):
@@ -23,6 +33,9 @@ class Whoami(BaseModel):
     role: str
     k: int = Field(description="responses per ranking task")
     flags: list[str] = Field(description="the per-output flags a labeler can set")
+    guidelines: str = Field("", description="the admin's labeling guidelines (plain text; empty: none)")
+    counts: LabelerCounts = Field(default_factory=LabelerCounts)
+    excluded: bool = Field(False, description="an admin excluded this key: its feedback is refused")
 
 
 class TaskRequest(BaseModel):
@@ -39,7 +52,12 @@ class TaskResponseItem(BaseModel):
 class Task(BaseModel):
     task_id: str
     mode: Mode
-    prompt: str
+    prompt: str = Field(
+        description="the model input the responses continue (for chat: the rendered template)"
+    )
+    messages: list[Message] | None = Field(
+        default=None, description="chat prompts: the messages (role, content) the prompt was rendered from"
+    )
     responses: list[TaskResponseItem] = Field(
         default_factory=list, description="in display order (slot order)"
     )
@@ -109,9 +127,31 @@ class PromptsUploaded(BaseModel):
     total: int
 
 
+class Guidelines(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(max_length=GUIDELINES_MAX_CHARS, description="plain text; empty removes the guidelines")
+
+
+class ExclusionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(max_length=500)] | None = None
+
+
+class Exclusion(BaseModel):
+    key_id: str
+    excluded: bool
+    name: str = ""
+    by: str | None = None
+    at: float | None = None
+    reason: str | None = None
+
+
 class LabelerStats(BaseModel):
     key_id: str
     name: str
+    excluded: bool = Field(False, description="excluded by an admin: refused, and left out of RM training")
     rankings: int = 0
     comparisons: int = 0
     demonstrations: int = 0
@@ -149,6 +189,7 @@ class LiveWinRate(BaseModel):
 
 class Dashboard(BaseModel):
     config: LabelingConfig
+    guidelines: str = ""
     current: str | None
     policies: list[PolicyPoint]
     labelers: list[LabelerStats]

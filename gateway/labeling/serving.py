@@ -25,10 +25,8 @@ from gateway.backend import Backend, BackendError, Generation
 from gateway.labeling.protocol import (
     CompareSubmission,
     DemonstrationSubmission,
-    LabelingConfig,
+    LabelerCounts,
     Mode,
-    PromptsUploaded,
-    PromptUpload,
     RankSubmission,
     Submitted,
     Task,
@@ -47,7 +45,7 @@ from gateway.protocol import (
     RankingFeedback,
     new_completion_id,
 )
-from gateway.serving_feedback import DemonstrationServing, FeedbackServing
+from gateway.serving_feedback import DemonstrationServing, FeedbackServing, labeler_excluded
 from gateway.settings import Settings
 from gateway.store import Store, StoredChoice, StoredCompletion, StoreUnavailable
 from instructloop.events import OUTPUT_FLAGS, Choice, CompletionEvent, PolicyStatus
@@ -55,6 +53,17 @@ from instructloop.registry import Registry
 from instructloop.wire import BASE_VERSION
 
 log = logging.getLogger(__name__)
+
+
+def storage_unavailable(settings: Settings, reason: StoreUnavailable | None = None) -> APIError:
+    """503 + Retry-After: Redis is down or full (a NOPERM is no outage: ``StorePermissionDenied``, 500)."""
+    return APIError(
+        503,
+        f"labeling storage is unavailable ({reason or 'redis unavailable'}); retry later",
+        "server_error",
+        code="storage_unavailable",
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )
 
 
 class LabelingServing:
@@ -81,35 +90,47 @@ class LabelingServing:
         self.registry = registry
         self.random = random.SystemRandom()
 
-    def _unavailable(self) -> APIError:
-        return APIError(
-            503,
-            "labeling storage is unavailable (redis unavailable); retry later",
-            "server_error",
-            code="storage_unavailable",
-            headers={"Retry-After": str(self.settings.retry_after_s)},
-        )
+    def _unavailable(self, reason: StoreUnavailable | None = None) -> APIError:
+        return storage_unavailable(self.settings, reason)
 
-    def whoami(self, principal: Principal) -> Whoami:
+    async def whoami(self, principal: Principal) -> Whoami | APIError:
+        """Who this key is, the task settings, the admin's guidelines, this labeler's own counts, and
+        whether an admin excluded them."""
+        try:
+            counts = await self.store.labeler(principal.key_id)
+            guidelines = await self.store.guidelines()
+            excluded = await self.store.is_excluded(principal.key_id)
+        except StoreUnavailable as exc:
+            return self._unavailable(exc)
         return Whoami(
             key_id=principal.key_id,
             name=principal.name,
             role=principal.role.value,
             k=self.settings.label_k,
             flags=list(OUTPUT_FLAGS),
+            guidelines=guidelines,
+            counts=LabelerCounts(**{k: int(v) for k, v in counts.items() if k in LabelerCounts.model_fields}),
+            excluded=excluded,
         )
 
     # ---- choosing a prompt --------------------------------------------------------------------------
-    async def _prompt(self, mode: str, principal: Principal) -> tuple[str, str] | APIError:
-        """(prompt, source): a random prompt this labeler has not seen in this mode."""
+    async def _prompt(
+        self, mode: str, principal: Principal
+    ) -> tuple[str, str, list[dict[str, str]] | None] | APIError:
+        """(prompt, source, messages): a random prompt this labeler has not seen in this mode; ``messages``
+        are the chat turns a live chat prompt was rendered from (None for raw text)."""
         config = await self.store.config()
-        sources = [("uploaded", await self.store.uploaded_prompts())]
+        sources: list[tuple[str, dict[str, list[dict[str, str]] | None]]] = [
+            ("uploaded", dict.fromkeys(await self.store.uploaded_prompts()))
+        ]
         if config.live_prompts:
             sources.append(("live", await self.store.live_prompts()))
         candidates = []
         for source, prompts in sources:
             fit = [p for p in prompts if len(p) <= self.settings.max_prompt_chars]
-            candidates += [(p, source) for p in await self.store.unseen(mode, principal.key_id, fit)]
+            candidates += [
+                (p, source, prompts[p]) for p in await self.store.unseen(mode, principal.key_id, fit)
+            ]
         if not candidates:
             where = "the uploaded prompt set" + (
                 " or live traffic" if config.live_prompts else " (live prompts are turned off)"
@@ -188,8 +209,7 @@ class LabelingServing:
                 for c in completion.choices
             ],
         )
-        if not await self.completion_store.save_completion(completion, [event]):
-            return self._unavailable()
+        await self.completion_store.save_completion(completion, [event], required=True)
         return completion
 
     async def _choices(self, prompt: str, params: list[dict[str, Any]]) -> list[Generation] | APIError:
@@ -264,11 +284,13 @@ class LabelingServing:
     async def next_task(self, mode: Mode, principal: Principal) -> Task | APIError:
         try:
             result = await self._next_task(mode, principal)
-        except StoreUnavailable:
-            result = self._unavailable()
+        except StoreUnavailable as exc:
+            result = self._unavailable(exc)
         return self._count(mode, result, "created")
 
     async def _next_task(self, mode: Mode, principal: Principal) -> Task | APIError:
+        if await self.store.is_excluded(principal.key_id):
+            return labeler_excluded(principal)
         task: dict[str, Any] = {
             "task_id": uuid.uuid4().hex,
             "mode": mode,
@@ -283,14 +305,14 @@ class LabelingServing:
             if completion is None:  # expired while waiting
                 overlap = None
         if overlap is not None:
-            prompt, source = overlap["prompt"], overlap["source"]
+            prompt, source, messages = overlap["prompt"], overlap["source"], overlap.get("messages")
             task["overlap_of"] = overlap["labeler"]
         else:
             chosen = await self._prompt(mode, principal)
             if isinstance(chosen, APIError):
                 return chosen
-            prompt, source = chosen
-        task.update(prompt=prompt, source=source)
+            prompt, source, messages = chosen
+        task.update(prompt=prompt, source=source, messages=messages)
         if mode == "rank":
             if overlap is None:
                 completion = await self._generate(prompt, self.settings.label_k, None, principal)
@@ -334,6 +356,7 @@ class LabelingServing:
             task_id=task["task_id"],
             mode=mode,
             prompt=prompt,
+            messages=messages,
             source=source,
             overlap=overlap is not None,
             responses=[
@@ -409,8 +432,8 @@ class LabelingServing:
                 await self._answered(task, idempotency_key)
                 agreement = await self._after_ranking(task, completion_id, ranking, principal, bool(flags))
             return Submitted(id=accepted.id, duplicate=accepted.duplicate, agreement=agreement)
-        except StoreUnavailable:
-            return self._unavailable()
+        except StoreUnavailable as exc:
+            return self._unavailable(exc)
 
     async def _after_ranking(
         self,
@@ -440,6 +463,7 @@ class LabelingServing:
                 {
                     "completion_id": completion_id,
                     "prompt": task["prompt"],
+                    "messages": task.get("messages"),
                     "source": task["source"],
                     "labeler": principal.key_id,
                 }
@@ -472,8 +496,8 @@ class LabelingServing:
                 await self._answered(task, idempotency_key)
                 await self.store.count(principal.key_id, principal.name, comparisons=1)
             return Submitted(id=accepted.id, duplicate=accepted.duplicate)
-        except StoreUnavailable:
-            return self._unavailable()
+        except StoreUnavailable as exc:
+            return self._unavailable(exc)
 
     async def _submit_demonstration(
         self, task_id: str, body: DemonstrationSubmission, principal: Principal, idempotency_key: str | None
@@ -493,8 +517,8 @@ class LabelingServing:
                 await self._answered(task, idempotency_key)
                 await self.store.count(principal.key_id, principal.name, demonstrations=1)
             return Submitted(id=accepted.id, duplicate=accepted.duplicate)
-        except StoreUnavailable:
-            return self._unavailable()
+        except StoreUnavailable as exc:
+            return self._unavailable(exc)
 
     async def submit_rank(
         self, task_id: str, body: RankSubmission, principal: Principal, idempotency_key: str | None
@@ -529,39 +553,5 @@ class LabelingServing:
             await self.store.delete_task(task_id)
             await self.store.count(principal.key_id, principal.name, skips=1)
             return self._count(task["mode"], FeedbackAccepted(id=task_id), "skipped")
-        except StoreUnavailable:
-            return self._unavailable()
-
-    # ---- admin --------------------------------------------------------------------------------------
-    async def config(self) -> LabelingConfig | APIError:
-        try:
-            return await self.store.config()
-        except StoreUnavailable:
-            return self._unavailable()
-
-    async def set_config(self, config: LabelingConfig, principal: Principal) -> LabelingConfig | APIError:
-        try:
-            await self.store.set_config(config)
-        except StoreUnavailable:
-            return self._unavailable()
-        log.info("labeling config changed", extra={"admin": principal.key_id, "config": config.model_dump()})
-        return config
-
-    async def upload_prompts(self, upload: PromptUpload, principal: Principal) -> PromptsUploaded | APIError:
-        too_long = next((p for p in upload.prompts if len(p) > self.settings.max_prompt_chars), None)
-        if too_long is not None:
-            return APIError(
-                400,
-                f"a prompt is longer than {self.settings.max_prompt_chars} characters",
-                param="prompts",
-                code="prompt_too_long",
-            )
-        prompts = [p for p in (p.strip() for p in upload.prompts) if p]
-        try:
-            added, total = await self.store.add_prompts(prompts)
-        except StoreUnavailable:
-            return self._unavailable()
-        log.info(
-            "labeling prompts uploaded", extra={"admin": principal.key_id, "added": added, "total": total}
-        )
-        return PromptsUploaded(added=added, total=total)
+        except StoreUnavailable as exc:
+            return self._unavailable(exc)

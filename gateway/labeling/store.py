@@ -1,4 +1,4 @@
-"""What the labeling page keeps in Redis (all under ``<prefix>:gateway:labeling:``; only the gateway reads it).
+"""What the labeling page keeps in Redis (under ``<prefix>:gateway:labeling:``, read by the gateway only).
 
 | key | type | holds |
 |---|---|---|
@@ -10,6 +10,10 @@
 | ``answer:<completion id>`` | hash | labeler → ranking (choice indices) of a ranked completion (TTL) |
 | ``labeler:<key id>`` | hash | per-labeler counters (rankings, comparisons, ..., agree/pairs) |
 | ``labelers`` | set | key ids that ever labeled |
+
+Two keys live outside that space because they are spelled in ``instructloop/labeling.py`` (the learner
+reads the second): ``<prefix>:labeling:guidelines`` (string, the admin's guidelines text) and
+``<prefix>:labeling:excluded`` (hash, labeler key id -> JSON ``{name, by, at, reason}``).
 
 Prompts from live traffic are read from the completions stream (``XREVRANGE``, the newest ``live_window``
 entries), never copied: turning live prompts off stops using them at once.
@@ -26,8 +30,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.labeling.protocol import LabelingConfig
-from gateway.store import Store, StoreUnavailable
-from instructloop.events import CompletionEvent, Event
+from gateway.store import Store
+from instructloop.events import CompletionEvent, Event, Message
+from instructloop.labeling import excluded_labelers_key, guidelines_key
 from instructloop.streams import Stream, stream_key
 
 log = logging.getLogger(__name__)
@@ -60,8 +65,7 @@ class LabelingStore:
         try:
             return await coro
         except (RedisError, OSError) as exc:
-            self.store.metrics.redis_failures.labels(f"labeling_{operation}").inc()
-            raise StoreUnavailable(str(exc)) from exc
+            raise self.store.error(f"labeling_{operation}", exc) from exc
 
     # ---- config -------------------------------------------------------------------------------------
     async def config(self) -> LabelingConfig:
@@ -95,21 +99,22 @@ class LabelingStore:
         raw = await self._call("prompts", self._redis().lrange(self._key("prompts"), 0, limit - 1))
         return [p.decode() if isinstance(p, bytes) else p for p in raw]
 
-    async def live_prompts(self) -> list[str]:
-        """Distinct prompts of recent live traffic (newest first), without the labeling queue's own."""
+    async def live_prompts(self) -> dict[str, list[Message] | None]:
+        """Distinct prompts of recent live traffic (newest first), without the labeling queue's own: prompt
+        (the model input) -> the chat messages it was rendered from (None for ``/v1/completions``)."""
         entries = await self._call(
             "live",
             self._redis().xrevrange(stream_key(Stream.completions, self.prefix), count=self.live_window),
         )
-        prompts: dict[str, None] = {}
+        prompts: dict[str, list[Message] | None] = {}
         for _, fields in entries:
             try:
                 event = CompletionEvent.from_fields(fields)
             except ValueError:
                 continue
             if event.sampling.get("source") != LABELING_SOURCE:
-                prompts.setdefault(event.prompt, None)
-        return list(prompts)
+                prompts.setdefault(event.prompt, event.messages if event.chat else None)
+        return prompts
 
     async def unseen(self, mode: str, labeler: str, prompts: list[str]) -> list[str]:
         if not prompts:
@@ -168,6 +173,32 @@ class LabelingStore:
         raw = await self._call("answer", work())
         return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
+    # ---- guidelines and excluded labelers (keys of instructloop/labeling.py) -------------------------
+    async def guidelines(self) -> str:
+        raw = await self._call("guidelines", self._redis().get(guidelines_key(self.prefix)))
+        return raw.decode() if isinstance(raw, bytes) else (raw or "")
+
+    async def set_guidelines(self, text: str) -> None:
+        await self._call("guidelines", self._redis().set(guidelines_key(self.prefix), text))
+
+    async def excluded(self) -> dict[str, dict[str, Any]]:
+        """Excluded labelers: key id -> ``{name, by, at, reason}``."""
+        raw = await self._call("excluded", self._redis().hgetall(excluded_labelers_key(self.prefix)))
+        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+
+    async def is_excluded(self, labeler: str) -> bool:
+        key = excluded_labelers_key(self.prefix)
+        return bool(await self._call("excluded", self._redis().hexists(key, labeler)))
+
+    async def exclude(self, labeler: str, record: dict[str, Any]) -> None:
+        key = excluded_labelers_key(self.prefix)
+        await self._call("excluded", self._redis().hset(key, labeler, json.dumps(record)))
+
+    async def include(self, labeler: str) -> bool:
+        """Take a labeler off the excluded list; False when they were not on it."""
+        key = excluded_labelers_key(self.prefix)
+        return bool(await self._call("excluded", self._redis().hdel(key, labeler)))
+
     # ---- per-labeler counters -----------------------------------------------------------------------
     async def count(self, labeler: str, name: str, **increments: int) -> None:
         redis = self._redis()
@@ -182,6 +213,14 @@ class LabelingStore:
                 await pipe.execute()
 
         await self._call("counts", work())
+
+    async def labeler(self, labeler: str) -> dict[str, str]:
+        """One labeler's counters (rankings, comparisons, demonstrations, ...; empty when they never labeled)."""
+        raw = await self._call("counts", self._redis().hgetall(self._key("labeler", labeler)))
+        return {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
 
     async def labelers(self) -> dict[str, dict[str, str]]:
         redis = self._redis()

@@ -11,15 +11,19 @@ import time
 from importlib import resources
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Path, Request
 from fastapi.responses import Response
 
 from gateway.deps import Admin, IdempotencyKey, Labeler
+from gateway.labeling.admin import LabelingAdminServing
 from gateway.labeling.dashboard import build_dashboard
 from gateway.labeling.protocol import (
     CompareSubmission,
     Dashboard,
     DemonstrationSubmission,
+    Exclusion,
+    ExclusionRequest,
+    Guidelines,
     LabelingConfig,
     PromptsUploaded,
     PromptUpload,
@@ -54,6 +58,13 @@ async def _labeling(request: Request) -> LabelingServing:
 
 
 Labeling = Annotated[LabelingServing, Depends(_labeling)]
+
+
+async def _labeling_admin(request: Request) -> LabelingAdminServing:
+    return request.app.state.labeling_admin
+
+
+LabelingAdmin = Annotated[LabelingAdminServing, Depends(_labeling_admin)]
 
 
 def _web_file(name: str) -> bytes:
@@ -97,8 +108,9 @@ async def asset(name: str) -> Response:
 
 @router.get("/v1/label/me", response_model=Whoami, responses=ERRORS)
 async def whoami(labeler: Labeler, serving: Labeling):
-    """Who this key is (the page checks it at sign-in) and the task settings."""
-    return render(serving.whoami(labeler))
+    """Who this key is (the page checks it at sign-in), the task settings, the admin's guidelines, this
+    labeler's own counts and whether an admin excluded them."""
+    return render(await serving.whoami(labeler))
 
 
 @router.post("/v1/label/tasks", response_model=Task, responses=ERRORS)
@@ -165,22 +177,51 @@ async def dashboard(admin: Admin, serving: Labeling):
 
     try:
         return render(await build_dashboard(serving.store, serving.registry, time.time()))
-    except StoreUnavailable:
-        return render(serving._unavailable())
+    except StoreUnavailable as exc:
+        return render(serving._unavailable(exc))
 
 
 @router.get("/v1/admin/labeling/config", response_model=LabelingConfig, responses=ERRORS)
-async def get_config(admin: Admin, serving: Labeling):
+async def get_config(admin: Admin, serving: LabelingAdmin):
     return render(await serving.config())
 
 
 @router.put("/v1/admin/labeling/config", response_model=LabelingConfig, responses=ERRORS)
-async def put_config(body: LabelingConfig, admin: Admin, serving: Labeling):
+async def put_config(body: LabelingConfig, admin: Admin, serving: LabelingAdmin):
     """Turn live-traffic prompts on or off (privacy); name the two versions compare mode shows."""
     return render(await serving.set_config(body, admin))
 
 
+@router.get("/v1/admin/labeling/guidelines", response_model=Guidelines, responses=ERRORS)
+async def get_guidelines(admin: Admin, serving: LabelingAdmin):
+    return render(await serving.guidelines())
+
+
+@router.put("/v1/admin/labeling/guidelines", response_model=Guidelines, responses=ERRORS)
+async def put_guidelines(body: Guidelines, admin: Admin, serving: LabelingAdmin):
+    """The guidelines text labelers see on /label (plain text; empty removes it)."""
+    return render(await serving.set_guidelines(body, admin))
+
+
+@router.put("/v1/admin/labeling/labelers/{key_id}/exclusion", response_model=Exclusion, responses=ERRORS)
+async def exclude_labeler(
+    key_id: Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")],
+    admin: Admin,
+    serving: LabelingAdmin,
+    body: Annotated[ExclusionRequest | None, Body()] = None,
+):
+    """Exclude a labeler: their feedback is refused from now on, and the learner leaves all their
+    comparisons (past and future) out of its next reward-model updates."""
+    return render(await serving.exclude(key_id, body or ExclusionRequest(), admin))
+
+
+@router.delete("/v1/admin/labeling/labelers/{key_id}/exclusion", response_model=Exclusion, responses=ERRORS)
+async def include_labeler(key_id: str, admin: Admin, serving: LabelingAdmin):
+    """Take a labeler off the excluded list (their stored comparisons train later RM updates again)."""
+    return render(await serving.include(key_id, admin))
+
+
 @router.post("/v1/admin/labeling/prompts", response_model=PromptsUploaded, responses=ERRORS)
-async def upload_prompts(body: PromptUpload, admin: Admin, serving: Labeling):
+async def upload_prompts(body: PromptUpload, admin: Admin, serving: LabelingAdmin):
     """Add prompts to the uploaded prompt set (duplicates are ignored)."""
     return render(await serving.upload_prompts(body, admin))

@@ -66,6 +66,7 @@
     if (document.activeElement !== $("compare-a")) $("compare-a").value = a;
     if (document.activeElement !== $("compare-b")) $("compare-b").value = b;
     $("prompt-count").textContent = `${data.uploaded_prompts} uploaded`;
+    if (document.activeElement !== $("guidelines")) $("guidelines").value = data.guidelines;
     return data;
   }
 
@@ -105,13 +106,34 @@
   function drawLabelers(container, labelers) {
     if (!labelers.length) { Charts.empty(container, "Nobody has labeled yet."); return; }
     const pct = (v) => (v === null || v === undefined ? "–" : `${Math.round(v * 100)} %`);
-    const rows = labelers.map((l) => el("tr", {},
+    const rows = labelers.map((l) => el("tr", { dataset: { keyId: l.key_id } },
       el("td", { text: l.name || l.key_id }),
       ...[l.rankings, l.comparisons, l.demonstrations, l.skips, l.flagged, l.overlaps].map((v) => el("td", { class: "num", text: v })),
-      el("td", { class: "num", text: `${pct(l.agreement)} (${l.agreement_pairs} pairs)` })));
-    const head = ["labeler", "rankings", "A/B votes", "demonstrations", "skips", "flagged", "shared items", "agreement"];
+      el("td", { class: "num", text: `${pct(l.agreement)} (${l.agreement_pairs} pairs)` }),
+      el("td", { class: l.excluded ? "excluded" : "", text: l.excluded ? "excluded" : "included" }),
+      el("td", {}, el("button", {
+        type: "button",
+        class: "exclusion",
+        text: l.excluded ? "Include again" : "Exclude",
+        onclick: () => setExcluded(l, !l.excluded),
+      }))));
+    const head = ["labeler", "rankings", "A/B votes", "demonstrations", "skips", "flagged", "shared items", "agreement",
+                  "data", ""];
     clear(container).append(el("table", {}, el("thead", {}, el("tr", {}, head.map((h) => el("th", { text: h })))),
       el("tbody", {}, rows)));
+  }
+
+  async function setExcluded(labeler, excluded) {
+    const who = labeler.name || labeler.key_id;
+    if (excluded && !window.confirm(`Exclude ${who}? Their feedback will be refused, and none of their ` +
+                                    "comparisons will train the reward model from its next update.")) return;
+    try {
+      const path = `/v1/admin/labeling/labelers/${encodeURIComponent(labeler.key_id)}/exclusion`;
+      if (excluded) await api.call("PUT", path, {});
+      else await api.call("DELETE", path);
+      await refresh();
+      $("status").textContent = excluded ? `${who} is excluded.` : `${who} is included again.`;
+    } catch (err) { $("error").textContent = err.message; }
   }
 
   $("signin-form").addEventListener("submit", (event) => {
@@ -128,6 +150,14 @@
       await api.call("PUT", "/v1/admin/labeling/config", body);
       $("status").textContent = "Settings saved.";
       await refresh();
+    } catch (err) { $("error").textContent = err.message; }
+  });
+  $("guidelines-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      await api.call("PUT", "/v1/admin/labeling/guidelines", { text: $("guidelines").value });
+      await refresh();
+      $("status").textContent = "Guidelines saved.";
     } catch (err) { $("error").textContent = err.message; }
   });
   $("prompts-file").addEventListener("change", async () => {

@@ -47,12 +47,32 @@
       $("signin-error").textContent = err.message;
       return;
     }
+    renderMe();
     $("signin").hidden = true;
     $("work").hidden = false;
     $("modes").hidden = false;
     $("signout").hidden = false;
     $("who").textContent = `${state.me.name} · ${state.me.role}`;
     setMode("rank");
+  }
+
+  // The labeler's own counts, the admin's guidelines, and an exclusion notice (from GET /v1/label/me).
+  function renderMe() {
+    const me = state.me;
+    const c = me.counts;
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    $("progress").textContent = `Your work: ${plural(c.rankings, "ranking")} · ` +
+      `${plural(c.comparisons, "comparison")} · ${plural(c.demonstrations, "demonstration")}`;
+    $("guidelines").textContent = me.guidelines;
+    $("guidelines-box").hidden = !me.guidelines;
+    $("excluded").hidden = !me.excluded;
+  }
+
+  async function refreshMe() {
+    try {
+      state.me = await api.call("GET", "/v1/label/me");
+      renderMe();
+    } catch (err) { /* the counts wait for the next answer */ }
   }
 
   function signOut() {
@@ -146,7 +166,7 @@
         text += ` Agreement with the other labeler: ${Math.round(result.agreement * 100)} %.`;
       }
       state.busy = false;
-      await loadTask();
+      await Promise.all([loadTask(), refreshMe()]);
       status(text);
     } catch (err) {
       state.busy = false;
@@ -262,7 +282,19 @@
     $("undo").hidden = state.mode !== "rank";
     $("work").dataset.taskId = task ? task.task_id : "";
     if (!task) return;
-    $("prompt").textContent = task.prompt;
+    // A chat prompt is shown as its messages (role, content), never as the chat template's markup.
+    const chat = Array.isArray(task.messages) && task.messages.length > 0;
+    $("prompt").hidden = chat;
+    $("messages").hidden = !chat;
+    $("prompt").textContent = chat ? "" : task.prompt;
+    clear($("messages"));
+    if (chat) {
+      for (const message of task.messages) {
+        $("messages").append(el("li", { class: `message role-${message.role}` },
+          el("span", { class: "role", text: message.role }),
+          el("pre", { class: "content", text: message.content })));
+      }
+    }
     $("task-meta").textContent = `${task.source === "live" ? "from live traffic" : "from the prompt set"}`;
     if (state.mode === "rank") renderRank(task);
     if (state.mode === "compare") renderCompare(task);

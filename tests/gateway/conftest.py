@@ -205,4 +205,4 @@ def start_gateway(tmp_path, tokenizer) -> Iterator[Callable[..., GatewayServer]]
 @pytest.fixture
 def gateway(start_gateway, serve, redis_server) -> GatewayServer:
     """The usual setup: one serve backend, Redis up."""
-    return start_gateway([serve.url], redis_server.url)
+    return start_gateway([serve.url], redis_server.url_for("gateway"))

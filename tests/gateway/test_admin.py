@@ -65,7 +65,7 @@ def admin(gateway, method: str, path: str, **kwargs):
 
 
 def test_list_promote_pin_rollback(start_gateway, registry_serve, registry_dir, redis_server):
-    gateway = start_gateway([registry_serve.url], redis_server.url, registry_dir=registry_dir)
+    gateway = start_gateway([registry_serve.url], redis_server.url_for("gateway"), registry_dir=registry_dir)
     listed = admin(gateway, "GET", "/policies").json()
     assert [p["version"] for p in listed["data"]] == ["v0001", "v0002", "v0003"]
     assert {p["status"] for p in listed["data"]} == {"candidate"}
@@ -122,7 +122,7 @@ def test_n_choices_come_from_one_policy_version(
     while httpx.get(f"{registry_serve.url}/health").headers["X-Policy-Version"] != "v0002":
         assert time.monotonic() < deadline, "serve did not swap to v0002"
         time.sleep(0.2)
-    gateway = start_gateway([serve.url, registry_serve.url], redis_server.url)
+    gateway = start_gateway([serve.url, registry_serve.url], redis_server.url_for("gateway"))
     versions = {r.url: r.policy_version for r in gateway.state.backend.replicas}
     assert len(set(versions.values())) == 2, versions
     client = gateway.openai("alice")

@@ -74,7 +74,7 @@ def test_probes_need_no_key(gateway, path):
 
 
 def test_rate_limit_per_key(start_gateway, serve, redis_server):
-    gateway = start_gateway([serve.url], redis_server.url, rate_limit_per_minute=3)
+    gateway = start_gateway([serve.url], redis_server.url_for("gateway"), rate_limit_per_minute=3)
     if time.time() % 60 > 55:  # keep the four calls inside one fixed one-minute window
         time.sleep(61 - time.time() % 60)
     with gateway.http("alice") as alice, gateway.http("bob") as bob:

@@ -17,7 +17,7 @@ from tests.gateway.conftest import MODEL_NAME
 
 def test_connect_failure_is_retried_on_another_replica(start_gateway, serve, redis_server):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
-    gateway = start_gateway([dead, serve.url], redis_server.url, health_interval_s=3600)
+    gateway = start_gateway([dead, serve.url], redis_server.url_for("gateway"), health_interval_s=3600)
     replicas = {r.url: r for r in gateway.state.backend.replicas}
     assert replicas[dead].healthy is False and replicas[serve.url].healthy is True
     # a replica that died after its last health check: the checker has not noticed yet
@@ -37,7 +37,7 @@ def test_connect_failure_is_retried_on_another_replica(start_gateway, serve, red
 
 def test_no_healthy_backend_answers_503(start_gateway, redis_server):
     dead = f"http://127.0.0.1:{free_port()}"
-    gateway = start_gateway([dead], redis_server.url)
+    gateway = start_gateway([dead], redis_server.url_for("gateway"))
     with pytest.raises(openai.InternalServerError) as raised:
         gateway.openai("alice").completions.create(model=MODEL_NAME, prompt="anyone?", max_tokens=2)
     assert raised.value.status_code == 503
@@ -51,7 +51,7 @@ def test_no_healthy_backend_answers_503(start_gateway, redis_server):
 def test_least_outstanding_balancing_spreads_concurrent_choices(start_gateway, serve, redis_server):
     # the same serve twice under two names: both healthy, so the n=6 choices must be spread 3/3
     alias = serve.url.replace("127.0.0.1", "localhost")
-    gateway = start_gateway([serve.url, alias], redis_server.url)
+    gateway = start_gateway([serve.url, alias], redis_server.url_for("gateway"))
     gateway.openai("alice").completions.create(model=MODEL_NAME, prompt="spread", max_tokens=2, n=6)
     ok = [
         gateway.metric("gateway_backend_requests_total", f'{{backend="{u}",outcome="ok"}}')

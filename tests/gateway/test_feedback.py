@@ -238,7 +238,7 @@ def test_who_may_rate_which_completion(gateway, redis_server):
 
 
 def test_expired_completion_is_refused(start_gateway, serve, redis_server):
-    gateway = start_gateway([serve.url], redis_server.url, completion_ttl_s=1)
+    gateway = start_gateway([serve.url], redis_server.url_for("gateway"), completion_ttl_s=1)
     completion = make_completion(gateway, n=2)
     time.sleep(2.1)
     response = post(
@@ -280,7 +280,7 @@ def test_concurrent_retries_with_one_key_write_one_event(gateway, redis_server):
 
 
 def test_redis_down_feedback_503_then_retry_succeeds(start_gateway, serve, redis_server_aof):
-    gateway = start_gateway([serve.url], redis_server_aof.url)
+    gateway = start_gateway([serve.url], redis_server_aof.url_for("gateway"))
     completion = make_completion(gateway, n=2)
     body = {"type": "pairwise", "completion_id": completion["id"], "chosen": 0, "rejected": 1}
     redis_server_aof.stop()

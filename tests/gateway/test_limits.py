@@ -52,7 +52,7 @@ def test_request_sizes_are_bounded(gateway):
 def test_generations_and_tokens_are_budgeted_per_key(start_gateway, serve, redis_server):
     gateway = start_gateway(
         [serve.url],
-        redis_server.url,
+        redis_server.url_for("gateway"),
         rate_limit_generations_per_minute=10,
         rate_limit_tokens_per_minute=100_000,
     )
@@ -63,7 +63,7 @@ def test_generations_and_tokens_are_budgeted_per_key(start_gateway, serve, redis
     assert complete(gateway, "bob", prompt="c", n=4).status_code == 200  # another key has its own budget
     assert gateway.metric("gateway_rate_limited_budget_total", '{budget="generations"}') == 1
 
-    tokens = start_gateway([serve.url], redis_server.url, rate_limit_tokens_per_minute=50)
+    tokens = start_gateway([serve.url], redis_server.url_for("gateway"), rate_limit_tokens_per_minute=50)
     assert complete(tokens, prompt="hello", max_tokens=8, n=2).status_code == 200  # ~2×1 + 16 tokens
     over = complete(tokens, prompt="hello", max_tokens=40)
     assert over.status_code == 429 and "tokens per minute" in over.json()["error"]["message"]
@@ -71,7 +71,7 @@ def test_generations_and_tokens_are_budgeted_per_key(start_gateway, serve, redis
 
 def test_rate_limit_does_not_fail_open_when_redis_is_down(start_gateway, serve, redis_server):
     """Finding 9: with Redis down the in-process limiter enforces the same budget (before: every request passed)."""
-    gateway = start_gateway([serve.url], redis_server.url, rate_limit_per_minute=3)
+    gateway = start_gateway([serve.url], redis_server.url_for("gateway"), rate_limit_per_minute=3)
     redis_server.stop()
     with gateway.http("alice") as http:
         statuses = [http.get("/v1/models").status_code for _ in range(4)]
@@ -113,7 +113,7 @@ def test_one_feedback_per_caller_and_completion_first_wins(gateway, redis_server
 
 
 def test_feedback_has_its_own_per_key_budget(start_gateway, serve, redis_server):
-    gateway = start_gateway([serve.url], redis_server.url, feedback_rate_limit_per_minute=2)
+    gateway = start_gateway([serve.url], redis_server.url_for("gateway"), feedback_rate_limit_per_minute=2)
     completions = [make_completion(gateway, prompt=f"budget {i}", n=2) for i in range(3)]
     statuses = [
         post(
@@ -189,7 +189,9 @@ def test_redis_full_completions_serve_feedback_503_nothing_half_written_alert(ga
 def test_every_5xx_is_logged_with_the_request_id(start_gateway, redis_server, caplog):
     from tests.conftest import free_port
 
-    gateway = start_gateway([f"http://127.0.0.1:{free_port()}"], redis_server.url)  # no backend listens
+    gateway = start_gateway(
+        [f"http://127.0.0.1:{free_port()}"], redis_server.url_for("gateway")
+    )  # no backend listens
     caplog.set_level(logging.ERROR, logger="gateway.errors")
     with gateway.http("alice") as http:
         answer = http.post(

@@ -6,7 +6,6 @@ reference agrees (the chat template applied once, by the gateway; the raw prompt
 from __future__ import annotations
 
 import httpx
-import redis as redis_lib
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -64,7 +63,7 @@ def test_learner_query_and_rm_input_are_the_ids_serve_generated_from(
     # the learner's dataset, filled by its real ingestor from the streams
     dataset = Dataset(tmp_path / "dataset.sqlite3", heldout_fraction=0.0)
     ingestor = Ingestor(
-        redis_lib.Redis.from_url(redis_server.url),
+        redis_server.client("learner"),
         dataset,
         prefix=DEFAULT_PREFIX,
         group="contract-test",

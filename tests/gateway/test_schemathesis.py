@@ -22,7 +22,11 @@ MAX_EXAMPLES = 20
 def test_generated_requests_never_get_a_server_error(start_gateway, serve, redis_server):
     # small limits keep each generated completion to a few tokens on the tiny model
     gateway = start_gateway(
-        [serve.url], redis_server.url, max_tokens_limit=8, max_n=3, rate_limit_per_minute=10_000
+        [serve.url],
+        redis_server.url_for("gateway"),
+        max_tokens_limit=8,
+        max_n=3,
+        rate_limit_per_minute=10_000,
     )
     schema = schemathesis.openapi.from_url(f"{gateway.url}/openapi.json").include(path=ROUTES)
     headers = gateway.headers("ada")

@@ -62,8 +62,8 @@ def test_current_pointer_file_only(tmp_path):
 
 
 def test_current_pointer_with_redis_notifies_and_logs(tmp_path, redis_server):
-    client = redis_server.client()
-    pubsub = client.pubsub()
+    client = redis_server.client("learner")  # the registry's writer
+    pubsub = redis_server.client("serve").pubsub()
     pubsub.subscribe("instructloop:policy:changed")
     pubsub.get_message(timeout=1)  # subscribe confirmation
     registry = Registry(tmp_path, redis=client)
@@ -72,7 +72,9 @@ def test_current_pointer_with_redis_notifies_and_logs(tmp_path, redis_server):
     assert registry.current() == "v0001"
     message = pubsub.get_message(timeout=2)
     assert message is not None and message["data"] == b"v0001"
-    events = [PolicyEvent.from_fields(f) for _, f in client.xrange(stream_key(Stream.policies))]
+    events = [
+        PolicyEvent.from_fields(f) for _, f in redis_server.client().xrange(stream_key(Stream.policies))
+    ]
     assert [(e.version, e.status) for e in events] == [
         ("v0001", PolicyStatus.candidate),
         ("v0001", PolicyStatus.promoted),
@@ -84,7 +86,7 @@ def test_current_pointer_with_redis_notifies_and_logs(tmp_path, redis_server):
 def test_rollback_while_redis_is_down_is_not_undone_when_redis_returns(tmp_path, redis_server):
     """Finding 6: the pointer has one source of truth (the CURRENT file). A manual rollback during a Redis
     outage succeeds (the notification is best effort) and stays rolled back once Redis is back."""
-    client = redis_server.client()
+    client = redis_server.client("learner")
     registry = Registry(tmp_path, redis=client)
     for version in ("v0001", "v0002"):
         registry.write_version(version, _save_tensors({"w": torch.ones(1)}))
@@ -94,14 +96,14 @@ def test_rollback_while_redis_is_down_is_not_undone_when_redis_returns(tmp_path,
     registry.set_current("v0001", reason="manual rollback")  # raised ConnectionError before
     assert registry.current() == "v0001"
     redis_server.start()
-    assert Registry(tmp_path, redis=redis_server.client()).current() == "v0001"
+    assert Registry(tmp_path, redis=redis_server.client("learner")).current() == "v0001"
     assert (tmp_path / CURRENT_FILE).read_text() == "v0001\n"
 
 
 def test_a_redis_writer_cannot_move_the_pointer(tmp_path, redis_server):
     """The old Redis key is no copy of the pointer any more: writing it changes nothing a reader sees."""
-    client = redis_server.client()
-    registry = Registry(tmp_path, redis=client)
+    client = redis_server.client()  # admin: anyone who can write Redis
+    registry = Registry(tmp_path, redis=redis_server.client("learner"))
     registry.write_version("v0001", _save_tensors({"w": torch.ones(1)}))
     registry.set_current("v0001")
     client.set("instructloop:policy:current", "rejected-candidate")

@@ -145,8 +145,13 @@ async def test_the_gateway_does_its_job_and_cannot_read_or_forge_elsewhere(acl_r
     finally:
         await store.close()
     gateway = client(port, passwords, "gateway")
-    with pytest.raises(redis_lib.exceptions.NoPermissionError):  # no reading what others posted
+    # newest-first reads only (the labeling page, the dashboard): no XRANGE / XREAD, no consumer groups
+    with pytest.raises(redis_lib.exceptions.NoPermissionError):
         gateway.xrange(stream_key(Stream.comparisons, PREFIX))
+    with pytest.raises(redis_lib.exceptions.NoPermissionError):
+        gateway.xread({stream_key(Stream.comparisons, PREFIX): "0"})
+    with pytest.raises(redis_lib.exceptions.NoPermissionError):
+        gateway.xrevrange(stream_key(Stream.dead_letter, PREFIX))
     with pytest.raises(redis_lib.exceptions.NoPermissionError):  # no keys outside its own
         gateway.set("other:key", "x")
     with pytest.raises(redis_lib.exceptions.NoPermissionError):
@@ -242,3 +247,33 @@ def test_up_wires_acl_users_maxmemory_and_the_serve_token(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_a_restart_replays_the_gateways_transactions_and_scripts_from_the_aof(tmp_path):
+    """Redis replays the AOF as ``default`` and re-checks each MULTI/EXEC against its rules (redis#14541):
+    with ``default`` at ``-@all`` a restart silently dropped every served completion (MULTI) and feedback
+    event (the Lua script's effects), though ``default`` stays off for every connection."""
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path, appendonly=True)
+    server.start()
+    store = Store(
+        server.url_for("gateway"), PREFIX, GatewayMetrics(), completion_ttl_s=60, idempotency_ttl_s=60
+    )
+    try:
+        stored = StoredCompletion("cmpl-1", "k", ["p"], [StoredChoice(0, "a", "stop", 0, 1)], "base", False)
+        assert await store.save_completion(stored, [completion(1)])
+        await store.append_event(Stream.comparisons, comparison(1), idempotency_key="k1", caller="k")
+        server.stop()
+        server.start()
+        admin = server.client()
+        assert admin.exists(f"{PREFIX}:gateway:completion:cmpl-1")
+        assert admin.xlen(stream_key(Stream.completions, PREFIX)) == 1
+        assert admin.xlen(stream_key(Stream.comparisons, PREFIX)) == 1
+        with pytest.raises(redis_lib.AuthenticationError):
+            redis_lib.Redis(port=server.port).get("x")
+        with pytest.raises(redis_lib.AuthenticationError):
+            redis_lib.Redis(port=server.port, username="default", password="").ping()
+    finally:
+        await store.close()
+        server.stop()

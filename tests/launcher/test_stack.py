@@ -289,7 +289,7 @@ def test_sigterm_to_the_supervisor_ends_watch(tmp_path: Path, supervisors):
 
 
 def test_redis_health_against_a_real_redis(redis_server):
-    assert redis_health(redis_server.url)()
+    assert redis_health(redis_server.url_for("probe"))()
     assert not redis_health(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)()
 
 

@@ -10,7 +10,6 @@ import json
 import urllib.request
 
 import pytest
-import redis as redis_lib
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -32,7 +31,7 @@ def learner_settings(redis_server, tmp_path, tiny_model_dir, monkeypatch):
     corpus.write_text(PTX_TEXT)
     # the gate always passes: these tests are about what happens to a candidate that passed it
     env = learner_env(
-        redis_server.url,
+        redis_server.url_for("learner"),
         tiny_model_dir,
         tmp_path / "state",
         tmp_path / "registry",
@@ -77,7 +76,7 @@ def test_pin_holds_back_candidates_and_rollback_restarts_the_policy(
     redis_server, learner_settings, monkeypatch, training
 ):
     monkeypatch.setenv("INSTRUCTLOOP_LEARNER_TRAINING", training)
-    client = redis_lib.Redis.from_url(redis_server.url)
+    client = redis_server.client()
     learner = Learner(Settings(), metrics=LearnerMetrics(), progress=False)
     registry = Registry(learner.settings.registry_dir, redis=client, prefix=PREFIX)
     try:
@@ -130,7 +129,7 @@ def test_a_waiting_learner_says_why_with_the_knob(redis_server, learner_settings
     port = free_port()
     metrics.serve(port, addr="127.0.0.1")
     learner = Learner(Settings(), metrics=metrics, progress=False)
-    client = redis_lib.Redis.from_url(redis_server.url)
+    client = redis_server.client()
     try:
         push(client, 10, 0)
         assert not learner.round().trained
@@ -187,7 +186,7 @@ def test_ppo_waits_for_a_reward_model_trained_on_min_rm_comparisons(
 ):
     monkeypatch.setenv("INSTRUCTLOOP_LEARNER_MIN_RM_COMPARISONS", "16")
     learner = Learner(Settings(), metrics=LearnerMetrics(), progress=False)
-    client = redis_lib.Redis.from_url(redis_server.url)
+    client = redis_server.client()
     try:
         push(client, 14, 0)
         report = learner.round()

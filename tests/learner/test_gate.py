@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import redis as redis_lib
 
 from instructloop.events import PolicyEvent, PolicyStatus
 from instructloop.registry import Registry
@@ -115,8 +114,8 @@ def _policy_events(client):
 def test_publish_promotes_and_rejected_never_becomes_current(redis_server, tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    client = redis_lib.Redis.from_url(redis_server.url)
-    registry = Registry(tmp_path / "registry", redis=client, prefix=PREFIX)
+    client = redis_server.client()
+    registry = Registry(tmp_path / "registry", redis=redis_server.client("learner"), prefix=PREFIX)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     good = GateResult(promote=True, reasons=["reward up"], metrics={"candidate_reward_mean": 1.0})
@@ -209,8 +208,8 @@ def test_gate_on_real_models_rejects_the_worse_policy_and_keeps_the_incumbent(
     assert evaluations["good"]["reward_mean"] > evaluations["bad"]["reward_mean"]
     gate = GateConfig(min_reward_gain=0.0, kl_ceiling=1000.0)
 
-    client = redis_lib.Redis.from_url(redis_server.url)
-    registry = Registry(tmp_path / "registry", redis=client, prefix=PREFIX)
+    client = redis_server.client()
+    registry = Registry(tmp_path / "registry", redis=redis_server.client("learner"), prefix=PREFIX)
     assert len(evaluations["good"]["scores"]) == len(PROMPTS)
     assert sum(evaluations["good"]["scores"]) / len(PROMPTS) == pytest.approx(
         evaluations["good"]["reward_mean"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import redis as redis_lib
 
 from instructloop.events import ComparisonEvent
 from instructloop.streams import Stream, stream_key
@@ -17,7 +16,9 @@ from tests.learner.helpers import PREFIX, comparison, completion, demonstration,
 
 @pytest.fixture
 def client(redis_server):
-    client = redis_lib.Redis.from_url(redis_server.url)
+    """The learner's own user: the ingestor under test reads and acknowledges with it (and the tests' XADDs,
+    which the learner's rules allow, stand in for the gateway's)."""
+    client = redis_server.client("learner")
     yield client
     client.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import redis as redis_lib
 
 from instructloop.events import ComparisonEvent, PolicyEvent, PolicyStatus
 from instructloop.registry import Registry
@@ -20,7 +19,7 @@ def test_a_listed_candidate_waits_for_live_votes_which_then_decide_the_gate(
     corpus = tmp_path / "ptx.txt"
     corpus.write_text(PTX_TEXT)
     env = learner_env(
-        redis_server.url,
+        redis_server.url_for("learner"),
         tiny_model_dir,
         tmp_path / "state",
         tmp_path / "registry",
@@ -31,8 +30,8 @@ def test_a_listed_candidate_waits_for_live_votes_which_then_decide_the_gate(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     learner = Learner(Settings(), progress=False)
-    client = redis_lib.Redis.from_url(redis_server.url)
-    registry = Registry(tmp_path / "registry", redis=client, prefix=PREFIX)
+    client = redis_server.client()
+    registry = Registry(tmp_path / "registry", redis=redis_server.client("learner"), prefix=PREFIX)
     try:
         for i in range(24):
             xadd(client, Stream.comparisons, comparison(i))

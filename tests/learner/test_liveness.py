@@ -52,7 +52,11 @@ def test_the_main_loop_keeps_the_heartbeat_fresh_and_it_goes_stale_once_the_loop
     tmp_path, redis_server
 ):
     settings = _settings(
-        tmp_path, redis_server.url, poll_interval_s=0.2, read_block_ms=100, liveness_max_age_s=1.0
+        tmp_path,
+        redis_server.url_for("learner"),
+        poll_interval_s=0.2,
+        read_block_ms=100,
+        liveness_max_age_s=1.0,
     )
     metrics = LearnerMetrics()
     learner = Learner(settings, metrics=metrics, progress=False)

@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import redis as redis_lib
 from typer.testing import CliRunner
 
 from instructloop.events import PolicyEvent, PolicyStatus
@@ -50,7 +49,7 @@ def push_round_of_events(client, n: int = 24, offset: int = 0) -> None:
 
 @pytest.mark.parametrize("training", ["lora", "full"])
 def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_dir, ptx_corpus, training):
-    client = redis_lib.Redis.from_url(redis_server.url)
+    client = redis_server.client()
     push_round_of_events(client)
     xadd(client, Stream.comparisons, comparison(0))  # a duplicate delivery
     client.xadd(stream_key(Stream.comparisons, PREFIX), {"event": "garbage"})
@@ -58,7 +57,7 @@ def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_di
         **os.environ,
         "PYTHONPATH": str(REPO),
         **learner_env(
-            redis_server.url,
+            redis_server.url_for("learner"),
             tiny_model_dir,
             tmp_path / "state",
             tmp_path / "registry",
@@ -84,7 +83,7 @@ def test_learner_once_trains_and_publishes(redis_server, tmp_path, tiny_model_di
     version = summary["version"]
     assert version == "v0001" and isinstance(summary["promoted"], bool)
 
-    registry = Registry(tmp_path / "registry", redis=client, prefix=PREFIX)
+    registry = Registry(tmp_path / "registry", redis=redis_server.client("learner"), prefix=PREFIX)
     manifest = registry.verify(version)
     if training == "lora":  # a standard PEFT folder over the base, which it names by sha256
         assert manifest.kind == VersionKind.adapter and set(manifest.files) == {
@@ -118,7 +117,7 @@ def test_learner_thresholds_metrics_and_graceful_stop(
 ):
     """In process: nothing trains below the thresholds; a round above them trains; metrics are served."""
     env = learner_env(
-        redis_server.url,
+        redis_server.url_for("learner"),
         tiny_model_dir,
         tmp_path / "state",
         tmp_path / "registry",
@@ -133,7 +132,7 @@ def test_learner_thresholds_metrics_and_graceful_stop(
     port = free_port()
     metrics.serve(port, addr="127.0.0.1")
     learner = Learner(settings, metrics=metrics, progress=False)
-    client = redis_lib.Redis.from_url(redis_server.url)
+    client = redis_server.client()
     try:
         push_round_of_events(client, n=10)
         report = learner.round()
@@ -171,11 +170,16 @@ def test_a_ppo_round_waits_for_an_rm_update_or_prompts_never_served_before(
     """After a round, traffic that only asks the same prompts again is not new data: the next round waits
     (and says so) until the RM changes or ``min_prompts`` prompts never served before arrive."""
     for name, value in learner_env(
-        redis_server.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus, min_prompts=8
+        redis_server.url_for("learner"),
+        tiny_model_dir,
+        tmp_path / "state",
+        tmp_path / "registry",
+        ptx_corpus,
+        min_prompts=8,
     ).items():
         monkeypatch.setenv(name, value)
     learner = Learner(Settings(), progress=False)
-    client = redis_lib.Redis.from_url(redis_server.url)
+    client = redis_server.client()
     try:
         push_round_of_events(client, n=24)
         assert learner.round().ppo is not None and learner.state.ppo_rounds == 1
@@ -203,11 +207,13 @@ def test_the_learner_waits_for_a_redis_that_starts_after_it_and_names_the_knob_w
     """Components of one deployment start together: a learner up before its Redis waits (and says so)
     instead of exiting; one whose Redis never answers exits (2) after REDIS_CONNECT_TIMEOUT_S, naming it."""
     (tmp_path / "redis").mkdir()
-    late = RedisServer(tmp_path / "redis")
+    late = RedisServer(tmp_path / "redis", prefix=PREFIX)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        **learner_env(late.url, tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus),
+        **learner_env(
+            late.url_for("learner"), tiny_model_dir, tmp_path / "state", tmp_path / "registry", ptx_corpus
+        ),
     }
     learner = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "learner", "once"],

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import redis as redis_lib
 import torch
 
 from instructloop.events import PolicyEvent, PolicyStatus
@@ -135,13 +134,15 @@ class LearnerProcess:
 
 
 def test_sigkill_at_any_point_loses_and_duplicates_nothing(redis_server_aof, tmp_path, tiny_model_dir):
-    client = redis_lib.Redis.from_url(redis_server_aof.url)
+    client = redis_server_aof.client()
     (tmp_path / "ptx.txt").write_text(PTX_TEXT)
     state_dir, registry_dir = tmp_path / "state", tmp_path / "registry"
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        **learner_env(redis_server_aof.url, tiny_model_dir, state_dir, registry_dir, tmp_path / "ptx.txt"),
+        **learner_env(
+            redis_server_aof.url_for("learner"), tiny_model_dir, state_dir, registry_dir, tmp_path / "ptx.txt"
+        ),
     }
     comparisons, prompts, malformed = set(), set(), set()
 

@@ -87,7 +87,7 @@ def _save_version(registry: Registry, version: str, model_dir: Path, tokenizer, 
 async def test_hot_swap_under_load(start_server, varied_model_dir, tokenizer, tmp_path, redis_server):
     new_dir = build_tiny_model_dir(tmp_path / "new-weights", tokenizer, seed=1, initializer_range=0.3)
     registry_dir = tmp_path / "registry"
-    registry = Registry(registry_dir, redis=redis_server.client())
+    registry = Registry(registry_dir, redis=redis_server.client("learner"))
     _save_version(registry, "v0001", new_dir, tokenizer)
     expected = {
         "base": hf_greedy(varied_model_dir, PROMPTS, [MAX_NEW] * len(PROMPTS)),
@@ -101,7 +101,7 @@ async def test_hot_swap_under_load(start_server, varied_model_dir, tokenizer, tm
         device="cpu",
         max_batch_size=8,
         registry_dir=str(registry_dir),
-        redis_url=redis_server.url,
+        redis_url=redis_server.url_for("serve"),
         poll_interval_s=30,
     )
     assert httpx.get(f"{server.url}/info").json()["policy_version"] == "base"
@@ -228,14 +228,14 @@ def test_starts_on_the_registry_current_version(start_server, varied_model_dir, 
 def test_missed_message_is_caught_by_polling_the_current_file(
     start_server, varied_model_dir, tokenizer, tmp_path, redis_server
 ):
-    registry = Registry(tmp_path / "registry", redis=redis_server.client())
+    registry = Registry(tmp_path / "registry", redis=redis_server.client("learner"))
     new_dir = build_tiny_model_dir(tmp_path / "v1", tokenizer, seed=4, initializer_range=0.3)
     _save_version(registry, "v0001", new_dir, tokenizer)
     server = start_server(
         model=str(varied_model_dir),
         device="cpu",
         registry_dir=str(tmp_path / "registry"),
-        redis_url=redis_server.url,
+        redis_url=redis_server.url_for("serve"),
         poll_interval_s=0.2,
     )
     Registry(tmp_path / "registry").set_current("v0001")  # the pointer changes, no message is published

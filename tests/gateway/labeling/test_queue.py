@@ -17,7 +17,7 @@ from tests.gateway.conftest import MODEL_NAME
 def labeling_gateway(start_gateway, serve, redis_server):
     def start(**overrides):
         settings = {"label_k": 3, "label_max_tokens": 4, "label_overlap_rate": 0.0, **overrides}
-        return start_gateway([serve.url], redis_server.url, **settings)
+        return start_gateway([serve.url], redis_server.url_for("gateway"), **settings)
 
     return start
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import redis
 from selenium.webdriver.common.by import By
 
 from gateway.labeling.quality import pair_agreement
@@ -71,7 +70,7 @@ HISTORY = [  # version, decision, gate metrics
 def test_dashboard_draws_the_history_and_changes_settings(
     start_gateway, serve, redis_server, tiny_model_dir, tmp_path, page
 ):
-    registry = Registry(tmp_path / "registry", redis=redis.Redis.from_url(redis_server.url))
+    registry = Registry(tmp_path / "registry", redis=redis_server.client("learner"))
     for seed, (version, decision, metrics) in enumerate(HISTORY):
         write_adapter_version(registry, version, tiny_model_dir, seed, metrics=metrics)
         reason = (
@@ -83,7 +82,7 @@ def test_dashboard_draws_the_history_and_changes_settings(
             registry.set_status(version, PolicyStatus.rejected, reason=reason + "; live win-rate 0.420 < 0.5")
     gateway = start_gateway(
         [serve.url],
-        redis_server.url,
+        redis_server.url_for("gateway"),
         registry_dir=tmp_path / "registry",
         label_k=3,
         label_max_tokens=4,

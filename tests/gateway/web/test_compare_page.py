@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import redis
 from selenium.webdriver.common.by import By
 
 from instructloop.events import ComparisonEvent, PolicyEvent
@@ -69,7 +68,7 @@ def test_compare_votes_name_both_versions_and_decide_the_gate(
     from learner.publish import publish_candidate
 
     gateway = start_gateway(
-        [versioned_serve.url], redis_server.url, registry_dir=registry_dir, label_max_tokens=6
+        [versioned_serve.url], redis_server.url_for("gateway"), registry_dir=registry_dir, label_max_tokens=6
     )
     upload_prompts(gateway, [f"Question {i}: what is {i} plus {i}?" for i in range(VOTES + 2)])
 
@@ -117,7 +116,7 @@ def test_compare_votes_name_both_versions_and_decide_the_gate(
     # 3. The learner ingests the votes; its live win-rate is what the gate checks.
     dataset = Dataset(tmp_path / "dataset.sqlite3")
     ingestor = Ingestor(
-        redis.Redis.from_url(redis_server.url),
+        redis_server.client("learner"),
         dataset,
         prefix="instructloop",
         group="learner",
@@ -133,7 +132,7 @@ def test_compare_votes_name_both_versions_and_decide_the_gate(
     result = gate_decision(candidate, incumbent, config, live_win_rate=(rate, pairs))
     assert not result.promote
     assert any(r.startswith(f"live win-rate {rate:.3f} < 0.5 over {pairs} pairs") for r in result.reasons)
-    registry = Registry(registry_dir, redis=redis.Redis.from_url(redis_server.url))
+    registry = Registry(registry_dir, redis=redis_server.client("learner"))
     publish_candidate(registry, CANDIDATE, None, None, result, parent=None)
     [policy] = [
         PolicyEvent.from_fields(f) for _, f in redis_server.client().xrange(stream_key(Stream.policies))

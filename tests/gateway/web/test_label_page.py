@@ -78,7 +78,9 @@ def markup_serve(tokenizer, tmp_path_factory):
 
 @pytest.fixture
 def gateway(start_gateway, serve, redis_server):
-    return start_gateway([serve.url], redis_server.url, label_k=4, label_max_tokens=6, label_overlap_rate=0.0)
+    return start_gateway(
+        [serve.url], redis_server.url_for("gateway"), label_k=4, label_max_tokens=6, label_overlap_rate=0.0
+    )
 
 
 def test_labeler_ranks_four_by_keyboard_with_a_tie_and_the_stream_holds_that_ranking(
@@ -140,7 +142,9 @@ def test_a_wrong_key_shows_a_clear_error_and_an_admin_key_is_refused(gateway, pa
 def test_a_model_answer_with_a_script_tag_is_shown_as_text_and_runs_nothing(
     start_gateway, markup_serve, redis_server, page
 ):
-    gateway = start_gateway([markup_serve.url], redis_server.url, label_k=2, label_max_tokens=12)
+    gateway = start_gateway(
+        [markup_serve.url], redis_server.url_for("gateway"), label_k=2, label_max_tokens=12
+    )
     upload_prompts(gateway, ["Say hi"])
     sign_in(page, f"{gateway.url}/label", gateway.keys["lara"])
     page.execute_script("window.alert = () => { window.__alerted = true; };")  # before the task renders
