@@ -81,7 +81,10 @@ async def test_a_failed_lookup_keeps_the_replicas_and_is_counted():
 def test_gateway_finds_serve_by_name_and_balances_over_what_it_resolved(start_gateway, serve, redis_server):
     port = serve.url.rsplit(":", 1)[1]
     gateway = start_gateway(
-        [], redis_server.url, backends_dns=f"http://localhost:{port}", backends_dns_refresh_s=0.2
+        [],
+        redis_server.url_for("gateway"),
+        backends_dns=f"http://localhost:{port}",
+        backends_dns_refresh_s=0.2,
     )
     client = gateway.openai("alice")
     assert len(client.completions.create(model=MODEL_NAME, prompt="found", max_tokens=2, n=2).choices) == 2
@@ -115,7 +118,7 @@ def test_metrics_port_moves_metrics_off_the_api_port(start_gateway, serve, redis
     import httpx
 
     metrics_port = free_port()
-    gateway = start_gateway([serve.url], redis_server.url, metrics_port=metrics_port)
+    gateway = start_gateway([serve.url], redis_server.url_for("gateway"), metrics_port=metrics_port)
     with gateway.http() as http:
         public = http.get("/metrics")
         assert http.get("/healthz").status_code == 200

@@ -9,7 +9,6 @@ from collections import Counter
 
 import datasets
 import pytest
-import redis as redis_lib
 from typer.testing import CliRunner
 
 from instructloop.events import Choice, CompletionEvent, ranking_pairs
@@ -81,7 +80,9 @@ def collected(redis_server, tmp_path, tokenizer):
         demonstration(1),
         demonstration(2, labeler_id="excluded-labeler"),
     ]
-    client = redis_lib.Redis.from_url(redis_server.url)
+    client = redis_server.client(
+        "learner"
+    )  # the ingestor's user; its rules allow the XADDs standing in for the gateway
     for event in completions:
         xadd(client, Stream.completions, event)
     for event in comparisons:
