@@ -2,10 +2,14 @@
 
 One table per kind of event, ``event_id`` unique in each, so a re-delivered event is dropped by the
 database itself. Every row gets an increasing ``seq`` (the dataset cursor: the checkpoint remembers up to
-which ``seq`` the reward model has trained) and a fixed ``heldout`` flag derived from a hash of the event's
-``prompt`` (the exact model input), so the split never changes across restarts and a prompt lives in one
-split only: a prompt asked again, ranked again or demonstrated again lands where it landed before, and the
-gate and the RM's held-out accuracy are measured on prompts that nothing trained on.
+which ``seq`` the reward model has trained) and a ``heldout`` flag that follows its ``prompt`` (the exact
+model input): a prompt lives in one split only, and a prompt asked, ranked or demonstrated again lands where
+it is. The split (``heldout_cutoff``) ranks every distinct prompt by a hash and holds out those below
+``max(heldout_fraction, the k-th lowest hash)``, ``k = min(heldout_min_prompts, prompts // 4)``: the hash
+share alone holds out none of 16 prompts 18 % of the time, this holds out at least 2 of 8 and 4 of 16. It is
+deterministic in the set of prompts. While the minimum binds, a new prompt with a lower hash moves the
+highest held-out one into training, and crossing a multiple of 4 prompts can move a training prompt out;
+once the hash share holds ``heldout_min_prompts`` prompts the split never changes again.
 
 Tables:
     comparisons      a ``ComparisonEvent`` per row (prompt, K responses, ranking, policy versions)
@@ -72,6 +76,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     ingested_at REAL NOT NULL,
     PRIMARY KEY (stream, entry_id)
 );
+CREATE TABLE IF NOT EXISTS prompt_split (
+    prompt      TEXT PRIMARY KEY,
+    rank        INTEGER NOT NULL,
+    heldout     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prompt_split_rank ON prompt_split (rank);
 CREATE INDEX IF NOT EXISTS prompts_split ON prompts (heldout, prompt);
 CREATE INDEX IF NOT EXISTS comparisons_split ON comparisons (heldout, seq);
 """
@@ -79,14 +89,27 @@ CREATE INDEX IF NOT EXISTS comparisons_split ON comparisons (heldout, seq);
 TABLE_OF = {ComparisonEvent: "comparisons", DemonstrationEvent: "demonstrations", CompletionEvent: "prompts"}
 
 
+RANK_SPACE = 2**63
+"""Prompt ranks lie in [0, RANK_SPACE) (SQLite integers are signed 64-bit)."""
+HELDOUT_MIN_SHARE = 4
+"""The guaranteed held-out prompts never exceed one in this many distinct prompts."""
+
+
+def prompt_rank(prompt: str) -> int:
+    """The prompt's place in the split: the first 63 bits of sha256(prompt)."""
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") >> 1
+
+
 def is_heldout(prompt: str, fraction: float) -> bool:
-    """Deterministic split by prompt: the first 8 bytes of sha256(prompt) as a number in [0, 1) below
-    ``fraction``. (By event id, as before, every prompt served often enough landed in both splits: the gate's
-    "held-out" prompts were the very prompts PPO trained on.)"""
-    if fraction <= 0:
-        return False
-    digest = hashlib.sha256(prompt.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    """True when the prompt's hash alone holds it out: ``prompt_rank`` below ``fraction`` of the rank space.
+    The split also holds out the lowest ranks up to a minimum count (``Dataset``, ``heldout_cutoff``)."""
+    return prompt_rank(prompt) < fraction * RANK_SPACE
+
+
+def heldout_count_floor(prompts: int, heldout_min_prompts: int) -> int:
+    """Held-out prompts the split guarantees among ``prompts`` distinct ones: ``heldout_min_prompts``, but no
+    more than one in ``HELDOUT_MIN_SHARE`` (2 of 8, 4 of 16 with the default 4)."""
+    return min(heldout_min_prompts, prompts // HELDOUT_MIN_SHARE)
 
 
 @dataclass(frozen=True)
@@ -132,10 +155,11 @@ def _seeded_rank(seed: int, text: str) -> int:
 class Dataset:
     """The learner's dataset. One connection, guarded by a lock (the metrics thread reads counts)."""
 
-    def __init__(self, path: str | Path, heldout_fraction: float = 0.1):
+    def __init__(self, path: str | Path, heldout_fraction: float = 0.1, heldout_min_prompts: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.heldout_fraction = heldout_fraction
+        self.heldout_min_prompts = heldout_min_prompts
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -145,6 +169,20 @@ class Dataset:
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(prompts)")}
         if "max_tokens" not in columns:  # a dataset written before the traffic's max_tokens was kept
             self._conn.execute("ALTER TABLE prompts ADD COLUMN max_tokens INTEGER")
+        with self._lock:  # a dataset written before the split table, or opened with other split knobs
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("comparisons", "demonstrations", "prompts"):
+                    for (prompt,) in cur.execute(
+                        f"SELECT DISTINCT prompt FROM {table} WHERE prompt NOT IN (SELECT prompt FROM prompt_split)"
+                    ).fetchall():
+                        self._register_prompt(cur, prompt)
+                self._rebalance(cur)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -173,6 +211,7 @@ class Dataset:
                         (stream, entry_id, reason, now),
                     )
                     result.dead_letters += cur.rowcount
+                self._rebalance(cur)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -183,7 +222,7 @@ class Dataset:
         event = entry.event
         if not isinstance(event, CompletionEvent | ComparisonEvent | DemonstrationEvent):
             raise TypeError(f"the dataset stores no {type(event).__name__}")
-        heldout = int(is_heldout(event.prompt, self.heldout_fraction))
+        heldout = self._register_prompt(cur, event.prompt)
         if isinstance(event, CompletionEvent):
             max_tokens = event.sampling.get("max_tokens")
             max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
@@ -218,6 +257,61 @@ class Dataset:
                 ),
             )
         return cur.rowcount == 1
+
+    def _register_prompt(self, cur: sqlite3.Cursor, prompt: str) -> int:
+        """Add ``prompt`` to the split table (if new) and return its current flag; ``_rebalance`` may then
+        move it (and the rows that carry it)."""
+        row = cur.execute("SELECT heldout FROM prompt_split WHERE prompt = ?", (prompt,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        heldout = int(is_heldout(prompt, self.heldout_fraction))
+        cur.execute(
+            "INSERT INTO prompt_split (prompt, rank, heldout) VALUES (?, ?, ?)",
+            (prompt, prompt_rank(prompt), heldout),
+        )
+        return heldout
+
+    def heldout_cutoff(self, cur: sqlite3.Cursor | None = None) -> int:
+        """The rank below which a prompt is held out: ``heldout_fraction`` of the rank space, or just past the
+        ``heldout_count_floor``-th lowest rank when that is higher."""
+        run = cur.execute if cur is not None else self._conn.execute
+        cutoff = int(self.heldout_fraction * RANK_SPACE)
+        prompts = run("SELECT COUNT(*) FROM prompt_split").fetchone()[0]
+        floor = heldout_count_floor(prompts, self.heldout_min_prompts)
+        if floor:
+            (kth,) = run(
+                "SELECT rank FROM prompt_split ORDER BY rank LIMIT 1 OFFSET ?", (floor - 1,)
+            ).fetchone()
+            cutoff = max(cutoff, kth + 1)
+        return cutoff
+
+    def _rebalance(self, cur: sqlite3.Cursor) -> None:
+        """Apply ``heldout_cutoff`` to every prompt whose flag it changes, and to the rows that carry them."""
+        cutoff = self.heldout_cutoff(cur)
+        moved = cur.execute(
+            "UPDATE prompt_split SET heldout = (rank < ?) WHERE heldout != (rank < ?) RETURNING prompt, heldout",
+            (cutoff, cutoff),
+        ).fetchall()
+        for prompt, heldout in moved:
+            for table in ("comparisons", "demonstrations", "prompts"):
+                cur.execute(f"UPDATE {table} SET heldout = ? WHERE prompt = ?", (heldout, prompt))
+
+    def count_split_prompts(self, *, heldout: bool) -> int:
+        """Distinct prompts of one split, whatever carried them (completions, comparisons, demonstrations)."""
+        return self._one("SELECT COUNT(*) FROM prompt_split WHERE heldout = ?", (int(heldout),))
+
+    def heldout_queries(self, n: int) -> list[TrafficPrompt]:
+        """Up to ``n`` held-out prompts (whatever carried them), earliest first, each with its traffic's largest
+        ``max_tokens``: a set that only grows until it holds ``n`` while the split is stable (the gate's
+        prompts, so the incumbent's samples stay valid)."""
+        return [
+            TrafficPrompt(text, max_tokens)
+            for text, max_tokens in self._all(
+                "SELECT s.prompt, (SELECT MAX(p.max_tokens) FROM prompts p WHERE p.heldout = 1 AND p.prompt = s.prompt)"
+                " FROM prompt_split s WHERE s.heldout = 1 ORDER BY s.rowid LIMIT ?",
+                (n,),
+            )
+        ]
 
     def has_dead_letter(self, stream: str, entry_id: str) -> bool:
         return (

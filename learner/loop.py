@@ -7,34 +7,37 @@ if no stop was requested, so SIGTERM finishes the current step and its checkpoin
 at any point loses nothing: the dataset holds every acknowledged event, and the newest checkpoint holds
 the weights together with the counters and the dataset cursor they correspond to.
 
-Which policy keeps training after a rejection: the learner's working policy continues from the rejected
-candidate (PPO progress is not thrown away; the next candidate is gated again against the incumbent).
-The gate only decides what is served, and admin pins and rollbacks bind it (``learner/admin.py``). Why
-the loop waits: ``learner/waiting.py``.
+Rounds are bounded: at most ``max_rounds_per_rm_update`` PPO rounds run on one reward model, and a round
+needs ``gate_min_prompts`` held-out prompts (else its candidate could never be judged). After a rejection
+the working policy continues from the rejected candidate; after ``restart_after_rejections`` rejections in a
+row it restarts from the incumbent (fresh PPO optimizer). The gate (``learner/gate.py``) only decides what is
+served, and admin pins and rollbacks bind it (``learner/admin.py``). Why the loop waits: ``learner/waiting.py``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
 import signal
 import time
+from dataclasses import replace
 from typing import Any
 
 from instructloop.registry import Registry
 from instructloop.wire import BASE_VERSION
 from learner.admin import follow_rollback, pinned_version
 from learner.dataset import Dataset, TrafficPrompt
-from learner.gate import GateConfig, GateResult, gate_decision, paired_standard_error
+from learner.gate import GateResult, gate_decision
 from learner.ingest import Ingestor, IngestStats
 from learner.live_gate import awaiting_live_votes
 from learner.metrics import LearnerMetrics
 from learner.models import LearnerModels
 from learner.publish import publish_candidate
 from learner.report import RoundReport, numeric
-from learner.settings import Settings
+from learner.settings import Settings, resolve_learner_config
 from learner.state import CheckpointStore, LearnerState
 from learner.waiting import Wait, report_waits, waits
 
@@ -58,8 +61,11 @@ class Learner:
             health_check_interval=30,
         )
         self.metrics.liveness_max_age_s = settings.liveness_max_age_s
+        self.config = resolve_learner_config(settings)  # refuses bad values before anything starts
         self.dataset = Dataset(
-            settings.state_dir / "dataset.sqlite3", heldout_fraction=settings.heldout_fraction
+            settings.state_dir / "dataset.sqlite3",
+            heldout_fraction=settings.heldout_fraction,
+            heldout_min_prompts=settings.heldout_min_prompts,
         )
         self.store = CheckpointStore(settings.state_dir, keep=settings.keep_checkpoints)
         self.state: LearnerState = self.store.load_state()
@@ -75,13 +81,7 @@ class Learner:
             claim_min_idle_ms=settings.claim_min_idle_ms,
             metrics=self.metrics,
         )
-        self.gate_config = GateConfig(
-            min_reward_gain=settings.gate_min_reward_gain,
-            reward_tolerance_se=settings.gate_reward_tolerance_se,
-            kl_ceiling=settings.gate_kl_ceiling,
-            min_live_comparisons=settings.gate_min_live_comparisons,
-            min_win_rate=settings.gate_min_win_rate,
-        )
+        self.gate_config = self.config.gate
         self.stop_requested = False
         self.models = LearnerModels(settings, self.store, lambda: self.state.reference_model)
         self._trainer = None
@@ -105,7 +105,12 @@ class Learner:
         self.metrics.beat()
         log.info(
             "learner started",
-            extra={"state": self.state.model_dump(exclude={"history"}), "dataset": self.dataset.counts()},
+            extra={
+                "state": self.state.model_dump(exclude={"history"}),
+                "dataset": self.dataset.counts(),
+                "config": self.config.as_dict(),
+                "settings": self.settings.model_dump(mode="json"),
+            },
         )
 
     def request_stop(self, *_: Any) -> None:
@@ -165,9 +170,7 @@ class Learner:
             or self.store.model_dir("policy")
         ):
             return None
-        from learner.config import SFTConfig
-
-        config = SFTConfig(**{"seed": self.settings.seed, **self.settings.sft})
+        config = self.config.sft
         demonstrations = self.dataset.demonstrations(heldout=False)
         if len(demonstrations) < config.min_demonstrations:
             return None
@@ -193,7 +196,6 @@ class Learner:
         new = self.dataset.count_new_comparisons(self.state.rm_cursor)
         if new < self.settings.min_new_comparisons:
             return None
-        from learner.config import RewardConfig
         from learner.reward import normalize_reward_bias, train_reward_model
 
         up_to = self.dataset.max_comparison_seq()
@@ -217,13 +219,7 @@ class Learner:
         )
         with self.metrics.step_seconds.labels("reward_model").time():
             model = self.reward_model or self.models.new_reward_model()
-            config = RewardConfig(
-                **{
-                    "seed": self.settings.seed + self.state.rm_updates,
-                    **self.models.mode_defaults("reward"),
-                    **self.settings.reward,
-                }
-            )
+            config = replace(self.config.reward, seed=self.config.reward.seed + self.state.rm_updates)
             stats = numeric(
                 train_reward_model(
                     model, self.tokenizer, comparisons, config, heldout or None, progress=self.progress
@@ -274,26 +270,15 @@ class Learner:
         return [q.text for q in queries], self.models.reference_answers(queries, self._eval_config())
 
     def _eval_config(self):
-        from learner.config import EvalConfig
-
-        return EvalConfig(**{"seed": self.settings.seed, **self.settings.evaluation})
+        return self.config.evaluation
 
     def _ppo_trainer(self):
         if self._trainer is None:
-            from learner.config import PPOConfig
             from learner.ppo import PPOPtxTrainer
             from learner.ptx import PtxSource
 
             policy, value, restored = self.models.policy_and_value()  # the value model starts from the RM
-            config = PPOConfig(
-                **{
-                    "kl_coef": self.settings.kl_coef,
-                    "ptx_coef": self.settings.ptx_coef,
-                    "seed": self.settings.seed,
-                    **self.models.mode_defaults("ppo"),
-                    **self.settings.ppo,
-                }
-            )
+            config = self.config.ppo
             ptx = None
             if config.reads_ptx_corpus:
                 ptx = PtxSource(
@@ -332,8 +317,13 @@ class Learner:
             return False
         if self.state.rm_comparisons_trained < self.settings.min_rm_comparisons:
             return False
-        new_prompts = self.dataset.count_new_prompts(self.state.ppo_prompt_cursor)
-        return self.state.rm_updates > self.state.ppo_rm_update or new_prompts >= self.settings.min_prompts
+        if self.dataset.count_split_prompts(heldout=True) < self.settings.gate_min_prompts:
+            return False  # its candidate could never be judged
+        if self.state.rm_updates > self.state.ppo_rm_update:
+            return True
+        if self.state.ppo_rounds_on_rm >= self.settings.max_rounds_per_rm_update:
+            return False
+        return self.dataset.count_new_prompts(self.state.ppo_prompt_cursor) >= self.settings.min_prompts
 
     def maybe_run_ppo_round(self) -> dict[str, float] | None:
         """One PPO-ptx round on a seeded sample of training prompts, when ``ppo_round_due``."""
@@ -351,6 +341,8 @@ class Learner:
         self.state.ppo_rounds += 1
         self.state.ppo_prompts += len(prompts)
         self.state.ppo_prompt_cursor = prompt_cursor
+        fresh_rm = self.state.rm_updates > self.state.ppo_rm_update
+        self.state.ppo_rounds_on_rm = 1 if fresh_rm else self.state.ppo_rounds_on_rm + 1
         self.state.ppo_rm_update = self.state.rm_updates
         self.state.pending_candidate = self.registry.next_version()
         self.state.record(
@@ -375,13 +367,15 @@ class Learner:
         log.info("ppo round done", extra={"ppo_round": self.state.ppo_rounds, "stats": stats})
         return stats
 
-    def _heldout_prompts(self) -> list[TrafficPrompt]:
-        # fixed once eval_prompts held-out prompts exist: the incumbent's samples are then reused gate after gate
-        queries = self.dataset.earliest_queries(self.settings.eval_prompts, heldout=True)
-        if not queries:  # no held-out completion yet: the prompts of held-out comparisons
-            prompts = sorted({s.comparison.prompt for s in self.dataset.comparisons(heldout=True)})
-            queries = [TrafficPrompt(p) for p in prompts[: self.settings.eval_prompts]]
-        return queries
+    def _gate_queries(self) -> list[TrafficPrompt]:
+        """The gate's (prompt, sample) pairs: the first ``eval_prompts`` held-out prompts (fixed once that many
+        exist, so the compared versions' samples are reused gate after gate), each repeated so that there are
+        at least ``GateConfig.samples`` pairs; the seeds follow the position (``sample_policy``)."""
+        queries = self.dataset.heldout_queries(self.settings.eval_prompts)
+        if not queries:
+            return []
+        repeats = math.ceil(self.gate_config.samples / len(queries))
+        return [query for query in queries for _ in range(repeats)]
 
     def _decided_before_crash(self, version: str) -> tuple[str, GateResult] | None:
         """A learner killed while publishing left the candidate with its final status in the registry:
@@ -405,43 +399,20 @@ class Learner:
         version = self.state.pending_candidate
         if version is None:
             return None
-        from learner.evaluate import sample_policy, score_samples
 
         trainer = self._ppo_trainer()
         decided = self._decided_before_crash(version)
-        prompts = [] if decided else self._heldout_prompts()
+        queries = [] if decided else self._gate_queries()
         incumbent_version = decided[0] if decided else (self.registry.current() or BASE_VERSION)
         log.info(
             "gate started",
-            extra={"candidate": version, "incumbent": incumbent_version, "prompts": len(prompts)},
+            extra={"candidate": version, "incumbent": incumbent_version, "pairs": len(queries)},
         )
         with self.metrics.step_seconds.labels("evaluate").time():
             if decided:
                 result = decided[1]
-            elif prompts:
-                config = self._eval_config()
-                # the incumbent's samples are deterministic: generated once per (version, prompts), re-scored
-                texts, lengths = [q.text for q in prompts], [q.max_tokens for q in prompts]
-                incumbent_version, incumbent = self.models.incumbent_samples(
-                    self.registry, texts, config, lengths
-                )
-                candidate = sample_policy(
-                    trainer.policy, self.reference, self.tokenizer, texts, config, lengths
-                )
-                candidate_eval = score_samples(candidate, self.reward_model, config)
-                incumbent_eval = score_samples(incumbent, self.reward_model, config)
-                result = gate_decision(
-                    numeric(candidate_eval),
-                    numeric(incumbent_eval),
-                    self.gate_config,
-                    live_win_rate=self.dataset.live_win_rate(version, incumbent_version),
-                    reward_gain_se=paired_standard_error(candidate_eval["scores"], incumbent_eval["scores"]),
-                )
-                pinned = pinned_version(self.registry)
-                if result.promote and pinned:
-                    result = result.hold_back(pinned)
-                if result.promote:  # the candidate is the next incumbent: its samples are already made
-                    self.models.remember_incumbent(version, texts, config, candidate, lengths)
+            elif queries:
+                result, incumbent_version = self._judge(version, trainer.policy, queries)
             else:
                 result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
         result.metrics.update(
@@ -466,6 +437,13 @@ class Learner:
         outcome = "promotions" if result.promote else "held_back" if result.held_back_by else "rejections"
         setattr(self.state, outcome, getattr(self.state, outcome) + 1)
         getattr(self.metrics, outcome).inc()
+        restart = None
+        if outcome == "rejections":
+            self.state.consecutive_rejections += 1
+            if self.state.consecutive_rejections >= self.settings.restart_after_rejections:
+                restart = self.registry.current() or BASE_VERSION
+        else:
+            self.state.consecutive_rejections = 0
         for policy in ("candidate", "incumbent"):
             if f"{policy}_reward_mean" in result.metrics:
                 self.metrics.reward.labels(policy).set(result.metrics[f"{policy}_reward_mean"])
@@ -484,11 +462,75 @@ class Learner:
                 **result.metrics,
             }
         )
-        self.store.save(self.state)
+        policy = self.models.policy_from_version(self.registry, restart) if restart else None
+        if policy is not None:
+            log.info(
+                "the working policy restarts from the incumbent",
+                extra={
+                    "incumbent": restart,
+                    "rejections": self.state.consecutive_rejections,
+                    "knob": "INSTRUCTLOOP_LEARNER_RESTART_AFTER_REJECTIONS",
+                },
+            )
+            self.state.record(
+                {"kind": "restart", "to": restart, "rejections": self.state.consecutive_rejections}
+            )
+            self.state.consecutive_rejections = 0
+            self.store.save(
+                self.state, models={"policy": (policy, self.models.part_tokenizer)}, optimizers={"ppo": {}}
+            )
+            self._trainer = None
+        else:
+            self.store.save(self.state)
         log.info(
             "gate done", extra={"version": version, "promote": result.promote, "reasons": result.reasons}
         )
         return result
+
+    def _judge(self, version: str, policy, queries: list[TrafficPrompt]) -> tuple[GateResult, str]:
+        """Sample the candidate, the incumbent, the base and the best version so far on the same (prompt,
+        seed) pairs, score them with the current RM, decide (``gate_decision``) and note the new best version.
+        Returns the result and the incumbent's version."""
+        from learner.evaluate import sample_policy, score_samples
+
+        config = self._eval_config()
+        texts, lengths = [q.text for q in queries], [q.max_tokens for q in queries]
+        current = self.registry.current() or BASE_VERSION
+        incumbent_version, incumbent = self.models.version_samples(
+            self.registry, current, texts, config, lengths
+        )
+        candidate = sample_policy(policy, self.reference, self.tokenizer, texts, config, lengths)
+        candidate_eval = score_samples(candidate, self.reward_model, config)
+        incumbent_eval = score_samples(incumbent, self.reward_model, config)
+        means = {incumbent_version: incumbent_eval["reward_mean"]}
+        floors: dict[str, list[float]] = {}
+        best = self.state.best_version
+        for other in dict.fromkeys([BASE_VERSION, best]):
+            if (
+                other is None
+                or other == incumbent_version
+                or not (other == BASE_VERSION or self.registry.exists(other))
+            ):
+                continue
+            loaded, samples = self.models.version_samples(self.registry, other, texts, config, lengths)
+            scores = score_samples(samples, self.reward_model, config)
+            floors[loaded], means[loaded] = scores["scores"], scores["reward_mean"]
+        result = gate_decision(
+            candidate_eval,
+            incumbent_eval,
+            self.gate_config,
+            live_win_rate=self.dataset.live_win_rate(version, incumbent_version),
+            floors=floors,
+        )
+        pinned = pinned_version(self.registry)
+        if result.promote and pinned:
+            result = result.hold_back(pinned)
+        if result.promote:  # the candidate is the next incumbent: its samples are already made
+            self.models.remember_samples(version, texts, config, candidate, lengths)
+            means[version] = candidate_eval["reward_mean"]
+        self.state.best_version = max(means, key=means.__getitem__)
+        result.metrics["best_version_reward_mean"] = means[self.state.best_version]
+        return result, incumbent_version
 
     # ---- the loop --------------------------------------------------------------------------------
     def round(self) -> RoundReport:
