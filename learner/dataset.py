@@ -3,13 +3,13 @@
 One table per kind of event, ``event_id`` unique in each, so a re-delivered event is dropped by the
 database itself. Every row gets an increasing ``seq`` (the dataset cursor: the checkpoint remembers up to
 which ``seq`` the reward model has trained) and a ``heldout`` flag that follows its ``prompt`` (the exact
-model input): a prompt lives in one split only, and a prompt asked, ranked or demonstrated again lands where
-it is. The split (``heldout_cutoff``) ranks every distinct prompt by a hash and holds out those below
-``max(heldout_fraction, the k-th lowest hash)``, ``k = min(heldout_min_prompts, prompts // 4)``: the hash
-share alone holds out none of 16 prompts 18 % of the time, this holds out at least 2 of 8 and 4 of 16. It is
-deterministic in the set of prompts. While the minimum binds, a new prompt with a lower hash moves the
-highest held-out one into training, and crossing a multiple of 4 prompts can move a training prompt out;
-once the hash share holds ``heldout_min_prompts`` prompts the split never changes again.
+model input), fixed when the prompt is first seen: a prompt lives in one split only, for good, and a prompt
+asked, ranked or demonstrated again lands where it landed before. A new prompt is held out when its hash
+falls in the ``heldout_fraction`` share, or when fewer than ``heldout_count_floor`` prompts are held out yet
+(``min(heldout_min_prompts, prompts // 4)``): the hash share alone holds out none of 16 prompts 18 % of the
+time, this holds out at least 2 of 8 and 4 of 16. The share part depends on the prompt alone, the floor part
+on the order prompts arrive in; nothing trained on ever becomes held out, and the gate and the RM's held-out
+accuracy are measured on prompts that nothing trained on.
 
 Tables:
     comparisons      a ``ComparisonEvent`` per row (prompt, K responses, ranking, policy versions)
@@ -78,10 +78,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE TABLE IF NOT EXISTS prompt_split (
     prompt      TEXT PRIMARY KEY,
-    rank        INTEGER NOT NULL,
     heldout     INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS prompt_split_rank ON prompt_split (rank);
+CREATE INDEX IF NOT EXISTS prompt_split_heldout ON prompt_split (heldout);
 CREATE INDEX IF NOT EXISTS prompts_split ON prompts (heldout, prompt);
 CREATE INDEX IF NOT EXISTS comparisons_split ON comparisons (heldout, seq);
 """
@@ -89,21 +88,16 @@ CREATE INDEX IF NOT EXISTS comparisons_split ON comparisons (heldout, seq);
 TABLE_OF = {ComparisonEvent: "comparisons", DemonstrationEvent: "demonstrations", CompletionEvent: "prompts"}
 
 
-RANK_SPACE = 2**63
-"""Prompt ranks lie in [0, RANK_SPACE) (SQLite integers are signed 64-bit)."""
 HELDOUT_MIN_SHARE = 4
 """The guaranteed held-out prompts never exceed one in this many distinct prompts."""
 
 
-def prompt_rank(prompt: str) -> int:
-    """The prompt's place in the split: the first 63 bits of sha256(prompt)."""
-    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") >> 1
-
-
 def is_heldout(prompt: str, fraction: float) -> bool:
-    """True when the prompt's hash alone holds it out: ``prompt_rank`` below ``fraction`` of the rank space.
-    The split also holds out the lowest ranks up to a minimum count (``Dataset``, ``heldout_cutoff``)."""
-    return prompt_rank(prompt) < fraction * RANK_SPACE
+    """True when the prompt's hash alone holds it out: the first 8 bytes of sha256(prompt) as a number in
+    [0, 1) below ``fraction``. (``Dataset`` also holds out new prompts up to ``heldout_count_floor``.)"""
+    if fraction <= 0:
+        return False
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64 < fraction
 
 
 def heldout_count_floor(prompts: int, heldout_min_prompts: int) -> int:
@@ -169,20 +163,12 @@ class Dataset:
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(prompts)")}
         if "max_tokens" not in columns:  # a dataset written before the traffic's max_tokens was kept
             self._conn.execute("ALTER TABLE prompts ADD COLUMN max_tokens INTEGER")
-        with self._lock:  # a dataset written before the split table, or opened with other split knobs
-            cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                for table in ("comparisons", "demonstrations", "prompts"):
-                    for (prompt,) in cur.execute(
-                        f"SELECT DISTINCT prompt FROM {table} WHERE prompt NOT IN (SELECT prompt FROM prompt_split)"
-                    ).fetchall():
-                        self._register_prompt(cur, prompt)
-                self._rebalance(cur)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        if not self._one("SELECT COUNT(*) FROM prompt_split"):  # a dataset written before the split table
+            for table in ("comparisons", "demonstrations", "prompts"):
+                self._conn.execute(
+                    f"INSERT OR IGNORE INTO prompt_split (prompt, heldout) SELECT prompt, MAX(heldout) "
+                    f"FROM {table} GROUP BY prompt ORDER BY MIN(seq)"
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -211,7 +197,6 @@ class Dataset:
                         (stream, entry_id, reason, now),
                     )
                     result.dead_letters += cur.rowcount
-                self._rebalance(cur)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -259,42 +244,18 @@ class Dataset:
         return cur.rowcount == 1
 
     def _register_prompt(self, cur: sqlite3.Cursor, prompt: str) -> int:
-        """Add ``prompt`` to the split table (if new) and return its current flag; ``_rebalance`` may then
-        move it (and the rows that carry it)."""
+        """The split of ``prompt``: where it landed before, or (a new prompt) held out when its hash is in the
+        share or the held-out prompts are fewer than ``heldout_count_floor`` of the prompts with it."""
         row = cur.execute("SELECT heldout FROM prompt_split WHERE prompt = ?", (prompt,)).fetchone()
         if row is not None:
             return int(row[0])
-        heldout = int(is_heldout(prompt, self.heldout_fraction))
-        cur.execute(
-            "INSERT INTO prompt_split (prompt, rank, heldout) VALUES (?, ?, ?)",
-            (prompt, prompt_rank(prompt), heldout),
-        )
-        return heldout
-
-    def heldout_cutoff(self, cur: sqlite3.Cursor | None = None) -> int:
-        """The rank below which a prompt is held out: ``heldout_fraction`` of the rank space, or just past the
-        ``heldout_count_floor``-th lowest rank when that is higher."""
-        run = cur.execute if cur is not None else self._conn.execute
-        cutoff = int(self.heldout_fraction * RANK_SPACE)
-        prompts = run("SELECT COUNT(*) FROM prompt_split").fetchone()[0]
-        floor = heldout_count_floor(prompts, self.heldout_min_prompts)
-        if floor:
-            (kth,) = run(
-                "SELECT rank FROM prompt_split ORDER BY rank LIMIT 1 OFFSET ?", (floor - 1,)
-            ).fetchone()
-            cutoff = max(cutoff, kth + 1)
-        return cutoff
-
-    def _rebalance(self, cur: sqlite3.Cursor) -> None:
-        """Apply ``heldout_cutoff`` to every prompt whose flag it changes, and to the rows that carry them."""
-        cutoff = self.heldout_cutoff(cur)
-        moved = cur.execute(
-            "UPDATE prompt_split SET heldout = (rank < ?) WHERE heldout != (rank < ?) RETURNING prompt, heldout",
-            (cutoff, cutoff),
-        ).fetchall()
-        for prompt, heldout in moved:
-            for table in ("comparisons", "demonstrations", "prompts"):
-                cur.execute(f"UPDATE {table} SET heldout = ? WHERE prompt = ?", (heldout, prompt))
+        heldout = is_heldout(prompt, self.heldout_fraction)
+        if not heldout and self.heldout_min_prompts:
+            (prompts,) = cur.execute("SELECT COUNT(*) FROM prompt_split").fetchone()
+            (held,) = cur.execute("SELECT COUNT(*) FROM prompt_split WHERE heldout = 1").fetchone()
+            heldout = held < heldout_count_floor(prompts + 1, self.heldout_min_prompts)
+        cur.execute("INSERT INTO prompt_split (prompt, heldout) VALUES (?, ?)", (prompt, int(heldout)))
+        return int(heldout)
 
     def count_split_prompts(self, *, heldout: bool) -> int:
         """Distinct prompts of one split, whatever carried them (completions, comparisons, demonstrations)."""
@@ -302,8 +263,8 @@ class Dataset:
 
     def heldout_queries(self, n: int) -> list[TrafficPrompt]:
         """Up to ``n`` held-out prompts (whatever carried them), earliest first, each with its traffic's largest
-        ``max_tokens``: a set that only grows until it holds ``n`` while the split is stable (the gate's
-        prompts, so the incumbent's samples stay valid)."""
+        ``max_tokens``: a set that only grows until it holds ``n`` and then stays fixed (the gate's prompts, so
+        the compared versions' samples stay valid gate after gate)."""
         return [
             TrafficPrompt(text, max_tokens)
             for text, max_tokens in self._all(

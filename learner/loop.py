@@ -109,7 +109,9 @@ class Learner:
                 "state": self.state.model_dump(exclude={"history"}),
                 "dataset": self.dataset.counts(),
                 "config": self.config.as_dict(),
-                "settings": self.settings.model_dump(mode="json"),
+                "settings": self.settings.model_dump(
+                    mode="json", exclude={"redis_url"}
+                ),  # may hold a password
             },
         )
 

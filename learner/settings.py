@@ -87,8 +87,8 @@ class Settings(BaseSettings):
         32,
         ge=0,
         description="Comparisons the RM must have been trained on, in total, before PPO-ptx rounds start "
-        "(binds when min_new_comparisons is lower): PPO on an RM from a handful of rankings optimises its noise, "
-        "and the gate rejects the candidate (docs/benchmarks.md). 0 = no minimum.",
+        "(binds when min_new_comparisons is lower): PPO on an RM from a handful of rankings optimises its "
+        "noise. 0 = no minimum.",
     )
     prompts_per_round: int = Field(64, ge=1, description="Prompts sampled (at most) for one PPO-ptx round.")
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts used by the gate (at most).")
