@@ -375,11 +375,6 @@ class Dataset:
         seeded hash with ``LIMIT n``, so memory stays O(n) however many prompts traffic has brought."""
         return self._queries("seeded_rank(?, prompt)", (int(heldout), seed, n))
 
-    def earliest_queries(self, n: int, *, heldout: bool = True) -> list[TrafficPrompt]:
-        """The first ``n`` distinct prompts of one split to arrive, oldest first: a set that only grows until it
-        holds ``n`` and then stays fixed (the gate's held-out prompts, so the incumbent's samples stay valid)."""
-        return self._queries("MIN(seq)", (int(heldout), n))
-
     def _queries(self, order: str, args: tuple) -> list[TrafficPrompt]:
         """Distinct prompts of one split (args: heldout, the ``order`` expression's arguments, limit)."""
         return [

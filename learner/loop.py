@@ -17,7 +17,6 @@ served, and admin pins and rollbacks bind it (``learner/admin.py``). Why the loo
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import shutil
@@ -27,15 +26,14 @@ from dataclasses import replace
 from typing import Any
 
 from instructloop.registry import Registry
-from instructloop.wire import BASE_VERSION
-from learner.admin import follow_rollback, pinned_version
+from learner.admin import follow_rollback
 from learner.dataset import Dataset, TrafficPrompt
-from learner.gate import GateResult, gate_decision
+from learner.gate import GateResult
+from learner.gating import gate_and_publish
 from learner.ingest import Ingestor, IngestStats
 from learner.live_gate import awaiting_live_votes
 from learner.metrics import LearnerMetrics
 from learner.models import LearnerModels
-from learner.publish import publish_candidate
 from learner.report import RoundReport, numeric
 from learner.settings import Settings, resolve_learner_config
 from learner.state import CheckpointStore, LearnerState
@@ -308,11 +306,10 @@ class Learner:
 
     def ppo_round_due(self) -> bool:
         """An RM trained on at least ``min_rm_comparisons`` comparisons exists, at least ``min_prompts``
-        training prompts exist, and since the last round the RM was updated or ``min_prompts`` prompts never
-        served before arrived. Without new data the loop waits instead of grinding the same prompts against the
-        same RM: a prompt asked again is not new data (on the default model, with 16 prompts re-served every
-        labeling round and every answer already preferred, four more rounds on an unchanged RM drove KL from 5
-        to 11 nats and moved nothing the labelers asked for, docs/benchmarks.md)."""
+        training prompts and ``gate_min_prompts`` held-out prompts (to judge the candidate on) exist, and since
+        the last round the RM was updated, or ``min_prompts`` prompts never served before arrived and fewer than
+        ``max_rounds_per_rm_update`` rounds ran on this RM. A prompt asked again is not new data, and rounds on
+        an unchanged RM optimise its errors: without new data the loop waits."""
         if self.state.pending_candidate or self.store.model_dir("reward") is None:
             return False
         if self.dataset.count_prompts() < self.settings.min_prompts:
@@ -369,170 +366,9 @@ class Learner:
         log.info("ppo round done", extra={"ppo_round": self.state.ppo_rounds, "stats": stats})
         return stats
 
-    def _gate_queries(self) -> list[TrafficPrompt]:
-        """The gate's (prompt, sample) pairs: the first ``eval_prompts`` held-out prompts (fixed once that many
-        exist, so the compared versions' samples are reused gate after gate), each repeated so that there are
-        at least ``GateConfig.samples`` pairs; the seeds follow the position (``sample_policy``)."""
-        queries = self.dataset.heldout_queries(self.settings.eval_prompts)
-        if not queries:
-            return []
-        repeats = math.ceil(self.gate_config.samples / len(queries))
-        return [query for query in queries for _ in range(repeats)]
-
-    def _decided_before_crash(self, version: str) -> tuple[str, GateResult] | None:
-        """A learner killed while publishing left the candidate with its final status in the registry:
-        reuse that decision (re-evaluating could compare the candidate against itself once current)."""
-        from instructloop.events import PolicyStatus
-
-        if not self.registry.exists(version):
-            return None
-        manifest = self.registry.manifest(version)
-        if manifest.status not in (PolicyStatus.promoted, PolicyStatus.rejected):
-            return None
-        result = GateResult(
-            promote=manifest.status == PolicyStatus.promoted,
-            reasons=[manifest.reason or "decided before a restart"],
-            metrics=dict(manifest.metrics),
-        )
-        return manifest.parent or BASE_VERSION, result
-
     def gate_and_publish(self) -> GateResult | None:
-        """Evaluate the pending candidate against the incumbent on held-out prompts; promote or reject it."""
-        version = self.state.pending_candidate
-        if version is None:
-            return None
-
-        trainer = self._ppo_trainer()
-        decided = self._decided_before_crash(version)
-        queries = [] if decided else self._gate_queries()
-        incumbent_version = decided[0] if decided else (self.registry.current() or BASE_VERSION)
-        log.info(
-            "gate started",
-            extra={"candidate": version, "incumbent": incumbent_version, "pairs": len(queries)},
-        )
-        with self.metrics.step_seconds.labels("evaluate").time():
-            if decided:
-                result = decided[1]
-            elif queries:
-                result, incumbent_version = self._judge(version, trainer.policy, queries)
-            else:
-                result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
-        result.metrics.update(
-            {"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)}
-        )
-        if (
-            self.state.rm_heldout_accuracy is not None
-        ):  # the admin dashboard charts it from the policies stream
-            result.metrics["rm_heldout_accuracy"] = float(self.state.rm_heldout_accuracy)
-        with self.metrics.step_seconds.labels("publish").time():
-            parent = None if incumbent_version == BASE_VERSION else incumbent_version
-            publish_candidate(
-                self.registry,
-                version,
-                trainer.policy,
-                self.tokenizer,
-                result,
-                parent=parent,
-                base_model=self.settings.model,
-                write=self.models.write_candidate,
-            )
-        outcome = "promotions" if result.promote else "held_back" if result.held_back_by else "rejections"
-        setattr(self.state, outcome, getattr(self.state, outcome) + 1)
-        getattr(self.metrics, outcome).inc()
-        restart = None
-        if outcome == "rejections":
-            self.state.consecutive_rejections += 1
-            if self.state.consecutive_rejections >= self.settings.restart_after_rejections:
-                restart = self.registry.current() or BASE_VERSION
-        else:
-            self.state.consecutive_rejections = 0
-        for policy in ("candidate", "incumbent"):
-            if f"{policy}_reward_mean" in result.metrics:
-                self.metrics.reward.labels(policy).set(result.metrics[f"{policy}_reward_mean"])
-            if f"{policy}_kl" in result.metrics:
-                self.metrics.kl.labels(policy).set(result.metrics[f"{policy}_kl"])
-        self.state.incumbent = self.registry.current()
-        self.state.pending_candidate = None
-        self.state.candidate_listed_at = None
-        self.state.record(
-            {
-                "kind": "gate",
-                "version": version,
-                "promote": result.promote,
-                "held_back_by": result.held_back_by,
-                "reasons": result.reasons,
-                **result.metrics,
-            }
-        )
-        policy = self.models.policy_from_version(self.registry, restart) if restart else None
-        if policy is not None:
-            log.info(
-                "the working policy restarts from the incumbent",
-                extra={
-                    "incumbent": restart,
-                    "rejections": self.state.consecutive_rejections,
-                    "knob": "INSTRUCTLOOP_LEARNER_RESTART_AFTER_REJECTIONS",
-                },
-            )
-            self.state.record(
-                {"kind": "restart", "to": restart, "rejections": self.state.consecutive_rejections}
-            )
-            self.state.consecutive_rejections = 0
-            self.store.save(
-                self.state, models={"policy": (policy, self.models.part_tokenizer)}, optimizers={"ppo": {}}
-            )
-            self._trainer = None
-        else:
-            self.store.save(self.state)
-        log.info(
-            "gate done", extra={"version": version, "promote": result.promote, "reasons": result.reasons}
-        )
-        return result
-
-    def _judge(self, version: str, policy, queries: list[TrafficPrompt]) -> tuple[GateResult, str]:
-        """Sample the candidate, the incumbent, the base and the best version so far on the same (prompt,
-        seed) pairs, score them with the current RM, decide (``gate_decision``) and note the new best version.
-        Returns the result and the incumbent's version."""
-        from learner.evaluate import sample_policy, score_samples
-
-        config = self._eval_config()
-        texts, lengths = [q.text for q in queries], [q.max_tokens for q in queries]
-        current = self.registry.current() or BASE_VERSION
-        incumbent_version, incumbent = self.models.version_samples(
-            self.registry, current, texts, config, lengths
-        )
-        candidate = sample_policy(policy, self.reference, self.tokenizer, texts, config, lengths)
-        candidate_eval = score_samples(candidate, self.reward_model, config)
-        incumbent_eval = score_samples(incumbent, self.reward_model, config)
-        means = {incumbent_version: incumbent_eval["reward_mean"]}
-        floors: dict[str, list[float]] = {}
-        best = self.state.best_version
-        for other in dict.fromkeys([BASE_VERSION, best]):
-            if (
-                other is None
-                or other == incumbent_version
-                or not (other == BASE_VERSION or self.registry.exists(other))
-            ):
-                continue
-            loaded, samples = self.models.version_samples(self.registry, other, texts, config, lengths)
-            scores = score_samples(samples, self.reward_model, config)
-            floors[loaded], means[loaded] = scores["scores"], scores["reward_mean"]
-        result = gate_decision(
-            candidate_eval,
-            incumbent_eval,
-            self.gate_config,
-            live_win_rate=self.dataset.live_win_rate(version, incumbent_version),
-            floors=floors,
-        )
-        pinned = pinned_version(self.registry)
-        if result.promote and pinned:
-            result = result.hold_back(pinned)
-        if result.promote:  # the candidate is the next incumbent: its samples are already made
-            self.models.remember_samples(version, texts, config, candidate, lengths)
-            means[version] = candidate_eval["reward_mean"]
-        self.state.best_version = max(means, key=means.__getitem__)
-        result.metrics["best_version_reward_mean"] = means[self.state.best_version]
-        return result, incumbent_version
+        """Judge the pending candidate on held-out prompts and promote or reject it (``learner/gating.py``)."""
+        return gate_and_publish(self)
 
     # ---- the loop --------------------------------------------------------------------------------
     def round(self) -> RoundReport:
