@@ -412,7 +412,11 @@ class Learner:
     def follow_rollback(self) -> str | None:
         """After an admin rollback, restart the working policy from the version now current (learner/admin.py)."""
         target = follow_rollback(self)
-        self._trainer = None if target is not None else self._trainer
+        if target is not None:
+            self._trainer = None
+            self.state.best_version = (
+                None  # the line an admin rolled back is no floor for the next candidates
+            )
         return target
 
     def waiting(self) -> list[Wait]:
