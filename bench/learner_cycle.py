@@ -165,7 +165,7 @@ def main() -> dict:
         gate = timed("gate_and_publish", learner.gate_and_publish)
         evaluate_s = learner.metrics.step_seconds.labels("evaluate")._sum.get() - evaluate_before
         publish_s = learner.metrics.step_seconds.labels("publish")._sum.get() - publish_before
-        eval_prompts = len(learner._heldout_prompts())
+        eval_prompts = len(learner.dataset.heldout_queries(learner.settings.eval_prompts))
         # cycle 2, the steady state: new prompts make a PPO round due; its gate finds the incumbent's samples
         # already made (a promoted candidate's, or the base's from cycle 1) and generates for the candidate only
         feed(client, prefix, 0, args.rollouts * 2, seed=1, first=n_prompts)

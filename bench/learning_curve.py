@@ -58,10 +58,10 @@ TEMPERATURE = 0.7
 WINRATE_N = 4
 
 LEARNER_ENV = {
-    # the documented threshold knobs (README, "The knobs that matter"), sized for the labeler's 16 prompts, of
-    # which the learner's split (a hash of the prompt, heldout_fraction 0.1) keeps 2 (chat) or 3 (raw) out
+    # the documented threshold knobs (README, "The knobs that matter"), sized for 16 prompts, of which the
+    # learner's split keeps at least 4 out (heldout_min_prompts), more when the 10 % hash share holds more
     "INSTRUCTLOOP_LEARNER_MIN_NEW_COMPARISONS": "8",
-    "INSTRUCTLOOP_LEARNER_MIN_PROMPTS": "12",
+    "INSTRUCTLOOP_LEARNER_MIN_PROMPTS": "8",
 }
 
 

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode
 
 from instructloop.settings import DEFAULT_MODEL, home_dir, settings_config
 from instructloop.streams import DEFAULT_PREFIX
-from instructloop.wire import SERVED_MODEL_NAME
+from instructloop.wire import LEARNING_MAX_TOKENS, LEARNING_TEMPERATURE, SERVED_MODEL_NAME
 
 ENV_PREFIX = "INSTRUCTLOOP_GATEWAY_"
 DEV_API_KEY = "instructloop-dev-admin-key"
@@ -142,9 +142,16 @@ class Settings(BaseSettings):
         le=1,
         description="Share of ranking tasks also shown to a second labeler (agreement).",
     )
-    label_max_tokens: int = Field(default=128, ge=1, description="max_tokens of each labeling completion.")
+    label_max_tokens: int = Field(
+        default=LEARNING_MAX_TOKENS,
+        ge=1,
+        description="max_tokens of each labeling completion (default: the learner's rollouts' and gate's).",
+    )
     label_temperature: float = Field(
-        default=0.9, ge=0, le=2, description="Sampling temperature of labeling completions."
+        default=LEARNING_TEMPERATURE,
+        ge=0,
+        le=2,
+        description="Sampling temperature of labeling completions (default: the learner's rollouts' and gate's).",
     )
 
     # ---- logs -------------------------------------------------------------------------------------

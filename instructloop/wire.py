@@ -22,6 +22,15 @@ GREEDY_TEMPERATURE = 1e-4
 logits by a tiny positive temperature overflows to inf (and softmax to NaN). The gateway maps such a
 temperature to greedy decoding; serve clamps any temperature it is given to at least this."""
 
+LEARNING_TEMPERATURE = 0.7
+"""Sampling temperature of the loop's own generations: PPO rollouts, the gate's samples and the labeling
+page's completions, so the reward model is trained on, optimised against and judged on answers drawn the same
+way; a little under 1 keeps a small model's samples on topic."""
+
+LEARNING_MAX_TOKENS = 64
+"""``max_tokens`` of those generations (rollouts and the gate cut a prompt's answers at its traffic's
+``max_tokens`` where that is smaller): long enough for a short answer, short enough for a CPU round."""
+
 REQUEST_ID_HEADER = "X-Request-Id"
 """The gateway's per-request id: taken from the client when sane, else made up; echoed on every answer and
 written into every log line about the request (every 5xx is logged with it)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from instructloop.wire import LEARNING_MAX_TOKENS, LEARNING_TEMPERATURE
+
 
 def _positive(owner: str, **fields: float) -> None:
     for name, value in fields.items():
@@ -109,15 +111,15 @@ class PPOConfig:
 
     rollout_batch_size: int = 32
     """Prompts sampled (one response each) per round; with fewer training prompts, each is answered equally
-    often. 32 rollouts seen once learn more per second than 16 seen 4 times (``ppo_epochs``)."""
+    often. 32 fresh rollouts seen once learn more per second than fewer seen several times."""
     mini_batch_size: int = 4
     """Rollouts per PPO optimizer step; must divide ``rollout_batch_size``."""
     ppo_epochs: int = 1
-    """Passes over the round's rollouts (each pass: shuffled minibatches). One: the update, not the rollout, is
-    most of a round on CPU, and fresh rollouts teach more than repeated ones (measured with ``AdapterConfig.ppo_lr``;
-    docs/benchmarks.md, "The round's shape")."""
+    """Passes over the round's rollouts (each pass: shuffled minibatches). One: on CPU the update, not the
+    rollout, is most of a round, and fresh rollouts teach more than repeated ones."""
     lr: float = 3e-6
-    """AdamW learning rate of the policy (and of the value model)."""
+    """AdamW learning rate of the policy (and of the value model) in full fine-tuning; lora mode uses
+    ``AdapterConfig.ppo_lr`` unless ``lr`` is set explicitly (``resolve_learner_config``)."""
     value_lr: float | None = None
     """Learning rate of the value model; None = ``lr``."""
     max_grad_norm: float = 1.0
@@ -128,17 +130,13 @@ class PPOConfig:
     """Adapt β toward ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed."""
     kl_target: float = 6.0
     """Target per-sequence KL (nats) of the adaptive controller."""
-    kl_horizon: int = 10000
-    """Horizon (rollouts) of the adaptive controller."""
+    kl_horizon: int = 10
+    """Horizon of the adaptive controller, in PPO rounds: β moves at most 20 % / ``kl_horizon`` per round, so
+    about ``kl_horizon`` rounds pull the KL to its target (a horizon in rollouts depended on the round size)."""
     ptx_coef: float = 0.01
-    """γ of eq. (2): weight of the pretraining log-likelihood; 0 = plain PPO. The paper's 27.8 came with its
-    loss normalisation and 8× more pretraining than RL samples per step. Here both the PPO loss and the ptx
-    NLL are per-token means, but the RL term's whitened advantages mostly cancel across tokens while every
-    pretraining token pulls the same way, so ptx fine-tunes the policy on the corpus rather than keeping it
-    where it was. Measured on the default model (bench/preference_offline.py, 32 rollouts × 1 epoch at lora lr
-    4e-4), held-out pretraining NLL / the reference's per round: plain PPO +0.4 % (1.005, 1.010, 1.012), γ 0.03
-    −0.8 % (0.995, 0.987, 0.977), γ 0.1 about −3 %: 0.01 is where the pull cancels PPO's own drift, so the NLL
-    stays near its start however many rounds run (docs/benchmarks.md)."""
+    """γ of eq. (2): weight of the pretraining log-likelihood (a per-token mean, as the PPO loss); 0 = plain
+    PPO. Not the paper's 27.8 (other loss normalisation, 8× more pretraining samples): 0.01 keeps the held-out
+    pretraining NLL near the reference's round after round on the default model (docs/benchmarks.md)."""
     ptx_batch_size: int = 2
     """Pretraining sequences per ptx step (2 × 128 tokens: about the RL tokens of a 4-rollout minibatch)."""
     ptx_seq_len: int = 128
@@ -154,16 +152,15 @@ class PPOConfig:
     """GAE discount (1: the episode is one response)."""
     lam: float = 1.0
     """GAE λ. 1: every token's advantage is the response's return minus V(s_t), so the RM's score at the end
-    reaches the token that decided it (an opening, say) undiminished. At 0.95 a score 48 tokens later reaches
-    the first token at 0.95^47 ≈ 0.09 of its size and the rest of that token's credit comes through the value
-    model, which every RM update between two rounds leaves fitted to the previous RM. Measured over HTTP on the
-    default model (docs/benchmarks.md, ``start:The``): share 0.78 after two rounds at 1 against 0.53 at 0.95."""
+    reaches the token that decided it undiminished (below 1 it decays by λ per token toward the start)."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards (keeping their mean) before GAE."""
-    temperature: float = 0.7
-    """Sampling temperature; logits are divided by it before every logprob (policy, reference, old and new)."""
-    max_new_tokens: int = 64
-    """Response length cap; a response that reaches it without EOS is penalised."""
+    temperature: float = LEARNING_TEMPERATURE
+    """Sampling temperature (the loop's one default, ``instructloop.wire``); logits are divided by it before
+    every logprob (policy, reference, old and new)."""
+    max_new_tokens: int = LEARNING_MAX_TOKENS
+    """Response length cap (tokens; a prompt's traffic ``max_tokens`` cuts sooner); a response that reaches
+    it without EOS is penalised."""
     max_prompt_tokens: int = 256
     """Query tokens (chat template included) kept, from the right."""
     missing_eos_penalty: float | None = 1.0
@@ -226,18 +223,19 @@ class PPOConfig:
 class EvalConfig:
     """Held-out evaluation of a policy, for the promotion gate."""
 
-    max_new_tokens: int = 64
-    """Response length cap."""
-    do_sample: bool = False
-    """Greedy decoding when False (deterministic); seeded sampling at ``temperature`` when True."""
-    temperature: float = 1.0
-    """Sampling temperature (only with ``do_sample``); logprobs for the KL use the same temperature."""
+    max_new_tokens: int = LEARNING_MAX_TOKENS
+    """Response length cap (tokens; a prompt's traffic ``max_tokens`` cuts sooner), as PPO's."""
+    do_sample: bool = True
+    """Seeded sampling at ``temperature`` (the gate judges answers as they are served); False: greedy."""
+    temperature: float = LEARNING_TEMPERATURE
+    """Sampling temperature (with ``do_sample``), PPO's and the labeling page's; the KL uses it too."""
     batch_size: int = 8
     """Prompts per generate/forward call."""
     max_prompt_tokens: int = 256
     """Query tokens kept, from the right."""
     seed: int = 0
-    """Seed of sampling (with ``do_sample``)."""
+    """Seed of sampling (with ``do_sample``): batch ``i`` samples from ``seed + i``, so two policies given
+    the same prompts in the same order draw with the same seeds (their scores pair by prompt and seed)."""
 
     def __post_init__(self) -> None:
         _positive(
@@ -272,18 +270,13 @@ class AdapterConfig:
     """Adapt only the top N transformer layers (peft's ``layers_to_transform``); None = every layer. Below the
     lowest adapted layer nothing needs a gradient, so backward (PPO update, ptx, RM) stops there."""
     reward_lr: float = 1e-3
-    """The RM's learning rate in lora mode (``RewardConfig.lr`` is the full fine-tuning rate; an ``lr`` set in
-    ``INSTRUCTLOOP_LEARNER_REWARD`` is used as given). A LoRA update starts at zero (B = 0) and moves through a
-    rank-r bottleneck: measured on the default model (bench/preference_offline.py, 48 rankings, 2 passes), 1e-3
-    reached held-out pair accuracy 0.99 where 3e-4 stayed at 0.50 and 1e-4 learned nothing in one pass."""
+    """The RM's learning rate in lora mode, where ``RewardConfig.lr`` (the full fine-tuning rate) does not
+    apply; an ``lr`` set in ``INSTRUCTLOOP_LEARNER_REWARD`` wins over this one (both logged at start). 1e-3: lower
+    rates left the RM at chance after an update on the default model (docs/benchmarks.md)."""
     ppo_lr: float = 4e-4
-    """PPO's policy (and value model) learning rate in lora mode (``PPOConfig.lr`` is the full fine-tuning
-    rate; an ``lr`` set in ``INSTRUCTLOOP_LEARNER_PPO`` is used as given). Measured on the default model
-    (bench/preference_offline.py, ``start:The``, 32 rollouts × 1 epoch): held-out share 0.42 → 0.83 → 0.97 in
-    three rounds at 4e-4 (approx_kl ≤ 0.013, clip ≤ 0.07), against 0.42 → 0.70 → 0.89 at 3e-4 and 0.41 → 0.56 →
-    0.86 at 2e-4. With 4 epochs over 16 rollouts 3e-4 was too much (the first round clipped 22 % of tokens and
-    the policy left the RM's competence): one pass over fresh rollouts never strays far from the sampling
-    policy, so the rate can be higher."""
+    """PPO's policy (and value model) learning rate in lora mode, where ``PPOConfig.lr`` (the full fine-tuning
+    rate) is not used; an ``lr`` set in ``INSTRUCTLOOP_LEARNER_PPO`` wins over this one (both logged at start).
+    A LoRA update starts at zero through a rank-r bottleneck, so its rate is ~100× full fine-tuning's."""
 
     def __post_init__(self) -> None:
         _positive("AdapterConfig", r=self.r, alpha=self.alpha, reward_lr=self.reward_lr, ppo_lr=self.ppo_lr)

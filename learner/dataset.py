@@ -2,10 +2,14 @@
 
 One table per kind of event, ``event_id`` unique in each, so a re-delivered event is dropped by the
 database itself. Every row gets an increasing ``seq`` (the dataset cursor: the checkpoint remembers up to
-which ``seq`` the reward model has trained) and a fixed ``heldout`` flag derived from a hash of the event's
-``prompt`` (the exact model input), so the split never changes across restarts and a prompt lives in one
-split only: a prompt asked again, ranked again or demonstrated again lands where it landed before, and the
-gate and the RM's held-out accuracy are measured on prompts that nothing trained on.
+which ``seq`` the reward model has trained) and a ``heldout`` flag that follows its ``prompt`` (the exact
+model input), fixed when the prompt is first seen: a prompt lives in one split only, for good, and a prompt
+asked, ranked or demonstrated again lands where it landed before. A new prompt is held out when its hash
+falls in the ``heldout_fraction`` share, or when fewer than ``heldout_count_floor`` prompts are held out yet
+(``min(heldout_min_prompts, prompts // 4)``): the hash share alone holds out none of 16 prompts 18 % of the
+time, this holds out at least 2 of 8 and 4 of 16. The share part depends on the prompt alone, the floor part
+on the order prompts arrive in; nothing trained on ever becomes held out, and the gate and the RM's held-out
+accuracy are measured on prompts that nothing trained on.
 
 Tables:
     comparisons      a ``ComparisonEvent`` per row (prompt, K responses, ranking, policy versions)
@@ -72,6 +76,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     ingested_at REAL NOT NULL,
     PRIMARY KEY (stream, entry_id)
 );
+CREATE TABLE IF NOT EXISTS prompt_split (
+    prompt      TEXT PRIMARY KEY,
+    heldout     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prompt_split_heldout ON prompt_split (heldout);
 CREATE INDEX IF NOT EXISTS prompts_split ON prompts (heldout, prompt);
 CREATE INDEX IF NOT EXISTS comparisons_split ON comparisons (heldout, seq);
 """
@@ -79,14 +88,22 @@ CREATE INDEX IF NOT EXISTS comparisons_split ON comparisons (heldout, seq);
 TABLE_OF = {ComparisonEvent: "comparisons", DemonstrationEvent: "demonstrations", CompletionEvent: "prompts"}
 
 
+HELDOUT_MIN_SHARE = 4
+"""The guaranteed held-out prompts never exceed one in this many distinct prompts."""
+
+
 def is_heldout(prompt: str, fraction: float) -> bool:
-    """Deterministic split by prompt: the first 8 bytes of sha256(prompt) as a number in [0, 1) below
-    ``fraction``. (By event id, as before, every prompt served often enough landed in both splits: the gate's
-    "held-out" prompts were the very prompts PPO trained on.)"""
+    """True when the prompt's hash alone holds it out: the first 8 bytes of sha256(prompt) as a number in
+    [0, 1) below ``fraction``. (``Dataset`` also holds out new prompts up to ``heldout_count_floor``.)"""
     if fraction <= 0:
         return False
-    digest = hashlib.sha256(prompt.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+def heldout_count_floor(prompts: int, heldout_min_prompts: int) -> int:
+    """Held-out prompts the split guarantees among ``prompts`` distinct ones: ``heldout_min_prompts``, but no
+    more than one in ``HELDOUT_MIN_SHARE`` (2 of 8, 4 of 16 with the default 4)."""
+    return min(heldout_min_prompts, prompts // HELDOUT_MIN_SHARE)
 
 
 @dataclass(frozen=True)
@@ -141,10 +158,11 @@ def _seeded_rank(seed: int, text: str) -> int:
 class Dataset:
     """The learner's dataset. One connection, guarded by a lock (the metrics thread reads counts)."""
 
-    def __init__(self, path: str | Path, heldout_fraction: float = 0.1):
+    def __init__(self, path: str | Path, heldout_fraction: float = 0.1, heldout_min_prompts: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.heldout_fraction = heldout_fraction
+        self.heldout_min_prompts = heldout_min_prompts
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -154,6 +172,12 @@ class Dataset:
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(prompts)")}
         if "max_tokens" not in columns:  # a dataset written before the traffic's max_tokens was kept
             self._conn.execute("ALTER TABLE prompts ADD COLUMN max_tokens INTEGER")
+        if not self._one("SELECT COUNT(*) FROM prompt_split"):  # a dataset written before the split table
+            for table in ("comparisons", "demonstrations", "prompts"):
+                self._conn.execute(
+                    f"INSERT OR IGNORE INTO prompt_split (prompt, heldout) SELECT prompt, MAX(heldout) "
+                    f"FROM {table} GROUP BY prompt ORDER BY MIN(seq)"
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -192,7 +216,7 @@ class Dataset:
         event = entry.event
         if not isinstance(event, CompletionEvent | ComparisonEvent | DemonstrationEvent):
             raise TypeError(f"the dataset stores no {type(event).__name__}")
-        heldout = int(is_heldout(event.prompt, self.heldout_fraction))
+        heldout = self._register_prompt(cur, event.prompt)
         if isinstance(event, CompletionEvent):
             max_tokens = event.sampling.get("max_tokens")
             max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
@@ -227,6 +251,37 @@ class Dataset:
                 ),
             )
         return cur.rowcount == 1
+
+    def _register_prompt(self, cur: sqlite3.Cursor, prompt: str) -> int:
+        """The split of ``prompt``: where it landed before, or (a new prompt) held out when its hash is in the
+        share or the held-out prompts are fewer than ``heldout_count_floor`` of the prompts with it."""
+        row = cur.execute("SELECT heldout FROM prompt_split WHERE prompt = ?", (prompt,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        heldout = is_heldout(prompt, self.heldout_fraction)
+        if not heldout and self.heldout_min_prompts:
+            (prompts,) = cur.execute("SELECT COUNT(*) FROM prompt_split").fetchone()
+            (held,) = cur.execute("SELECT COUNT(*) FROM prompt_split WHERE heldout = 1").fetchone()
+            heldout = held < heldout_count_floor(prompts + 1, self.heldout_min_prompts)
+        cur.execute("INSERT INTO prompt_split (prompt, heldout) VALUES (?, ?)", (prompt, int(heldout)))
+        return int(heldout)
+
+    def count_split_prompts(self, *, heldout: bool) -> int:
+        """Distinct prompts of one split, whatever carried them (completions, comparisons, demonstrations)."""
+        return self._one("SELECT COUNT(*) FROM prompt_split WHERE heldout = ?", (int(heldout),))
+
+    def heldout_queries(self, n: int) -> list[TrafficPrompt]:
+        """Up to ``n`` held-out prompts (whatever carried them), earliest first, each with its traffic's largest
+        ``max_tokens``: a set that only grows until it holds ``n`` and then stays fixed (the gate's prompts, so
+        the compared versions' samples stay valid gate after gate)."""
+        return [
+            TrafficPrompt(text, max_tokens)
+            for text, max_tokens in self._all(
+                "SELECT s.prompt, (SELECT MAX(p.max_tokens) FROM prompts p WHERE p.heldout = 1 AND p.prompt = s.prompt)"
+                " FROM prompt_split s WHERE s.heldout = 1 ORDER BY s.rowid LIMIT ?",
+                (n,),
+            )
+        ]
 
     def has_dead_letter(self, stream: str, entry_id: str) -> bool:
         return (
@@ -358,11 +413,6 @@ class Dataset:
         Sampled inside SQLite: distinct prompts come grouped off the (heldout, prompt) index and ordered by a
         seeded hash with ``LIMIT n``, so memory stays O(n) however many prompts traffic has brought."""
         return self._queries("seeded_rank(?, prompt)", (int(heldout), seed, n))
-
-    def earliest_queries(self, n: int, *, heldout: bool = True) -> list[TrafficPrompt]:
-        """The first ``n`` distinct prompts of one split to arrive, oldest first: a set that only grows until it
-        holds ``n`` and then stays fixed (the gate's held-out prompts, so the incumbent's samples stay valid)."""
-        return self._queries("MIN(seq)", (int(heldout), n))
 
     def _queries(self, order: str, args: tuple) -> list[TrafficPrompt]:
         """Distinct prompts of one split (args: heldout, the ``order`` expression's arguments, limit)."""

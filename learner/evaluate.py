@@ -1,7 +1,8 @@
 """Held-out evaluation of a policy, the numbers the promotion gate compares (candidate vs incumbent).
 
-Responses are greedy (``EvalConfig.do_sample=False``, deterministic) or seeded samples; both candidate and
-incumbent are evaluated on the same prompts with the same config, so their numbers are comparable.
+Responses are seeded samples at the loop's temperature (``EvalConfig``; greedy with ``do_sample=False``).
+Every policy is evaluated on the same prompts, in the same order, with the same config and so the same seeds
+batch by batch: their scores pair by (prompt, seed), and the gate compares them pair by pair.
 """
 
 from __future__ import annotations
@@ -50,8 +51,6 @@ def sample_policy(
         raise ValueError("evaluate_policy needs at least one prompt")
     started = time.perf_counter()
     temperature = config.temperature if config.do_sample else 1.0
-    if config.do_sample:
-        torch.manual_seed(config.seed)
     limits = [
         min(m, config.max_new_tokens) if m else config.max_new_tokens
         for m in (max_tokens if max_tokens is not None else [None] * len(prompts))
@@ -59,6 +58,8 @@ def sample_policy(
     all_rollouts, kls, eos, lengths = [], [], [], []
     for start in range(0, len(prompts), config.batch_size):
         rows = slice(start, start + config.batch_size)
+        if config.do_sample:  # per batch: the same (prompt, seed) pairs for every policy evaluated
+            torch.manual_seed(config.seed + start // config.batch_size)
         rollouts = generate_rollouts(
             policy,
             tokenizer,

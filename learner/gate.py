@@ -1,12 +1,16 @@
-"""The promotion gate: a pure decision over the held-out evaluations of a candidate and the incumbent.
+"""The promotion gate: a pure decision over paired held-out scores of a candidate and the versions it must
+not fall below.
 
-A candidate is promoted only if, on held-out prompts scored by the current reward model,
+The learner samples every policy on the same held-out (prompt, seed) pairs at the served temperature
+(``EvalConfig``; at least ``GateConfig.samples`` pairs) and scores them with the current reward model,
+whose scores are normalised to the reference policy's samples (mean 0, std 1). A candidate is promoted only if
 
-1. its mean RM score beats the incumbent's by more than ``min_reward_gain``, less ``reward_tolerance_se``
-   standard errors of the per-prompt difference (a step too small for the held-out prompts to tell apart
-   from noise is not rejected; one they show to be worse is);
-2. its KL to the reference policy stays under ``kl_ceiling``;
-3. where live comparisons ranked responses of both versions (at least ``min_live_comparisons`` pairs),
+1. its mean gain over the incumbent exceeds ``min_reward_gain`` (a near-copy is not promoted on a coin flip);
+2. against the incumbent, and against the base and the best version so far where those are other versions,
+   the one-sided ``confidence`` lower bound of the mean paired gain clears ``-margin`` (it is not shown to be
+   worse by more than ``margin``, so the served policy cannot drift down step by step);
+3. its KL to the reference policy stays under ``kl_ceiling``;
+4. where live comparisons ranked responses of both versions (at least ``min_live_comparisons`` pairs),
    its live win-rate against the incumbent is at least ``min_win_rate``.
 
 Non-finite metrics fail the gate. Every check adds a reason, passed or not, so a decision explains itself.
@@ -22,31 +26,44 @@ from dataclasses import dataclass, field, replace
 
 @dataclass(frozen=True)
 class GateConfig:
-    min_reward_gain: float = 0.0
-    """The candidate's mean RM score must exceed the incumbent's by more than this."""
-    reward_tolerance_se: float = 1.0
-    """Standard errors of the paired per-prompt score difference (``paired_standard_error``) by which the
-    gain may fall short of ``min_reward_gain`` and still pass. The gate's few held-out prompts judge one PPO
-    round's small step noisily: on the default model at margin 0 without it, two of three candidates of a
-    run were rejected by less than their noise (one by 0.10 RM units of a 15-unit score gap) and the served
-    version stood still for the rest of the run (docs/benchmarks.md). 0: the gain itself must clear the
-    margin."""
-    kl_ceiling: float = 5.0
-    """The candidate's KL to the reference (nats per response, as ``evaluate_policy`` reports) must stay below."""
+    samples: int = 32
+    """(prompt, sample) pairs the gate judges on, at least: each held-out prompt is sampled
+    ``ceil(samples / prompts)`` times, with the same seeds for every version (fewer give no usable bound)."""
+    confidence: float = 0.95
+    """One-sided confidence of the lower bound on the mean gain (normal quantile: 1.645 standard errors);
+    with ``margin`` and 32 pairs, an equal candidate passes about one gate in ten."""
+    margin: float = 0.1
+    """δ, in normalised RM units (the reference's sample std): how far below a compared version the lower
+    bound may reach and still pass; a tenth of the spread between answers is within what an RM update moves."""
+    min_reward_gain: float = 0.05
+    """The candidate's mean gain over the incumbent must exceed this (normalised RM units): half of ``margin``,
+    so a candidate that hardly differs from the incumbent does not replace it on a coin flip."""
+    kl_ceiling: float = 10.0
+    """The candidate's KL to the reference (nats per response, as ``evaluate_policy`` reports) must stay
+    below: a wall far past where PPO's β keeps a healthy policy, against a policy that left the RM's data."""
     min_live_comparisons: int = 20
     """Live (winner, loser) pairs between the two versions needed before the win-rate check applies."""
     min_win_rate: float = 0.5
     """Live win-rate of the candidate against the incumbent that it must reach, when the check applies."""
 
     def __post_init__(self) -> None:
+        if self.samples < 2:
+            raise ValueError(f"GateConfig.samples must be at least 2, got {self.samples}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ValueError(f"GateConfig.confidence must be within [0.5, 1), got {self.confidence}")
+        if not self.margin >= 0:
+            raise ValueError(f"GateConfig.margin must be >= 0, got {self.margin}")
         if self.kl_ceiling <= 0:
-            raise ValueError("kl_ceiling must be positive")
+            raise ValueError("GateConfig.kl_ceiling must be positive")
         if not 0.0 <= self.min_win_rate <= 1.0:
-            raise ValueError("min_win_rate must be within [0, 1]")
-        if not self.reward_tolerance_se >= 0:
-            raise ValueError(f"reward_tolerance_se must be >= 0, got {self.reward_tolerance_se}")
+            raise ValueError("GateConfig.min_win_rate must be within [0, 1]")
         if self.min_live_comparisons < 1:
-            raise ValueError("min_live_comparisons must be at least 1")
+            raise ValueError("GateConfig.min_live_comparisons must be at least 1")
+
+    @property
+    def z(self) -> float:
+        """Standard errors between the mean gain and its lower bound."""
+        return statistics.NormalDist().inv_cdf(self.confidence)
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,8 @@ def _finite(value: float | None) -> bool:
 
 
 def paired_standard_error(candidate: Sequence[float], incumbent: Sequence[float]) -> float:
-    """Standard error of the mean of ``candidate[i] - incumbent[i]`` (both policies' scores on the same
-    prompts, in order): sample standard deviation / sqrt(n); 0 for fewer than two prompts."""
+    """Standard error of the mean of ``candidate[i] - incumbent[i]`` (two policies' scores on the same
+    (prompt, seed) pairs, in order): sample standard deviation / sqrt(n); 0 for fewer than two pairs."""
     if len(candidate) != len(incumbent):
         raise ValueError(f"{len(candidate)} candidate scores but {len(incumbent)} incumbent scores")
     if len(candidate) < 2:
@@ -87,22 +104,32 @@ def paired_standard_error(candidate: Sequence[float], incumbent: Sequence[float]
     )
 
 
+def gain_lower_bound(candidate: Sequence[float], other: Sequence[float], config: GateConfig) -> float:
+    """One-sided ``config.confidence`` lower bound of the mean paired gain ``candidate - other``
+    (mean - z · ``paired_standard_error``); -inf for fewer than two pairs (nothing bounds the noise)."""
+    if len(candidate) < 2:
+        return -math.inf
+    gain = statistics.fmean(candidate) - statistics.fmean(other)
+    return gain - config.z * paired_standard_error(candidate, other)
+
+
 def gate_decision(
-    candidate: Mapping[str, float],
-    incumbent: Mapping[str, float],
+    candidate: Mapping[str, float | list[float]],
+    incumbent: Mapping[str, float | list[float]],
     config: GateConfig,
     live_win_rate: tuple[float, int] | None = None,
-    reward_gain_se: float = 0.0,
+    floors: Mapping[str, Sequence[float]] | None = None,
 ) -> GateResult:
     """Decide whether ``candidate`` replaces ``incumbent``.
 
-    ``candidate`` / ``incumbent``: held-out evaluations (``evaluate_policy`` output) with at least
-    ``reward_mean`` and ``kl``. ``live_win_rate``: (candidate's win-rate over the incumbent, pairs) from
-    live comparisons, or None when unknown. ``reward_gain_se``: ``paired_standard_error`` of the two
-    policies' per-prompt scores (0: the gain is taken as exact).
+    ``candidate`` / ``incumbent``: held-out evaluations (``evaluate_policy`` output) with ``reward_mean``,
+    ``kl`` and ``scores`` (per (prompt, seed) pair, the same pairs in the same order). ``floors``: the same
+    pairs' scores of other versions the candidate must not fall below (``base``, the best version so far) by
+    name. ``live_win_rate``: (candidate's win-rate over the incumbent, pairs) from live comparisons, or None.
     """
     reward_c = candidate.get("reward_mean")
     reward_i = incumbent.get("reward_mean")
+    scores_c = list(candidate.get("scores") or [])
     kl_c = candidate.get("kl")
     metrics: dict[str, float] = {}
     for prefix, evaluation in (("candidate", candidate), ("incumbent", incumbent)):
@@ -117,25 +144,37 @@ def gate_decision(
         reasons.append(f"reward is not finite (candidate {reward_c}, incumbent {reward_i})")
     else:
         gain = reward_c - reward_i
-        needed = config.min_reward_gain - config.reward_tolerance_se * reward_gain_se
-        metrics["reward_gain"], metrics["reward_gain_se"], metrics["reward_gain_needed"] = (
-            gain,
-            reward_gain_se,
-            needed,
-        )
-        bar = (
-            f"{needed:.4f} (margin {config.min_reward_gain} less {config.reward_tolerance_se} × standard error "
-            f"{reward_gain_se:.4f})"
-            if needed != config.min_reward_gain
-            else f"{config.min_reward_gain}"
-        )
-        if gain > needed:
-            reasons.append(f"reward {reward_c:.4f} against incumbent {reward_i:.4f}: gain {gain:.4f} > {bar}")
+        metrics["reward_gain"] = gain
+        if gain > config.min_reward_gain:
+            reasons.append(
+                f"reward {reward_c:.4f} against incumbent {reward_i:.4f}: gain {gain:.4f} > {config.min_reward_gain}"
+            )
         else:
             promote = False
             reasons.append(
-                f"reward {reward_c:.4f} does not beat incumbent {reward_i:.4f}: gain {gain:.4f} <= {bar}"
+                f"reward {reward_c:.4f} does not beat incumbent {reward_i:.4f}: gain {gain:.4f} <= "
+                f"{config.min_reward_gain}"
             )
+
+    if len(scores_c) < config.samples:
+        promote = False
+        reasons.append(f"judged on {len(scores_c)} (prompt, sample) pairs, fewer than {config.samples}")
+    compared = {"incumbent": list(incumbent.get("scores") or []), **(floors or {})}
+    for name, scores in compared.items():
+        if len(scores) != len(scores_c):
+            promote = False
+            reasons.append(f"{len(scores)} scores of {name} for {len(scores_c)} of the candidate")
+            continue
+        bound = gain_lower_bound(scores_c, scores, config)
+        metrics[f"gain_lower_bound_{name}"] = bound
+        if name == "incumbent":
+            metrics["reward_gain_se"] = paired_standard_error(scores_c, scores)
+        head = f"{config.confidence:.0%} lower bound of the gain over {name} {bound:.4f}"
+        if bound > -config.margin:
+            reasons.append(f"{head} > -{config.margin}")
+        else:
+            promote = False
+            reasons.append(f"{head} <= -{config.margin}: worse than {name}")
 
     if not _finite(kl_c):
         promote = False

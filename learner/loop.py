@@ -7,10 +7,11 @@ if no stop was requested, so SIGTERM finishes the current step and its checkpoin
 at any point loses nothing: the dataset holds every acknowledged event, and the newest checkpoint holds
 the weights together with the counters and the dataset cursor they correspond to.
 
-Which policy keeps training after a rejection: the learner's working policy continues from the rejected
-candidate (PPO progress is not thrown away; the next candidate is gated again against the incumbent).
-The gate only decides what is served, and admin pins and rollbacks bind it (``learner/admin.py``). Why
-the loop waits: ``learner/waiting.py``.
+Rounds are bounded: at most ``max_rounds_per_rm_update`` PPO rounds run on one reward model, and a round
+needs ``gate_min_prompts`` held-out prompts (else its candidate could never be judged). After a rejection
+the working policy continues from the rejected candidate; after ``restart_after_rejections`` rejections in a
+row it restarts from the incumbent (fresh PPO optimizer). The gate (``learner/gate.py``) only decides what is
+served, and admin pins and rollbacks bind it (``learner/admin.py``). Why the loop waits: ``learner/waiting.py``.
 """
 
 from __future__ import annotations
@@ -21,21 +22,21 @@ import random
 import shutil
 import signal
 import time
+from dataclasses import replace
 from typing import Any
 
 from instructloop.registry import Registry
-from instructloop.wire import BASE_VERSION
-from learner.admin import follow_rollback, pinned_version
+from learner.admin import follow_rollback
 from learner.dataset import Dataset, TrafficPrompt
 from learner.exclusion import excluded_labelers, without_excluded
-from learner.gate import GateConfig, GateResult, gate_decision, paired_standard_error
+from learner.gate import GateResult
+from learner.gating import gate_and_publish
 from learner.ingest import Ingestor, IngestStats
 from learner.live_gate import awaiting_live_votes
 from learner.metrics import LearnerMetrics
 from learner.models import LearnerModels
-from learner.publish import publish_candidate
 from learner.report import RoundReport, numeric
-from learner.settings import Settings
+from learner.settings import Settings, resolve_learner_config
 from learner.state import CheckpointStore, LearnerState
 from learner.waiting import Wait, report_waits, waits
 
@@ -59,8 +60,11 @@ class Learner:
             health_check_interval=30,
         )
         self.metrics.liveness_max_age_s = settings.liveness_max_age_s
+        self.config = resolve_learner_config(settings)  # refuses bad values before anything starts
         self.dataset = Dataset(
-            settings.state_dir / "dataset.sqlite3", heldout_fraction=settings.heldout_fraction
+            settings.state_dir / "dataset.sqlite3",
+            heldout_fraction=settings.heldout_fraction,
+            heldout_min_prompts=settings.heldout_min_prompts,
         )
         self.store = CheckpointStore(settings.state_dir, keep=settings.keep_checkpoints)
         self.state: LearnerState = self.store.load_state()
@@ -76,13 +80,7 @@ class Learner:
             claim_min_idle_ms=settings.claim_min_idle_ms,
             metrics=self.metrics,
         )
-        self.gate_config = GateConfig(
-            min_reward_gain=settings.gate_min_reward_gain,
-            reward_tolerance_se=settings.gate_reward_tolerance_se,
-            kl_ceiling=settings.gate_kl_ceiling,
-            min_live_comparisons=settings.gate_min_live_comparisons,
-            min_win_rate=settings.gate_min_win_rate,
-        )
+        self.gate_config = self.config.gate
         self.stop_requested = False
         self.models = LearnerModels(settings, self.store, lambda: self.state.reference_model)
         self._trainer = None
@@ -106,7 +104,14 @@ class Learner:
         self.metrics.beat()
         log.info(
             "learner started",
-            extra={"state": self.state.model_dump(exclude={"history"}), "dataset": self.dataset.counts()},
+            extra={
+                "state": self.state.model_dump(exclude={"history"}),
+                "dataset": self.dataset.counts(),
+                "config": self.config.as_dict(),
+                "settings": self.settings.model_dump(
+                    mode="json", exclude={"redis_url"}
+                ),  # may hold a password
+            },
         )
 
     def request_stop(self, *_: Any) -> None:
@@ -166,9 +171,7 @@ class Learner:
             or self.store.model_dir("policy")
         ):
             return None
-        from learner.config import SFTConfig
-
-        config = SFTConfig(**{"seed": self.settings.seed, **self.settings.sft})
+        config = self.config.sft
         demonstrations = self.dataset.demonstrations(heldout=False)
         if len(demonstrations) < config.min_demonstrations:
             return None
@@ -194,7 +197,6 @@ class Learner:
         new = self.dataset.count_new_comparisons(self.state.rm_cursor)
         if new < self.settings.min_new_comparisons:
             return None
-        from learner.config import RewardConfig
         from learner.reward import normalize_reward_bias, train_reward_model
 
         up_to = self.dataset.max_comparison_seq()
@@ -222,13 +224,7 @@ class Learner:
         )
         with self.metrics.step_seconds.labels("reward_model").time():
             model = self.reward_model or self.models.new_reward_model()
-            config = RewardConfig(
-                **{
-                    "seed": self.settings.seed + self.state.rm_updates,
-                    **self.models.mode_defaults("reward"),
-                    **self.settings.reward,
-                }
-            )
+            config = replace(self.config.reward, seed=self.config.reward.seed + self.state.rm_updates)
             stats = numeric(
                 train_reward_model(
                     model, self.tokenizer, comparisons, config, heldout or None, progress=self.progress
@@ -279,26 +275,15 @@ class Learner:
         return [q.text for q in queries], self.models.reference_answers(queries, self._eval_config())
 
     def _eval_config(self):
-        from learner.config import EvalConfig
-
-        return EvalConfig(**{"seed": self.settings.seed, **self.settings.evaluation})
+        return self.config.evaluation
 
     def _ppo_trainer(self):
         if self._trainer is None:
-            from learner.config import PPOConfig
             from learner.ppo import PPOPtxTrainer
             from learner.ptx import PtxSource
 
             policy, value, restored = self.models.policy_and_value()  # the value model starts from the RM
-            config = PPOConfig(
-                **{
-                    "kl_coef": self.settings.kl_coef,
-                    "ptx_coef": self.settings.ptx_coef,
-                    "seed": self.settings.seed,
-                    **self.models.mode_defaults("ppo"),
-                    **self.settings.ppo,
-                }
-            )
+            config = self.config.ppo
             ptx = None
             if config.reads_ptx_corpus:
                 ptx = PtxSource(
@@ -326,19 +311,23 @@ class Learner:
 
     def ppo_round_due(self) -> bool:
         """An RM trained on at least ``min_rm_comparisons`` comparisons exists, at least ``min_prompts``
-        training prompts exist, and since the last round the RM was updated or ``min_prompts`` prompts never
-        served before arrived. Without new data the loop waits instead of grinding the same prompts against the
-        same RM: a prompt asked again is not new data (on the default model, with 16 prompts re-served every
-        labeling round and every answer already preferred, four more rounds on an unchanged RM drove KL from 5
-        to 11 nats and moved nothing the labelers asked for, docs/benchmarks.md)."""
+        training prompts and ``gate_min_prompts`` held-out prompts (to judge the candidate on) exist, and since
+        the last round the RM was updated, or ``min_prompts`` prompts never served before arrived and fewer than
+        ``max_rounds_per_rm_update`` rounds ran on this RM. A prompt asked again is not new data, and rounds on
+        an unchanged RM optimise its errors: without new data the loop waits."""
         if self.state.pending_candidate or self.store.model_dir("reward") is None:
             return False
         if self.dataset.count_prompts() < self.settings.min_prompts:
             return False
         if self.state.rm_comparisons_trained < self.settings.min_rm_comparisons:
             return False
-        new_prompts = self.dataset.count_new_prompts(self.state.ppo_prompt_cursor)
-        return self.state.rm_updates > self.state.ppo_rm_update or new_prompts >= self.settings.min_prompts
+        if self.dataset.count_split_prompts(heldout=True) < self.settings.gate_min_prompts:
+            return False  # its candidate could never be judged
+        if self.state.rm_updates > self.state.ppo_rm_update:
+            return True
+        if self.state.ppo_rounds_on_rm >= self.settings.max_rounds_per_rm_update:
+            return False
+        return self.dataset.count_new_prompts(self.state.ppo_prompt_cursor) >= self.settings.min_prompts
 
     def maybe_run_ppo_round(self) -> dict[str, float] | None:
         """One PPO-ptx round on a seeded sample of training prompts, when ``ppo_round_due``."""
@@ -356,6 +345,8 @@ class Learner:
         self.state.ppo_rounds += 1
         self.state.ppo_prompts += len(prompts)
         self.state.ppo_prompt_cursor = prompt_cursor
+        fresh_rm = self.state.rm_updates > self.state.ppo_rm_update
+        self.state.ppo_rounds_on_rm = 1 if fresh_rm else self.state.ppo_rounds_on_rm + 1
         self.state.ppo_rm_update = self.state.rm_updates
         self.state.pending_candidate = self.registry.next_version()
         self.state.record(
@@ -380,120 +371,9 @@ class Learner:
         log.info("ppo round done", extra={"ppo_round": self.state.ppo_rounds, "stats": stats})
         return stats
 
-    def _heldout_prompts(self) -> list[TrafficPrompt]:
-        # fixed once eval_prompts held-out prompts exist: the incumbent's samples are then reused gate after gate
-        queries = self.dataset.earliest_queries(self.settings.eval_prompts, heldout=True)
-        if not queries:  # no held-out completion yet: the prompts of held-out comparisons
-            prompts = sorted({s.comparison.prompt for s in self.dataset.comparisons(heldout=True)})
-            queries = [TrafficPrompt(p) for p in prompts[: self.settings.eval_prompts]]
-        return queries
-
-    def _decided_before_crash(self, version: str) -> tuple[str, GateResult] | None:
-        """A learner killed while publishing left the candidate with its final status in the registry:
-        reuse that decision (re-evaluating could compare the candidate against itself once current)."""
-        from instructloop.events import PolicyStatus
-
-        if not self.registry.exists(version):
-            return None
-        manifest = self.registry.manifest(version)
-        if manifest.status not in (PolicyStatus.promoted, PolicyStatus.rejected):
-            return None
-        result = GateResult(
-            promote=manifest.status == PolicyStatus.promoted,
-            reasons=[manifest.reason or "decided before a restart"],
-            metrics=dict(manifest.metrics),
-        )
-        return manifest.parent or BASE_VERSION, result
-
     def gate_and_publish(self) -> GateResult | None:
-        """Evaluate the pending candidate against the incumbent on held-out prompts; promote or reject it."""
-        version = self.state.pending_candidate
-        if version is None:
-            return None
-        from learner.evaluate import sample_policy, score_samples
-
-        trainer = self._ppo_trainer()
-        decided = self._decided_before_crash(version)
-        prompts = [] if decided else self._heldout_prompts()
-        incumbent_version = decided[0] if decided else (self.registry.current() or BASE_VERSION)
-        log.info(
-            "gate started",
-            extra={"candidate": version, "incumbent": incumbent_version, "prompts": len(prompts)},
-        )
-        with self.metrics.step_seconds.labels("evaluate").time():
-            if decided:
-                result = decided[1]
-            elif prompts:
-                config = self._eval_config()
-                # the incumbent's samples are deterministic: generated once per (version, prompts), re-scored
-                texts, lengths = [q.text for q in prompts], [q.max_tokens for q in prompts]
-                incumbent_version, incumbent = self.models.incumbent_samples(
-                    self.registry, texts, config, lengths
-                )
-                candidate = sample_policy(
-                    trainer.policy, self.reference, self.tokenizer, texts, config, lengths
-                )
-                candidate_eval = score_samples(candidate, self.reward_model, config)
-                incumbent_eval = score_samples(incumbent, self.reward_model, config)
-                result = gate_decision(
-                    numeric(candidate_eval),
-                    numeric(incumbent_eval),
-                    self.gate_config,
-                    live_win_rate=self.dataset.live_win_rate(version, incumbent_version),
-                    reward_gain_se=paired_standard_error(candidate_eval["scores"], incumbent_eval["scores"]),
-                )
-                pinned = pinned_version(self.registry)
-                if result.promote and pinned:
-                    result = result.hold_back(pinned)
-                if result.promote:  # the candidate is the next incumbent: its samples are already made
-                    self.models.remember_incumbent(version, texts, config, candidate, lengths)
-            else:
-                result = GateResult(promote=False, reasons=["no held-out prompts to evaluate on"])
-        result.metrics.update(
-            {"ppo_round": float(self.state.ppo_rounds), "rm_update": float(self.state.rm_updates)}
-        )
-        if (
-            self.state.rm_heldout_accuracy is not None
-        ):  # the admin dashboard charts it from the policies stream
-            result.metrics["rm_heldout_accuracy"] = float(self.state.rm_heldout_accuracy)
-        with self.metrics.step_seconds.labels("publish").time():
-            parent = None if incumbent_version == BASE_VERSION else incumbent_version
-            publish_candidate(
-                self.registry,
-                version,
-                trainer.policy,
-                self.tokenizer,
-                result,
-                parent=parent,
-                base_model=self.settings.model,
-                write=self.models.write_candidate,
-            )
-        outcome = "promotions" if result.promote else "held_back" if result.held_back_by else "rejections"
-        setattr(self.state, outcome, getattr(self.state, outcome) + 1)
-        getattr(self.metrics, outcome).inc()
-        for policy in ("candidate", "incumbent"):
-            if f"{policy}_reward_mean" in result.metrics:
-                self.metrics.reward.labels(policy).set(result.metrics[f"{policy}_reward_mean"])
-            if f"{policy}_kl" in result.metrics:
-                self.metrics.kl.labels(policy).set(result.metrics[f"{policy}_kl"])
-        self.state.incumbent = self.registry.current()
-        self.state.pending_candidate = None
-        self.state.candidate_listed_at = None
-        self.state.record(
-            {
-                "kind": "gate",
-                "version": version,
-                "promote": result.promote,
-                "held_back_by": result.held_back_by,
-                "reasons": result.reasons,
-                **result.metrics,
-            }
-        )
-        self.store.save(self.state)
-        log.info(
-            "gate done", extra={"version": version, "promote": result.promote, "reasons": result.reasons}
-        )
-        return result
+        """Judge the pending candidate on held-out prompts and promote or reject it (``learner/gating.py``)."""
+        return gate_and_publish(self)
 
     # ---- the loop --------------------------------------------------------------------------------
     def round(self) -> RoundReport:
@@ -537,7 +417,11 @@ class Learner:
     def follow_rollback(self) -> str | None:
         """After an admin rollback, restart the working policy from the version now current (learner/admin.py)."""
         target = follow_rollback(self)
-        self._trainer = None if target is not None else self._trainer
+        if target is not None:
+            self._trainer = None
+            self.state.best_version = (
+                None  # the line an admin rolled back is no floor for the next candidates
+            )
         return target
 
     def waiting(self) -> list[Wait]:

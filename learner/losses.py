@@ -334,7 +334,8 @@ class FixedKLController:
 
 class AdaptiveKLController(FixedKLController):
     """Adaptive β (Ziegler et al. 2019, eq. 2): β ← β·(1 + K_β·e), e = clip(KL/KL_target - 1, -0.2, 0.2),
-    K_β = n_steps/horizon. Pulls the observed KL toward ``target`` over about ``horizon`` samples."""
+    K_β = n_steps/horizon. Pulls the observed KL toward ``target`` over about ``horizon`` steps (the learner
+    counts PPO rounds: one step per round)."""
 
     def __init__(self, kl_coef: float, target: float, horizon: int):
         super().__init__(kl_coef)

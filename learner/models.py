@@ -19,7 +19,7 @@ from typing import Any
 
 from instructloop.model import resolve_model
 from instructloop.registry import InvalidCheckpoint, Manifest, Registry, VersionKind
-from learner.settings import Settings
+from learner.settings import Settings, lora_rates
 from learner.state import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,9 @@ class LearnerModels:
         self._adapter_base = None
         self._reference = None
         self._reward = None
-        self._incumbent_cache: tuple[tuple, str, Any] | None = None
-        """(key, version, PolicySamples) of the last incumbent evaluated (see ``incumbent_samples``)."""
+        self._samples_cache: dict[tuple, tuple[str, Any]] = {}
+        """(version, PolicySamples) by (version, reference, prompts, config, max_tokens): the gate's samples of
+        the versions a candidate is compared with (see ``version_samples``); a few entries."""
         self._reference_answers: dict[tuple, str] = {}
         """Greedy reference answers by (prompt, max_tokens, config): the RM's bias samples (``reference_answers``)."""
 
@@ -56,7 +57,7 @@ class LearnerModels:
     def reset(self) -> None:
         """Forget every loaded model (after SFT changed the reference, or to reload from a checkpoint)."""
         self._tokenizer = self._adapter_base = self._reference = self._reward = None
-        self._incumbent_cache = None
+        self._samples_cache = {}
         self._reference_answers = {}
 
     # ---- paths, device, tokenizer ----------------------------------------------------------------
@@ -110,12 +111,8 @@ class LearnerModels:
         return None if self.lora else self.tokenizer
 
     def mode_defaults(self, role: str) -> dict[str, float]:
-        """Defaults of ``role``'s config ("reward" or "ppo") that depend on the training mode: in lora mode the
-        learning rate of ``AdapterConfig`` (``reward_lr`` / ``ppo_lr``), else nothing (the config's own
-        full fine-tuning rate). Settings override them: a rate the user sets is used as given."""
-        if not self.lora:
-            return {}
-        return {"lr": getattr(self.adapter_config(), f"{role}_lr")}
+        """``role``'s learning rate in lora mode (``learner.settings.lora_rates``), else nothing."""
+        return lora_rates(self.settings, role)
 
     def adapter_config(self):
         from learner.config import AdapterConfig
@@ -254,34 +251,38 @@ class LearnerModels:
         registry.verify(version)
         return self._causal_lm(registry.version_dir(version), frozen=True).eval()
 
-    def incumbent_samples(
-        self, registry: Registry, prompts: list[str], config: Any, max_tokens: list[int | None] | None = None
+    def version_samples(
+        self,
+        registry: Registry,
+        version: str,
+        prompts: list[str],
+        config: Any,
+        max_tokens: list[int | None] | None = None,
     ) -> tuple[str, Any]:
-        """(version, ``PolicySamples``) of the current version on ``prompts`` (the reference as ``base`` when
-        none is current or it cannot be loaded). A version never changes and its evaluation is deterministic,
-        so its samples are kept for the next gate with the same prompts and config (only re-scored, since the
-        RM may have changed): that halves the gate."""
+        """(version, ``PolicySamples``) of registry ``version`` on ``prompts`` (the reference as ``base`` for
+        ``base``, or when the version cannot be loaded). A version never changes and its samples are seeded, so
+        they are kept for the next gate with the same prompts and config (only re-scored, since the RM may
+        have changed): a gate then generates for the candidate alone."""
         from instructloop.events import validate_version_name
         from instructloop.wire import BASE_VERSION
         from learner.evaluate import sample_policy
 
-        current = registry.current() or BASE_VERSION
-        key = (current, self.reference_path, tuple(prompts), repr(config), repr(max_tokens))
-        if self._incumbent_cache is not None and self._incumbent_cache[0] == key:
-            return self._incumbent_cache[1], self._incumbent_cache[2]
-        version, model = BASE_VERSION, self.reference
-        if current != BASE_VERSION:
+        key = (version, self.reference_path, tuple(prompts), repr(config), repr(max_tokens))
+        if key in self._samples_cache:
+            return self._samples_cache[key]
+        loaded, model = BASE_VERSION, self.reference
+        if version != BASE_VERSION:
             try:
-                validate_version_name(current)
-                version, model = current, self.incumbent(registry, current)
+                validate_version_name(version)
+                loaded, model = version, self.incumbent(registry, version)
             except (InvalidCheckpoint, OSError, ValueError) as exc:
                 log.warning(
-                    "incumbent not loadable, gating against the reference",
-                    extra={"version": current, "error": str(exc)},
+                    "version not loadable, gating against the reference",
+                    extra={"version": version, "error": str(exc)},
                 )
         samples = sample_policy(model, self.reference, self.tokenizer, prompts, config, max_tokens)
-        self._incumbent_cache = (key, version, samples)
-        return version, samples
+        self.remember_samples(loaded, prompts, config, samples, max_tokens, key=key)
+        return loaded, samples
 
     def reference_answers(self, queries: list, config: Any) -> list[str]:
         """Greedy answers of the reference to ``queries`` (``TrafficPrompt``s), the RM's bias samples. The
@@ -303,17 +304,21 @@ class LearnerModels:
             self._reference_answers.update(zip(map(key, missing), answers, strict=True))
         return [self._reference_answers[key(q)] for q in queries]
 
-    def remember_incumbent(
+    def remember_samples(
         self,
         version: str,
         prompts: list[str],
         config: Any,
         samples: Any,
         max_tokens: list[int | None] | None = None,
+        *,
+        key: tuple | None = None,
     ) -> None:
-        """A promoted candidate's samples, kept as the next incumbent's."""
-        key = (version, self.reference_path, tuple(prompts), repr(config), repr(max_tokens))
-        self._incumbent_cache = (key, version, samples)
+        """Keep ``version``'s samples (a promoted candidate's are the next incumbent's); 4 versions at most."""
+        key = key or (version, self.reference_path, tuple(prompts), repr(config), repr(max_tokens))
+        self._samples_cache[key] = (version, samples)
+        while len(self._samples_cache) > 4:
+            del self._samples_cache[next(iter(self._samples_cache))]
 
     def policy_from_version(self, registry: Registry, version: str):
         """A working policy equal to registry ``version`` (the reference for ``base``), to be saved as the
@@ -339,7 +344,7 @@ class LearnerModels:
                 return None
             self.incumbent(registry, version)  # verified and attached as the "incumbent" adapter
             state = base.state_of("incumbent")
-            self._incumbent_cache = None
+            self._samples_cache = {}
         base.add("policy", state)
         return PolicyAdapter(base, "policy")
 

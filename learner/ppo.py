@@ -447,7 +447,7 @@ class PPOPtxTrainer:
         # 9. adapt β (no-op when fixed) and report
         sequence_kl = kl.sum(1)  # (B,) per-sequence KL estimate (k1)
         mean_kl = sequence_kl.mean().item()
-        self.kl_controller.update(mean_kl, n)
+        self.kl_controller.update(mean_kl, 1)  # the horizon is in rounds (PPOConfig.kl_horizon)
         self.rounds_done += 1
         round_s = time.perf_counter() - started
         response_tokens = int(mask.sum())

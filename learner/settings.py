@@ -1,15 +1,19 @@
-"""The learner's one ``Settings`` object (env prefix ``INSTRUCTLOOP_LEARNER_``).
+"""The learner's one ``Settings`` object (env prefix ``INSTRUCTLOOP_LEARNER_``) and the one function that
+resolves the algorithms' configs from it (``resolve_learner_config``, logged in full on "learner started").
 
-Service knobs (Redis, folders, thresholds, gate, metrics) are flat fields. The headline hyperparameters
-(``kl_coef`` = β, ``ptx_coef`` = γ, ``ptx_corpus``) are flat too; every other hyperparameter of the
-algorithm dataclasses (``RewardConfig``, ``SFTConfig``, ``PPOConfig``, ``EvalConfig`` in
-``learner/config.py``; ``AdapterConfig`` as ``adapters``) can be overridden with a JSON object, e.g.
-``INSTRUCTLOOP_LEARNER_PPO='{"lr": 1e-6, "ppo_epochs": 2}'``.
+Service knobs (Redis, folders, thresholds, gate, metrics) are flat fields; the gate's defaults are
+``GateConfig``'s. The headline hyperparameters (``kl_coef`` = β, ``ptx_coef`` = γ, ``ptx_corpus``) are flat
+too and only flat (the PPO JSON may not set them); every other hyperparameter of the algorithm dataclasses
+(``RewardConfig``, ``SFTConfig``, ``PPOConfig``, ``EvalConfig`` in ``learner/config.py``; ``AdapterConfig``
+as ``adapters``) can be overridden with a JSON object, e.g. ``INSTRUCTLOOP_LEARNER_PPO='{"ppo_epochs": 2}'``.
+In lora mode the learning rates default to ``AdapterConfig``'s ``ppo_lr`` / ``reward_lr``; an ``lr`` in the
+PPO or REWARD JSON wins (the resolved config says which rate is in use).
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,8 +22,11 @@ from pydantic_settings import BaseSettings
 
 from instructloop.settings import DEFAULT_MODEL, home_dir, settings_config
 from instructloop.streams import DEFAULT_PREFIX
-from learner.config import PPOConfig
+from learner.config import AdapterConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig
 from learner.gate import GateConfig
+
+FLAT_ONLY = {"ppo": ("kl_coef", "ptx_coef")}
+"""JSON override fields refused because a flat knob sets them (one place per value)."""
 
 
 class Settings(BaseSettings):
@@ -61,7 +68,14 @@ class Settings(BaseSettings):
         0.1,
         ge=0.0,
         lt=1.0,
-        description="Share of events (by a hash of event_id) kept out of training for evaluation.",
+        description="Share of distinct prompts (by a hash of the prompt) kept out of training, for the gate "
+        "and the RM's held-out accuracy: a prompt lives in one split only.",
+    )
+    heldout_min_prompts: int = Field(
+        4,
+        ge=0,
+        description="Held-out prompts the split guarantees however the hash falls: the lowest-hash prompts up "
+        "to this many, but at most one in 4 distinct prompts (2 of 8, 4 of 16). 0 = the hash share only.",
     )
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -73,11 +87,23 @@ class Settings(BaseSettings):
         32,
         ge=0,
         description="Comparisons the RM must have been trained on, in total, before PPO-ptx rounds start "
-        "(binds when min_new_comparisons is lower): PPO on an RM from a handful of rankings optimises its noise, "
-        "and the gate rejects the candidate (docs/benchmarks.md). 0 = no minimum.",
+        "(binds when min_new_comparisons is lower): PPO on an RM from a handful of rankings optimises its "
+        "noise. 0 = no minimum.",
     )
     prompts_per_round: int = Field(64, ge=1, description="Prompts sampled (at most) for one PPO-ptx round.")
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts used by the gate (at most).")
+    max_rounds_per_rm_update: int = Field(
+        2,
+        ge=1,
+        description="PPO-ptx rounds on one reward model; then PPO waits for the next RM update: rounds on an "
+        "unchanged RM optimise its errors (new prompts alone do not lift this bound).",
+    )
+    restart_after_rejections: int = Field(
+        3,
+        ge=1,
+        description="After this many consecutive rejected candidates the working policy restarts from the "
+        "incumbent (fresh PPO optimizer): it does not keep training away from what is served.",
+    )
     poll_interval_s: float = Field(
         5.0, gt=0, description="Pause between rounds when there was nothing to do."
     )
@@ -85,27 +111,49 @@ class Settings(BaseSettings):
         None, ge=1, description="`learner run` stops after this many rounds (None = forever)."
     )
 
-    # ---- gate ------------------------------------------------------------------------------------
-    gate_min_reward_gain: float = Field(
-        0.0, description="Candidate mean RM score must exceed the incumbent's by more than this."
+    # ---- gate (defaults: GateConfig, learner/gate.py) ------------------------------------------------
+    gate_min_prompts: int = Field(
+        2,
+        ge=1,
+        description="Held-out prompts the gate needs: until the split holds this many, PPO rounds wait (a "
+        "candidate could never be judged). At most heldout_min_prompts (unless that is 0).",
     )
-    gate_reward_tolerance_se: float = Field(
-        GateConfig.reward_tolerance_se,
+    gate_samples: int = Field(
+        GateConfig.samples,
+        ge=2,
+        description="(prompt, sample) pairs the gate samples every compared version on, at least.",
+    )
+    gate_confidence: float = Field(
+        GateConfig.confidence,
+        ge=0.5,
+        lt=1,
+        description="One-sided confidence of the lower bound on the candidate's mean gain.",
+    )
+    gate_margin: float = Field(
+        GateConfig.margin,
         ge=0,
-        description="Standard errors of the per-prompt score difference by which the candidate's gain "
-        "may fall short of gate_min_reward_gain and still pass: a step the held-out prompts cannot tell from noise "
-        "is not rejected, one they show to be worse is. 0 = the gain itself must clear the margin.",
+        description="δ in normalised RM units: the gain's lower bound over the incumbent, the base and the best "
+        "version so far must clear -δ.",
+    )
+    gate_min_reward_gain: float = Field(
+        GateConfig.min_reward_gain,
+        description="The candidate's mean gain over the incumbent must exceed this (RM units).",
     )
     gate_kl_ceiling: float = Field(
-        10.0,
+        GateConfig.kl_ceiling,
         gt=0,
         description="Candidate KL to the reference (nats per response, summed over tokens) must stay below.",
     )
     gate_min_live_comparisons: int = Field(
-        20, ge=1, description="Live comparisons between the two versions needed before their win-rate counts."
+        GateConfig.min_live_comparisons,
+        ge=1,
+        description="Live comparisons between the two versions needed before their win-rate counts.",
     )
     gate_min_win_rate: float = Field(
-        0.5, ge=0, le=1, description="Candidate live win-rate against the incumbent must reach this."
+        GateConfig.min_win_rate,
+        ge=0,
+        le=1,
+        description="Candidate live win-rate against the incumbent must reach this.",
     )
     gate_live_wait_s: float = Field(
         0.0,
@@ -199,6 +247,23 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _one_place_per_value(self) -> Settings:
+        for section, names in FLAT_ONLY.items():
+            for name in names:
+                if name in getattr(self, section):
+                    raise ValueError(
+                        f"{name} is set in INSTRUCTLOOP_LEARNER_{section.upper()}: set it with "
+                        f"INSTRUCTLOOP_LEARNER_{name.upper()} instead (one place per value)"
+                    )
+        if self.heldout_min_prompts and self.gate_min_prompts > self.heldout_min_prompts:
+            raise ValueError(
+                f"gate_min_prompts ({self.gate_min_prompts}) exceeds heldout_min_prompts "
+                f"({self.heldout_min_prompts}): the split would not guarantee it; lower "
+                "INSTRUCTLOOP_LEARNER_GATE_MIN_PROMPTS or raise ..._HELDOUT_MIN_PROMPTS"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _timeout_exceeds_block(self) -> Settings:
         if self.redis_socket_timeout_s * 1000 <= self.read_block_ms + 1000:
             raise ValueError(
@@ -225,3 +290,69 @@ class Settings(BaseSettings):
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The algorithms' configs as the learner runs them (``resolve_learner_config``)."""
+
+    reward: RewardConfig
+    """Seeded ``Settings.seed``; each RM update adds its number to the seed."""
+    sft: SFTConfig
+    ppo: PPOConfig
+    evaluation: EvalConfig
+    gate: GateConfig
+    adapters: AdapterConfig | None
+    """None in full mode."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            name: asdict(value) if value is not None else None
+            for name, value in (
+                ("reward", self.reward),
+                ("sft", self.sft),
+                ("ppo", self.ppo),
+                ("evaluation", self.evaluation),
+                ("gate", self.gate),
+                ("adapters", self.adapters),
+            )
+        }
+
+
+def lora_rates(settings: Settings, role: str) -> dict[str, float]:
+    """The ``lr`` default of ``role``'s config ("reward" or "ppo") in lora mode (``AdapterConfig``'s
+    ``reward_lr`` / ``ppo_lr``); nothing in full mode (the config's own full fine-tuning rate)."""
+    if settings.training != "lora":
+        return {}
+    return {"lr": getattr(AdapterConfig(**settings.adapters), f"{role}_lr")}
+
+
+def resolve_learner_config(settings: Settings) -> LearnerConfig:
+    """Every algorithm config from ``settings``: the dataclass defaults, then the mode's learning rates, then
+    the flat knobs and ``seed``, then the JSON overrides (which may not repeat a flat knob: ``FLAT_ONLY``).
+    Raises ``ValueError`` naming the field when a value is refused."""
+    seed = {"seed": settings.seed}
+    return LearnerConfig(
+        reward=RewardConfig(**{**seed, **lora_rates(settings, "reward"), **settings.reward}),
+        sft=SFTConfig(**{**seed, **settings.sft}),
+        ppo=PPOConfig(
+            **{
+                **seed,
+                **lora_rates(settings, "ppo"),
+                "kl_coef": settings.kl_coef,
+                "ptx_coef": settings.ptx_coef,
+                **settings.ppo,
+            }
+        ),
+        evaluation=EvalConfig(**{**seed, **settings.evaluation}),
+        gate=GateConfig(
+            samples=settings.gate_samples,
+            confidence=settings.gate_confidence,
+            margin=settings.gate_margin,
+            min_reward_gain=settings.gate_min_reward_gain,
+            kl_ceiling=settings.gate_kl_ceiling,
+            min_live_comparisons=settings.gate_min_live_comparisons,
+            min_win_rate=settings.gate_min_win_rate,
+        ),
+        adapters=AdapterConfig(**settings.adapters) if settings.training == "lora" else None,
+    )

@@ -59,7 +59,19 @@ class LearnerState(BaseModel):
         0, description="prompts.seq of the newest prompt when the last PPO round ran."
     )
     ppo_rm_update: int = Field(0, description="rm_updates when the last PPO round ran.")
+    ppo_rounds_on_rm: int = Field(
+        0,
+        description="PPO rounds run on the reward model of update ppo_rm_update (max_rounds_per_rm_update).",
+    )
+    consecutive_rejections: int = Field(
+        0, description="Candidates rejected since the last promotion or restart (restart_after_rejections)."
+    )
     incumbent: str | None = Field(None, description="The current version when the gate last ran.")
+    best_version: str | None = Field(
+        None,
+        description="The version (or base) that scored highest at the last gate among those compared: a "
+        "candidate may not fall below it.",
+    )
     pending_candidate: str | None = Field(
         None, description="Version reserved for the policy of the last PPO round, not gated yet."
     )

@@ -82,7 +82,19 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
         )
     elif state.rm_updates <= state.ppo_rm_update and not state.pending_candidate:
         fresh = dataset.count_new_prompts(state.ppo_prompt_cursor)
-        if fresh < settings.min_prompts:
+        if state.ppo_rounds_on_rm >= settings.max_rounds_per_rm_update:
+            knob = ENV_PREFIX + "MAX_ROUNDS_PER_RM_UPDATE"
+            out.append(
+                Wait(
+                    "ppo",
+                    state.ppo_rounds_on_rm,
+                    settings.max_rounds_per_rm_update,
+                    knob,
+                    f"PPO round waits for the next reward model update: {state.ppo_rounds_on_rm} rounds ran on "
+                    f"this one, the most {knob} allows (rank more completions)",
+                )
+            )
+        elif fresh < settings.min_prompts:
             knob = ENV_PREFIX + "MIN_PROMPTS"
             out.append(
                 Wait(
@@ -94,16 +106,18 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
                     f"{settings.min_prompts} prompts never served before (has {fresh}; lower {knob})",
                 )
             )
-    if dataset.count_prompts(heldout=True) == 0 and not dataset.comparisons(heldout=True, limit=1):
-        knob = ENV_PREFIX + "HELDOUT_FRACTION"
+    heldout = dataset.count_split_prompts(heldout=True)
+    if heldout < settings.gate_min_prompts:
+        knob = ENV_PREFIX + "GATE_MIN_PROMPTS"
         out.append(
             Wait(
                 "gate",
-                0,
-                1,
+                heldout,
+                settings.gate_min_prompts,
                 knob,
-                f"the gate has no held-out prompt to evaluate on (a hash of each prompt keeps "
-                f"{settings.heldout_fraction:.0%} of them out of training; send more or raise {knob})",
+                f"PPO rounds wait: the gate needs {settings.gate_min_prompts} held-out prompts to judge a "
+                f"candidate on and has {heldout} (the split holds out up to {settings.heldout_min_prompts}, one "
+                f"in 4 distinct prompts: 8 prompts give 2; send more prompts or lower {knob})",
             )
         )
     return out

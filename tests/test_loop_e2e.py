@@ -137,8 +137,8 @@ LEARNER_ENV = {
     "INSTRUCTLOOP_LEARNER_GATE_KL_CEILING": "20",
     "INSTRUCTLOOP_LEARNER_GATE_MIN_REWARD_GAIN": "2.0",
     # the test's claim is about the first version the gate lets through: it must be a clear step (2 RM units
-    # by itself), without the benefit of the doubt the default gives a step within the held-out noise
-    "INSTRUCTLOOP_LEARNER_GATE_REWARD_TOLERANCE_SE": "0",
+    # on average, and a lower bound above 0 rather than the default's -margin)
+    "INSTRUCTLOOP_LEARNER_GATE_MARGIN": "0",
     "INSTRUCTLOOP_LEARNER_REWARD": json.dumps(
         {"lr": 3e-3, "epochs": 2, "rankings_per_batch": 8, "max_length": 96, "single_pass_above": 100_000}
     ),

@@ -37,6 +37,7 @@ def learner_settings(redis_server, tmp_path, tiny_model_dir, monkeypatch):
         tmp_path / "registry",
         corpus,
         gate_min_reward_gain=-1e9,
+        gate_margin=1e9,
         min_new_comparisons=8,
         min_prompts=8,
     )

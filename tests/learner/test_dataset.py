@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from instructloop.events import PolicyEvent
-from learner.dataset import Dataset, IngestedEntry, is_heldout
+from learner.dataset import Dataset, IngestedEntry, TrafficPrompt, is_heldout
 from tests.learner.helpers import comparison, completion
 
 
@@ -81,24 +81,24 @@ def test_prompt_sampling_is_distinct_and_seeded(tmp_path):
 
 
 def test_the_gates_heldout_prompts_grow_to_n_then_stay_fixed(tmp_path):
-    """The gate evaluates on ``earliest_queries``: new traffic never changes a full set, so the incumbent's
-    samples on it stay valid gate after gate (a seeded sample of a growing pool changed with every prompt)."""
-    dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.0)
-    dataset.add(entries([completion(i) for i in range(3)], "completions"))
-    assert [q.text for q in dataset.earliest_queries(5, heldout=False)] == [
-        completion(i).prompt for i in range(3)
-    ]
+    """The gate evaluates on ``heldout_queries``: new traffic never changes a full set, so the compared
+    versions' samples on it stay valid gate after gate (a seeded sample of a growing pool changed with every
+    prompt). Prompts carried by comparisons count too, with the traffic's max_tokens where served."""
+    dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.9999)  # (nearly) everything held out
+    dataset.add(entries([completion(i, sampling={"max_tokens": 7}) for i in range(3)], "completions"))
+    assert dataset.heldout_queries(5) == [TrafficPrompt(completion(i).prompt, 7) for i in range(3)]
+    dataset.add(entries([comparison(0)], "comparisons"))
     dataset.add(entries([completion(i) for i in range(3, 30)], "completions"))
-    full = [q.text for q in dataset.earliest_queries(5, heldout=False)]
-    assert full == [completion(i).prompt for i in range(5)]
+    full = [q.text for q in dataset.heldout_queries(5)]
+    assert full == [completion(i).prompt for i in range(3)] + [comparison(0).prompt, completion(3).prompt]
     dataset.add(
         entries(
             [completion(i) for i in range(30, 60)] + [completion(99, prompt=completion(7).prompt)],
             "completions",
         )
     )
-    assert [q.text for q in dataset.earliest_queries(5, heldout=False)] == full
-    assert dataset.earliest_queries(5, heldout=True) == []
+    assert [q.text for q in dataset.heldout_queries(5)] == full
+    assert Dataset(tmp_path / "e.sqlite3", heldout_fraction=0.0).heldout_queries(5) == []
 
 
 def test_prompt_sampling_memory_does_not_grow_with_the_number_of_prompts(tmp_path):
@@ -151,3 +151,15 @@ def test_live_win_rate_between_two_versions(tmp_path):
     rate, pairs = dataset.live_win_rate("v2", against="v1")
     assert pairs == 4 and rate == pytest.approx(2 / 4)
     assert dataset.live_win_rate("v9", against="v1") == (0.5, 0)
+
+
+def test_a_dataset_from_before_the_split_table_keeps_its_split(tmp_path):
+    dataset = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.3)
+    dataset.add(entries([comparison(i) for i in range(20)], "comparisons"))
+    heldout = {s.comparison.prompt for s in dataset.comparisons(heldout=True)}
+    dataset.close()
+    with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
+        conn.execute("DROP TABLE prompt_split")
+    reopened = Dataset(tmp_path / "d.sqlite3", heldout_fraction=0.3, heldout_min_prompts=4)
+    assert {q.text for q in reopened.heldout_queries(100)} == heldout and heldout
+    assert reopened.count_split_prompts(heldout=False) == 20 - len(heldout)

@@ -3,84 +3,129 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
 from instructloop.events import PolicyEvent, PolicyStatus
 from instructloop.registry import Registry
 from instructloop.streams import Stream, stream_key
-from learner.gate import GateConfig, GateResult, gate_decision, paired_standard_error
+from learner.gate import GateConfig, GateResult, gain_lower_bound, gate_decision, paired_standard_error
 from learner.publish import publish_candidate
 from tests.learner.helpers import (
     PREFIX,
 )
 
-CONFIG = GateConfig(min_reward_gain=0.05, kl_ceiling=2.0, min_live_comparisons=10, min_win_rate=0.5)
+CONFIG = GateConfig(kl_ceiling=2.0, min_live_comparisons=10, min_win_rate=0.5)
+PROMPTS_N, SAMPLES_N = 4, 8  # 32 (prompt, sample) pairs: the gate's default minimum
 
 
-def test_better_candidate_under_the_kl_ceiling_is_promoted():
-    result = gate_decision({"reward_mean": 0.40, "kl": 1.2}, {"reward_mean": 0.30, "kl": 0.0}, CONFIG)
-    assert result.promote
-    assert result.metrics["reward_gain"] == pytest.approx(0.10)
-    assert result.metrics["candidate_kl"] == 1.2 and result.metrics["incumbent_reward_mean"] == 0.30
-    assert any("gain 0.1000 > 0.05" in r for r in result.reasons) and any(
-        "under ceiling" in r for r in result.reasons
-    )
+def evaluation(scores: list[float], kl: float = 0.5) -> dict:
+    """An ``evaluate_policy`` result with these per-pair scores."""
+    return {"reward_mean": sum(scores) / len(scores), "kl": kl, "scores": scores}
 
 
-def test_paired_standard_error_by_hand():
-    # differences 1, 3, -1, 5: mean 2, sample variance ((-1)^2 + 1^2 + (-3)^2 + 3^2) / 3 = 20/3, se sqrt(20/3)/2
-    assert paired_standard_error([2.0, 4.0, 0.0, 6.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx(
-        math.sqrt(20 / 3) / 2
-    )
-    assert paired_standard_error([3.0, 5.0], [1.0, 3.0]) == 0.0  # the same gain on every prompt: no noise
-    assert paired_standard_error([1.0], [0.0]) == 0.0
+def paired_draws(rng: random.Random, gain: float, shared: float) -> tuple[list[float], list[float]]:
+    """Scores of two policies on 4 prompts x 8 seeds, normalised RM units: a per-prompt offset common to both
+    (std 1), a per-(prompt, seed) part shared by both with weight ``shared`` (1: the same samples, 0:
+    independent ones; same seeds make similar policies draw similar answers), and the candidate's ``gain``."""
+    candidate, incumbent = [], []
+    for _ in range(PROMPTS_N):
+        offset = rng.gauss(0, 1)
+        for _ in range(SAMPLES_N):
+            common = rng.gauss(0, 1)
+            own_c, own_i = rng.gauss(0, 1), rng.gauss(0, 1)
+            mix = math.sqrt(1 - shared**2)
+            candidate.append(offset + gain + shared * common + mix * own_c)
+            incumbent.append(offset + shared * common + mix * own_i)
+    return candidate, incumbent
+
+
+def pass_rate(gain: float, shared: float, cases: int = 1000) -> float:
+    rng = random.Random(1234)
+    passed = 0
+    for _ in range(cases):
+        candidate, incumbent = paired_draws(rng, gain, shared)
+        passed += gate_decision(evaluation(candidate), evaluation(incumbent, kl=0.0), GateConfig()).promote
+    return passed / cases
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.5, 0.99])
+def test_a_candidate_as_good_as_the_incumbent_rarely_passes(shared):
+    """An equal candidate (independent samples, half-shared ones, near-identical ones) must not random-walk
+    the served policy: it passes well under half the time (the bound's 95 % plus the minimum gain)."""
+    assert pass_rate(0.0, shared) < 0.15
+
+
+def test_an_identical_candidate_never_passes():
+    rng = random.Random(7)
+    for _ in range(50):
+        _, scores = paired_draws(rng, 0.0, 0.0)
+        result = gate_decision(evaluation(scores), evaluation(scores, kl=0.0), GateConfig())
+        assert not result.promote and "does not beat" in result.reasons[0]
+
+
+def test_a_clearly_better_candidate_passes():
+    """A gain of one reference standard deviation passes almost always, even with independent samples."""
+    assert pass_rate(1.0, 0.0) > 0.95
+    assert pass_rate(0.3, 0.9) > 0.95  # a smaller gain, with the seeds pairing the samples
+
+
+def test_better_candidate_under_the_kl_ceiling_is_promoted_and_explains_itself():
+    incumbent = [0.1 * (i % 4) for i in range(32)]
+    result = gate_decision(evaluation([s + 0.5 for s in incumbent], kl=1.2), evaluation(incumbent), CONFIG)
+    assert result.promote, result.reasons
+    assert result.metrics["reward_gain"] == pytest.approx(0.5)
+    assert result.metrics["gain_lower_bound_incumbent"] == pytest.approx(0.5)  # the same gain on every pair
+    assert result.metrics["candidate_kl"] == 1.2 and "candidate_scores" not in result.metrics
+    assert any("gain 0.5000 > 0.05" in r for r in result.reasons)
+    assert any("lower bound of the gain over incumbent 0.5000 > -0.1" in r for r in result.reasons)
+    assert any("under ceiling" in r for r in result.reasons)
+
+
+def test_lower_bound_by_hand():
+    # differences 1, 3, -1, 5: mean 2, se sqrt(20/3)/2; 95 %: z = 1.6449
+    config = GateConfig(samples=4)
+    bound = gain_lower_bound([2.0, 4.0, 0.0, 6.0], [1.0, 1.0, 1.0, 1.0], config)
+    assert config.z == pytest.approx(1.6449, abs=1e-4)
+    assert bound == pytest.approx(2 - 1.6449 * math.sqrt(20 / 3) / 2, abs=1e-4)
+    assert paired_standard_error([3.0, 5.0], [1.0, 3.0]) == 0.0  # the same gain on every pair: no noise
+    assert gain_lower_bound([1.0], [0.0], config) == -math.inf
     with pytest.raises(ValueError, match="2 candidate scores but 1"):
         paired_standard_error([1.0, 2.0], [0.0])
 
 
-def test_a_shortfall_within_the_noise_passes_and_one_beyond_it_is_rejected():
-    config = GateConfig(min_reward_gain=0.0, reward_tolerance_se=1.0)
-    incumbent = {"reward_mean": 7.46, "kl": 0.0}
-    close = gate_decision({"reward_mean": 7.36, "kl": 1.0}, incumbent, config, reward_gain_se=1.5)
-    assert close.promote, close.reasons
-    assert (
-        close.metrics["reward_gain_needed"] == pytest.approx(-1.5) and close.metrics["reward_gain_se"] == 1.5
+def test_never_below_the_base_or_the_best_version_so_far():
+    incumbent = [0.0] * 32
+    candidate = [0.3] * 32
+    result = gate_decision(
+        evaluation(candidate), evaluation(incumbent), CONFIG, floors={"base": [0.2] * 32, "v0003": [1.0] * 32}
     )
-    assert "less 1.0 × standard error 1.5000" in close.reasons[0]
-    worse = gate_decision({"reward_mean": 5.0, "kl": 1.0}, incumbent, config, reward_gain_se=1.5)
-    assert not worse.promote and "does not beat" in worse.reasons[0]
-    strict = gate_decision(
-        {"reward_mean": 7.36, "kl": 1.0}, incumbent, GateConfig(reward_tolerance_se=0.0), reward_gain_se=1.5
-    )
-    assert not strict.promote  # tolerance 0: the gain itself must clear the margin
-    margin = gate_decision(
-        {"reward_mean": 8.0, "kl": 1.0}, incumbent, GateConfig(min_reward_gain=2.0), reward_gain_se=1.0
-    )
-    assert not margin.promote and margin.metrics["reward_gain_needed"] == pytest.approx(1.0)
-    unknown = gate_decision({"reward_mean": 7.36, "kl": 1.0}, incumbent, config, reward_gain_se=math.nan)
-    assert not unknown.promote  # a noise estimate that is not a number fails closed
+    assert not result.promote
+    assert any("worse than v0003" in r for r in result.reasons)
+    assert not any("worse than base" in r for r in result.reasons)
+    assert result.metrics["gain_lower_bound_v0003"] == pytest.approx(-0.7)
+
+
+def test_too_few_pairs_or_unpaired_scores_fail():
+    few = gate_decision(evaluation([1.0] * 8), evaluation([0.0] * 8), CONFIG)
+    assert not few.promote and any("fewer than 32" in r for r in few.reasons)
+    unpaired = gate_decision(evaluation([1.0] * 32), evaluation([0.0] * 31), CONFIG)
+    assert not unpaired.promote and any("31 scores of incumbent" in r for r in unpaired.reasons)
+
+
+BETTER, INCUMBENT = [0.9] * 32, [0.3] * 32
 
 
 @pytest.mark.parametrize(
     ("candidate", "incumbent", "live", "why"),
     [
-        ({"reward_mean": 0.20, "kl": 0.5}, {"reward_mean": 0.30, "kl": 0.0}, None, "does not beat"),
-        (
-            {"reward_mean": 0.33, "kl": 0.5},
-            {"reward_mean": 0.30, "kl": 0.0},
-            None,
-            "does not beat",
-        ),  # gain < margin
-        ({"reward_mean": 0.90, "kl": 2.0}, {"reward_mean": 0.30, "kl": 0.0}, None, "not under ceiling"),
-        ({"reward_mean": 0.90, "kl": math.nan}, {"reward_mean": 0.30, "kl": 0.0}, None, "not finite"),
-        ({"reward_mean": math.inf, "kl": 0.1}, {"reward_mean": 0.30, "kl": 0.0}, None, "not finite"),
-        (
-            {"reward_mean": 0.90, "kl": 0.1},
-            {"reward_mean": 0.30, "kl": 0.0},
-            (0.4, 25),
-            "live win-rate 0.400 < 0.5",
-        ),
+        (evaluation([0.2] * 32), evaluation(INCUMBENT), None, "does not beat"),
+        (evaluation([0.33] * 32), evaluation(INCUMBENT), None, "does not beat"),  # gain < min_reward_gain
+        (evaluation(BETTER, kl=2.0), evaluation(INCUMBENT), None, "not under ceiling"),
+        (evaluation(BETTER, kl=math.nan), evaluation(INCUMBENT), None, "not finite"),
+        ({**evaluation(BETTER), "reward_mean": math.inf}, evaluation(INCUMBENT), None, "not finite"),
+        (evaluation(BETTER, kl=0.1), evaluation(INCUMBENT), (0.4, 25), "live win-rate 0.400 < 0.5"),
     ],
 )
 def test_worse_candidates_are_rejected_with_the_reason(candidate, incumbent, live, why):
@@ -90,8 +135,7 @@ def test_worse_candidates_are_rejected_with_the_reason(candidate, incumbent, liv
 
 
 def test_live_win_rate_counts_only_with_enough_pairs():
-    better = {"reward_mean": 0.9, "kl": 0.1}
-    incumbent = {"reward_mean": 0.3, "kl": 0.0}
+    better, incumbent = evaluation(BETTER, kl=0.1), evaluation(INCUMBENT)
     few = gate_decision(better, incumbent, CONFIG, live_win_rate=(0.1, 3))
     assert few.promote and any("not checked" in r for r in few.reasons) and few.metrics["live_pairs"] == 3
     good = gate_decision(better, incumbent, CONFIG, live_win_rate=(0.6, 30))
@@ -101,8 +145,12 @@ def test_live_win_rate_counts_only_with_enough_pairs():
 def test_gate_config_refuses_nonsense():
     with pytest.raises(ValueError, match="kl_ceiling"):
         GateConfig(kl_ceiling=0)
-    with pytest.raises(ValueError, match="reward_tolerance_se"):
-        GateConfig(reward_tolerance_se=-1)
+    with pytest.raises(ValueError, match="margin"):
+        GateConfig(margin=-1)
+    with pytest.raises(ValueError, match="confidence"):
+        GateConfig(confidence=1.0)
+    with pytest.raises(ValueError, match="samples"):
+        GateConfig(samples=1)
     with pytest.raises(ValueError, match="min_win_rate"):
         GateConfig(min_win_rate=1.5)
 
@@ -200,37 +248,28 @@ def test_gate_on_real_models_rejects_the_worse_policy_and_keeps_the_incumbent(
     assert stats["heldout_accuracy"] == 1.0
     good, bad = _teach(tiny_model_dir, tokenizer, GOOD), _teach(tiny_model_dir, tokenizer, BAD)
 
-    config = EvalConfig(max_new_tokens=12, batch_size=4, max_prompt_tokens=64)
+    config = EvalConfig(max_new_tokens=12, batch_size=8, max_prompt_tokens=64)  # sampled, seeded per batch
+    pairs = [p for p in PROMPTS for _ in range(8)]  # 32 (prompt, seed) pairs, as the learner's gate
     evaluations = {
-        name: evaluate_policy(policy, reference, reward_model, tokenizer, PROMPTS, config)
+        name: evaluate_policy(policy, reference, reward_model, tokenizer, pairs, config)
         for name, policy in (("reference", reference), ("good", good), ("bad", bad))
     }
     assert evaluations["good"]["reward_mean"] > evaluations["bad"]["reward_mean"]
-    gate = GateConfig(min_reward_gain=0.0, kl_ceiling=1000.0)
+    gate = GateConfig(kl_ceiling=1000.0)
+
+    same = evaluate_policy(reference, reference, reward_model, tokenizer, pairs, config)
+    assert same["scores"] == evaluations["reference"]["scores"]  # the same seeds draw the same answers
+    identical = gate_decision(same, evaluations["reference"], gate)
+    assert not identical.promote and "does not beat" in identical.reasons[0]
 
     client = redis_server.client()
     registry = Registry(tmp_path / "registry", redis=redis_server.client("learner"), prefix=PREFIX)
-    assert len(evaluations["good"]["scores"]) == len(PROMPTS)
-    assert sum(evaluations["good"]["scores"]) / len(PROMPTS) == pytest.approx(
-        evaluations["good"]["reward_mean"]
-    )
-    first = gate_decision(
-        evaluations["good"],
-        evaluations["reference"],
-        gate,
-        reward_gain_se=paired_standard_error(
-            evaluations["good"]["scores"], evaluations["reference"]["scores"]
-        ),
-    )
+    assert len(evaluations["good"]["scores"]) == len(pairs)
+    first = gate_decision(evaluations["good"], evaluations["reference"], gate)
     assert first.promote, first.reasons
     publish_candidate(registry, "v0001", good, tokenizer, first, parent=None)
 
-    worse = gate_decision(
-        evaluations["bad"],
-        evaluations["good"],
-        gate,
-        reward_gain_se=paired_standard_error(evaluations["bad"]["scores"], evaluations["good"]["scores"]),
-    )
+    worse = gate_decision(evaluations["bad"], evaluations["good"], gate)
     assert not worse.promote and "does not beat" in worse.reasons[0]
     publish_candidate(registry, "v0002", bad, tokenizer, worse, parent="v0001")
 

@@ -206,12 +206,12 @@ def test_kl_controllers():
     fixed = FixedKLController(0.05)
     fixed.update(current_kl=100.0, n_steps=64)
     assert fixed.value == 0.05
-    adaptive = AdaptiveKLController(0.1, target=6.0, horizon=10000)
-    adaptive.update(current_kl=12.0, n_steps=1000)  # error clipped to +0.2 → ×1.02
+    adaptive = AdaptiveKLController(0.1, target=6.0, horizon=10)  # the learner's horizon is in rounds
+    adaptive.update(current_kl=12.0, n_steps=1)  # one round; error clipped to +0.2 → ×1.02
     assert adaptive.value == pytest.approx(0.102)
-    adaptive.update(current_kl=5.4, n_steps=1000)  # error -0.1 → ×0.99
+    adaptive.update(current_kl=5.4, n_steps=1)  # error -0.1 → ×0.99
     assert adaptive.value == pytest.approx(0.102 * 0.99)
-    restored = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    restored = AdaptiveKLController(0.1, target=6.0, horizon=10)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.value == adaptive.value
 

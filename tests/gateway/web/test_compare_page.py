@@ -127,7 +127,8 @@ def test_compare_votes_name_both_versions_and_decide_the_gate(
     rate, pairs = dataset.live_win_rate(CANDIDATE, "base")
     assert (rate, pairs) == (pytest.approx(1 / (VOTES + 1)), VOTES + 1)
     config = GateConfig(min_live_comparisons=VOTES)
-    candidate, incumbent = {"reward_mean": 1.0, "kl": 0.1}, {"reward_mean": 0.5, "kl": 0.0}
+    candidate = {"reward_mean": 1.0, "kl": 0.1, "scores": [1.0] * config.samples}
+    incumbent = {"reward_mean": 0.5, "kl": 0.0, "scores": [0.5] * config.samples}
     assert gate_decision(candidate, incumbent, config).promote  # without the votes it would pass
     result = gate_decision(candidate, incumbent, config, live_win_rate=(rate, pairs))
     assert not result.promote
