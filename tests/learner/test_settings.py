@@ -11,6 +11,7 @@ from learner.config import AdapterConfig, PPOConfig, RewardConfig
 from learner.gate import GateConfig
 from learner.loop import Learner
 from learner.settings import Settings, resolve_learner_config
+from tests.learner.helpers import PREFIX
 
 
 def test_every_gate_default_is_gate_configs():
@@ -49,6 +50,7 @@ def test_bad_json_values_are_refused_before_anything_starts(redis_server, tmp_pa
 def test_learner_started_logs_the_resolved_config(redis_server, tmp_path, caplog):
     settings = Settings(
         redis_url=redis_server.url_for("learner"),
+        stream_prefix=PREFIX,
         state_dir=tmp_path / "state",
         registry_dir=tmp_path / "reg",
         metrics_port=0,
