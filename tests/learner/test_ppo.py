@@ -151,6 +151,7 @@ def run_experiment(tmp_path_factory, tokenizer) -> dict:
     return result
 
 
+@pytest.mark.slow  # the module's experiment trains a policy and an RM (minutes on 2 cores)
 def test_ppo_ptx_raises_reward_with_bounded_kl(experiment):
     assert experiment["rm_stats"]["heldout_accuracy"] >= 0.9
     before, run = experiment["before"], experiment[1.0]
@@ -165,6 +166,7 @@ def test_ppo_ptx_raises_reward_with_bounded_kl(experiment):
     assert after["eos_rate"] >= 0.7
 
 
+@pytest.mark.slow  # the module's experiment trains a policy and an RM (minutes on 2 cores)
 def test_ptx_term_limits_pretraining_drift(experiment):
     base = experiment["before_nll"]
     drift_ptx = experiment[1.0]["after_nll"] - base
@@ -178,6 +180,7 @@ def test_ptx_term_limits_pretraining_drift(experiment):
     assert experiment[1.0]["rounds"][0]["ptx_tokens"] == 2 * 4 * 4 * 32  # epochs × minibatches × ptx batch
 
 
+@pytest.mark.slow  # the module's experiment trains a policy and an RM (minutes on 2 cores)
 def test_round_stats_are_complete_and_finite(experiment):
     stats = experiment[1.0]["rounds"][-1]
     for key in (
