@@ -10,11 +10,10 @@ it keeps one aiohttp session per replica (no TCP handshake per call), posts to t
 the background (``GET /health``), retries a connect failure on another replica, and raises
 ``NoHealthyBackend`` when none is left.
 
-Stale keep-alive connections: a pooled connection the replica closed at the moment it was reused fails
-with "Server disconnected" / "Connection reset" before any answer. That was the gateway's unexplained 502
-under load (aiohttp kept idle connections 30 s, uvicorn closes them after 5 s). Now serve keeps them
-longer than the gateway does (``SERVE_KEEP_ALIVE_S`` > ``BACKEND_KEEP_ALIVE_S``), and a call that fails
-that way before its first byte is retried once on a fresh connection (generation has no side effects).
+Stale keep-alive connections: a pooled connection the replica closes at the moment it is reused fails with
+"Server disconnected" / "Connection reset" before any answer. serve keeps idle connections longer than the
+gateway does (``SERVE_KEEP_ALIVE_S`` > ``BACKEND_KEEP_ALIVE_S``), and a call that fails that way before its
+first byte is retried once on a fresh connection (generation has no side effects).
 """
 
 from __future__ import annotations
