@@ -1,5 +1,5 @@
-# instructloop: `make run` starts the whole stack, `make test` runs the suite.
-# Both do all set-up on a fresh machine and are safe to run again.
+# instructloop: `make run` starts the whole stack, `make test` runs the suite, `make test-fast` the unit tests
+# (the inner loop). All do their set-up on a fresh machine and are safe to run again.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TEXT_GENERATION ?= text-generation==0.7.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install redis-server netns-tools chromium ptx-corpus model clean
+.PHONY: run test test-fast lint install redis-server netns-tools chromium ptx-corpus model clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -83,6 +83,12 @@ test: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The inner loop: unit tests only (no process, no server, no browser, no default model; tests/conftest.py
+# marks the rest `slow` and fails an unmarked test that starts a process or a server). Needs no redis-server
+# or chromium, so it only installs the venv.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 run: install
 	$(VENV)/bin/instructloop up

@@ -1,7 +1,7 @@
 """LoRA adapters vs full fine-tuning on the default model: one PPO-ptx round, checkpoint + publish, peak RSS.
 
-    PYTHONPATH=. nice -n 5 .venv/bin/python bench/adapter_round.py [--rollouts 16] [--mini-batch 4] [--epochs 4]
-        [--max-new-tokens 64] [--threads 1] [--device cuda --dtype bfloat16]
+    PYTHONPATH=. nice -n 5 .venv/bin/python bench/adapter_round.py [--rollouts 32] [--mini-batch 4]
+        [--epochs 1] [--max-new-tokens 64] [--threads 1] [--device cuda --dtype bfloat16]
 
 The defaults are the learner's own ``PPOConfig`` (what a round of the service does); ``--rollouts 4
 --mini-batch 2 --epochs 1 --max-new-tokens 24`` is the small round of the first measurements.

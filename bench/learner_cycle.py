@@ -7,9 +7,8 @@ update, ptx, gate evaluation, publish.
 The real ``learner.loop.Learner`` (real redis-server on a free port, real registry), fed through Redis the
 way the gateway feeds it: ``--comparisons`` rankings of K = 4 answers and completions whose prompts PPO and
 the gate use. Every step is the learner's own method, timed around its call; the PPO round's phases come
-from its statistics. The sizes are the learner's defaults scaled down by the same factor for PPO and the
-gate (defaults: 16 rollouts and 64 held-out prompts, 64 new tokens each; here ``--rollouts`` and
-``--eval-prompts`` keep that 1:4 ratio), so "gate / PPO round" reads the same as with the defaults.
+from its statistics. The sizes are the learner's scaled down (``PPOConfig.rollout_batch_size`` and
+``eval_prompts``, 64 new tokens each, become ``--rollouts``, ``--eval-prompts`` and ``--max-new-tokens``).
 A second cycle (new prompts → PPO round → gate) shows the steady state, where the incumbent's held-out
 samples are kept from the previous gate and only the candidate is generated.
 """
@@ -118,7 +117,8 @@ def main() -> dict:
     try:
         prefix = "bench"
         client = redis.Redis.from_url(server.url)
-        # held-out share 0.2: enough held-out prompts for --eval-prompts, and held-out comparisons for accuracy
+        # held-out share 0.2: enough held-out prompts for --eval-prompts, and held-out comparisons for
+        # accuracy
         n_prompts = max(args.rollouts * 4, args.eval_prompts * 6)
         feed(client, prefix, args.comparisons, n_prompts)
         settings = Settings(
@@ -167,7 +167,8 @@ def main() -> dict:
         publish_s = learner.metrics.step_seconds.labels("publish")._sum.get() - publish_before
         eval_prompts = len(learner.dataset.heldout_queries(learner.settings.eval_prompts))
         # cycle 2, the steady state: new prompts make a PPO round due; its gate finds the incumbent's samples
-        # already made (a promoted candidate's, or the base's from cycle 1) and generates for the candidate only
+        # already made (a promoted candidate's, or the base's from cycle 1) and generates for the candidate
+        # only
         feed(client, prefix, 0, args.rollouts * 2, seed=1, first=n_prompts)
         timed("ingest_2", learner.ingest)
         ppo_2 = timed("ppo_round_2", learner.maybe_run_ppo_round)

@@ -1,6 +1,6 @@
 """Learning curve of the whole loop on the default model: preference feedback in, preferred answers out.
 
-    PYTHONPATH=. python bench/learning_curve.py [--budget-s 1800] [--preference with:you] [--out docs]
+    PYTHONPATH=. python bench/learning_curve.py [--budget-s 1800] [--preference start:The] [--out docs]
 
 The end-to-end test (tests/test_loop_e2e.py) on the real SmolLM2-135M-Instruct: ``instructloop up``
 starts Redis, serve, the gateway and the learner as real processes (the learner with its shipped
@@ -222,7 +222,7 @@ def answer_stats(responses: dict[str, list[str]], preference) -> dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=1800.0, help="Labeling time after the stack is up.")
-    parser.add_argument("--preference", default="with:you")
+    parser.add_argument("--preference", default="start:The")
     parser.add_argument(
         "--learner-env",
         action="append",

@@ -1,11 +1,13 @@
 """One PPO-ptx round on the default model (SmolLM2-135M-Instruct): where the time goes.
 
     PYTHONPATH=. python bench/ppo_round.py [--rollouts 8] [--mini-batch 4] [--max-new-tokens 48] [--rounds 1]
+        [--ptx-coef 1] [--threads 2]
 
-Four copies of the prepared default model (``instructloop.model.prepare_default_model``): the policy, the
-frozen reference, the reward model (``build_reward_model``: a fresh scalar head on the 135M backbone,
-bias-normalised on reference samples — scores are arbitrary, which does not change the cost) and the
-value model (a copy of the RM). The ptx data is the shipped corpus (``learner/data``).
+Full fine-tuning (``PPOConfig.lr``) of four copies of the prepared default model
+(``instructloop.model.prepare_default_model``): the policy, the frozen reference, the reward model
+(``build_reward_model``: a fresh scalar head on the 135M backbone, bias-normalised on reference samples —
+scores are arbitrary, which does not change the cost) and the value model (a copy of the RM). The ptx data
+is the learner's default corpus (``learner.ptx.default_corpus``: WordNet's glosses, else ``learner/data``).
 
 Reports, per round, the time split rollout / scoring (reference logprobs, values, RM) / update (clipped
 policy + value losses) / ptx, response tokens per second, and as the in-run baseline a plain

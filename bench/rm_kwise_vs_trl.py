@@ -1,9 +1,10 @@
 """Reward-model update time: our K-wise trainer vs TRL's pairwise ``RewardTrainer`` on the same rankings.
 
-    PYTHONPATH=. python bench/rm_kwise_vs_trl.py [--rankings 48] [--heldout 32] [--ks 4 9]
+    PYTHONPATH=. python bench/rm_kwise_vs_trl.py [--rankings 24] [--heldout 24] [--ks 4 9] [--threads 1]
 
 For each K, the same synthetic rankings (K responses of random words carrying 0..K-1 times the word
-" wonderful", ranked by that count: a full order, as labelers rank in the paper) train two identical fresh reward models for one epoch:
+" wonderful", ranked by that count: a full order, as labelers rank in the paper) train two identical fresh
+reward models for one epoch:
 
 - ours (``learner.reward.train_reward_model``): each ranking is one batch element, one forward per
   response: N·K sequences per epoch;

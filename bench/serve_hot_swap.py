@@ -7,7 +7,7 @@ writes v0002 and publishes it once serve has prefetched it (what happens when th
 between writing a candidate and promoting it). Versions are the default weights plus small Gaussian noise:
 real, different checkpoints, published through Redis (key + pub/sub).
 
-    python bench/serve_hot_swap.py [--clients 8] [--threads 2] [--adapters] [--device cuda]
+    python bench/serve_hot_swap.py [--clients 8] [--threads 1] [--adapters] [--device cuda]
 
 ``--adapters``: the versions are LoRA adapter versions instead (what the learner publishes by default: r = 16
 on every attention and MLP projection, B drawn from N(0, 1e-3)), a PEFT folder of a few MB applied by
@@ -236,24 +236,25 @@ def main() -> None:
         shutil.rmtree(work / "registry", ignore_errors=True)  # two 540 MB versions; server.log stays
     kind = "LoRA adapter versions" if args.adapters else "full-weight versions"
     print(
-        f"{args.clients} streaming clients, {args.threads} torch threads, device {args.device}, model {model_dir}, "
-        f"{kind}, logs in {work}"
+        f"{args.clients} streaming clients, {args.threads} torch threads, device {args.device}, "
+        f"model {model_dir}, {kind}, logs in {work}"
     )
     print(
-        "| swap | publish → installed (s) | publish → first token, fresh request (s) | publish → first token, "
-        "load clients (s) | publish → first full response, load clients (s) | completed during | failed |"
+        "| swap | publish → installed (s) | publish → first token, fresh request (s) "
+        "| publish → first token, load clients (s) | publish → first full response, load clients (s) "
+        "| completed during | failed |"
     )
     print("|---|---|---|---|---|---|---|")
     previous_load = 0.0
     for r in results[:-1]:
+        how = "prefetched" if r["prefetched"] else "published right after writing"
         print(
-            f"| → {r['version']} ({'prefetched' if r['prefetched'] else 'published right after writing'}) | "
-            f"{r['switched_after_s']:.2f} | {r['probe_first_token_s']:.2f} | {r['publish_to_first_token_s']:.2f} | "
-            f"{r['publish_to_first_response_s']:.2f} | {r['completed_during']} | {r['failed_during']} |"
+            f"| → {r['version']} ({how}) | {r['switched_after_s']:.2f} | {r['probe_first_token_s']:.2f} | "
+            f"{r['publish_to_first_token_s']:.2f} | {r['publish_to_first_response_s']:.2f} | "
+            f"{r['completed_during']} | {r['failed_during']} |"
         )
-        print(
-            f"  load + validation inside serve (before the publish when prefetched): {r['load_s_sum'] - previous_load:.2f} s"
-        )
+        load_s = r["load_s_sum"] - previous_load
+        print(f"  load + validation inside serve (before the publish when prefetched): {load_s:.2f} s")
         print(f"  registry.set_current (sha256 check + pointer + publish) took {r['set_current_s']:.2f} s")
         previous_load = r["load_s_sum"]
     print(f"total completed {results[-1]['total_ok']}, total failed {results[-1]['total_failed']}")

@@ -12,11 +12,10 @@ the background (``GET /health``), retries a connect failure on another replica, 
 addresses a DNS name resolves to, re-resolved periodically (``gateway/discovery.py``: one replica per
 pod of a headless Service); a replica that leaves the name is retired once its in-flight calls end.
 
-Stale keep-alive connections: a pooled connection the replica closed at the moment it was reused fails
-with "Server disconnected" / "Connection reset" before any answer. That was the gateway's unexplained 502
-under load (aiohttp kept idle connections 30 s, uvicorn closes them after 5 s). Now serve keeps them
-longer than the gateway does (``SERVE_KEEP_ALIVE_S`` > ``BACKEND_KEEP_ALIVE_S``), and a call that fails
-that way before its first byte is retried once on a fresh connection (generation has no side effects).
+Stale keep-alive connections: a pooled connection the replica closes at the moment it is reused fails with
+"Server disconnected" / "Connection reset" before any answer. serve keeps idle connections longer than the
+gateway does (``SERVE_KEEP_ALIVE_S`` > ``BACKEND_KEEP_ALIVE_S``), and a call that fails that way before its
+first byte is retried once on a fresh connection (generation has no side effects).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Spelled here once and imported everywhere else (serve, gateway, learner, launche
 from __future__ import annotations
 
 POLICY_VERSION_HEADER = "X-Policy-Version"
-"""Response header naming the policy version that produced an answer (serve sets it, the gateway forwards it)."""
+"""Response header naming the policy version that produced an answer (serve sets it, the gateway forwards
+it)."""
 
 BASE_VERSION = "base"
 """The version name of the base model, served while no registry version is current."""
@@ -38,7 +39,8 @@ written into every log line about the request (every 5xx is logged with it)."""
 SERVE_KEEP_ALIVE_S = 75
 """How long serve keeps an idle HTTP connection open. It must exceed ``BACKEND_KEEP_ALIVE_S``: a client that
 keeps idle connections longer than the server reuses one the server is closing at that moment and gets
-"Server disconnected" (the cause of the gateway's unexplained 502s under load)."""
+"Server disconnected" (a 502 at the gateway)."""
 
 BACKEND_KEEP_ALIVE_S = 30
-"""How long the gateway keeps an idle connection to a serve replica for reuse (below ``SERVE_KEEP_ALIVE_S``)."""
+"""How long the gateway keeps an idle connection to a serve replica for reuse (below
+``SERVE_KEEP_ALIVE_S``)."""

@@ -35,9 +35,9 @@ Learner knobs pass through the environment: every ``INSTRUCTLOOP_LEARNER_*`` (an
 ``*_GATEWAY_*``) variable set when ``up`` starts reaches its component, except the wiring ``up`` owns
 (ports, Redis URL, registry and state folders, model, keys file).
 
-CPU threads: serve and the learner are both torch processes; each using every core makes both several
-times slower. Unless set, serve gets ``INSTRUCTLOOP_SERVE_TORCH_THREADS`` = half the cores and the
-learner ``OMP_NUM_THREADS`` = the other half (the gateway: 1).
+CPU threads: serve and the learner are both torch processes, which must not each use every core. Unless
+set, serve gets ``INSTRUCTLOOP_SERVE_TORCH_THREADS`` = half the cores and the learner ``OMP_NUM_THREADS`` =
+the other half (the gateway: 1).
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
     if redis_url is None:
         if shutil.which("redis-server") is None:
             raise typer.BadParameter(
-                "redis-server is not installed: run `make install` (or `sudo apt-get install -y redis-server`), "
+                "redis-server is not installed: run `make install` "
+                "(or `sudo apt-get install -y redis-server`), "
                 "or point at a running Redis with --redis-url redis://HOST:PORT/0"
             )
         redis_port = pick_port(config.redis_port)
@@ -379,12 +380,14 @@ instructloop is up.
 
 A completion with curl (4 choices to rank):
   USER_KEY=$(python3 -c 'import json;print(json.load(open("{keys}"))["user"])')
-  curl -s {gateway_url}/v1/completions -H "Authorization: Bearer $USER_KEY" -H 'Content-Type: application/json' \\
+  curl -s {gateway_url}/v1/completions -H "Authorization: Bearer $USER_KEY" \\
+    -H 'Content-Type: application/json' \\
     -d '{{"model": "instructloop", "prompt": "Tell me about cats.", "n": 4, "max_tokens": 32}}'
 
 Rank its choices (best first; [1, 3] are tied) with the labeler key:
   LABELER_KEY=$(python3 -c 'import json;print(json.load(open("{keys}"))["labeler"])')
-  curl -s {gateway_url}/v1/feedback -H "Authorization: Bearer $LABELER_KEY" -H 'Content-Type: application/json' \\
+  curl -s {gateway_url}/v1/feedback -H "Authorization: Bearer $LABELER_KEY" \\
+    -H 'Content-Type: application/json' \\
     -d '{{"type": "ranking", "completion_id": "<the id from above>", "ranking": [[2], [1, 3], [0]]}}'
 
 The same with the openai client:
@@ -392,10 +395,14 @@ The same with the openai client:
   import json, httpx, openai
   keys = json.load(open("{keys}"))
   client = openai.OpenAI(base_url="{gateway_url}/v1", api_key=keys["user"])
-  completion = client.completions.create(model="instructloop", prompt="Tell me about cats.", n=4, max_tokens=32)
+  completion = client.completions.create(
+      model="instructloop", prompt="Tell me about cats.", n=4, max_tokens=32
+  )
   print(completion.policy_version, [c.text for c in completion.choices])
-  httpx.post("{gateway_url}/v1/feedback", headers={{"Authorization": "Bearer " + keys["labeler"]}},
-             json={{"type": "ranking", "completion_id": completion.id, "ranking": [[2], [1, 3], [0]]}}).raise_for_status()
+  ranking = {{"type": "ranking", "completion_id": completion.id, "ranking": [[2], [1, 3], [0]]}}
+  httpx.post(
+      "{gateway_url}/v1/feedback", headers={{"Authorization": "Bearer " + keys["labeler"]}}, json=ranking
+  ).raise_for_status()
   EOF
 
 Or let the scripted labeler rank for you (prefers answers without the word "the"):

@@ -5,11 +5,11 @@ Decision: one base module with LoRA slots, not a merged copy per version. A vers
 tensors (a few MB) instead of a model, the base stays in memory once, and switching versions between two
 forwards is a pointer change. The running batches stay one per version (``serve.engine``): a forward runs
 one adapter, so sequences of different versions never share a forward. peft's mixed-adapter batches
-(``adapter_names=``) would let them share one, but cost +55 % per decode step here (hooks on every LoRA
-layer per forward); one batch per version is simpler and equally correct.
+(``adapter_names=``) would let them share one, but add hooks on every LoRA layer to every decode step; one
+batch per version is simpler and equally correct.
 
-Why slots: peft's ``add_adapter`` (injecting a new named adapter) took 1.2 s on the default model and its
-``set_adapter`` ~50 ms, both walking the whole module tree, on the model thread that decodes for everyone.
+Why slots: peft's ``add_adapter`` (injecting a new named adapter) and ``set_adapter`` both walk the whole
+module tree, on the model thread that decodes for everyone (docs/benchmarks.md, hot-swap of an adapter).
 So LoRA modules are injected once per slot (named ``slot<i>``; created when no free slot with the same
 rank / alpha / target modules exists) and reused: attaching a version is a copy of its tensors into a free
 slot's parameters, and selecting one sets each LoRA layer's active adapter (``_active_adapter``,

@@ -1,10 +1,12 @@
-"""Shared fixtures: a throwaway redis-server on a free port, the real tokenizer, a tiny random-init model.
+"""Shared fixtures: a throwaway redis-server on a free port, the real tokenizer, a tiny random-init model;
+and the test tiers (``slow`` marks, and the guard that keeps the fast tier free of processes and servers).
 
 Tests mirror the package tree (tests/serve, tests/gateway, tests/learner, tests/instructloop).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -168,7 +170,8 @@ def tiny_llama(tokenizer, seed: int = 0, **config_overrides):
 
 
 def save_model_dir(model, tokenizer, path: Path) -> Path:
-    """Save ``model`` (its generation config taking the tokenizer's pad and EOS) and the tokenizer to ``path``."""
+    """Save ``model`` (its generation config taking the tokenizer's pad and EOS) and the tokenizer to
+    ``path``."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path, safe_serialization=True)
@@ -193,3 +196,89 @@ def default_model_dir() -> Path:
     from instructloop.model import prepare_default_model
 
     return prepare_default_model()
+
+
+# Test tiers. `make test` runs every test; `make test-fast` (`pytest -m "not slow"`) runs the unit tests only:
+# no process, no server, no browser, no default model. A test is slow when it is marked `@pytest.mark.slow`,
+# lives under one of SLOW_PATHS, or uses one of SLOW_FIXTURES (directly or through another fixture). Every
+# other test runs under a guard that fails it if it starts a process or listens on a socket, so a slow test
+# cannot slip into the fast tier unmarked.
+SLOW_PATHS = ("tests/deploy/", "tests/faults/", "tests/gateway/web/", "tests/test_loop_e2e.py")
+SLOW_FIXTURES = frozenset(
+    {
+        "redis_server",  # a redis-server process
+        "redis_server_aof",
+        "default_model_dir",  # the real default model (prepared on first use, ~30 s)
+        "serve",  # tests/gateway: `instructloop serve run` as a process
+        "start_gateway",  # tests/gateway: uvicorn on a loopback port
+        "start_server",  # tests/serve: uvicorn on a loopback port
+        "tiny_server",
+        "browser",  # tests/gateway/web: Chromium
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        path = Path(os.path.relpath(item.path, config.rootpath)).as_posix()
+        if path.startswith(SLOW_PATHS) or SLOW_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+class _FastTierViolation(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _no_process_no_server(nodeid: str, violations: list[str]) -> Iterator[None]:
+    """Within a fast-tier test, starting a process or listening on a socket fails the test."""
+    import multiprocessing.process
+
+    def refuse(what: str):
+        def refused(*args, **kwargs):
+            message = (
+                f"{nodeid} {what}, which the fast tier (`make test-fast`) never does: mark the test "
+                "`@pytest.mark.slow` or use a fixture listed in tests/conftest.py SLOW_FIXTURES"
+            )
+            violations.append(message)
+            raise _FastTierViolation(message)
+
+        return refused
+
+    patched = [
+        (subprocess.Popen, "_execute_child", refuse("starts a process")),
+        (socket.socket, "listen", refuse("listens on a socket (a server)")),
+        (multiprocessing.process.BaseProcess, "start", refuse("starts a process")),
+    ]
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patched]
+    for owner, name, replacement in patched:
+        setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            if original is None:  # inherited (socket.socket.listen comes from _socket.socket)
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _guarded(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _guarded(item))
+
+
+def _guarded(item):
+    if item.get_closest_marker("slow") is not None:
+        return (yield)
+    violations: list[str] = []
+    with _no_process_no_server(item.nodeid, violations):
+        result = yield
+    if violations:  # also when the code under test caught the error
+        pytest.fail(violations[0], pytrace=False)
+    return result

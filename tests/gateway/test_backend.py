@@ -136,6 +136,7 @@ class _ClosesReusedConnections:
         self.sock.close()
 
 
+@pytest.mark.slow
 async def test_a_keep_alive_connection_closed_by_the_replica_is_retried_not_a_502():
     """The unexplained 502 under load: a pooled connection serve had just closed was reused and the call failed
     with "Server disconnected" before any answer. Such a call is retried once on a fresh connection."""

@@ -67,6 +67,7 @@ def test_keys_are_stored_hashed_and_compared_by_hash(tmp_path):
     assert KeyStore(path, dev_key=DEV_API_KEY).authenticate(DEV_API_KEY).role is Role.admin
 
 
+@pytest.mark.slow
 def test_keys_create_cli(tmp_path):
     path = tmp_path / "sub" / "keys.jsonl"
     result = cli("keys", "create", "--role", "labeler", "--name", "lara", "--keys-file", str(path))

@@ -7,6 +7,8 @@ import logging
 import subprocess
 import sys
 
+import pytest
+
 from instructloop.logs import JsonFormatter, configure_logging, redact_url
 from tests.conftest import free_port
 
@@ -34,6 +36,7 @@ def test_json_logs_never_print_a_url_password(capsys):
     assert SECRET not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_learner_cli_error_does_not_print_the_password(tmp_path):
     url = f"redis://learner:{SECRET}@127.0.0.1:{free_port()}/0"
     result = subprocess.run(

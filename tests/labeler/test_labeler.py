@@ -187,12 +187,14 @@ class _RateLimitedGateway:
         self.server.server_close()
 
 
+@pytest.mark.slow
 def test_labeler_waits_out_the_rate_limit_instead_of_dropping_rankings():
     with _RateLimitedGateway(limited=3) as gateway, GatewayClient(gateway.url, "key", retries=0) as client:
         response = client._post("/v1/feedback", {"type": "ranking"})
         assert response.status_code == 202 and gateway.requests == 4  # three 429s waited out, not retries
 
 
+@pytest.mark.slow
 def test_labeler_gives_up_on_the_rate_limit_after_its_wait_budget():
     with (
         _RateLimitedGateway(limited=100) as gateway,

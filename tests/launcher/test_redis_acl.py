@@ -83,6 +83,7 @@ def test_passwords_are_private_and_kept(tmp_path):
     assert all(pw not in acl_file_text(first) for pw in first.values()), "the ACL file holds hashes only"
 
 
+@pytest.mark.slow
 def test_nobody_gets_in_without_a_password(acl_redis):
     port, _ = acl_redis
     with pytest.raises(redis_lib.AuthenticationError):
@@ -91,6 +92,7 @@ def test_nobody_gets_in_without_a_password(acl_redis):
         redis_lib.Redis(port=port, username="gateway", password="guess").ping()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("user", ["gateway", "learner", "serve", "exporter", "probe"])
 def test_no_app_user_may_flush_reconfigure_or_escalate(acl_redis, user):
     port, passwords = acl_redis
@@ -112,6 +114,7 @@ def test_no_app_user_may_flush_reconfigure_or_escalate(acl_redis, user):
             conn.execute_command("CONFIG", "GET", "requirepass")
 
 
+@pytest.mark.slow
 async def test_the_gateway_does_its_job_and_cannot_read_or_forge_elsewhere(acl_redis):
     port, passwords = acl_redis
     store = Store(
@@ -161,6 +164,7 @@ async def test_the_gateway_does_its_job_and_cannot_read_or_forge_elsewhere(acl_r
     assert admin.xlen(stream_key(Stream.completions, PREFIX)) == 1
 
 
+@pytest.mark.slow
 def test_the_learner_consumes_and_serve_only_reads_the_pointer(acl_redis, tmp_path):
     port, passwords = acl_redis
     admin = client(port, passwords, "admin")
@@ -203,6 +207,7 @@ def test_the_learner_consumes_and_serve_only_reads_the_pointer(acl_redis, tmp_pa
     pubsub.close()
 
 
+@pytest.mark.slow
 def test_up_wires_acl_users_maxmemory_and_the_serve_token(tmp_path):
     """``instructloop up``'s stack: redis-server with the ACL file and maxmemory, each component its own user,
     serve's token given to the gateway, and no password in what up shows or writes to stack.json."""

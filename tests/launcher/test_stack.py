@@ -64,6 +64,7 @@ def _supervisor(made: list[Supervisor], specs: list[ComponentSpec], **kwargs) ->
     return supervisor
 
 
+@pytest.mark.slow
 def test_component_that_fails_to_start_is_reported_with_exit_code_and_log(tmp_path: Path, supervisors):
     log_path = tmp_path / "logs" / "serve" / "serve.log"
     spec = ComponentSpec(
@@ -89,6 +90,7 @@ def test_component_that_fails_to_start_is_reported_with_exit_code_and_log(tmp_pa
     assert "ModelNotAvailable: /nowhere is not a Hugging Face model folder" in report  # the log tail
 
 
+@pytest.mark.slow
 def test_component_that_never_gets_healthy_times_out_with_a_clear_message(tmp_path: Path, supervisors):
     spec = ComponentSpec(
         name="learner",
@@ -108,6 +110,7 @@ def test_component_that_never_gets_healthy_times_out_with_a_clear_message(tmp_pa
     assert not _alive(pid)
 
 
+@pytest.mark.slow
 def test_dependents_start_only_after_their_dependencies_are_healthy(tmp_path: Path, supervisors):
     port = free_port()
     order_file = tmp_path / "order"
@@ -144,6 +147,7 @@ def test_dependents_start_only_after_their_dependencies_are_healthy(tmp_path: Pa
     assert [m.split()[1] for m in stops] == ["gateway", "serve"]
 
 
+@pytest.mark.slow
 def test_a_crashed_component_is_restarted_with_a_new_pid_and_the_rest_keeps_running(
     tmp_path: Path, supervisors
 ):
@@ -205,6 +209,7 @@ def test_a_crashed_component_is_restarted_with_a_new_pid_and_the_rest_keeps_runn
     assert not _alive(serve_pid) and not _alive(learner.proc.pid)
 
 
+@pytest.mark.slow
 def test_a_crash_loop_gives_up_and_reports_the_component(tmp_path: Path, supervisors):
     """A component that dies again right after each restart: after max_restarts restarts within the window
     the supervisor stops trying and reports it (``up`` then stops everything)."""
@@ -248,6 +253,7 @@ def test_restart_backoff_doubles_up_to_its_cap():
         RestartPolicy(backoff_initial_s=5.0, backoff_max_s=1.0)
 
 
+@pytest.mark.slow
 def test_stop_escalates_to_sigkill_for_a_component_ignoring_sigterm(tmp_path: Path, supervisors):
     ready = tmp_path / "ready"
     spec = ComponentSpec(
@@ -268,6 +274,7 @@ def test_stop_escalates_to_sigkill_for_a_component_ignoring_sigterm(tmp_path: Pa
     assert supervisor.component("stubborn").proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_supervisor_ends_watch(tmp_path: Path, supervisors):
     port = free_port()
     spec = ComponentSpec(
@@ -323,6 +330,7 @@ def _run_up(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_up_reports_a_component_that_fails_to_start_and_stops_the_rest(tmp_path: Path):
     """A model folder serve cannot load: `up` names serve, its exit code and log, shows the log's end,
     stops Redis (already started) and exits 1."""
@@ -356,6 +364,7 @@ def test_up_reports_a_component_that_fails_to_start_and_stops_the_rest(tmp_path:
     assert (keys.stat().st_mode & 0o777) == 0o600
 
 
+@pytest.mark.slow
 def test_up_refuses_a_busy_gateway_port_with_the_fix(tmp_path: Path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -28,6 +28,7 @@ def _settings(tmp_path, redis_url: str, **overrides) -> Settings:
     )
 
 
+@pytest.mark.slow
 def test_healthz_fails_when_the_heartbeat_is_stale_while_metrics_still_answer():
     metrics = LearnerMetrics()
     metrics.liveness_max_age_s = 0.3
@@ -76,6 +77,7 @@ def test_the_main_loop_keeps_the_heartbeat_fresh_and_it_goes_stale_once_the_loop
         metrics.server.shutdown()
 
 
+@pytest.mark.slow
 def test_redis_client_times_out_on_a_redis_that_never_answers(tmp_path):
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never replies
         silent.bind(("127.0.0.1", 0))

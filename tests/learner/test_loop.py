@@ -201,6 +201,7 @@ def test_a_ppo_round_waits_for_an_rm_update_or_prompts_never_served_before(
         client.close()
 
 
+@pytest.mark.slow
 def test_the_learner_waits_for_a_redis_that_starts_after_it_and_names_the_knob_when_it_never_does(
     tmp_path, tiny_model_dir, ptx_corpus
 ):

@@ -62,6 +62,7 @@ def target_count(policy, tokenizer, prompts: list[str]) -> float:
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, tokenizer):
+    """Trains a policy and an RM (minutes on 2 cores): every test using it is marked slow."""
     return run_experiment(tmp_path_factory, tokenizer)
 
 
@@ -151,6 +152,7 @@ def run_experiment(tmp_path_factory, tokenizer) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_ppo_ptx_raises_reward_with_bounded_kl(experiment):
     assert experiment["rm_stats"]["heldout_accuracy"] >= 0.9
     before, run = experiment["before"], experiment[1.0]
@@ -165,6 +167,7 @@ def test_ppo_ptx_raises_reward_with_bounded_kl(experiment):
     assert after["eos_rate"] >= 0.7
 
 
+@pytest.mark.slow
 def test_ptx_term_limits_pretraining_drift(experiment):
     base = experiment["before_nll"]
     drift_ptx = experiment[1.0]["after_nll"] - base
@@ -178,6 +181,7 @@ def test_ptx_term_limits_pretraining_drift(experiment):
     assert experiment[1.0]["rounds"][0]["ptx_tokens"] == 2 * 4 * 4 * 32  # epochs × minibatches × ptx batch
 
 
+@pytest.mark.slow
 def test_round_stats_are_complete_and_finite(experiment):
     stats = experiment[1.0]["rounds"][-1]
     for key in (
@@ -210,6 +214,7 @@ def test_round_stats_are_complete_and_finite(experiment):
     assert 0.0 <= stats["clip_fraction"] <= 1.0
 
 
+@pytest.mark.slow
 def test_trainer_state_dict_round_trip(experiment, tokenizer):
     trainer = experiment[1.0]["trainer"]
     state = trainer.state_dict()
@@ -231,6 +236,7 @@ def test_trainer_state_dict_round_trip(experiment, tokenizer):
     assert_close(fresh.ptx_source.next_batch()[0], trainer.ptx_source.next_batch()[0])
 
 
+@pytest.mark.slow
 def test_batched_logprobs_match_plain_forward(experiment, tokenizer):
     policy = experiment["policy"]
     torch.manual_seed(3)
@@ -263,6 +269,7 @@ def test_round_prompts_cover_each_prompt_equally_when_rollouts_outnumber_them(n_
     assert picked == round_prompt_indices(n_prompts, n, random.Random(7))  # seeded
 
 
+@pytest.mark.slow
 def test_config_and_trainer_refuse_bad_setups(experiment, tokenizer):
     with pytest.raises(ValueError, match="must divide"):
         PPOConfig(rollout_batch_size=10, mini_batch_size=4)

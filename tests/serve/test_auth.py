@@ -50,6 +50,7 @@ def test_serve_binds_loopback_by_default_and_refuses_an_open_bind_without_a_toke
     assert TOKEN not in repr(open_with_token) and TOKEN not in str(open_with_token.model_dump())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Bearer {TOKEN}x"}],
@@ -67,6 +68,7 @@ def test_every_route_but_health_and_metrics_needs_the_token(closed_server, heade
     assert resp.headers["www-authenticate"] == "Bearer"
 
 
+@pytest.mark.slow
 def test_health_and_metrics_stay_open_and_metrics_has_a_port_of_its_own(closed_server):
     assert httpx.get(f"{closed_server.url}/health").status_code == 200
     assert httpx.get(f"{closed_server.url}/metrics").status_code == 200
@@ -78,6 +80,7 @@ def test_health_and_metrics_stay_open_and_metrics_has_a_port_of_its_own(closed_s
     assert 'tgi_request_failure_total{err="unauthorized"}' in metrics
 
 
+@pytest.mark.slow
 async def test_the_gateway_backend_sends_the_token(closed_server):
     with_token = Backend([closed_server.url], GatewayMetrics(), token=TOKEN)
     without = Backend([closed_server.url], GatewayMetrics())
@@ -91,6 +94,7 @@ async def test_the_gateway_backend_sends_the_token(closed_server):
         await without.close()
 
 
+@pytest.mark.slow
 async def test_extreme_sampling_values_answer_and_do_not_disturb_other_requests(closed_server):
     """temperature or repetition_penalty of 1e38 answer 200 (finite output), and a greedy request decoded in the
     same batches gets exactly the tokens it gets alone."""

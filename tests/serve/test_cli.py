@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from text_generation import Client
 
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # every test here starts `instructloop serve run`
 
 
 def _env(**extra: str) -> dict[str, str]:
