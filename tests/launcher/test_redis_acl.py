@@ -254,6 +254,7 @@ def test_up_wires_acl_users_maxmemory_and_the_serve_token(tmp_path):
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 async def test_a_restart_replays_the_gateways_transactions_and_scripts_from_the_aof(tmp_path):
     """Redis replays the AOF as ``default`` and re-checks each MULTI/EXEC against its rules (redis#14541):
     with ``default`` at ``-@all`` a restart silently dropped every served completion (MULTI) and feedback
