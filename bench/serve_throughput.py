@@ -2,7 +2,10 @@
 
 Same requests (mixed prompt and output lengths, greedy), same CPU threads (1 each by default), same run,
 engines one after the other (nothing of one runs beside another). Reports useful generated tokens/s (tokens
-up to EOS or each request's max_new_tokens), time to first token and inter-token latency p50/p95.
+up to EOS or each request's max_new_tokens) per wall second and per CPU second, time to first token and
+inter-token latency p50/p95. CPU seconds are those of the engine's process, all threads (serve: the server
+process, HTTP included, the load-generating clients not): on a machine shared with other work, tokens per
+CPU second is the steadier ratio, since each engine's wall time depends on how much of a core it got.
 
 - serve: ``instructloop serve run`` in a subprocess, ``--clients`` concurrent streaming HTTP clients (TGI
   ``/generate_stream``); each client sends its next request when its previous one ends. TTFT from the send.
@@ -12,7 +15,7 @@ up to EOS or each request's max_new_tokens), time to first token and inter-token
 - llama.cpp: ``llama-cpp-python`` on the shipped Q4_1 GGUF, one stream, requests one after the other from
   t=0 (skipped, with the reason printed, when ``llama_cpp`` is not installed).
 
-    python bench/serve_throughput.py [--requests 16] [--clients 16] [--threads 1] [--rounds 1]
+    python bench/serve_throughput.py [--requests 16] [--clients 16] [--threads 1] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -239,13 +244,30 @@ def run_llama_cpp(llm, requests: list[tuple[str, int]]) -> dict:
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft": ttft, "itl": itl}
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def with_cpu(run, cpu_clock) -> dict:
+    """``run()``'s result plus ``cpu_s``, the CPU seconds ``cpu_clock`` saw it use."""
+    before = cpu_clock()
+    result = run()
+    result["cpu_s"] = cpu_clock() - before
+    return result
+
+
 def merge(results: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in results)
     wall = sum(r["wall_s"] for r in results)
+    cpu = sum(r["cpu_s"] for r in results)
     return {
         "tokens": tokens,
         "wall_s": wall,
         "tok_s": tokens / wall,
+        "cpu_s": cpu,
+        "tok_cpu_s": tokens / cpu,
         "ttft": [x for r in results for x in r["ttft"]],
         "itl": [x for r in results for x in r["itl"]],
     }
@@ -254,6 +276,7 @@ def merge(results: list[dict]) -> dict:
 def summary(name: str, result: dict) -> str:
     return (
         f"| {name} | {result['tokens']} | {result['wall_s']:.1f} | {result['tok_s']:.1f} | "
+        f"{result['cpu_s']:.1f} | {result['tok_cpu_s']:.1f} | "
         f"{percentile(result['ttft'], 50):.2f} / {percentile(result['ttft'], 95):.2f} | "
         f"{1000 * percentile(result['itl'], 50):.0f} / {1000 * percentile(result['itl'], 95):.0f} |"
     )
@@ -266,7 +289,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch / llama.cpp threads of every engine")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--model", default="default")
-    parser.add_argument("--rounds", type=int, default=1, help="each round runs every engine once, in turn")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="each round runs every engine once, in turn (rotated order)"
+    )
     parser.add_argument(
         "--cb-max-batch-tokens",
         type=int,
@@ -309,20 +334,36 @@ def main() -> None:
         tokenizer, model = load_hf(model_dir, args.threads)
         server.wait_healthy()
         asyncio.run(run_serve(server.url, warmup, 4))
+        server_cpu = partial(process_cpu_s, server.proc.pid)
+
+        def serve_round() -> dict:
+            return with_cpu(lambda: asyncio.run(run_serve(server.url, requests, args.clients)), server_cpu)
+
+        def cb_round() -> dict:  # started and stopped around its own run: nothing of it runs beside others
+            nonlocal manager
+            manager = start_transformers_cb(model, args.cb_max_batch_tokens, args.cb_num_blocks)
+            run_transformers_cb(tokenizer, manager, warmup)
+            result = with_cpu(partial(run_transformers_cb, tokenizer, manager, requests), time.process_time)
+            manager.stop(block=True, timeout=30)
+            manager = None
+            return result
+
+        def static_round() -> dict:
+            run_hf_static(tokenizer, model, warmup, batch_size=4)
+            return with_cpu(
+                partial(run_hf_static, tokenizer, model, requests, batch_size=8), time.process_time
+            )
+
+        def llama_round() -> dict:
+            run_llama_cpp(llm, warmup[:1])
+            return with_cpu(partial(run_llama_cpp, llm, requests), time.process_time)
+
+        engines = {"serve": serve_round, "cb": cb_round, "static": static_round, "llama.cpp": llama_round}
+        order = [e for e in engines if e not in args.skip and (e != "llama.cpp" or llm is not None)]
         for r in range(args.rounds):
-            rounds["serve"].append(asyncio.run(run_serve(server.url, requests, args.clients)))
-            if "cb" not in args.skip:  # started and stopped around its own run
-                manager = start_transformers_cb(model, args.cb_max_batch_tokens, args.cb_num_blocks)
-                run_transformers_cb(tokenizer, manager, warmup)
-                rounds["cb"].append(run_transformers_cb(tokenizer, manager, requests))
-                manager.stop(block=True, timeout=30)
-                manager = None
-            if "static" not in args.skip:
-                run_hf_static(tokenizer, model, warmup, batch_size=4)
-                rounds["static"].append(run_hf_static(tokenizer, model, requests, batch_size=8))
-            if llm is not None:
-                run_llama_cpp(llm, warmup[:1])
-                rounds["llama.cpp"].append(run_llama_cpp(llm, requests))
+            # each round starts one engine later, so that no engine always runs in the same part of a round
+            for name in order[r % len(order) :] + order[: r % len(order)]:
+                rounds[name].append(engines[name]())
             line = ", ".join(f"{name} {runs[-1]['tok_s']:.1f} tok/s" for name, runs in rounds.items() if runs)
             print(f"round {r + 1}: {line}", flush=True)
     finally:
@@ -339,15 +380,22 @@ def main() -> None:
         f"{args.rounds} round(s) of {args.requests} requests, {args.threads} thread(s) per engine, "
         f"model {model_dir}"
     )
-    print("| engine | useful tokens | wall s | tokens/s | TTFT p50 / p95 s | inter-token p50 / p95 ms |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| engine | useful tokens | wall s | tokens/s | CPU s | tokens/CPU s | TTFT p50 / p95 s "
+        "| inter-token p50 / p95 ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     merged = {name: merge(runs) for name, runs in rounds.items() if runs}
     for name, result in merged.items():
         print(summary(names[name], result))
     serve = merged["serve"]["tok_s"]
+    serve_cpu = merged["serve"]["tok_cpu_s"]
     for name, result in merged.items():
         if name != "serve":
-            print(f"ratio serve / {name}: {serve / result['tok_s']:.2f}x")
+            print(
+                f"ratio serve / {name}: {serve / result['tok_s']:.2f}x tokens/s, "
+                f"{serve_cpu / result['tok_cpu_s']:.2f}x tokens/CPU s"
+            )
     if llama_note:
         print(f"llama.cpp: {llama_note}")
 
