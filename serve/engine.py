@@ -3,7 +3,8 @@
 - ``submit`` (event loop side) puts a request in a bounded waiting queue (``Overloaded`` past it) and returns
   a ``RequestHandle`` whose ``events()`` yields the request's ``Generation``s as the model thread makes them.
 - The model thread (``torch.inference_mode``) loops: switch to a newly installed policy if any; prefill the
-  waiting requests that fit into a new batch and concatenate it to the running batch of the active version;
+  waiting requests that fit, packed into one forward per version (``serve.batch``: no padding, at most
+  ``max_prefill_tokens`` prompt tokens a forward), and concatenate them to that version's running batch;
   one decode step for every running batch; drop finished and cancelled sequences (``Batch.filter``).
 - Named versions (``adapter_id``): a request may carry the ``PolicyModel`` it must be answered by
   (``serve.versions``); admitted requests are prefilled in one batch per version, and each version keeps
@@ -105,6 +106,25 @@ class RequestHandle:
             self.engine.wake()
 
 
+def deliver_all(handles: list[RequestHandle], items: list[Generation]) -> None:
+    """``handles[i].deliver(items[i])`` for all i, with one wake-up of each event loop instead of one per
+    item (fewer GIL hand-offs between the model thread and the HTTP side per step)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Generation]]] = {}
+    for handle, item in zip(handles, items, strict=True):
+        by_loop.setdefault(handle.loop, []).append((handle, item))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, pairs)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            for handle, _ in pairs:
+                handle.state.cancelled = True
+
+
+def _put_all(pairs: list[tuple[RequestHandle, Generation]]) -> None:
+    for handle, item in pairs:
+        handle.queue.put_nowait(item)
+
+
 class Engine:
     def __init__(
         self,
@@ -114,8 +134,12 @@ class Engine:
         max_queue: int,
         metrics: ServeMetrics | None = None,
         loaded: LoadedVersions | None = None,
+        max_prefill_tokens: int = 4096,
     ):
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        """Prompt tokens packed into one prefill forward (TGI's max_batch_prefill_tokens): bounds how long
+        the running sequences wait for a prefill."""
         self.max_queue = max_queue
         self.metrics = metrics or ServeMetrics()
         self.base = policy
@@ -314,11 +338,28 @@ class Engine:
                 handle.admitted_at = now
                 handle.policy_version = version
                 self.metrics.request_queue_duration.observe(now - handle.enqueued_at)
-            batch = Batch.prefill(version, [h.state for h in group], policy.pad_token_id, policy.device)
-            joined = self._run_step(policy, batch, "prefill")
-            if joined is not None:
-                running = self._batches.get(version)
-                self._batches[version] = joined if running is None else Batch.concatenate([running, joined])
+            for chunk in self._prefill_chunks(group):
+                batch = Batch.prefill(version, [h.state for h in chunk], policy.device)
+                joined = self._run_step(policy, batch, "prefill")
+                if joined is not None:
+                    running = self._batches.get(version)
+                    self._batches[version] = (
+                        joined if running is None else Batch.concatenate([running, joined])
+                    )
+
+    def _prefill_chunks(self, group: list[RequestHandle]) -> list[list[RequestHandle]]:
+        """``group`` in order, cut so that each packed prefill has at most ``max_prefill_tokens`` prompt
+        tokens (a longer prompt alone goes in a chunk of its own)."""
+        chunks: list[list[RequestHandle]] = [[]]
+        tokens = 0
+        for handle in group:
+            n = len(handle.state.prompt_ids)
+            if chunks[-1] and tokens + n > self.max_prefill_tokens:
+                chunks.append([])
+                tokens = 0
+            chunks[-1].append(handle)
+            tokens += n
+        return chunks
 
     def _decode(self, version: str) -> None:
         batch: Batch | None = self._batches[version]
@@ -354,11 +395,11 @@ class Engine:
         self.metrics.batch_forward_duration.labels(method=method).observe(time.monotonic() - started)
         self.metrics.batch_size.observe(len(batch))
         by_id = {seq.request_id: seq for seq in batch.sequences}
-        for generation in generations:
-            seq = by_id[generation.request_id]
-            seq.sink.deliver(generation)
+        handles = [by_id[generation.request_id].sink for generation in generations]
+        deliver_all(handles, generations)
+        for handle, generation in zip(handles, generations, strict=True):
             if generation.finish_reason is not None:
-                self._observe_finished(seq.sink, generation)
+                self._observe_finished(handle, generation)
         return next_batch
 
     def _observe_finished(self, handle: RequestHandle, generation: Generation) -> None:

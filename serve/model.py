@@ -9,11 +9,10 @@ from enum import Enum
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from instructloop.registry import AdapterWeights
 from serve.adapters import SharedBase
-from serve.batch import Batch
+from serve.batch import Batch, KVStore, use_serve_attention
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +96,7 @@ class PolicyModel:
         adapter: AdapterWeights | None = None,
     ):
         self.version = version
+        use_serve_attention(model)  # packed prefill attends per prompt (serve.batch)
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -125,19 +125,13 @@ class PolicyModel:
         return {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
 
     # ---- the decode step -----------------------------------------------------------------------
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, DynamicCache]:
-        """Last-position logits (B, V) in float32 and the updated cache."""
-        cache = batch.past_key_values if batch.past_key_values is not None else DynamicCache()
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, KVStore]:
+        """Logits (B, V) in float32 for each row's next token, and the KV store now holding the batch."""
+        inputs = batch.model_inputs()
         model = self.model if self.shared is None else self.shared.module_for(self.adapter)
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            cache=cache,  # transformers 5 name (``past_key_values`` is deprecated)
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :].float(), out.cache  # (B, V)
+        out = model(**inputs, use_cache=True)
+        logits = out.logits[0] if batch.is_prefill else out.logits[:, -1]  # (B, V)
+        return logits.float(), inputs["cache"].store
 
     def top_tokens(self, logprobs: torch.Tensor, n: int) -> list[TopToken]:
         """The ``n`` most likely tokens of a (V,) log-distribution, most likely first; tokens the
@@ -155,9 +149,11 @@ class PolicyModel:
 
     def generate_token(self, batch: Batch) -> tuple[list[Generation], Batch | None]:
         """One forward for the whole batch, one token per sequence; finished sequences leave the batch."""
-        logits, cache = self.forward(batch)  # (B, V)
-        greedy = torch.argmax(logits, dim=-1).tolist()  # CPU/GPU sync point
+        logits, store = self.forward(batch)  # (B, V)
+        greedy_ids = torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1) argmax of the raw logits, as HF's
         greedy_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+        greedy_logprob = greedy_logprobs.gather(1, greedy_ids).squeeze(1).tolist()  # (B,) CPU/GPU sync point
+        greedy = greedy_ids.squeeze(1).tolist()
         generations: list[Generation] = []
         next_ids: list[int] = []
         keep: list[int] = []
@@ -166,9 +162,9 @@ class PolicyModel:
             if chooser.sampling or (chooser.params.repetition_penalty not in (None, 1.0)):
                 row_logprobs = chooser.log_distribution(logits[row], seq.token_ids(logits.device))  # (V,)
                 token = chooser.draw(row_logprobs)
+                logprob = float(row_logprobs[token].item())
             else:
-                row_logprobs, token = greedy_logprobs[row], greedy[row]
-            logprob = float(row_logprobs[token].item())
+                row_logprobs, token, logprob = greedy_logprobs[row], greedy[row], greedy_logprob[row]
             previous_length = len(seq.text)
             seq.generated_ids.append(token)
             seq.logprobs.append(logprob)
@@ -203,19 +199,4 @@ class PolicyModel:
             next_ids.append(token)
         if not keep:
             return generations, None
-        device = batch.input_ids.device
-        next_batch = Batch(
-            policy_version=batch.policy_version,
-            sequences=batch.sequences,
-            input_ids=torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1),  # (B, 1)
-            attention_mask=torch.cat(
-                [
-                    batch.attention_mask,
-                    torch.ones((len(batch), 1), dtype=batch.attention_mask.dtype, device=device),
-                ],
-                dim=1,
-            ),  # (B, T_past + T_in + 1)
-            position_ids=batch.position_ids[:, -1:] + 1,  # (B, 1)
-            past_key_values=cache,
-        )
-        return generations, next_batch.filter(keep)
+        return generations, batch.advance(next_ids, store).filter(keep)

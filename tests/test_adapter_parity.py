@@ -101,9 +101,7 @@ def _parity(tmp_path, tokenizer, top_layers: int | None) -> None:
             stop=StopSequences([]),
         )
         with torch.inference_mode():
-            serve_logits, _ = served.forward(
-                Batch.prefill("v0001", [state], served.pad_token_id, served.device)
-            )
+            serve_logits, _ = served.forward(Batch.prefill("v0001", [state], served.device))
         with torch.no_grad():
             learner_logits = policy(input_ids=torch.tensor([prompt_ids])).logits[:, -1]
         assert_close(serve_logits, learner_logits.float())

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
-from serve.batch import Batch, SequenceState
+from serve.batch import Batch, KVStore, SequenceState
 from serve.model import FinishReason, PolicyModel
 from serve.sampling import NextTokenChooser, SamplingParams, StopSequences
 
@@ -24,128 +24,148 @@ def _seq(
     )
 
 
-def _cache(
-    batch: int, past: int, layers: int = 2, heads: int = 1, dim: int = 2, offset: float = 0.0
-) -> DynamicCache:
-    data = []
+def _store(lengths: list[int], layers: int = 2, heads: int = 1, dim: int = 2, offset: float = 0.0) -> KVStore:
+    """Row r column j of layer l holds keys ``1000 l + 100 r + 10 j + k + offset`` (k < dim; values negated)
+    for j < lengths[r], zeros after: every cached entry is distinct and readable in a failure message."""
+    store = KVStore(rows=len(lengths), capacity=max(lengths) + 1)
     for layer in range(layers):
-        keys = torch.arange(batch * heads * past * dim, dtype=torch.float32).reshape(batch, heads, past, dim)
-        data.append((keys + offset + 1000 * layer, -(keys + offset + 1000 * layer)))
-    return DynamicCache(ddp_cache_data=data)
+        keys = torch.zeros(len(lengths), heads, store.capacity, dim)
+        for row, n in enumerate(lengths):
+            for j in range(n):
+                keys[row, :, j] = torch.arange(dim) + 1000 * layer + 100 * row + 10 * j + offset
+        store.keys.append(keys)
+        store.values.append(-keys)
+    return store
 
 
-def _decode_batch(ids: list[int], mask: list[list[int]], positions: list[int], offset: float = 0.0) -> Batch:
-    mask_t = torch.tensor(mask)  # (B, T_past + 1)
-    past = mask_t.shape[1] - 1
+def _decode_batch(ids: list[int], lengths: list[int], offset: float = 0.0) -> Batch:
     return Batch(
         policy_version="v1",
         sequences=[_seq(i) for i in ids],
-        input_ids=torch.tensor([[100 + i] for i in ids]),
-        attention_mask=mask_t,
-        position_ids=torch.tensor([[p] for p in positions]),
-        past_key_values=_cache(len(ids), past, offset=offset),
+        input_ids=torch.tensor([[100 + i] for i in ids]),  # (B, 1)
+        lengths=list(lengths),
+        kv=_store(lengths, offset=offset),
     )
 
 
-def test_filter_keeps_rows_and_cuts_shared_left_padding():
-    batch = _decode_batch([7, 8, 9], [[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], [2, 3, 4])
-    original_keys = [layer.keys.clone() for layer in batch.past_key_values.layers]
-    original_values = [layer.values.clone() for layer in batch.past_key_values.layers]
+def test_filter_moves_the_last_kept_rows_into_the_rows_that_leave():
+    batch = _decode_batch([7, 8, 9, 10], [2, 4, 3, 1])
+    before_keys = [k.clone() for k in batch.kv.keys]
+    before_values = [v.clone() for v in batch.kv.values]
 
-    kept = batch.filter([7, 8])
+    kept = batch.filter([8, 10])
 
-    assert kept.request_ids == [7, 8]
-    # column 0 is padding for both remaining rows: it is cut from mask and cache
-    torch.testing.assert_close(
-        kept.attention_mask, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), rtol=0, atol=0
-    )
-    torch.testing.assert_close(kept.input_ids, torch.tensor([[107], [108]]), rtol=0, atol=0)
-    torch.testing.assert_close(kept.position_ids, torch.tensor([[2], [3]]), rtol=0, atol=0)
-    for layer, keys, values in zip(kept.past_key_values.layers, original_keys, original_values, strict=True):
-        torch.testing.assert_close(layer.keys, keys[[0, 1], :, 1:, :], rtol=0, atol=0)
-        torch.testing.assert_close(layer.values, values[[0, 1], :, 1:, :], rtol=0, atol=0)
-    assert kept.past_length == 3
+    # row 0 (7) leaves and the last kept row (10) moves into it; row 1 (8) stays where it is
+    assert kept.request_ids == [10, 8]
+    assert kept.lengths == [1, 4]
+    assert kept.kv is batch.kv
+    torch.testing.assert_close(kept.input_ids, torch.tensor([[110], [108]]), rtol=0, atol=0)
+    for layer in range(2):
+        for now, before in ((kept.kv.keys, before_keys), (kept.kv.values, before_values)):
+            torch.testing.assert_close(now[layer][0, :, :1], before[layer][3, :, :1], rtol=0, atol=0)
+            torch.testing.assert_close(now[layer][1], before[layer][1], rtol=0, atol=0)
 
 
-def test_filter_single_row_and_edge_cases():
-    batch = _decode_batch([7, 8, 9], [[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], [2, 3, 4])
-    keys0 = batch.past_key_values.layers[0].keys.clone()
+def test_filter_edge_cases():
+    batch = _decode_batch([7, 8, 9], [3, 4, 5])
+    before = batch.kv.keys[0].clone()
 
-    only_first = batch.filter([7])
-    torch.testing.assert_close(only_first.attention_mask, torch.tensor([[1, 1, 1]]), rtol=0, atol=0)
-    torch.testing.assert_close(
-        only_first.past_key_values.layers[0].keys, keys0[[0], :, 2:, :], rtol=0, atol=0
-    )
+    first_two = batch.filter([7, 8])  # the last row leaves: nothing moves
+    assert first_two.request_ids == [7, 8] and first_two.lengths == [3, 4]
+    torch.testing.assert_close(batch.kv.keys[0], before, rtol=0, atol=0)
 
+    batch = _decode_batch([7, 8, 9], [3, 4, 5])
     only_last = batch.filter({9})
-    torch.testing.assert_close(only_last.attention_mask, torch.tensor([[1, 1, 1, 1, 1]]), rtol=0, atol=0)
-    torch.testing.assert_close(only_last.past_key_values.layers[0].keys, keys0[[2]], rtol=0, atol=0)
+    assert only_last.request_ids == [9] and only_last.lengths == [5]
+    torch.testing.assert_close(only_last.kv.keys[0][0, :, :5], before[2, :, :5], rtol=0, atol=0)
 
+    batch = _decode_batch([7, 8, 9], [3, 4, 5])
     assert batch.filter([7, 8, 9]) is batch
     assert batch.filter([]) is None
     assert batch.filter([42]) is None
 
 
-def test_concatenate_left_pads_the_shorter_cache():
-    short = _decode_batch([1], [[1, 1, 1]], [2])  # past 2
-    long = _decode_batch([2, 3], [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], [3, 4], offset=0.5)  # past 4
+def test_concatenate_copies_the_other_rows_into_the_first_store_and_grows_it():
+    short = _decode_batch([1], [2])  # 1 row, capacity 64
+    long = _decode_batch([2, 3], [70, 3], offset=0.5)  # needs 71 columns
+    short_keys = short.kv.keys[1].clone()
 
     joined = Batch.concatenate([short, long])
 
     assert joined.request_ids == [1, 2, 3]
-    assert joined.past_length == 4
-    torch.testing.assert_close(
-        joined.attention_mask,
-        torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]),
-        rtol=0,
-        atol=0,
-    )
+    assert joined.lengths == [2, 70, 3]
+    assert joined.kv is short.kv and joined.kv.rows >= 3 and joined.kv.capacity >= 71
     torch.testing.assert_close(joined.input_ids, torch.tensor([[101], [102], [103]]), rtol=0, atol=0)
-    torch.testing.assert_close(joined.position_ids, torch.tensor([[2], [3], [4]]), rtol=0, atol=0)
-    for i, layer in enumerate(joined.past_key_values.layers):
-        short_keys = short.past_key_values.layers[i].keys  # (1, 1, 2, 2)
-        long_keys = long.past_key_values.layers[i].keys  # (2, 1, 4, 2)
-        expected = torch.cat([torch.cat([torch.zeros(1, 1, 2, 2), short_keys], dim=2), long_keys], dim=0)
-        torch.testing.assert_close(layer.keys, expected, rtol=0, atol=0)
-        expected_values = torch.cat(
-            [
-                torch.cat([torch.zeros(1, 1, 2, 2), short.past_key_values.layers[i].values], dim=2),
-                long.past_key_values.layers[i].values,
-            ],
-            dim=0,
-        )
-        torch.testing.assert_close(layer.values, expected_values, rtol=0, atol=0)
+    for layer in range(2):
+        keys, values = joined.kv.keys[layer], joined.kv.values[layer]
+        torch.testing.assert_close(keys[1:3, :, :70], long.kv.keys[layer][:2, :, :70], rtol=0, atol=0)
+        torch.testing.assert_close(values[1:3, :, :70], long.kv.values[layer][:2, :, :70], rtol=0, atol=0)
+    torch.testing.assert_close(joined.kv.keys[1][0, :, :2], short_keys[0, :, :2], rtol=0, atol=0)
+    torch.testing.assert_close(joined.kv.keys[1][2, :, 2, 0], torch.tensor([1000 + 100 + 20 + 0.5]))
 
 
 def test_concatenate_then_filter_round_trips():
-    a = _decode_batch([1], [[1, 1, 1]], [2])
-    b = _decode_batch([2], [[1, 1, 1, 1, 1]], [4], offset=0.5)
-    back = Batch.concatenate([a, b]).filter([1])
-    torch.testing.assert_close(back.attention_mask, a.attention_mask, rtol=0, atol=0)
-    torch.testing.assert_close(
-        back.past_key_values.layers[1].keys, a.past_key_values.layers[1].keys, rtol=0, atol=0
-    )
-    torch.testing.assert_close(
-        back.past_key_values.layers[1].values, a.past_key_values.layers[1].values, rtol=0, atol=0
-    )
+    a = _decode_batch([1], [2])
+    b = _decode_batch([2], [4], offset=0.5)
+    a_keys = a.kv.keys[1][0, :, :2].clone()
+    back = Batch.concatenate([a, b]).filter([2])
+    assert back.request_ids == [2] and back.lengths == [4]
+    torch.testing.assert_close(back.kv.keys[1][0, :, :4], b.kv.keys[1][0, :, :4], rtol=0, atol=0)
+    torch.testing.assert_close(back.kv.values[1][0, :, :4], b.kv.values[1][0, :, :4], rtol=0, atol=0)
+    again = Batch.concatenate([_decode_batch([1], [2]), _decode_batch([2], [4], offset=0.5)]).filter([1])
+    torch.testing.assert_close(again.kv.keys[1][0, :, :2], a_keys, rtol=0, atol=0)
 
 
 def test_concatenate_refuses_mixed_versions_and_prefill_batches():
-    a = _decode_batch([1], [[1, 1, 1]], [2])
-    b = _decode_batch([2], [[1, 1, 1]], [2])
+    a = _decode_batch([1], [2])
+    b = _decode_batch([2], [2])
     b.policy_version = "v2"
     with pytest.raises(ValueError, match="different policy versions"):
         Batch.concatenate([a, b])
-    prefill = Batch.prefill("v1", [_seq(3)], pad_token_id=0, device="cpu")
+    prefill = Batch.prefill("v1", [_seq(3)], device="cpu")
     with pytest.raises(ValueError, match="decode state"):
         Batch.concatenate([a, prefill])
 
 
-def test_prefill_left_pads_and_counts_positions_over_real_tokens():
-    batch = Batch.prefill("v1", [_seq(1, [5, 6, 7]), _seq(2, [8])], pad_token_id=0, device="cpu")
-    torch.testing.assert_close(batch.input_ids, torch.tensor([[5, 6, 7], [0, 0, 8]]), rtol=0, atol=0)
-    torch.testing.assert_close(batch.attention_mask, torch.tensor([[1, 1, 1], [0, 0, 1]]), rtol=0, atol=0)
-    torch.testing.assert_close(batch.position_ids, torch.tensor([[0, 1, 2], [1, 1, 0]]), rtol=0, atol=0)
+def test_prefill_packs_prompts_into_one_row_with_positions_restarting_per_prompt():
+    batch = Batch.prefill("v1", [_seq(1, [5, 6, 7]), _seq(2, [8]), _seq(3, [9, 4])], device="cpu")
+    torch.testing.assert_close(batch.input_ids, torch.tensor([[5, 6, 7, 8, 9, 4]]), rtol=0, atol=0)
+    inputs = batch.model_inputs()
+    torch.testing.assert_close(inputs["position_ids"], torch.tensor([[0, 1, 2, 0, 0, 1]]), rtol=0, atol=0)
+    torch.testing.assert_close(inputs["logits_to_keep"], torch.tensor([2, 3, 5]), rtol=0, atol=0)
+    assert inputs["serve_prefill_lengths"] == [3, 1, 2]
+    cache = inputs["cache"]
+    torch.testing.assert_close(cache.rows, torch.tensor([0, 0, 0, 1, 2, 2]), rtol=0, atol=0)
+    torch.testing.assert_close(cache.columns, torch.tensor([0, 1, 2, 0, 0, 1]), rtol=0, atol=0)
+    # the forward's keys/values (1, H_kv, N, D) land in their rows and columns, and come back unchanged
+    new_keys = torch.arange(6, dtype=torch.float32).reshape(1, 1, 6, 1)
+    keys, values = cache.update(new_keys, -new_keys, 0)
+    assert keys is new_keys
+    stored = cache.store.keys[0][:, 0, :3, 0]  # (rows, columns)
+    torch.testing.assert_close(stored, torch.tensor([[0.0, 1, 2], [3, 0, 0], [4, 5, 0]]), rtol=0, atol=0)
+    decoded = batch.advance([11, 12, 13], cache.store)
+    assert decoded.lengths == [3, 1, 2] and not decoded.is_prefill
+    torch.testing.assert_close(decoded.input_ids, torch.tensor([[11], [12], [13]]), rtol=0, atol=0)
+
+
+def test_decode_inputs_mask_each_row_past_its_own_length_and_write_in_place():
+    batch = _decode_batch([1, 2], [2, 4])
+    inputs = batch.model_inputs()
+    low = torch.finfo(torch.float32).min
+    torch.testing.assert_close(inputs["position_ids"], torch.tensor([[2], [4]]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        inputs["attention_mask"],
+        torch.tensor([[0, 0, 0, low, low], [0, 0, 0, 0, 0]]).reshape(2, 1, 1, 5),
+        rtol=0,
+        atol=0,
+    )
+    new_keys = torch.tensor([[[[7.0, 7.0]]], [[[8.0, 8.0]]]])  # (B, H_kv, 1, D)
+    keys, _ = inputs["cache"].update(new_keys, -new_keys, 1)
+    assert keys.shape == (2, 1, 5, 2)
+    assert keys.data_ptr() == batch.kv.keys[1].data_ptr()  # a view of the store, no copy
+    torch.testing.assert_close(keys[0, 0, 2], torch.tensor([7.0, 7.0]), rtol=0, atol=0)
+    torch.testing.assert_close(keys[1, 0, 4], torch.tensor([8.0, 8.0]), rtol=0, atol=0)
+    torch.testing.assert_close(keys[1, 0, 3], torch.tensor([1130.0, 1131.0]), rtol=0, atol=0)
 
 
 @torch.inference_mode()
@@ -180,9 +200,7 @@ def test_requests_joining_at_different_steps_match_hf_generate(varied_model_dir,
     step = 0
     while running is not None or any(s >= step for s in schedule):
         if step in schedule:
-            generations, joined = policy.generate_token(
-                Batch.prefill("base", schedule[step], policy.pad_token_id, "cpu")
-            )
+            generations, joined = policy.generate_token(Batch.prefill("base", schedule[step], "cpu"))
             for g in generations:
                 got.setdefault(g.request_id, []).append(g.token_id)
             running = joined if running is None else Batch.concatenate([running, joined])
