@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 STACK_FILE_NAME = "stack.json"
+LEARNER_STATE_SUBDIR = "learner"
+"""``<run-dir>/learner``: the learner's state folder (dataset, checkpoints) in a stack ``up`` started."""
 
 
 class ComponentInfo(BaseModel):

@@ -56,7 +56,7 @@ import typer
 
 from instructloop.logs import redact_url
 from instructloop.settings import DEFAULT_MODEL
-from instructloop.stackfile import ComponentInfo, StackFile
+from instructloop.stackfile import LEARNER_STATE_SUBDIR, ComponentInfo, StackFile
 from launcher.credentials import ensure_serve_token, secure_redis
 from launcher.supervisor import (
     Component,
@@ -260,7 +260,7 @@ def build_specs(config: StackConfig) -> tuple[list[ComponentSpec], dict[str, str
                         for k, v in {
                             **shared,
                             "REDIS_URL": component_urls["learner"],
-                            "STATE_DIR": str(run_dir / "learner"),
+                            "STATE_DIR": str(run_dir / LEARNER_STATE_SUBDIR),
                             "METRICS_PORT": str(metrics_port),
                             "CONSUMER_NAME": "learner-0",
                         }.items()

@@ -179,8 +179,8 @@ def export(
     out: Path = typer.Option(..., help="Folder to write into (created): <kind>.jsonl or <kind>.parquet."),
     run_dir: Path = typer.Option(
         None,
-        help="The learner's state folder holding dataset.sqlite3 "
-        "(default: INSTRUCTLOOP_LEARNER_STATE_DIR, ~/.cache/instructloop/learner).",
+        help="The stack's run folder (instructloop up --run-dir) or the learner's state folder holding "
+        "dataset.sqlite3 (default: INSTRUCTLOOP_LEARNER_STATE_DIR if it holds one, else ./run).",
     ),
     dataset: Path = typer.Option(None, help="The dataset file itself, instead of --run-dir."),
     format: ExportFormat = typer.Option(ExportFormat.jsonl, help="File format."),
@@ -205,7 +205,11 @@ def export(
     started = time.monotonic()
     dataset_obj = None
     try:
-        default_run_dir = _default_state_dir() if run_dir is None and dataset is None else Path()
+        default_run_dir = Path()
+        if run_dir is None and dataset is None:  # the learner's state folder, else `make run`'s ./run
+            default_run_dir = _default_state_dir()
+            if not (default_run_dir / exporting.DATASET_FILE).is_file() and Path("run").is_dir():
+                default_run_dir = Path("run")
         path = exporting.resolve_dataset_path(run_dir, dataset, default_run_dir)
         exporting.prepare_out_dir(out, kinds, format, overwrite=force)
         dataset_obj = Dataset(path)

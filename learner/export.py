@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from instructloop.events import ComparisonEvent, DemonstrationEvent, ranking_pairs
+from instructloop.stackfile import LEARNER_STATE_SUBDIR
 
 log = logging.getLogger("learner.export")
 
@@ -284,19 +285,25 @@ class _RecordWriter:
 
 
 def resolve_dataset_path(run_dir: Path | None, dataset: Path | None, default_run_dir: Path) -> Path:
-    """The dataset file to read: ``dataset`` itself, else ``<run_dir>/dataset.sqlite3`` (``run_dir``
-    defaulting to the learner's ``state_dir``). Raises ``ExportError`` naming the options when it is not a
-    learner dataset; never creates one (``Dataset`` would create an empty file)."""
+    """The dataset file to read: ``dataset`` itself, else ``<run_dir>/dataset.sqlite3`` or, for the run
+    folder of a stack ``up`` started, ``<run_dir>/learner/dataset.sqlite3`` (``run_dir`` defaulting to
+    ``default_run_dir``). Raises ``ExportError`` naming the options when it is not a learner dataset; never
+    creates one (``Dataset`` would create an empty file)."""
     if run_dir is not None and dataset is not None:
         raise ExportError("pass --run-dir or --dataset, not both")
-    path = dataset if dataset is not None else (run_dir or default_run_dir) / DATASET_FILE
+    if dataset is not None:
+        path = dataset
+    else:  # the learner's state folder, or the run folder of a stack `instructloop up` started
+        folder = run_dir or default_run_dir
+        candidates = [folder / DATASET_FILE, folder / LEARNER_STATE_SUBDIR / DATASET_FILE]
+        path = next((p for p in candidates if p.is_file()), candidates[0])
     if not path.is_file():
         how = (
             "--dataset"
             if dataset is not None
-            else "the learner's state folder (its INSTRUCTLOOP_LEARNER_STATE_DIR) as --run-dir"
+            else "the stack's run folder (instructloop up --run-dir) or the learner's state folder as --run-dir"
             if run_dir is not None
-            else "--run-dir or set INSTRUCTLOOP_LEARNER_STATE_DIR to the learner's state folder, or --dataset"
+            else "--run-dir (the stack's run folder, e.g. run) or --dataset"
         )
         raise ExportError(f"no learner dataset at {path}; pass {how}")
     try:  # read-only: a file that is not a learner dataset is refused, never written to

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from instructloop.events import Choice, CompletionEvent, ranking_pairs
 from instructloop.prompt import render_chat
+from instructloop.stackfile import LEARNER_STATE_SUBDIR
 from instructloop.streams import Stream
 from launcher.cli import app
 from learner.dataset import Dataset, is_heldout
@@ -243,3 +244,23 @@ def test_cli_errors_name_the_fix_and_never_show_a_traceback(collected, tmp_path)
     assert unknown.exit_code == 2 and "csv" in unknown.stderr
     for result in (missing, bad, both, again, unknown):
         assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+
+
+def test_a_stacks_run_folder_is_found_as_make_run_lays_it_out(collected, tmp_path, monkeypatch):
+    """`instructloop up --run-dir run` keeps the learner's state in run/learner: `--run-dir run` (and no
+    option at all, from the folder `make run` ran in) finds its dataset."""
+    state_dir, comparisons, _ = collected
+    stack = tmp_path / "stack"
+    (stack / "run").mkdir(parents=True)
+    (stack / "run" / LEARNER_STATE_SUBDIR).symlink_to(state_dir, target_is_directory=True)
+    by_run_dir = run_export(
+        "--run-dir", str(stack / "run"), "--out", str(tmp_path / "a"), "--kind", "rankings"
+    )
+    assert by_run_dir.exit_code == 0, by_run_dir.output
+    assert json.loads(by_run_dir.stdout)["rankings"] == len(comparisons)
+
+    monkeypatch.chdir(stack)
+    monkeypatch.setenv("INSTRUCTLOOP_LEARNER_STATE_DIR", str(tmp_path / "no-learner-here"))
+    by_default = run_export("--out", str(tmp_path / "b"), "--kind", "rankings")
+    assert by_default.exit_code == 0, by_default.output
+    assert (tmp_path / "b" / "rankings.jsonl").read_text() == (tmp_path / "a" / "rankings.jsonl").read_text()
