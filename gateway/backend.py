@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 from text_generation import AsyncClient
 from text_generation.errors import parse_error
-from text_generation.types import Parameters, Request, Response, StreamResponse
+from text_generation.types import Parameters, Request, Response, StreamResponse, Token
 
 from gateway.metrics import GatewayMetrics
 from instructloop.wire import BACKEND_KEEP_ALIVE_S, POLICY_VERSION_HEADER, UNKNOWN_VERSION
@@ -65,6 +65,8 @@ class Generation:
     top_tokens: list[list[Any]] | None = None
     policy_version: str = UNKNOWN_VERSION
     backend: str = ""
+    prefill: list[Any] = field(default_factory=list)  # text_generation.types.InputToken (echo)
+    prefill_top_tokens: list[list[Any]] | None = None  # serve's extension: alternatives per prompt token
 
 
 @dataclass
@@ -83,14 +85,17 @@ def _version(headers: Any, payload: Any) -> str:
     return str(version) if version else UNKNOWN_VERSION
 
 
-def _parse_generate(payload: Any) -> Response:
+def _parse_generate(payload: Any) -> tuple[Response, list[list[Token]] | None]:
+    """The TGI response, and serve's ``prefill_top_tokens`` (per prompt token; None if absent)."""
     if isinstance(payload, list):  # TGI's POST / answers a list
         payload = payload[0]
     details = payload.get("details") or {}
     details.setdefault("prefill", [])
     details.setdefault("tokens", [])
     payload["details"] = details
-    return Response(**{k: v for k, v in payload.items() if k in ("generated_text", "details")})
+    prefill_top = details.get("prefill_top_tokens") or None
+    response = Response(**{k: v for k, v in payload.items() if k in ("generated_text", "details")})
+    return response, [[Token(**t) for t in position] for position in prefill_top] if prefill_top else None
 
 
 class PolicyAwareClient(AsyncClient):
@@ -125,16 +130,29 @@ class PolicyAwareClient(AsyncClient):
     @staticmethod
     def _request(prompt: str, stream: bool, **params: Any) -> dict[str, Any]:
         """The TGI request body. ``adapter_id`` (TGI's field naming the adapter, here a policy version)
-        is added to the parameters by hand: text-generation 0.7's ``Parameters`` has no such field."""
+        is added to the parameters by hand: text-generation 0.7's ``Parameters`` has no such field.
+        ``input_ids`` (a token-id prompt) replaces ``inputs`` by the ids: serve's extension of TGI's
+        protocol, generated from exactly those ids (TGI itself takes text only)."""
         stop = params.pop("stop_sequences", None) or []
         adapter_id = params.pop("adapter_id", None)
+        input_ids = params.pop("input_ids", None)
         parameters = Parameters(details=True, stop=stop, **params)
-        body = Request(inputs=prompt, stream=stream, parameters=parameters).model_dump(exclude_none=True)
+        inputs = prompt if input_ids is None else "(token ids)"  # the client's model refuses empty text
+        body = Request(inputs=inputs, stream=stream, parameters=parameters).model_dump(exclude_none=True)
         if adapter_id is not None:
             body["parameters"]["adapter_id"] = adapter_id
+        if input_ids is not None:
+            body["inputs"] = list(input_ids)
         return body
 
     async def generate_versioned(self, prompt: str, **params: Any) -> tuple[Response, str]:
+        response, version, _ = await self.generate_detailed(prompt, **params)
+        return response, version
+
+    async def generate_detailed(
+        self, prompt: str, **params: Any
+    ) -> tuple[Response, str, list[list[Token]] | None]:
+        """The response, the version that answered, and the prompt tokens' alternatives (see above)."""
         body = self._request(prompt, False, **params)
         async with self.session().post(f"{self.base_url}/generate", json=body) as resp:
             payload = await resp.json(content_type=None)
@@ -143,7 +161,8 @@ class PolicyAwareClient(AsyncClient):
                     resp.status,
                     payload if isinstance(payload, dict) and "error" in payload else {"error": str(payload)},
                 )
-            return _parse_generate(payload), _version(resp.headers, payload)
+            response, prefill_top = _parse_generate(payload)
+            return response, _version(resp.headers, payload), prefill_top
 
     async def generate_stream_versioned(
         self, prompt: str, **params: Any
@@ -322,7 +341,9 @@ class Backend:
             self._count_outstanding(replica, +1)
             started = time.perf_counter()
             try:
-                response, version = await replica.client.generate_versioned(prompt, **dict(params))
+                response, version, prefill_top = await replica.client.generate_detailed(
+                    prompt, **dict(params)
+                )
             except aiohttp.ClientConnectorError as exc:
                 self._mark_down(replica, exc)
                 continue
@@ -348,6 +369,8 @@ class Backend:
                 top_tokens=details.top_tokens,
                 policy_version=version,
                 backend=replica.url,
+                prefill=list(details.prefill or []),
+                prefill_top_tokens=prefill_top,
             )
 
     async def stream(

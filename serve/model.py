@@ -153,6 +153,21 @@ class PolicyModel:
             TopToken(i, text, v, i in self.special_ids) for (i, v), text in zip(pairs, texts, strict=True)
         ]
 
+    def prompt_logprobs(
+        self, prompt_ids: list[int], top_n: int = 0
+    ) -> tuple[list[float | None], list[list[TopToken]]]:
+        """Each prompt token's logprob under this version given the tokens before it (the first: None, nothing
+        precedes it), from the raw distribution (no sampling parameters), and per position the ``top_n`` most
+        likely tokens (the first: none). TGI's ``decoder_input_details``. Model thread only
+        (``Engine.call_on_model_thread``): an adapter version selects its slot on the shared base."""
+        model = self.model if self.shared is None else self.shared.module_for(self.adapter)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, V)
+        logprobs = torch.log_softmax(logits, dim=-1)  # (T-1, V)
+        chosen = logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()  # (T-1,) CPU/GPU sync
+        top = [self.top_tokens(row, top_n) for row in logprobs] if top_n else [[] for _ in chosen]
+        return [None, *chosen], [[], *top]
+
     def generate_token(self, batch: Batch) -> tuple[list[Generation], Batch | None]:
         """One forward for the whole batch, one token per sequence; finished sequences leave the batch."""
         logits, cache = self.forward(batch)  # (B, V)
