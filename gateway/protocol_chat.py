@@ -44,7 +44,8 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     """One message. ``content`` is text or a list of text parts. Tool and function messages, tool calls,
-    and parts other than text are refused by name (this gateway has no tool calling and reads text only)."""
+    parts other than text, and ``name`` are refused by name (this gateway has no tool calling, reads text
+    only, and the chat template has no participant names)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -54,7 +55,7 @@ class ChatMessage(BaseModel):
         | Annotated[list[TextPart], Field(min_length=1, max_length=256)]
         | None
     ) = None
-    name: str | None = Field(default=None, max_length=64)
+    name: str | None = Field(default=None, max_length=64, description="Not supported (only null).")
     tool_calls: list[dict[str, Any]] | None = Field(
         default=None, description="Not supported (only null / [])."
     )
@@ -85,6 +86,16 @@ class ChatMessage(BaseModel):
                         "send text parts",
                         {"kind": kind, "what": REFUSED_CONTENT_PARTS[kind]},
                     )
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _no_names(cls, value: str | None) -> str | None:
+        if value:
+            raise PydanticCustomError(
+                UNSUPPORTED_PARAMETER,
+                "name is not supported: the chat template has no participant names (put it in the content)",
+            )
         return value
 
     @field_validator("tool_calls", "tool_call_id", "function_call")

@@ -106,11 +106,24 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+def _nullable_optional_fields(schema: dict[str, Any]) -> None:
+    """The JSON schema says what ``_null_means_default`` accepts: every optional field may be null."""
+    required = set(schema.get("required", []))
+    for name, field_schema in schema.get("properties", {}).items():
+        if name in required or field_schema.get("type") == "null":
+            continue
+        variants = field_schema.get("anyOf")
+        if variants is not None and any(v.get("type") == "null" for v in variants):
+            continue
+        kept = {k: field_schema.pop(k) for k in ("title", "description", "default") if k in field_schema}
+        schema["properties"][name] = {"anyOf": [field_schema, {"type": "null"}], **kept}
+
+
 class OpenAIRequest(BaseModel):
     """What the two OpenAI routes share: unknown fields are refused (400 ``Unrecognized request argument
     supplied``, as OpenAI answers), and an explicit null means the field's default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_nullable_optional_fields)
 
     @model_validator(mode="before")
     @classmethod

@@ -122,6 +122,7 @@ def test_unknown_fields_are_refused_as_openai_does(gateway):
             "messages.1.tool_calls",
         ),
         ({"role": "assistant", "content": None}, "messages.1.content"),
+        ({"role": "user", "content": "Hello", "name": "bob"}, "messages.1.name"),
         (
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]},
             "messages.1.content",
