@@ -69,6 +69,14 @@ class Generation:
     prefill_top_tokens: list[list[Any]] | None = None  # serve's extension: alternatives per prompt token
 
 
+@dataclass(frozen=True)
+class ContextLimits:
+    """What one request may hold on a replica (TGI's ``/info``): prompt tokens, and prompt + generated."""
+
+    max_input_tokens: int
+    max_total_tokens: int
+
+
 @dataclass
 class StreamEvent:
     """One streamed token (``final`` on the last one, with the finish reason)."""
@@ -190,6 +198,22 @@ class PolicyAwareClient(AsyncClient):
                     str(version),
                 )
 
+    async def context_limits(self, timeout_s: float = 2.0) -> ContextLimits | None:
+        """``max_input_tokens`` and ``max_total_tokens`` from TGI's ``GET /info``; None when it does not say."""
+        try:
+            async with self.session().get(
+                f"{self.base_url}/info", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                info = await resp.json(content_type=None) if resp.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return None
+        values = [
+            info.get(k) if isinstance(info, dict) else None for k in ("max_input_tokens", "max_total_tokens")
+        ]
+        if not all(isinstance(v, int) and v > 0 for v in values):
+            return None
+        return ContextLimits(*values)
+
     async def health(self, timeout_s: float = 2.0) -> tuple[bool, str | None]:
         try:
             async with self.session().get(
@@ -210,6 +234,8 @@ class Replica:
     checked: bool = False
     policy_version: str | None = None
     last_error: str | None = None
+    context: ContextLimits | None = None
+    """Its token limits (``GET /info``), read once it is healthy."""
 
 
 STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
@@ -290,11 +316,21 @@ class Backend:
             replica.healthy, replica.checked = ok, True
             if version:
                 replica.policy_version = version
+            if ok and replica.context is None:
+                replica.context = await replica.client.context_limits()
             self.metrics.backend_healthy.labels(replica.url).set(1 if ok else 0)
 
     # ---- balancing ----------------------------------------------------------------------------------
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy]
+
+    def context_limits(self) -> ContextLimits | None:
+        """The smallest limits the healthy replicas report (what any of them can hold); None when none
+        reports any (real TGI without /info, or no healthy replica yet)."""
+        known = [r.context for r in self.healthy() if r.context is not None]
+        if not known:
+            return None
+        return ContextLimits(min(c.max_input_tokens for c in known), min(c.max_total_tokens for c in known))
 
     def pick(self, exclude: set[str] = frozenset(), prefer: set[str] | None = None) -> Replica:
         candidates = [r for r in self.replicas if r.healthy and r.url not in exclude]

@@ -110,8 +110,35 @@ class CompletionServing:
                     param="prompt",
                     code="context_length_exceeded",
                 )
+            if (too_long := self._over_context(tokens, request.max_tokens)) is not None:
+                return too_long
             total_tokens += tokens
         return total_tokens
+
+    def _over_context(self, prompt_tokens: int, max_tokens: int) -> APIError | None:
+        """OpenAI's ``context_length_exceeded`` when the prompt, or prompt + max_tokens, is more than the
+        backends can hold (their ``/info``; unknown limits are left to the backend)."""
+        limits = self.choices.backend.context_limits()
+        if limits is None:
+            return None
+        if prompt_tokens > limits.max_input_tokens:
+            return APIError(
+                400,
+                f"This model's maximum prompt length is {limits.max_input_tokens} tokens; the prompt has "
+                f"{prompt_tokens}. Please reduce the prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if prompt_tokens + max(max_tokens, 1) > limits.max_total_tokens:
+            return APIError(
+                400,
+                f"This model's maximum context length is {limits.max_total_tokens} tokens. However, you "
+                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
+                "in the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return None
 
     async def check_and_admit(self, request: CompletionRequest, principal: Principal) -> APIError | int:
         """The model (which version answers), ``check``, then the key's generation and token budgets (429

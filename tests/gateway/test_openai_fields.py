@@ -232,6 +232,24 @@ def test_too_long_prompt_is_context_length_exceeded(start_gateway, serve, redis_
     )
 
 
+def test_more_than_serve_holds_is_context_length_exceeded(gateway):
+    """The limits serve reports on /info (the test serve: 1024 prompt tokens, 1536 in all)."""
+    client = gateway.openai("alice")
+    refused(
+        lambda: client.completions.create(model=MODEL_NAME, prompt="word " * 1100, max_tokens=2),
+        "prompt",
+        "context_length_exceeded",
+    )
+    error = refused(
+        lambda: client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "word " * 900}], max_tokens=700
+        ),
+        "max_tokens",
+        "context_length_exceeded",
+    )
+    assert "maximum context length is 1536 tokens" in error.body["message"]
+
+
 # ---- stream_options.include_usage ----------------------------------------------------------------------
 
 
