@@ -242,6 +242,11 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         openai_route = request.url.path in OPENAI_ROUTES
         message, param, code = _validation_error_detail(exc, openai_route)
+        if openai_route and code in (UNSUPPORTED_PARAMETER, "unrecognized_argument"):
+            # the field's own name (messages.1.role -> role), never a client's unknown name (cardinality)
+            field = param.split(".")[-1] if code == UNSUPPORTED_PARAMETER and param else "unrecognized"
+            metrics.refused_fields.labels(field).inc()
+            log.info("request refused for a field", extra={"path": request.url.path, "param": param})
         return error_response(APIError(400 if openai_route else 422, message, param=param, code=code))
 
     @app.exception_handler(StarletteHTTPException)

@@ -81,6 +81,7 @@ def test_chat_fields_without_support_are_refused_by_name(gateway, field, value):
     )
     if field == "response_format":
         assert value["type"] in error.body["message"]
+    assert gateway.metric("gateway_refused_fields_total", f'{{field="{field}"}}') == 1
 
 
 @pytest.mark.parametrize(("field", "value"), [("suffix", "end"), ("best_of", 2)])
@@ -107,6 +108,7 @@ def test_unknown_fields_are_refused_as_openai_does(gateway):
     for param, call in calls.items():
         error = refused(call, param, "unrecognized_argument")
         assert error.body["message"] == f"Unrecognized request argument supplied: {param}"
+    assert gateway.metric("gateway_refused_fields_total", '{field="unrecognized"}') == 3
 
 
 @pytest.mark.parametrize(
