@@ -409,6 +409,10 @@ class Engine:
                 torch.cuda.empty_cache()
 
     def _fail_all(self, error: BaseException) -> None:
+        while self._calls:
+            _, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
         for batch in self._batches.values():
             for seq in batch.sequences:
                 seq.sink.deliver(error)
