@@ -26,6 +26,7 @@ from gateway.deps import GatewayState
 from gateway.discovery import DnsDiscovery
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import APIError
+from gateway.protocol_completions import UNSUPPORTED_PARAMETER
 from gateway.request_context import (
     ClientGone,
     log_server_error,
@@ -131,17 +132,38 @@ class GatewayMiddleware:
         self.metrics.latency.labels(path, scope["method"]).observe(time.perf_counter() - started)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
+"""Routes whose body errors are 400s, as OpenAI answers (the SDK raises ``BadRequestError``); the gateway's
+own routes (feedback, demonstrations, admin, labeling) answer 422 for a body that fails validation."""
+
+_OWN_CODES = {UNSUPPORTED_PARAMETER, "invalid_value"}
+"""Validation error types the protocol raises itself; they become the error's ``code``."""
+
+
+def _validation_error_detail(exc: RequestValidationError, openai_route: bool) -> tuple[str, str | None, str]:
+    """(message, param, code) of the first problem of a body that failed validation; on an OpenAI route an
+    unknown field is OpenAI's ``Unrecognized request argument``, and the protocol's own error types are the
+    code."""
     errors = exc.errors()
     if not errors:
-        return "invalid request", None
+        return "invalid request", None, "validation_error"
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    # A custom error may name the field itself (the feedback union's `type`: its loc is the whole body).
-    param = ".".join(loc) or (first.get("ctx") or {}).get("param")
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    # A custom error may name the field itself (the feedback union's `type`, `stream_options` of a request):
+    # its loc is the object that holds the field.
+    named = (first.get("ctx") or {}).get("param")
+    param = ".".join([*loc, named] if named else loc) or None
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+    if not openai_route:
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        return (f"{param}: {message}{more}" if param else f"{message}{more}"), param, "validation_error"
+    if first.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}{more}", param, "unrecognized_argument"
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    code = first["type"] if first.get("type") in _OWN_CODES else "validation_error"
+    if not param or (code == UNSUPPORTED_PARAMETER and message.startswith(param)):
+        return f"{message}{more}", param, code
+    return f"{param}: {message}{more}", param, code
 
 
 def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> FastAPI:
@@ -183,6 +205,7 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
         demonstrations=DemonstrationServing(settings, store, metrics, tokenizer),
         admin=PolicyAdminServing(settings),
         started=int(time.time()),
+        models=completion_serving.models,
     )
     if settings.dev_mode:
         log.warning("gateway in DEV MODE: the dev admin key is accepted; never expose this gateway")
@@ -234,8 +257,14 @@ def create_app(settings: Settings | None = None, *, tokenizer: Any = None) -> Fa
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(APIError(422, message, param=param, code="validation_error"))
+        openai_route = request.url.path in OPENAI_ROUTES
+        message, param, code = _validation_error_detail(exc, openai_route)
+        if openai_route and code in (UNSUPPORTED_PARAMETER, "unrecognized_argument"):
+            # the field's own name (messages.1.role -> role), never a client's unknown name (cardinality)
+            field = param.split(".")[-1] if code == UNSUPPORTED_PARAMETER and param else "unrecognized"
+            metrics.refused_fields.labels(field).inc()
+            log.info("request refused for a field", extra={"path": request.url.path, "param": param})
+        return error_response(APIError(400 if openai_route else 422, message, param=param, code=code))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 from text_generation import AsyncClient
 from text_generation.errors import parse_error
-from text_generation.types import Parameters, Request, Response, StreamResponse
+from text_generation.types import Parameters, Request, Response, StreamResponse, Token
 
 from gateway.discovery import DnsDiscovery
 from gateway.metrics import GatewayMetrics
@@ -68,6 +68,16 @@ class Generation:
     top_tokens: list[list[Any]] | None = None
     policy_version: str = UNKNOWN_VERSION
     backend: str = ""
+    prefill: list[Any] = field(default_factory=list)  # text_generation.types.InputToken (echo)
+    prefill_top_tokens: list[list[Any]] | None = None  # serve's extension: alternatives per prompt token
+
+
+@dataclass(frozen=True)
+class ContextLimits:
+    """What one request may hold on a replica (TGI's ``/info``): prompt tokens, and prompt + generated."""
+
+    max_input_tokens: int
+    max_total_tokens: int
 
 
 @dataclass
@@ -86,14 +96,17 @@ def _version(headers: Any, payload: Any) -> str:
     return str(version) if version else UNKNOWN_VERSION
 
 
-def _parse_generate(payload: Any) -> Response:
+def _parse_generate(payload: Any) -> tuple[Response, list[list[Token]] | None]:
+    """The TGI response, and serve's ``prefill_top_tokens`` (per prompt token; None if absent)."""
     if isinstance(payload, list):  # TGI's POST / answers a list
         payload = payload[0]
     details = payload.get("details") or {}
     details.setdefault("prefill", [])
     details.setdefault("tokens", [])
     payload["details"] = details
-    return Response(**{k: v for k, v in payload.items() if k in ("generated_text", "details")})
+    prefill_top = details.get("prefill_top_tokens") or None
+    response = Response(**{k: v for k, v in payload.items() if k in ("generated_text", "details")})
+    return response, [[Token(**t) for t in position] for position in prefill_top] if prefill_top else None
 
 
 class PolicyAwareClient(AsyncClient):
@@ -128,16 +141,29 @@ class PolicyAwareClient(AsyncClient):
     @staticmethod
     def _request(prompt: str, stream: bool, **params: Any) -> dict[str, Any]:
         """The TGI request body. ``adapter_id`` (TGI's field naming the adapter, here a policy version)
-        is added to the parameters by hand: text-generation 0.7's ``Parameters`` has no such field."""
+        is added to the parameters by hand: text-generation 0.7's ``Parameters`` has no such field.
+        ``input_ids`` (a token-id prompt) replaces ``inputs`` by the ids: serve's extension of TGI's
+        protocol, generated from exactly those ids (TGI itself takes text only)."""
         stop = params.pop("stop_sequences", None) or []
         adapter_id = params.pop("adapter_id", None)
+        input_ids = params.pop("input_ids", None)
         parameters = Parameters(details=True, stop=stop, **params)
-        body = Request(inputs=prompt, stream=stream, parameters=parameters).model_dump(exclude_none=True)
+        inputs = prompt if input_ids is None else "(token ids)"  # the client's model refuses empty text
+        body = Request(inputs=inputs, stream=stream, parameters=parameters).model_dump(exclude_none=True)
         if adapter_id is not None:
             body["parameters"]["adapter_id"] = adapter_id
+        if input_ids is not None:
+            body["inputs"] = list(input_ids)
         return body
 
     async def generate_versioned(self, prompt: str, **params: Any) -> tuple[Response, str]:
+        response, version, _ = await self.generate_detailed(prompt, **params)
+        return response, version
+
+    async def generate_detailed(
+        self, prompt: str, **params: Any
+    ) -> tuple[Response, str, list[list[Token]] | None]:
+        """The response, the version that answered, and the prompt tokens' alternatives (see above)."""
         body = self._request(prompt, False, **params)
         async with self.session().post(f"{self.base_url}/generate", json=body) as resp:
             payload = await resp.json(content_type=None)
@@ -146,7 +172,8 @@ class PolicyAwareClient(AsyncClient):
                     resp.status,
                     payload if isinstance(payload, dict) and "error" in payload else {"error": str(payload)},
                 )
-            return _parse_generate(payload), _version(resp.headers, payload)
+            response, prefill_top = _parse_generate(payload)
+            return response, _version(resp.headers, payload), prefill_top
 
     async def generate_stream_versioned(
         self, prompt: str, **params: Any
@@ -174,6 +201,22 @@ class PolicyAwareClient(AsyncClient):
                     str(version),
                 )
 
+    async def context_limits(self, timeout_s: float = 2.0) -> ContextLimits | None:
+        """``max_input_tokens`` and ``max_total_tokens`` from TGI's ``GET /info``; None when it does not say."""
+        try:
+            async with self.session().get(
+                f"{self.base_url}/info", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                info = await resp.json(content_type=None) if resp.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return None
+        values = [
+            info.get(k) if isinstance(info, dict) else None for k in ("max_input_tokens", "max_total_tokens")
+        ]
+        if not all(isinstance(v, int) and v > 0 for v in values):
+            return None
+        return ContextLimits(*values)
+
     async def health(self, timeout_s: float = 2.0) -> tuple[bool, str | None]:
         try:
             async with self.session().get(
@@ -195,6 +238,8 @@ class Replica:
     policy_version: str | None = None
     last_error: str | None = None
     retired: bool = False  # left the discovered set: no new calls; its client closes when idle
+    context: ContextLimits | None = None
+    """Its token limits (``GET /info``), read once it is healthy."""
 
 
 STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
@@ -323,11 +368,21 @@ class Backend:
             replica.healthy, replica.checked = ok, True
             if version:
                 replica.policy_version = version
+            if ok and replica.context is None:
+                replica.context = await replica.client.context_limits()
             self.metrics.backend_healthy.labels(replica.url).set(1 if ok else 0)
 
     # ---- balancing ----------------------------------------------------------------------------------
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy]
+
+    def context_limits(self) -> ContextLimits | None:
+        """The smallest limits the healthy replicas report (what any of them can hold); None when none
+        reports any (real TGI without /info, or no healthy replica yet)."""
+        known = [r.context for r in self.healthy() if r.context is not None]
+        if not known:
+            return None
+        return ContextLimits(min(c.max_input_tokens for c in known), min(c.max_total_tokens for c in known))
 
     def pick(self, exclude: set[str] = frozenset(), prefer: set[str] | None = None) -> Replica:
         candidates = [r for r in self.replicas if r.healthy and r.url not in exclude]
@@ -379,7 +434,9 @@ class Backend:
             self._count_outstanding(replica, +1)
             started = time.perf_counter()
             try:
-                response, version = await replica.client.generate_versioned(prompt, **dict(params))
+                response, version, prefill_top = await replica.client.generate_detailed(
+                    prompt, **dict(params)
+                )
             except aiohttp.ClientConnectorError as exc:
                 self._mark_down(replica, exc)
                 continue
@@ -405,6 +462,8 @@ class Backend:
                 top_tokens=details.top_tokens,
                 policy_version=version,
                 backend=replica.url,
+                prefill=list(details.prefill or []),
+                prefill_top_tokens=prefill_top,
             )
 
     async def stream(

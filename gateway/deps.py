@@ -17,6 +17,7 @@ from gateway.serving_admin import PolicyAdminServing
 from gateway.serving_chat import ChatServing
 from gateway.serving_completions import CompletionServing
 from gateway.serving_feedback import DemonstrationServing, FeedbackServing
+from gateway.serving_models import ModelCatalog
 from gateway.settings import Settings
 from gateway.store import Store
 
@@ -35,6 +36,7 @@ class GatewayState:
     demonstrations: DemonstrationServing
     admin: PolicyAdminServing
     started: int
+    models: ModelCatalog
 
 
 async def get_state(request: Request) -> GatewayState:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from gateway.auth import Principal
 from gateway.metrics import GatewayMetrics
-from gateway.protocol import APIError, CompletionRequest
+from gateway.protocol import APIError
+from gateway.protocol_completions import CompletionRequest
 from gateway.settings import Settings
 from gateway.store import Store
 

@@ -84,7 +84,15 @@ class GatewayMetrics:
         )
         self.completions_unstored = Counter(
             "gateway_completions_unstored_total",
-            "Answers served with store=false (neither kept nor logged)",
+            "Answers served but neither kept nor logged (store=false, echo-only, or token ids that do not "
+            "round-trip)",
+            registry=r,
+        )
+        self.refused_fields = Counter(
+            "gateway_refused_fields_total",
+            "OpenAI requests refused for a field this gateway does not support (field: its name; "
+            "'unrecognized' for a field OpenAI's API does not have either)",
+            ["field"],
             registry=r,
         )
         self.rate_limited = Counter(

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from gateway.protocol import ErrorDetail
+from gateway.protocol import ErrorDetail, Usage
 
 FinishReason = Literal["stop", "length"]
 
@@ -30,6 +30,8 @@ class CompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[CompletionChunkChoice]
+    usage: Usage | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Only on the last chunk of a stream with ``stream_options.include_usage`` (``choices`` then empty)."""
     policy_version: str
 
 
@@ -55,6 +57,8 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Only on the last chunk of a stream with ``stream_options.include_usage`` (``choices`` then empty)."""
     policy_version: str
 
 

@@ -14,13 +14,13 @@ from gateway.backend import Generation
 from gateway.protocol import (
     APIError,
     ChatChoice,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
     ChatResponseMessage,
     ChatTokenLogprob,
     ChatTopLogprob,
 )
+from gateway.protocol_chat import ChatCompletionRequest
 from gateway.request_context import until_disconnected
 from gateway.serving_completions import CompletionServing
 from gateway.serving_stream import ChatChunks, CompletionStream, openai_finish_reason

@@ -23,7 +23,8 @@ from typing import Any
 
 from gateway.backend import Backend, BackendError, Generation, StreamEvent
 from gateway.metrics import GatewayMetrics
-from gateway.protocol import APIError, CompletionRequest
+from gateway.protocol import APIError
+from gateway.protocol_completions import CompletionRequest
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,16 @@ class Job:
 
 
 def jobs_for(request: CompletionRequest) -> list[Job]:
-    """One job per prompt and choice, in the answer's choice order."""
+    """One job per prompt and choice, in the answer's choice order. A token-id prompt travels as its ids
+    (``input_ids``: serve generates from exactly them); ``prompt`` is then its decoded text."""
     jobs: list[Job] = []
+    token_prompts = request.token_prompts
     for p, prompt in enumerate(request.prompts):
         for i in range(request.n):
-            jobs.append(Job(len(jobs), p, prompt, request.to_generate_params(i)))
+            params = request.to_generate_params(i)
+            if token_prompts is not None:
+                params["input_ids"] = token_prompts[p]
+            jobs.append(Job(len(jobs), p, prompt, params))
     return jobs
 
 

@@ -23,13 +23,14 @@ from gateway.protocol import (
     APIError,
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
     Usage,
     new_completion_id,
 )
+from gateway.protocol_completions import CompletionRequest
 from gateway.request_context import until_disconnected
 from gateway.serving_choices import ChoiceGenerator, GeneratedChoices, jobs_for
+from gateway.serving_models import ModelCatalog
 from gateway.serving_stream import (
     CompletionChunks,
     CompletionStream,
@@ -54,19 +55,14 @@ class CompletionServing:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.choices = ChoiceGenerator(settings, backend, metrics)
+        self.models = ModelCatalog(settings, backend, int(time.time()))
         self.streams = StreamServing(self.choices, self._record, metrics)
 
     # ---- shared with chat and streaming ------------------------------------------------------------
     def check(self, request: CompletionRequest) -> APIError | int:
-        """Validate against the limits; returns an error or the prompt token count."""
+        """Validate against the limits (token-id prompts are decoded here); returns an error or the prompt
+        token count."""
         s = self.settings
-        if request.model != s.served_model_name:
-            return APIError(
-                404,
-                f"The model '{request.model}' does not exist; GET /v1/models lists '{s.served_model_name}'.",
-                param="model",
-                code="model_not_found",
-            )
         if request.n > s.max_n:
             return APIError(400, f"n must be at most {s.max_n}", param="n", code="invalid_value")
         if request.max_tokens > s.max_tokens_limit:
@@ -80,32 +76,77 @@ class CompletionServing:
             return APIError(
                 400, "logprobs are not available with stream=true", param="logprobs", code="invalid_value"
             )
+        token_prompts = request.token_prompts
+        if token_prompts is not None:
+            vocabulary = len(self.tokenizer)
+            for ids in token_prompts:
+                if max(ids) >= vocabulary:
+                    return APIError(
+                        400,
+                        f"token id {max(ids)} is not in the model's vocabulary (ids are 0..{vocabulary - 1})",
+                        param="prompt",
+                        code="invalid_value",
+                    )
+            request.decode_token_prompts(self.decode)
         if (too_big := check_request_size(request, s)) is not None:
             return too_big
         total_tokens = 0
-        for prompt in request.prompts:
-            if not prompt:
+        for p, prompt in enumerate(request.prompts):
+            if not prompt and token_prompts is None:
                 return APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
             if len(prompt) > s.max_prompt_chars:
                 return APIError(
                     400,
                     f"prompt is longer than {s.max_prompt_chars} characters",
                     param="prompt",
-                    code="prompt_too_long",
+                    code="context_length_exceeded",
                 )
-            tokens = self.count_tokens(prompt)
+            tokens = len(token_prompts[p]) if token_prompts is not None else self.count_tokens(prompt)
             if tokens > s.max_prompt_tokens:
                 return APIError(
                     400,
-                    f"prompt has {tokens} tokens; the limit is {s.max_prompt_tokens}",
+                    f"This model's maximum context length is {s.max_prompt_tokens} prompt tokens; "
+                    f"the prompt has {tokens} tokens. Shorten it.",
                     param="prompt",
-                    code="prompt_too_long",
+                    code="context_length_exceeded",
                 )
+            if (too_long := self._over_context(tokens, request.max_tokens)) is not None:
+                return too_long
             total_tokens += tokens
         return total_tokens
 
+    def _over_context(self, prompt_tokens: int, max_tokens: int) -> APIError | None:
+        """OpenAI's ``context_length_exceeded`` when the prompt, or prompt + max_tokens, is more than the
+        backends can hold (their ``/info``; unknown limits are left to the backend)."""
+        limits = self.choices.backend.context_limits()
+        if limits is None:
+            return None
+        if prompt_tokens > limits.max_input_tokens:
+            return APIError(
+                400,
+                f"This model's maximum prompt length is {limits.max_input_tokens} tokens; the prompt has "
+                f"{prompt_tokens}. Please reduce the prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if prompt_tokens + max(max_tokens, 1) > limits.max_total_tokens:
+            return APIError(
+                400,
+                f"This model's maximum context length is {limits.max_total_tokens} tokens. However, you "
+                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
+                "in the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return None
+
     async def check_and_admit(self, request: CompletionRequest, principal: Principal) -> APIError | int:
-        """``check``, then the key's generation and token budgets (429 when one has no room)."""
+        """The model (which version answers), ``check``, then the key's generation and token budgets (429
+        when one has no room)."""
+        version = await self.models.resolve(request.model)
+        if isinstance(version, APIError):
+            return version
+        request.select_version(version)
         checked = self.check(request)
         if isinstance(checked, APIError):
             return checked
@@ -113,6 +154,14 @@ class CompletionServing:
             await admit_completion(self.store, self.settings, self.metrics, request, checked, principal)
             or checked
         )
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids as a prompt is shown, echoed and recorded (special tokens kept)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def stored(self, request: CompletionRequest) -> bool:
+        """Whether the answer is kept and reaches the learner: the request's ``store``, else the setting."""
+        return request.store if request.store is not None else self.settings.store_default
 
     def count_tokens(self, text: str) -> int:
         return len(encode_prompt(self.tokenizer, text))
@@ -128,6 +177,14 @@ class CompletionServing:
         for job, g in zip(jobs, generations, strict=True):
             if g.finish_reason == "stop_sequence":
                 g.text = trim_stop(g.text, job.params["stop_sequences"])
+            if request.max_tokens == 0:  # echo only: the one token serve had to generate is left out
+                g.text, g.tokens, g.top_tokens, g.generated_tokens, g.finish_reason = (
+                    "",
+                    [],
+                    None,
+                    0,
+                    "length",
+                )
         return GeneratedChoices(
             new_completion_id(prefix),
             int(time.time()),
@@ -146,8 +203,11 @@ class CompletionServing:
         chat: bool,
         messages: list[dict[str, str]] | None = None,
     ) -> None:
+        token_prompts = request.token_prompts
         prompt_tokens = (
-            [self.count_tokens(p) for p in result.prompts]
+            [len(ids) for ids in token_prompts]
+            if token_prompts is not None
+            else [self.count_tokens(p) for p in result.prompts]
             if len(result.prompts) > 1
             else [result.prompt_tokens]
         )
@@ -192,10 +252,15 @@ class CompletionServing:
         completion_tokens = sum(g.generated_tokens for g in result.generations)
         self.metrics.tokens_in.inc(result.prompt_tokens)
         self.metrics.tokens_out.inc(completion_tokens)
-        if request.store:
+        not_kept = self._not_kept(request)
+        if not_kept is None:
             await self.store.save_completion(stored, events)
         else:
             self.metrics.completions_unstored.inc()
+            if not_kept != "store=false":
+                log.info(
+                    "completion not kept", extra={"completion_id": result.completion_id, "why": not_kept}
+                )
         log.info(
             "completion served",
             extra={
@@ -206,9 +271,24 @@ class CompletionServing:
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "chat": chat,
-                "stored": request.store,
+                "stored": not_kept is None,
             },
         )
+
+    def _not_kept(self, request: CompletionRequest) -> str | None:
+        """Why an answer is not kept for feedback and the learner (None: it is)."""
+        if not self.stored(request):
+            return "store=false"
+        if request.max_tokens == 0:
+            return "max_tokens=0: nothing was generated"
+        token_prompts = request.token_prompts
+        if token_prompts is not None and any(
+            encode_prompt(self.tokenizer, text) != ids
+            for text, ids in zip(request.prompts, token_prompts, strict=True)
+        ):
+            # The learner re-encodes the recorded text (the prompt contract): it must give the same ids.
+            return "token-id prompt whose text does not encode back to the same ids"
+        return None
 
     @staticmethod
     def usage(result: GeneratedChoices) -> Usage:
@@ -233,10 +313,10 @@ class CompletionServing:
         await self._record(result, request, principal, chat=False)
         choices = [
             CompletionChoice(
-                text=g.text,
+                text=j.prompt + g.text if request.echo else g.text,
                 index=j.index,
                 finish_reason=openai_finish_reason(g.finish_reason),
-                logprobs=self._logprobs(j.prompt, g) if request.logprobs is not None else None,
+                logprobs=self._logprobs(j.prompt, g, request.echo) if request.logprobs is not None else None,
             )
             for j, g in zip(result.jobs, result.generations, strict=True)
         ]
@@ -250,19 +330,34 @@ class CompletionServing:
         )
 
     @staticmethod
-    def _logprobs(prompt: str, g: Generation) -> CompletionLogprobs:
-        tokens, logprobs, offsets = [], [], []
-        offset = len(prompt)
+    def _logprobs(prompt: str, g: Generation, echo: bool) -> CompletionLogprobs:
+        """OpenAI completion logprobs of one choice; with ``echo``, the prompt's tokens first (the first
+        token's logprob and alternatives are null: nothing precedes it), their offsets from 0."""
+        tokens: list[str] = []
+        logprobs: list[float | None] = []
+        offsets: list[int] = []
+        top: list[dict[str, float] | None] = []
+        offset = 0 if echo else len(prompt)
+        if echo:
+            prefill_top = g.prefill_top_tokens or [[] for _ in g.prefill]
+            for position, (token, alternatives) in enumerate(zip(g.prefill, prefill_top, strict=True)):
+                tokens.append(token.text)
+                logprobs.append(token.logprob if position else None)
+                offsets.append(offset)
+                offset += len(token.text)
+                top.append({t.text: t.logprob for t in alternatives} if position else None)
+            offset = len(prompt)
         for token in g.tokens:
             tokens.append(token.text)
             logprobs.append(token.logprob)
             offsets.append(offset)
             offset += len(token.text) if not token.special else 0
-        top = None
-        if g.top_tokens:
-            top = [
-                {t.text: t.logprob for t in position if t.logprob is not None} for position in g.top_tokens
-            ]
+        for position in g.top_tokens or [[] for _ in g.tokens]:
+            top.append({t.text: t.logprob for t in position if t.logprob is not None})
+        has_alternatives = bool(g.top_tokens) or bool(g.prefill_top_tokens)
         return CompletionLogprobs(
-            tokens=tokens, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets
+            tokens=tokens,
+            token_logprobs=logprobs,
+            top_logprobs=top if has_alternatives else None,
+            text_offset=offsets,
         )

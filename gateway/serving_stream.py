@@ -5,7 +5,9 @@ All choices' backend streams are opened and their first tokens read before anyth
 the tokens of all choices are forwarded as they come, interleaved; text that might be the start of a
 stop sequence is held back until it cannot be (OpenAI leaves stop sequences out of the text). A choice
 whose backend fails mid-stream gets an error chunk; the others go on. A stream that ends with every
-choice finished is recorded like a plain answer; one the client left is not.
+choice finished is recorded like a plain answer; one the client left is not. With
+``stream_options.include_usage`` a last chunk before ``[DONE]`` carries the usage (``choices: []``), as
+OpenAI sends it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pydantic import BaseModel
 from gateway.auth import Principal
 from gateway.backend import BackendError, Generation, StreamEvent
 from gateway.metrics import GatewayMetrics
-from gateway.protocol import APIError, CompletionRequest, ErrorDetail, new_completion_id
+from gateway.protocol import APIError, ErrorDetail, Usage, new_completion_id
+from gateway.protocol_completions import CompletionRequest
 from gateway.protocol_stream import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -96,6 +99,11 @@ class CompletionChunks:
             choices=[CompletionChunkChoice(text=text, index=index, finish_reason=finish_reason)],
         )
 
+    def usage(self, cid: str, created: int, version: str, usage: Usage) -> BaseModel:
+        return CompletionChunk(
+            id=cid, created=created, model=self.model, policy_version=version, choices=[], usage=usage
+        )
+
 
 @dataclass
 class ChatChunks:
@@ -129,6 +137,11 @@ class ChatChunks:
         self, cid: str, created: int, version: str, index: int, text: str, finish_reason: str | None
     ) -> BaseModel:
         return self._chunk(cid, created, version, index, ChatDelta(content=text or None), finish_reason)
+
+    def usage(self, cid: str, created: int, version: str, usage: Usage) -> BaseModel:
+        return ChatCompletionChunk(
+            id=cid, created=created, model=self.model, policy_version=version, choices=[], usage=usage
+        )
 
 
 ChunkFormat = CompletionChunks | ChatChunks
@@ -241,6 +254,14 @@ class StreamServing:
                     due = progress[i].advance(item)
                     if due is not None:
                         yield sse(chunks.piece(cid, created, version, jobs[i].index, *due))
+            if request.include_usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+                generated = sum(p.tokens for p in progress)
+                usage = Usage(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=generated,
+                    total_tokens=prompt_tokens + generated,
+                )
+                yield sse(chunks.usage(cid, created, version, usage))
             yield SSE_DONE
             completed = True
         except (asyncio.CancelledError, GeneratorExit):

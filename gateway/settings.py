@@ -85,6 +85,15 @@ class Settings(BaseSettings):
         default=SERVED_MODEL_NAME, min_length=1, description="The `model` clients name."
     )
 
+    store_default: bool = Field(
+        default=True,
+        description="Data governance: whether a completion that does not set OpenAI's `store` is kept "
+        "(feedback can refer to it) and logged for the learner. True: instructloop learns from the "
+        "traffic it serves unless a caller sends store=false. False (OpenAI's default): only calls that "
+        "send store=true, and the labeling page's own completions, become training data "
+        "(README: Data governance).",
+    )
+
     # ---- redis, registry --------------------------------------------------------------------------
     redis_url: str | None = Field(default=None, description="Unset = no Redis: feedback answers 503.")
     stream_prefix: str = DEFAULT_PREFIX

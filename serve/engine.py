@@ -18,12 +18,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from itertools import count
 from typing import TYPE_CHECKING
@@ -152,6 +153,7 @@ class Engine:
         self._policies: dict[str, PolicyModel] = {policy.version: policy}
         self._batches: dict[str, Batch] = {}
         self._waiting: deque[RequestHandle] = deque()
+        self._calls: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -236,6 +238,25 @@ class Engine:
         self.wake()
         return handle
 
+    def call_on_model_thread(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn`` on the model thread between two steps (in inference mode), for a forward that must not
+        overlap the engine's: an adapter version selects its slot on the module the base shares. Thread-safe;
+        ``asyncio.wrap_future`` the result to await it."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.append((fn, future))
+        self.wake()
+        return future
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # the caller gets it; the loop goes on
+                future.set_exception(exc)
+
     def prepare(self, policy: PolicyModel) -> None:
         """Attach an adapter version to the base at the next step (a prefetched candidate: its promotion then
         is a switch, with nothing left to attach). Keep it in ``loaded`` or it is detached again."""
@@ -268,6 +289,7 @@ class Engine:
         return bool(self._waiting)
 
     def _step(self) -> None:
+        self._run_calls()
         while self._to_attach:
             policy = self._to_attach.popleft()
             try:
@@ -428,6 +450,10 @@ class Engine:
                 torch.cuda.empty_cache()
 
     def _fail_all(self, error: BaseException) -> None:
+        while self._calls:
+            _, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
         for batch in self._batches.values():
             for seq in batch.sequences:
                 seq.sink.deliver(error)

@@ -69,6 +69,10 @@ class Generation:
     """The request's ``top_n_tokens`` most likely tokens at this step, most likely first."""
 
 
+PROMPT_LOGPROBS_ROWS = 256
+"""Prompt positions whose float32 log-softmax ``prompt_logprobs`` holds at once (a vocabulary each)."""
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,6 +150,26 @@ class PolicyModel:
         return [
             TopToken(i, text, v, i in self.special_ids) for (i, v), text in zip(pairs, texts, strict=True)
         ]
+
+    def prompt_logprobs(
+        self, prompt_ids: list[int], top_n: int = 0
+    ) -> tuple[list[float | None], list[list[TopToken]]]:
+        """Each prompt token's logprob under this version given the tokens before it (the first: None, nothing
+        precedes it), from the raw distribution (no sampling parameters), and per position the ``top_n`` most
+        likely tokens (the first: none). TGI's ``decoder_input_details``. Model thread only
+        (``Engine.call_on_model_thread``): an adapter version selects its slot on the shared base."""
+        model = self.model if self.shared is None else self.shared.module_for(self.adapter)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]  # (T-1, V), the model's dtype
+        targets = ids[0, 1:]  # (T-1,)
+        chosen: list[float] = []
+        top: list[list[TopToken]] = []
+        for start in range(0, logits.shape[0], PROMPT_LOGPROBS_ROWS):  # float32 a block at a time
+            rows = slice(start, start + PROMPT_LOGPROBS_ROWS)
+            logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # (rows, V)
+            chosen += logprobs.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1).tolist()  # CPU/GPU sync
+            top += [self.top_tokens(row, top_n) if top_n else [] for row in logprobs]
+        return [None, *chosen], [[], *top]
 
     def generate_token(self, batch: Batch) -> tuple[list[Generation], Batch | None]:
         """One forward for the whole batch, one token per sequence; finished sequences leave the batch."""

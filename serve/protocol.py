@@ -129,15 +129,26 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    inputs: str
+    inputs: str | list[int] = Field(
+        description="The prompt text, or (our extension) its token ids, generated from exactly as given"
+    )
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False
 
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _text_or_ids(cls, value: Any) -> Any:
+        if not isinstance(value, (str, list)):
+            raise ValueError("must be a string or a list of token ids")
+        return value
+
     @field_validator("inputs")
     @classmethod
-    def _inputs(cls, value: str) -> str:
+    def _inputs(cls, value: str | list[int]) -> str | list[int]:
         if not value:
             raise ValueError("cannot be empty")
+        if isinstance(value, list) and min(value) < 0:
+            raise ValueError("token ids must be >= 0")
         return value
 
 
@@ -148,8 +159,8 @@ class FinishReason(str, Enum):
 
 
 class PrefillToken(BaseModel):
-    """One input token serve generated from (``decoder_input_details``). Prefill logprobs are not computed
-    here: ``logprob`` is always null (TGI leaves it null for the first token)."""
+    """One input token serve generated from (``decoder_input_details``), with its logprob given the tokens
+    before it under the version that answered (null for the first token, as TGI)."""
 
     id: int
     text: str
@@ -171,6 +182,9 @@ class Details(BaseModel):
     tokens: list[Token] = Field(default_factory=list)
     top_tokens: list[list[Token]] = Field(default_factory=list)
     """Per generated token, the request's ``top_n_tokens`` most likely tokens (empty when it asked none)."""
+    prefill_top_tokens: list[list[Token]] = Field(default_factory=list, exclude_if=lambda value: not value)
+    """Our extension: with ``decoder_input_details`` and ``top_n_tokens``, per prompt token the most likely
+    tokens at its position (empty for the first); left out otherwise."""
 
 
 class GenerateResponse(BaseModel):

@@ -116,9 +116,17 @@ class GenerateServing:
             raise validation_error("top_n_tokens", f"must be <= {settings.max_top_n_tokens}")
         if params.truncate is not None and params.truncate > settings.max_input_tokens:
             raise validation_error("truncate", f"must be <= max_input_tokens = {settings.max_input_tokens}")
-        prompt_ids = encode_prompt(
-            self.tokenizer, request.inputs
-        )  # the prompt contract, shared with the learner
+        if isinstance(request.inputs, list):  # token ids (our extension): generated from exactly these
+            prompt_ids = list(request.inputs)
+            vocabulary = len(self.tokenizer)
+            if max(prompt_ids) >= vocabulary:
+                raise validation_error(
+                    "inputs", f"token id {max(prompt_ids)} is not in the vocabulary (0..{vocabulary - 1})"
+                )
+        else:
+            prompt_ids = encode_prompt(
+                self.tokenizer, request.inputs
+            )  # the prompt contract, shared with the learner
         if params.truncate is not None:
             prompt_ids = prompt_ids[-params.truncate :]
         if not prompt_ids:
@@ -150,11 +158,20 @@ class GenerateServing:
         )
         return engine_request, prompt_ids
 
+    def inputs_text(self, request: GenerateRequest) -> str:
+        """The prompt as text (token-id inputs decoded): what ``return_full_text`` prepends."""
+        if isinstance(request.inputs, list):
+            return self.tokenizer.decode(request.inputs, skip_special_tokens=False)
+        return request.inputs
+
     async def submit(self, request: GenerateRequest) -> tuple[RequestHandle, list[int]]:
         self.metrics.request_count.inc()
         try:
             engine_request, prompt_ids = self.to_engine_request(request)
             engine_request.policy = await self._policy(request.parameters.adapter_id)
+            if request.parameters.decoder_input_details and engine_request.policy is None:
+                # pinned, so that the prompt logprobs come from the version that answers
+                engine_request.policy = self.engine.active_policy
             return self.engine.submit(engine_request), prompt_ids
         except TGIError:
             self.metrics.request_failure.labels(err="validation").inc()
@@ -183,32 +200,62 @@ class GenerateServing:
         """Raises ``ClientGone`` (the request cancelled) when the client disconnects before the answer."""
         started = time.monotonic()
         handle, prompt_ids = await self.submit(request)
+        params = request.parameters
         generations: list[Generation] = []
+        prefill: tuple[list[PrefillToken], list[list[Token]]] = ([], [])
         try:
             await until_disconnected(raw_request, self._collect(handle, generations))
+            if params.details and params.decoder_input_details:
+                prefill = await until_disconnected(
+                    raw_request, self._prefill(handle.requested, prompt_ids, params.top_n_tokens or 0)
+                )
         except GenerationFailed as exc:
             raise TGIError(424, ErrorType.generation, str(exc)) from exc
         finally:
             handle.cancel()  # no-op when finished
         last = generations[-1]
         self._observe_success(started)
-        params = request.parameters
         text = last.generated_text or ""
         if params.return_full_text:
-            text = request.inputs + text
+            text = self.inputs_text(request) + text
         details = None
         if params.details:
             details = Details(
                 finish_reason=FinishReason(last.finish_reason.value),
                 generated_tokens=last.generated_tokens,
                 seed=last.seed,
-                prefill=[PrefillToken(id=i, text=self.tokenizer.decode([i])) for i in prompt_ids]
-                if params.decoder_input_details
-                else [],
+                prefill=prefill[0],
                 tokens=[_token(g) for g in generations],
                 top_tokens=[_top_tokens(g) for g in generations] if params.top_n_tokens else [],
+                prefill_top_tokens=prefill[1],
             )
         return GenerateResponse(generated_text=text, details=details, policy_version=last.policy_version)
+
+    async def _prefill(
+        self, policy: PolicyModel, prompt_ids: list[int], top_n: int
+    ) -> tuple[list[PrefillToken], list[list[Token]]]:
+        """The prompt tokens with their logprobs under ``policy`` (the version that answered: ``submit`` pins
+        it), and their ``top_n`` alternatives; one extra forward of the prompt on the model thread."""
+        try:
+            logprobs, top = await asyncio.wrap_future(
+                self.engine.call_on_model_thread(lambda: policy.prompt_logprobs(prompt_ids, top_n))
+            )
+        except Exception as exc:
+            log.exception("prompt logprobs failed", extra={"policy_version": policy.version})
+            raise GenerationFailed(f"prompt logprobs failed: {exc}") from exc
+        texts = self.tokenizer.batch_decode(
+            [[i] for i in prompt_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        tokens = [
+            PrefillToken(id=i, text=text, logprob=lp)
+            for i, text, lp in zip(prompt_ids, texts, logprobs, strict=True)
+        ]
+        alternatives = (
+            [[Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in row] for row in top]
+            if top_n
+            else []
+        )
+        return tokens, alternatives
 
     async def _collect(self, handle: RequestHandle, generations: list[Generation]) -> None:
         async for generation in handle.events():
@@ -255,7 +302,9 @@ class GenerateServing:
                 )
                 if generation.finish_reason is not None:
                     text = generation.generated_text or ""
-                    event.generated_text = request.inputs + text if params.return_full_text else text
+                    event.generated_text = (
+                        self.inputs_text(request) + text if params.return_full_text else text
+                    )
                     if params.details:
                         event.details = StreamDetails(
                             finish_reason=FinishReason(generation.finish_reason.value),

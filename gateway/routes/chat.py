@@ -3,7 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from gateway.deps import AnyCaller, Chat
-from gateway.protocol import ChatCompletionRequest, ChatCompletionResponse
+from gateway.protocol import ChatCompletionResponse
+from gateway.protocol_chat import ChatCompletionRequest
 from gateway.routes import ERRORS, render
 
 router = APIRouter(tags=["chat"])

@@ -3,7 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from gateway.deps import AnyCaller, Completions
-from gateway.protocol import CompletionRequest, CompletionResponse
+from gateway.protocol import CompletionResponse
+from gateway.protocol_completions import CompletionRequest
 from gateway.routes import ERRORS, render
 
 router = APIRouter(tags=["completions"])

@@ -117,10 +117,10 @@ def test_logprobs_errors_are_openai_errors(start_gateway, varied_serve):
             json={"model": MODEL_NAME, "top_logprobs": 2, "messages": [{"role": "user", "content": "Hi"}]},
         )
         assert (
-            no_flag.status_code == 422 and "top_logprobs needs logprobs" in no_flag.json()["error"]["message"]
+            no_flag.status_code == 400 and "top_logprobs needs logprobs" in no_flag.json()["error"]["message"]
         )
         too_many = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "logprobs": 6})
-        assert too_many.status_code == 422 and too_many.json()["error"]["param"] == "logprobs"
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "logprobs"
         streamed = http.post(
             "/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "logprobs": 0, "stream": True}
         )

@@ -136,3 +136,27 @@ def test_every_route_answers_the_client_schema(tiny_server, route):
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True}, "stream": route == "/"}
     response = httpx.post(f"{tiny_server.url}{route}", json=body)
     assert response.status_code == 200 and response.headers["x-policy-version"] == "base"
+
+
+def test_token_id_inputs_and_prompt_logprobs(tiny_server, tokenizer):
+    """Our extensions of TGI's /generate: ``inputs`` as token ids (generated from exactly those), and
+    ``decoder_input_details`` with the prompt tokens' logprobs (the first null) and, with ``top_n_tokens``,
+    ``prefill_top_tokens``."""
+    ids = tokenizer(PROMPT)["input_ids"]
+    parameters = {"max_new_tokens": 4, "details": True, "decoder_input_details": True, "top_n_tokens": 2}
+    by_text = httpx.post(f"{tiny_server.url}/generate", json={"inputs": PROMPT, "parameters": parameters})
+    by_ids = httpx.post(f"{tiny_server.url}/generate", json={"inputs": ids, "parameters": parameters})
+    assert by_text.status_code == by_ids.status_code == 200, by_ids.text
+    text_details, ids_details = by_text.json()["details"], by_ids.json()["details"]
+    assert by_ids.json()["generated_text"] == by_text.json()["generated_text"]
+    assert ids_details["prefill"] == text_details["prefill"]
+    prefill = ids_details["prefill"]
+    assert [t["id"] for t in prefill] == ids and prefill[0]["logprob"] is None
+    assert all(t["logprob"] is not None and t["logprob"] <= 0.0 for t in prefill[1:])
+    top = ids_details["prefill_top_tokens"]
+    assert len(top) == len(ids) and top[0] == [] and all(len(row) == 2 for row in top[1:])
+    assert all(row[0]["logprob"] >= t["logprob"] - 1e-6 for row, t in zip(top[1:], prefill[1:], strict=True))
+    plain = httpx.post(f"{tiny_server.url}/generate", json={"inputs": ids, "parameters": {"details": True}})
+    assert "prefill_top_tokens" not in plain.json()["details"] and plain.json()["details"]["prefill"] == []
+    too_big = httpx.post(f"{tiny_server.url}/generate", json={"inputs": [1, len(tokenizer)]})
+    assert too_big.status_code == 422 and "`inputs`" in too_big.json()["error"]
