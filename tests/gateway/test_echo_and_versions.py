@@ -62,7 +62,9 @@ def versioned_serve(varied_model, registry, tmp_path_factory):
 
 @pytest.fixture
 def gateway(start_gateway, versioned_serve, registry, redis_server):
-    gateway = start_gateway([versioned_serve.url], redis_server.url, registry_dir=registry.root)
+    gateway = start_gateway(
+        [versioned_serve.url], redis_server.url_for("gateway"), registry_dir=registry.root
+    )
     deadline = 60
     while httpx.get(f"{versioned_serve.url}/health").headers.get(POLICY_VERSION_HEADER) != "v0002":
         deadline -= 1  # serve swaps to the registry's current version at start

@@ -219,7 +219,7 @@ def test_content_parts_are_joined_text(gateway, redis_server, tokenizer):
 
 
 def test_too_long_prompt_is_context_length_exceeded(start_gateway, serve, redis_server):
-    gateway = start_gateway([serve.url], redis_server.url, max_prompt_tokens=8)
+    gateway = start_gateway([serve.url], redis_server.url_for("gateway"), max_prompt_tokens=8)
     client = gateway.openai("alice")
     long = "one two three four five six seven eight nine ten eleven"
     refused(
@@ -324,7 +324,7 @@ def test_token_id_prompts_generate_from_exactly_those_ids(gateway, redis_server,
 
 
 def test_store_default_is_a_gateway_setting(start_gateway, serve, redis_server):
-    gateway = start_gateway([serve.url], redis_server.url, store_default=False)
+    gateway = start_gateway([serve.url], redis_server.url_for("gateway"), store_default=False)
     client = gateway.openai("alice")
     unset = client.completions.create(model=MODEL_NAME, prompt="Not kept", max_tokens=2)
     kept = client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=2, store=True)
