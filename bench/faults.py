@@ -255,7 +255,8 @@ class FaultStack:
         return time.monotonic()
 
     def wait_restarted(self, name: str, restarts: int, timeout: float = 120.0) -> float:
-        """Wait until ``name`` has been restarted ``restarts`` times in all and is healthy; returns the time."""
+        """Wait until ``name`` has been restarted ``restarts`` times in all and is healthy; returns the
+        time."""
         component = self.supervisor.component(name)
         deadline = time.monotonic() + timeout
         while not (component.restarts >= restarts and component.healthy and component.restart_at is None):
@@ -412,7 +413,7 @@ class Load:
             time.sleep(0.2)
 
 
-# ---- accounting ---------------------------------------------------------------------------------------------
+# ---- accounting --------------------------------------------------------------------------------------------
 
 
 def wait_ingested(stack: FaultStack, load: Load, timeout: float = 90.0) -> dict[str, int]:
@@ -483,7 +484,8 @@ def scenario_gateway_kill(stack: FaultStack, seconds: float = 10.0) -> dict:
 
 
 def scenario_learner_kill(stack: FaultStack, kills: int = 10, seconds: float = 4.0, seed: int = 0) -> dict:
-    """Kill the learner ``kills`` times, each at a random point 0.2–``seconds`` s after it is healthy again."""
+    """Kill the learner ``kills`` times, each at a random point 0.2–``seconds`` s after it is healthy
+    again."""
     rng = random.Random(seed)
     restarts = stack.supervisor.component("learner").restarts
     load = Load(stack.gateway_url, stack.user_keys).start()

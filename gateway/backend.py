@@ -202,7 +202,8 @@ class PolicyAwareClient(AsyncClient):
                 )
 
     async def context_limits(self, timeout_s: float = 2.0) -> ContextLimits | None:
-        """``max_input_tokens`` and ``max_total_tokens`` from TGI's ``GET /info``; None when it does not say."""
+        """``max_input_tokens`` and ``max_total_tokens`` from TGI's ``GET /info``; None when it does not
+        say."""
         try:
             async with self.session().get(
                 f"{self.base_url}/info", timeout=aiohttp.ClientTimeout(total=timeout_s)

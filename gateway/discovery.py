@@ -72,7 +72,8 @@ class DnsDiscovery:
 
     async def refresh(self, backend: Backend) -> None:
         """Resolve once and make the result ``backend``'s replicas; on a failed lookup keep the ones it has
-        (counted in ``gateway_backend_discovery_errors_total``, logged). Joiners are health-checked at once."""
+        (counted in ``gateway_backend_discovery_errors_total``, logged). Joiners are health-checked at
+        once."""
         try:
             urls = await self.resolve()
         except DiscoveryError as exc:

@@ -242,7 +242,8 @@ class FeedbackAccepted(BaseModel):
 
 
 class DemonstrationRequest(BaseModel):
-    """A labeler's answer. ``prompt`` is raw model input, as on ``/v1/completions`` (the response continues it);
+    """A labeler's answer. ``prompt`` is raw model input, as on ``/v1/completions`` (the response continues
+    it);
     ``messages`` is a chat, as on ``/v1/chat/completions`` (the gateway renders it with the chat template, and
     the response is the assistant's turn). Exactly one of the two."""
 

@@ -256,8 +256,8 @@ class CompletionRequest(OpenAIRequest):
     def to_generate_params(self, choice_index: int = 0) -> dict[str, Any]:
         """Keyword arguments for ``text_generation.AsyncClient.generate`` for choice ``choice_index``.
 
-        temperature 0 (or below ``GREEDY_TEMPERATURE``, where dividing the logits by it would overflow) is greedy
-        (TGI refuses temperature 0); top_p 1 means no nucleus filtering (TGI
+        temperature 0 (or below ``GREEDY_TEMPERATURE``, where dividing the logits by it would overflow) is
+        greedy (TGI refuses temperature 0); top_p 1 means no nucleus filtering (TGI
         refuses top_p 1); a seed gives choice i the seed ``seed + i`` so the n choices differ but are
         reproducible. max_tokens 0 (echo only) asks for one token, which the answer leaves out. echo with
         logprobs asks for the prompt tokens' logprobs (TGI's ``decoder_input_details``).

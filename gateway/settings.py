@@ -160,7 +160,9 @@ class Settings(BaseSettings):
         default=LEARNING_TEMPERATURE,
         ge=0,
         le=2,
-        description="Sampling temperature of labeling completions (default: the learner's rollouts' and gate's).",
+        description=(
+            "Sampling temperature of labeling completions (default: the learner's rollouts' and gate's)."
+        ),
     )
 
     # ---- logs -------------------------------------------------------------------------------------
@@ -239,8 +241,9 @@ class Settings(BaseSettings):
         if not self.dev_mode:
             if self.dev_api_key is not None:
                 raise ValueError(
-                    f"{ENV_PREFIX}DEV_API_KEY is only accepted with {ENV_PREFIX}DEV_MODE=true; for a real deployment "
-                    "unset it and create keys with `instructloop gateway keys create --role admin --name NAME`"
+                    f"{ENV_PREFIX}DEV_API_KEY is only accepted with {ENV_PREFIX}DEV_MODE=true; "
+                    "for a real deployment unset it and create keys with "
+                    "`instructloop gateway keys create --role admin --name NAME`"
                 )
             if self.keys_file is None:
                 raise ValueError(

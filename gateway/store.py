@@ -63,7 +63,8 @@ class StorePermissionDenied(Exception):
     @property
     def message(self) -> str:
         return (
-            f"Redis refused {self.command} to the gateway's Redis user {self.user!r} (NOPERM: {self.detail}); "
+            f"Redis refused {self.command} to the gateway's Redis user {self.user!r} "
+            f"(NOPERM: {self.detail}); "
             "the user's ACL rules lack it, a deployment defect: see launcher/credentials.py acl_rules"
         )
 
@@ -141,7 +142,8 @@ class StoredCompletion:
 
 # KEYS[1] stream, KEYS[2] idempotency key ("" = none), KEYS[3] one-per-subject key ("" = none);
 # ARGV[1] event JSON, ARGV[2] event id, ARGV[3] request fingerprint, ARGV[4] idempotency TTL s,
-# ARGV[5] subject TTL s. Returns {1 written | 0 idempotent replay | 2 subject already rated, event id, fingerprint}.
+# ARGV[5] subject TTL s. Returns {1 written | 0 idempotent replay | 2 subject already rated, event id,
+# fingerprint}.
 _APPEND_ONCE = """
 if KEYS[2] ~= '' then
   local previous = redis.call('GET', KEYS[2])

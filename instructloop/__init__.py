@@ -1,4 +1,5 @@
-"""instructloop's contracts: what more than one room (serve, gateway, learner, labeler, launcher) must agree on.
+"""instructloop's contracts: what more than one room (serve, gateway, learner, labeler, launcher) must
+agree on.
 
 - ``events``: the self-contained JSON events of the five streams, and rankings → pairs.
 - ``streams``: stream names and how an event is written to / read from a Redis stream entry.

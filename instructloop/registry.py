@@ -2,7 +2,8 @@
 
 Layout (same on a local disk or a Kubernetes PVC)::
 
-    <root>/policies/<version>/      a full-weight version: model *.safetensors, config.json, tokenizer, manifest.json
+    <root>/policies/<version>/      a full-weight version: model *.safetensors, config.json, tokenizer,
+                                    manifest.json
                                     or an adapter version: adapter_config.json, adapter_model.safetensors
                                     (a standard PEFT LoRA folder), manifest.json
     <root>/CURRENT                  the current version (written atomically, fsynced)
@@ -246,8 +247,8 @@ class Registry:
         self, version: str, peft_model: Any, *, base_sha256: str, adapter_name: str = "default", **kwargs: Any
     ) -> Manifest:
         """``write_version`` for one adapter of a ``peft.PeftModel``: a standard PEFT folder
-        (``adapter_config.json`` + ``adapter_model.safetensors``, what ``PeftModel.from_pretrained`` and vLLM's
-        runtime LoRA loading read) plus the manifest naming the base and its sha256."""
+        (``adapter_config.json`` + ``adapter_model.safetensors``, what ``PeftModel.from_pretrained`` and
+        vLLM's runtime LoRA loading read) plus the manifest naming the base and its sha256."""
 
         def save(folder: Path) -> None:
             # save_embedding_layers=False: with lm_head (or embed_tokens) among the targets peft's default
@@ -321,7 +322,8 @@ class Registry:
 
     # ---- validation -----------------------------------------------------------------------------
     def verify(self, version: str) -> Manifest:
-        """Check every file against the manifest's sha256. Returns the manifest or raises InvalidCheckpoint."""
+        """Check every file against the manifest's sha256. Returns the manifest or raises
+        InvalidCheckpoint."""
         manifest = self.manifest(version)
         folder = self.version_dir(version)
         if combined_sha256(manifest.files) != manifest.sha256:
@@ -361,7 +363,8 @@ class Registry:
                     raise InvalidCheckpoint(f"policy version {version}: unexpected tensor {key}")
                 if tuple(tensor.shape) != tuple(expected_shapes[key]):
                     raise InvalidCheckpoint(
-                        f"policy version {version}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected_shapes[key])}"
+                        f"policy version {version}: {key} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(expected_shapes[key])}"
                     )
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise InvalidCheckpoint(f"policy version {version}: {key} has non-finite values")
@@ -372,7 +375,8 @@ class Registry:
     ) -> AdapterWeights:
         """A verified adapter version: sha256 of every file, the base it was trained on is the one the caller
         holds (``base_sha256``), plain LoRA on linear layers of the base (``base_shapes`` = the base's state
-        dict shapes), A (r, in) and B (out, r) fitting those layers, finite values. Raises InvalidCheckpoint."""
+        dict shapes), A (r, in) and B (out, r) fitting those layers, finite values. Raises
+        InvalidCheckpoint."""
         import torch
         from safetensors.torch import load_file
 

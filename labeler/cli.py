@@ -43,7 +43,8 @@ def _connection(
             stack = StackFile.read(run_dir)
         except FileNotFoundError:
             raise typer.BadParameter(
-                f"{StackFile.path(run_dir)} not found: start the stack with `instructloop up --run-dir {run_dir}`"
+                f"{StackFile.path(run_dir)} not found: "
+                f"start the stack with `instructloop up --run-dir {run_dir}`"
             ) from None
         gateway_url = gateway_url or stack.gateway_url
         if api_key is None:

@@ -1,8 +1,9 @@
 """A scripted labeler: an HTTP client of the gateway API that ranks completions with a preference function.
 
 ``instructloop labeler simulate`` asks the gateway for K completions per prompt (``/v1/completions`` with
-``n=K``, or ``/v1/chat/completions`` with the prompt as one user message when ``chat``), ranks them with a *preference function* (``text -> float``, higher is better; best first, equal
-scores tied in one group) and posts the ranking to ``/v1/feedback`` with a labeler key, round after round.
+``n=K``, or ``/v1/chat/completions`` with the prompt as one user message when ``chat``), ranks them
+with a *preference function* (``text -> float``, higher is better; best first, equal scores tied in one
+group) and posts the ranking to ``/v1/feedback`` with a labeler key, round after round.
 It stands in for human labelers in tests, benchmarks and demos. It talks HTTP only and imports nothing of
 the learner, so what it proves about the loop is what a real client would see.
 
@@ -293,8 +294,10 @@ def simulate(
             if progress:
                 means = ", ".join(f"{v}: {summary.mean_score(v):.3g}" for v in summary.versions)
                 progress(
-                    f"round {summary.rounds}/{rounds}: {summary.rankings_posted - posted_before} rankings posted "
-                    f"({summary.rankings_posted} total, {summary.all_tied} all-tied skipped, {summary.errors} errors, "
+                    f"round {summary.rounds}/{rounds}: "
+                    f"{summary.rankings_posted - posted_before} rankings posted "
+                    f"({summary.rankings_posted} total, {summary.all_tied} all-tied skipped, "
+                    f"{summary.errors} errors, "
                     f"{summary.seconds:.1f}s); mean score by version: {means}"
                 )
             if stop_on_new_version and len(summary.versions) > 1:

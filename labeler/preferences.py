@@ -94,7 +94,10 @@ BUILTIN_PREFERENCES: dict[str, str] = {
     "with:WORD": "answers containing WORD are better",
     "start:WORD": "answers whose first word is WORD are better",
 }
-_ACCEPTED = "use shorter, without:WORD, with:WORD, start:WORD, or module:function (an importable function text -> float)"
+_ACCEPTED = (
+    "use shorter, without:WORD, with:WORD, start:WORD, or module:function "
+    "(an importable function text -> float)"
+)
 
 
 def load_preference(spec: str) -> PreferenceFunction:

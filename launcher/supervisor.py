@@ -228,7 +228,8 @@ class Component:
         return None if self.proc is None else self.proc.poll()
 
     def check_health(self) -> bool:
-        """Raise ``ComponentFailed`` if the process exited; else run the health check (once healthy, stays)."""
+        """Raise ``ComponentFailed`` if the process exited; else run the health check (once healthy,
+        stays)."""
         code = self.exit_code()
         if code is not None:
             raise ComponentFailed(

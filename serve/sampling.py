@@ -53,10 +53,12 @@ class NextTokenChooser:
         self.generator.manual_seed(self.seed)
 
     def process(self, logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Logits after penalty and warpers. ``logits``: (V,) float32; ``token_ids``: (L,) prompt + generated."""
+        """Logits after penalty and warpers. ``logits``: (V,) float32; ``token_ids``: (L,) prompt +
+        generated."""
         params = self.params
         if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
-            # Same rule as HF RepetitionPenaltyLogitsProcessor: divide positive logits, multiply negative ones.
+            # Same rule as HF RepetitionPenaltyLogitsProcessor: divide positive logits, multiply negative
+            # ones.
             seen = torch.gather(logits, 0, token_ids)  # (L,)
             seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
             logits = logits.scatter(0, token_ids, seen)

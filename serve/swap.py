@@ -14,8 +14,9 @@ source of truth): it reads the file when Redis pub/sub on ``<prefix>:policy:chan
 polls it every ``poll_interval_s`` in case a message is missed or Redis is down. An unexpected error in
 one check (an unreadable manifest, a full disk) is logged and counted
 (``instructloop_serve_policy_watcher_errors_total``) and the thread goes on; ``alive()`` is False if the
-thread has ended anyway, and serve's ``/health`` then fails so the replica is restarted. A version that failed to load is not retried
-until ``retry_after_s`` has passed (doubling each time), and every failure is counted and logged.
+thread has ended anyway, and serve's ``/health`` then fails so the replica is restarted. A version that
+failed to load is not retried until ``retry_after_s`` has passed (doubling each time), and every failure
+is counted and logged.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 def _alias_groups(model: torch.nn.Module) -> list[set[str]]:
-    """Names in the state dict that share storage (tied weights, e.g. lm_head.weight = embed_tokens.weight)."""
+    """Names in the state dict that share storage (tied weights, e.g. lm_head.weight =
+    embed_tokens.weight)."""
     groups: dict[tuple[int, tuple[int, ...]], set[str]] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
         groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), set()).add(name)
@@ -215,7 +217,8 @@ class PolicyWatcher:
 
     # ---- one check -----------------------------------------------------------------------------
     def check(self) -> str | None:
-        """Read the current pointer once and swap if it names a new version. Returns the version swapped to."""
+        """Read the current pointer once and swap if it names a new version. Returns the version swapped
+        to."""
         try:
             target = self.registry.current()
         except Exception as exc:

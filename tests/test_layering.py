@@ -54,7 +54,8 @@ def test_a_room_imports_only_what_the_architecture_allows(room):
     for path in _modules(room):
         forbidden = _imported_rooms(path) - MAY_IMPORT[room] - {room}
         assert not forbidden, (
-            f"{path.relative_to(ROOT)} imports {sorted(forbidden)}; {room} may import {sorted(MAY_IMPORT[room])}"
+            f"{path.relative_to(ROOT)} imports {sorted(forbidden)}; "
+            f"{room} may import {sorted(MAY_IMPORT[room])}"
         )
 
 

@@ -36,7 +36,8 @@ def volume_buckets(comparisons: list[float], demonstrations: list[float], now: f
 
 
 def orient(a: str, b: str) -> tuple[str, str]:
-    """(version, against) for a pair: the base model is always ``against``, else the later name is ``version``."""
+    """(version, against) for a pair: the base model is always ``against``, else the later name is
+    ``version``."""
     if a == BASE_VERSION or (b != BASE_VERSION and b > a):
         return b, a
     return a, b

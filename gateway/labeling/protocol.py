@@ -112,7 +112,9 @@ class LabelingConfig(BaseModel):
         default=None,
         min_length=2,
         max_length=2,
-        description="the two versions compare mode shows; null = the current version and the newest candidate",
+        description=(
+            "the two versions compare mode shows; null = the current version and the newest candidate"
+        ),
     )
 
 

@@ -3,9 +3,10 @@
 A task is made on demand: a prompt this labeler has not seen in this mode (from the uploaded prompt set
 or, unless an admin turned it off, from live traffic), answered by the policy through the gateway's
 backend with the one-version rule of ``/v1/completions`` (K choices from one policy version; in compare
-mode one choice from each of two versions, named with TGI's ``adapter_id``). The completions are stored like any served completion, so
-an answer is posted through ``FeedbackServing`` / ``DemonstrationServing``: the same validation,
-idempotency and durability as ``/v1/feedback`` and ``/v1/demonstrations``.
+mode one choice from each of two versions, named with TGI's ``adapter_id``). The completions are stored
+like any served completion, so an answer is posted through ``FeedbackServing`` /
+``DemonstrationServing``: the same validation, idempotency and durability as ``/v1/feedback`` and
+``/v1/demonstrations``.
 
 Ranking tasks are now and then (``label_overlap_rate``) offered to a second labeler with the same
 responses in a new random order; when the second ranking arrives both labelers' agreement counters move.
@@ -215,7 +216,8 @@ class LabelingServing:
     async def _choices(self, prompt: str, params: list[dict[str, Any]]) -> list[Generation] | APIError:
         """One generation per ``params``, all from one policy version, by the rule of ``/v1/completions``:
         the version of the choice that finished last; the others are regenerated on the replicas that
-        reported it, at most ``version_retry_rounds`` times (a named version, ``adapter_id``, is one anyway)."""
+        reported it, at most ``version_retry_rounds`` times (a named version, ``adapter_id``, is one
+        anyway)."""
         results: list[Generation | None] = [None] * len(params)
         pending, prefer = list(range(len(params))), None
         for _ in range(self.settings.version_retry_rounds + 1):
@@ -369,7 +371,8 @@ class LabelingServing:
         self, task_id: str, mode: Mode, principal: Principal, idempotency_key: str | None
     ) -> dict[str, Any] | APIError:
         """The labeler's open task. An answered one only under the Idempotency-Key of its answer, so a retry
-        reaches the feedback path (which returns the first event) and a second, different answer is refused."""
+        reaches the feedback path (which returns the first event) and a second, different answer is
+        refused."""
         task = await self.store.task(task_id)
         if task is None or task["labeler"] != principal.key_id:
             return APIError(

@@ -4,8 +4,8 @@
 |---|---|---|
 | ``config`` | string (JSON) | the admin's run-time settings (``LabelingConfig``) |
 | ``prompts`` / ``prompt-hashes`` | list / set | the uploaded prompt set, deduplicated by sha256 |
-| ``seen:<mode>:<labeler>`` | set | sha256 of every prompt shown to that labeler in that mode (never shown twice) |
-| ``task:<id>`` | string (JSON, TTL = completion TTL) | a task: mode, labeler, prompt, slot → (completion, choice) |
+| ``seen:<mode>:<labeler>`` | set | sha256 of every prompt that labeler saw in that mode (never shown twice) |
+| ``task:<id>`` | string (JSON, TTL = completion TTL) | mode, labeler, prompt, slot → (completion, choice) |
 | ``overlap`` | list | ranking tasks waiting for a second labeler (agreement) |
 | ``answer:<completion id>`` | hash | labeler → ranking (choice indices) of a ranked completion (TTL) |
 | ``labeler:<key id>`` | hash | per-labeler counters (rankings, comparisons, ..., agree/pairs) |
@@ -215,7 +215,8 @@ class LabelingStore:
         await self._call("counts", work())
 
     async def labeler(self, labeler: str) -> dict[str, str]:
-        """One labeler's counters (rankings, comparisons, demonstrations, ...; empty when they never labeled)."""
+        """One labeler's counters (rankings, comparisons, demonstrations, ...; empty when they never
+        labeled)."""
         raw = await self._call("counts", self._redis().hgetall(self._key("labeler", labeler)))
         return {
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)

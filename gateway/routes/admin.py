@@ -32,8 +32,8 @@ async def promote(
 async def pin(
     version: str, admin: Admin, serving: PolicyAdmin, body: Annotated[PolicyAction | None, Body()] = None
 ):
-    """Make ``version`` current and mark it ``pinned``: while it is current, candidates that pass the learner's
-    gate are held back (published as ``held_back``), not promoted over it."""
+    """Make ``version`` current and mark it ``pinned``: while it is current, candidates that pass the
+    learner's gate are held back (published as ``held_back``), not promoted over it."""
     return render(
         await serving.set_current(version, PolicyStatus.pinned, admin, body.reason if body else None)
     )

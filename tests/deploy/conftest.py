@@ -57,7 +57,8 @@ def kustomize_build(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def rendered() -> dict[str, list[dict]]:
-    """Every overlay (and the base) rendered once per session: {"base": [...], "local": [...], "gpu": [...]}."""
+    """Every overlay (and the base) rendered once per session: {"base": [...], "local": [...], "gpu":
+    [...]}."""
     out = {"base": kustomize_build(K8S / "base")}
     for overlay in OVERLAYS:
         out[overlay] = kustomize_build(K8S / "overlays" / overlay)

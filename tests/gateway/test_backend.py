@@ -83,8 +83,8 @@ def test_client_gone_mid_stream_is_counted(gateway):
 
 
 class _ClosesReusedConnections:
-    """A TGI-protocol server that, like uvicorn closing an idle keep-alive connection at the moment the gateway
-    reuses it, drops the second /generate that arrives on one connection without answering."""
+    """A TGI-protocol server that, like uvicorn closing an idle keep-alive connection at the moment the
+    gateway reuses it, drops the second /generate that arrives on one connection without answering."""
 
     ANSWER = json.dumps(
         {
@@ -138,8 +138,8 @@ class _ClosesReusedConnections:
 
 @pytest.mark.slow
 async def test_a_keep_alive_connection_closed_by_the_replica_is_retried_not_a_502():
-    """The unexplained 502 under load: a pooled connection serve had just closed was reused and the call failed
-    with "Server disconnected" before any answer. Such a call is retried once on a fresh connection."""
+    """The unexplained 502 under load: a pooled connection serve had just closed was reused and the call
+    failed with "Server disconnected" before any answer. Such a call is retried once on a fresh connection."""
     from gateway.backend import Backend
     from gateway.metrics import GatewayMetrics
 

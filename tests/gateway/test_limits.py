@@ -70,7 +70,8 @@ def test_generations_and_tokens_are_budgeted_per_key(start_gateway, serve, redis
 
 
 def test_rate_limit_does_not_fail_open_when_redis_is_down(start_gateway, serve, redis_server):
-    """Finding 9: with Redis down the in-process limiter enforces the same budget (before: every request passed)."""
+    """Finding 9: with Redis down the in-process limiter enforces the same budget (before: every request
+    passed)."""
     gateway = start_gateway([serve.url], redis_server.url_for("gateway"), rate_limit_per_minute=3)
     redis_server.stop()
     with gateway.http("alice") as http:
@@ -80,7 +81,7 @@ def test_rate_limit_does_not_fail_open_when_redis_is_down(start_gateway, serve, 
     assert complete(gateway, "bob", prompt="still served").status_code == 200  # completions keep serving
 
 
-# ---- finding 4: feedback flooding ---------------------------------------------------------------------------
+# ---- finding 4: feedback flooding --------------------------------------------------------------------------
 
 
 def test_one_feedback_per_caller_and_completion_first_wins(gateway, redis_server):
@@ -125,7 +126,7 @@ def test_feedback_has_its_own_per_key_budget(start_gateway, serve, redis_server)
     assert gateway.metric("gateway_rate_limited_budget_total", '{budget="feedback"}') == 1
 
 
-# ---- finding 2: Redis full ------------------------------------------------------------------------------------
+# ---- finding 2: Redis full ---------------------------------------------------------------------------------
 
 
 def _fill(client) -> None:
@@ -183,7 +184,7 @@ def test_redis_full_completions_serve_feedback_503_nothing_half_written_alert(ga
     assert gateway.metric("gateway_redis_full") == 0
 
 
-# ---- every 5xx is logged with its request id --------------------------------------------------------------------
+# ---- every 5xx is logged with its request id ---------------------------------------------------------------
 
 
 def test_every_5xx_is_logged_with_the_request_id(start_gateway, redis_server, caplog):

@@ -1,6 +1,7 @@
 """A bounded schemathesis run over the gateway's OpenAPI: generated requests never get a 5xx, and every
 error is in OpenAI's shape. Real gateway, real serve, real Redis; a few routes, few examples (< 60 s).
-Derandomized, so CI is reproducible; drop `derandomize` locally to explore (it found the vanishing-temperature bug)."""
+Derandomized, so CI is reproducible; drop `derandomize` locally to explore (it found the
+vanishing-temperature bug)."""
 
 from __future__ import annotations
 
@@ -53,13 +54,15 @@ def test_generated_requests_never_get_a_server_error(start_gateway, serve, redis
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             if response.status_code >= 500:
                 failures.append(
-                    f"{case.method} {case.formatted_path} {case.body!r} -> {response.status_code} {response.text[:300]}"
+                    f"{case.method} {case.formatted_path} {case.body!r} -> "
+                    f"{response.status_code} {response.text[:300]}"
                 )
             elif response.status_code >= 400:
                 error = response.json().get("error", {})
                 if set(error) != {"message", "type", "param", "code"}:
                     failures.append(
-                        f"{case.method} {case.formatted_path}: error not in OpenAI's shape: {response.text[:300]}"
+                        f"{case.method} {case.formatted_path}: error not in OpenAI's shape: "
+                        f"{response.text[:300]}"
                     )
 
         run()

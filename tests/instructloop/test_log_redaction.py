@@ -1,4 +1,5 @@
-"""Redis URLs carry per-component passwords (redis://gateway:<password>@…): logs and CLI errors never show them."""
+"""Redis URLs carry per-component passwords (redis://gateway:<password>@…): logs and CLI errors never
+show them."""
 
 from __future__ import annotations
 

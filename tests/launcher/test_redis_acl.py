@@ -1,5 +1,6 @@
-"""Redis ACL users against a real redis-server: each component's real code path works as its own user, and
-nothing else does (no FLUSHALL / CONFIG for any app user, no stream reads for the gateway, read-only serve)."""
+"""Redis ACL users against a real redis-server: each component's real code path works as its own user,
+and nothing else does (no FLUSHALL / CONFIG for any app user, no stream reads for the gateway, read-only
+serve)."""
 
 from __future__ import annotations
 

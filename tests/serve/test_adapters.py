@@ -123,7 +123,8 @@ async def test_named_versions_answer_with_their_own_weights(start_server, varied
         for (i, version, _), (answered_by, tokens) in zip(asks, answers, strict=True):
             assert answered_by == (version or "v0001")
             assert tokens == expected[answered_by][i], (i, version)
-        # max_loaded_versions=1: v0002 was evicted after base/v0001 traffic? it reloads and still answers right
+        # max_loaded_versions=1: v0002 was evicted after base/v0001 traffic? it reloads and still answers
+        # right
         assert (await _ask(http, server.url, PROMPTS[0], "v0002", False)) == ("v0002", expected["v0002"][0])
 
         missing = await http.post(

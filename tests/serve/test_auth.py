@@ -96,8 +96,8 @@ async def test_the_gateway_backend_sends_the_token(closed_server):
 
 @pytest.mark.slow
 async def test_extreme_sampling_values_answer_and_do_not_disturb_other_requests(closed_server):
-    """temperature or repetition_penalty of 1e38 answer 200 (finite output), and a greedy request decoded in the
-    same batches gets exactly the tokens it gets alone."""
+    """temperature or repetition_penalty of 1e38 answer 200 (finite output), and a greedy request decoded in
+    the same batches gets exactly the tokens it gets alone."""
     auth = {"Authorization": f"Bearer {TOKEN}"}
     greedy = {"inputs": "Tell me about cats.", "parameters": {"max_new_tokens": 12, "details": True}}
     async with httpx.AsyncClient(base_url=closed_server.url, headers=auth, timeout=120) as client:

@@ -277,10 +277,10 @@ def test_candidate_is_prefetched_and_promotion_is_a_switch(
 def test_watcher_survives_an_unreadable_manifest_and_health_reflects_a_dead_watcher(
     start_server, varied_model_dir, tokenizer, tmp_path
 ):
-    """Finding 7: a manifest that cannot be read (here: replaced by a folder after the candidate was prefetched)
-    used to kill the watcher thread silently; serve then never swapped again and stayed healthy. Now the
-    error is logged and counted, the watcher goes on (it swaps once the manifest is back), and /health
-    fails if the thread ends anyway."""
+    """Finding 7: a manifest that cannot be read (here: replaced by a folder after the candidate was
+    prefetched) used to kill the watcher thread silently; serve then never swapped again and stayed
+    healthy. Now the error is logged and counted, the watcher goes on (it swaps once the manifest is
+    back), and /health fails if the thread ends anyway."""
     registry_dir = tmp_path / "registry"
     registry = Registry(registry_dir)
     server = start_server(

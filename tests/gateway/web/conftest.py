@@ -124,7 +124,8 @@ def task_record(redis_server, task_id: str) -> dict:
 
 
 def screenshot(driver, name: str) -> None:
-    """Save a screenshot when INSTRUCTLOOP_SCREENSHOT_DIR is set (the committed ones under docs/ come from it)."""
+    """Save a screenshot when INSTRUCTLOOP_SCREENSHOT_DIR is set (the committed ones under docs/ come from
+    it)."""
     if SCREENSHOT_DIR:
         Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(Path(SCREENSHOT_DIR) / name))

@@ -95,7 +95,8 @@ def test_labeler_ranks_four_by_keyboard_with_a_tie_and_the_stream_holds_that_ran
     ]
     assert page.find_element(By.ID, "prompt").text == "Name three colours of the sea."
 
-    # 2 is best, 4 ties with it; then 1; then 3. Flag response 2 as made-up facts (j moves to it), a rationale.
+    # 2 is best, 4 ties with it; then 1; then 3. Flag response 2 as made-up facts (j moves to it), a
+    # rationale.
     press(page, "2", "t", "4", "1", "3", "j", "m", "r")
     page.switch_to.active_element.send_keys("2 and 4 answer; 3 is off topic")
     press(page, Keys.ESCAPE)
