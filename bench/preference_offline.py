@@ -79,9 +79,10 @@ def main() -> None:
     )
     from learner.config import PPOConfig, RewardConfig
     from learner.models import LearnerModels
-    from learner.ppo import PPOPtxTrainer, generate_rollouts
+    from learner.ppo import PPOPtxTrainer
     from learner.ptx import PtxSource
     from learner.reward import reward_scores, train_reward_model
+    from learner.rollout import generate_rollouts
     from learner.settings import Settings
     from learner.state import CheckpointStore
 

@@ -39,7 +39,8 @@ from torch import nn
 
 from instructloop.registry import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Manifest, Registry, base_weights_sha256
 from learner.config import AdapterConfig
-from learner.reward import REWARD_BIAS_KEY, _install_bias, disable_dropout
+from learner.reward import REWARD_BIAS_KEY, _install_bias
+from learner.utils import disable_dropout
 
 log = logging.getLogger(__name__)
 

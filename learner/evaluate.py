@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from learner.config import EvalConfig
-from learner.ppo import Rollouts, generate_rollouts, response_kl, rollout_scores
+from learner.ppo import response_kl, rollout_scores
+from learner.rollout import Rollouts, generate_rollouts
 
 
 @dataclass

@@ -138,7 +138,7 @@ class LearnerModels:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from learner.reward import disable_dropout
+        from learner.utils import disable_dropout
 
         dtype = self.dtype if frozen else torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -43,14 +43,9 @@ from learner.losses import (
     ptx_loss,
 )
 from learner.ptx import PtxSource
-from learner.reward import (
-    disable_dropout,
-    position_ids_from_mask,
-    progress_iter,
-    sequence_scores,
-    token_scores,
-)
-from learner.rollout import Rollouts, generate_rollouts, response_limits, scoring_inputs  # noqa: F401 (re-exported)
+from learner.reward import sequence_scores, token_scores
+from learner.rollout import Rollouts, generate_rollouts, scoring_inputs
+from learner.utils import disable_dropout, position_ids_from_mask, progress_iter
 
 log = logging.getLogger(__name__)
 

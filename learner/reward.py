@@ -3,7 +3,7 @@
 The RM is ``AutoModelForSequenceClassification(num_labels=1)`` built from the SFT/base causal-LM folder,
 so policy, value model and RM share one tokenizer. It scores ``query + response + EOS`` at the last real
 token (the EOS), where ``query`` is the stored model input — the exact text serve generated from, raw or
-chat-rendered (instructloop/prompt.py) — tokenized as serve does (``encode_query``): the RM, PPO, the bias
+chat-rendered (instructloop/prompt.py) — tokenized as serve does (``learner.utils.encode_query``): the RM, PPO, the bias
 and the gate all see the sequences serving saw, and nothing renders a template again.
 
 We run the backbone and the score head ourselves (``token_scores``) instead of calling ``model(...)``:
@@ -20,14 +20,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from instructloop.prompt import encode_prompt
 from learner.config import RewardConfig
 from learner.losses import first_true_indices, kwise_ranking_loss, ranking_pairs_flat
+from learner.utils import disable_dropout, encode_sequence, left_pad, position_ids_from_mask, progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -35,64 +35,7 @@ REWARD_BIAS_KEY = "instructloop_reward_bias"
 """config attribute holding the score head's bias (saved in config.json; re-installed on load)."""
 
 
-# ---------------------------------------------------------------------------------------- text → ids
-
-
-def encode_query(tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """Token ids of the model input ``prompt`` exactly as serve generated from it (``encode_prompt``: the
-    prompt contract, no template rendered over it), keeping the last ``max_tokens``."""
-    return encode_prompt(tokenizer, prompt)[-max_tokens:]
-
-
-def encode_sequence(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
-    """Token ids of query + response + EOS, at most ``max_length``: the response keeps up to
-    ``max_length // 2`` tokens (cut from the right, EOS kept) and the query is cut from the left."""
-    query_ids, response_ids = encode_pair(tokenizer, prompt, response, max_length)
-    return query_ids + response_ids
-
-
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """``encode_sequence`` split into (query ids, response ids + EOS): the query tokenized alone, as serve
-    tokenized it, and the response after it (never merged across the boundary)."""
-    eos = tokenizer.eos_token_id
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids
-    if not response_ids or response_ids[-1] != eos:
-        response_ids = response_ids + [eos]
-    response_budget = max(1, max_length // 2)
-    if len(response_ids) > response_budget:
-        response_ids = response_ids[: response_budget - 1] + [eos]
-    return encode_query(tokenizer, prompt, max_length - len(response_ids)), response_ids
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into (input_ids, attention_mask), both (B, T) long."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, width - len(seq) :] = 1
-    return input_ids, attention_mask
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them. (B, T) → (B, T)."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
 # ------------------------------------------------------------------------------------------- models
-
-
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability to 0 (Huang et al.: dropout off in all four RLHF models)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(model.config, name) and isinstance(getattr(model.config, name), float):
-            setattr(model.config, name, 0.0)
-    return model
 
 
 def score_head(model: nn.Module) -> nn.Linear:
@@ -176,18 +119,6 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     scores = token_scores(model, input_ids, attention_mask)  # (B, T)
     last = last_token_index(attention_mask)  # (B,)
     return scores.gather(1, last.unsqueeze(1)).squeeze(1)
-
-
-# ------------------------------------------------------------------------------------------ progress
-
-
-def progress_iter(iterable: Iterable, total: int | None, description: str, enabled: bool) -> Iterable:
-    """``rich`` progress bar over ``iterable`` when ``enabled``; the plain iterable otherwise."""
-    if not enabled:
-        return iterable
-    from rich.progress import track
-
-    return track(iterable, total=total, description=description, transient=True)
 
 
 # ------------------------------------------------------------------------------------------ training

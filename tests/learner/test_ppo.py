@@ -26,9 +26,10 @@ from transformers import AutoModelForCausalLM
 from learner.config import EvalConfig, PPOConfig, RewardConfig
 from learner.evaluate import evaluate_policy
 from learner.losses import ptx_loss
-from learner.ppo import PPOPtxTrainer, generate_rollouts, response_logprobs, round_prompt_indices
+from learner.ppo import PPOPtxTrainer, response_logprobs, round_prompt_indices
 from learner.ptx import PtxSource
 from learner.reward import build_reward_model, train_reward_model
+from learner.rollout import generate_rollouts
 from tests.conftest import build_tiny_model_dir
 from tests.learner.test_reward import PROMPTS, TARGET, WORDS, synthetic_comparison
 

@@ -13,9 +13,7 @@ from instructloop.events import ComparisonEvent
 from learner.config import RewardConfig
 from learner.reward import (
     build_reward_model,
-    encode_sequence,
     kwise_batch_loss,
-    left_pad,
     normalize_reward_bias,
     pairwise_accuracy,
     ranking_metrics,
@@ -24,6 +22,7 @@ from learner.reward import (
     sequence_scores,
     train_reward_model,
 )
+from learner.utils import encode_sequence, left_pad
 from tests.conftest import build_tiny_model_dir
 
 WORDS = ["river", "stone", "cloud", "paper", "green", "quiet", "north", "table", "light", "music"]
