@@ -264,9 +264,22 @@ def test_round_prompts_cover_each_prompt_equally_when_rollouts_outnumber_them(n_
     assert picked == round_prompt_indices(n_prompts, n, random.Random(7))  # seeded
 
 
+@pytest.mark.parametrize(("n_prompts", "n", "k"), [(16, 32, 4), (3, 16, 4), (40, 32, 2)])
+def test_round_prompts_answer_each_drawn_prompt_samples_per_prompt_times(n_prompts, n, k):
+    picked = round_prompt_indices(n_prompts, n, random.Random(7), samples_per_prompt=k)
+    assert len(picked) == n
+    blocks = [picked[i : i + k] for i in range(0, n, k)]
+    assert all(len(set(block)) == 1 for block in blocks)  # k adjacent samples of one prompt
+    counts = [picked.count(i) for i in range(n_prompts)]
+    assert all(c % k == 0 for c in counts)
+    assert max(counts) - min(counts) <= k if n // k >= n_prompts else max(counts) == k
+
+
 def test_config_and_trainer_refuse_bad_setups(experiment, tokenizer):
     with pytest.raises(ValueError, match="must divide"):
-        PPOConfig(rollout_batch_size=10, mini_batch_size=4)
+        PPOConfig(rollout_batch_size=10, mini_batch_size=4, samples_per_prompt=1)
+    with pytest.raises(ValueError, match="samples_per_prompt=3 must be >= 1 and divide"):
+        PPOConfig(rollout_batch_size=16, mini_batch_size=4, samples_per_prompt=3)
     with pytest.raises(ValueError, match="needs a ptx_source"):
         PPOPtxTrainer(
             experiment["policy"],
