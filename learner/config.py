@@ -161,8 +161,9 @@ class PPOConfig:
     ptx_seq_len: int = 128
     """Tokens per pretraining sequence."""
     ptx_eval_windows: int = 16
-    """Held-out pretraining windows (never trained on) whose NLL each round reports against the reference's:
-    the alignment tax (``ptx_heldout_nll_ratio``). 0 = not measured."""
+    """Windows of ``ptx_seq_len`` tokens whose NLL each round reports against the reference's: held-out windows
+    of the ptx corpus (``ptx_heldout_nll_ratio``) and of text from another source, the alignment tax
+    (``tax_nll_ratio``, ``learner.ptx.alignment_tax_windows``). 0 = not measured."""
     cliprange: float = 0.2
     """ε of the clipped ratio."""
     cliprange_value: float = 0.2

@@ -121,6 +121,13 @@ class LearnerMetrics:
             ["policy"],
             registry=r,
         )
+        self.alignment_tax_nll = Gauge(
+            "learner_alignment_tax_nll",
+            "Per-token NLL on text from another source than the ptx corpus (Python's stdlib docstrings) "
+            "after the last PPO-ptx round, of the working policy and of the reference: the alignment tax.",
+            ["policy"],
+            registry=r,
+        )
         self.ppo_rounds = Counter("learner_ppo_rounds_total", "PPO-ptx rounds.", registry=r)
         self.step_seconds = Histogram(
             "learner_step_duration_seconds",
@@ -159,6 +166,9 @@ class LearnerMetrics:
             self.ptx_loss.set(stats["ptx_loss"])
         if "value_clip_fraction" in stats:
             self.value_clip_fraction.set(stats["value_clip_fraction"])
+        if "tax_nll" in stats:
+            self.alignment_tax_nll.labels("policy").set(stats["tax_nll"])
+            self.alignment_tax_nll.labels("reference").set(stats["tax_nll_reference"])
         if "ptx_heldout_nll" in stats:
             self.ptx_heldout_nll.labels("policy").set(stats["ptx_heldout_nll"])
             self.ptx_heldout_nll.labels("reference").set(stats["ptx_heldout_nll_reference"])

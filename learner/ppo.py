@@ -43,7 +43,7 @@ from learner.losses import (
     masked_whiten,
     ptx_loss,
 )
-from learner.ptx import PtxSource
+from learner.ptx import PtxSource, alignment_tax_windows, mean_nll
 from learner.reward import sequence_scores, token_scores
 from learner.rollout import Rollouts, generate_rollouts, scoring_inputs
 from learner.utils import disable_dropout, position_ids_from_mask, progress_iter
@@ -203,7 +203,8 @@ class PPOPtxTrainer:
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rounds_done = 0
-        self._reference_heldout_nll: float | None = None
+        self._reference_nll: dict[str, float] | None = None
+        self._ptx_batch = self._tax_batch = None
 
     # ---------------------------------------------------------------------------------- checkpointing
 
@@ -233,45 +234,29 @@ class PPOPtxTrainer:
 
     @torch.no_grad()
     def heldout_ptx_nll(self) -> dict[str, float]:
-        """Per-token NLL of the policy (and, once, of the reference) on ``config.ptx_eval_windows`` held-out
-        pretraining windows, and their ratio: the alignment tax on text ptx never trains on."""
-        batch = (
-            self.ptx_source.heldout_batch(self.config.ptx_eval_windows)
-            if self.ptx_source is not None and self.config.ptx_eval_windows
-            else None
-        )
-        if batch is None:
+        """Per-token NLL of the policy against the reference's (computed once) on (a) ``ptx_eval_windows``
+        held-out windows of the ptx corpus, never trained on (``ptx_heldout_nll*``: does ptx keep the policy
+        on its corpus?) and (b) as many windows of text from another source, the alignment tax proper
+        (``tax_nll*``, ``learner.ptx.alignment_tax_windows``: Python's stdlib docstrings)."""
+        n = self.config.ptx_eval_windows
+        if not n:
             return {}
-        device = next(self.policy.parameters()).device
-        input_ids, attention_mask = (t.to(device) for t in batch)
-
-        def nll(model) -> float:
-            was_training = model.training
-            model.eval()
-            values = [
-                ptx_loss(
-                    model(
-                        input_ids=input_ids[i : i + 4],
-                        attention_mask=attention_mask[i : i + 4],
-                        use_cache=False,
-                    ).logits,
-                    input_ids[i : i + 4],
-                    attention_mask[i : i + 4],
-                    1.0,
-                )[1]
-                for i in range(0, input_ids.size(0), 4)
-            ]
-            model.train(was_training)
-            return torch.stack(values).mean().item()
-
-        if self._reference_heldout_nll is None:
-            self._reference_heldout_nll = nll(self.reference)
-        policy_nll = nll(self.policy)
-        return {
-            "ptx_heldout_nll": policy_nll,
-            "ptx_heldout_nll_reference": self._reference_heldout_nll,
-            "ptx_heldout_nll_ratio": policy_nll / self._reference_heldout_nll,
-        }
+        if self._reference_nll is None:
+            self._tax_batch = alignment_tax_windows(self.tokenizer, n, self.config.ptx_seq_len)
+            self._ptx_batch = self.ptx_source.heldout_batch(n) if self.ptx_source is not None else None
+            self._reference_nll = {
+                name: mean_nll(self.reference, batch)
+                for name, batch in (("ptx_heldout_nll", self._ptx_batch), ("tax_nll", self._tax_batch))
+                if batch is not None
+            }
+        out = {}
+        for name, batch in (("ptx_heldout_nll", self._ptx_batch), ("tax_nll", self._tax_batch)):
+            if batch is not None:
+                policy_nll = mean_nll(self.policy, batch)
+                out[name] = policy_nll
+                out[f"{name}_reference"] = self._reference_nll[name]
+                out[f"{name}_ratio"] = policy_nll / self._reference_nll[name]
+        return out
 
     def round(self, prompts: list[str], max_tokens: Sequence[int | None] | None = None) -> dict[str, float]:
         """One PPO-ptx round on prompts drawn from ``prompts``. Returns the round's statistics.
@@ -447,7 +432,7 @@ class PPOPtxTrainer:
         self.value_model.eval()
         update_s = time.perf_counter() - update_started - ptx_s
 
-        # 9. the alignment tax: NLL on held-out pretraining text (never trained on), policy vs reference
+        # 9. the alignment tax: NLL on held-out ptx text and on text from another source, policy vs reference
         heldout = self.heldout_ptx_nll()
 
         # 10. adapt β (no-op when fixed) and report

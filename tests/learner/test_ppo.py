@@ -204,11 +204,17 @@ def test_round_stats_are_complete_and_finite(experiment):
         "round_s",
         "tokens_per_s",
         "rollout_tokens_per_s",
+        "baseline_mean",
+        "ptx_heldout_nll_ratio",
+        "tax_nll",
+        "tax_nll_reference",
+        "tax_nll_ratio",
     ):
         assert torch.isfinite(torch.tensor(stats[key])), key
     assert stats["round"] == ROUNDS
     assert stats["rollout_s"] > 0 and stats["update_s"] > 0 and stats["ptx_s"] > 0
-    assert 0.0 <= stats["clip_fraction"] <= 1.0
+    assert 0.0 <= stats["clip_fraction"] <= 1.0 and 0.0 <= stats["value_clip_fraction"] <= 1.0
+    assert stats["tax_nll"] != stats["ptx_heldout_nll"]  # two texts: the alignment tax is not on ptx's corpus
 
 
 def test_trainer_state_dict_round_trip(experiment, tokenizer):
