@@ -66,9 +66,10 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     from instructloop.registry import Registry
     from learner.config import AdapterConfig, PPOConfig
     from learner.models import mixed_precision
-    from learner.ppo import PPOPtxTrainer, generate_rollouts
+    from learner.ppo import PPOPtxTrainer
     from learner.ptx import PtxSource
-    from learner.reward import build_reward_model, normalize_reward_bias
+    from learner.reward import build_reward_model, normalize_reward
+    from learner.rollout import generate_rollouts
     from learner.state import CheckpointStore, LearnerState
 
     torch.set_num_threads(args.threads)
@@ -117,7 +118,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
             do_sample=False,
             temperature=1.0,
         )
-        normalize_reward_bias(
+        normalize_reward(
             reward_model,
             tokenizer,
             PROMPTS[: args.rollouts],

@@ -145,6 +145,7 @@ def main() -> dict:
                 "max_new_tokens": args.max_new_tokens,
             },
             evaluation={"max_new_tokens": args.max_new_tokens},
+            reward={"ready_confidence": 0.0},  # a cycle's cost is measured, not whether its RM is ready
         )
         learner = Learner(settings, metrics=LearnerMetrics(), progress=False)
         learner.start()

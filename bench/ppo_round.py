@@ -31,9 +31,10 @@ import torch  # noqa: E402
 
 from instructloop.model import prepare_default_model  # noqa: E402
 from learner.config import PPOConfig  # noqa: E402
-from learner.ppo import PPOPtxTrainer, generate_rollouts  # noqa: E402
+from learner.ppo import PPOPtxTrainer  # noqa: E402
 from learner.ptx import PtxSource  # noqa: E402
-from learner.reward import build_reward_model, normalize_reward_bias  # noqa: E402
+from learner.reward import build_reward_model, normalize_reward  # noqa: E402
+from learner.rollout import generate_rollouts  # noqa: E402
 
 PROMPTS = [
     "Give me three tips for sleeping better.",
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         temperature=config.temperature,
     )
     generate_s = time.perf_counter() - started
-    normalize_reward_bias(
+    normalize_reward(
         reward_model,
         tokenizer,
         PROMPTS[: args.rollouts],

@@ -6,7 +6,8 @@
 A tuning tool for ``bench/learning_curve.py`` (the proof, over HTTP), which costs 30+ minutes per setting:
 this runs the same algorithms in one process. The reference policy answers the labeler's training prompts
 (chat-rendered, K=4, 48 tokens, T 0.7, as the scripted labeler asks serve), the preference ranks them; the
-learner's RM trains on the rankings (``train_reward_model``, its defaults plus ``--reward``) and is checked on
+learner's RM trains on the rankings (``train_reward_model``, its defaults plus ``--reward``), is normalised on
+the reference's answers (``normalize_reward``: mean 0, std 1) and is checked on
 held-out prompts (does its score separate answers that satisfy the preference? does it follow length?);
 then ``--rounds`` PPO-ptx rounds (``PPOPtxTrainer``, lora mode, the learner's defaults plus ``--ppo``) each
 followed by the policy's share of held-out answers that satisfy the preference and the win-rate it implies
@@ -79,9 +80,10 @@ def main() -> None:
     )
     from learner.config import PPOConfig, RewardConfig
     from learner.models import LearnerModels
-    from learner.ppo import PPOPtxTrainer, generate_rollouts
+    from learner.ppo import PPOPtxTrainer
     from learner.ptx import PtxSource
-    from learner.reward import reward_scores, train_reward_model
+    from learner.reward import normalize_reward, reward_scores, train_reward_model
+    from learner.rollout import generate_rollouts
     from learner.settings import Settings
     from learner.state import CheckpointStore
 
@@ -164,6 +166,13 @@ def main() -> None:
         stats = train_reward_model(rm, tokenizer, comparisons, config, held or None)
         if args.rm_cache is not None:
             rm.save_pretrained(args.rm_cache)
+    # the learner's normalisation: the reference's samples (the training traffic) score mean 0, std 1
+    gain, bias = normalize_reward(
+        rm,
+        tokenizer,
+        [p for p, ts in traffic["train"] for _ in ts][:64],
+        [t for _, ts in traffic["train"] for t in ts][:64],
+    )
     flat_p = [p for p, ts in zip(heldout, held_texts, strict=True) for _ in ts]
     flat_t = [t for ts in held_texts for t in ts]
     scores = reward_scores(rm, tokenizer, flat_p, flat_t)
@@ -176,6 +185,8 @@ def main() -> None:
         heldout_accuracy=stats.get("heldout_accuracy"),
         gap=(scores[sat].mean() - scores[~sat].mean()).item() if sat.any() and (~sat).any() else None,
         length_corr=length_corr,
+        gain=gain,
+        bias=bias,
         s=time.perf_counter() - t0,
     )
     for name, value in stats.items():
@@ -187,8 +198,6 @@ def main() -> None:
     if args.zero_value_head:
         with torch.no_grad():
             value.score.weight.zero_()
-            if value.score.bias is not None:
-                value.score.bias.zero_()
     ppo = PPOConfig(
         **{
             "kl_coef": settings.kl_coef,

@@ -15,7 +15,7 @@ The roles are small ``nn.Module``s that behave like the models the PPO, RM and g
 Decision (score heads): a scalar head is not a LoRA tensor, and peft's ``modules_to_save`` would give the
 causal LM a head it never uses and tie the head's fate to an adapter's save format. So a head is a small
 tensor kept beside its adapter, owned and trained by its role, and saved as ``score_head.safetensors`` in
-the role's checkpoint folder (the RM's normalisation bias in ``config.json``, as in full mode). Roles select
+the role's checkpoint folder (the RM's normalisation gain and bias in ``config.json``, as in full mode). Roles select
 their adapter before every forward (``AdapterBase.select``): only one adapter is active at a time, and a
 backward pass uses the graph of the forward that built it, so selecting another adapter in between is safe.
 
@@ -39,7 +39,7 @@ from torch import nn
 
 from instructloop.registry import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Manifest, Registry, base_weights_sha256
 from learner.config import AdapterConfig
-from learner.reward import REWARD_BIAS_KEY, _install_bias, disable_dropout
+from learner.utils import disable_dropout
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class _SelectedBackbone:
 
 class ScoreAdapter(nn.Module):
     """The RM or the value model: adapter ``name`` on the base's transformer + an own scalar ``score`` head.
-    Works with ``learner.reward`` (``backbone``, ``score_head``, ``token_scores``, ``normalize_reward_bias``)."""
+    Works with ``learner.reward`` (``backbone``, ``score_head``, ``token_scores``, ``normalize_reward``)."""
 
     base_model_prefix = "model"
 
@@ -307,7 +307,7 @@ class ScoreAdapter(nn.Module):
 
     @classmethod
     def load(cls, base: AdapterBase, name: str, folder: str | Path) -> ScoreAdapter:
-        """From a checkpoint folder written by ``save_pretrained`` (adapter, head, bias)."""
+        """From a checkpoint folder written by ``save_pretrained`` (adapter, head, normalisation)."""
         from transformers import AutoConfig
 
         folder = Path(folder)
@@ -318,11 +318,7 @@ class ScoreAdapter(nn.Module):
         head = nn.Linear(config.hidden_size, 1, bias=False, device=device)
         with torch.no_grad():
             head.weight.copy_(weights["weight"])
-        model = cls(base, name, head, config)
-        bias = getattr(config, REWARD_BIAS_KEY, None)
-        if bias is not None:
-            _install_bias(model, float(bias))
-        return model
+        return cls(base, name, head, config)  # the normalisation (gain, bias) comes with config
 
     def copy_as(self, name: str) -> ScoreAdapter:
         """Another role starting from this one's adapter and head (the value model starts from the RM)."""

@@ -32,13 +32,20 @@ class RewardConfig:
     is not trained twice (an update of 60 rankings took 5 minutes at 2 passes on one core, delaying the next
     PPO round as long)."""
     rankings_per_batch: int = 1
-    """Rankings per optimizer step; all K responses of a ranking go into the same forward pass. One: online
-    updates see few rankings, and a step per ranking learns more from them for the same compute (measured on
-    the default model: 48 rankings, 2 passes, held-out pair accuracy 0.99 at LoRA lr 1e-3)."""
+    """Rankings per optimizer step; all K responses of a ranking go into the same forward pass. One: a LoRA RM
+    starts at zero and needs steps, and several rankings a step cut them (bench/preference_offline.py,
+    ``start:The``, 48 rankings at LoRA lr 1e-3: held-out pair accuracy 1.0 at one a step, 0.52 at four)."""
+    replay_ratio: float = 1.0
+    """Older (already trained) rankings sampled into an update per new one, so an update does not forget what
+    earlier ones learned; 0 = the new rankings only."""
     max_length: int = 512
     """Tokens per (prompt, response) sequence; the prompt is cut from the left to fit."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (decoupled): keeps an RM trained on few rankings from growing weights to fit them."""
+    ready_confidence: float = 0.95
+    """PPO starts once the one-sided lower confidence bound (Wilson) of the RM's held-out pair accuracy at this
+    level is above 0.5 (``learner.reward.rm_ready``): an RM no better than chance is not optimised against.
+    0 = no check."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     score_batch_size: int = 16
@@ -57,8 +64,13 @@ class RewardConfig:
             max_grad_norm=self.max_grad_norm,
             score_batch_size=self.score_batch_size,
         )
-        if self.weight_decay < 0:
-            raise ValueError(f"RewardConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.weight_decay < 0 or self.replay_ratio < 0:
+            raise ValueError(
+                f"RewardConfig.weight_decay and replay_ratio must be >= 0, got {self.weight_decay}, "
+                f"{self.replay_ratio}"
+            )
+        if not 0 <= self.ready_confidence < 1:
+            raise ValueError(f"RewardConfig.ready_confidence must be in [0, 1), got {self.ready_confidence}")
         if self.max_length < 8:
             raise ValueError(
                 f"RewardConfig.max_length={self.max_length} leaves no room for a prompt and response"
@@ -110,8 +122,13 @@ class PPOConfig:
     """One PPO-ptx round: the objective of paper eq. (2), optimised with clipped PPO."""
 
     rollout_batch_size: int = 32
-    """Prompts sampled (one response each) per round; with fewer training prompts, each is answered equally
-    often. 32 fresh rollouts seen once learn more per second than fewer seen several times."""
+    """Rollouts per round: ``rollout_batch_size / samples_per_prompt`` prompts, each answered
+    ``samples_per_prompt`` times (with fewer training prompts, each equally often). 32 rollouts seen once learn
+    more per second than 16 seen 4 times (``ppo_epochs``)."""
+    samples_per_prompt: int = 4
+    """Responses sampled per prompt in a round; each one's score is baselined by the mean of the others'
+    (RLOO), so a prompt's own offset in the RM (eq. 1 fixes only differences within a prompt) drops out of
+    the advantages whatever the traffic's number of distinct prompts; 1 = no per-prompt baseline."""
     mini_batch_size: int = 4
     """Rollouts per PPO optimizer step; must divide ``rollout_batch_size``."""
     ppo_epochs: int = 1
@@ -124,8 +141,9 @@ class PPOConfig:
     """Learning rate of the value model; None = ``lr``."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm, per model."""
-    kl_coef: float = 0.02
-    """β of eq. (2): per-token penalty on log(π/π_ref). 0.02 is the paper's value."""
+    kl_coef: float = 0.05
+    """β of eq. (2): per-token penalty on log(π/π_ref), in normalised reward units (the reference's samples
+    score std 1, ``learner.reward.normalize_reward``): 5 nats of KL cost a quarter of the reference's spread."""
     adaptive_kl: bool = False
     """Adapt β toward ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed."""
     kl_target: float = 6.0
@@ -142,12 +160,14 @@ class PPOConfig:
     ptx_seq_len: int = 128
     """Tokens per pretraining sequence."""
     ptx_eval_windows: int = 16
-    """Held-out pretraining windows (never trained on) whose NLL each round reports against the reference's:
-    the alignment tax (``ptx_heldout_nll_ratio``). 0 = not measured."""
+    """Windows of ``ptx_seq_len`` tokens whose NLL each round reports against the reference's: held-out windows
+    of the ptx corpus (``ptx_heldout_nll_ratio``) and of text from another source, the alignment tax
+    (``tax_nll_ratio``, ``learner.ptx.alignment_tax_windows``). 0 = not measured."""
     cliprange: float = 0.2
     """ε of the clipped ratio."""
     cliprange_value: float = 0.2
-    """ε_v of the clipped value loss."""
+    """ε_v of the clipped value loss, in normalised reward units: a fifth of the reference's score spread per
+    step (``value_clip_fraction`` reports how often it binds)."""
     gamma: float = 1.0
     """GAE discount (1: the episode is one response)."""
     lam: float = 1.0
@@ -165,7 +185,8 @@ class PPOConfig:
     """Query tokens (chat template included) kept, from the right."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the RM score of a response with no EOS (Huang et al.: penalise incomplete
-    responses so the policy does not learn to ramble). None disables it."""
+    responses so the policy does not learn to ramble), in normalised units: one std of the reference's
+    scores, as much as a clear preference. None disables it."""
     forward_batch_size: int = 8
     """Sequences per no-grad forward pass (reference logprobs, values, scores)."""
     seed: int = 0
@@ -195,6 +216,11 @@ class PPOConfig:
             max_prompt_tokens=self.max_prompt_tokens,
             forward_batch_size=self.forward_batch_size,
         )
+        if self.samples_per_prompt < 1 or self.rollout_batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"PPOConfig.samples_per_prompt={self.samples_per_prompt} must be >= 1 and divide "
+                f"rollout_batch_size={self.rollout_batch_size}"
+            )
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"PPOConfig.mini_batch_size={self.mini_batch_size} must divide "

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from learner.config import EvalConfig
-from learner.ppo import Rollouts, generate_rollouts, response_kl, rollout_scores
+from learner.ppo import response_kl, rollout_scores
+from learner.rollout import Rollouts, generate_rollouts
 
 
 @dataclass
@@ -131,8 +132,11 @@ def evaluate_policy(
 
 @torch.no_grad()
 def reference_samples(reference, tokenizer, queries: list, config: EvalConfig) -> list[str]:
-    """Greedy responses of the reference policy to ``queries`` (``TrafficPrompt``s; EOS and padding
-    stripped), each cut at its traffic's ``max_tokens`` as serve would cut it (the RM bias samples)."""
+    """Responses of the reference policy to ``queries`` (``TrafficPrompt``s; EOS and padding stripped), greedy
+    or seeded samples at ``config.temperature`` (``config.do_sample``), each cut at its traffic's
+    ``max_tokens`` as serve would cut it (the RM normalisation samples)."""
+    if config.do_sample:
+        torch.manual_seed(config.seed)
     limits = [
         min(q.max_tokens, config.max_new_tokens) if q.max_tokens else config.max_new_tokens for q in queries
     ]
@@ -145,8 +149,8 @@ def reference_samples(reference, tokenizer, queries: list, config: EvalConfig) -
             [q.text for q in queries[rows]],
             config.max_prompt_tokens,
             limits[rows],
-            False,
-            1.0,
+            config.do_sample,
+            config.temperature if config.do_sample else 1.0,
         )
         for ids, mask in zip(rollouts.responses, rollouts.response_mask, strict=True):
             responses.append(tokenizer.decode(ids[mask], skip_special_tokens=True))

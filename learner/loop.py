@@ -38,12 +38,13 @@ from learner.models import LearnerModels
 from learner.report import RoundReport, numeric
 from learner.settings import Settings, resolve_learner_config
 from learner.state import CheckpointStore, LearnerState
-from learner.waiting import Wait, report_waits, waits
+from learner.waiting import Wait, report_waits, rm_readiness, waits
 
 log = logging.getLogger(__name__)
 
 HELDOUT_COMPARISONS_MAX = 512
-BIAS_SAMPLES = 64
+NORMALISATION_PROMPTS = 16
+NORMALISATION_SAMPLES_PER_PROMPT = 4
 
 
 class Learner:
@@ -197,7 +198,14 @@ class Learner:
         new = self.dataset.count_new_comparisons(self.state.rm_cursor)
         if new < self.settings.min_new_comparisons:
             return None
-        from learner.reward import normalize_reward_bias, train_reward_model
+        from learner.reward import (
+            normalize_reward,
+            ranking_metrics,
+            replay_sample,
+            restore_snapshot,
+            train_reward_model,
+            trainable_snapshot,
+        )
 
         up_to = self.dataset.max_comparison_seq()
         excluded = excluded_labelers(self.redis, self.settings.stream_prefix)  # learner/exclusion.py
@@ -213,25 +221,43 @@ class Learner:
             (s.comparison for s in self.dataset.comparisons(heldout=True, limit=HELDOUT_COMPARISONS_MAX)),
             excluded,
         )
+        config = replace(self.config.reward, seed=self.config.reward.seed + self.state.rm_updates)
+        new_count = len(comparisons)
+        older = without_excluded(
+            (s.comparison for s in self.dataset.comparisons(up_to_seq=self.state.rm_cursor)), excluded
+        )
+        comparisons += replay_sample(older, new_count, config.replay_ratio, config.seed)
         log.info(
             "reward model update started",
             extra={
-                "comparisons": len(comparisons),
+                "comparisons": new_count,
+                "replayed": len(comparisons) - new_count,
                 "heldout": len(heldout),
                 "rm_update": self.state.rm_updates + 1,
                 "excluded_labelers": len(excluded),
             },
         )
         with self.metrics.step_seconds.labels("reward_model").time():
-            model = self.reward_model or self.models.new_reward_model()
-            config = replace(self.config.reward, seed=self.config.reward.seed + self.state.rm_updates)
+            previous = self.reward_model
+            model = previous or self.models.new_reward_model()
+            # the previous RM's held-out loss on today's held-out set: an update that is worse is not used
+            previous_loss = (
+                ranking_metrics(model, self.tokenizer, heldout, config.score_batch_size, config.max_length)[1]
+                if previous is not None and any(c.pairs() for c in heldout)
+                else None
+            )
+            snapshot = trainable_snapshot(model) if previous_loss is not None else None
             stats = numeric(
                 train_reward_model(
                     model, self.tokenizer, comparisons, config, heldout or None, progress=self.progress
                 )
             )
-            prompts, responses = self._bias_samples()
-            stats["bias"] = normalize_reward_bias(
+            if previous_loss is not None and stats["heldout_loss"] > previous_loss:
+                restore_snapshot(model, snapshot)
+                model.eval().requires_grad_(False)
+                return self._refuse_reward_update(up_to, new_count, previous_loss, stats)
+            prompts, responses = self._normalisation_samples()
+            stats["gain"], stats["bias"] = normalize_reward(
                 model,
                 self.tokenizer,
                 prompts,
@@ -242,14 +268,15 @@ class Learner:
             model.eval().requires_grad_(False)
         self.state.rm_updates += 1
         self.state.rm_cursor = up_to
-        self.state.rm_comparisons_trained += len(comparisons)
+        self.state.rm_comparisons_trained += new_count
         self.state.rm_heldout_accuracy = stats.get("heldout_accuracy")
+        self.state.rm_heldout_pairs = stats.get("heldout_pairs")
         self.state.record(
             {
                 "kind": "reward",
                 "rm_update": self.state.rm_updates,
                 "cursor": up_to,
-                "comparisons": len(comparisons),
+                "comparisons": new_count,
                 **stats,
             }
         )
@@ -257,22 +284,51 @@ class Learner:
         self.metrics.rm_updates.inc()
         if "heldout_accuracy" in stats:
             self.metrics.rm_heldout_accuracy.set(stats["heldout_accuracy"])
+        self.metrics.reward_normalisation.labels("gain").set(stats["gain"])
+        self.metrics.reward_normalisation.labels("bias").set(stats["bias"])
+        self.metrics.rm_ready.set(float(self.rm_ready()[0]))
         log.info("reward model updated", extra={"rm_update": self.state.rm_updates, "stats": stats})
         return stats
 
-    def _bias_samples(self) -> tuple[list[str], list[str]]:
-        """(prompt, response) pairs whose mean RM score is set to 0: labeler demonstrations, or reference
-        policy samples on training prompts when there are none (paper, section 3.5)."""
-        demonstrations = self.dataset.demonstrations(heldout=False, limit=BIAS_SAMPLES)
-        if demonstrations:
-            return [d.prompt for d in demonstrations], [d.response for d in demonstrations]
-        queries = self.dataset.sample_queries(BIAS_SAMPLES, seed=self.settings.seed)
+    def _refuse_reward_update(
+        self, up_to: int, new_count: int, previous_loss: float, stats: dict[str, float]
+    ) -> dict[str, float]:
+        """The update made the held-out loss worse: the previous RM stays (its weights were put back); its new
+        rankings stay in the replay pool of later updates."""
+        self.state.rm_cursor = up_to
+        self.state.rm_updates_refused += 1
+        stats = {**stats, "refused": 1.0, "previous_heldout_loss": previous_loss}
+        self.state.record({"kind": "reward_refused", "cursor": up_to, "comparisons": new_count, **stats})
+        self.store.save(self.state)
+        self.metrics.rm_updates_refused.inc()
+        log.warning(
+            "reward model update refused: held-out loss worse than the previous RM's",
+            extra={"heldout_loss": stats["heldout_loss"], "previous_heldout_loss": previous_loss},
+        )
+        return stats
+
+    def rm_ready(self) -> tuple[bool, str]:
+        """Whether PPO may optimise against the current RM, and why (``learner.waiting.rm_readiness``)."""
+        return rm_readiness(self.settings, self.state)
+
+    def _normalisation_samples(self) -> tuple[list[str], list[str]]:
+        """(prompt, response) pairs the RM is normalised on (mean 0, std 1): the reference policy's samples,
+        ``NORMALISATION_SAMPLES_PER_PROMPT`` seeded samples on each of ``NORMALISATION_PROMPTS`` training
+        prompts (held-out comparisons' prompts before any prompt is stored), at the evaluation decoding."""
+        import dataclasses
+
+        queries = self.dataset.sample_queries(NORMALISATION_PROMPTS, seed=self.settings.seed)
         if not queries:
-            queries = [
-                TrafficPrompt(p)
-                for p in sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=BIAS_SAMPLES)})
-            ]
-        return [q.text for q in queries], self.models.reference_answers(queries, self._eval_config())
+            prompts = sorted({s.comparison.prompt for s in self.dataset.comparisons(limit=64)})
+            queries = [TrafficPrompt(p) for p in prompts[:NORMALISATION_PROMPTS]]
+        prompts, responses = [], []
+        for sample in range(NORMALISATION_SAMPLES_PER_PROMPT):
+            config = dataclasses.replace(
+                self._eval_config(), do_sample=True, seed=self.settings.seed + sample
+            )
+            prompts += [q.text for q in queries]
+            responses += self.models.reference_answers(queries, config)
+        return prompts, responses
 
     def _eval_config(self):
         return self.config.evaluation
@@ -311,7 +367,8 @@ class Learner:
 
     def ppo_round_due(self) -> bool:
         """An RM trained on at least ``min_rm_comparisons`` comparisons exists, at least ``min_prompts``
-        training prompts and ``gate_min_prompts`` held-out prompts (to judge the candidate on) exist, and since
+        training prompts and ``gate_min_prompts`` held-out prompts (to judge the candidate on) exist, the RM is
+        ready (``rm_ready``: held-out accuracy confidently above chance), and since
         the last round the RM was updated, or ``min_prompts`` prompts never served before arrived and fewer than
         ``max_rounds_per_rm_update`` rounds ran on this RM. A prompt asked again is not new data, and rounds on
         an unchanged RM optimise its errors: without new data the loop waits."""
@@ -323,6 +380,8 @@ class Learner:
             return False
         if self.dataset.count_split_prompts(heldout=True) < self.settings.gate_min_prompts:
             return False  # its candidate could never be judged
+        if not self.rm_ready()[0]:  # held-out accuracy not confidently above chance (learner.reward.rm_ready)
+            return False
         if self.state.rm_updates > self.state.ppo_rm_update:
             return True
         if self.state.ppo_rounds_on_rm >= self.settings.max_rounds_per_rm_update:

@@ -172,6 +172,19 @@ def kwise_ranking_loss(scores: torch.Tensor, pairs: RankingPairs) -> tuple[torch
     return loss, accuracy
 
 
+def normalisation_constants(raw_scores: torch.Tensor, min_std: float = 1e-3) -> tuple[float, float]:
+    """Gain g and bias b such that ``g · raw_scores + b`` has mean 0 and (population) std 1: the reward
+    normalisation of Ziegler et al. 2019 (lm-human-preferences), on the reference policy's samples.
+
+    raw_scores: (N,), N >= 1. A std below ``min_std`` counts as ``min_std`` (a single sample, or an RM that
+    scores everything alike, would otherwise get an unbounded gain). Returns (g, b) as floats.
+    """
+    raw = raw_scores.double()
+    std = raw.std(unbiased=False).item() if raw.numel() > 1 else 0.0
+    gain = 1.0 / max(std, min_std)
+    return gain, -raw.mean().item() * gain
+
+
 # ----------------------------------------------------------------------------------------------- PPO
 
 
@@ -252,6 +265,54 @@ def gae_advantages(
         advantages_reversed.append(last_gae)
     advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask  # (B, T)
     returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def leave_one_out_baseline(scores: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt baseline of RLOO (Ahmadian et al. 2024, after Kool et al. 2019): for each sample, the mean
+    score of the *other* samples of the same prompt; 0 for a prompt sampled once.
+
+    scores: (B,) float; groups: (B,) long, equal for samples of one prompt. Returns (baseline (B,), has_others
+    (B,) bool: the prompt has other samples). Subtracting the baseline from the score removes each prompt's
+    offset (eq. 1 fixes only differences within a prompt) and stays unbiased, since a sample's baseline never
+    depends on its own score.
+    """
+    same = groups.unsqueeze(0) == groups.unsqueeze(1)  # (B, B)
+    others = same.sum(1) - 1  # (B,) other samples of the row's prompt
+    totals = (same.to(scores.dtype) * scores.unsqueeze(0)).sum(1)  # (B,)
+    has_others = others > 0
+    baseline = torch.where(has_others, (totals - scores) / others.clamp(min=1), torch.zeros_like(scores))
+    return baseline, has_others
+
+
+def baselined_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    last_index: torch.Tensor,
+    baseline: torch.Tensor,
+    has_baseline: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE with the per-prompt baseline in the place of the value model's guess of the prompt's worth.
+
+    Where ``has_baseline``, the row's score (in ``rewards`` at ``last_index``) is lowered by ``baseline`` and
+    its values by V(s_0), the value before its first token: at λ = 1, A_t = G_t − b − (V(s_t) − V(s_0)), so
+    the first token is judged against the other samples of its prompt (RLOO) and later tokens by how the
+    value model's estimate moved since. Other rows get plain GAE. The value model's targets stay the
+    unbaselined returns (it learns each prompt's worth; only its differences enter the advantages).
+
+    rewards, values: (B, T); response_mask: (B, T) bool; last_index: (B,) long; baseline: (B,);
+    has_baseline: (B,) bool. Returns (advantages, returns), each (B, T), zero at masked positions.
+    """
+    shift = has_baseline.to(values.dtype)  # (B,)
+    baselined = rewards.clone()
+    rows = torch.arange(rewards.size(0))
+    baselined[rows, last_index] -= baseline * shift
+    shifted_values = (values - values[:, :1] * shift.unsqueeze(1)) * response_mask.to(values.dtype)
+    advantages, _ = gae_advantages(baselined, shifted_values, response_mask, gamma, lam)
+    _, returns = gae_advantages(rewards, values, response_mask, gamma, lam)
     return advantages, returns
 
 

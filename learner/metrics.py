@@ -80,6 +80,28 @@ class LearnerMetrics:
             registry=r,
         )
         self.rm_updates = Counter("learner_rm_updates_total", "Reward model updates.", registry=r)
+        self.rm_updates_refused = Counter(
+            "learner_rm_updates_refused_total",
+            "Reward model updates not used: their held-out loss was worse than the previous RM's.",
+            registry=r,
+        )
+        self.rm_ready = Gauge(
+            "learner_rm_ready",
+            "1 when the RM's held-out accuracy is confidently above chance (PPO may start), else 0.",
+            registry=r,
+        )
+        self.reward_normalisation = Gauge(
+            "learner_reward_normalisation",
+            "The RM's normalisation (score = gain * head + bias; the reference's samples score mean 0, "
+            "std 1), by `term` (gain, bias).",
+            ["term"],
+            registry=r,
+        )
+        self.value_clip_fraction = Gauge(
+            "learner_value_clip_fraction",
+            "Share of response tokens whose value loss was clipped in the last PPO-ptx round.",
+            registry=r,
+        )
         self.reward = Gauge(
             "learner_reward_mean", "Mean RM score on held-out prompts.", ["policy"], registry=r
         )
@@ -96,6 +118,13 @@ class LearnerMetrics:
             "learner_ptx_heldout_nll",
             "Per-token NLL on held-out pretraining text (never trained on) after the last "
             "PPO-ptx round, of the working policy and of the reference: the alignment tax.",
+            ["policy"],
+            registry=r,
+        )
+        self.alignment_tax_nll = Gauge(
+            "learner_alignment_tax_nll",
+            "Per-token NLL on text from another source than the ptx corpus (Python's stdlib docstrings) "
+            "after the last PPO-ptx round, of the working policy and of the reference: the alignment tax.",
             ["policy"],
             registry=r,
         )
@@ -132,9 +161,14 @@ class LearnerMetrics:
         )
 
     def observe_ppo(self, stats: dict[str, float]) -> None:
-        """The gauges a PPO-ptx round sets: ptx loss, and the held-out pretraining NLL (the alignment tax)."""
+        """The gauges a PPO-ptx round sets: ptx loss, value clip fraction, and the held-out NLL (the alignment tax)."""
         if "ptx_loss" in stats:
             self.ptx_loss.set(stats["ptx_loss"])
+        if "value_clip_fraction" in stats:
+            self.value_clip_fraction.set(stats["value_clip_fraction"])
+        if "tax_nll" in stats:
+            self.alignment_tax_nll.labels("policy").set(stats["tax_nll"])
+            self.alignment_tax_nll.labels("reference").set(stats["tax_nll_reference"])
         if "ptx_heldout_nll" in stats:
             self.ptx_heldout_nll.labels("policy").set(stats["ptx_heldout_nll"])
             self.ptx_heldout_nll.labels("reference").set(stats["ptx_heldout_nll_reference"])

@@ -135,7 +135,7 @@ class LearnerModels:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from learner.reward import disable_dropout
+        from learner.utils import disable_dropout
 
         dtype = self.dtype if frozen else torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -285,9 +285,10 @@ class LearnerModels:
         return loaded, samples
 
     def reference_answers(self, queries: list, config: Any) -> list[str]:
-        """Greedy answers of the reference to ``queries`` (``TrafficPrompt``s), the RM's bias samples. The
-        reference never changes (until SFT, which calls ``reset``), so each answer is generated once and kept:
-        an RM update then only generates for prompts it has not seen."""
+        """Answers of the reference to ``queries`` (``TrafficPrompt``s) under ``config`` (greedy, or seeded
+        samples), the RM's normalisation samples. The reference never changes (until SFT, which calls
+        ``reset``), so each (prompt, config) answer is generated once and kept: an RM update then only
+        generates for prompts it has not seen."""
         from learner.evaluate import reference_samples
 
         def key(query) -> tuple:

@@ -31,26 +31,22 @@ from learner.config import PPOConfig
 from learner.losses import (
     AdaptiveKLController,
     FixedKLController,
+    baselined_advantages,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
-    gae_advantages,
     kl_from_logits,
     kl_penalized_rewards,
+    leave_one_out_baseline,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
     ptx_loss,
 )
-from learner.ptx import PtxSource
-from learner.reward import (
-    disable_dropout,
-    position_ids_from_mask,
-    progress_iter,
-    sequence_scores,
-    token_scores,
-)
-from learner.rollout import Rollouts, generate_rollouts, response_limits, scoring_inputs  # noqa: F401 (re-exported)
+from learner.ptx import PtxSource, alignment_tax_windows, mean_nll
+from learner.reward import sequence_scores, token_scores
+from learner.rollout import Rollouts, generate_rollouts, scoring_inputs
+from learner.utils import disable_dropout, position_ids_from_mask, progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +141,17 @@ def rollout_scores(reward_model, rollouts: Rollouts, batch_size: int, eos_token_
     return torch.cat(out)
 
 
-def round_prompt_indices(n_prompts: int, n: int, rng: random.Random) -> list[int]:
-    """Which prompt each of a round's ``n`` rollouts answers: a sample without replacement; with fewer prompts
-    than rollouts, every prompt the same number of times (± 1), so no prompt dominates a round by chance."""
-    repeats, remainder = divmod(n, n_prompts)
+def round_prompt_indices(
+    n_prompts: int, n: int, rng: random.Random, samples_per_prompt: int = 1
+) -> list[int]:
+    """Which prompt each of a round's ``n`` rollouts answers: ``n / samples_per_prompt`` draws without
+    replacement, each answered ``samples_per_prompt`` times (adjacent); with fewer prompts than draws, every
+    prompt drawn the same number of times (± 1), so no prompt dominates a round by chance."""
+    draws = n // samples_per_prompt
+    repeats, remainder = divmod(draws, n_prompts)
     picked = [i for i in range(n_prompts) for _ in range(repeats)] + rng.sample(range(n_prompts), remainder)
     rng.shuffle(picked)
-    return picked
+    return [i for i in picked for _ in range(samples_per_prompt)]
 
 
 class PPOPtxTrainer:
@@ -186,9 +186,9 @@ class PPOPtxTrainer:
         for frozen in (reference, reward_model):
             frozen.eval()
             frozen.requires_grad_(False)
-        for name, parameter in value_model.named_parameters():
-            # the value model may be a copy of the (frozen) RM; only the RM's normalisation bias stays fixed
-            parameter.requires_grad_(name != "score.bias")
+        # the value model may be a copy of the (frozen) RM: it trains, in the RM's normalised units (its gain
+        # and bias are config constants, not weights)
+        value_model.requires_grad_(True)
         policy.requires_grad_(True)
         self.policy_optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=config.lr
@@ -203,7 +203,8 @@ class PPOPtxTrainer:
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rounds_done = 0
-        self._reference_heldout_nll: float | None = None
+        self._reference_nll: dict[str, float] | None = None
+        self._ptx_batch = self._tax_batch = None
 
     # ---------------------------------------------------------------------------------- checkpointing
 
@@ -233,45 +234,29 @@ class PPOPtxTrainer:
 
     @torch.no_grad()
     def heldout_ptx_nll(self) -> dict[str, float]:
-        """Per-token NLL of the policy (and, once, of the reference) on ``config.ptx_eval_windows`` held-out
-        pretraining windows, and their ratio: the alignment tax on text ptx never trains on."""
-        batch = (
-            self.ptx_source.heldout_batch(self.config.ptx_eval_windows)
-            if self.ptx_source is not None and self.config.ptx_eval_windows
-            else None
-        )
-        if batch is None:
+        """Per-token NLL of the policy against the reference's (computed once) on (a) ``ptx_eval_windows``
+        held-out windows of the ptx corpus, never trained on (``ptx_heldout_nll*``: does ptx keep the policy
+        on its corpus?) and (b) as many windows of text from another source, the alignment tax proper
+        (``tax_nll*``, ``learner.ptx.alignment_tax_windows``: Python's stdlib docstrings)."""
+        n = self.config.ptx_eval_windows
+        if not n:
             return {}
-        device = next(self.policy.parameters()).device
-        input_ids, attention_mask = (t.to(device) for t in batch)
-
-        def nll(model) -> float:
-            was_training = model.training
-            model.eval()
-            values = [
-                ptx_loss(
-                    model(
-                        input_ids=input_ids[i : i + 4],
-                        attention_mask=attention_mask[i : i + 4],
-                        use_cache=False,
-                    ).logits,
-                    input_ids[i : i + 4],
-                    attention_mask[i : i + 4],
-                    1.0,
-                )[1]
-                for i in range(0, input_ids.size(0), 4)
-            ]
-            model.train(was_training)
-            return torch.stack(values).mean().item()
-
-        if self._reference_heldout_nll is None:
-            self._reference_heldout_nll = nll(self.reference)
-        policy_nll = nll(self.policy)
-        return {
-            "ptx_heldout_nll": policy_nll,
-            "ptx_heldout_nll_reference": self._reference_heldout_nll,
-            "ptx_heldout_nll_ratio": policy_nll / self._reference_heldout_nll,
-        }
+        if self._reference_nll is None:
+            self._tax_batch = alignment_tax_windows(self.tokenizer, n, self.config.ptx_seq_len)
+            self._ptx_batch = self.ptx_source.heldout_batch(n) if self.ptx_source is not None else None
+            self._reference_nll = {
+                name: mean_nll(self.reference, batch)
+                for name, batch in (("ptx_heldout_nll", self._ptx_batch), ("tax_nll", self._tax_batch))
+                if batch is not None
+            }
+        out = {}
+        for name, batch in (("ptx_heldout_nll", self._ptx_batch), ("tax_nll", self._tax_batch)):
+            if batch is not None:
+                policy_nll = mean_nll(self.policy, batch)
+                out[name] = policy_nll
+                out[f"{name}_reference"] = self._reference_nll[name]
+                out[f"{name}_ratio"] = policy_nll / self._reference_nll[name]
+        return out
 
     def round(self, prompts: list[str], max_tokens: Sequence[int | None] | None = None) -> dict[str, float]:
         """One PPO-ptx round on prompts drawn from ``prompts``. Returns the round's statistics.
@@ -288,9 +273,10 @@ class PPOPtxTrainer:
         round_seed = config.seed * 1_000_003 + self.rounds_done
         started = time.perf_counter()
 
-        # 1. sample the round's prompts (without replacement; each equally often when there are fewer than n)
+        # 1. sample the round's prompts (without replacement; each equally often when there are fewer than n),
+        # each answered samples_per_prompt times
         n = config.rollout_batch_size
-        picked = round_prompt_indices(len(prompts), n, random.Random(round_seed))
+        picked = round_prompt_indices(len(prompts), n, random.Random(round_seed), config.samples_per_prompt)
         batch_prompts = [prompts[i] for i in picked]
         traffic = [max_tokens[i] if max_tokens is not None else None for i in picked]
         limits = [min(t, config.max_new_tokens) if t else config.max_new_tokens for t in traffic]
@@ -339,11 +325,16 @@ class PPOPtxTrainer:
         if config.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
 
-        # 6. GAE over the response tokens (γ=1, λ=1 by default), then whitened advantages
-        advantages, returns = gae_advantages(rewards, values, mask, config.gamma, config.lam)
+        # 6. per-prompt baseline (RLOO): the mean score of the other samples of each prompt, (B,)
+        baseline, has_baseline = leave_one_out_baseline(scores, torch.tensor(picked))
+
+        # 7. GAE over the response tokens (γ=1, λ=1 by default) against that baseline, then whitened
+        advantages, returns = baselined_advantages(
+            rewards, values, mask, rollouts.last_index, baseline, has_baseline, config.gamma, config.lam
+        )
         advantages = masked_whiten(advantages, mask) * mask
 
-        # 7. epochs × minibatches: clipped policy loss (+ ptx gradient, eq. 2) and clipped value loss
+        # 8. epochs × minibatches: clipped policy loss (+ ptx gradient, eq. 2) and clipped value loss
         update_started = time.perf_counter()
         self.policy.train()
         self.value_model.train()
@@ -376,7 +367,7 @@ class PPOPtxTrainer:
             query_responses = rollouts.query_responses[rows].to(device)
             attention_mask = rollouts.attention_mask[rows].to(device)
 
-            # 7a. policy: clipped ratio on whitened advantages
+            # 8a. policy: clipped ratio on whitened advantages
             logits = response_logits(
                 self.policy, query_responses, attention_mask, rollouts.context_length, config.temperature
             )  # (b, Tr, V)
@@ -396,7 +387,7 @@ class PPOPtxTrainer:
             policy_loss.backward()
             del logits
 
-            # 7b. ptx: −γ·log-likelihood of a pretraining batch, accumulated into the same step
+            # 8b. ptx: −γ·log-likelihood of a pretraining batch, accumulated into the same step
             if config.ptx_coef > 0:
                 ptx_started = time.perf_counter()
                 ptx_ids, ptx_mask = self.ptx_source.next_batch()
@@ -412,7 +403,7 @@ class PPOPtxTrainer:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), config.max_grad_norm)
             self.policy_optimizer.step()
 
-            # 7c. value model: clipped value loss toward the GAE returns
+            # 8c. value model: clipped value loss toward the GAE returns
             new_values = token_scores(
                 self.value_model, query_responses.to(value_device), attention_mask.to(value_device)
             )[:, rollouts.context_length - 1 : -1]
@@ -441,10 +432,10 @@ class PPOPtxTrainer:
         self.value_model.eval()
         update_s = time.perf_counter() - update_started - ptx_s
 
-        # 8. the alignment tax: NLL on held-out pretraining text (never trained on), policy vs reference
+        # 9. the alignment tax: NLL on held-out ptx text and on text from another source, policy vs reference
         heldout = self.heldout_ptx_nll()
 
-        # 9. adapt β (no-op when fixed) and report
+        # 10. adapt β (no-op when fixed) and report
         sequence_kl = kl.sum(1)  # (B,) per-sequence KL estimate (k1)
         mean_kl = sequence_kl.mean().item()
         self.kl_controller.update(mean_kl, 1)  # the horizon is in rounds (PPOConfig.kl_horizon)
@@ -455,6 +446,7 @@ class PPOPtxTrainer:
             "round": float(self.rounds_done),
             "reward_mean": (scores + non_score_reward.sum(1)).mean().item(),
             "score_mean": scores.mean().item(),
+            "baseline_mean": baseline.mean().item(),
             "rm_score_mean": rm_scores.mean().item(),
             "rm_score_std": rm_scores.std().item() if n > 1 else 0.0,
             "kl": mean_kl,

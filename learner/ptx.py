@@ -17,17 +17,26 @@ The corpus is, in order of precedence:
   the small corpus shipped in ``learner/data/`` (see ``learner/data/README.md``), with a warning.
 
 Documents are tokenized once, joined with EOS, and cut into windows of ``seq_len`` tokens. A fixed share of
-the documents (a hash of their text, ``heldout_fraction``) is kept out of the training windows:
-``heldout_nll`` measures the alignment tax on text ptx never trains on.
+the documents (a hash of their text, ``heldout_fraction``) is kept out of the training windows: the held-out
+NLL there says whether ptx keeps the policy on its corpus.
+
+The alignment tax proper is measured on text from another source (``alignment_tax_windows``): the module
+docstrings of the running Python's standard library, English technical prose with code examples under the
+PSF License (use, copy, modify and distribute, notice kept), present offline wherever the learner runs and
+unlike WordNet's one-line glosses in style and domain.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import logging
+import sysconfig
 from pathlib import Path
 
 import torch
+
+from learner.losses import ptx_loss
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +138,57 @@ def _load_hf_dataset(path: str, text_field: str) -> list[str]:
             f"ptx dataset {path!r} has no column {text_field!r} (columns: {dataset.column_names})"
         )
     return [text for text in dataset[text_field] if text and text.strip()]
+
+
+def python_docstrings(max_chars: int = 40_000) -> list[str]:
+    """Module docstrings (20 words or more) of the top-level ``*.py`` files of the running Python's standard
+    library, in file-name order, until ``max_chars`` characters: the alignment-tax text (PSF License)."""
+    documents: list[str] = []
+    total = 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        if docstring and len(docstring.split()) >= 20:
+            documents.append(docstring)
+            total += len(docstring)
+            if total >= max_chars:
+                break
+    return documents
+
+
+def alignment_tax_windows(tokenizer, n: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``n`` windows of ``seq_len`` tokens of ``python_docstrings`` (documents joined with EOS), (n, T) each;
+    fewer when the text runs out, None when it has not one window (a Python without its stdlib sources)."""
+    ids: list[int] = []
+    for document in python_docstrings(max_chars=8 * n * seq_len):  # ~4 characters a token, with margin
+        ids.extend(tokenizer(document, add_special_tokens=False).input_ids)
+        ids.append(tokenizer.eos_token_id)
+    windows = min(n, len(ids) // seq_len)
+    if windows < 1:
+        return None
+    input_ids = torch.tensor(ids[: windows * seq_len], dtype=torch.long).view(windows, seq_len)  # (n, T)
+    return input_ids, torch.ones_like(input_ids)
+
+
+@torch.no_grad()
+def mean_nll(model, batch: tuple[torch.Tensor, torch.Tensor], chunk: int = 4) -> float:
+    """Per-token NLL of ``model`` on ``batch`` (input_ids, attention_mask: (n, T)), ``chunk`` windows per
+    forward, in eval mode (the model's mode is restored); each chunk weighted by its predicted tokens."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = (t.to(device) for t in batch)
+    was_training = model.training
+    model.eval()
+    total = tokens = 0.0
+    for i in range(0, input_ids.size(0), chunk):
+        ids, mask = input_ids[i : i + chunk], attention_mask[i : i + chunk]
+        nll = ptx_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask, 1.0)[1]
+        predicted = (mask[:, 1:].bool() & mask[:, :-1].bool()).sum().item()  # CPU/GPU sync
+        total += nll.item() * predicted
+        tokens += predicted
+    model.train(was_training)
+    return total / tokens
 
 
 class PtxSource:

@@ -3,7 +3,7 @@
 The RM is ``AutoModelForSequenceClassification(num_labels=1)`` built from the SFT/base causal-LM folder,
 so policy, value model and RM share one tokenizer. It scores ``query + response + EOS`` at the last real
 token (the EOS), where ``query`` is the stored model input — the exact text serve generated from, raw or
-chat-rendered (instructloop/prompt.py) — tokenized as serve does (``encode_query``): the RM, PPO, the bias
+chat-rendered (instructloop/prompt.py) — tokenized as serve does (``learner.utils.encode_query``): the RM, PPO, the bias
 and the gate all see the sequences serving saw, and nothing renders a template again.
 
 We run the backbone and the score head ourselves (``token_scores``) instead of calling ``model(...)``:
@@ -20,79 +20,33 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from statistics import NormalDist
 
 import torch
 from torch import nn
 
-from instructloop.prompt import encode_prompt
 from learner.config import RewardConfig
-from learner.losses import first_true_indices, kwise_ranking_loss, ranking_pairs_flat
+from learner.losses import (
+    first_true_indices,
+    kwise_ranking_loss,
+    normalisation_constants,
+    ranking_pairs_flat,
+)
+from learner.utils import disable_dropout, encode_sequence, left_pad, position_ids_from_mask, progress_iter
 
 log = logging.getLogger(__name__)
 
+REWARD_GAIN_KEY = "instructloop_reward_gain"
+"""config attribute holding the normalisation gain g (saved in config.json; 1.0 when absent)."""
 REWARD_BIAS_KEY = "instructloop_reward_bias"
-"""config attribute holding the score head's bias (saved in config.json; re-installed on load)."""
-
-
-# ---------------------------------------------------------------------------------------- text → ids
-
-
-def encode_query(tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """Token ids of the model input ``prompt`` exactly as serve generated from it (``encode_prompt``: the
-    prompt contract, no template rendered over it), keeping the last ``max_tokens``."""
-    return encode_prompt(tokenizer, prompt)[-max_tokens:]
-
-
-def encode_sequence(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
-    """Token ids of query + response + EOS, at most ``max_length``: the response keeps up to
-    ``max_length // 2`` tokens (cut from the right, EOS kept) and the query is cut from the left."""
-    query_ids, response_ids = encode_pair(tokenizer, prompt, response, max_length)
-    return query_ids + response_ids
-
-
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """``encode_sequence`` split into (query ids, response ids + EOS): the query tokenized alone, as serve
-    tokenized it, and the response after it (never merged across the boundary)."""
-    eos = tokenizer.eos_token_id
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids
-    if not response_ids or response_ids[-1] != eos:
-        response_ids = response_ids + [eos]
-    response_budget = max(1, max_length // 2)
-    if len(response_ids) > response_budget:
-        response_ids = response_ids[: response_budget - 1] + [eos]
-    return encode_query(tokenizer, prompt, max_length - len(response_ids)), response_ids
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into (input_ids, attention_mask), both (B, T) long."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, width - len(seq) :] = 1
-    return input_ids, attention_mask
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them. (B, T) → (B, T)."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+"""config attribute holding the normalisation bias b (saved in config.json; 0.0 when absent)."""
+NORMALISATION_MIN_STD = 1e-3
+"""A spread of raw scores below this is treated as this (an untrained RM scoring everything alike would
+otherwise get an unbounded gain)."""
 
 
 # ------------------------------------------------------------------------------------------- models
-
-
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability to 0 (Huang et al.: dropout off in all four RLHF models)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(model.config, name) and isinstance(getattr(model.config, name), float):
-            setattr(model.config, name, 0.0)
-    return model
 
 
 def score_head(model: nn.Module) -> nn.Linear:
@@ -111,26 +65,25 @@ def backbone(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def _install_bias(model: nn.Module, bias: float) -> None:
-    head = score_head(model)
-    if head.bias is None:
-        new_head = nn.Linear(
-            head.in_features, head.out_features, bias=True, dtype=head.weight.dtype, device=head.weight.device
-        )
-        with torch.no_grad():
-            new_head.weight.copy_(head.weight)
-        model.score = new_head
-        head = new_head
-    with torch.no_grad():
-        head.bias.fill_(bias)
-    head.bias.requires_grad_(False)  # a normalisation constant, not a learned parameter: config stays in sync
+def reward_normalisation(model: nn.Module) -> tuple[float, float]:
+    """(gain g, bias b) of ``model``: a score is ``g · head(h) + b`` (1, 0 before any normalisation)."""
+    return (
+        float(getattr(model.config, REWARD_GAIN_KEY, 1.0)),
+        float(getattr(model.config, REWARD_BIAS_KEY, 0.0)),
+    )
+
+
+def set_reward_normalisation(model: nn.Module, gain: float, bias: float) -> None:
+    """Store (g, b) in ``model.config``: saved with the model, applied by every normalised score."""
+    setattr(model.config, REWARD_GAIN_KEY, float(gain))
     setattr(model.config, REWARD_BIAS_KEY, float(bias))
 
 
 def build_reward_model(model_path: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """The RM (or the value model): ``AutoModelForSequenceClassification(num_labels=1)`` from a causal-LM
     folder (a fresh head, initialised from ``seed`` so a build is reproducible) or from a saved RM folder
-    (head and bias restored); pad token id set from the tokenizer, dropout off."""
+    (head restored, its normalisation read from config.json); pad token id set from the tokenizer, dropout
+    off."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -143,17 +96,18 @@ def build_reward_model(model_path: str, dtype: torch.dtype = torch.float32, seed
             "e.g. instructloop.model.fix_tokenizer for SmolLM2)"
         )
     model.config.pad_token_id = tokenizer.pad_token_id
-    bias = getattr(model.config, REWARD_BIAS_KEY, None)
-    if bias is not None:
-        # from_pretrained built a bias-free head and dropped the saved bias: put it back
-        _install_bias(model, float(bias))
     return disable_dropout(model)
 
 
-def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_scores(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalised: bool = True
+) -> torch.Tensor:
     """The score head applied at every position. input_ids, attention_mask: (B, T). Returns (B, T).
 
     Used as per-token values by the value model and, gathered at the last real token, as RM scores.
+    ``normalised``: ``g · head + b`` (``reward_normalisation``), the units PPO, the value model and the gate
+    work in; False gives the raw head, the units the RM trains in (the K-wise loss is not scale-free, so
+    training through g would change the RM's effective learning rate after every normalisation).
     """
     hidden = backbone(model)(
         input_ids=input_ids,
@@ -162,7 +116,11 @@ def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         use_cache=False,
     ).last_hidden_state  # (B, T, H)
     head = score_head(model)  # float32 over a bfloat16 backbone in mixed precision (Settings.dtype)
-    return head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
+    scores = head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
+    if not normalised:
+        return scores
+    gain, bias = reward_normalisation(model)
+    return scores * gain + bias
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -171,23 +129,14 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.size(1) - 1 - first_true_indices(flipped)
 
 
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y): the score at the last real token of each (left- or right-padded) row. Returns (B,)."""
-    scores = token_scores(model, input_ids, attention_mask)  # (B, T)
+def sequence_scores(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalised: bool = True
+) -> torch.Tensor:
+    """r(x, y): the score at the last real token of each (left- or right-padded) row (normalised or raw, see
+    ``token_scores``). Returns (B,)."""
+    scores = token_scores(model, input_ids, attention_mask, normalised)  # (B, T)
     last = last_token_index(attention_mask)  # (B,)
     return scores.gather(1, last.unsqueeze(1)).squeeze(1)
-
-
-# ------------------------------------------------------------------------------------------ progress
-
-
-def progress_iter(iterable: Iterable, total: int | None, description: str, enabled: bool) -> Iterable:
-    """``rich`` progress bar over ``iterable`` when ``enabled``; the plain iterable otherwise."""
-    if not enabled:
-        return iterable
-    from rich.progress import track
-
-    return track(iterable, total=total, description=description, transient=True)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -202,6 +151,55 @@ def _ranked_sequences(tokenizer, comparison, max_length: int) -> tuple[list[list
     ]
     ranking = [[compact[i] for i in group] for group in comparison.ranking]
     return sequences, ranking
+
+
+def replay_sample(older: Sequence, new_count: int, ratio: float, seed: int) -> list:
+    """The older rankings an update trains on beside its ``new_count`` new ones: ``round(ratio · new_count)``
+    of ``older`` (all of them when there are fewer), drawn without replacement from ``seed``, in their order."""
+    n = min(len(older), round(ratio * new_count))
+    return [older[i] for i in sorted(random.Random(seed).sample(range(len(older)), n))]
+
+
+def accuracy_lower_bound(accuracy: float, pairs: float, confidence: float) -> float:
+    """One-sided Wilson lower confidence bound of a pair accuracy measured on ``pairs`` pairs (0 for none).
+    Pairs of one ranking are not independent, so the bound is, if anything, optimistic."""
+    if pairs <= 0:
+        return 0.0
+    z = NormalDist().inv_cdf(confidence)
+    centre = accuracy + z * z / (2 * pairs)
+    spread = z * math.sqrt(accuracy * (1 - accuracy) / pairs + z * z / (4 * pairs * pairs))
+    return (centre - spread) / (1 + z * z / pairs)
+
+
+def rm_ready(metrics: dict, confidence: float = 0.95) -> tuple[bool, str]:
+    """Whether PPO may optimise against an RM with these update ``metrics`` (``heldout_accuracy``,
+    ``heldout_pairs``, as ``train_reward_model`` returns them): the lower confidence bound of its held-out
+    pair accuracy at ``confidence`` is above chance (0.5). ``confidence`` 0 skips the check. Returns
+    (ready, the reason in words)."""
+    if confidence <= 0:
+        return True, "the readiness check is off (RewardConfig.ready_confidence 0)"
+    accuracy, pairs = metrics.get("heldout_accuracy"), metrics.get("heldout_pairs") or 0.0
+    if accuracy is None or not pairs:
+        return False, "the reward model has no held-out comparisons to measure its accuracy on"
+    bound = accuracy_lower_bound(float(accuracy), float(pairs), confidence)
+    verdict = "above" if bound > 0.5 else "not above"
+    reason = (
+        f"held-out pair accuracy {accuracy:.3f} on {pairs:.0f} pairs: its {confidence:.0%} lower bound "
+        f"{bound:.3f} is {verdict} chance (0.5)"
+    )
+    return bound > 0.5, reason
+
+
+def trainable_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every weight ``train_reward_model`` changes, for ``restore_snapshot``."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def restore_snapshot(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Put back the weights of ``trainable_snapshot`` in place (objects holding the model see them too)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(snapshot[name])
 
 
 def kwise_batch_loss(
@@ -225,7 +223,7 @@ def kwise_batch_loss(
         sizes.append(len(sequences))
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(flat, tokenizer.pad_token_id)  # (N, T)
-    scores = sequence_scores(model, input_ids.to(device), attention_mask.to(device))  # (N,)
+    scores = sequence_scores(model, input_ids.to(device), attention_mask.to(device), normalised=False)  # (N,)
     pairs = ranking_pairs_flat(rankings, sizes)
     loss, accuracy = kwise_ranking_loss(scores, pairs)
     return loss, accuracy, len(flat)
@@ -243,8 +241,8 @@ def train_reward_model(
 
     Batches hold ``config.rankings_per_batch`` whole rankings; each batch is one forward pass over all
     their ranked responses. Returns loss (mean over steps), train_accuracy (pair accuracy during
-    training), heldout_accuracy / heldout_loss (when ``heldout`` is given), steps, rankings, pairs,
-    sequences, duration_s and sequences_per_s.
+    training), heldout_accuracy / heldout_loss / heldout_pairs (when ``heldout`` is given), steps, rankings,
+    pairs, sequences, duration_s and sequences_per_s.
     """
     comparisons = [c for c in comparisons if c.pairs()]  # a tie ([[0, 1]]) implies no pair
     heldout = [c for c in heldout if c.pairs()] if heldout else heldout
@@ -254,11 +252,9 @@ def train_reward_model(
         )
     disable_dropout(model)
     model.train()
-    # Train every weight but the normalisation bias, whatever froze the model before (the PPO trainer
-    # freezes the RM it scores with; it is the same object the learner updates next).
+    # Train every weight, whatever froze the model before (the PPO trainer freezes the RM it scores with; it
+    # is the same object the learner updates next). The normalisation (g, b) is not a weight: it stays.
     model.requires_grad_(True)
-    if score_head(model).bias is not None:
-        score_head(model).bias.requires_grad_(False)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
@@ -307,6 +303,7 @@ def train_reward_model(
         stats["heldout_accuracy"], stats["heldout_loss"] = ranking_metrics(
             model, tokenizer, heldout, config.score_batch_size, config.max_length
         )
+        stats["heldout_pairs"] = float(sum(len(c.pairs()) for c in heldout))
     log.info("reward model trained", extra={"stats": stats})
     return stats
 
@@ -322,18 +319,22 @@ def reward_scores(
     responses: Sequence[str],
     batch_size: int = 16,
     max_length: int = 512,
+    normalised: bool = True,
 ) -> torch.Tensor:
-    """r(x, y) of each (prompt, response) pair (EOS appended as in training). Returns (len(prompts),) float32."""
+    """r(x, y) of each (prompt, response) pair (EOS appended as in training), normalised or raw (see
+    ``token_scores``). Returns (len(prompts),) float32."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     sequences = [
         encode_sequence(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)
     ]
-    return _score_sequences(model, tokenizer, sequences, batch_size)
+    return _score_sequences(model, tokenizer, sequences, batch_size, normalised)
 
 
 @torch.no_grad()
-def _score_sequences(model, tokenizer, sequences: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+def _score_sequences(
+    model, tokenizer, sequences: Sequence[Sequence[int]], batch_size: int, normalised: bool = True
+) -> torch.Tensor:
     """Sequence scores of already encoded sequences, ``batch_size`` per forward pass, in eval mode."""
     was_training = model.training
     model.eval()
@@ -341,7 +342,8 @@ def _score_sequences(model, tokenizer, sequences: Sequence[Sequence[int]], batch
     out = []
     for start in range(0, len(sequences), batch_size):
         input_ids, attention_mask = left_pad(sequences[start : start + batch_size], tokenizer.pad_token_id)
-        out.append(sequence_scores(model, input_ids.to(device), attention_mask.to(device)).float().cpu())
+        scores = sequence_scores(model, input_ids.to(device), attention_mask.to(device), normalised)
+        out.append(scores.float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -351,11 +353,12 @@ def ranking_metrics(
 ) -> tuple[float, float]:
     """(pair accuracy, K-wise loss) of ``comparisons`` under the RM, from one scoring pass: each ranked
     response is scored once (``batch_size`` per forward), then ``kwise_ranking_loss`` over all rankings
-    gives the loss (mean over rankings, as in training) and the share of implied (winner, loser) pairs
-    ordered correctly (a tie in score counts as wrong)."""
+    gives the loss (mean over rankings, as in training, on raw scores: comparable across updates whatever
+    the normalisation) and the share of implied (winner, loser) pairs ordered correctly (a tie in score
+    counts as wrong)."""
     encoded = [_ranked_sequences(tokenizer, comparison, max_length) for comparison in comparisons]
     scores = _score_sequences(
-        model, tokenizer, [s for sequences, _ in encoded for s in sequences], batch_size
+        model, tokenizer, [s for sequences, _ in encoded for s in sequences], batch_size, normalised=False
     )
     loss, accuracy = kwise_ranking_loss(
         scores, ranking_pairs_flat([r for _, r in encoded], [len(sequences) for sequences, _ in encoded])
@@ -371,24 +374,22 @@ def pairwise_accuracy(
     return ranking_metrics(model, tokenizer, comparisons, batch_size, max_length)[0]
 
 
-def normalize_reward_bias(
+def normalize_reward(
     model,
     tokenizer,
     prompts: Sequence[str],
     responses: Sequence[str],
     batch_size: int = 16,
     max_length: int = 512,
-) -> float:
-    """Shift the score head's bias so these (prompt, response) pairs score mean 0 (paper: the RM is
-    normalised so labeler demonstrations score 0; use reference-policy samples when there are none).
-
-    The bias lives in the head (installed if the architecture has none) and in ``config`` under
-    ``REWARD_BIAS_KEY`` so ``build_reward_model`` restores it from a saved folder. Returns the new bias.
-    """
+) -> tuple[float, float]:
+    """Set the RM's gain and bias so these (prompt, response) pairs score mean 0, std 1: the reference
+    policy's samples, as lm-human-preferences and OpenRLHF normalise, so β, the missing-EOS penalty and the
+    value clip mean the same whatever scale an RM update ended at. Each pair is scored exactly as given (the
+    stored model input, the prompt contract). Stored in ``config`` (``REWARD_GAIN_KEY``, ``REWARD_BIAS_KEY``),
+    saved with the model. Returns (gain, bias)."""
     if not prompts:
-        raise ValueError("normalize_reward_bias needs at least one (prompt, response) pair")
-    mean = reward_scores(model, tokenizer, prompts, responses, batch_size, max_length).mean().item()
-    head = score_head(model)
-    current = head.bias.item() if head.bias is not None else 0.0
-    _install_bias(model, current - mean)
-    return current - mean
+        raise ValueError("normalize_reward needs at least one (prompt, response) pair")
+    raw = reward_scores(model, tokenizer, prompts, responses, batch_size, max_length, normalised=False)
+    gain, bias = normalisation_constants(raw, NORMALISATION_MIN_STD)
+    set_reward_normalisation(model, gain, bias)
+    return gain, bias

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from learner.losses import first_true_indices, response_mask_from_lengths, truncate_response
-from learner.reward import encode_query, left_pad
+from learner.utils import encode_query, left_pad
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Supervised fine-tuning on labeler demonstrations (paper section 3.5, "SFT"), with TRL's ``SFTTrainer``.
 
-Each ``DemonstrationEvent`` becomes one example, tokenized here by ``learner.reward.encode_pair``: the event's
+Each ``DemonstrationEvent`` becomes one example, tokenized here by ``learner.utils.encode_pair``: the event's
 model input verbatim (the prompt contract, instructloop/prompt.py: raw text, or a chat already rendered by the
 gateway with the assistant header) tokenized alone, as serve did, then the response and EOS (``<|im_end|>``
 for a chat model); TRL puts the loss on the response only (``completion_mask``, ``completion_only_loss=True``).
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from learner.config import SFTConfig
-from learner.reward import disable_dropout, encode_pair, left_pad, position_ids_from_mask
+from learner.utils import disable_dropout, encode_pair, left_pad, position_ids_from_mask
 
 log = logging.getLogger(__name__)
 

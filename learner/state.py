@@ -49,6 +49,12 @@ class LearnerState(BaseModel):
         0, description="Training comparisons consumed by RM updates, in total."
     )
     rm_heldout_accuracy: float | None = None
+    rm_heldout_pairs: float | None = Field(
+        None, description="Held-out (winner, loser) pairs rm_heldout_accuracy was measured on."
+    )
+    rm_updates_refused: int = Field(
+        0, description="RM updates not used: their held-out loss was worse than the previous RM's."
+    )
     sft_done: bool = False
     reference_model: str | None = Field(
         None, description="The reference (SFT) model folder; None = settings.model."

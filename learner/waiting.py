@@ -36,6 +36,16 @@ class Wait:
         return asdict(self)
 
 
+def rm_readiness(settings, state) -> tuple[bool, str]:
+    """``learner.reward.rm_ready`` on the current RM's held-out accuracy (``state``) at the configured
+    ``RewardConfig.ready_confidence``: whether PPO may start on it, and why."""
+    from learner.reward import rm_ready
+    from learner.settings import resolve_learner_config
+
+    metrics = {"heldout_accuracy": state.rm_heldout_accuracy, "heldout_pairs": state.rm_heldout_pairs}
+    return rm_ready(metrics, resolve_learner_config(settings).reward.ready_confidence)
+
+
 def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
     """The steps that cannot run now, with what they need (an empty list: nothing waits on data)."""
     out: list[Wait] = []
@@ -78,6 +88,18 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
                 knob,
                 f"PPO round waits for a reward model trained on {settings.min_rm_comparisons} comparisons "
                 f"(it has seen {state.rm_comparisons_trained}; rank more completions or lower {knob})",
+            )
+        )
+    elif not state.pending_candidate and not (readiness := rm_readiness(settings, state))[0]:
+        knob = ENV_PREFIX + "REWARD"
+        out.append(
+            Wait(
+                "ppo",
+                0,
+                1,
+                knob,
+                f"PPO round waits for a reward model confidently better than chance: {readiness[1]} (rank "
+                f"more completions, or set ready_confidence in {knob})",
             )
         )
     elif state.rm_updates <= state.ppo_rm_update and not state.pending_candidate:

@@ -19,7 +19,7 @@ from instructloop.registry import Registry, VersionKind
 from learner.adapters import AdapterBase, PolicyAdapter, ReferenceModel
 from learner.config import AdapterConfig
 from learner.ptx import PtxSource
-from learner.reward import disable_dropout
+from learner.utils import disable_dropout
 from serve.batch import Batch, SequenceState
 from serve.sampling import NextTokenChooser, SamplingParams, StopSequences
 from tests.conftest import build_tiny_model_dir

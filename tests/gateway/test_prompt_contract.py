@@ -14,8 +14,8 @@ from instructloop.prompt import CHAT_ROUTE, COMPLETIONS_ROUTE
 from instructloop.streams import DEFAULT_PREFIX, Stream, stream_key
 from learner.dataset import Dataset
 from learner.ingest import Ingestor
-from learner.ppo import generate_rollouts, scoring_inputs
-from learner.reward import encode_sequence
+from learner.rollout import generate_rollouts, scoring_inputs
+from learner.utils import encode_sequence
 from tests.gateway.conftest import MODEL_NAME
 
 MESSAGES = [

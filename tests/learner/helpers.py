@@ -70,8 +70,10 @@ TINY_PPO = {
     "forward_batch_size": 8,
     "max_prompt_tokens": 64,
     "lr": 1e-4,
+    "samples_per_prompt": 2,
 }
-TINY_REWARD = {"rankings_per_batch": 4, "max_length": 64, "lr": 1e-3}
+# ready_confidence 0: PPO starts after the first RM update (tests of the readiness check set it back)
+TINY_REWARD = {"rankings_per_batch": 4, "max_length": 64, "lr": 1e-3, "ready_confidence": 0.0}
 TINY_EVAL = {"max_new_tokens": 8, "batch_size": 8, "max_prompt_tokens": 64}
 
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from learner.adapters import AdapterBase, PolicyAdapter, ReferenceModel, ScoreAdapter
 from learner.config import AdapterConfig, PPOConfig
 from learner.ppo import PPOPtxTrainer
-from learner.reward import normalize_reward_bias, sequence_scores, token_scores
+from learner.reward import normalize_reward, reward_normalisation, sequence_scores, token_scores
 
 PROMPTS = ["Name a color.", "Say hi.", "Count to three.", "What is two plus two?"]
 
@@ -58,7 +58,7 @@ def test_roles_share_one_frozen_base_and_round_trip(tmp_path, tiny_model_dir, to
         max_prompt_tokens=32,
         seed=0,
     )
-    normalize_reward_bias(reward, tokenizer, PROMPTS[:2], ["Blue.", "Hi!"])
+    normalize_reward(reward, tokenizer, PROMPTS[:2], ["Blue.", "Hi!"])
     trainer = PPOPtxTrainer(policy, reference, value, reward, tokenizer, config)
     value_head = value.score.weight.detach().clone()
     reward_head = reward.score.weight.detach().clone()
@@ -94,7 +94,7 @@ def test_roles_share_one_frozen_base_and_round_trip(tmp_path, tiny_model_dir, to
         assert_close(peft_policy(input_ids=input_ids, attention_mask=attention_mask).logits, trained)
         assert_close(token_scores(restored_value, input_ids, attention_mask), values)
         assert_close(sequence_scores(restored_reward, input_ids, attention_mask), rewards)
-    assert restored_reward.score.bias is not None and not restored_reward.score.bias.requires_grad
+    assert reward_normalisation(restored_reward) == reward_normalisation(reward) != (1.0, 0.0)
     restored_trainer = PPOPtxTrainer(
         restored_policy, ReferenceModel(restored_base), restored_value, restored_reward, tokenizer, config
     )

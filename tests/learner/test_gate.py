@@ -205,7 +205,7 @@ def _teach(model_dir, tokenizer, response: str, steps: int = 25):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learner.reward import encode_sequence
+    from learner.utils import encode_sequence
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 from learner.losses import (
     AdaptiveKLController,
     FixedKLController,
+    baselined_advantages,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
@@ -19,10 +20,12 @@ from learner.losses import (
     kl_from_logits,
     kl_penalized_rewards,
     kwise_ranking_loss,
+    leave_one_out_baseline,
     logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
+    normalisation_constants,
     ptx_loss,
     ranking_pairs_flat,
     response_mask_from_lengths,
@@ -221,3 +224,71 @@ def test_kl_from_logits():
     ref_logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])  # q = (.5, .5)
     expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
     assert_close(kl_from_logits(logits, ref_logits), torch.tensor([[expected, 0.0]]))
+
+
+def test_normalisation_constants_hand_computed():
+    # [2, 4, 6, 8]: mean 5, population variance (9 + 1 + 1 + 9) / 4 = 5
+    gain, bias = normalisation_constants(torch.tensor([2.0, 4.0, 6.0, 8.0]))
+    assert gain == pytest.approx(1 / math.sqrt(5)) and bias == pytest.approx(-math.sqrt(5))
+    normalised = gain * torch.tensor([2.0, 4.0, 6.0, 8.0]) + bias
+    assert_close(normalised, torch.tensor([-3.0, -1.0, 1.0, 3.0]) / math.sqrt(5))
+    assert normalised.std(unbiased=False).item() == pytest.approx(1.0)
+    assert normalisation_constants(torch.tensor([1.0, 3.0])) == pytest.approx((1.0, -2.0))
+    # one sample, or an RM that scores all alike: the spread is taken as min_std, not 0
+    assert normalisation_constants(torch.tensor([3.0]), min_std=0.5) == pytest.approx((2.0, -6.0))
+    assert normalisation_constants(torch.tensor([3.0, 3.0]), min_std=0.5) == pytest.approx((2.0, -6.0))
+
+
+def test_leave_one_out_baseline_hand_computed():
+    scores = torch.tensor([1.0, 2.0, 6.0, 5.0, 7.0])
+    groups = torch.tensor([0, 0, 0, 1, 2])  # prompt 0 sampled three times, prompts 1 and 2 once
+    baseline, has_others = leave_one_out_baseline(scores, groups)
+    assert_close(baseline, torch.tensor([4.0, 3.5, 1.5, 0.0, 0.0]))
+    assert has_others.tolist() == [True, True, True, False, False]
+    # interleaved groups: the baseline follows the group ids, not the positions
+    baseline, _ = leave_one_out_baseline(torch.tensor([1.0, 10.0, 3.0, 20.0]), torch.tensor([4, 9, 4, 9]))
+    assert_close(baseline, torch.tensor([3.0, 20.0, 1.0, 10.0]))
+
+
+def test_baselined_advantages_hand_computed():
+    # row 0: three tokens, baseline 1 from its prompt's other samples; row 1: two tokens, no other sample
+    rewards = torch.tensor([[-0.1, -0.2, 3.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.7, 1.0], [0.4, 0.9, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    last_index = torch.tensor([2, 1])
+    advantages, returns = baselined_advantages(
+        rewards, values, mask, last_index, torch.tensor([1.0, 0.0]), torch.tensor([True, False])
+    )
+    # row 0: G = [2.7, 2.8, 3.0]; A_t = G_t - b - (V_t - V_0) = [1.7, 1.8, 2.0] - [0, 0.2, 0.5]
+    # row 1: plain GAE at λ = 1: A = G - V = [2.0 - 0.4, 2.0 - 0.9]
+    assert_close(advantages, torch.tensor([[1.7, 1.6, 1.5], [1.6, 1.1, 0.0]]))
+    # the value model's targets are the unbaselined returns
+    assert_close(returns, torch.tensor([[2.7, 2.8, 3.0], [2.0, 2.0, 0.0]]))
+
+
+def test_baselined_advantages_drop_a_prompts_offset_and_are_plain_gae_without_a_baseline():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(4, 5) * 0.1, torch.randn(4, 5)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    last_index = torch.full((4,), 4)
+    scores = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    groups = torch.tensor([0, 0, 1, 1])
+
+    def advantages(offsets: torch.Tensor, value_offsets: torch.Tensor) -> torch.Tensor:
+        shifted = scores + offsets
+        with_score = rewards.clone()
+        with_score[:, 4] += shifted
+        baseline, has_others = leave_one_out_baseline(shifted, groups)
+        return baselined_advantages(
+            with_score, values + value_offsets.unsqueeze(1), mask, last_index, baseline, has_others, 1.0, 0.9
+        )[0]
+
+    # prompt 1's RM offset (+5) and the value model's guess of it (-2) change none of the advantages
+    assert_close(
+        advantages(torch.zeros(4), torch.zeros(4)),
+        advantages(torch.tensor([0.0, 0.0, 5.0, 5.0]), torch.tensor([0.0, 0.0, -2.0, -2.0])),
+    )
+    no_baseline = baselined_advantages(
+        rewards, values, mask, last_index, torch.zeros(4), torch.zeros(4, dtype=torch.bool), 1.0, 0.9
+    )
+    assert_close(no_baseline, gae_advantages(rewards, values, mask, 1.0, 0.9))

@@ -26,9 +26,10 @@ from transformers import AutoModelForCausalLM
 from learner.config import EvalConfig, PPOConfig, RewardConfig
 from learner.evaluate import evaluate_policy
 from learner.losses import ptx_loss
-from learner.ppo import PPOPtxTrainer, generate_rollouts, response_logprobs, round_prompt_indices
+from learner.ppo import PPOPtxTrainer, response_logprobs, round_prompt_indices
 from learner.ptx import PtxSource
 from learner.reward import build_reward_model, train_reward_model
+from learner.rollout import generate_rollouts
 from tests.conftest import build_tiny_model_dir
 from tests.learner.test_reward import PROMPTS, TARGET, WORDS, synthetic_comparison
 
@@ -207,11 +208,17 @@ def test_round_stats_are_complete_and_finite(experiment):
         "round_s",
         "tokens_per_s",
         "rollout_tokens_per_s",
+        "baseline_mean",
+        "ptx_heldout_nll_ratio",
+        "tax_nll",
+        "tax_nll_reference",
+        "tax_nll_ratio",
     ):
         assert torch.isfinite(torch.tensor(stats[key])), key
     assert stats["round"] == ROUNDS
     assert stats["rollout_s"] > 0 and stats["update_s"] > 0 and stats["ptx_s"] > 0
-    assert 0.0 <= stats["clip_fraction"] <= 1.0
+    assert 0.0 <= stats["clip_fraction"] <= 1.0 and 0.0 <= stats["value_clip_fraction"] <= 1.0
+    assert stats["tax_nll"] != stats["ptx_heldout_nll"]  # two texts: the alignment tax is not on ptx's corpus
 
 
 @pytest.mark.slow
@@ -269,10 +276,23 @@ def test_round_prompts_cover_each_prompt_equally_when_rollouts_outnumber_them(n_
     assert picked == round_prompt_indices(n_prompts, n, random.Random(7))  # seeded
 
 
+@pytest.mark.parametrize(("n_prompts", "n", "k"), [(16, 32, 4), (3, 16, 4), (40, 32, 2)])
+def test_round_prompts_answer_each_drawn_prompt_samples_per_prompt_times(n_prompts, n, k):
+    picked = round_prompt_indices(n_prompts, n, random.Random(7), samples_per_prompt=k)
+    assert len(picked) == n
+    blocks = [picked[i : i + k] for i in range(0, n, k)]
+    assert all(len(set(block)) == 1 for block in blocks)  # k adjacent samples of one prompt
+    counts = [picked.count(i) for i in range(n_prompts)]
+    assert all(c % k == 0 for c in counts)
+    assert max(counts) - min(counts) <= k if n // k >= n_prompts else max(counts) == k
+
+
 @pytest.mark.slow
 def test_config_and_trainer_refuse_bad_setups(experiment, tokenizer):
     with pytest.raises(ValueError, match="must divide"):
-        PPOConfig(rollout_batch_size=10, mini_batch_size=4)
+        PPOConfig(rollout_batch_size=10, mini_batch_size=4, samples_per_prompt=1)
+    with pytest.raises(ValueError, match="samples_per_prompt=3 must be >= 1 and divide"):
+        PPOConfig(rollout_batch_size=16, mini_batch_size=4, samples_per_prompt=3)
     with pytest.raises(ValueError, match="needs a ptx_source"):
         PPOPtxTrainer(
             experiment["policy"],

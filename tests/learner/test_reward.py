@@ -3,27 +3,34 @@ synthetic preference, bias normalisation survives a save/load."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
 
 from instructloop.events import ComparisonEvent
 from learner.config import RewardConfig
 from learner.reward import (
+    accuracy_lower_bound,
     build_reward_model,
-    encode_sequence,
     kwise_batch_loss,
-    left_pad,
-    normalize_reward_bias,
+    normalize_reward,
     pairwise_accuracy,
     ranking_metrics,
+    replay_sample,
+    restore_snapshot,
+    reward_normalisation,
     reward_scores,
+    rm_ready,
     score_head,
     sequence_scores,
     train_reward_model,
+    trainable_snapshot,
 )
+from learner.utils import encode_sequence, left_pad
 from tests.conftest import build_tiny_model_dir
 
 WORDS = ["river", "stone", "cloud", "paper", "green", "quiet", "north", "table", "light", "music"]
@@ -81,16 +88,24 @@ def test_kwise_training_learns_synthetic_preference_and_bias_normalisation(rm_di
     assert stats["heldout_accuracy"] >= 0.9, (before, stats)
     assert stats["heldout_loss"] < 0.5
 
-    # normalise: these (prompt, response) pairs now score mean 0, and a saved RM keeps its bias
+    # normalise: these (prompt, response) pairs now score mean 0, std 1; a saved RM keeps gain and bias
     prompts = [c.prompt for c in heldout]
     responses = [c.responses[0] for c in heldout]
-    bias = normalize_reward_bias(model, tokenizer, prompts, responses)
+    raw = reward_scores(model, tokenizer, prompts, responses, normalised=False)
+    gain, bias = normalize_reward(model, tokenizer, prompts, responses)
     scores = reward_scores(model, tokenizer, prompts, responses)
     assert abs(scores.mean().item()) < 1e-4
+    assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    assert gain == pytest.approx(1 / raw.std(unbiased=False).item(), rel=1e-4)
+    assert_close(scores, raw * gain + bias)
+    # held-out accuracy and loss are on raw scores: the normalisation changes neither
+    assert ranking_metrics(model, tokenizer, heldout, max_length=96) == pytest.approx(
+        (stats["heldout_accuracy"], stats["heldout_loss"]), rel=1e-4
+    )
     model.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
     reloaded = build_reward_model(str(tmp_path / "rm"))
-    assert reloaded.score.bias.item() == pytest.approx(bias)
+    assert reward_normalisation(reloaded) == pytest.approx((gain, bias))
     assert_close(reward_scores(reloaded, tokenizer, prompts, responses), scores, atol=1e-5, rtol=1e-4)
 
 
@@ -147,13 +162,82 @@ def test_a_backlog_above_single_pass_above_is_trained_once(rm_dir, tokenizer):
     assert (stats["steps"], stats["epochs"], stats["rankings"]) == (3.0, 1.0, 3.0)
 
 
-def test_training_a_frozen_reward_model_trains_it_but_keeps_the_bias(rm_dir, tokenizer):
+def test_training_a_frozen_reward_model_trains_it_but_keeps_the_normalisation(rm_dir, tokenizer):
     model = build_reward_model(str(rm_dir))
-    normalize_reward_bias(model, tokenizer, ["Say hi"], ["hi"])
-    bias = score_head(model).bias.detach().clone()
+    normalisation = normalize_reward(model, tokenizer, ["Say hi", "Say hi"], ["hi", "hello there"])
     weight = score_head(model).weight.detach().clone()
     model.requires_grad_(False)  # as the PPO trainer leaves the RM it scores with
     vote = ComparisonEvent(prompt="Say hi", responses=["hi", "go away"], ranking=[[0], [1]], labeler_id="l")
     train_reward_model(model, tokenizer, [vote], RewardConfig(epochs=1, rankings_per_batch=1))
     assert not torch.equal(score_head(model).weight, weight)
-    assert_close(score_head(model).bias, bias)
+    assert reward_normalisation(model) == normalisation
+
+
+def test_normalisation_puts_reference_samples_at_mean_0_std_1_and_the_loss_in_raw_units(rm_dir, tokenizer):
+    """The reference policy's own samples (the tiny model's answers) score mean 0, std 1 after
+    ``normalize_reward``; the K-wise training loss is the raw head's, whatever the normalisation."""
+    from learner.rollout import generate_rollouts
+
+    reference = AutoModelForCausalLM.from_pretrained(rm_dir)
+    torch.manual_seed(0)
+    prompts = PROMPTS * 4
+    rollouts = generate_rollouts(reference, tokenizer, prompts, 64, 12, do_sample=True, temperature=1.0)
+    responses = [
+        tokenizer.decode(ids[mask], skip_special_tokens=True)
+        for ids, mask in zip(rollouts.responses, rollouts.response_mask, strict=True)
+    ]
+    model = build_reward_model(str(rm_dir))
+    rng = random.Random(5)
+    votes = [synthetic_comparison(rng) for _ in range(4)]
+    with torch.no_grad():
+        raw_loss = kwise_batch_loss(model, tokenizer, votes, 96)[0].item()
+    normalize_reward(model, tokenizer, prompts, responses)
+    scores = reward_scores(model, tokenizer, prompts, responses)
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    with torch.no_grad():
+        assert kwise_batch_loss(model, tokenizer, votes, 96)[0].item() == pytest.approx(raw_loss, rel=1e-5)
+
+
+def test_replay_sample_takes_ratio_times_the_new_rankings_of_the_older_ones():
+    older = list(range(10))
+    picked = replay_sample(older, new_count=4, ratio=1.0, seed=3)
+    assert len(picked) == 4 and picked == sorted(picked) and set(picked) <= set(older)
+    assert picked == replay_sample(older, 4, 1.0, seed=3)  # seeded
+    assert replay_sample(older, 4, 0.5, seed=3).__len__() == 2
+    assert replay_sample(older, 8, 2.0, seed=3) == older  # fewer older ones than asked: all of them
+    assert replay_sample(older, 4, 0.0, seed=3) == []
+
+
+def test_accuracy_lower_bound_and_rm_ready_hand_computed():
+    # Wilson, one-sided 95 % (z = 1.6449): accuracy 0.8 on 18 pairs
+    z = 1.6448536
+    centre = 0.8 + z * z / 36
+    spread = z * math.sqrt(0.8 * 0.2 / 18 + z * z / (4 * 18 * 18))
+    expected = (centre - spread) / (1 + z * z / 18)
+    assert accuracy_lower_bound(0.8, 18, 0.95) == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.611, abs=1e-3)
+    assert accuracy_lower_bound(0.8, 0, 0.95) == 0.0
+    ready, reason = rm_ready({"heldout_accuracy": 0.8, "heldout_pairs": 18.0})
+    assert ready and "0.611 is above chance" in reason
+    # the same accuracy on 4 pairs is not confidently above chance; 0.55 on 1000 pairs is
+    assert not rm_ready({"heldout_accuracy": 0.8, "heldout_pairs": 4.0})[0]
+    assert rm_ready({"heldout_accuracy": 0.55, "heldout_pairs": 1000.0})[0]
+    assert not rm_ready({"heldout_accuracy": 0.5, "heldout_pairs": 100000.0})[0]
+    ready, reason = rm_ready({"heldout_accuracy": None, "heldout_pairs": None})
+    assert not ready and "no held-out comparisons" in reason
+    assert rm_ready({}, confidence=0.0)[0]
+
+
+def test_snapshot_restores_a_trained_reward_model(rm_dir, tokenizer):
+    model = build_reward_model(str(rm_dir))
+    rng = random.Random(6)
+    votes = [synthetic_comparison(rng) for _ in range(4)]
+    before = reward_scores(model, tokenizer, [v.prompt for v in votes], [v.responses[0] for v in votes])
+    snapshot = trainable_snapshot(model)
+    train_reward_model(model, tokenizer, votes, RewardConfig(lr=1e-2, epochs=1))
+    after = reward_scores(model, tokenizer, [v.prompt for v in votes], [v.responses[0] for v in votes])
+    assert not torch.allclose(after, before)
+    restore_snapshot(model, snapshot)
+    restored = reward_scores(model, tokenizer, [v.prompt for v in votes], [v.responses[0] for v in votes])
+    assert_close(restored, before)

@@ -42,8 +42,8 @@ def test_sft_trains_on_the_token_ids_the_rm_and_ppo_see(tiny_model_dir, tmp_path
     rendered chat, a raw prompt, and a raw prompt ending in a space (where tokenizing prompt + completion as
     one string, TRL's own way, merges tokens across the boundary), and for a long one cut to max_length."""
     from instructloop.prompt import render_chat
-    from learner.reward import encode_pair, encode_sequence
     from learner.sft import build_sft_trainer
+    from learner.utils import encode_pair, encode_sequence
 
     demos = [
         DemonstrationEvent(
