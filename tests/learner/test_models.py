@@ -24,7 +24,8 @@ def test_reference_answers_are_generated_once_per_prompt_and_equal_a_fresh_gener
         model=str(tiny_model_dir), redis_url="redis://unused", state_dir=tmp_path, training="full"
     )
     models = LearnerModels(settings, CheckpointStore(tmp_path), lambda: None)
-    config = EvalConfig(max_new_tokens=6, batch_size=8, max_prompt_tokens=64)
+    # greedy: a seeded sample depends on which prompts share its batch, a greedy answer does not
+    config = EvalConfig(max_new_tokens=6, batch_size=8, max_prompt_tokens=64, do_sample=False)
     generated: list[int] = []
     generate = models.reference.generate
     models.reference.generate = lambda **kw: generated.append(kw["input_ids"].size(0)) or generate(**kw)

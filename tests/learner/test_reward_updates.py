@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import redis as redis_lib
 import torch
 from torch.testing import assert_close
 
@@ -36,7 +35,7 @@ def test_updates_replay_older_rankings_normalise_on_reference_samples_and_refuse
 ):
     reward = {**TINY_REWARD, "epochs": 2, "single_pass_above": 1000, "lr": 3e-3}
     env = learner_env(
-        redis_server.url,
+        redis_server.url_for("learner"),
         tiny_model_dir,
         tmp_path / "state",
         tmp_path / "registry",
@@ -48,7 +47,7 @@ def test_updates_replay_older_rankings_normalise_on_reference_samples_and_refuse
         monkeypatch.setenv(name, value)
     learner = Learner(Settings(), progress=False)
     learner.start()
-    client = redis_lib.Redis.from_url(redis_server.url)
+    client = redis_server.client("learner")
     try:
         # 1. the first update: no previous RM to compare with; normalised on the reference's samples
         push(client, 0, 24)
@@ -100,7 +99,7 @@ def test_ppo_waits_until_the_rm_is_confidently_better_than_chance(
     redis_server, tmp_path, tiny_model_dir, ptx_corpus, monkeypatch
 ):
     env = learner_env(
-        redis_server.url,
+        redis_server.url_for("learner"),
         tiny_model_dir,
         tmp_path / "state",
         tmp_path / "registry",
@@ -112,7 +111,7 @@ def test_ppo_waits_until_the_rm_is_confidently_better_than_chance(
         monkeypatch.setenv(name, value)
     learner = Learner(Settings(), progress=False)
     learner.start()
-    client = redis_lib.Redis.from_url(redis_server.url)
+    client = redis_server.client("learner")
     try:
         push(client, 0, 24)
         learner.ingest()
