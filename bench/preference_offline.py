@@ -1,7 +1,7 @@
 """How fast the learner's own RM + PPO-ptx move a content preference on the default model, without HTTP.
 
-    PYTHONPATH=. nice -n 5 .venv/bin/python bench/preference_offline.py [--preference with:you] [--rankings 32]
-        [--rounds 6] [--ppo '{"lr": 3e-6}'] [--reward '{"epochs": 3}'] [--threads 1]
+    PYTHONPATH=. nice -n 5 .venv/bin/python bench/preference_offline.py [--preference with:you]
+        [--rankings 32] [--rounds 6] [--ppo '{"lr": 3e-6}'] [--reward '{"epochs": 3}'] [--threads 1]
 
 A tuning tool for ``bench/learning_curve.py`` (the proof, over HTTP), which costs 30+ minutes per setting:
 this runs the same algorithms in one process. The reference policy answers the labeler's training prompts

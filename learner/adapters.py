@@ -15,9 +15,9 @@ The roles are small ``nn.Module``s that behave like the models the PPO, RM and g
 Decision (score heads): a scalar head is not a LoRA tensor, and peft's ``modules_to_save`` would give the
 causal LM a head it never uses and tie the head's fate to an adapter's save format. So a head is a small
 tensor kept beside its adapter, owned and trained by its role, and saved as ``score_head.safetensors`` in
-the role's checkpoint folder (the RM's normalisation gain and bias in ``config.json``, as in full mode). Roles select
-their adapter before every forward (``AdapterBase.select``): only one adapter is active at a time, and a
-backward pass uses the graph of the forward that built it, so selecting another adapter in between is safe.
+the role's checkpoint folder (the RM's normalisation gain and bias in ``config.json``, as in full mode). Roles
+select their adapter before every forward (``AdapterBase.select``): only one adapter is active at a time, and
+a backward pass uses the graph of the forward that built it, so selecting another adapter in between is safe.
 
 A role's checkpoint folder is a standard PEFT adapter folder (``adapter_config.json``,
 ``adapter_model.safetensors``) plus ``config.json`` (and the head for score roles).
@@ -61,7 +61,8 @@ class AdapterBase:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        """The base's weights are held in ``dtype`` (frozen); peft keeps every adapter's tensors in float32."""
+        """The base's weights are held in ``dtype`` (frozen);
+        peft keeps every adapter's tensors in float32."""
         from transformers import AutoModelForCausalLM
 
         self.model_path = model_path
@@ -173,9 +174,9 @@ class AdapterBase:
     def merged(self, name: str) -> Iterator[bool]:
         """Within: the base's own weights are W + s·B·A of adapter ``name`` and adapters are off, so a forward
         runs no LoRA matmul (generation, where the per-layer LoRA path is a large share of a CPU decode step).
-        The exact base weights are copied back after (not subtracted: no rounding drift). Yields False, merging
-        nothing, when a target's weight is shared with another module (a tied lm_head: merging would change
-        the input embeddings too); the adapter is then applied as usual."""
+        The exact base weights are copied back after (not subtracted: no rounding drift). Yields False,
+        merging nothing, when a target's weight is shared with another module (a tied lm_head: merging would
+        change the input embeddings too); the adapter is then applied as usual."""
         from peft.tuners.lora import LoraLayer
 
         layers = [m for m in self.peft.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
@@ -293,8 +294,8 @@ class ScoreAdapter(nn.Module):
 
     @classmethod
     def fresh(cls, base: AdapterBase, name: str, pad_token_id: int, seed: int = 0) -> ScoreAdapter:
-        """A new adapter (starts as the base) and a new head initialised like HF's (normal, initializer_range),
-        from ``seed``."""
+        """A new adapter (starts as the base) and a new head initialised like HF's (normal,
+        initializer_range), from ``seed``."""
         config = copy.deepcopy(base.model.config)
         config.num_labels, config.pad_token_id = 1, pad_token_id
         device = next(base.model.parameters()).device

@@ -125,7 +125,8 @@ def run(
 
 @app.command("once")
 def once() -> None:
-    """One round: ingest → RM update if enough new comparisons → PPO-ptx round if enough prompts → gate → publish."""
+    """One round: ingest → RM update if enough new comparisons
+    → PPO-ptx round if enough prompts → gate → publish."""
     settings = _settings()
     learner = _learner(settings, serve_metrics=False)
     learner.install_signal_handlers()

@@ -41,11 +41,12 @@ class RewardConfig:
     max_length: int = 512
     """Tokens per (prompt, response) sequence; the prompt is cut from the left to fit."""
     weight_decay: float = 0.01
-    """AdamW weight decay (decoupled): keeps an RM trained on few rankings from growing weights to fit them."""
+    """AdamW weight decay (decoupled): keeps an RM trained
+    on few rankings from growing weights to fit them."""
     ready_confidence: float = 0.95
-    """PPO starts once the one-sided lower confidence bound (Wilson) of the RM's held-out pair accuracy at this
-    level is above 0.5 (``learner.reward.rm_ready``): an RM no better than chance is not optimised against.
-    0 = no check."""
+    """PPO starts once the one-sided lower confidence bound (Wilson) of the RM's held-out pair accuracy at
+    this level is above 0.5 (``learner.reward.rm_ready``): an RM no better than chance is not optimised
+    against. 0 = no check."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     score_batch_size: int = 16
@@ -123,8 +124,8 @@ class PPOConfig:
 
     rollout_batch_size: int = 32
     """Rollouts per round: ``rollout_batch_size / samples_per_prompt`` prompts, each answered
-    ``samples_per_prompt`` times (with fewer training prompts, each equally often). 32 rollouts seen once learn
-    more per second than 16 seen 4 times (``ppo_epochs``)."""
+    ``samples_per_prompt`` times (with fewer training prompts, each equally often). 32 rollouts seen once
+    learn more per second than 16 seen 4 times (``ppo_epochs``)."""
     samples_per_prompt: int = 4
     """Responses sampled per prompt in a round; each one's score is baselined by the mean of the others'
     (RLOO), so a prompt's own offset in the RM (eq. 1 fixes only differences within a prompt) drops out of
@@ -142,15 +143,17 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm, per model."""
     kl_coef: float = 0.05
-    """β of eq. (2): per-token penalty on log(π/π_ref), in normalised reward units (the reference's samples
-    score std 1, ``learner.reward.normalize_reward``): 5 nats of KL cost a quarter of the reference's spread."""
+    """β of eq. (2): per-token penalty on log(π/π_ref), in normalised reward units (the reference's
+    samples score std 1, ``learner.reward.normalize_reward``): 5 nats of KL cost a quarter of the
+    reference's spread."""
     adaptive_kl: bool = False
     """Adapt β toward ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed."""
     kl_target: float = 6.0
     """Target per-sequence KL (nats) of the adaptive controller."""
     kl_horizon: int = 10
-    """Horizon of the adaptive controller, in PPO rounds: β moves at most 20 % / ``kl_horizon`` per round, so
-    about ``kl_horizon`` rounds pull the KL to its target (a horizon in rollouts depended on the round size)."""
+    """Horizon of the adaptive controller, in PPO rounds: β moves at most 20 % / ``kl_horizon`` per
+    round, so about ``kl_horizon`` rounds pull the KL to its target (a horizon in rollouts depended
+    on the round size)."""
     ptx_coef: float = 0.01
     """γ of eq. (2): weight of the pretraining log-likelihood (a per-token mean, as the PPO loss); 0 = plain
     PPO. Not the paper's 27.8 (other loss normalisation, 8× more pretraining samples): 0.01 keeps the held-out
@@ -160,8 +163,8 @@ class PPOConfig:
     ptx_seq_len: int = 128
     """Tokens per pretraining sequence."""
     ptx_eval_windows: int = 16
-    """Windows of ``ptx_seq_len`` tokens whose NLL each round reports against the reference's: held-out windows
-    of the ptx corpus (``ptx_heldout_nll_ratio``) and of text from another source, the alignment tax
+    """Windows of ``ptx_seq_len`` tokens whose NLL each round reports against the reference's: held-out
+    windows of the ptx corpus (``ptx_heldout_nll_ratio``) and of text from another source, the alignment tax
     (``tax_nll_ratio``, ``learner.ptx.alignment_tax_windows``). 0 = not measured."""
     cliprange: float = 0.2
     """ε of the clipped ratio."""
@@ -194,7 +197,8 @@ class PPOConfig:
 
     @property
     def reads_ptx_corpus(self) -> bool:
-        """The trainer needs a ``PtxSource``: for the ptx term, or only to measure the alignment tax (plain PPO)."""
+        """The trainer needs a ``PtxSource``: for the ptx term,
+        or only to measure the alignment tax (plain PPO)."""
         return self.ptx_coef > 0 or self.ptx_eval_windows > 0
 
     def __post_init__(self) -> None:
@@ -275,8 +279,8 @@ class EvalConfig:
 
 @dataclass
 class AdapterConfig:
-    """LoRA adapters (``INSTRUCTLOOP_LEARNER_TRAINING=lora``): policy, value model and RM are adapters over one
-    frozen base model."""
+    """LoRA adapters (``INSTRUCTLOOP_LEARNER_TRAINING=lora``): policy, value model and RM are adapters over
+    one frozen base model."""
 
     r: int = 16
     """LoRA rank."""
@@ -297,12 +301,13 @@ class AdapterConfig:
     lowest adapted layer nothing needs a gradient, so backward (PPO update, ptx, RM) stops there."""
     reward_lr: float = 1e-3
     """The RM's learning rate in lora mode, where ``RewardConfig.lr`` (the full fine-tuning rate) does not
-    apply; an ``lr`` set in ``INSTRUCTLOOP_LEARNER_REWARD`` wins over this one (both logged at start). 1e-3: lower
-    rates left the RM at chance after an update on the default model (docs/benchmarks.md)."""
+    apply; an ``lr`` set in ``INSTRUCTLOOP_LEARNER_REWARD`` wins over this one (both logged at start). 1e-3:
+    lower rates left the RM at chance after an update on the default model (docs/benchmarks.md)."""
     ppo_lr: float = 4e-4
-    """PPO's policy (and value model) learning rate in lora mode, where ``PPOConfig.lr`` (the full fine-tuning
-    rate) is not used; an ``lr`` set in ``INSTRUCTLOOP_LEARNER_PPO`` wins over this one (both logged at start).
-    A LoRA update starts at zero through a rank-r bottleneck, so its rate is ~100× full fine-tuning's."""
+    """PPO's policy (and value model) learning rate in lora mode, where ``PPOConfig.lr`` (the full
+    fine-tuning rate) is not used; an ``lr`` set in ``INSTRUCTLOOP_LEARNER_PPO`` wins over this one
+    (both logged at start). A LoRA update starts at zero through a rank-r bottleneck, so its rate
+    is ~100× full fine-tuning's."""
 
     def __post_init__(self) -> None:
         _positive("AdapterConfig", r=self.r, alpha=self.alpha, reward_lr=self.reward_lr, ppo_lr=self.ppo_lr)
@@ -310,6 +315,7 @@ class AdapterConfig:
             raise ValueError("AdapterConfig.target_modules must name at least one linear layer")
         if self.top_layers is not None and self.top_layers < 1:
             raise ValueError(
-                f"AdapterConfig.top_layers must be at least 1 (or null for every layer), got {self.top_layers}"
+                "AdapterConfig.top_layers must be at least 1 (or null for every layer), "
+                f"got {self.top_layers}"
             )
         self.target_modules = tuple(self.target_modules)

@@ -17,7 +17,8 @@ Tables:
     prompts          the prompt of a ``CompletionEvent`` per row — the exact model input serve generated from
                      (the prompt contract), its route (``chat``) and the traffic's ``max_tokens`` (PPO
                      rollouts and the gate cut responses there, as serve did); PPO and the gate sample these
-    dead_letters     (stream, entry_id) of every malformed entry sent to the dead-letter stream, with the reason
+    dead_letters     (stream, entry_id) of every malformed entry sent to the dead-letter stream, with the
+                     reason
 
 Writes happen in one transaction per ingested batch; the ingestor acknowledges the Redis entries only
 after ``commit`` returned (see ``learner/ingest.py``).
@@ -202,7 +203,8 @@ class Dataset:
                     outcome[entry.stream] = outcome.get(entry.stream, 0) + 1
                 for stream, entry_id, reason in dead_letters:
                     cur.execute(
-                        "INSERT OR IGNORE INTO dead_letters (stream, entry_id, reason, ingested_at) VALUES (?, ?, ?, ?)",
+                        "INSERT OR IGNORE INTO dead_letters (stream, entry_id, reason, ingested_at)"
+                        " VALUES (?, ?, ?, ?)",
                         (stream, entry_id, reason, now),
                     )
                     result.dead_letters += cur.rowcount
@@ -221,8 +223,8 @@ class Dataset:
             max_tokens = event.sampling.get("max_tokens")
             max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
             cur.execute(
-                "INSERT OR IGNORE INTO prompts (event_id, entry_id, prompt, heldout, policy_version, chat, created_at,"
-                " ingested_at, max_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO prompts (event_id, entry_id, prompt, heldout, policy_version, chat, "
+                "created_at, ingested_at, max_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     event.event_id,
                     entry.entry_id,
@@ -238,8 +240,8 @@ class Dataset:
         else:
             table = TABLE_OF[type(event)]
             cur.execute(
-                f"INSERT OR IGNORE INTO {table} (event_id, entry_id, prompt, heldout, created_at, ingested_at, event)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO {table} (event_id, entry_id, prompt, heldout, created_at, "
+                "ingested_at, event) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     event.event_id,
                     entry.entry_id,
@@ -271,14 +273,14 @@ class Dataset:
         return self._one("SELECT COUNT(*) FROM prompt_split WHERE heldout = ?", (int(heldout),))
 
     def heldout_queries(self, n: int) -> list[TrafficPrompt]:
-        """Up to ``n`` held-out prompts (whatever carried them), earliest first, each with its traffic's largest
-        ``max_tokens``: a set that only grows until it holds ``n`` and then stays fixed (the gate's prompts, so
-        the compared versions' samples stay valid gate after gate)."""
+        """Up to ``n`` held-out prompts (whatever carried them), earliest first, each with its traffic's
+        largest ``max_tokens``: a set that only grows until it holds ``n`` and then stays fixed (the gate's
+        prompts, so the compared versions' samples stay valid gate after gate)."""
         return [
             TrafficPrompt(text, max_tokens)
             for text, max_tokens in self._all(
-                "SELECT s.prompt, (SELECT MAX(p.max_tokens) FROM prompts p WHERE p.heldout = 1 AND p.prompt = s.prompt)"
-                " FROM prompt_split s WHERE s.heldout = 1 ORDER BY s.rowid LIMIT ?",
+                "SELECT s.prompt, (SELECT MAX(p.max_tokens) FROM prompts p WHERE p.heldout = 1"
+                " AND p.prompt = s.prompt) FROM prompt_split s WHERE s.heldout = 1 ORDER BY s.rowid LIMIT ?",
                 (n,),
             )
         ]
@@ -392,8 +394,9 @@ class Dataset:
         return self._one("SELECT COUNT(DISTINCT prompt) FROM prompts WHERE heldout = ?", (int(heldout),))
 
     def count_new_prompts(self, after_seq: int, *, heldout: bool = False) -> int:
-        """Distinct prompt texts of one split first served after row ``after_seq``: a prompt asked again is
-        not new (it probes the (heldout, prompt) index for an earlier row, so the cost follows the new rows)."""
+        """Distinct prompt texts of one split first served after row ``after_seq``: a prompt asked
+        again is not new (it probes the (heldout, prompt) index for an earlier row, so the cost
+        follows the new rows)."""
         return self._one(
             "SELECT COUNT(DISTINCT p.prompt) FROM prompts p WHERE p.heldout = ? AND p.seq > ? AND NOT EXISTS "
             "(SELECT 1 FROM prompts q WHERE q.heldout = p.heldout AND q.prompt = p.prompt AND q.seq <= ?)",
@@ -404,7 +407,8 @@ class Dataset:
         return self._one("SELECT MAX(seq) FROM prompts")
 
     def sample_prompts(self, n: int, *, heldout: bool = False, seed: int = 0) -> list[str]:
-        """Up to ``n`` distinct prompts of one split, a seeded sample (the same seed gives the same prompts)."""
+        """Up to ``n`` distinct prompts of one split, a seeded
+        sample (the same seed gives the same prompts)."""
         return [query.text for query in self.sample_queries(n, heldout=heldout, seed=seed)]
 
     def sample_queries(self, n: int, *, heldout: bool = False, seed: int = 0) -> list[TrafficPrompt]:

@@ -118,12 +118,13 @@ def evaluate_policy(
     """Score ``policy`` on ``prompts`` (responses cut at their traffic ``max_tokens``, see ``sample_policy``).
 
     Returns a dict of floats (and one list): ``reward_mean`` / ``reward_std`` (RM score at the last real
-    token; no EOS penalty, see ``eos_rate``), ``kl`` (mean over prompts of Σ_t KL(π(·|x, y_<t) || π_ref(·|x, y_<t)),
-    the exact next-token KL summed along the evaluated response: ≥ 0 and without sampling noise, unlike the k1
-    estimate PPO uses as its reward penalty; logits divided by the temperature when sampling), ``eos_rate``
-    (share of responses that ended with EOS), ``length_mean`` (response tokens, EOS included), ``n``,
-    ``scores`` (each prompt's RM score, a list in prompt order: the gate's paired standard error) and
-    ``duration_s``. With ``policy is reference`` (or equal weights) ``kl`` is exactly 0.
+    token; no EOS penalty, see ``eos_rate``), ``kl`` (mean over prompts of
+    Σ_t KL(π(·|x, y_<t) || π_ref(·|x, y_<t)), the exact next-token KL summed along the evaluated response:
+    ≥ 0 and without sampling noise, unlike the k1 estimate PPO uses as its reward penalty; logits divided by
+    the temperature when sampling), ``eos_rate`` (share of responses that ended with EOS), ``length_mean``
+    (response tokens, EOS included), ``n``, ``scores`` (each prompt's RM score, a list in prompt order: the
+    gate's paired standard error) and ``duration_s``. With ``policy is reference`` (or equal weights) ``kl``
+    is exactly 0.
     """
     return score_samples(
         sample_policy(policy, reference, tokenizer, prompts, config, max_tokens), reward_model, config

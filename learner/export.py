@@ -301,7 +301,8 @@ def resolve_dataset_path(run_dir: Path | None, dataset: Path | None, default_run
         how = (
             "--dataset"
             if dataset is not None
-            else "the stack's run folder (instructloop up --run-dir) or the learner's state folder as --run-dir"
+            else "the stack's run folder (instructloop up --run-dir) "
+            "or the learner's state folder as --run-dir"
             if run_dir is not None
             else "--run-dir (the stack's run folder, e.g. run) or --dataset"
         )

@@ -33,11 +33,12 @@ class GateConfig:
     """One-sided confidence of the lower bound on the mean gain (normal quantile: 1.645 standard errors);
     with ``margin`` and 32 pairs, an equal candidate passes about one gate in ten."""
     margin: float = 0.1
-    """δ, in normalised RM units (the reference's sample std): how far below a compared version the lower
-    bound may reach and still pass; a tenth of the spread between answers is within what an RM update moves."""
+    """δ, in normalised RM units (the reference's sample std): how far below a compared version the
+    lower bound may reach and still pass; a tenth of the spread between answers is within what an
+    RM update moves."""
     min_reward_gain: float = 0.05
-    """The candidate's mean gain over the incumbent must exceed this (normalised RM units): half of ``margin``,
-    so a candidate that hardly differs from the incumbent does not replace it on a coin flip."""
+    """The candidate's mean gain over the incumbent must exceed this (normalised RM units): half of
+    ``margin``, so a candidate that hardly differs from the incumbent does not replace it on a coin flip."""
     kl_ceiling: float = 10.0
     """The candidate's KL to the reference (nats per response, as ``evaluate_policy`` reports) must stay
     below: a wall far past where PPO's β keeps a healthy policy, against a policy that left the RM's data."""
@@ -75,7 +76,8 @@ class GateResult:
     """The pinned current version that kept a candidate which passed the gate from being promoted."""
 
     def hold_back(self, pinned: str) -> GateResult:
-        """This result for a candidate that passed the gate while ``pinned`` is pinned: held back, not promoted."""
+        """This result for a candidate that passed the gate
+        while ``pinned`` is pinned: held back, not promoted."""
         return replace(
             self,
             promote=False,
@@ -147,7 +149,8 @@ def gate_decision(
         metrics["reward_gain"] = gain
         if gain > config.min_reward_gain:
             reasons.append(
-                f"reward {reward_c:.4f} against incumbent {reward_i:.4f}: gain {gain:.4f} > {config.min_reward_gain}"
+                f"reward {reward_c:.4f} against incumbent {reward_i:.4f}: "
+                f"gain {gain:.4f} > {config.min_reward_gain}"
             )
         else:
             promote = False

@@ -1,4 +1,5 @@
-"""The learning loop as a service: ingest → (SFT once) → RM update → PPO-ptx round → evaluate → gate → publish.
+"""The learning loop as a service:
+ingest → (SFT once) → RM update → PPO-ptx round → evaluate → gate → publish.
 
 ``Learner.round()`` is one pass (``instructloop learner once``); ``Learner.run()`` repeats it forever
 (``instructloop learner run``), waiting on the streams when there is nothing to do. Every step that
@@ -11,7 +12,8 @@ Rounds are bounded: at most ``max_rounds_per_rm_update`` PPO rounds run on one r
 needs ``gate_min_prompts`` held-out prompts (else its candidate could never be judged). After a rejection
 the working policy continues from the rejected candidate; after ``restart_after_rejections`` rejections in a
 row it restarts from the incumbent (fresh PPO optimizer). The gate (``learner/gate.py``) only decides what is
-served, and admin pins and rollbacks bind it (``learner/admin.py``). Why the loop waits: ``learner/waiting.py``.
+served, and admin pins and rollbacks bind it (``learner/admin.py``). Why the loop waits:
+``learner/waiting.py``.
 """
 
 from __future__ import annotations
@@ -367,11 +369,11 @@ class Learner:
 
     def ppo_round_due(self) -> bool:
         """An RM trained on at least ``min_rm_comparisons`` comparisons exists, at least ``min_prompts``
-        training prompts and ``gate_min_prompts`` held-out prompts (to judge the candidate on) exist, the RM is
-        ready (``rm_ready``: held-out accuracy confidently above chance), and since
-        the last round the RM was updated, or ``min_prompts`` prompts never served before arrived and fewer than
-        ``max_rounds_per_rm_update`` rounds ran on this RM. A prompt asked again is not new data, and rounds on
-        an unchanged RM optimise its errors: without new data the loop waits."""
+        training prompts and ``gate_min_prompts`` held-out prompts (to judge the candidate on) exist, the RM
+        is ready (``rm_ready``: held-out accuracy confidently above chance), and since the last round the RM
+        was updated, or ``min_prompts`` prompts never served before arrived and fewer than
+        ``max_rounds_per_rm_update`` rounds ran on this RM. A prompt asked again is not new data, and rounds
+        on an unchanged RM optimise its errors: without new data the loop waits."""
         if self.state.pending_candidate or self.store.model_dir("reward") is None:
             return False
         if self.dataset.count_prompts() < self.settings.min_prompts:
@@ -431,7 +433,8 @@ class Learner:
         return stats
 
     def gate_and_publish(self) -> GateResult | None:
-        """Judge the pending candidate on held-out prompts and promote or reject it (``learner/gating.py``)."""
+        """Judge the pending candidate on held-out prompts
+        and promote or reject it (``learner/gating.py``)."""
         return gate_and_publish(self)
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -474,7 +477,8 @@ class Learner:
 
     # ---- admin decisions and waiting -------------------------------------------------------------
     def follow_rollback(self) -> str | None:
-        """After an admin rollback, restart the working policy from the version now current (learner/admin.py)."""
+        """After an admin rollback, restart the working policy
+        from the version now current (learner/admin.py)."""
         target = follow_rollback(self)
         if target is not None:
             self._trainer = None

@@ -227,8 +227,8 @@ def kl_penalized_rewards(
 
     logprobs, ref_logprobs: (B, T) log-probabilities of the sampled response tokens under the policy
     (at sampling time) and under the frozen reference; scores: (B,); last_index: (B,) from
-    ``response_mask_from_lengths``'s input; response_mask: (B, T) bool. Returns (rewards, non_score_reward, kl), each
-    (B, T) and zero at masked positions; ``kl`` is the per-token log-ratio (k1 estimator).
+    ``response_mask_from_lengths``'s input; response_mask: (B, T) bool. Returns (rewards, non_score_reward,
+    kl), each (B, T) and zero at masked positions; ``kl`` is the per-token log-ratio (k1 estimator).
     """
     kl = (logprobs - ref_logprobs) * response_mask  # (B, T)
     non_score_reward = -kl_coef * kl  # (B, T)

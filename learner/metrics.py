@@ -161,7 +161,8 @@ class LearnerMetrics:
         )
 
     def observe_ppo(self, stats: dict[str, float]) -> None:
-        """The gauges a PPO-ptx round sets: ptx loss, value clip fraction, and the held-out NLL (the alignment tax)."""
+        """The gauges a PPO-ptx round sets: ptx loss, value clip
+        fraction, and the held-out NLL (the alignment tax)."""
         if "ptx_loss" in stats:
             self.ptx_loss.set(stats["ptx_loss"])
         if "value_clip_fraction" in stats:

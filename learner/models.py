@@ -37,7 +37,8 @@ class LearnerModels:
         self.settings = settings
         self.store = store
         self._reference_path = reference_path
-        """A callable returning the SFT model's folder once SFT ran, else None (it lives in the learner state)."""
+        """A callable returning the SFT model's folder once
+        SFT ran, else None (it lives in the learner state)."""
         self._base_path: str | None = None
         self._device: str | None = None
         self._tokenizer = None
@@ -45,10 +46,11 @@ class LearnerModels:
         self._reference = None
         self._reward = None
         self._samples_cache: dict[tuple, tuple[str, Any]] = {}
-        """(version, PolicySamples) by (version, reference, prompts, config, max_tokens): the gate's samples of
-        the versions a candidate is compared with (see ``version_samples``); a few entries."""
+        """(version, PolicySamples) by (version, reference, prompts, config, max_tokens): the gate's samples
+        of the versions a candidate is compared with (see ``version_samples``); a few entries."""
         self._reference_answers: dict[tuple, str] = {}
-        """Greedy reference answers by (prompt, max_tokens, config): the RM's bias samples (``reference_answers``)."""
+        """Greedy reference answers by (prompt, max_tokens,
+        config): the RM's bias samples (``reference_answers``)."""
 
     @property
     def lora(self) -> bool:
@@ -260,8 +262,8 @@ class LearnerModels:
         max_tokens: list[int | None] | None = None,
     ) -> tuple[str, Any]:
         """(version, ``PolicySamples``) of registry ``version`` on ``prompts`` (the reference as ``base`` for
-        ``base``, or when the version cannot be loaded). A version never changes and its samples are seeded, so
-        they are kept for the next gate with the same prompts and config (only re-scored, since the RM may
+        ``base``, or when the version cannot be loaded). A version never changes and its samples are seeded,
+        so they are kept for the next gate with the same prompts and config (only re-scored, since the RM may
         have changed): a gate then generates for the candidate alone."""
         from instructloop.events import validate_version_name
         from instructloop.wire import BASE_VERSION
@@ -315,7 +317,8 @@ class LearnerModels:
         *,
         key: tuple | None = None,
     ) -> None:
-        """Keep ``version``'s samples (a promoted candidate's are the next incumbent's); 4 versions at most."""
+        """Keep ``version``'s samples (a promoted candidate's
+        are the next incumbent's); 4 versions at most."""
         key = key or (version, self.reference_path, tuple(prompts), repr(config), repr(max_tokens))
         self._samples_cache[key] = (version, samples)
         while len(self._samples_cache) > 4:
@@ -350,8 +353,9 @@ class LearnerModels:
         return PolicyAdapter(base, "policy")
 
     def write_candidate(self, registry: Registry, version: str, policy: Any, **kwargs: Any) -> Manifest:
-        """Publish ``policy`` as ``version``: an adapter version (lora, over the served base), else full weights
-        (full mode; or lora after SFT changed the base, merged, since serve holds the original base)."""
+        """Publish ``policy`` as ``version``: an adapter version (lora, over the served base), else
+        full weights (full mode; or lora after SFT changed the base, merged, since serve holds the
+        original base)."""
         if self.lora:
             return policy.write_version(
                 registry,

@@ -172,7 +172,8 @@ class PPOPtxTrainer:
             raise ValueError("PPO needs a pad token distinct from EOS (see instructloop.model.fix_tokenizer)")
         if config.ptx_coef > 0 and ptx_source is None:
             raise ValueError(
-                "PPOConfig.ptx_coef > 0 needs a ptx_source (learner.ptx.PtxSource); set ptx_coef=0 for plain PPO"
+                "PPOConfig.ptx_coef > 0 needs a ptx_source (learner.ptx.PtxSource); "
+                "set ptx_coef=0 for plain PPO"
             )
         self.policy, self.reference, self.value_model, self.reward_model = (
             policy,

@@ -77,7 +77,8 @@ def wordnet_glosses(folder: Path) -> list[str]:
 
 
 def is_heldout_document(text: str, fraction: float) -> bool:
-    """A fixed split of the corpus: the first 8 bytes of sha256(text) as a number in [0, 1) below ``fraction``."""
+    """A fixed split of the corpus: the first 8 bytes of
+    sha256(text) as a number in [0, 1) below ``fraction``."""
     return (
         fraction > 0 and int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64 < fraction
     )

@@ -3,8 +3,8 @@
 The RM is ``AutoModelForSequenceClassification(num_labels=1)`` built from the SFT/base causal-LM folder,
 so policy, value model and RM share one tokenizer. It scores ``query + response + EOS`` at the last real
 token (the EOS), where ``query`` is the stored model input — the exact text serve generated from, raw or
-chat-rendered (instructloop/prompt.py) — tokenized as serve does (``learner.utils.encode_query``): the RM, PPO, the bias
-and the gate all see the sequences serving saw, and nothing renders a template again.
+chat-rendered (instructloop/prompt.py) — tokenized as serve does (``learner.utils.encode_query``): the RM,
+PPO, the bias and the gate all see the sequences serving saw, and nothing renders a template again.
 
 We run the backbone and the score head ourselves (``token_scores``) instead of calling ``model(...)``:
 position ids come from the attention mask, so a left-padded sequence scores exactly like the same
@@ -154,8 +154,9 @@ def _ranked_sequences(tokenizer, comparison, max_length: int) -> tuple[list[list
 
 
 def replay_sample(older: Sequence, new_count: int, ratio: float, seed: int) -> list:
-    """The older rankings an update trains on beside its ``new_count`` new ones: ``round(ratio · new_count)``
-    of ``older`` (all of them when there are fewer), drawn without replacement from ``seed``, in their order."""
+    """The older rankings an update trains on beside its ``new_count`` new ones:
+    ``round(ratio · new_count)`` of ``older`` (all of them when there are fewer), drawn without replacement
+    from ``seed``, in their order."""
     n = min(len(older), round(ratio * new_count))
     return [older[i] for i in sorted(random.Random(seed).sample(range(len(older)), n))]
 

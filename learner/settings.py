@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     consumer_group: str = "learner"
     consumer_name: str = Field(
         default_factory=socket.gethostname,
-        description="Stable per replica (a StatefulSet pod name): a restarted learner re-reads its own pending entries.",
+        description="Stable per replica (a StatefulSet pod name): "
+        "a restarted learner re-reads its own pending entries.",
     )
     claim_min_idle_ms: int = Field(
         60_000,
@@ -74,8 +75,8 @@ class Settings(BaseSettings):
     heldout_min_prompts: int = Field(
         4,
         ge=0,
-        description="Held-out prompts the split guarantees however the hash falls: the lowest-hash prompts up "
-        "to this many, but at most one in 4 distinct prompts (2 of 8, 4 of 16). 0 = the hash share only.",
+        description="Held-out prompts the split guarantees however the hash falls: the lowest-hash prompts "
+        "up to this many, but at most one in 4 distinct prompts (2 of 8, 4 of 16). 0 = the hash share only.",
     )
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -132,8 +133,8 @@ class Settings(BaseSettings):
     gate_margin: float = Field(
         GateConfig.margin,
         ge=0,
-        description="δ in normalised RM units: the gain's lower bound over the incumbent, the base and the best "
-        "version so far must clear -δ.",
+        description="δ in normalised RM units: the gain's lower bound over the incumbent, the base and the "
+        "best version so far must clear -δ.",
     )
     gate_min_reward_gain: float = Field(
         GateConfig.min_reward_gain,
@@ -170,7 +171,8 @@ class Settings(BaseSettings):
     ptx_coef: float = Field(
         PPOConfig.ptx_coef,
         ge=0,
-        description="γ: weight of the pretraining log-likelihood (0 = plain PPO; not the paper's 27.8: see PPOConfig).",
+        description="γ: weight of the pretraining log-likelihood "
+        "(0 = plain PPO; not the paper's 27.8: see PPOConfig).",
     )
     ptx_corpus: str | None = Field(
         None, description="Text corpus for ptx (file, folder, HF dataset path); None = the shipped default."
@@ -181,9 +183,9 @@ class Settings(BaseSettings):
     evaluation: dict[str, Any] = Field(default_factory=dict, description="Overrides for EvalConfig (JSON).")
     training: Literal["lora", "full"] = Field(
         "lora",
-        description="How policy, value model and RM are trained: 'lora' = LoRA adapters over one frozen copy of "
-        "the base model (the reference is that base with adapters off; versions are PEFT adapter folders), "
-        "'full' = every weight, one model per role (full-weight versions; for GPUs).",
+        description="How policy, value model and RM are trained: 'lora' = LoRA adapters over one frozen copy "
+        "of the base model (the reference is that base with adapters off; versions are PEFT adapter "
+        "folders), 'full' = every weight, one model per role (full-weight versions; for GPUs).",
     )
     adapters: dict[str, Any] = Field(
         default_factory=dict,
@@ -200,9 +202,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Compute dtype ('auto': bfloat16 on CUDA, float32 on CPU). bfloat16 = mixed precision: "
-        "frozen weights (the LoRA base, full mode's reference) are held in bfloat16 and every forward pass runs "
-        "under torch.autocast; trained weights (adapters, score heads, full mode's policy, value model and RM) "
-        "and their optimizer state stay float32.",
+        "frozen weights (the LoRA base, full mode's reference) are held in bfloat16 and every forward pass "
+        "runs under torch.autocast; trained weights (adapters, score heads, full mode's policy, value model "
+        "and RM) and their optimizer state stay float32.",
     )
     seed: int = 0
     torch_threads: int | None = Field(
@@ -268,7 +270,8 @@ class Settings(BaseSettings):
         if self.redis_socket_timeout_s * 1000 <= self.read_block_ms + 1000:
             raise ValueError(
                 f"redis_socket_timeout_s ({self.redis_socket_timeout_s}) must exceed read_block_ms "
-                f"({self.read_block_ms} ms) by at least 1 s: raise INSTRUCTLOOP_LEARNER_REDIS_SOCKET_TIMEOUT_S"
+                f"({self.read_block_ms} ms) by at least 1 s: "
+                "raise INSTRUCTLOOP_LEARNER_REDIS_SOCKET_TIMEOUT_S"
             )
         return self
 

@@ -3,10 +3,10 @@
 Each ``DemonstrationEvent`` becomes one example, tokenized here by ``learner.utils.encode_pair``: the event's
 model input verbatim (the prompt contract, instructloop/prompt.py: raw text, or a chat already rendered by the
 gateway with the assistant header) tokenized alone, as serve did, then the response and EOS (``<|im_end|>``
-for a chat model); TRL puts the loss on the response only (``completion_mask``, ``completion_only_loss=True``).
-So SFT learns exactly the token ids PPO and the reward model later see (``encode_sequence``); TRL's own
-prompt-completion path would tokenize prompt + completion as one string, where tokens can merge across the
-boundary, and truncate from the right.
+for a chat model); TRL puts the loss on the response only (``completion_mask``,
+``completion_only_loss=True``). So SFT learns exactly the token ids PPO and the reward model later see
+(``encode_sequence``); TRL's own prompt-completion path would tokenize prompt + completion as one string,
+where tokens can merge across the boundary, and truncate from the right.
 """
 
 from __future__ import annotations

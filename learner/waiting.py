@@ -20,7 +20,8 @@ STEPS = ("reward_model", "ppo", "gate")
 
 @dataclass(frozen=True)
 class Wait:
-    """One step that waits: it has ``have`` of the ``need`` items; ``knob`` is the setting that moves ``need``."""
+    """One step that waits: it has ``have`` of the ``need``
+    items; ``knob`` is the setting that moves ``need``."""
 
     step: str
     have: int
@@ -112,8 +113,8 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
                     state.ppo_rounds_on_rm,
                     settings.max_rounds_per_rm_update,
                     knob,
-                    f"PPO round waits for the next reward model update: {state.ppo_rounds_on_rm} rounds ran on "
-                    f"this one, the most {knob} allows (rank more completions)",
+                    f"PPO round waits for the next reward model update: {state.ppo_rounds_on_rm} rounds ran "
+                    f"on this one, the most {knob} allows (rank more completions)",
                 )
             )
         elif fresh < settings.min_prompts:
@@ -138,8 +139,8 @@ def waits(settings, dataset, state, has_reward_model: bool) -> list[Wait]:
                 settings.gate_min_prompts,
                 knob,
                 f"PPO rounds wait: the gate needs {settings.gate_min_prompts} held-out prompts to judge a "
-                f"candidate on and has {heldout} (the split holds out up to {settings.heldout_min_prompts}, one "
-                f"in 4 distinct prompts: 8 prompts give 2; send more prompts or lower {knob})",
+                f"candidate on and has {heldout} (the split holds out up to {settings.heldout_min_prompts}, "
+                f"one in 4 distinct prompts: 8 prompts give 2; send more prompts or lower {knob})",
             )
         )
     return out

@@ -31,9 +31,10 @@ are fixed (the learner's, the labeler's per-request seeds).
 
 Training mode: the default, LoRA adapters (``INSTRUCTLOOP_LEARNER_TRAINING=lora``). The learning rates below
 (PPO 5e-3, RM 3e-3) were tuned for this 2-layer model and are set explicitly, so they are used as given (lora
-mode's own defaults, ``AdapterConfig.reward_lr`` / ``ppo_lr``, are for the default model; at PPO 5e-2 the first
-round destroyed this policy: approx_kl 16, clip fraction 0.55, entropy 2.8 -> 9.7 nats, EOS rate 0.69 -> 0.06,
-no promotion in 37 rounds). One adapter setting this designed model needs (``INSTRUCTLOOP_LEARNER_ADAPTERS``):
+mode's own defaults, ``AdapterConfig.reward_lr`` / ``ppo_lr``, are for the default model; at PPO 5e-2 the
+first round destroyed this policy: approx_kl 16, clip fraction 0.55, entropy 2.8 -> 9.7 nats, EOS rate
+0.69 -> 0.06, no promotion in 37 rounds). One adapter setting this designed model needs
+(``INSTRUCTLOOP_LEARNER_ADAPTERS``):
 
 * ``lm_head`` among the target modules. Everything this model prefers is in its lm_head (the informative
   rows differ only in their weight on hidden dimension 0); the default targets (attention and MLP

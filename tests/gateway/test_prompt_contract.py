@@ -26,7 +26,8 @@ RAW_PROMPT = "A raw prompt for the contract test: the capital of France is"
 
 
 def serve_input_ids(serve_url: str, text: str) -> list[int]:
-    """The token ids serve generates from for ``text`` (TGI ``details.prefill`` with decoder_input_details)."""
+    """The token ids serve generates from for ``text`` (TGI
+    ``details.prefill`` with decoder_input_details)."""
     response = httpx.post(
         f"{serve_url}/generate",
         timeout=60,

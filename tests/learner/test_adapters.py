@@ -141,8 +141,8 @@ def test_generation_with_the_adapter_merged_equals_the_adapter_and_restores_the_
 ):
     """``PolicyAdapter.generate`` runs with W + s·B·A merged into the base (no LoRA path per decode step): the
     logits of its steps equal the adapter's own forward, the greedy tokens are the same, and afterwards every
-    base weight is bit-for-bit what it was. A tied lm_head among the targets is not merged (it would change the
-    input embeddings too)."""
+    base weight is bit-for-bit what it was. A tied lm_head among the targets is not merged (it would change
+    the input embeddings too)."""
     torch.manual_seed(0)
     base = AdapterBase(str(tiny_model_dir), AdapterConfig(r=4, alpha=8), tokenizer)
     base.add("policy")

@@ -186,7 +186,8 @@ def test_clipped_value_loss():
     values = torch.tensor([[1.0, 0.1]])
     returns = torch.tensor([[2.0, -1.0]])
     loss, clip_fraction = clipped_value_loss(values, old_values, returns, torch.tensor([[True, True]]), 0.2)
-    # token 0: unclipped (1-2)² = 1, clipped (0.2-2)² = 3.24 → 3.24; token 1: (0.1+1)² = 1.21, same clipped → 1.21
+    # token 0: unclipped (1-2)² = 1, clipped (0.2-2)² = 3.24 → 3.24;
+    # token 1: (0.1+1)² = 1.21, same clipped → 1.21
     assert_close(loss, torch.tensor(0.5 * (3.24 + 1.21) / 2))
     assert_close(clip_fraction, torch.tensor(0.5))
 

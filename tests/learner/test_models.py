@@ -50,8 +50,9 @@ def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu():
 def test_bfloat16_mixed_precision_holds_frozen_weights_in_bf16_and_trains_float32_adapters(
     tmp_path, tiny_model_dir
 ):
-    """Settings.dtype=bfloat16 (what 'auto' picks on CUDA), run here on the CPU: the base is bf16, every trained
-    tensor (LoRA, score head) stays float32, and an RM update under the learner's autocast changes them."""
+    """Settings.dtype=bfloat16 (what 'auto' picks on CUDA), run here on the CPU: the base is bf16,
+    every trained tensor (LoRA, score head) stays float32, and an RM update under the learner's
+    autocast changes them."""
     settings = Settings(
         model=str(tiny_model_dir),
         redis_url="redis://unused",

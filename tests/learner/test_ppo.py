@@ -176,7 +176,8 @@ def test_ptx_term_limits_pretraining_drift(experiment):
     assert drift_plain > 0.1, "plain PPO should move the policy off the pretraining distribution"
     assert drift_ptx < 0.5 * drift_plain, (drift_ptx, drift_plain)
     assert experiment[0.0]["rounds"][0]["ptx_tokens"] == 0
-    # the alignment tax on held-out windows (never trained on) is reported with plain PPO too, and ptx lowers it
+    # the alignment tax on held-out windows (never trained on) is reported with plain PPO too,
+    # and ptx lowers it
     plain, mixed = experiment[0.0]["rounds"][-1], experiment[1.0]["rounds"][-1]
     assert plain["ptx_heldout_nll_ratio"] > mixed["ptx_heldout_nll_ratio"], (plain, mixed)
     assert experiment[1.0]["rounds"][0]["ptx_tokens"] == 2 * 4 * 4 * 32  # epochs × minibatches × ptx batch
