@@ -43,6 +43,9 @@ class RewardConfig:
     weight_decay: float = 0.01
     """AdamW weight decay (decoupled): keeps an RM trained
     on few rankings from growing weights to fit them."""
+    refuse_tolerance: float = 0.05
+    """An update is not used when its held-out loss (nats per pair) exceeds the previous RM's by more than
+    this: an RM that fits its held-out pairs has a loss near 0, and a difference of 1e-15 there is noise."""
     ready_confidence: float = 0.95
     """PPO starts once the one-sided lower confidence bound (Wilson) of the RM's held-out pair accuracy at
     this level is above 0.5 (``learner.reward.rm_ready``): an RM no better than chance is not optimised
@@ -70,6 +73,8 @@ class RewardConfig:
                 f"RewardConfig.weight_decay and replay_ratio must be >= 0, got {self.weight_decay}, "
                 f"{self.replay_ratio}"
             )
+        if self.refuse_tolerance < 0:
+            raise ValueError(f"RewardConfig.refuse_tolerance must be >= 0, got {self.refuse_tolerance}")
         if not 0 <= self.ready_confidence < 1:
             raise ValueError(f"RewardConfig.ready_confidence must be in [0, 1), got {self.ready_confidence}")
         if self.max_length < 8:

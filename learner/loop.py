@@ -207,6 +207,7 @@ class Learner:
             restore_snapshot,
             train_reward_model,
             trainable_snapshot,
+            update_is_worse,
         )
 
         up_to = self.dataset.max_comparison_seq()
@@ -254,7 +255,7 @@ class Learner:
                     model, self.tokenizer, comparisons, config, heldout or None, progress=self.progress
                 )
             )
-            if previous_loss is not None and stats["heldout_loss"] > previous_loss:
+            if update_is_worse(stats["heldout_loss"], previous_loss, config.refuse_tolerance):
                 restore_snapshot(model, snapshot)
                 model.eval().requires_grad_(False)
                 return self._refuse_reward_update(up_to, new_count, previous_loss, stats)

@@ -172,6 +172,13 @@ def accuracy_lower_bound(accuracy: float, pairs: float, confidence: float) -> fl
     return (centre - spread) / (1 + z * z / pairs)
 
 
+def update_is_worse(heldout_loss: float, previous_loss: float | None, tolerance: float) -> bool:
+    """Whether an RM update is refused: its held-out loss (nats per pair) exceeds the previous RM's on the
+    same held-out pairs by more than ``tolerance`` (``RewardConfig.refuse_tolerance``). No previous loss (the
+    first RM, or no held-out pairs): never."""
+    return previous_loss is not None and heldout_loss > previous_loss + tolerance
+
+
 def rm_ready(metrics: dict, confidence: float = 0.95) -> tuple[bool, str]:
     """Whether PPO may optimise against an RM with these update ``metrics`` (``heldout_accuracy``,
     ``heldout_pairs``, as ``train_reward_model`` returns them): the lower confidence bound of its held-out

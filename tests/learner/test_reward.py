@@ -29,6 +29,7 @@ from learner.reward import (
     sequence_scores,
     train_reward_model,
     trainable_snapshot,
+    update_is_worse,
 )
 from learner.utils import encode_sequence, left_pad
 from tests.conftest import build_tiny_model_dir
@@ -241,3 +242,12 @@ def test_snapshot_restores_a_trained_reward_model(rm_dir, tokenizer):
     restore_snapshot(model, snapshot)
     restored = reward_scores(model, tokenizer, [v.prompt for v in votes], [v.responses[0] for v in votes])
     assert_close(restored, before)
+
+
+def test_an_update_is_refused_only_when_clearly_worse_on_heldout_pairs():
+    tolerance = RewardConfig().refuse_tolerance
+    assert update_is_worse(1.02, 0.023, tolerance)  # contradicting rankings: clearly worse
+    assert not update_is_worse(7e-15, 7e-19, tolerance)  # both fit the held-out pairs: noise, not worse
+    assert not update_is_worse(0.30, 0.31, tolerance)
+    assert update_is_worse(0.30 + tolerance + 1e-6, 0.30, tolerance)
+    assert not update_is_worse(5.0, None, tolerance)  # the first RM has nothing to be worse than
