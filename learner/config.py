@@ -27,15 +27,18 @@ class RewardConfig:
     """Passes over the new comparisons of one update. The paper trains one epoch over 33k comparisons; online,
     an update sees only the few new ones (``min_new_comparisons``, 8 with the documented knob for 16 prompts)
     and never sees them again: 2 passes (with one ranking per step, 2 steps per ranking)."""
-    single_pass_above: int = 32
-    """An update with more new rankings than this makes one pass: a backlog that built up during a PPO round
-    is not trained twice (an update of 60 rankings took 5 minutes at 2 passes on one core, delaying the next
-    PPO round as long)."""
+    single_pass_above: int = 16
+    """An update training on more rankings than this (new and replayed) makes one pass: a backlog that built
+    up during a PPO round is not trained twice."""
+    max_new_per_update: int = 16
+    """New rankings one update trains on, at most: the newest ones; the rest join the replay pool of later
+    updates (kept, not lost). Bounds an update's cost (about ``max_new_per_update · (1 + replay_ratio)``
+    steps) whatever the feedback rate, so RM updates do not crowd out PPO rounds."""
     rankings_per_batch: int = 1
     """Rankings per optimizer step; all K responses of a ranking go into the same forward pass. One: a LoRA RM
     starts at zero and needs steps, and several rankings a step cut them (bench/preference_offline.py,
     ``start:The``, 48 rankings at LoRA lr 1e-3: held-out pair accuracy 1.0 at one a step, 0.52 at four)."""
-    replay_ratio: float = 1.0
+    replay_ratio: float = 0.5
     """Older (already trained) rankings sampled into an update per new one, so an update does not forget what
     earlier ones learned; 0 = the new rankings only."""
     max_length: int = 512
@@ -64,6 +67,7 @@ class RewardConfig:
             epochs=self.epochs,
             rankings_per_batch=self.rankings_per_batch,
             single_pass_above=self.single_pass_above,
+            max_new_per_update=self.max_new_per_update,
             max_length=self.max_length,
             max_grad_norm=self.max_grad_norm,
             score_batch_size=self.score_batch_size,

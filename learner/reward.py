@@ -153,6 +153,15 @@ def _ranked_sequences(tokenizer, comparison, max_length: int) -> tuple[list[list
     return sequences, ranking
 
 
+def update_selection(new: Sequence, older: Sequence, config: RewardConfig, seed: int) -> tuple[list, list]:
+    """What one RM update trains on: (the newest ``config.max_new_per_update`` of ``new``, replayed rankings).
+    New rankings past the cap join ``older``, from which ``replay_sample`` draws ``replay_ratio`` times as
+    many as the new ones trained. Both lists keep their input order."""
+    cut = max(0, len(new) - config.max_new_per_update)
+    trained = list(new[cut:])
+    return trained, replay_sample([*older, *new[:cut]], len(trained), config.replay_ratio, seed)
+
+
 def replay_sample(older: Sequence, new_count: int, ratio: float, seed: int) -> list:
     """The older rankings an update trains on beside its ``new_count`` new ones:
     ``round(ratio · new_count)`` of ``older`` (all of them when there are fewer), drawn without replacement

@@ -21,6 +21,7 @@ from learner.reward import (
     pairwise_accuracy,
     ranking_metrics,
     replay_sample,
+    update_selection,
     restore_snapshot,
     reward_normalisation,
     reward_scores,
@@ -198,6 +199,22 @@ def test_normalisation_puts_reference_samples_at_mean_0_std_1_and_the_loss_in_ra
     assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
     with torch.no_grad():
         assert kwise_batch_loss(model, tokenizer, votes, 96)[0].item() == pytest.approx(raw_loss, rel=1e-5)
+
+
+def test_an_update_trains_on_the_newest_rankings_up_to_the_cap_and_replays_the_rest():
+    config = RewardConfig(max_new_per_update=3, replay_ratio=1.0)
+    older, new = [f"old{i}" for i in range(2)], [f"new{i}" for i in range(5)]
+    trained, replayed = update_selection(new, older, config, seed=1)
+    assert trained == ["new2", "new3", "new4"]  # the newest 3, in order
+    assert len(replayed) == 3 and set(replayed) <= {
+        "old0",
+        "old1",
+        "new0",
+        "new1",
+    }  # past the cap: replayable
+    assert update_selection(new[:2], older, config, seed=1)[0] == ["new0", "new1"]  # under the cap: all
+    no_replay = RewardConfig(max_new_per_update=3, replay_ratio=0.0)
+    assert update_selection(new, older, no_replay, seed=1) == (["new2", "new3", "new4"], [])
 
 
 def test_replay_sample_takes_ratio_times_the_new_rankings_of_the_older_ones():
