@@ -5,7 +5,9 @@ The learner samples every policy on the same held-out (prompt, seed) pairs at th
 (``EvalConfig``; at least ``GateConfig.samples`` pairs) and scores them with the current reward model,
 whose scores are normalised to the reference policy's samples (mean 0, std 1). A candidate is promoted only if
 
-1. its mean gain over the incumbent exceeds ``min_reward_gain`` (a near-copy is not promoted on a coin flip);
+1. it beats the incumbent: its mean gain exceeds ``min_reward_gain`` (a near-copy is not promoted on a coin
+   flip), or the one-sided ``confidence`` lower bound of the gain is above 0 (a small gain measured surely:
+   versions sampled with the same seeds pair closely, so a gain of a few hundredths can be certain);
 2. against the incumbent, and against the base and the best version so far where those are other versions,
    the one-sided ``confidence`` lower bound of the mean paired gain clears ``-margin`` (it is not shown to be
    worse by more than ``margin``, so the served policy cannot drift down step by step);
@@ -37,8 +39,9 @@ class GateConfig:
     lower bound may reach and still pass; a tenth of the spread between answers is within what an
     RM update moves."""
     min_reward_gain: float = 0.05
-    """The candidate's mean gain over the incumbent must exceed this (normalised RM units): half of
-    ``margin``, so a candidate that hardly differs from the incumbent does not replace it on a coin flip."""
+    """The candidate's mean gain over the incumbent must exceed this (normalised RM units), unless the gain's
+    lower bound is above 0: half of ``margin``, so a candidate that hardly differs from the incumbent does
+    not replace it on a coin flip."""
     kl_ceiling: float = 10.0
     """The candidate's KL to the reference (nats per response, as ``evaluate_policy`` reports) must stay
     below: a wall far past where PPO's β keeps a healthy policy, against a policy that left the RM's data."""
@@ -147,16 +150,23 @@ def gate_decision(
     else:
         gain = reward_c - reward_i
         metrics["reward_gain"] = gain
+        paired = list(incumbent.get("scores") or [])
+        sure = len(paired) == len(scores_c) and gain_lower_bound(scores_c, paired, config) > 0
         if gain > config.min_reward_gain:
             reasons.append(
                 f"reward {reward_c:.4f} against incumbent {reward_i:.4f}: "
                 f"gain {gain:.4f} > {config.min_reward_gain}"
             )
+        elif sure:
+            reasons.append(
+                f"reward {reward_c:.4f} against incumbent {reward_i:.4f}: gain {gain:.4f}, "
+                f"{config.confidence:.0%} surely above 0"
+            )
         else:
             promote = False
             reasons.append(
                 f"reward {reward_c:.4f} does not beat incumbent {reward_i:.4f}: gain {gain:.4f} <= "
-                f"{config.min_reward_gain}"
+                f"{config.min_reward_gain} and not surely above 0"
             )
 
     if len(scores_c) < config.samples:

@@ -65,6 +65,15 @@ def test_an_identical_candidate_never_passes():
         assert not result.promote and "does not beat" in result.reasons[0]
 
 
+def test_a_small_gain_measured_surely_passes():
+    """A gain under min_reward_gain passes when its lower bound is above 0 (pairs that agree closely)."""
+    incumbent = [0.1 * (i % 4) for i in range(32)]
+    candidate = [s + 0.03 + (0.01 if i % 2 else -0.01) for i, s in enumerate(incumbent)]
+    result = gate_decision(evaluation(candidate), evaluation(incumbent, kl=0.0), CONFIG)
+    assert result.promote, result.reasons
+    assert any("surely above 0" in r for r in result.reasons)
+
+
 def test_a_clearly_better_candidate_passes():
     """A gain of one reference standard deviation passes almost always, even with independent samples."""
     assert pass_rate(1.0, 0.0) > 0.95
@@ -121,7 +130,13 @@ BETTER, INCUMBENT = [0.9] * 32, [0.3] * 32
     ("candidate", "incumbent", "live", "why"),
     [
         (evaluation([0.2] * 32), evaluation(INCUMBENT), None, "does not beat"),
-        (evaluation([0.33] * 32), evaluation(INCUMBENT), None, "does not beat"),  # gain < min_reward_gain
+        # gain 0.03 < min_reward_gain, and not sure (pairs differ by +0.23 / -0.17)
+        (
+            evaluation([0.3 + 0.03 + (0.2 if i % 2 else -0.2) for i in range(32)]),
+            evaluation(INCUMBENT),
+            None,
+            "does not beat",
+        ),
         (evaluation(BETTER, kl=2.0), evaluation(INCUMBENT), None, "not under ceiling"),
         (evaluation(BETTER, kl=math.nan), evaluation(INCUMBENT), None, "not finite"),
         ({**evaluation(BETTER), "reward_mean": math.inf}, evaluation(INCUMBENT), None, "not finite"),
