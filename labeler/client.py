@@ -166,7 +166,7 @@ class SimulationSummary:
     rounds: int = 0
     rankings_posted: int = 0
     all_tied: int = 0  # completions whose ranking is all one tie group: nothing to post
-    pairs_posted: int = 0  # (winner, loser) pairs the posted rankings state
+    pairs_posted: int = 0  # (winner, loser) pairs the posted rankings state, of answers the preference orders
     pairs_reversed: int = 0  # of those, pairs in the reverse order of the preference (a noisy labeler's)
     errors: int = 0
     seconds: float = 0.0

@@ -195,10 +195,11 @@ def noisy_ranking(scores: Sequence[float], p: float, rng: random.Random) -> list
 
 
 def reversed_pairs(ranking: Sequence[Sequence[int]], scores: Sequence[float]) -> tuple[int, int]:
-    """(pairs ``ranking`` states in the reverse order of ``scores``, pairs it states): how many of the
-    posted (winner, loser) pairs disagree with the true preference. A pair posted as won whose answers the
-    preference scores equal counts as posted, not as reversed; pairs posted as tied are not counted."""
-    pairs = _ordered_pairs(ranking)
+    """(posted pairs in the reverse order of ``scores``, posted pairs whose answers ``scores`` orders):
+    how many of the (winner, loser) pairs ``ranking`` states disagree with the true preference. Pairs of
+    answers the preference scores equal are in neither count (the truth has no order to disagree with), nor
+    are pairs ``ranking`` ties."""
+    pairs = [(w, lo) for w, lo in _ordered_pairs(ranking) if scores[w] != scores[lo]]
     return sum(scores[winner] < scores[loser] for winner, loser in pairs), len(pairs)
 
 
