@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
+
+import pytest
 
 from bench.panel_preferences import quantity_density, sentences
 from labeler.preferences import (
