@@ -84,6 +84,14 @@ def simulate_command(
         DEFAULT_MODEL_NAME, help="The `model` field sent with each completion request."
     ),
     chat: bool = typer.Option(False, help="Ask /v1/chat/completions (the prompt as one user message)."),
+    flip: float = typer.Option(
+        0.0,
+        min=0.0,
+        max=1.0,
+        help="A noisy labeler: flip each (winner, loser) pair of a ranking with this probability, then rank "
+        "the K answers by their wins in the flipped pairs (equal wins tied); seeded by --seed. The summary "
+        "reports the share of posted pairs that disagree with the preference.",
+    ),
 ) -> None:
     """Ask for K completions per prompt, rank them with the preference, post the rankings as feedback."""
     preference_fn = _preference_option(preference)
@@ -91,6 +99,7 @@ def simulate_command(
     url, key = _connection(gateway_url, api_key, run_dir, role="labeler")
     typer.echo(
         f"labeling {len(prompt_list)} prompts x {rounds} rounds (k={k}) on {url} with preference {preference}"
+        + (f", each pair flipped with probability {flip}" if flip else "")
     )
     with GatewayClient(url, key, model=model, chat=chat) as client:
         try:
@@ -106,6 +115,7 @@ def simulate_command(
                 concurrency=concurrency,
                 stop_on_new_version=stop_on_new_version,
                 progress=typer.echo,
+                flip=flip,
             )
         except LabelerError as exc:
             typer.echo(f"error: {exc}", err=True)

@@ -3,7 +3,9 @@
 ``instructloop labeler simulate`` asks the gateway for K completions per prompt (``/v1/completions`` with
 ``n=K``, or ``/v1/chat/completions`` with the prompt as one user message when ``chat``), ranks them
 with a *preference function* (``text -> float``, higher is better; best first, equal scores tied in one
-group) and posts the ranking to ``/v1/feedback`` with a labeler key, round after round.
+group) and posts the ranking to ``/v1/feedback`` with a labeler key, round after round. With ``flip`` p > 0
+it is a noisy labeler: each pair of the ranking is flipped with probability p before it is posted
+(``labeler.preferences.noisy_ranking``).
 It stands in for human labelers in tests, benchmarks and demos. It talks HTTP only and imports nothing of
 the learner, so what it proves about the loop is what a real client would see.
 
@@ -15,6 +17,7 @@ against every recorded response of the same prompt; a tie counts half).
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections import defaultdict
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from instructloop.wire import POLICY_VERSION_HEADER, SERVED_MODEL_NAME, UNKNOWN_VERSION
-from labeler.preferences import PreferenceFunction, rank, score_texts
+from labeler.preferences import PreferenceFunction, noisy_ranking, rank, reversed_pairs, score_texts
 
 DEFAULT_MODEL_NAME = SERVED_MODEL_NAME
 
@@ -162,7 +165,9 @@ class GatewayClient:
 class SimulationSummary:
     rounds: int = 0
     rankings_posted: int = 0
-    all_tied: int = 0  # completions whose K responses all scored the same: nothing to post
+    all_tied: int = 0  # completions whose ranking is all one tie group: nothing to post
+    pairs_posted: int = 0  # (winner, loser) pairs the posted rankings state, of answers the preference orders
+    pairs_reversed: int = 0  # of those, pairs in the reverse order of the preference (a noisy labeler's)
     errors: int = 0
     seconds: float = 0.0
     versions: list[str] = field(default_factory=list)  # policy versions in the order first seen
@@ -173,11 +178,19 @@ class SimulationSummary:
         count = self.score_count.get(version, 0)
         return self.score_sum[version] / count if count else float("nan")
 
+    @property
+    def flipped_pair_share(self) -> float:
+        """Share of the posted pairs that disagree with the preference (0 without ``flip``)."""
+        return self.pairs_reversed / self.pairs_posted if self.pairs_posted else float("nan")
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "rounds": self.rounds,
             "rankings_posted": self.rankings_posted,
             "all_tied": self.all_tied,
+            "pairs_posted": self.pairs_posted,
+            "pairs_reversed": self.pairs_reversed,
+            "flipped_pair_share": self.flipped_pair_share,
             "errors": self.errors,
             "seconds": round(self.seconds, 2),
             "versions": self.versions,
@@ -187,7 +200,7 @@ class SimulationSummary:
 
 @dataclass
 class Labeled:
-    """One labeled completion: its responses' scores and the ranking posted (None when all tied)."""
+    """One labeled completion: its responses' true scores and the ranking posted (None when all tied)."""
 
     completion: Completion
     scores: list[float]
@@ -203,11 +216,15 @@ def label_one(
     max_tokens: int,
     temperature: float,
     seed: int | None,
+    flip: float = 0.0,
 ) -> Labeled:
-    """Ask for ``k`` completions of ``prompt``, rank them, post the ranking (unless all tied)."""
+    """Ask for ``k`` completions of ``prompt``, rank them, post the ranking (unless all tied).
+
+    ``flip`` > 0: the posted ranking is ``noisy_ranking(scores, flip, rng)``, ``rng`` seeded with ``seed``
+    (unseeded when ``seed`` is None), so a seeded run posts the same noisy rankings again."""
     completion = client.complete(prompt, k, max_tokens, temperature, seed)
     scores = score_texts(completion.texts, preference)
-    ranking = rank(scores)
+    ranking = noisy_ranking(scores, flip, random.Random(seed)) if flip else rank(scores)
     if len(ranking) < 2:  # all tied: nothing the reward model could learn from, so not posted
         return Labeled(completion, scores, None)
     client.feedback(completion, ranking)
@@ -228,6 +245,7 @@ def simulate(
     stop_on_new_version: bool = False,
     max_errors: int = 10,
     progress: Callable[[str], None] | None = None,
+    flip: float = 0.0,
 ) -> SimulationSummary:
     """Rank ``k`` completions per prompt for ``rounds`` passes over ``prompts`` and post the rankings.
 
@@ -238,7 +256,13 @@ def simulate(
     With ``stop_on_new_version`` it stops after the round in which a completion came from a policy
     version other than the first one seen (the loop promoted something). Gateway errors are counted and
     reported; more than ``max_errors`` of them stops the run with ``LabelerError``.
+
+    ``flip`` (0 to 1): a noisy labeler that flips each pair of a ranking with that probability before posting
+    it (``noisy_ranking``; seeded per request with ``seed``). The summary counts the posted pairs and those
+    that disagree with the preference (``flipped_pair_share``); ``mean_score`` stays the true preference's.
     """
+    if not 0.0 <= flip <= 1.0:
+        raise ValueError("flip must be a probability in [0, 1]")
     from concurrent.futures import ThreadPoolExecutor
 
     if k < 2:
@@ -266,6 +290,7 @@ def simulate(
                         max_tokens=max_tokens,
                         temperature=temperature,
                         seed=request_seed,
+                        flip=flip,
                     )
                 )
             for future in futures:  # in prompt order, whatever order they finished in
@@ -289,6 +314,9 @@ def simulate(
                     summary.all_tied += 1
                 else:
                     summary.rankings_posted += 1
+                    reversed_count, pair_count = reversed_pairs(labeled.ranking, labeled.scores)
+                    summary.pairs_posted += pair_count
+                    summary.pairs_reversed += reversed_count
             summary.rounds = round_index + 1
             summary.seconds = time.monotonic() - started
             if progress:
@@ -299,6 +327,7 @@ def simulate(
                     f"({summary.rankings_posted} total, {summary.all_tied} all-tied skipped, "
                     f"{summary.errors} errors, "
                     f"{summary.seconds:.1f}s); mean score by version: {means}"
+                    + (f"; posted pairs flipped: {summary.flipped_pair_share:.3f}" if flip else "")
                 )
             if stop_on_new_version and len(summary.versions) > 1:
                 break

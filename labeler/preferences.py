@@ -1,6 +1,7 @@
 """Preference functions and win-rates: how the scripted labeler ranks texts (no HTTP here).
 
-A preference function scores one response text, higher is better; equal scores are ties.
+A preference function scores one response text, higher is better; equal scores are ties. ``rank`` turns
+scores into a ranking; ``noisy_ranking`` is a labeler that gets each pair wrong with probability p.
 
 ==================  ========================================================================
 ``shorter``         fewer characters is better (score = -len(text))
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -161,6 +163,44 @@ def rank(scores: Sequence[float]) -> list[list[int]]:
 
 def rank_texts(texts: Sequence[str], preference: PreferenceFunction) -> list[list[int]]:
     return rank(score_texts(texts, preference))
+
+
+def _ordered_pairs(ranking: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """The (winner, loser) pairs a ranking states, best group first; tied indices form no pair."""
+    return [
+        (winner, loser)
+        for g, group in enumerate(ranking)
+        for lower in ranking[g + 1 :]
+        for winner in group
+        for loser in lower
+    ]
+
+
+def noisy_ranking(scores: Sequence[float], p: float, rng: random.Random) -> list[list[int]]:
+    """A noisy labeler's ranking of ``scores``, in ``rank``'s format (best first, ties grouped).
+
+    Each (winner, loser) pair of ``rank(scores)`` is flipped independently with probability ``p`` (one
+    ``rng.random()`` draw per pair, pairs in a fixed order, so a seeded ``rng`` repeats the ranking); the
+    answers are then ranked by their number of wins in the (partly flipped) pairs (Copeland), equal wins
+    tied. Answers the preference ties form no pair and stay tied with each other unless flips elsewhere
+    separate them. ``p = 0`` gives ``rank(scores)``, ``p = 1`` its exact reverse. Flips can leave every
+    answer with the same number of wins (a cycle), which ranks all of them tied.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"flip probability must be in [0, 1], got {p}")
+    wins = [0.0] * len(scores)
+    for winner, loser in _ordered_pairs(rank(scores)):
+        wins[loser if rng.random() < p else winner] += 1.0
+    return rank(wins)
+
+
+def reversed_pairs(ranking: Sequence[Sequence[int]], scores: Sequence[float]) -> tuple[int, int]:
+    """(posted pairs in the reverse order of ``scores``, posted pairs whose answers ``scores`` orders):
+    how many of the (winner, loser) pairs ``ranking`` states disagree with the true preference. Pairs of
+    answers the preference scores equal are in neither count (the truth has no order to disagree with), nor
+    are pairs ``ranking`` ties."""
+    pairs = [(w, lo) for w, lo in _ordered_pairs(ranking) if scores[w] != scores[lo]]
+    return sum(scores[winner] < scores[loser] for winner, loser in pairs), len(pairs)
 
 
 @dataclass

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import random
 import textwrap
 
 import pytest
 from typer.testing import CliRunner
 
 from labeler.cli import app
-from labeler.client import GatewayClient, LabelerError
+from labeler.client import Completion, GatewayClient, LabelerError, simulate
 from labeler.preferences import (
     DEFAULT_HELDOUT_PROMPTS,
     DEFAULT_PROMPTS,
     PreferenceError,
     load_preference,
+    noisy_ranking,
     rank,
     rank_texts,
     read_prompts,
+    reversed_pairs,
     score_texts,
     win_rate,
 )
@@ -35,6 +38,98 @@ def test_rank_covers_every_index_once():
     assert sorted(i for group in ranking for i in group) == list(range(len(scores)))
     group_scores = [scores[group[0]] for group in ranking]
     assert group_scores == sorted(set(scores), reverse=True)
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [[0.0, 2.0, 0.0, 1.0], [5.0, 5.0, 5.0], [-3.0, -1.0], [1.0, 2.0, 1.0, 2.0], [3.0, 1.0, 2.0, 0.0]],
+)
+def test_noisy_ranking_without_flips_is_the_ranking_and_with_all_flips_its_reverse(scores):
+    rng = random.Random(0)
+    assert noisy_ranking(scores, 0.0, rng) == rank(scores)
+    assert noisy_ranking(scores, 1.0, rng) == rank([-s for s in scores])
+
+
+def test_noisy_ranking_is_seeded_and_refuses_a_non_probability():
+    scores = [0.3, 0.1, 0.9, 0.5, 0.7]
+    draws = [noisy_ranking(scores, 0.4, random.Random(seed)) for seed in range(20)]
+    assert draws == [noisy_ranking(scores, 0.4, random.Random(seed)) for seed in range(20)]
+    assert len({str(d) for d in draws}) > 1  # the noise does change rankings
+    for ranking in draws:
+        assert sorted(i for group in ranking for i in group) == list(range(len(scores)))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        noisy_ranking(scores, 1.5, random.Random(0))
+
+
+def test_noisy_ranking_flips_each_pair_with_probability_p():
+    rng = random.Random(7)
+    flipped = sum(noisy_ranking([1.0, 0.0], 0.25, rng) == [[1], [0]] for _ in range(4000))
+    assert flipped / 4000 == pytest.approx(0.25, abs=0.03)
+
+
+def test_noisy_ranking_copeland_ties_equal_wins():
+    class Script(random.Random):  # flips exactly the pair (0 beats 2): every answer then has one win
+        def __init__(self):
+            super().__init__(0)
+            self.draws = iter([1.0, 0.0, 1.0])  # pairs (0, 1), (0, 2), (1, 2), in that order
+
+        def random(self):
+            return next(self.draws)
+
+    assert noisy_ranking([3.0, 2.0, 1.0], 0.5, Script()) == [[0, 1, 2]]
+
+
+def test_reversed_pairs_counts_posted_pairs_against_the_scores():
+    scores = [3.0, 2.0, 1.0, 1.0]
+    assert reversed_pairs(rank(scores), scores) == (0, 5)  # 2 and 3 tied: no pair between them
+    assert reversed_pairs([[2], [0, 1], [3]], scores) == (2, 4)  # 2 over 0, 2 over 1; 2 over 3: not ordered
+    assert reversed_pairs([[0, 1, 2, 3]], scores) == (0, 0)
+
+
+class _ScriptedGateway:
+    """A stand-in for GatewayClient (no server): every completion has the same K texts; records rankings."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+        self.posted: list[list[list[int]]] = []
+
+    def complete(self, prompt, n, max_tokens, temperature, seed=None, store=True):
+        return Completion(id=f"cmpl-{seed}", texts=self.texts[:n], policy_version="base")
+
+    def feedback(self, completion, ranking, rationale=None):
+        self.posted.append(ranking)
+
+
+def _simulate(flip: float, seed: int | None = 1):
+    gateway = _ScriptedGateway(["a", "bb", "ccc", "dddd"])
+    summary = simulate(
+        gateway, ["p1", "p2", "p3"], load_preference("shorter"), rounds=4, k=4, seed=seed, flip=flip
+    )
+    return gateway.posted, summary
+
+
+def test_simulate_posts_noisy_rankings_and_counts_the_flipped_pairs():
+    posted, summary = _simulate(flip=0.0)
+    assert posted == [[[0], [1], [2], [3]]] * 12
+    assert (summary.pairs_posted, summary.pairs_reversed, summary.flipped_pair_share) == (72, 0, 0.0)
+    posted, summary = _simulate(flip=1.0)
+    assert posted == [[[3], [2], [1], [0]]] * 12 and summary.flipped_pair_share == 1.0
+    posted, summary = _simulate(flip=0.3)
+    assert posted == _simulate(flip=0.3)[0]  # seeded: the same noisy rankings again
+    assert 0.0 < summary.flipped_pair_share < 0.5
+    assert summary.as_dict()["flipped_pair_share"] == summary.flipped_pair_share
+    assert summary.mean_score("base") == -2.5  # the true preference's scores, whatever was posted
+    with pytest.raises(ValueError, match="flip"):
+        _simulate(flip=-0.1)
+
+
+def test_simulate_flip_option_on_the_cli():
+    result = CliRunner().invoke(app, ["simulate", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "--flip" in result.output and "noisy labeler" in result.output
+    result = CliRunner().invoke(
+        app, ["simulate", "--flip", "1.5", "--gateway-url", "http://127.0.0.1:9", "--api-key", "k"]
+    )
+    assert result.exit_code == 2 and "--flip" in result.output
 
 
 def test_builtin_preferences():
