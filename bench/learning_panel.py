@@ -43,8 +43,8 @@ PROMPT_SETS: dict[str, tuple[Path, Path]] = {
 TARGET_WIN_RATE = 0.75
 DEFAULT_BUDGET_S = 1800.0
 DEFAULT_OUT = ROOT / "docs" / "panel"
-# PLACEHOLDER: WITH_WORD must be a word that about 25 % of the base version's held-out answers contain
-# (on both prompt sets), chosen by reading the base answers; "you" is not yet checked.
+# A word in about 25 % of the base's answers: "you" is in 26 % of 380 base answers (K = 4, T 0.7, 48 tokens)
+# to the labeler's chat prompts; each run's JSON gives its base share on its own held-out prompts.
 WITH_WORD = "you"
 PANEL_PREFERENCE = "bench.panel_preferences:quantity_density"
 NOISY_FLIP = 0.25
