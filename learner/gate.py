@@ -42,6 +42,9 @@ class GateConfig:
     """The candidate's mean gain over the incumbent must exceed this (normalised RM units), unless the gain's
     lower bound is above 0: half of ``margin``, so a candidate that hardly differs from the incumbent does
     not replace it on a coin flip."""
+    sure_gain_suffices: bool = True
+    """A gain under ``min_reward_gain`` still beats the incumbent when its lower bound is above 0; False: the
+    minimum always binds (a test that wants every promotion to be a step of a given size)."""
     kl_ceiling: float = 10.0
     """The candidate's KL to the reference (nats per response, as ``evaluate_policy`` reports) must stay
     below: a wall far past where PPO's β keeps a healthy policy, against a policy that left the RM's data."""
@@ -151,7 +154,11 @@ def gate_decision(
         gain = reward_c - reward_i
         metrics["reward_gain"] = gain
         paired = list(incumbent.get("scores") or [])
-        sure = len(paired) == len(scores_c) and gain_lower_bound(scores_c, paired, config) > 0
+        sure = (
+            config.sure_gain_suffices
+            and len(paired) == len(scores_c)
+            and gain_lower_bound(scores_c, paired, config) > 0
+        )
         if gain > config.min_reward_gain:
             reasons.append(
                 f"reward {reward_c:.4f} against incumbent {reward_i:.4f}: "

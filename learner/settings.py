@@ -140,6 +140,11 @@ class Settings(BaseSettings):
         GateConfig.min_reward_gain,
         description="The candidate's mean gain over the incumbent must exceed this (RM units).",
     )
+    gate_sure_gain_suffices: bool = Field(
+        GateConfig.sure_gain_suffices,
+        description="A gain under gate_min_reward_gain still beats the incumbent when its lower bound is "
+        "above 0 (measured surely); false: the minimum gain always binds.",
+    )
     gate_kl_ceiling: float = Field(
         GateConfig.kl_ceiling,
         gt=0,
@@ -353,6 +358,7 @@ def resolve_learner_config(settings: Settings) -> LearnerConfig:
             confidence=settings.gate_confidence,
             margin=settings.gate_margin,
             min_reward_gain=settings.gate_min_reward_gain,
+            sure_gain_suffices=settings.gate_sure_gain_suffices,
             kl_ceiling=settings.gate_kl_ceiling,
             min_live_comparisons=settings.gate_min_live_comparisons,
             min_win_rate=settings.gate_min_win_rate,

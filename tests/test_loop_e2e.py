@@ -137,6 +137,7 @@ LEARNER_ENV = {
     "INSTRUCTLOOP_LEARNER_PTX_COEF": "0",
     "INSTRUCTLOOP_LEARNER_GATE_KL_CEILING": "20",
     "INSTRUCTLOOP_LEARNER_GATE_MIN_REWARD_GAIN": "0.5",
+    "INSTRUCTLOOP_LEARNER_GATE_SURE_GAIN_SUFFICES": "false",
     # the test's claim is about the first version the gate lets through: it must be a clear step (half the
     # reference's score spread: RM scores are normalised so its samples score std 1, and a lower bound above
     # 0 rather than the default's -margin)

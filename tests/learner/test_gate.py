@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -72,6 +73,10 @@ def test_a_small_gain_measured_surely_passes():
     result = gate_decision(evaluation(candidate), evaluation(incumbent, kl=0.0), CONFIG)
     assert result.promote, result.reasons
     assert any("surely above 0" in r for r in result.reasons)
+    strict = gate_decision(
+        evaluation(candidate), evaluation(incumbent, kl=0.0), replace(CONFIG, sure_gain_suffices=False)
+    )
+    assert not strict.promote and "does not beat" in strict.reasons[0]
 
 
 def test_a_clearly_better_candidate_passes():

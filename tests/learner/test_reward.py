@@ -21,7 +21,6 @@ from learner.reward import (
     pairwise_accuracy,
     ranking_metrics,
     replay_sample,
-    update_selection,
     restore_snapshot,
     reward_normalisation,
     reward_scores,
@@ -31,6 +30,7 @@ from learner.reward import (
     train_reward_model,
     trainable_snapshot,
     update_is_worse,
+    update_selection,
 )
 from learner.utils import encode_sequence, left_pad
 from tests.conftest import build_tiny_model_dir

@@ -34,7 +34,14 @@ def push(client, first: int, n: int) -> None:
 def test_updates_replay_older_rankings_normalise_on_reference_samples_and_refuse_a_worse_one(
     redis_server, tmp_path, tiny_model_dir, ptx_corpus, monkeypatch
 ):
-    reward = {**TINY_REWARD, "epochs": 2, "single_pass_above": 1000, "lr": 3e-3}
+    reward = {
+        **TINY_REWARD,
+        "epochs": 2,
+        "single_pass_above": 1000,
+        "lr": 3e-3,
+        "replay_ratio": 1.0,
+        "max_new_per_update": 1000,
+    }
     env = learner_env(
         redis_server.url_for("learner"),
         tiny_model_dir,

@@ -111,7 +111,7 @@ def test_rounds_per_reward_model_are_bounded_and_rejections_restart_from_the_inc
     """New prompts alone run at most max_rounds_per_rm_update rounds on one RM; after
     restart_after_rejections rejections the working policy is the incumbent's again (here: the base)."""
     settings_env(
-        max_rounds_per_rm_update=2, restart_after_rejections=2, gate_min_reward_gain=1e9, training="full"
+        max_rounds_per_rm_update=2, restart_after_rejections=2, gate_kl_ceiling=1e-9, training="full"
     )
     client = redis_server.client("learner")
     learner = Learner(Settings(), metrics=LearnerMetrics(), progress=False)
