@@ -141,9 +141,9 @@ class PPOConfig:
     the advantages whatever the traffic's number of distinct prompts; 1 = no per-prompt baseline."""
     mini_batch_size: int = 4
     """Rollouts per PPO optimizer step; must divide ``rollout_batch_size``."""
-    ppo_epochs: int = 1
-    """Passes over the round's rollouts (each pass: shuffled minibatches). One: on CPU the update, not the
-    rollout, is most of a round, and fresh rollouts teach more than repeated ones."""
+    ppo_epochs: int = 2
+    """Passes over the round's rollouts (each pass: shuffled minibatches). Two: 16 clipped steps a round
+    for about 1.2× a one-pass round's time (rollout, scoring, RM update and gate are paid once)."""
     lr: float = 3e-6
     """AdamW learning rate of the policy (and of the value model) in full fine-tuning; lora mode uses
     ``AdapterConfig.ppo_lr`` unless ``lr`` is set explicitly (``resolve_learner_config``)."""
