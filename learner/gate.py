@@ -16,6 +16,11 @@ whose scores are normalised to the reference policy's samples (mean 0, std 1). A
    its live win-rate against the incumbent is at least ``min_win_rate``.
 
 Non-finite metrics fail the gate. Every check adds a reason, passed or not, so a decision explains itself.
+A rejection is ``drifted`` when the candidate is surely worse than a compared version (the ``confidence``
+upper bound of its gain is below 0), is past the KL ceiling, lost live, or is not finite: only those count
+towards restarting the working policy (``learner/gating.py``); a candidate whose bounds are merely too loose
+to clear ``-margin`` is not shown worse, and keeps training. ``worth_more_samples`` says when a decision is
+open enough that the learner samples up to ``max_samples`` pairs and decides again on all of them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ class GateConfig:
     samples: int = 32
     """(prompt, sample) pairs the gate judges on, at least: each held-out prompt is sampled
     ``ceil(samples / prompts)`` times, with the same seeds for every version (fewer give no usable bound)."""
+    max_samples: int = 96
+    """Pairs the gate extends to when the first ``samples`` leave a candidate with a positive mean gain
+    undecided (``worth_more_samples``): where answers diverge early, paired seeds hardly pair and the
+    standard error at 32 pairs hides a real gain; ``samples`` = never extend."""
     confidence: float = 0.95
     """One-sided confidence of the lower bound on the mean gain (normal quantile: 1.645 standard errors);
     with ``margin`` and 32 pairs, an equal candidate passes about one gate in ten."""
@@ -56,6 +65,10 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.samples < 2:
             raise ValueError(f"GateConfig.samples must be at least 2, got {self.samples}")
+        if self.max_samples < self.samples:
+            raise ValueError(
+                f"GateConfig.max_samples ({self.max_samples}) must be at least samples ({self.samples})"
+            )
         if not 0.5 <= self.confidence < 1.0:
             raise ValueError(f"GateConfig.confidence must be within [0.5, 1), got {self.confidence}")
         if not self.margin >= 0:
@@ -80,6 +93,10 @@ class GateResult:
     metrics: dict[str, float] = field(default_factory=dict)
     held_back_by: str | None = None
     """The pinned current version that kept a candidate which passed the gate from being promoted."""
+    drifted: bool = False
+    """The candidate is surely worse than a compared version (upper confidence bound of the gain below 0), is
+    past the KL ceiling, lost the live comparisons or has non-finite metrics: evidence that the working policy
+    moved away, not merely that its gain is not measured closely enough yet."""
 
     def hold_back(self, pinned: str) -> GateResult:
         """This result for a candidate that passed the gate
@@ -146,9 +163,10 @@ def gate_decision(
                 metrics[f"{prefix}_{name}"] = float(value)
     reasons: list[str] = []
     promote = True
+    drifted = False
 
     if not (_finite(reward_c) and _finite(reward_i)):
-        promote = False
+        promote, drifted = False, True
         reasons.append(f"reward is not finite (candidate {reward_c}, incumbent {reward_i})")
     else:
         gain = reward_c - reward_i
@@ -186,23 +204,30 @@ def gate_decision(
             reasons.append(f"{len(scores)} scores of {name} for {len(scores_c)} of the candidate")
             continue
         bound = gain_lower_bound(scores_c, scores, config)
+        se = paired_standard_error(scores_c, scores)
         metrics[f"gain_lower_bound_{name}"] = bound
         if name == "incumbent":
-            metrics["reward_gain_se"] = paired_standard_error(scores_c, scores)
+            metrics["reward_gain_se"] = se
         head = f"{config.confidence:.0%} lower bound of the gain over {name} {bound:.4f}"
         if bound > -config.margin:
             reasons.append(f"{head} > -{config.margin}")
         else:
             promote = False
-            reasons.append(f"{head} <= -{config.margin}: worse than {name}")
+            reasons.append(f"{head} <= -{config.margin}: not shown within the margin of {name}")
+        upper = statistics.fmean(scores_c) - statistics.fmean(scores) + config.z * se
+        if len(scores_c) >= 2 and upper < 0:
+            drifted = True
+            reasons.append(
+                f"{config.confidence:.0%} upper bound of the gain over {name} {upper:.4f} < 0: worse"
+            )
 
     if not _finite(kl_c):
-        promote = False
+        promote, drifted = False, True
         reasons.append(f"KL to the reference is not finite ({kl_c})")
     elif kl_c < config.kl_ceiling:
         reasons.append(f"KL {kl_c:.4f} under ceiling {config.kl_ceiling}")
     else:
-        promote = False
+        promote, drifted = False, True
         reasons.append(f"KL {kl_c:.4f} is not under ceiling {config.kl_ceiling}")
 
     if live_win_rate is not None:
@@ -213,7 +238,45 @@ def gate_decision(
         elif rate >= config.min_win_rate:
             reasons.append(f"live win-rate {rate:.3f} >= {config.min_win_rate} over {pairs} pairs")
         else:
-            promote = False
+            promote, drifted = False, True
             reasons.append(f"live win-rate {rate:.3f} < {config.min_win_rate} over {pairs} pairs")
 
-    return GateResult(promote=promote, reasons=reasons, metrics=metrics)
+    return GateResult(promote=promote, reasons=reasons, metrics=metrics, drifted=drifted)
+
+
+def worth_more_samples(result: GateResult, config: GateConfig, pairs: int) -> bool:
+    """Whether the gate should sample up to ``config.max_samples`` pairs and decide again: the candidate was
+    judged on ``pairs`` < ``max_samples`` pairs, was neither promoted nor drifted, and gained on the
+    incumbent on average (a candidate that lost on average is not worth the time)."""
+    gain = result.metrics.get("reward_gain")
+    return (
+        pairs < config.max_samples
+        and not result.promote
+        and not result.drifted
+        and gain is not None
+        and math.isfinite(gain)
+        and gain > 0
+    )
+
+
+def merge_evaluations(
+    first: Mapping[str, float | list[float]], second: Mapping[str, float | list[float]]
+) -> dict:
+    """One evaluation (``score_samples``'s keys) of one policy from two on disjoint pairs: ``scores``
+    concatenated (first's pairs first), ``reward_mean`` / ``reward_std`` of all of them, ``kl``,
+    ``eos_rate`` and ``length_mean`` weighted by each part's ``n``, ``n`` and ``duration_s`` summed."""
+    scores = [*first["scores"], *second["scores"]]
+    n_first, n_second = float(first["n"]), float(second["n"])
+    merged: dict = {
+        "reward_mean": statistics.fmean(scores),
+        "reward_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        "n": n_first + n_second,
+        "scores": scores,
+        "duration_s": float(first.get("duration_s", 0.0)) + float(second.get("duration_s", 0.0)),
+    }
+    for name in ("kl", "eos_rate", "length_mean"):
+        if name in first and name in second:
+            merged[name] = (float(first[name]) * n_first + float(second[name]) * n_second) / (
+                n_first + n_second
+            )
+    return merged

@@ -1,6 +1,9 @@
 """The gate step of the loop: judge the pending candidate on held-out (prompt, seed) pairs against the
 incumbent, the base and the best version so far (the decision itself: ``learner/gate.py``), publish it, and
-restart the working policy from the incumbent after ``restart_after_rejections`` rejections in a row.
+restart the working policy from the incumbent after ``restart_after_rejections`` rejections in a row that
+found it drifted (worse than a compared version, past the KL ceiling, losing live); a candidate rejected
+only for not yet beating the incumbent breaks the row: PPO's progress of a few rounds is not measurable
+in one gate, and restarting would throw it away.
 
 Functions of the ``Learner`` (``learner/loop.py``), as ``learner/live_gate.py``'s: they read its dataset,
 models, registry and state, and end with its checkpoint.
@@ -10,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from instructloop.events import PolicyStatus
 from instructloop.wire import BASE_VERSION
 from learner.admin import pinned_version
 from learner.dataset import TrafficPrompt
-from learner.gate import GateResult, gate_decision
+from learner.gate import GateResult, gate_decision, merge_evaluations, worth_more_samples
 from learner.publish import publish_candidate
 
 if TYPE_CHECKING:
@@ -25,14 +29,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def gate_queries(learner: Learner) -> list[TrafficPrompt]:
+def gate_queries(learner: Learner, samples: int | None = None) -> list[TrafficPrompt]:
     """The gate's (prompt, sample) pairs: the first ``eval_prompts`` held-out prompts (fixed once that many
     exist, so the compared versions' samples are reused gate after gate), each repeated so that there are
-    at least ``GateConfig.samples`` pairs; the seeds follow the position (``sample_policy``)."""
+    at least ``samples`` pairs (default ``GateConfig.samples``); the seeds follow the position
+    (``sample_policy``)."""
     queries = learner.dataset.heldout_queries(learner.settings.eval_prompts)
     if not queries:
         return []
-    repeats = math.ceil(learner.gate_config.samples / len(queries))
+    repeats = math.ceil((samples or learner.gate_config.samples) / len(queries))
     return [query for query in queries for _ in range(repeats)]
 
 
@@ -95,11 +100,11 @@ def gate_and_publish(learner: Learner) -> GateResult | None:
     setattr(learner.state, outcome, getattr(learner.state, outcome) + 1)
     getattr(learner.metrics, outcome).inc()
     restart = None
-    if outcome == "rejections":
+    if outcome == "rejections" and result.drifted:
         learner.state.consecutive_rejections += 1
         if learner.state.consecutive_rejections >= learner.settings.restart_after_rejections:
             restart = learner.registry.current() or BASE_VERSION
-    else:
+    else:  # promoted, held back, or merely not yet shown better: the working policy is not drifting away
         learner.state.consecutive_rejections = 0
     for policy in ("candidate", "incumbent"):
         if f"{policy}_reward_mean" in result.metrics:
@@ -115,6 +120,7 @@ def gate_and_publish(learner: Learner) -> GateResult | None:
             "version": version,
             "promote": result.promote,
             "held_back_by": result.held_back_by,
+            "drifted": result.drifted,
             "reasons": result.reasons,
             **result.metrics,
         }
@@ -139,27 +145,101 @@ def gate_and_publish(learner: Learner) -> GateResult | None:
         learner._trainer = None
     else:
         learner.store.save(learner.state)
-    log.info("gate done", extra={"version": version, "promote": result.promote, "reasons": result.reasons})
+    log.info(
+        "gate done",
+        extra={
+            "version": version,
+            "promote": result.promote,
+            "drifted": result.drifted,
+            "consecutive_rejections": learner.state.consecutive_rejections,
+            "reasons": result.reasons,
+        },
+    )
     return result
+
+
+EXTRA_SEED = 1_000_003
+"""Seed offset of the pairs a gate adds (``worth_more_samples``): other draws than the first pairs'."""
 
 
 def judge(learner: Learner, version: str, policy, queries: list[TrafficPrompt]) -> tuple[GateResult, str]:
     """Sample the candidate, the incumbent, the base and the best version so far on the same (prompt,
     seed) pairs, score them with the current RM, decide (``gate_decision``) and note the new best version.
-    Returns the result and the incumbent's version."""
+    When the decision is open (``worth_more_samples``), sample every version on more pairs (other seeds) up
+    to ``GateConfig.max_samples`` and decide again on all of them. Returns the result and the incumbent's
+    version."""
+    config = learner.config.evaluation
+    stages = [(queries, config)]
+    judged = judge_pairs(learner, policy, queries, config)
+    result = decide(learner, version, judged)
+    extra = learner.gate_config.max_samples - len(queries)
+    if worth_more_samples(result, learner.gate_config, len(queries)) and extra > 0:
+        log.info(
+            "gate undecided: sampling more pairs",
+            extra={
+                "candidate": version,
+                "pairs": len(queries),
+                "more_pairs": extra,
+                "reward_gain": result.metrics.get("reward_gain"),
+                "reward_gain_se": result.metrics.get("reward_gain_se"),
+                "knob": "INSTRUCTLOOP_LEARNER_GATE_MAX_SAMPLES",
+            },
+        )
+        more = gate_queries(learner, extra)[:extra]
+        more_config = replace(config, seed=config.seed + EXTRA_SEED)
+        stages.append((more, more_config))
+        judged = merge_judged(judged, judge_pairs(learner, policy, more, more_config))
+        result = decide(learner, version, judged)
+        result.metrics["gate_extended"] = 1.0
+    incumbent_version, candidate_eval = judged.incumbent_version, judged.candidate
+    if result.promote:  # the candidate is the next incumbent: its samples are already made
+        for (stage_queries, stage_config), samples in zip(stages, judged.candidate_samples, strict=True):
+            learner.models.remember_samples(
+                version,
+                [q.text for q in stage_queries],
+                stage_config,
+                samples,
+                [q.max_tokens for q in stage_queries],
+            )
+        judged.means[version] = candidate_eval["reward_mean"]
+    learner.state.best_version = max(judged.means, key=judged.means.__getitem__)
+    result.metrics["best_version_reward_mean"] = judged.means[learner.state.best_version]
+    result.metrics["gate_pairs"] = float(len(candidate_eval["scores"]))
+    return result, incumbent_version
+
+
+@dataclass
+class Judged:
+    """Every compared version's evaluation (``score_samples``) on the same pairs, in the same order."""
+
+    incumbent_version: str
+    candidate: dict
+    incumbent: dict
+    floors: dict[str, dict] = field(default_factory=dict)
+    """The base's and the best version's evaluations, by version (those that are not the incumbent)."""
+    means: dict[str, float] = field(default_factory=dict)
+    candidate_samples: list = field(default_factory=list)
+    """The candidate's ``PolicySamples``, one per stage (kept as the next incumbent's when promoted)."""
+
+
+def judge_pairs(learner: Learner, policy, queries: list[TrafficPrompt], config) -> Judged:
+    """Sample and score the candidate (``policy``), the incumbent, the base and the best version so far on
+    ``queries`` under ``config`` (versions' seeded samples come from the models' cache where kept)."""
     from learner.evaluate import sample_policy, score_samples
 
-    config = learner.config.evaluation
     texts, lengths = [q.text for q in queries], [q.max_tokens for q in queries]
     current = learner.registry.current() or BASE_VERSION
     incumbent_version, incumbent = learner.models.version_samples(
         learner.registry, current, texts, config, lengths
     )
     candidate = sample_policy(policy, learner.reference, learner.tokenizer, texts, config, lengths)
-    candidate_eval = score_samples(candidate, learner.reward_model, config)
-    incumbent_eval = score_samples(incumbent, learner.reward_model, config)
-    means = {incumbent_version: incumbent_eval["reward_mean"]}
-    floors: dict[str, list[float]] = {}
+    judged = Judged(
+        incumbent_version,
+        score_samples(candidate, learner.reward_model, config),
+        score_samples(incumbent, learner.reward_model, config),
+        candidate_samples=[candidate],
+    )
+    judged.means[incumbent_version] = judged.incumbent["reward_mean"]
     best = learner.state.best_version
     for other in dict.fromkeys([BASE_VERSION, best]):
         if (
@@ -169,21 +249,40 @@ def judge(learner: Learner, version: str, policy, queries: list[TrafficPrompt]) 
         ):
             continue
         loaded, samples = learner.models.version_samples(learner.registry, other, texts, config, lengths)
-        scores = score_samples(samples, learner.reward_model, config)
-        floors[loaded], means[loaded] = scores["scores"], scores["reward_mean"]
+        judged.floors[loaded] = score_samples(samples, learner.reward_model, config)
+        judged.means[loaded] = judged.floors[loaded]["reward_mean"]
+    return judged
+
+
+def merge_judged(first: Judged, second: Judged) -> Judged:
+    """``first`` and ``second``'s pairs as one judgement (the same versions, the pairs of both)."""
+    floors = {
+        name: merge_evaluations(first.floors[name], second.floors[name])
+        for name in first.floors
+        if name in second.floors
+    }
+    merged = Judged(
+        first.incumbent_version,
+        merge_evaluations(first.candidate, second.candidate),
+        merge_evaluations(first.incumbent, second.incumbent),
+        floors,
+        candidate_samples=[*first.candidate_samples, *second.candidate_samples],
+    )
+    merged.means = {first.incumbent_version: merged.incumbent["reward_mean"]}
+    merged.means.update({name: evaluation["reward_mean"] for name, evaluation in floors.items()})
+    return merged
+
+
+def decide(learner: Learner, version: str, judged: Judged) -> GateResult:
+    """``gate_decision`` on ``judged``, with the live win-rate and an admin pin."""
     result = gate_decision(
-        candidate_eval,
-        incumbent_eval,
+        judged.candidate,
+        judged.incumbent,
         learner.gate_config,
-        live_win_rate=learner.dataset.live_win_rate(version, incumbent_version),
-        floors=floors,
+        live_win_rate=learner.dataset.live_win_rate(version, judged.incumbent_version),
+        floors={name: evaluation["scores"] for name, evaluation in judged.floors.items()},
     )
     pinned = pinned_version(learner.registry)
     if result.promote and pinned:
         result = result.hold_back(pinned)
-    if result.promote:  # the candidate is the next incumbent: its samples are already made
-        learner.models.remember_samples(version, texts, config, candidate, lengths)
-        means[version] = candidate_eval["reward_mean"]
-    learner.state.best_version = max(means, key=means.__getitem__)
-    result.metrics["best_version_reward_mean"] = means[learner.state.best_version]
-    return result, incumbent_version
+    return result

@@ -11,7 +11,8 @@ the weights together with the counters and the dataset cursor they correspond to
 Rounds are bounded: at most ``max_rounds_per_rm_update`` PPO rounds run on one reward model, and a round
 needs ``gate_min_prompts`` held-out prompts (else its candidate could never be judged). After a rejection
 the working policy continues from the rejected candidate; after ``restart_after_rejections`` rejections in a
-row it restarts from the incumbent (fresh PPO optimizer). The gate (``learner/gate.py``) only decides what is
+row that found it drifted (``GateResult.drifted``: worse, past the KL ceiling) it restarts from the
+incumbent (fresh PPO optimizer). The gate (``learner/gate.py``) only decides what is
 served, and admin pins and rollbacks bind it (``learner/admin.py``). Why the loop waits:
 ``learner/waiting.py``.
 """

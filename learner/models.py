@@ -317,11 +317,12 @@ class LearnerModels:
         *,
         key: tuple | None = None,
     ) -> None:
-        """Keep ``version``'s samples (a promoted candidate's
-        are the next incumbent's); 4 versions at most."""
+        """Keep ``version``'s samples (a promoted candidate's are the next incumbent's); 8 (version, pairs)
+        at most: the incumbent, the base and the best version, on the gate's first and extra pairs
+        (``GateConfig.max_samples``), and a promoted candidate's."""
         key = key or (version, self.reference_path, tuple(prompts), repr(config), repr(max_tokens))
         self._samples_cache[key] = (version, samples)
-        while len(self._samples_cache) > 4:
+        while len(self._samples_cache) > 8:
             del self._samples_cache[next(iter(self._samples_cache))]
 
     def policy_from_version(self, registry: Registry, version: str):

@@ -102,8 +102,10 @@ class Settings(BaseSettings):
     restart_after_rejections: int = Field(
         3,
         ge=1,
-        description="After this many consecutive rejected candidates the working policy restarts from the "
-        "incumbent (fresh PPO optimizer): it does not keep training away from what is served.",
+        description="After this many rejections in a row that found the candidate drifted (worse than the "
+        "incumbent, the base or the best version, past the KL ceiling, or losing live) the working policy "
+        "restarts from the incumbent (fresh PPO optimizer); a rejection for not yet beating the incumbent "
+        "breaks the row (a few rounds' progress is not measurable in one gate).",
     )
     poll_interval_s: float = Field(
         5.0, gt=0, description="Pause between rounds when there was nothing to do."
@@ -123,6 +125,12 @@ class Settings(BaseSettings):
         GateConfig.samples,
         ge=2,
         description="(prompt, sample) pairs the gate samples every compared version on, at least.",
+    )
+    gate_max_samples: int = Field(
+        GateConfig.max_samples,
+        ge=2,
+        description="Pairs the gate extends to (other seeds) when the first gate_samples leave a candidate "
+        "with a positive mean gain neither promoted nor shown worse; = gate_samples: never extend.",
     )
     gate_confidence: float = Field(
         GateConfig.confidence,
@@ -268,6 +276,11 @@ class Settings(BaseSettings):
                 f"({self.heldout_min_prompts}): the split would not guarantee it; lower "
                 "INSTRUCTLOOP_LEARNER_GATE_MIN_PROMPTS or raise ..._HELDOUT_MIN_PROMPTS"
             )
+        if self.gate_max_samples < self.gate_samples:
+            raise ValueError(
+                f"gate_max_samples ({self.gate_max_samples}) is under gate_samples ({self.gate_samples}): "
+                "raise INSTRUCTLOOP_LEARNER_GATE_MAX_SAMPLES (set it equal to never extend a gate)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -355,6 +368,7 @@ def resolve_learner_config(settings: Settings) -> LearnerConfig:
         evaluation=EvalConfig(**{**seed, **settings.evaluation}),
         gate=GateConfig(
             samples=settings.gate_samples,
+            max_samples=settings.gate_max_samples,
             confidence=settings.gate_confidence,
             margin=settings.gate_margin,
             min_reward_gain=settings.gate_min_reward_gain,

@@ -70,7 +70,9 @@ class LearnerState(BaseModel):
         description="PPO rounds run on the reward model of update ppo_rm_update (max_rounds_per_rm_update).",
     )
     consecutive_rejections: int = Field(
-        0, description="Candidates rejected since the last promotion or restart (restart_after_rejections)."
+        0,
+        description="Candidates rejected as drifted in a row since the last restart "
+        "(restart_after_rejections); a promotion or a rejection for not yet beating the incumbent resets it.",
     )
     incumbent: str | None = Field(None, description="The current version when the gate last ran.")
     best_version: str | None = Field(

@@ -109,7 +109,8 @@ def test_rounds_per_reward_model_are_bounded_and_rejections_restart_from_the_inc
     redis_server, settings_env
 ):
     """New prompts alone run at most max_rounds_per_rm_update rounds on one RM; after
-    restart_after_rejections rejections the working policy is the incumbent's again (here: the base)."""
+    restart_after_rejections drifted rejections (here: past a KL ceiling of ~0) the working policy is the
+    incumbent's again (here: the base)."""
     settings_env(
         max_rounds_per_rm_update=2, restart_after_rejections=2, gate_kl_ceiling=1e-9, training="full"
     )
@@ -139,6 +140,66 @@ def test_rounds_per_reward_model_are_bounded_and_rejections_restart_from_the_inc
         feed(client, prompts[:16], offset=300, comparisons=16)  # an RM update lifts the bound
         report = learner.round()
         assert report.reward is not None and report.ppo is not None and learner.state.ppo_rounds_on_rm == 1
+    finally:
+        learner.close()
+        client.close()
+
+
+def test_a_candidate_not_yet_better_keeps_training_without_a_restart(redis_server, settings_env):
+    """A rejection only for not beating the incumbent (no check shows it worse) is not drift: with
+    restart_after_rejections=1 the working policy still continues from the rejected candidate."""
+    settings_env(
+        restart_after_rejections=1,
+        gate_min_reward_gain=1e9,  # no candidate beats the incumbent ...
+        gate_sure_gain_suffices=False,
+        gate_margin=1e9,  # ... and none is shown worse
+        training="full",
+    )
+    client = redis_server.client("learner")
+    learner = Learner(Settings(), metrics=LearnerMetrics(), progress=False)
+    try:
+        feed(client, [f"Fresh prompt {i}: say something." for i in range(16)], comparisons=16)
+        report = learner.round()
+        assert report.ppo is not None and not report.gate.promote and not report.gate.drifted
+        assert any("does not beat" in reason for reason in report.gate.reasons)
+        assert learner.state.consecutive_rejections == 0
+        assert not any(entry["kind"] == "restart" for entry in learner.state.history)
+        reference = learner.reference.state_dict()
+        kept = learner._ppo_trainer().policy.state_dict()
+        assert any(not v.equal(reference[k]) for k, v in kept.items())  # the rejected weights, not the base
+    finally:
+        learner.close()
+        client.close()
+
+
+def test_an_open_gate_samples_more_pairs_and_decides_on_all_of_them(redis_server, settings_env, monkeypatch):
+    """When the first pairs leave the decision open (forced here: whether a tiny model's candidate gains is
+    chance), every version is sampled on gate_max_samples - gate_samples more pairs with other seeds, and
+    the decision is taken on all of them."""
+    import learner.gating
+
+    settings_env(gate_samples=8, gate_max_samples=20, training="full")
+    calls = []
+
+    def open_once(result, config, pairs):
+        calls.append(pairs)
+        return len(calls) == 1
+
+    monkeypatch.setattr(learner.gating, "worth_more_samples", open_once)
+    client = redis_server.client("learner")
+    learner = Learner(Settings(), metrics=LearnerMetrics(), progress=False)
+    try:
+        feed(client, [f"Fresh prompt {i}: say something." for i in range(16)], comparisons=16)
+        report = learner.round()
+        first_pairs = calls[0]
+        assert report.ppo is not None and first_pairs >= 8
+        metrics = report.gate.metrics
+        assert metrics["gate_extended"] == 1.0 and metrics["gate_pairs"] == 20.0
+        assert metrics["candidate_n"] == 20.0 and metrics["incumbent_n"] == 20.0
+        assert any("over base" in reason or "over incumbent" in reason for reason in report.gate.reasons)
+        # the extra pairs are other draws: the base's first and extra samples are both kept, under 2 seeds
+        seeds = {key[3] for key in learner.models._samples_cache if key[0] == "base"}
+        assert len(seeds) == 2
     finally:
         learner.close()
         client.close()

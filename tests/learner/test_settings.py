@@ -39,6 +39,12 @@ def test_gate_min_prompts_cannot_exceed_what_the_split_guarantees():
         Settings(heldout_min_prompts=2, gate_min_prompts=3)
 
 
+def test_the_gate_cannot_extend_to_fewer_pairs_than_it_starts_with():
+    with pytest.raises(ValidationError, match="GATE_MAX_SAMPLES"):
+        Settings(gate_samples=64, gate_max_samples=32)
+    assert resolve_learner_config(Settings(gate_samples=64, gate_max_samples=64)).gate.max_samples == 64
+
+
 def test_bad_json_values_are_refused_before_anything_starts(redis_server, tmp_path):
     settings = Settings(
         redis_url=redis_server.url_for("learner"), state_dir=tmp_path, ppo={"mini_batch_size": 3}
