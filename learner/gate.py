@@ -214,7 +214,7 @@ def gate_decision(
         else:
             promote = False
             reasons.append(f"{head} <= -{config.margin}: not shown within the margin of {name}")
-        upper = statistics.fmean(scores_c) - statistics.fmean(scores) + config.z * se
+        upper = bound + 2 * config.z * se  # the interval is symmetric about the mean gain
         if len(scores_c) >= 2 and upper < 0:
             drifted = True
             reasons.append(

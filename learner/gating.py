@@ -29,15 +29,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def gate_queries(learner: Learner, samples: int | None = None) -> list[TrafficPrompt]:
+def gate_queries(learner: Learner) -> list[TrafficPrompt]:
     """The gate's (prompt, sample) pairs: the first ``eval_prompts`` held-out prompts (fixed once that many
     exist, so the compared versions' samples are reused gate after gate), each repeated so that there are
-    at least ``samples`` pairs (default ``GateConfig.samples``); the seeds follow the position
-    (``sample_policy``)."""
+    at least ``GateConfig.samples`` pairs; the seeds follow the position (``sample_policy``)."""
     queries = learner.dataset.heldout_queries(learner.settings.eval_prompts)
     if not queries:
         return []
-    repeats = math.ceil((samples or learner.gate_config.samples) / len(queries))
+    repeats = math.ceil(learner.gate_config.samples / len(queries))
     return [query for query in queries for _ in range(repeats)]
 
 
@@ -172,8 +171,8 @@ def judge(learner: Learner, version: str, policy, queries: list[TrafficPrompt]) 
     stages = [(queries, config)]
     judged = judge_pairs(learner, policy, queries, config)
     result = decide(learner, version, judged)
-    extra = learner.gate_config.max_samples - len(queries)
-    if worth_more_samples(result, learner.gate_config, len(queries)) and extra > 0:
+    if worth_more_samples(result, learner.gate_config, len(queries)):
+        extra = learner.gate_config.max_samples - len(queries)
         log.info(
             "gate undecided: sampling more pairs",
             extra={
@@ -185,14 +184,15 @@ def judge(learner: Learner, version: str, policy, queries: list[TrafficPrompt]) 
                 "knob": "INSTRUCTLOOP_LEARNER_GATE_MAX_SAMPLES",
             },
         )
-        more = gate_queries(learner, extra)[:extra]
+        more = [queries[i % len(queries)] for i in range(extra)]  # the first pairs' prompts again, in turn
         more_config = replace(config, seed=config.seed + EXTRA_SEED)
         stages.append((more, more_config))
         judged = merge_judged(judged, judge_pairs(learner, policy, more, more_config))
         result = decide(learner, version, judged)
         result.metrics["gate_extended"] = 1.0
-    incumbent_version, candidate_eval = judged.incumbent_version, judged.candidate
+    means = judged.means()
     if result.promote:  # the candidate is the next incumbent: its samples are already made
+        means[version] = judged.candidate["reward_mean"]
         for (stage_queries, stage_config), samples in zip(stages, judged.candidate_samples, strict=True):
             learner.models.remember_samples(
                 version,
@@ -201,11 +201,10 @@ def judge(learner: Learner, version: str, policy, queries: list[TrafficPrompt]) 
                 samples,
                 [q.max_tokens for q in stage_queries],
             )
-        judged.means[version] = candidate_eval["reward_mean"]
-    learner.state.best_version = max(judged.means, key=judged.means.__getitem__)
-    result.metrics["best_version_reward_mean"] = judged.means[learner.state.best_version]
-    result.metrics["gate_pairs"] = float(len(candidate_eval["scores"]))
-    return result, incumbent_version
+    learner.state.best_version = max(means, key=means.__getitem__)
+    result.metrics["best_version_reward_mean"] = means[learner.state.best_version]
+    result.metrics["gate_pairs"] = float(len(judged.candidate["scores"]))
+    return result, judged.incumbent_version
 
 
 @dataclass
@@ -217,9 +216,14 @@ class Judged:
     incumbent: dict
     floors: dict[str, dict] = field(default_factory=dict)
     """The base's and the best version's evaluations, by version (those that are not the incumbent)."""
-    means: dict[str, float] = field(default_factory=dict)
     candidate_samples: list = field(default_factory=list)
     """The candidate's ``PolicySamples``, one per stage (kept as the next incumbent's when promoted)."""
+
+    def means(self) -> dict[str, float]:
+        """Mean score of every compared version but the candidate, by version."""
+        means = {self.incumbent_version: self.incumbent["reward_mean"]}
+        means.update({name: evaluation["reward_mean"] for name, evaluation in self.floors.items()})
+        return means
 
 
 def judge_pairs(learner: Learner, policy, queries: list[TrafficPrompt], config) -> Judged:
@@ -239,7 +243,6 @@ def judge_pairs(learner: Learner, policy, queries: list[TrafficPrompt], config) 
         score_samples(incumbent, learner.reward_model, config),
         candidate_samples=[candidate],
     )
-    judged.means[incumbent_version] = judged.incumbent["reward_mean"]
     best = learner.state.best_version
     for other in dict.fromkeys([BASE_VERSION, best]):
         if (
@@ -250,7 +253,6 @@ def judge_pairs(learner: Learner, policy, queries: list[TrafficPrompt], config) 
             continue
         loaded, samples = learner.models.version_samples(learner.registry, other, texts, config, lengths)
         judged.floors[loaded] = score_samples(samples, learner.reward_model, config)
-        judged.means[loaded] = judged.floors[loaded]["reward_mean"]
     return judged
 
 
@@ -261,16 +263,13 @@ def merge_judged(first: Judged, second: Judged) -> Judged:
         for name in first.floors
         if name in second.floors
     }
-    merged = Judged(
+    return Judged(
         first.incumbent_version,
         merge_evaluations(first.candidate, second.candidate),
         merge_evaluations(first.incumbent, second.incumbent),
         floors,
         candidate_samples=[*first.candidate_samples, *second.candidate_samples],
     )
-    merged.means = {first.incumbent_version: merged.incumbent["reward_mean"]}
-    merged.means.update({name: evaluation["reward_mean"] for name, evaluation in floors.items()})
-    return merged
 
 
 def decide(learner: Learner, version: str, judged: Judged) -> GateResult:
