@@ -42,13 +42,11 @@ first round destroyed this policy: approx_kl 16, clip fraction 0.55, entropy 2.8
   with it. (Not measured here with the default targets: the first run with ``lm_head`` learned, so the
   time went to it.)
 
-Measured (2 shared CPU cores, ``pytest tests/test_loop_e2e.py -x -s``): lora as committed: win-rates 0.83
-after 14 rounds (v0004 promoted at KL 1.4 nats, hot-swapped in 15 ms) and 0.76 after 13 rounds (v0003; the
-seeds are fixed but which round a gate promotes depends on how traffic and learner interleave); 0.79
-(v0004, 14 rounds); full
-(``INSTRUCTLOOP_LEARNER_TRAINING=full``, same settings): 0.78 after 15 rounds (v0004). Before the fix in
-``learner/adapters.py`` / ``Registry.write_adapter`` an lm_head adapter version was refused by serve
-("unexpected adapter tensor …lm_head.base_layer.weight"): promoted, never served.
+Measured (2 shared CPU cores, ``pytest tests/test_loop_e2e.py -x -s``, win-rates over 32 answers per
+held-out prompt a side): with the gate's minimum gain at 0.8 normalised units, 0.739 (v0002, 29 rounds), 0.808
+(v0003, 31), 0.742 (v0002, 26); at 0.5 the first version through was a smaller step, 0.69–0.76 (v0001 after
+16–17 rounds twice). Before the fix in ``learner/adapters.py`` / ``Registry.write_adapter`` an lm_head adapter
+version was refused by serve ("unexpected adapter tensor …lm_head.base_layer.weight"): promoted, never served.
 """
 
 from __future__ import annotations
@@ -86,6 +84,9 @@ MAX_TOKENS = 24
 TEMPERATURE = 1.0
 STARTUP_TIMEOUT_S = 120
 LEARNING_TIMEOUT_S = 240
+# answers recorded per held-out prompt, from the base and from the promoted version: with 8 a side the
+# win-rate rests on 64 answers each and moved by several hundredths between recordings of one version
+ANSWERS_PER_PROMPT = 32
 
 
 def build_concentrated_model(
@@ -136,11 +137,12 @@ LEARNER_ENV = {
     "INSTRUCTLOOP_LEARNER_KL_COEF": "0.02",
     "INSTRUCTLOOP_LEARNER_PTX_COEF": "0",
     "INSTRUCTLOOP_LEARNER_GATE_KL_CEILING": "20",
-    "INSTRUCTLOOP_LEARNER_GATE_MIN_REWARD_GAIN": "0.5",
+    # the test's claim is about the first version the gate lets through: it must be a clear step (a mean gain
+    # of 0.8 of the reference's score spread: RM scores are normalised so its samples score std 1; at 0.5 the
+    # gate's second look let through versions at win-rate ~0.69; and a lower bound above 0 rather than the
+    # default's -margin)
+    "INSTRUCTLOOP_LEARNER_GATE_MIN_REWARD_GAIN": "0.8",
     "INSTRUCTLOOP_LEARNER_GATE_SURE_GAIN_SUFFICES": "false",
-    # the test's claim is about the first version the gate lets through: it must be a clear step (half the
-    # reference's score spread: RM scores are normalised so its samples score std 1, and a lower bound above
-    # 0 rather than the default's -margin)
     "INSTRUCTLOOP_LEARNER_GATE_MARGIN": "0",
     "INSTRUCTLOOP_LEARNER_REWARD": json.dumps(
         {"lr": 3e-3, "epochs": 2, "rankings_per_batch": 8, "max_length": 96, "single_pass_above": 100_000}
@@ -251,7 +253,7 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
             GatewayClient(stack.gateway_url, keys["labeler"]) as labeler,
             GatewayClient(stack.gateway_url, keys["user"]) as user,
         ):
-            baseline = record(user, heldout, n=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=1000)
+            baseline = _record_answers(user, heldout, seed=1_000_000)
             assert baseline["policy_versions"] == ["base"]
 
             # Label until a newly promoted version answers.
@@ -294,7 +296,7 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
             registry = Registry(run_dir / "registry")
             assert registry.manifest(served).status.value == "promoted"
 
-            new = record(user, heldout, n=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=2000)
+            new = _record_answers(user, heldout, seed=2_000_000)
             assert new["policy_versions"] == [served]
         print("base answers:", baseline["responses"][heldout[0]][:4])
         print(f"{served} answers:", new["responses"][heldout[0]][:4])
@@ -309,6 +311,22 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
     assert status == 0, log_path.read_text()[-4000:]
     pids = [c.pid for c in stack.components.values()]
     assert not any(_pid_alive(pid) for pid in pids)
+
+
+def _record_answers(client: GatewayClient, prompts: list[str], seed: int) -> dict:
+    """``ANSWERS_PER_PROMPT`` answers per prompt from the version served now (requests of ``n`` = 8 with
+    distinct seeds, ``store: false``), merged into :func:`labeler.client.record`'s shape."""
+    merged: dict = {"policy_versions": [], "responses": {prompt: [] for prompt in prompts}}
+    for repeat in range(ANSWERS_PER_PROMPT // 8):
+        part = record(
+            client, prompts, n=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=seed + repeat * 1000
+        )
+        merged["policy_versions"] += [
+            v for v in part["policy_versions"] if v not in merged["policy_versions"]
+        ]
+        for prompt, texts in part["responses"].items():
+            merged["responses"][prompt] += texts
+    return merged
 
 
 def _learner_tail(run_dir: Path) -> str:
