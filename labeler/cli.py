@@ -127,7 +127,7 @@ def simulate_command(
 def record_command(
     out: Path = typer.Option(..., help="Where to write the responses (JSON)."),
     prompts: Path = typer.Option(DEFAULT_HELDOUT_PROMPTS, help="Held-out prompt file, one prompt per line."),
-    n: int = typer.Option(8, min=1, help="Responses per prompt."),
+    n: int = typer.Option(8, min=1, help="Responses per prompt (asked 8 per request: any n works)."),
     max_tokens: int = typer.Option(32, min=1),
     temperature: float = typer.Option(1.0, min=0.0),
     seed: int | None = typer.Option(None),

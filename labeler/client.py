@@ -343,33 +343,46 @@ def record(
     temperature: float = 1.0,
     seed: int | None = None,
     concurrency: int = 4,
+    per_request: int = 8,
 ) -> dict[str, Any]:
     """Responses of the version served now: ``{"policy_versions": [...], "responses": {prompt: [texts]}}``.
 
+    ``n`` responses per prompt, asked ``per_request`` at a time (the gateway caps ``n``: its
+    ``INSTRUCTLOOP_GATEWAY_MAX_N``, 9 by default); the request for responses ``j..`` of the ``i``-th prompt
+    has seed ``seed + i·n + j``, so one request per prompt (``n`` ≤ ``per_request``) is seeded as before.
     Asked with ``store: false``: evaluation answers never become the learner's prompts or feedback."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if n < 1 or per_request < 1:
+        raise ValueError(f"record needs n >= 1 and per_request >= 1, got {n} and {per_request}")
     prompts = list(prompts)
+    requests = [
+        (i, start, min(per_request, n - start))
+        for i in range(len(prompts))
+        for start in range(0, n, per_request)
+    ]
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="record") as pool:
         completions = list(
             pool.map(
-                lambda item: client.complete(
-                    item[1],
-                    n,
+                lambda request: client.complete(
+                    prompts[request[0]],
+                    request[2],
                     max_tokens,
                     temperature,
-                    None if seed is None else seed + item[0] * n,
+                    None if seed is None else seed + request[0] * n + request[1],
                     store=False,
                 ),
-                enumerate(prompts),
+                requests,
             )
         )
     versions: list[str] = []
-    for completion in completions:
+    responses: dict[str, list[str]] = {prompt: [] for prompt in prompts}
+    for (i, _, _), completion in zip(requests, completions, strict=True):
         if completion.policy_version not in versions:
             versions.append(completion.policy_version)
+        responses[prompts[i]] += completion.texts
     return {
         "policy_versions": versions,
-        "responses": {prompt: c.texts for prompt, c in zip(prompts, completions, strict=True)},
+        "responses": responses,
         "sampling": {"n": n, "max_tokens": max_tokens, "temperature": temperature, "seed": seed},
     }

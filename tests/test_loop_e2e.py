@@ -84,8 +84,9 @@ MAX_TOKENS = 24
 TEMPERATURE = 1.0
 STARTUP_TIMEOUT_S = 120
 LEARNING_TIMEOUT_S = 240
-# answers recorded per held-out prompt, from the base and from the promoted version: with 8 a side the
-# win-rate rests on 64 answers each and moved by several hundredths between recordings of one version
+# answers recorded per held-out prompt (``record`` asks 8 at a time), from the base and from the promoted
+# version: with 8 a side the win-rate rests on 64 answers each and moved by several hundredths between
+# recordings of one version
 ANSWERS_PER_PROMPT = 32
 
 
@@ -253,7 +254,9 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
             GatewayClient(stack.gateway_url, keys["labeler"]) as labeler,
             GatewayClient(stack.gateway_url, keys["user"]) as user,
         ):
-            baseline = _record_answers(user, heldout, seed=1_000_000)
+            baseline = record(
+                user, heldout, n=ANSWERS_PER_PROMPT, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=1000
+            )
             assert baseline["policy_versions"] == ["base"]
 
             # Label until a newly promoted version answers.
@@ -296,7 +299,9 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
             registry = Registry(run_dir / "registry")
             assert registry.manifest(served).status.value == "promoted"
 
-            new = _record_answers(user, heldout, seed=2_000_000)
+            new = record(
+                user, heldout, n=ANSWERS_PER_PROMPT, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=2000
+            )
             assert new["policy_versions"] == [served]
         print("base answers:", baseline["responses"][heldout[0]][:4])
         print(f"{served} answers:", new["responses"][heldout[0]][:4])
@@ -311,22 +316,6 @@ def test_feedback_over_http_moves_the_served_policy(tmp_path, tokenizer):
     assert status == 0, log_path.read_text()[-4000:]
     pids = [c.pid for c in stack.components.values()]
     assert not any(_pid_alive(pid) for pid in pids)
-
-
-def _record_answers(client: GatewayClient, prompts: list[str], seed: int) -> dict:
-    """``ANSWERS_PER_PROMPT`` answers per prompt from the version served now (requests of ``n`` = 8 with
-    distinct seeds, ``store: false``), merged into :func:`labeler.client.record`'s shape."""
-    merged: dict = {"policy_versions": [], "responses": {prompt: [] for prompt in prompts}}
-    for repeat in range(ANSWERS_PER_PROMPT // 8):
-        part = record(
-            client, prompts, n=8, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=seed + repeat * 1000
-        )
-        merged["policy_versions"] += [
-            v for v in part["policy_versions"] if v not in merged["policy_versions"]
-        ]
-        for prompt, texts in part["responses"].items():
-            merged["responses"][prompt] += texts
-    return merged
 
 
 def _learner_tail(run_dir: Path) -> str:

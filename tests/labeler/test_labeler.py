@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from labeler.cli import app
-from labeler.client import Completion, GatewayClient, LabelerError, simulate
+from labeler.client import Completion, GatewayClient, LabelerError, record, simulate
 from labeler.preferences import (
     DEFAULT_HELDOUT_PROMPTS,
     DEFAULT_PROMPTS,
@@ -98,6 +98,41 @@ class _ScriptedGateway:
 
     def feedback(self, completion, ranking, rationale=None):
         self.posted.append(ranking)
+
+
+def test_record_asks_per_request_at_a_time_with_distinct_seeds():
+    """n above the gateway's cap is asked in several requests; every request has its own seed, and one
+    request per prompt keeps the seed ``seed + i·n``."""
+    asked: list[tuple[str, int, int]] = []
+
+    class Gateway(_ScriptedGateway):
+        def complete(self, prompt, n, max_tokens, temperature, seed=None, store=True):
+            assert store is False
+            asked.append((prompt, n, seed))
+            return Completion(
+                id=f"cmpl-{seed}", texts=[f"{prompt}:{seed}:{k}" for k in range(n)], policy_version="base"
+            )
+
+    recorded = record(Gateway([]), ["p1", "p2"], n=20, seed=100, per_request=8, concurrency=1)
+    assert sorted(asked) == [
+        ("p1", 4, 116),
+        ("p1", 8, 100),
+        ("p1", 8, 108),
+        ("p2", 4, 136),
+        ("p2", 8, 120),
+        ("p2", 8, 128),
+    ]
+    assert (
+        recorded["responses"]["p1"][:2] == ["p1:100:0", "p1:100:1"]
+        and recorded["responses"]["p1"][-1] == "p1:116:3"
+    )
+    assert [len(texts) for texts in recorded["responses"].values()] == [20, 20]
+    assert recorded["policy_versions"] == ["base"]
+    asked.clear()
+    assert record(Gateway([]), ["p1", "p2"], n=8, seed=100)["responses"]["p2"][0] == "p2:108:0"
+    assert sorted(asked) == [("p1", 8, 100), ("p2", 8, 108)]
+    with pytest.raises(ValueError, match="per_request"):
+        record(Gateway([]), ["p1"], n=4, per_request=0)
 
 
 def _simulate(flip: float, seed: int | None = 1):
