@@ -83,7 +83,9 @@ K = 4
 MAX_TOKENS = 24
 TEMPERATURE = 1.0
 STARTUP_TIMEOUT_S = 120
-LEARNING_TIMEOUT_S = 240
+# labeling until a promotion: 26-31 rounds (75-85 s) on a quiet machine; a fresh-clone suite on a busy one
+# ran 148 rounds in 240 s with the learner at 2 PPO rounds (the gate's 0.8 minimum gain needs 2-3)
+LEARNING_TIMEOUT_S = 480
 # answers recorded per held-out prompt (``record`` asks 8 at a time), from the base and from the promoted
 # version: with 8 a side the win-rate rests on 64 answers each and moved by several hundredths between
 # recordings of one version
